@@ -1,0 +1,52 @@
+# The two commands a newcomer needs: `make demo` and `make test` (both as root, on Debian).
+# Each installs what it needs first: Debian packages, then a virtualenv with the four packages.
+
+VENV ?= .venv
+PYTHON ?= /usr/bin/python3
+PY := $(VENV)/bin/python
+APT_PACKAGES := iproute2 iptables nftables openssh-server openssh-client curl iperf3 \
+	dnsutils procps util-linux python3 python3-venv
+TOOLS := pytest hypothesis ruff mypy
+PACKAGES := protocol agent firewalld client
+
+.PHONY: install apt test lint unit integration demo bench clean
+
+install: apt $(VENV)/.installed
+
+apt:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:" $$missing; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+$(VENV)/.installed: $(addsuffix /pyproject.toml,$(PACKAGES))
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(addprefix -e ./,$(PACKAGES)) $(TOOLS)
+	touch $@
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy protocol/shuttle_protocol agent/shuttle_agent firewalld/shuttle_firewalld \
+		client/shuttle_client testbed
+
+unit: install
+	$(PY) -m pytest -m "not integration and not slow" $(PYTEST_ARGS)
+
+integration: install
+	$(PY) -m pytest -m "integration and not slow" $(PYTEST_ARGS)
+
+test: lint
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+demo: install
+	$(PY) -m testbed.demo
+
+bench: install
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

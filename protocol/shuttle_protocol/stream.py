@@ -1,0 +1,75 @@
+"""Sans-IO codec for the ssh pipe: a byte stream of consecutive msgpack values.
+
+feed(bytes) returns the complete messages; encode(message) returns bytes. Every limit is
+enforced while decoding, so a hostile peer can neither make the buffer grow without bound
+nor make decoding hang. After an error the codec refuses further input.
+"""
+
+from typing import Any, List, Optional
+
+import msgpack
+
+from .errors import LocalProtocolError, RemoteProtocolError
+from .schema import Message, from_wire, to_wire
+from .stream_messages import MAX_DATA
+
+# The largest message is one Data with a full payload, plus a few bytes of framing.
+MAX_MESSAGE = MAX_DATA + 64
+# Input is fed to the unpacker in slices this big, and consumed after each slice, so the
+# unpacker never holds more than one partial message plus one slice.
+FEED_SLICE = 64 * 1024
+MAX_BUFFER = MAX_MESSAGE + FEED_SLICE
+
+def new_unpacker(max_message: int, max_items: int, max_buffer: int) -> Any:
+    """An Unpacker that refuses anything our schema cannot contain."""
+    return msgpack.Unpacker(
+        use_list=False,
+        raw=False,
+        strict_map_key=True,
+        max_buffer_size=max_buffer,
+        max_bin_len=max_message,
+        max_str_len=max_message,
+        max_array_len=max_items,
+        max_map_len=0,
+        max_ext_len=0,
+    )
+
+
+def unpack_errors() -> tuple:  # type: ignore[type-arg]
+    """What msgpack (C or pure Python) raises on malformed or over-limit input."""
+    return (ValueError, TypeError, RecursionError, msgpack.UnpackException)
+
+
+def encode(msg: Message) -> bytes:
+    """The bytes of one message on the stream."""
+    if not isinstance(msg, Message):
+        raise LocalProtocolError(f"not a message: {msg!r:.80}")
+    return msgpack.packb(to_wire(msg), use_bin_type=True)  # type: ignore[no-any-return]
+
+
+class StreamDecoder:
+    """Bytes in, messages out. Not thread-safe; one per direction of one pipe."""
+
+    def __init__(self, max_message: int = MAX_MESSAGE, max_items: int = 256) -> None:
+        self._unpacker = new_unpacker(max_message, max_items, max_message + FEED_SLICE)
+        self._errors = unpack_errors()
+        self._failed: Optional[RemoteProtocolError] = None
+
+    def feed(self, data: bytes) -> List[Message]:
+        """Add received bytes; return every message they complete (possibly none)."""
+        if self._failed is not None:
+            raise self._failed
+        messages: List[Message] = []
+        view = memoryview(data)
+        try:
+            for start in range(0, len(view), FEED_SLICE):
+                self._unpacker.feed(view[start : start + FEED_SLICE])
+                for value in self._unpacker:
+                    messages.append(from_wire(value))
+        except RemoteProtocolError as exc:
+            self._failed = exc
+            raise
+        except self._errors as exc:
+            self._failed = RemoteProtocolError(f"malformed stream: {type(exc).__name__}: {exc}")
+            raise self._failed from None
+        return messages

@@ -1,0 +1,183 @@
+"""Messages on the ssh pipe between client and agent (tags 1-63).
+
+The client opens channels; each channel is one remote TCP connection, relayed with a credit
+window in each direction (see mux.py). Hello comes first from the agent, Welcome answers it.
+"""
+
+from dataclasses import dataclass
+from typing import Tuple
+
+from .checks import check_bytes, check_int, check_text, check_text_tuple
+from .schema import Message, message
+
+MAX_CHANNEL = 2**63 - 1
+MAX_DATA = 256 * 1024
+MAX_CREDIT = 2**31
+
+
+def _check_channel(value: object) -> None:
+    check_int(value, "channel", 1, MAX_CHANNEL)
+
+
+@message(1)
+@dataclass(frozen=True)
+class Hello(Message):
+    """Agent → client, first: the agent's protocol version and capabilities."""
+
+    __slots__ = ("version", "capabilities", "python")
+    version: int
+    capabilities: Tuple[str, ...]
+    python: str
+
+    def __post_init__(self) -> None:
+        check_int(self.version, "version", 0, 2**31)
+        check_text_tuple(self.capabilities, "capabilities", 64)
+        check_text(self.python, "python", 200)
+
+
+@message(2)
+@dataclass(frozen=True)
+class Welcome(Message):
+    """Client → agent, answering Hello: the client accepts the agent's version."""
+
+    __slots__ = ("version", "capabilities")
+    version: int
+    capabilities: Tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        check_int(self.version, "version", 0, 2**31)
+        check_text_tuple(self.capabilities, "capabilities", 64)
+
+
+@message(3)
+@dataclass(frozen=True)
+class Open(Message):
+    """Client → agent: connect a new channel to host:port over TCP."""
+
+    __slots__ = ("channel", "host", "port")
+    channel: int
+    host: str
+    port: int
+
+    def __post_init__(self) -> None:
+        _check_channel(self.channel)
+        check_text(self.host, "host", 255)
+        check_int(self.port, "port", 1, 65535)
+
+
+@message(4)
+@dataclass(frozen=True)
+class Opened(Message):
+    """Agent → client: the remote connect succeeded."""
+
+    __slots__ = ("channel",)
+    channel: int
+
+    def __post_init__(self) -> None:
+        _check_channel(self.channel)
+
+
+@message(5)
+@dataclass(frozen=True)
+class Refused(Message):
+    """Agent → client: the remote connect failed; errno and text say why."""
+
+    __slots__ = ("channel", "errno", "reason")
+    channel: int
+    errno: int
+    reason: str
+
+    def __post_init__(self) -> None:
+        _check_channel(self.channel)
+        check_int(self.errno, "errno", 0, 4095)
+        check_text(self.reason, "reason", 200)
+
+
+@message(6)
+@dataclass(frozen=True)
+class Data(Message):
+    """Either way: bytes for a channel, counted against the receiver's credit window."""
+
+    __slots__ = ("channel", "payload")
+    channel: int
+    payload: bytes
+
+    def __post_init__(self) -> None:
+        _check_channel(self.channel)
+        check_bytes(self.payload, "payload", MAX_DATA)
+
+
+@message(7)
+@dataclass(frozen=True)
+class Credit(Message):
+    """Either way: the receiver has delivered n more bytes; the sender may send n more."""
+
+    __slots__ = ("channel", "n")
+    channel: int
+    n: int
+
+    def __post_init__(self) -> None:
+        _check_channel(self.channel)
+        check_int(self.n, "credit", 1, MAX_CREDIT)
+
+
+@message(8)
+@dataclass(frozen=True)
+class Eof(Message):
+    """Either way: the sender will send no more data on this channel (half close)."""
+
+    __slots__ = ("channel",)
+    channel: int
+
+    def __post_init__(self) -> None:
+        _check_channel(self.channel)
+
+
+@message(9)
+@dataclass(frozen=True)
+class Close(Message):
+    """Either way: abort the channel at once (the local socket is reset)."""
+
+    __slots__ = ("channel", "reason")
+    channel: int
+    reason: str
+
+    def __post_init__(self) -> None:
+        _check_channel(self.channel)
+        check_text(self.reason, "reason", 200)
+
+
+@message(10)
+@dataclass(frozen=True)
+class Ping(Message):
+    """Either way: are you there? Answered by Pong with the same cookie."""
+
+    __slots__ = ("cookie",)
+    cookie: int
+
+    def __post_init__(self) -> None:
+        check_int(self.cookie, "cookie", 0, 2**63 - 1)
+
+
+@message(11)
+@dataclass(frozen=True)
+class Pong(Message):
+    """Answer to Ping."""
+
+    __slots__ = ("cookie",)
+    cookie: int
+
+    def __post_init__(self) -> None:
+        check_int(self.cookie, "cookie", 0, 2**63 - 1)
+
+
+@message(12)
+@dataclass(frozen=True)
+class Error(Message):
+    """Either way: a fatal session error; the sender closes the pipe after it."""
+
+    __slots__ = ("text",)
+    text: str
+
+    def __post_init__(self) -> None:
+        check_text(self.text, "text", 1000)
