@@ -1,0 +1,118 @@
+"""The agent's entry point: greet the client, then open the connections it asks for."""
+
+import asyncio
+import errno
+import logging
+import os
+import signal
+import sys
+from typing import Optional, Set
+
+from shuttle_protocol import PROTOCOL_VERSION
+from shuttle_protocol.mux import AGENT, Mux
+from shuttle_protocol.schema import Message
+from shuttle_protocol.stream_messages import (
+    Error,
+    Hello,
+    Open,
+    Opened,
+    Ping,
+    Pong,
+    Refused,
+    Welcome,
+)
+
+from .relay import Link, Relay, WriterProtocol
+
+log = logging.getLogger("shuttle")
+
+CAPABILITIES = ("tcp",)
+# Longer than the kernel's own SYN retries would be pointless; shorter would cut slow links.
+CONNECT_TIMEOUT = 60.0
+EXIT_PROTOCOL = 3
+
+
+class Agent:
+    """The agent's session: the handshake, then an Open → connect → Opened/Refused cycle."""
+
+    def __init__(self) -> None:
+        self.link = Link(Mux(AGENT), self.on_message, "client")
+        self.welcomed = False
+        self.error: Optional[str] = None
+        # Strong references: the event loop keeps only weak ones to running tasks.
+        self._tasks: Set[asyncio.Task[None]] = set()
+
+    def on_message(self, msg: Message) -> None:
+        if isinstance(msg, Welcome):
+            if msg.version != PROTOCOL_VERSION:
+                self.link.fail(f"client speaks protocol {msg.version}, agent {PROTOCOL_VERSION}")
+            self.welcomed = True
+        elif isinstance(msg, Error):
+            self.error = msg.text
+            self.link.finish(f"client: {msg.text}")
+        elif not self.welcomed:
+            self.link.fail(f"{type(msg).__name__} before Welcome")
+        elif isinstance(msg, Open):
+            # Registered now, so Data that follows in the same read is held, not dropped.
+            relay = Relay(self.link, msg.channel)
+            self.link.channels[msg.channel] = relay
+            self._tasks.add(asyncio.get_running_loop().create_task(self.connect(msg, relay)))
+        elif isinstance(msg, Ping):
+            self.link.send(Pong(msg.cookie))
+        elif not isinstance(msg, Pong):
+            self.link.fail(f"unexpected {type(msg).__name__} from the client")
+
+    async def connect(self, msg: Open, relay: Relay) -> None:
+        try:
+            await self._connect(msg, relay)
+        finally:
+            self._tasks.discard(asyncio.current_task())
+
+    async def _connect(self, msg: Open, relay: Relay) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.wait_for(
+                loop.create_connection(lambda: relay, msg.host, msg.port), CONNECT_TIMEOUT
+            )
+        except (OSError, asyncio.TimeoutError) as exc:
+            code = getattr(exc, "errno", None) or errno.ETIMEDOUT
+            reason = os.strerror(code)
+            log.debug("channel %d: %s:%d refused: %s", msg.channel, msg.host, msg.port, reason)
+            if self.link.channels.get(msg.channel) is relay:
+                del self.link.channels[msg.channel]
+            if msg.channel in self.link.mux.channels:
+                self.link.mux.forget(msg.channel)
+                self.link.send(Refused(msg.channel, min(code, 4095), str(reason)[:200]))
+            return
+        if msg.channel in self.link.mux.channels:
+            self.link.send(Opened(msg.channel))
+
+
+async def serve() -> int:
+    """Run the agent on fds 0 and 1 until the client goes away."""
+    loop = asyncio.get_running_loop()
+    agent = Agent()
+    writer, _ = await loop.connect_write_pipe(
+        lambda: WriterProtocol(agent.link), os.fdopen(1, "wb", buffering=0)
+    )
+    agent.link.attach_writer(writer)
+    python = ".".join(str(n) for n in sys.version_info[:3])
+    agent.link.send(Hello(PROTOCOL_VERSION, CAPABILITIES, python))
+    await loop.connect_read_pipe(lambda: agent.link, os.fdopen(0, "rb", buffering=0))
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(signum, agent.link.finish, "signal")
+    reason = await agent.link.closed
+    log.debug("session over: %s", reason)
+    return EXIT_PROTOCOL if agent.error else 0
+
+
+def main() -> None:
+    """Console script and upload entry point."""
+    logging.basicConfig(
+        format="shuttle-agent: %(message)s",
+        level=logging.DEBUG if os.environ.get("SHUTTLE_AGENT_DEBUG") else logging.INFO,
+    )
+    try:
+        sys.exit(asyncio.run(serve()))
+    except KeyboardInterrupt:
+        sys.exit(0)

@@ -1,0 +1,308 @@
+"""The asyncio driver shared by both ends: TCP sockets ↔ channels of one Mux ↔ the pipe.
+
+The client imports this module too: once a channel is open, relaying is the same on both
+sides, and the agent must stay self-contained because it is uploaded. Only the way a
+channel starts differs (the client accepts redirected connections, the agent connects).
+
+Flow control: a socket's bytes go out only within its channel's credit; the rest is held
+and the socket stops reading. Credit goes back to the peer only once the local socket has
+taken the bytes (its transport is not paused). When the pipe itself is full, channels stop
+reading too, so a bulk transfer cannot queue more than a bounded amount ahead of small ones.
+"""
+
+import asyncio
+import logging
+import socket
+import struct
+from typing import Callable, Dict, List, Optional, Set
+
+from shuttle_protocol.errors import ProtocolError, RemoteProtocolError
+from shuttle_protocol.mux import Mux
+from shuttle_protocol.schema import Message
+from shuttle_protocol.stream_messages import Close, Credit, Data, Eof, Error
+
+log = logging.getLogger("shuttle")
+
+# The pipe's write buffer size at which channels stop reading (latency control).
+PIPE_HIGH_WATER = 512 * 1024
+PIPE_LOW_WATER = 128 * 1024
+
+
+class Link(asyncio.Protocol):
+    """One end of the multiplexed pipe: reads, writes and dispatches to the channels."""
+
+    def __init__(self, mux: Mux, on_message: Callable[[Message], None], peer: str) -> None:
+        self.mux = mux
+        self.peer = peer
+        self.channels: Dict[int, Relay] = {}
+        self.paused = False
+        self.closed: asyncio.Future[Optional[str]] = asyncio.get_running_loop().create_future()
+        self._on_message = on_message
+        self._writer: Optional[asyncio.WriteTransport] = None
+        self._stalled: Set[Relay] = set()
+        self._flush_scheduled = False
+
+    def attach_writer(self, transport: asyncio.WriteTransport) -> None:
+        transport.set_write_buffer_limits(PIPE_HIGH_WATER, PIPE_LOW_WATER)
+        self._writer = transport
+
+    # -- the pipe writer's flow control (called by WriterProtocol) -------------------------
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        stalled, self._stalled = self._stalled, set()
+        for relay in stalled:
+            relay.maybe_resume()
+        self.schedule_flush()
+
+    def stall(self, relay: "Relay") -> None:
+        """A channel stops reading until the pipe drains."""
+        self._stalled.add(relay)
+
+    # -- the pipe reader (this object is its protocol) -------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            messages = self.mux.receive(data)
+            for msg in messages:
+                self._dispatch(msg)
+        except RemoteProtocolError as exc:
+            self.fail(f"{self.peer} broke the protocol: {exc}")
+        except ProtocolError as exc:
+            self.fail(f"internal protocol error: {exc}")
+        self.schedule_flush()
+
+    def eof_received(self) -> Optional[bool]:
+        self.finish(f"{self.peer} closed the connection")
+        return None
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        self.finish(f"{self.peer} connection lost" + (f": {exc}" if exc else ""))
+
+    def _dispatch(self, msg: Message) -> None:
+        handler = _RELAY_HANDLERS.get(type(msg))
+        if handler is None:
+            self._on_message(msg)
+            return
+        relay = self.channels.get(msg.channel)  # type: ignore[attr-defined]
+        if relay is not None:
+            handler(relay, msg)
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def send(self, msg: Message) -> None:
+        self.mux.send(msg)
+        self.schedule_flush()
+
+    def schedule_flush(self) -> None:
+        """Write what the Mux queued, once per loop iteration, so small sends coalesce."""
+        if not self._flush_scheduled and self.mux.buffered:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._flush_scheduled = False
+        chunks = self.mux.outgoing()
+        if chunks and self._writer is not None and not self._writer.is_closing():
+            self._writer.write(b"".join(chunks) if len(chunks) > 1 else chunks[0])
+
+    # -- ending ----------------------------------------------------------------------------
+
+    def fail(self, text: str) -> None:
+        """End the session because of an error, telling the peer why."""
+        log.error("%s", text)
+        self.mux.send(Error(text[:1000]))
+        self.flush()
+        self.finish(text)
+
+    def finish(self, reason: str) -> None:
+        """End the session: reset every channel, close the pipe."""
+        if self.closed.done():
+            return
+        for relay in list(self.channels.values()):
+            relay.reset()
+        self.channels.clear()
+        if self._writer is not None:
+            self._writer.close()
+        self.closed.set_result(reason)
+
+
+class WriterProtocol(asyncio.BaseProtocol):
+    """Protocol of the pipe's write end; forwards flow control to the Link."""
+
+    def __init__(self, link: Link) -> None:
+        self.link = link
+
+    def pause_writing(self) -> None:
+        self.link.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.link.resume_writing()
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        self.link.finish("pipe closed" + (f": {exc}" if exc else ""))
+
+
+class Relay(asyncio.Protocol):
+    """One TCP socket bound to one channel."""
+
+    def __init__(self, link: Link, channel: int) -> None:
+        self.link = link
+        self.channel = channel
+        self.transport: Optional[asyncio.Transport] = None
+        self._early: List[bytes] = []  # peer data that arrived before the socket connected
+        self._held = b""  # bytes read locally that the channel's credit did not cover
+        self._undelivered = 0  # bytes written while the socket's buffer was full
+        self._write_paused = False
+        self._reading = True
+        self._local_eof = False  # our socket said EOF
+        self._eof_sent = False
+        self._peer_eof = False
+        self._closed = False
+
+    # -- the local socket ------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        if self._closed:  # the peer closed the channel while we were connecting
+            self.reset()
+            return
+        self.link.channels[self.channel] = self
+        for payload in self._early:
+            self._write(payload)
+        self._early.clear()
+        if self._peer_eof:
+            self._shut_write()
+
+    def data_received(self, data: bytes) -> None:
+        mux = self.link.mux
+        credit = mux.credit(self.channel)
+        if len(data) <= credit and not self._held:
+            mux.send_data(self.channel, data)
+        else:
+            self._held += data
+            self._send_held()
+        if self._held or mux.credit(self.channel) == 0:
+            self._pause_reading()
+        elif self.link.paused:
+            self._pause_reading()
+            self.link.stall(self)
+        self.link.schedule_flush()
+
+    def eof_received(self) -> Optional[bool]:
+        self._local_eof = True
+        self._send_held()
+        self.link.schedule_flush()
+        # Keep the socket open while the peer may still send, or we still hold bytes.
+        return not (self._peer_eof and self._eof_sent)
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        self._closed = True
+        if self.link.channels.get(self.channel) is self:
+            del self.link.channels[self.channel]
+        if not (self._eof_sent and self._peer_eof):
+            self.link.mux.close(self.channel, f"socket closed: {exc}" if exc else "socket closed")
+            self.link.schedule_flush()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._undelivered:
+            self.link.mux.delivered(self.channel, self._undelivered)
+            self._undelivered = 0
+            self.link.schedule_flush()
+
+    # -- messages from the peer ------------------------------------------------------------
+
+    def on_data(self, msg: Data) -> None:
+        if self.transport is None:
+            self._early.append(msg.payload)
+        else:
+            self._write(msg.payload)
+
+    def on_credit(self, _msg: Credit) -> None:
+        self._send_held()
+        self.maybe_resume()
+
+    def on_eof(self, _msg: Eof) -> None:
+        self._peer_eof = True
+        if self.transport is not None:
+            self._shut_write()
+
+    def on_close(self, msg: Close) -> None:
+        log.debug("channel %d closed by %s: %s", self.channel, self.link.peer, msg.reason)
+        self.reset()
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def maybe_resume(self) -> None:
+        """Read again if the channel has credit and the pipe has room (else wait for it)."""
+        if self._reading or self._held or self._local_eof or self._closed:
+            return
+        if not self.link.mux.credit(self.channel) or self.transport is None:
+            return
+        if self.link.paused:
+            self.link.stall(self)
+        else:
+            self._reading = True
+            self.transport.resume_reading()
+
+    def _pause_reading(self) -> None:
+        if self._reading and self.transport is not None:
+            self._reading = False
+            self.transport.pause_reading()
+
+    def _write(self, payload: bytes) -> None:
+        if self._closed or self.transport is None:
+            return
+        self.transport.write(payload)
+        if self._write_paused:
+            self._undelivered += len(payload)
+        else:
+            self.link.mux.delivered(self.channel, len(payload))
+
+    def _send_held(self) -> None:
+        """Send held bytes within credit, then our Eof once nothing is held."""
+        mux = self.link.mux
+        if self._held:
+            n = min(len(self._held), mux.credit(self.channel))
+            if n:
+                mux.send_data(self.channel, self._held[:n])
+                self._held = self._held[n:]
+        if self._local_eof and not self._held and not self._eof_sent:
+            self._eof_sent = True
+            mux.send_eof(self.channel)
+            if self._peer_eof and self.transport is not None:
+                self.transport.close()
+
+    def _shut_write(self) -> None:
+        if self.transport is None or self._closed:
+            return
+        if self._eof_sent:
+            self.transport.close()
+        elif self.transport.can_write_eof():
+            self.transport.write_eof()
+
+    def reset(self) -> None:
+        """Abort the socket with a RST, so the local program sees a reset, not an EOF."""
+        self.link.mux.forget(self.channel)
+        self._closed = True
+        if self.transport is not None:
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None:
+                # Linger with a zero timeout makes close() send RST instead of FIN.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.transport.abort()
+
+
+_RELAY_HANDLERS: Dict[type, Callable[[Relay, Message], None]] = {
+    Data: Relay.on_data,  # type: ignore[dict-item]
+    Credit: Relay.on_credit,  # type: ignore[dict-item]
+    Eof: Relay.on_eof,  # type: ignore[dict-item]
+    Close: Relay.on_close,  # type: ignore[dict-item]
+}

@@ -1,0 +1,119 @@
+"""shuttle-client's entry point: set up the tunnel, the firewall session and the listener,
+then relay until a signal, a lost tunnel or a lost firewall session ends it."""
+
+import asyncio
+import logging
+import signal
+import sys
+from typing import Any, Awaitable, List, Optional, Sequence
+
+from .cli import Options, UsageError, parse_args
+from .firewall_session import FirewallError, FirewallSession
+from .proxy import make_listener, serve
+from .tunnel import Tunnel, TunnelError
+
+log = logging.getLogger("shuttle")
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+class Stopped(Exception):
+    """A signal asked us to stop."""
+
+
+async def run(options: Options) -> int:
+    """Run one tunnel until told to stop; the exit status."""
+    loop = asyncio.get_running_loop()
+    stop: asyncio.Future[str] = loop.create_future()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, _set_once, stop, signal.Signals(signum).name)
+    try:
+        listener = make_listener(*options.listen)
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", *options.listen, exc.strerror)
+        return EXIT_FAILED
+    tunnel = Tunnel(options)
+    firewall = FirewallSession(options.firewalld)
+    server: Optional[asyncio.Server] = None
+    try:
+        await _unless_stopped(stop, tunnel.start())
+        port = listener.getsockname()[1]
+        await _unless_stopped(
+            stop, firewall.open(options.method, port, options.subnets, options.excludes)
+        )
+        server = await serve(tunnel.link, listener)
+        log.info(
+            "ready: capturing %s%s through %s (agent on python %s, listening on port %d)",
+            " ".join(options.subnets),
+            "".join(f" -{x}" for x in options.excludes),
+            options.ssh_destination,
+            tunnel.agent_python,
+            port,
+        )
+        heartbeats = loop.create_task(firewall.run_heartbeats())
+        done, _ = await asyncio.wait(
+            [stop, tunnel.link.closed, heartbeats], return_when=asyncio.FIRST_COMPLETED
+        )
+        if stop in done:
+            log.info("stopping on %s", stop.result())
+            return EXIT_OK
+        if tunnel.link.closed in done:
+            log.error("lost the tunnel: %s", tunnel.link.closed.result())
+        else:
+            heartbeats.result()  # raises the FirewallError that ended it
+        return EXIT_FAILED
+    except Stopped:
+        log.info("stopping on %s", stop.result())
+        return EXIT_OK
+    except (TunnelError, FirewallError) as exc:
+        log.error("%s", exc)
+        return EXIT_FAILED
+    finally:
+        await _cleanup(firewall, server, tunnel)
+        listener.close()
+
+
+async def _unless_stopped(stop: "asyncio.Future[str]", step: Awaitable[Any]) -> None:
+    task = asyncio.ensure_future(step)
+    done, _ = await asyncio.wait([task, stop], return_when=asyncio.FIRST_COMPLETED)
+    if task not in done:
+        task.cancel()
+        raise Stopped
+    task.result()
+
+
+async def _cleanup(
+    firewall: FirewallSession, server: Optional[asyncio.Server], tunnel: Tunnel
+) -> None:
+    # Rules first: once they are gone, nothing new is captured into a closing tunnel.
+    await firewall.close()
+    if server is not None:
+        server.close()
+    await tunnel.stop()
+    pending: List[asyncio.Task[Any]] = [
+        t for t in asyncio.all_tasks() if t is not asyncio.current_task()
+    ]
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+
+
+def _set_once(future: "asyncio.Future[str]", value: str) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Console script: shuttle-client."""
+    try:
+        options = parse_args(sys.argv[1:] if argv is None else argv)
+    except UsageError as exc:
+        print(f"shuttle-client: error: {exc}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    logging.basicConfig(
+        format="shuttle-client: %(message)s",
+        level=logging.DEBUG if options.verbose else logging.INFO,
+    )
+    sys.exit(asyncio.run(run(options)))

@@ -1,0 +1,154 @@
+"""The ssh side: start ssh, upload the agent, check its greeting, keep the Link running."""
+
+import asyncio
+import logging
+import os
+import subprocess
+from typing import Optional
+
+from shuttle_agent.relay import Link, WriterProtocol
+from shuttle_protocol import PROTOCOL_VERSION
+from shuttle_protocol.mux import CLIENT, Mux
+from shuttle_protocol.schema import Message
+from shuttle_protocol.stream_messages import (
+    Error,
+    Hello,
+    Opened,
+    Ping,
+    Pong,
+    Refused,
+    Welcome,
+)
+
+from .cli import Options
+from .upload import build_payload, remote_command, ssh_argv
+
+log = logging.getLogger("shuttle")
+
+CAPABILITIES = ("tcp",)
+# ssh may ask for a password or a host key confirmation on the terminal first.
+GREETING_TIMEOUT = 120.0
+EXIT_NOT_FOUND = 127  # the server's shell: command not found
+
+
+class TunnelError(Exception):
+    """The tunnel could not start or broke; the text is for the user."""
+
+
+class Tunnel:
+    """One ssh process running the agent, and the multiplexed Link over its pipes."""
+
+    def __init__(self, options: Options) -> None:
+        self.options = options
+        self.link = Link(Mux(CLIENT), self._on_message, "agent")
+        self.agent_python = ""
+        self._process: Optional[subprocess.Popen[bytes]] = None
+        self._greeted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    async def start(self) -> None:
+        """Start ssh and wait for the agent's greeting; TunnelError if that fails."""
+        options = self.options
+        argv = ssh_argv(
+            options.ssh_cmd,
+            options.ssh_destination,
+            options.ssh_port,
+            remote_command(options.python, options.verbose),
+        )
+        log.debug("running %s", " ".join(argv))
+        to_ssh_read, to_ssh_write = os.pipe()
+        from_ssh_read, from_ssh_write = os.pipe()
+        try:
+            self._process = subprocess.Popen(argv, stdin=to_ssh_read, stdout=from_ssh_write)
+        except OSError as exc:
+            for fd in (to_ssh_read, to_ssh_write, from_ssh_read, from_ssh_write):
+                os.close(fd)
+            raise TunnelError(f"cannot run {argv[0]}: {exc.strerror}") from None
+        os.close(to_ssh_read)
+        os.close(from_ssh_write)
+        loop = asyncio.get_running_loop()
+        writer, _ = await loop.connect_write_pipe(
+            lambda: WriterProtocol(self.link), os.fdopen(to_ssh_write, "wb", buffering=0)
+        )
+        self.link.attach_writer(writer)  # type: ignore[arg-type]
+        writer.write(build_payload())
+        await loop.connect_read_pipe(lambda: self.link, os.fdopen(from_ssh_read, "rb", buffering=0))
+        done, _ = await asyncio.wait(
+            [self._greeted, self.link.closed],
+            timeout=GREETING_TIMEOUT,
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        if self._greeted in done and self._greeted.exception() is None:
+            return
+        if self._greeted.done() and self._greeted.exception() is not None:
+            raise self._greeted.exception()  # type: ignore[misc]
+        if not done:
+            raise TunnelError(f"the agent did not greet within {GREETING_TIMEOUT:.0f} s")
+        raise TunnelError(await self._why_it_ended())
+
+    async def _why_it_ended(self) -> str:
+        status = await self.wait_exit(5.0)
+        python = self.options.python
+        if status == EXIT_NOT_FOUND:
+            return f"{python} was not found on the server (choose another with --python)"
+        if status == 255:  # ssh's own failure; it said why on stderr
+            return "ssh could not connect (see ssh's message above)"
+        return f"the agent did not start (ssh exited with status {status})"
+
+    async def wait_exit(self, timeout: float) -> Optional[int]:
+        """ssh's exit status, waiting up to timeout seconds; None if it is still running."""
+        process = self._process
+        if process is None:
+            return None
+        for _ in range(int(timeout * 20)):
+            status = process.poll()
+            if status is not None:
+                return status
+            await asyncio.sleep(0.05)
+        return process.poll()
+
+    async def stop(self) -> None:
+        """End ssh: close its stdin (the agent exits), then terminate it if it lingers."""
+        self.link.finish("stopping")
+        if self._process is None:
+            return
+        if await self.wait_exit(2.0) is None:
+            self._process.terminate()
+            if await self.wait_exit(2.0) is None:
+                self._process.kill()
+                await self.wait_exit(2.0)
+
+    def _on_message(self, msg: Message) -> None:
+        if isinstance(msg, Hello):
+            self._on_hello(msg)
+        elif isinstance(msg, Error):
+            text = f"the agent reported: {msg.text}"
+            if not self._greeted.done():
+                self._greeted.set_exception(TunnelError(text))
+            self.link.finish(text)
+        elif not self._greeted.done():
+            self.link.fail(f"{type(msg).__name__} before Hello")
+        elif isinstance(msg, Refused):
+            log.debug("channel %d refused by the remote side: %s", msg.channel, msg.reason)
+            relay = self.link.channels.get(msg.channel)
+            if relay is not None:
+                relay.reset()  # a reset is as close to "refused" as an accepted socket gets
+        elif isinstance(msg, Ping):
+            self.link.send(Pong(msg.cookie))
+        elif not isinstance(msg, (Opened, Pong)):
+            self.link.fail(f"unexpected {type(msg).__name__} from the agent")
+
+    def _on_hello(self, msg: Hello) -> None:
+        if self._greeted.done():
+            self.link.fail("Hello twice")
+            return
+        if msg.version != PROTOCOL_VERSION:
+            text = (
+                f"protocol version mismatch: the agent speaks {msg.version}, "
+                f"this client {PROTOCOL_VERSION}"
+            )
+            self.link.fail(text)
+            self._greeted.set_exception(TunnelError(text))
+            return
+        self.agent_python = msg.python
+        self.link.send(Welcome(PROTOCOL_VERSION, CAPABILITIES))
+        self._greeted.set_result(None)
