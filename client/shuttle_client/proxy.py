@@ -67,4 +67,3 @@ async def serve(link: Link, listener: socket.socket) -> asyncio.Server:
     address = listener.getsockname()[:2]
     loop = asyncio.get_running_loop()
     return await loop.create_server(lambda: Incoming(link, address), sock=listener)
-
