@@ -103,7 +103,7 @@ async def serve() -> int:
         loop.add_signal_handler(signum, agent.link.finish, "signal")
     reason = await agent.link.closed
     log.debug("session over: %s", reason)
-    return EXIT_PROTOCOL if agent.error else 0
+    return EXIT_PROTOCOL if agent.error or agent.link.failed else 0
 
 
 def main() -> None:

@@ -36,6 +36,7 @@ class Link(asyncio.Protocol):
         self.peer = peer
         self.channels: Dict[int, Relay] = {}
         self.paused = False
+        self.failed: Optional[str] = None  # why we ended the session, if it was an error
         self.closed: asyncio.Future[Optional[str]] = asyncio.get_running_loop().create_future()
         self._on_message = on_message
         self._writer: Optional[asyncio.WriteTransport] = None
@@ -114,6 +115,8 @@ class Link(asyncio.Protocol):
     def fail(self, text: str) -> None:
         """End the session because of an error, telling the peer why."""
         log.error("%s", text)
+        if self.failed is None:
+            self.failed = text
         self.mux.send(Error(text[:1000]))
         self.flush()
         self.finish(text)

@@ -53,9 +53,8 @@ async def run(options: Options) -> int:
             port,
         )
         heartbeats = loop.create_task(firewall.run_heartbeats())
-        done, _ = await asyncio.wait(
-            [stop, tunnel.link.closed, heartbeats], return_when=asyncio.FIRST_COMPLETED
-        )
+        waiting: List[asyncio.Future[Any]] = [stop, tunnel.link.closed, heartbeats]
+        done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
         if stop in done:
             log.info("stopping on %s", stop.result())
             return EXIT_OK

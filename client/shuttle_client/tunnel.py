@@ -4,7 +4,7 @@ import asyncio
 import logging
 import os
 import subprocess
-from typing import Optional
+from typing import Any, List, Optional
 
 from shuttle_agent.relay import Link, WriterProtocol
 from shuttle_protocol import PROTOCOL_VERSION
@@ -69,11 +69,12 @@ class Tunnel:
         writer, _ = await loop.connect_write_pipe(
             lambda: WriterProtocol(self.link), os.fdopen(to_ssh_write, "wb", buffering=0)
         )
-        self.link.attach_writer(writer)  # type: ignore[arg-type]
+        self.link.attach_writer(writer)
         writer.write(build_payload())
         await loop.connect_read_pipe(lambda: self.link, os.fdopen(from_ssh_read, "rb", buffering=0))
+        waiting: List[asyncio.Future[Any]] = [self._greeted, self.link.closed]
         done, _ = await asyncio.wait(
-            [self._greeted, self.link.closed],
+            waiting,
             timeout=GREETING_TIMEOUT,
             return_when=asyncio.FIRST_COMPLETED,
         )
