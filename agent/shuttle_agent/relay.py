@@ -40,6 +40,7 @@ class Link(asyncio.Protocol):
         self.closed: asyncio.Future[Optional[str]] = asyncio.get_running_loop().create_future()
         self._on_message = on_message
         self._writer: Optional[asyncio.WriteTransport] = None
+        self._reader: Optional[asyncio.BaseTransport] = None
         self._stalled: Set[Relay] = set()
         self._flush_scheduled = False
 
@@ -64,6 +65,9 @@ class Link(asyncio.Protocol):
         self._stalled.add(relay)
 
     # -- the pipe reader (this object is its protocol) -------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._reader = transport
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -130,6 +134,8 @@ class Link(asyncio.Protocol):
         self.channels.clear()
         if self._writer is not None:
             self._writer.close()
+        if self._reader is not None:
+            self._reader.close()
         self.closed.set_result(reason)
 
 

@@ -47,6 +47,13 @@ class Tunnel:
 
     async def start(self) -> None:
         """Start ssh and wait for the agent's greeting; TunnelError if that fails."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
         options = self.options
         argv = ssh_argv(
             options.ssh_cmd,

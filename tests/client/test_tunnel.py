@@ -9,6 +9,7 @@ import glob
 import hashlib
 import os
 import socket
+import sys
 from pathlib import Path
 from typing import Any, Coroutine, Optional
 
@@ -16,6 +17,7 @@ import pytest
 from shuttle_agent.relay import Relay
 from shuttle_client.cli import parse_args
 from shuttle_client.tunnel import Tunnel, TunnelError
+from shuttle_protocol import PROTOCOL_VERSION
 
 FAKE_SSH = """#!/bin/sh
 # Stands in for ssh: skips the options, "--" and the destination, runs the command here.
@@ -191,3 +193,38 @@ def test_too_old_python_is_one_clear_error(
 
     run(scenario())
     assert "shuttle-agent: needs python 3.8 or newer, the server has 3." in capfd.readouterr().err
+
+
+FUTURE_AGENT = """
+import sys
+from shuttle_protocol.stream import StreamDecoder, encode
+from shuttle_protocol.stream_messages import Hello
+sys.stdin.buffer.read(int(sys.stdin.buffer.readline()))  # the upload
+sys.stdout.buffer.write(encode(Hello(99, ("tcp",), "3.99.0")))
+sys.stdout.buffer.flush()
+decoder, got = StreamDecoder(), []
+while not got and (data := sys.stdin.buffer.read1(4096)):
+    got = decoder.feed(data)
+print("agent got:", got, file=sys.stderr)
+"""
+
+
+def test_version_mismatch_is_one_clear_error_on_the_client_side(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    script = tmp_path / "future_agent.py"
+    script.write_text(FUTURE_AGENT)
+    fake = tmp_path / "fake-ssh"
+    fake.write_text(f"#!/bin/sh\nexec {sys.executable} {script}\n")
+    fake.chmod(0o755)
+
+    async def scenario() -> None:
+        with pytest.raises(TunnelError) as raised:
+            await start(str(fake))
+        assert str(raised.value) == (
+            f"protocol version mismatch: the agent speaks 99, this client {PROTOCOL_VERSION}"
+        )
+
+    run(scenario())
+    err = capfd.readouterr().err
+    assert "agent got: [Error(text='protocol version mismatch" in err
