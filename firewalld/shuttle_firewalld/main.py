@@ -1,0 +1,162 @@
+"""The shuttle-firewalld command: options, start-up checks, logging, signals, clean exit."""
+
+from __future__ import annotations
+
+import grp
+import importlib.metadata
+import logging
+import math
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import FrameType
+
+from docopt import DocoptExit, docopt
+
+from .errors import StartupError
+from .methods.base import Method
+from .methods.nat import NatMethod
+from .server import Server
+from .sessions import Sessions
+
+USAGE = """\
+shuttle-firewalld: shuttle's root daemon; applies firewall rules for shuttle clients.
+
+Usage:
+  shuttle-firewalld [--socket=PATH] [--group=GROUP] [--lease=SECONDS] [-v]
+  shuttle-firewalld -h | --help
+  shuttle-firewalld --version
+
+Options:
+  --socket=PATH      listen on this zmq ipc socket [default: /run/shuttle/firewalld.sock]
+  --group=GROUP      members of this group may connect [default: shuttle]
+  --lease=SECONDS    a session without heartbeat for this long is removed [default: 6]
+  -v, --verbose      log debug messages too
+  -h, --help         show this help
+  --version          show the version
+"""
+
+MIN_LEASE, MAX_LEASE = 1.0, 3600.0
+MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes, the last one a NUL
+
+log = logging.getLogger("shuttle_firewalld")
+
+
+class UsageError(Exception):
+    """The command line is wrong; str() says how, in one line."""
+
+
+@dataclass(frozen=True)
+class Options:
+    socket: str
+    group: str
+    lease: float
+    verbose: bool
+
+
+def parse_args(argv: Sequence[str]) -> Options:
+    """Options from the command line, every value checked; UsageError if one is bad."""
+    try:
+        args = docopt(USAGE, list(argv), version=importlib.metadata.version("shuttle-firewalld"))
+    except DocoptExit as exc:
+        # docopt's own text is the whole usage, or a "Warning: ..." with its internals.
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        if not first or first.startswith(("Warning", "Usage")):
+            first = "unexpected arguments: " + " ".join(argv)
+        raise UsageError(f"{first} (see shuttle-firewalld --help)") from None
+    path = args["--socket"]
+    if not os.path.isabs(path) or len(os.fsencode(path)) > MAX_SOCKET_PATH:
+        raise UsageError(f"--socket must be an absolute path of at most {MAX_SOCKET_PATH} bytes")
+    try:
+        lease = float(args["--lease"])
+    except ValueError:
+        lease = math.nan
+    if not MIN_LEASE <= lease <= MAX_LEASE:  # also false for nan
+        raise UsageError(
+            f"--lease must be a number of seconds in [{MIN_LEASE:g}, {MAX_LEASE:g}], "
+            f"got {args['--lease']!r}"
+        )
+    return Options(socket=path, group=args["--group"], lease=lease, verbose=args["--verbose"])
+
+
+def group_id(name: str) -> int:
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise StartupError(
+            f"group {name!r} does not exist: create it (groupadd {name}) and add the users "
+            "who may use shuttle, or pass --group"
+        ) from None
+
+
+class Stop:
+    """Set by SIGTERM or SIGINT; the loop looks at it at least every poll interval."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._handler)
+
+    def _handler(self, signum: int, frame: FrameType | None) -> None:
+        self.requested = True
+
+
+def run(options: Options) -> int:
+    """Start, serve until a signal, and undo everything; the exit status."""
+    if os.geteuid() != 0:
+        raise StartupError("must run as root: it changes firewall rules")
+    gid = group_id(options.group)
+    stop = Stop()
+    methods: dict[str, Method] = {"nat": NatMethod()}
+    sessions = Sessions(methods, options.lease)
+    try:
+        # First, since it refuses to start beside a running firewalld, whose rules are live.
+        server = Server(options.socket, gid, sessions)
+    except OSError as exc:
+        raise StartupError(f"cannot listen on {options.socket}: {exc}") from None
+    status = 0
+    try:
+        # Before the first request is read: requests wait in the socket's queue meanwhile.
+        for name, method in methods.items():
+            try:
+                method.remove_stale()
+            except Exception as exc:  # a missing tool must not stop the other methods
+                log.warning("%s: cannot check for stale rules: %s", name, exc)
+        log.info(
+            "listening on ipc://%s (group %s, lease %g s)",
+            options.socket,
+            options.group,
+            options.lease,
+        )
+        server.run(stopping=lambda: stop.requested)
+    except Exception:
+        log.exception("the loop failed")
+        status = 1
+    finally:
+        # Each undo step on its own, so one failure cannot skip the others.
+        try:
+            sessions.close_all("closed at exit")
+        finally:
+            server.close()
+    log.info("stopped")
+    return status
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    try:
+        options = parse_args(sys.argv[1:] if argv is None else argv)
+    except UsageError as exc:
+        print(f"shuttle-firewalld: {exc}", file=sys.stderr)
+        sys.exit(2)
+    logging.basicConfig(
+        format="shuttle-firewalld: %(message)s",
+        level=logging.DEBUG if options.verbose else logging.INFO,
+        stream=sys.stderr,
+    )
+    try:
+        sys.exit(run(options))
+    except StartupError as exc:
+        log.error("%s", exc)
+        sys.exit(1)

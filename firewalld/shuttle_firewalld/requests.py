@@ -1,0 +1,69 @@
+"""THE table of requests firewalld serves, and what each needs: nothing else decides.
+
+A request either opens a session, or names an open session that its caller must own (a
+session of another uid is reported as missing, so callers cannot probe each other). Any
+other message, answers included, is refused. The table is unit-tested as it stands.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from shuttle_protocol.firewall_messages import (
+    CloseSessionAnswer,
+    CloseSessionRequest,
+    HeartbeatAnswer,
+    HeartbeatRequest,
+    OpenSessionAnswer,
+    OpenSessionRequest,
+)
+from shuttle_protocol.schema import Message
+
+from .errors import RequestError
+from .sessions import Session, Sessions
+
+
+def _open(sessions: Sessions, uid: int, request: OpenSessionRequest, session: None) -> Message:
+    opened = sessions.open(uid, request.method, request.port, request.subnets, request.excludes)
+    return OpenSessionAnswer(opened.id, sessions.lease)
+
+
+def _heartbeat(
+    sessions: Sessions, uid: int, request: HeartbeatRequest, session: Session
+) -> Message:
+    sessions.renew(session)
+    return HeartbeatAnswer()
+
+
+def _close(sessions: Sessions, uid: int, request: CloseSessionRequest, session: Session) -> Message:
+    sessions.close(session, f"closed by uid {uid}")
+    return CloseSessionAnswer()
+
+
+@dataclass(frozen=True)
+class Allowed:
+    """How firewalld serves one request type."""
+
+    # True: the request's `session` field must name an open session of the caller, which
+    # the handler then receives; False: the request names no session (handler gets None).
+    needs_own_session: bool
+    handler: Callable[..., Message]
+
+
+TABLE: Mapping[type[Message], Allowed] = {
+    OpenSessionRequest: Allowed(needs_own_session=False, handler=_open),
+    HeartbeatRequest: Allowed(needs_own_session=True, handler=_heartbeat),
+    CloseSessionRequest: Allowed(needs_own_session=True, handler=_close),
+}
+
+
+def handle(sessions: Sessions, uid: int, request: Message) -> Message:
+    """The answer to one decoded request from uid; RequestError if it is refused."""
+    allowed = TABLE.get(type(request))
+    if allowed is None:
+        raise RequestError(f"{type(request).__name__} is not a request firewalld serves")
+    session = None
+    if allowed.needs_own_session:
+        session = sessions.owned(request.session, uid)  # type: ignore[attr-defined]
+    return allowed.handler(sessions, uid, request, session)

@@ -1,0 +1,53 @@
+"""Our ZAP handler: libzmq asks it about each new connection; it names the caller's uid.
+
+The uid comes from the kernel (SO_PEERCRED on the unix socket), never from what the caller
+sends: libzmq puts the peer's credentials at the end of the address it hands to ZAP.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+ZAP_ENDPOINT = "inproc://zeromq.zap.01"
+DOMAIN = b"shuttle"
+# libzmq's stream_engine_base get_peer_address() appends ":uid:gid:pid" for unix sockets.
+_PEER_ADDRESS = re.compile(rb"(?s).*:(\d{1,10}):(\d{1,10}):(\d{1,10})")
+
+
+@dataclass(frozen=True)
+class Peer:
+    """The kernel's credentials of the process at the other end of a connection."""
+
+    uid: int
+    gid: int
+    pid: int
+
+
+def parse_peer_address(address: bytes) -> Peer:
+    """The credentials at the end of a ZAP address such as b"localhost:1000:1000:4242"."""
+    match = _PEER_ADDRESS.fullmatch(address)
+    if match is None:
+        raise ValueError(f"no peer credentials in address {address[:80]!r}")
+    uid, gid, pid = (int(number) for number in match.groups())
+    return Peer(uid, gid, pid)
+
+
+def zap_reply(frames: list[bytes]) -> list[bytes]:
+    """The reply to one ZAP request (RFC 27): 200 with the uid as user id, or 400."""
+    # A REP socket must answer every request, so even a malformed one gets a reply.
+    request_id = frames[1] if len(frames) > 1 else b""
+    if len(frames) < 6 or frames[0] != b"1.0":
+        return _reply(request_id, b"500", b"malformed ZAP request", b"")
+    _version, _id, domain, address, _identity, mechanism = frames[:6]
+    if domain != DOMAIN or mechanism != b"NULL":
+        return _reply(request_id, b"400", b"unexpected domain or mechanism", b"")
+    try:
+        peer = parse_peer_address(address)
+    except ValueError:
+        return _reply(request_id, b"400", b"no peer credentials", b"")
+    return _reply(request_id, b"200", b"OK", str(peer.uid).encode("ascii"))
+
+
+def _reply(request_id: bytes, status: bytes, text: bytes, user_id: bytes) -> list[bytes]:
+    return [b"1.0", request_id, status, text, user_id, b""]

@@ -1,0 +1,186 @@
+"""The command: its options, its start-up refusals, and its clean start and exit for real."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from shuttle_client.firewall_session import FirewallSession
+from shuttle_firewalld.main import Options, UsageError, main, parse_args
+
+from .conftest import FIREWALLD, NOBODY, Daemon, Listener, nat_rules, shuttle_rules
+
+
+def test_defaults() -> None:
+    assert parse_args([]) == Options(
+        socket="/run/shuttle/firewalld.sock", group="shuttle", lease=6.0, verbose=False
+    )
+
+
+def test_options() -> None:
+    assert parse_args(["--socket=/tmp/x.sock", "--group", "wheel", "--lease=2.5", "-v"]) == Options(
+        socket="/tmp/x.sock", group="wheel", lease=2.5, verbose=True
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "complaint"),
+    [
+        (["--lease=x"], "--lease must be a number of seconds in [1, 3600], got 'x'"),
+        (["--lease=0.5"], "--lease must be"),
+        (["--lease=3601"], "--lease must be"),
+        (["--lease=nan"], "--lease must be"),
+        (["--lease=inf"], "--lease must be"),
+        (["--socket=relative.sock"], "--socket must be an absolute path"),
+        (["--socket=/" + "x" * 107], "--socket must be an absolute path of at most 107 bytes"),
+        (["--bogus"], "unexpected arguments: --bogus"),
+        (["run", "/bin/sh"], "unexpected arguments: run /bin/sh"),
+        (["--socket"], "--socket requires argument"),
+    ],
+)
+def test_bad_arguments(argv: list[str], complaint: str) -> None:
+    with pytest.raises(UsageError) as refused:
+        parse_args(argv)
+    assert str(refused.value).startswith(complaint)
+    assert "\n" not in str(refused.value)
+
+
+def test_bad_arguments_are_one_line_and_status_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["--lease=-1"])
+    assert exited.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith("shuttle-firewalld: --lease must be")
+    assert err.count("\n") == 1
+
+
+def test_help_and_version(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv, text in ((["--help"], "Usage:"), (["--version"], "0.1.0")):
+        with pytest.raises(SystemExit) as exited:
+            main(argv)
+        assert exited.value.code in (0, None)
+        assert text in capsys.readouterr().out
+
+
+def run_firewalld(*argv: str, user: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*user, FIREWALLD, *argv], capture_output=True, text=True, timeout=30, check=False
+    )
+
+
+@pytest.mark.integration
+def test_refuses_to_run_as_another_user(socket_dir: Path) -> None:
+    done = run_firewalld(f"--socket={socket_dir}/fw.sock", user=tuple(NOBODY))
+    assert (done.returncode, done.stdout) == (1, "")
+    assert done.stderr == "shuttle-firewalld: must run as root: it changes firewall rules\n"
+    assert list(socket_dir.iterdir()) == []
+
+
+@pytest.mark.integration
+def test_refuses_a_missing_group(socket_dir: Path) -> None:
+    group = f"no-such-group-{secrets.token_hex(4)}"
+    done = run_firewalld(f"--socket={socket_dir}/fw.sock", f"--group={group}")
+    assert done.returncode == 1
+    assert done.stderr.count("\n") == 1
+    assert done.stderr.startswith(f"shuttle-firewalld: group '{group}' does not exist: ")
+    assert f"groupadd {group}" in done.stderr
+    assert "--group" in done.stderr
+    assert list(socket_dir.iterdir()) == []
+
+
+def restore(netns: str, text: str) -> None:
+    subprocess.run(
+        ["ip", "netns", "exec", netns, "iptables-restore", "-w", "--noflush"],
+        input=text,
+        text=True,
+        check=True,
+        timeout=10,
+    )
+
+
+@pytest.mark.integration
+def test_start_removes_stale_chains_and_only_those(
+    netns: str, start_firewalld: Callable[..., Daemon]
+) -> None:
+    restore(
+        netns,
+        "*nat\n:SHUTTLE-0123456789ab - [0:0]\n:MINE - [0:0]\n"
+        "-A SHUTTLE-0123456789ab -d 10.0.0.0/8 -p tcp -j REDIRECT --to-ports 12300\n"
+        "-A OUTPUT -p tcp -m owner --uid-owner 1000 -j SHUTTLE-0123456789ab\n"
+        "-A OUTPUT -p tcp -j MINE\nCOMMIT\n",
+    )
+    assert len(shuttle_rules(netns)) == 3
+    daemon = start_firewalld()
+    assert shuttle_rules(netns) == []
+    assert ":MINE - [0:0]" in nat_rules(netns)
+    assert "-A OUTPUT -p tcp -j MINE" in nat_rules(netns)
+    assert "removed 1 stale chains left by an earlier run" in daemon.log
+
+
+@pytest.mark.integration
+def test_sigterm_removes_every_rule_and_the_socket(
+    netns: str, start_firewalld: Callable[..., Daemon], listen: Callable[..., Listener]
+) -> None:
+    daemon = start_firewalld()
+    listen(12300)
+
+    async def open_two() -> list[FirewallSession]:
+        clients = [FirewallSession(str(daemon.socket_path)) for _ in range(2)]
+        for client in clients:
+            await client.open("nat", 12300, ["10.0.0.0/8"], [])
+        return clients
+
+    clients = asyncio.run(open_two())
+    try:
+        assert len(shuttle_rules(netns)) == 8
+        assert daemon.stop() == 0
+        assert shuttle_rules(netns) == []
+        assert not daemon.socket_path.exists()
+        assert daemon.log.count("closed at exit: 3 nat rules removed") == 2
+    finally:
+        for client in clients:
+            asyncio.run(client.close())
+
+
+@pytest.mark.integration
+def test_a_second_daemon_on_the_same_socket_is_refused(
+    netns: str, start_firewalld: Callable[..., Daemon], listen: Callable[..., Listener]
+) -> None:
+    daemon = start_firewalld()
+    listen(12300)
+    client = FirewallSession(str(daemon.socket_path))
+
+    async def open_one() -> None:
+        await client.open("nat", 12300, ["10.0.0.0/8"], [])
+
+    try:
+        asyncio.run(open_one())
+        done = subprocess.run(
+            [
+                "ip",
+                "netns",
+                "exec",
+                netns,
+                FIREWALLD,
+                f"--socket={daemon.socket_path}",
+                "--group=root",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert done.returncode == 1
+        assert done.stderr == (
+            f"shuttle-firewalld: another shuttle-firewalld is listening on {daemon.socket_path}\n"
+        )
+        # The running daemon's socket and rules are untouched.
+        assert daemon.socket_path.exists()
+        assert len(shuttle_rules(netns)) == 4
+    finally:
+        asyncio.run(client.close())

@@ -1,0 +1,292 @@
+"""The loop's answers: whatever bytes come in, an answer goes out and serving goes on.
+
+First answer() on its own (unit and property tests), then the real daemon over its socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import stat
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from shuttle_client.firewall_session import FirewallError, FirewallSession
+from shuttle_firewalld.server import answer, request_id_of
+from shuttle_firewalld.sessions import Sessions
+from shuttle_protocol.firewall_messages import (
+    CloseSessionAnswer,
+    CloseSessionRequest,
+    ErrorAnswer,
+    OpenSessionAnswer,
+    OpenSessionRequest,
+)
+from shuttle_protocol.frames import MAX_FRAME, decode_frame, encode_frame
+from shuttle_protocol.schema import Message
+
+from .conftest import NOBODY, Daemon, FakeMethod, Listener, ask, nat_rules, shuttle_rules
+
+OPEN = OpenSessionRequest("nat", 12300, ("10.0.0.0/8",), ("10.1.0.0/16",))
+
+
+def pack(value: Any) -> bytes:
+    data: bytes = msgpack.packb(value, use_bin_type=True)
+    return data
+
+
+def answer_to(sessions: Sessions, payload: bytes, uid: int = 1000) -> tuple[int, Message]:
+    return decode_frame(answer(sessions, uid, payload))
+
+
+def test_a_request_is_answered_under_its_id(sessions: Sessions) -> None:
+    request_id, reply = answer_to(sessions, encode_frame(41, OPEN))
+    assert request_id == 41
+    assert isinstance(reply, OpenSessionAnswer)
+    request_id, reply = answer_to(sessions, encode_frame(42, CloseSessionRequest(reply.session)))
+    assert (request_id, reply) == (42, CloseSessionAnswer())
+
+
+def test_a_refusal_is_answered_under_its_id(sessions: Sessions) -> None:
+    assert answer_to(sessions, encode_frame(7, CloseSessionRequest("a" * 32))) == (
+        7,
+        ErrorAnswer("no such session"),
+    )
+
+
+# Bad frames, each with the request id the answer must carry.
+BAD_FRAMES = [
+    (b"", 0),
+    (b"\xc1", 0),  # a byte msgpack never uses
+    (pack([5]), 5),  # an id and nothing else
+    (pack([6, 9999]), 6),  # unknown tag
+    (pack([7, 64, "nat", "80", ["10.0.0.0/8"], []]), 7),  # port as text
+    (pack([8, 64, "nft", 80, ["10.0.0.0/8"], []]), 8),  # a method this firewalld lacks
+    (pack([9, 64, "nat", 80, ["10.0.0.1/8"], []]), 9),  # host bits set
+    (pack([10, 64, "nat", 80, [], []]), 10),  # no subnet
+    (pack([11, 66, "x" * 33]), 11),  # session id too long
+    (pack([12, 66]), 12),  # field missing
+    (pack(["12", 66, "a" * 32]), 0),  # id as text
+    (pack([-1, 66, "a" * 32]), 0),
+    (pack([2**64 - 1, 66, "a" * 32]), 0),
+    (pack([True, 66, "a" * 32]), 0),
+    (pack({"id": 1}), 0),
+    (pack([13, 64]) + pack([14, 64]), 13),  # two values in one frame
+    (b"\xdd\xff\xff\xff\xff", 0),  # an array header claiming 4 billion items
+    (b"\x91" * 100_000, 0),  # arrays nested 100,000 deep
+    (pack([15, 64, "nat", 80, ["10.0.0.0/8"] * 60_000, []]), 15),  # too many subnets
+    (b"\x00" * (MAX_FRAME + 1), 0),
+]
+
+
+@pytest.mark.parametrize(("payload", "request_id"), BAD_FRAMES)
+def test_bad_frames_get_an_error_answer(
+    sessions: Sessions, method: FakeMethod, payload: bytes, request_id: int
+) -> None:
+    got_id, reply = answer_to(sessions, payload)
+    assert got_id == request_id
+    assert isinstance(reply, ErrorAnswer)
+    assert reply.text.startswith("bad request: ")
+    assert method.applied == []
+
+
+def test_request_id_of_a_good_frame() -> None:
+    assert request_id_of(encode_frame(99, OPEN)) == 99
+
+
+def test_an_internal_error_is_answered_and_logged(
+    sessions: Sessions, method: FakeMethod, caplog: pytest.LogCaptureFixture
+) -> None:
+    method.fail_apply = KeyError("oops")
+    with caplog.at_level(logging.ERROR):
+        assert answer_to(sessions, encode_frame(3, OPEN)) == (
+            3,
+            ErrorAnswer("internal error: KeyError: 'oops'"),
+        )
+    assert "Traceback" in caplog.text
+    assert len(sessions) == 0
+
+
+def test_an_endless_internal_error_is_cut_to_fit(sessions: Sessions, method: FakeMethod) -> None:
+    method.fail_apply = RuntimeError("x" * 10_000)
+    _, reply = answer_to(sessions, encode_frame(3, OPEN))
+    assert isinstance(reply, ErrorAnswer)
+    assert len(reply.text) == 2000
+
+
+@settings(max_examples=300, deadline=None)
+@given(payload=st.binary(max_size=300))
+def test_any_bytes_get_a_decodable_answer(payload: bytes) -> None:
+    sessions = Sessions({"nat": FakeMethod()}, 6.0, owners_of_port=lambda port: {1000})
+    request_id, reply = answer_to(sessions, payload)
+    assert isinstance(reply, (ErrorAnswer, OpenSessionAnswer))
+    assert 0 <= request_id < 2**63
+
+
+wire_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**64 - 1)  # what msgpack can carry
+    | st.floats()
+    | st.text(max_size=40),
+    lambda inner: st.lists(inner, max_size=5),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    request_id=st.integers(min_value=0, max_value=2**63 - 1),
+    tag=st.sampled_from([64, 65, 66, 67, 68, 69, 127, 1, 200]),
+    fields=st.lists(wire_values, max_size=5),
+)
+def test_any_fields_under_any_tag_get_an_answer_with_the_id(
+    request_id: int, tag: int, fields: list[Any]
+) -> None:
+    sessions = Sessions({"nat": FakeMethod()}, 6.0, owners_of_port=lambda port: {1000})
+    got_id, reply = answer_to(sessions, pack([request_id, tag, *fields]))
+    assert got_id == request_id
+    assert isinstance(reply, (ErrorAnswer, OpenSessionAnswer))
+
+
+# --- real daemon ---------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_open_and_close_install_and_remove_exactly_the_sessions_rules(
+    netns: str, start_firewalld: Callable[..., Daemon], listen: Callable[..., Listener]
+) -> None:
+    daemon = start_firewalld(group="root")
+    listen(12300)
+    mode = os.stat(daemon.socket_path).st_mode
+    assert stat.S_ISSOCK(mode)
+    assert stat.S_IMODE(mode) == 0o660
+    before = nat_rules(netns)
+    client = FirewallSession(str(daemon.socket_path))
+
+    async def open_check_close() -> list[str]:
+        try:
+            await client.open("nat", 12300, ["10.0.0.0/8", "192.0.2.0/24"], ["10.1.0.0/16"])
+            return nat_rules(netns)
+        finally:
+            await client.close()
+
+    during = asyncio.run(open_check_close())
+    chain = next(line for line in during if line.startswith(":SHUTTLE-")).split()[0][1:]
+    assert [line for line in during if line not in before] == [
+        f":{chain} - [0:0]",
+        f"-A OUTPUT -p tcp -m owner --uid-owner 0 -j {chain}",
+        f"-A {chain} -d 127.0.0.0/8 -p tcp -j RETURN",
+        f"-A {chain} -d 10.1.0.0/16 -p tcp -j RETURN",
+        f"-A {chain} -d 10.0.0.0/8 -p tcp -j REDIRECT --to-ports 12300",
+        f"-A {chain} -d 192.0.2.0/24 -p tcp -j REDIRECT --to-ports 12300",
+    ]
+    assert nat_rules(netns) == before
+    assert f"session {chain[8:]} of uid 0 closed by uid 0: 5 nat rules removed" in daemon.log
+
+
+NOBODY_CLIENT = """\
+import asyncio, sys
+from shuttle_client.firewall_session import FirewallError, FirewallSession
+
+async def main():
+    client = FirewallSession(sys.argv[1])
+    try:
+        await client.open("nat", int(sys.argv[2]), ["10.0.0.0/8"], [])
+        print("opened")
+        await client.close()
+    except FirewallError as exc:
+        print(exc)
+
+asyncio.run(main())
+"""
+
+
+def as_nobody(socket_path: Path, port: int) -> str:
+    """What a FirewallSession run by uid 65534 gets when it asks for port."""
+    done = subprocess.run(
+        [*NOBODY, sys.executable, "-c", NOBODY_CLIENT, str(socket_path), str(port)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    return done.stdout.strip()
+
+
+@pytest.mark.integration
+def test_the_callers_uid_is_the_kernels(
+    netns: str, start_firewalld: Callable[..., Daemon], listen: Callable[..., Listener]
+) -> None:
+    daemon = start_firewalld(group="nogroup")
+    listen(12300)  # root's
+    listen(12301, as_nobody=True)
+    # The request carries no uid: the refusal names the one the kernel told ZAP.
+    assert as_nobody(daemon.socket_path, 12300) == (
+        "shuttle-firewalld: port 12300 is not a listening socket of uid 65534"
+    )
+    assert shuttle_rules(netns) == []
+    assert as_nobody(daemon.socket_path, 12301) == "opened"
+    assert "opened by uid 65534: nat to port 12301" in daemon.log
+    assert shuttle_rules(netns) == []
+
+
+@pytest.mark.integration
+def test_garbage_gets_error_answers_and_serving_goes_on(
+    netns: str, start_firewalld: Callable[..., Daemon], listen: Callable[..., Listener]
+) -> None:
+    daemon = start_firewalld()
+    listen(12300)
+    rng = random.Random(1234)
+    garbage = [(payload, request_id) for payload, request_id in BAD_FRAMES[:-1]]
+    garbage += [(rng.randbytes(rng.randrange(1, 2000)), 0) for _ in range(20)]
+    for payload, request_id in garbage:
+        got_id, reply = ask(daemon.socket_path, payload)
+        assert isinstance(reply, ErrorAnswer), payload[:40]
+        assert request_id in (got_id, 0)  # 0: the test does not know, any id will do
+    for frames in ([b"a", b"b"], [b"", encode_frame(1, OPEN)]):
+        assert ask(daemon.socket_path, *frames) == (0, ErrorAnswer("a request is one frame, not 2"))
+    # A frame over the limit: libzmq drops that connection, and the daemon carries on.
+    with pytest.raises(AssertionError, match="no answer"):
+        ask(daemon.socket_path, b"\x00" * (MAX_FRAME + 1), timeout=2)
+    request_id, reply = ask(daemon.socket_path, encode_frame(77, OPEN))
+    assert request_id == 77
+    assert isinstance(reply, OpenSessionAnswer)
+    assert len(shuttle_rules(netns)) == 5
+    assert daemon.proc.poll() is None
+
+
+@pytest.mark.integration
+def test_the_client_says_when_firewalld_is_not_there(socket_dir: Path) -> None:
+    async def try_open(path: Path) -> str:
+        client = FirewallSession(str(path))
+        try:
+            await client.open("nat", 12300, ["10.0.0.0/8"], [], timeout=1)
+        except FirewallError as exc:
+            return str(exc)
+        finally:
+            await client.close()
+        return "opened"
+
+    missing = socket_dir / "missing.sock"
+    assert asyncio.run(try_open(missing)) == (
+        f"cannot reach shuttle-firewalld at {missing}: is it running? "
+        "(start it as root: shuttle-firewalld)"
+    )
+    # A socket file nobody listens on: the client waits out its timeout.
+    stale = socket_dir / "stale.sock"
+    bind = f"import socket; socket.socket(socket.AF_UNIX).bind({str(stale)!r})"
+    subprocess.run(
+        [sys.executable, "-c", bind],
+        check=True,
+        timeout=10,
+    )
+    assert asyncio.run(try_open(stale)).startswith("cannot reach shuttle-firewalld at")

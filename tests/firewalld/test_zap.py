@@ -1,0 +1,137 @@
+"""The ZAP handler: peer credentials from libzmq's address, and the replies it gives."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import zmq
+from shuttle_firewalld.zap import DOMAIN, ZAP_ENDPOINT, Peer, parse_peer_address, zap_reply
+
+from .conftest import NOBODY
+
+
+@pytest.mark.parametrize(
+    ("address", "peer"),
+    [
+        (b"localhost:1000:1001:4242", Peer(1000, 1001, 4242)),
+        (b":0:0:1", Peer(0, 0, 1)),
+        (b"a:b:c:65534:65534:7", Peer(65534, 65534, 7)),  # only the last three count
+    ],
+)
+def test_parse_peer_address(address: bytes, peer: Peer) -> None:
+    assert parse_peer_address(address) == peer
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        b"",
+        b"localhost",
+        b"1:2",
+        b"localhost:1000:1000",  # a tcp peer: host and port, no credentials
+        b"x:a:b:c",
+        b"x:-1:0:1",
+        b"x:1:2:3\n",
+        b"x:1 :2:3",
+        b"x:12345678901:0:1",
+        "x:\u0661:2:3".encode(),  # an Arabic-Indic digit is a digit to str, not to bytes
+    ],
+)
+def test_parse_peer_address_refuses(address: bytes) -> None:
+    with pytest.raises(ValueError, match="no peer credentials"):
+        parse_peer_address(address)
+
+
+def request(address: bytes, domain: bytes = DOMAIN, mechanism: bytes = b"NULL") -> list[bytes]:
+    return [b"1.0", b"7", domain, address, b"", mechanism]
+
+
+def test_reply_names_the_uid() -> None:
+    assert zap_reply(request(b"localhost:1000:100:42")) == [
+        b"1.0",
+        b"7",
+        b"200",
+        b"OK",
+        b"1000",
+        b"",
+    ]
+
+
+def test_reply_refuses_an_address_without_credentials() -> None:
+    assert zap_reply(request(b"127.0.0.1:5555"))[:3] == [b"1.0", b"7", b"400"]
+
+
+@pytest.mark.parametrize(
+    "frames",
+    [
+        request(b":1:1:1", domain=b"other"),
+        request(b":1:1:1", mechanism=b"PLAIN"),
+        [*request(b":1:1:1", mechanism=b"PLAIN"), b"user", b"password"],
+    ],
+)
+def test_reply_refuses_other_domains_and_mechanisms(frames: list[bytes]) -> None:
+    reply = zap_reply(frames)
+    assert reply[2] == b"400"
+    assert reply[4] == b""
+
+
+@pytest.mark.parametrize(
+    "frames", [[], [b"1.0"], [b"1.0", b"7"], [b"2.0", *request(b":1:1:1")[1:]]]
+)
+def test_reply_to_malformed_requests(frames: list[bytes]) -> None:
+    reply = zap_reply(frames)
+    assert len(reply) == 6
+    assert reply[2] == b"500"
+
+
+CLIENT = (
+    "import sys, zmq; c = zmq.Context(); d = c.socket(zmq.DEALER); d.linger = 0;"
+    " d.connect(sys.argv[1]); d.send(b'hello'); print(d.recv().decode() if d.poll(10000) else '');"
+    " d.close(); c.term()"
+)
+
+
+@pytest.mark.integration
+def test_libzmq_hands_the_kernel_uid_to_zap(socket_dir: Path) -> None:
+    """The experiment behind the design: a real connection from uid 65534 is seen as 65534."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run a client as another uid")
+    endpoint = f"ipc://{socket_dir}/zap.sock"
+    context = zmq.Context()
+    zap = context.socket(zmq.REP)
+    router = context.socket(zmq.ROUTER)
+    for sock in (zap, router):
+        sock.linger = 0
+    client = None
+    try:
+        zap.bind(ZAP_ENDPOINT)
+        router.zap_domain = DOMAIN
+        router.bind(endpoint)
+        (socket_dir / "zap.sock").chmod(0o777)
+        client = subprocess.Popen(
+            [*NOBODY, sys.executable, "-c", CLIENT, endpoint], stdout=subprocess.PIPE, text=True
+        )
+        assert zap.poll(10_000), "libzmq never asked the ZAP handler"
+        zap_request = zap.recv_multipart()
+        assert parse_peer_address(zap_request[3]).uid == 65534
+        zap.send_multipart(zap_reply(zap_request))
+        assert router.poll(10_000), "the request never arrived"
+        identity, payload = router.recv_multipart(copy=False)
+        assert payload.bytes == b"hello"
+        assert payload.get("User-Id") == "65534"
+        router.send_multipart([identity.bytes, b"65534"])
+        out, _ = client.communicate(timeout=10)
+        assert out.strip() == "65534"
+    finally:
+        if client is not None and client.poll() is None:
+            client.kill()
+            client.wait(10)
+        if client is not None and client.stdout is not None:
+            client.stdout.close()
+        zap.close()
+        router.close()
+        context.term()
