@@ -6,7 +6,7 @@ message that exists is well-formed. What a caller may *do* is firewalld's policy
 
 import ipaddress
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Any, Tuple
 
 from .checks import check_choice, check_int, check_number, check_text, check_text_tuple
 from .errors import LocalProtocolError
@@ -17,10 +17,13 @@ MAX_SUBNETS = 50_000
 SESSION_ID_LEN = 32
 
 
-def check_networks(value: object, name: str) -> None:
+def check_networks(value: Any, name: str) -> None:
     """A tuple of strictly written networks, such as '10.1.0.0/16' or '2001:db8::/32'."""
     check_text_tuple(value, name, MAX_SUBNETS, 64)
-    for text in value:  # type: ignore[attr-defined]
+    for text in value:
+        # Python >= 3.9 parses an IPv6 scope id ("fe80::%<any text>/64") and prints it back.
+        if "%" in text:
+            raise LocalProtocolError(f"{name}: {text!r:.80} has a scope id")
         try:
             network = ipaddress.ip_network(text, strict=True)
         except ValueError as exc:
@@ -29,9 +32,10 @@ def check_networks(value: object, name: str) -> None:
             raise LocalProtocolError(f"{name}: {text!r} is not written canonically ({network})")
 
 
-def check_session_id(value: object) -> None:
+def check_session_id(value: Any) -> None:
     check_text(value, "session", SESSION_ID_LEN)
-    if len(value) != SESSION_ID_LEN or not value.isalnum():  # type: ignore[arg-type]
+    # isalnum() alone accepts any Unicode letter or digit, such as "\u00e9" or "\u00b2".
+    if len(value) != SESSION_ID_LEN or not (value.isascii() and value.isalnum()):
         raise LocalProtocolError("session must be a 32-character token")
 
 

@@ -12,7 +12,7 @@ messages the driver must act on, after the Mux has applied its flow-control rule
 - A channel is forgotten after Close (either way) or once Eof has gone both ways.
 """
 
-from typing import Dict, List, Union
+from typing import Dict, List, Optional, Union
 
 from .errors import LocalProtocolError, RemoteProtocolError
 from .schema import Message
@@ -64,6 +64,7 @@ class Mux:
         self._out: List[bytes] = []
         self._out_size = 0
         self._last_channel = 0
+        self._failed: Optional[RemoteProtocolError] = None
 
     # -- sending -------------------------------------------------------------------------
 
@@ -94,6 +95,12 @@ class Mux:
         for start in range(0, len(data), MAX_DATA):
             self.send(Data(channel, bytes(data[start : start + MAX_DATA])))
 
+    def _live(self, channel: int) -> ChannelState:
+        state = self.channels.get(channel)
+        if state is None:
+            raise LocalProtocolError(f"channel {channel} is not open")
+        return state
+
     def credit(self, channel: int) -> int:
         """How many bytes the channel may send now (0 for a channel that is gone)."""
         state = self.channels.get(channel)
@@ -104,6 +111,9 @@ class Mux:
         state = self.channels.get(channel)
         if state is None:
             return
+        held = self.window - state.recv_left - state.unacked  # received, not yet delivered
+        if type(n) is not int or not 0 <= n <= held:
+            raise LocalProtocolError(f"channel {channel}: {n!r:.40} bytes delivered, {held} held")
         state.unacked += n
         if state.unacked >= self._credit_batch and not state.eof_received:
             self.send(Credit(channel, state.unacked))
@@ -143,10 +153,16 @@ class Mux:
 
     def receive(self, data: bytes) -> List[Message]:
         """Feed bytes from the pipe; return the messages the driver must act on."""
+        if self._failed is not None:
+            raise self._failed
         actions: List[Message] = []
-        for msg in self._decoder.feed(data):
-            if self._accept(msg):
-                actions.append(msg)
+        try:
+            for msg in self._decoder.feed(data):
+                if self._accept(msg):
+                    actions.append(msg)
+        except RemoteProtocolError as exc:
+            self._failed = exc  # the pipe is in an unknown state: refuse it from now on
+            raise
         return actions
 
     def _accept(self, msg: Message) -> bool:
@@ -161,7 +177,8 @@ class Mux:
         state = self.channels.get(channel)
         if state is None:
             if channel > self._last_channel:
-                raise RemoteProtocolError(f"{type(msg).__name__} for channel {channel}, never opened")
+                name = type(msg).__name__
+                raise RemoteProtocolError(f"{name} for channel {channel}, never opened")
             return False
         if isinstance(msg, Data):
             return self._accept_data(state, msg)

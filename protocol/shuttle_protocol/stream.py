@@ -20,6 +20,7 @@ MAX_MESSAGE = MAX_DATA + 64
 FEED_SLICE = 64 * 1024
 MAX_BUFFER = MAX_MESSAGE + FEED_SLICE
 
+
 def new_unpacker(max_message: int, max_items: int, max_buffer: int) -> Any:
     """An Unpacker that refuses anything our schema cannot contain."""
     return msgpack.Unpacker(
@@ -54,6 +55,9 @@ class StreamDecoder:
         self._unpacker = new_unpacker(max_message, max_items, max_message + FEED_SLICE)
         self._errors = unpack_errors()
         self._failed: Optional[RemoteProtocolError] = None
+        self._max_message = max_message
+        self._fed = 0  # stream offset of the end of the input so far
+        self._done = 0  # stream offset of the end of the last complete message
 
     def feed(self, data: bytes) -> List[Message]:
         """Add received bytes; return every message they complete (possibly none)."""
@@ -63,9 +67,16 @@ class StreamDecoder:
         view = memoryview(data)
         try:
             for start in range(0, len(view), FEED_SLICE):
-                self._unpacker.feed(view[start : start + FEED_SLICE])
+                chunk = view[start : start + FEED_SLICE]
+                self._unpacker.feed(chunk)
+                self._fed += len(chunk)
                 for value in self._unpacker:
+                    self._done = self._unpacker.tell()
                     messages.append(from_wire(value))
+                # The C unpacker keeps the items of an unfinished array outside its buffer,
+                # so max_buffer_size alone does not bound a message that never ends.
+                if self._fed - self._done > self._max_message:
+                    raise RemoteProtocolError(f"a message longer than {self._max_message} bytes")
         except RemoteProtocolError as exc:
             self._failed = exc
             raise

@@ -1,0 +1,325 @@
+"""Hypothesis strategies and fixed examples for every registered message, plus wire helpers.
+
+Each table is keyed by message class and checked against the registry (test_schema.py), so
+a new message type without a strategy, an example or bad values makes a test fail.
+"""
+
+import ipaddress
+import string
+from typing import Any, Callable, Dict, List, Tuple, Type
+from unittest import mock
+
+import msgpack
+import msgpack.fallback
+from hypothesis import strategies as st
+from shuttle_protocol import firewall_messages as fw
+from shuttle_protocol import stream_messages as sm
+from shuttle_protocol.schema import REGISTRY, Message
+from shuttle_protocol.stream import StreamDecoder
+
+# -- the two msgpack implementations -------------------------------------------------------
+# The agent runs on servers without msgpack's C extension, so decoders are tested with both.
+
+IMPLEMENTATIONS = {"c": msgpack.Unpacker, "fallback": msgpack.fallback.Unpacker}
+
+
+def make_decoder(impl: str, **kwargs: Any) -> StreamDecoder:
+    """A StreamDecoder built on the named msgpack implementation."""
+    with mock.patch.object(msgpack, "Unpacker", IMPLEMENTATIONS[impl]):
+        return StreamDecoder(**kwargs)
+
+
+def with_impl(impl: str, function: Callable[..., Any], *args: Any) -> Any:
+    """Call function with msgpack.Unpacker replaced by the named implementation."""
+    with mock.patch.object(msgpack, "Unpacker", IMPLEMENTATIONS[impl]):
+        return function(*args)
+
+
+def pack(value: Any) -> bytes:
+    """Raw msgpack bytes of any value, bypassing the message constructors."""
+    data: bytes = msgpack.packb(value, use_bin_type=True)
+    return data
+
+
+def wire_fields(msg: Message) -> Tuple[Any, ...]:
+    return tuple(getattr(msg, name) for name in type(msg).FIELDS)
+
+
+def survives_wire(value: Any) -> bool:
+    """Whether value comes back from msgpack as the same type and value."""
+    try:
+        back = msgpack.unpackb(pack(value), use_list=False, raw=False)
+    except (ValueError, TypeError, OverflowError):
+        return False
+    return type(back) is type(value) and repr(back) == repr(value)
+
+
+# -- valid field values ----------------------------------------------------------------------
+
+channels = st.integers(1, sm.MAX_CHANNEL)
+texts = st.text  # hypothesis text excludes surrogates, so it always encodes as UTF-8
+
+
+def text_tuples(max_items: int, max_len: int = 64) -> st.SearchStrategy[Tuple[str, ...]]:
+    return st.lists(st.text(max_size=max_len), max_size=max_items).map(tuple)
+
+
+def _network(address: Any, prefix: int) -> str:
+    return str(ipaddress.ip_network((address, prefix), strict=False))
+
+
+networks = st.one_of(
+    st.builds(_network, st.ip_addresses(v=4), st.integers(0, 32)),
+    st.builds(_network, st.ip_addresses(v=6), st.integers(0, 128)),
+)
+# Small counts: every message must also fit the stream carrier (256 items per array).
+network_tuples = st.lists(networks, max_size=8).map(tuple)
+session_ids = st.text(string.ascii_letters + string.digits, min_size=32, max_size=32)
+leases = st.one_of(
+    st.floats(0.1, 3600, allow_nan=False, allow_infinity=False), st.integers(1, 3600)
+)
+
+STRATEGIES: Dict[Type[Message], st.SearchStrategy[Message]] = {
+    sm.Hello: st.builds(sm.Hello, st.integers(0, 2**31), text_tuples(64), st.text(max_size=200)),
+    sm.Welcome: st.builds(sm.Welcome, st.integers(0, 2**31), text_tuples(64)),
+    sm.Open: st.builds(sm.Open, channels, st.text(max_size=255), st.integers(1, 65535)),
+    sm.Opened: st.builds(sm.Opened, channels),
+    sm.Refused: st.builds(sm.Refused, channels, st.integers(0, 4095), st.text(max_size=200)),
+    sm.Data: st.builds(sm.Data, channels, st.binary(max_size=2048)),
+    sm.Credit: st.builds(sm.Credit, channels, st.integers(1, sm.MAX_CREDIT)),
+    sm.Eof: st.builds(sm.Eof, channels),
+    sm.Close: st.builds(sm.Close, channels, st.text(max_size=200)),
+    sm.Ping: st.builds(sm.Ping, st.integers(0, 2**63 - 1)),
+    sm.Pong: st.builds(sm.Pong, st.integers(0, 2**63 - 1)),
+    sm.Error: st.builds(sm.Error, st.text(max_size=1000)),
+    fw.OpenSessionRequest: st.builds(
+        fw.OpenSessionRequest,
+        st.sampled_from(fw.METHODS),
+        st.integers(1, 65535),
+        st.lists(networks, min_size=1, max_size=8).map(tuple),
+        network_tuples,
+    ),
+    fw.OpenSessionAnswer: st.builds(fw.OpenSessionAnswer, session_ids, leases),
+    fw.HeartbeatRequest: st.builds(fw.HeartbeatRequest, session_ids),
+    fw.HeartbeatAnswer: st.builds(fw.HeartbeatAnswer),
+    fw.CloseSessionRequest: st.builds(fw.CloseSessionRequest, session_ids),
+    fw.CloseSessionAnswer: st.builds(fw.CloseSessionAnswer),
+    fw.ErrorAnswer: st.builds(fw.ErrorAnswer, st.text(max_size=2000)),
+}
+
+
+def _any_message(tag: int) -> st.SearchStrategy[Message]:
+    return STRATEGIES[REGISTRY[tag]]
+
+
+# Registered classes without a strategy fail loudly here (KeyError) instead of being skipped.
+messages: st.SearchStrategy[Message] = st.sampled_from(sorted(REGISTRY)).flatmap(_any_message)
+
+# Small messages, for tests that loop over every byte of an encoding.
+SMALL_STREAM: List[st.SearchStrategy[Message]] = [
+    st.builds(sm.Data, channels, st.binary(max_size=40)),
+    st.builds(sm.Credit, channels, st.integers(1, sm.MAX_CREDIT)),
+    st.builds(sm.Eof, channels),
+    st.builds(sm.Close, channels, st.text(max_size=10)),
+    st.builds(sm.Open, channels, st.text(max_size=20), st.integers(1, 65535)),
+    st.builds(sm.Ping, st.integers(0, 2**63 - 1)),
+    st.builds(sm.Hello, st.integers(0, 2**31), text_tuples(3, 8), st.text(max_size=10)),
+]
+small_messages = st.one_of(SMALL_STREAM)
+
+# -- one valid example per class, and values each field must refuse ---------------------------
+
+SESSION = "a" * 16 + "Z" * 8 + "0123456789"[:8]
+
+EXAMPLES: Dict[Type[Message], Message] = {
+    sm.Hello: sm.Hello(1, ("tcp", "dns"), "3.11.2"),
+    sm.Welcome: sm.Welcome(1, ("tcp",)),
+    sm.Open: sm.Open(1, "example.org", 443),
+    sm.Opened: sm.Opened(1),
+    sm.Refused: sm.Refused(1, 111, "Connection refused"),
+    sm.Data: sm.Data(1, b"payload"),
+    sm.Credit: sm.Credit(1, 4096),
+    sm.Eof: sm.Eof(1),
+    sm.Close: sm.Close(1, "reset"),
+    sm.Ping: sm.Ping(7),
+    sm.Pong: sm.Pong(7),
+    sm.Error: sm.Error("boom"),
+    fw.OpenSessionRequest: fw.OpenSessionRequest("nat", 12300, ("10.0.0.0/8",), ()),
+    fw.OpenSessionAnswer: fw.OpenSessionAnswer(SESSION, 30.0),
+    fw.HeartbeatRequest: fw.HeartbeatRequest(SESSION),
+    fw.HeartbeatAnswer: fw.HeartbeatAnswer(),
+    fw.CloseSessionRequest: fw.CloseSessionRequest(SESSION),
+    fw.CloseSessionAnswer: fw.CloseSessionAnswer(),
+    fw.ErrorAnswer: fw.ErrorAnswer("no"),
+}
+
+WRONG_TYPES: List[Any] = [None, 1.5, b"x", "x", (), [], {}]
+
+
+def bad_ints(low: int, high: int) -> List[Any]:
+    """Values an integer field in [low, high] must refuse."""
+    return [
+        True,
+        False,
+        low - 1,
+        high + 1,
+        float(low),
+        str(low),
+        None,
+        b"\x01",
+        (low,),
+        [low],
+        10**5000,  # too long even to print with Python's default int-to-str limit
+    ]
+
+
+def bad_texts(max_len: int) -> List[Any]:
+    return [b"text", bytearray(b"text"), None, 1, ("a",), ["a"], "x" * (max_len + 1)]
+
+
+def bad_text_tuples(max_items: int, max_len: int = 64) -> List[Any]:
+    return [
+        ["a"],  # a list where a tuple is due
+        "abc",
+        b"abc",
+        None,
+        1,
+        (1,),
+        (b"x",),
+        (None,),
+        ("x" * (max_len + 1),),
+        ("a",) * (max_items + 1),
+    ]
+
+
+BAD_NETWORKS: List[Any] = [
+    ["10.0.0.0/8"],
+    ("10.0.0.1/8",),  # host bits set
+    ("10.0.0.0/33",),
+    ("10.0.0.0/255.0.0.0",),
+    ("10.0.0.0",),  # a network is written with its prefix
+    ("10.0.0.0/08",),
+    ("010.0.0.0/8",),
+    (" 10.0.0.0/8",),
+    ("10.0.0.0/8 ",),
+    ("10.0.0.0/8\n",),
+    ("2001:DB8::/32",),
+    ("2001:0db8::/32",),
+    ("2001:db8:0:0:0:0:0:0/32",),
+    ("fe80::%eth0/64",),  # a scope id: arbitrary text inside a "network"
+    ("::%a b\nc/128",),
+    ("",),
+    ("banana",),
+    (b"10.0.0.0/8",),
+    (None,),
+    ("10.0.0.0/8", "x"),
+    ("1.0.0.0/8",) * (fw.MAX_SUBNETS + 1),
+    "10.0.0.0/8",
+]
+
+BAD_SESSIONS: List[Any] = [
+    "a" * 31,
+    "a" * 33,
+    "a" * 31 + "-",
+    "a" * 31 + " ",
+    "\u00e9" * 32,  # alphanumeric to str.isalnum, but no token
+    "\u00b2" * 32,
+    b"a" * 32,
+    None,
+    1,
+    ("a" * 32,),
+]
+
+BAD_LEASES: List[Any] = [
+    0,
+    0.0,
+    0.09,
+    3600.5,
+    3601,
+    -1.0,
+    True,
+    "60",
+    None,
+    float("nan"),
+    float("inf"),
+    float("-inf"),
+    10**5000,
+]
+
+CHANNEL = bad_ints(1, sm.MAX_CHANNEL)
+
+BAD_VALUES: Dict[Type[Message], Dict[str, List[Any]]] = {
+    sm.Hello: {
+        "version": bad_ints(0, 2**31),
+        "capabilities": bad_text_tuples(64),
+        "python": bad_texts(200),
+    },
+    sm.Welcome: {"version": bad_ints(0, 2**31), "capabilities": bad_text_tuples(64)},
+    sm.Open: {"channel": CHANNEL, "host": bad_texts(255), "port": bad_ints(1, 65535)},
+    sm.Opened: {"channel": CHANNEL},
+    sm.Refused: {"channel": CHANNEL, "errno": bad_ints(0, 4095), "reason": bad_texts(200)},
+    sm.Data: {
+        "channel": CHANNEL,
+        "payload": [
+            "text",
+            bytearray(b"x"),
+            memoryview(b"x"),
+            None,
+            1,
+            (1, 2),
+            b"x" * (sm.MAX_DATA + 1),
+        ],
+    },
+    sm.Credit: {"channel": CHANNEL, "n": bad_ints(1, sm.MAX_CREDIT)},
+    sm.Eof: {"channel": CHANNEL},
+    sm.Close: {"channel": CHANNEL, "reason": bad_texts(200)},
+    sm.Ping: {"cookie": bad_ints(0, 2**63 - 1)},
+    sm.Pong: {"cookie": bad_ints(0, 2**63 - 1)},
+    sm.Error: {"text": bad_texts(1000)},
+    fw.OpenSessionRequest: {
+        "method": ["tproxy", "NAT", "nat ", "", b"nat", None, 1, ("nat",)],
+        "port": bad_ints(1, 65535),
+        "subnets": [*BAD_NETWORKS, ()],  # at least one subnet
+        "excludes": BAD_NETWORKS,
+    },
+    fw.OpenSessionAnswer: {"session": BAD_SESSIONS, "lease": BAD_LEASES},
+    fw.HeartbeatRequest: {"session": BAD_SESSIONS},
+    fw.HeartbeatAnswer: {},
+    fw.CloseSessionRequest: {"session": BAD_SESSIONS},
+    fw.CloseSessionAnswer: {},
+    fw.ErrorAnswer: {"text": bad_texts(2000)},
+}
+
+
+def bad_cases() -> List[Tuple[Type[Message], str, Any]]:
+    """(class, field, bad value) for every field of every class in BAD_VALUES."""
+    cases = []
+    for cls, fields in BAD_VALUES.items():
+        for field, values in fields.items():
+            for value in values:
+                cases.append((cls, field, value))
+    return cases
+
+
+def replace_field(cls: Type[Message], field: str, value: Any) -> Tuple[Any, ...]:
+    """The example's fields with one of them replaced."""
+    fields = list(wire_fields(EXAMPLES[cls]))
+    fields[cls.FIELDS.index(field)] = value
+    return tuple(fields)
+
+
+def show(value: Any) -> str:
+    """A short test id for any value (repr of a huge int raises ValueError)."""
+    try:
+        shown = repr(value)
+    except ValueError:
+        return "huge-int"
+    if len(shown) > 30:
+        size = len(value) if hasattr(value, "__len__") else "?"
+        return f"{type(value).__name__}[{size}]"
+    return shown
+
+
+def case_id(case: Tuple[Type[Message], str, Any]) -> str:
+    cls, field, value = case
+    return f"{cls.__name__}.{field}={show(value)}"
