@@ -8,7 +8,7 @@ from typing import Tuple
 import msgpack
 
 from .errors import LocalProtocolError, RemoteProtocolError
-from .schema import Message, from_wire, to_wire
+from .schema import FRAME_TAGS, Message, from_wire, to_wire
 from .stream import new_unpacker, unpack_errors
 
 # Big enough for a session with tens of thousands of subnets; a root daemon reads these.
@@ -47,4 +47,4 @@ def decode_frame(data: bytes) -> Tuple[int, Message]:
     request_id = value[0]
     if type(request_id) is not int or not 0 <= request_id <= MAX_REQUEST_ID:
         raise RemoteProtocolError(f"bad request id {request_id!r:.40}")
-    return request_id, from_wire(value[1:])
+    return request_id, from_wire(value[1:], FRAME_TAGS)

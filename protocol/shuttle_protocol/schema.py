@@ -43,12 +43,19 @@ def to_wire(msg: Message) -> Tuple[Any, ...]:
     return (msg.TAG, *(getattr(msg, name) for name in msg.FIELDS))
 
 
-def from_wire(value: Any) -> Message:
-    """Build and validate a message from a decoded wire value; bad input is the peer's fault."""
+STREAM_TAGS = range(1, 64)
+FRAME_TAGS = range(64, 192)
+
+
+def from_wire(value: Any, tags: range) -> Message:
+    """Build and validate a message from a decoded wire value; bad input is the peer's fault.
+
+    tags is the carrier's range: a firewall request has no business on the ssh pipe.
+    """
     if type(value) is not tuple or not value:
         raise RemoteProtocolError(f"expected a message array, got {type(value).__name__}")
     tag = value[0]
-    cls = REGISTRY.get(tag) if type(tag) is int else None
+    cls = REGISTRY.get(tag) if type(tag) is int and tag in tags else None
     if cls is None:
         raise RemoteProtocolError(f"unknown message tag {tag!r:.40}")
     if len(value) - 1 != len(cls.FIELDS):

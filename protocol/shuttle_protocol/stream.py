@@ -10,7 +10,7 @@ from typing import Any, List, Optional
 import msgpack
 
 from .errors import LocalProtocolError, RemoteProtocolError
-from .schema import Message, from_wire, to_wire
+from .schema import STREAM_TAGS, Message, from_wire, to_wire
 from .stream_messages import MAX_DATA
 
 # The largest message is one Data with a full payload, plus a few bytes of framing.
@@ -72,7 +72,7 @@ class StreamDecoder:
                 self._fed += len(chunk)
                 for value in self._unpacker:
                     self._done = self._unpacker.tell()
-                    messages.append(from_wire(value))
+                    messages.append(from_wire(value, STREAM_TAGS))
                 # The C unpacker keeps the items of an unfinished array outside its buffer,
                 # so max_buffer_size alone does not bound a message that never ends.
                 if self._fed - self._done > self._max_message:

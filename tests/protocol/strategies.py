@@ -14,7 +14,7 @@ import msgpack.fallback
 from hypothesis import strategies as st
 from shuttle_protocol import firewall_messages as fw
 from shuttle_protocol import stream_messages as sm
-from shuttle_protocol.schema import REGISTRY, Message
+from shuttle_protocol.schema import FRAME_TAGS, REGISTRY, STREAM_TAGS, Message
 from shuttle_protocol.stream import StreamDecoder
 
 # -- the two msgpack implementations -------------------------------------------------------
@@ -114,6 +114,12 @@ def _any_message(tag: int) -> st.SearchStrategy[Message]:
 
 # Registered classes without a strategy fail loudly here (KeyError) instead of being skipped.
 messages: st.SearchStrategy[Message] = st.sampled_from(sorted(REGISTRY)).flatmap(_any_message)
+stream_messages: st.SearchStrategy[Message] = st.sampled_from(
+    sorted(t for t in REGISTRY if t in STREAM_TAGS)
+).flatmap(_any_message)
+frame_messages: st.SearchStrategy[Message] = st.sampled_from(
+    sorted(t for t in REGISTRY if t in FRAME_TAGS)
+).flatmap(_any_message)
 
 # Small messages, for tests that loop over every byte of an encoding.
 SMALL_STREAM: List[st.SearchStrategy[Message]] = [

@@ -7,19 +7,24 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from shuttle_protocol.errors import LocalProtocolError, RemoteProtocolError
-from shuttle_protocol.firewall_messages import MAX_SUBNETS, OpenSessionRequest
+from shuttle_protocol.firewall_messages import (
+    MAX_SUBNETS,
+    CloseSessionAnswer,
+    ErrorAnswer,
+    OpenSessionRequest,
+)
 from shuttle_protocol.frames import MAX_FRAME, MAX_REQUEST_ID, decode_frame, encode_frame
 from shuttle_protocol.schema import Message
 from shuttle_protocol.stream_messages import Data, Ping
 
-from .strategies import IMPLEMENTATIONS, messages, pack, show, with_impl
+from .strategies import IMPLEMENTATIONS, frame_messages, pack, show, with_impl
 
 impls = pytest.mark.parametrize("impl", list(IMPLEMENTATIONS))
 request_ids = st.integers(0, MAX_REQUEST_ID)
 
 
 @impls
-@given(request_id=request_ids, msg=messages)
+@given(request_id=request_ids, msg=frame_messages)
 @settings(max_examples=200, deadline=None)
 def test_every_message_round_trips(impl: str, request_id: int, msg: Message) -> None:
     request_id_back, back = with_impl(impl, decode_frame, encode_frame(request_id, msg))
@@ -46,10 +51,10 @@ def test_encoding_what_is_not_a_message_is_a_local_error(msg: Any) -> None:
 )
 def test_a_bad_request_id_is_a_remote_error(impl: str, request_id: Any) -> None:
     with pytest.raises(RemoteProtocolError, match="request id"):
-        with_impl(impl, decode_frame, pack((request_id, Ping.TAG, 1)))
+        with_impl(impl, decode_frame, pack((request_id, CloseSessionAnswer.TAG)))
 
 
-GOOD = encode_frame(3, Ping(1))
+GOOD = encode_frame(3, ErrorAnswer("x"))
 
 MALFORMED = {
     "empty": b"",
@@ -62,8 +67,9 @@ MALFORMED = {
     "ext": b"\x93\x03\x0c\xd4\x01\x00",
     "reserved byte": b"\xc1",
     "unknown tag": pack((3, 0, 1)),
-    "wrong arity": pack((3, Ping.TAG)),
-    "bad field": pack((3, Ping.TAG, -1)),
+    "stream tag": pack((3, Ping.TAG, 1)),
+    "wrong arity": pack((3, ErrorAnswer.TAG)),
+    "bad field": pack((3, ErrorAnswer.TAG, -1)),
     "invalid utf-8": b"\x93\x03\x0c\xa2\xff\xfe",
     "deep nesting": b"\x91" * 10_000,
     "array over MAX_ITEMS": b"\x93\x03\x01\xdd" + (100_001).to_bytes(4, "big") + b"\xc0" * 100_001,
@@ -79,7 +85,7 @@ def test_malformed_frames_are_remote_errors(impl: str, data: bytes) -> None:
 
 
 @impls
-@given(msg=messages)
+@given(msg=frame_messages)
 @settings(max_examples=30, deadline=None)
 def test_every_truncated_frame_is_a_remote_error(impl: str, msg: Message) -> None:
     data = encode_frame(1, msg)
@@ -129,6 +135,6 @@ def test_the_largest_ipv4_session_fits_in_a_frame() -> None:
     assert decode_frame(data) == (MAX_REQUEST_ID, request)
 
 
-def test_stream_messages_travel_in_frames_too() -> None:
-    msg = Data(1, b"\x00" * 1000)
-    assert decode_frame(encode_frame(0, msg)) == (0, msg)
+def test_stream_messages_do_not_travel_in_frames() -> None:
+    with pytest.raises(RemoteProtocolError, match="unknown message tag"):
+        decode_frame(encode_frame(0, Data(1, b"\x00" * 1000)))

@@ -9,9 +9,13 @@ from hypothesis import strategies as st
 from shuttle_protocol import firewall_messages as fw
 from shuttle_protocol import stream_messages as sm
 from shuttle_protocol.errors import LocalProtocolError, RemoteProtocolError
+from shuttle_protocol.frames import decode_frame, encode_frame
 from shuttle_protocol.schema import REGISTRY, Message, from_wire, message, to_wire
+from shuttle_protocol.stream import StreamDecoder, encode
 
 from .strategies import BAD_VALUES, EXAMPLES, STRATEGIES, messages, wire_fields
+
+ALL_TAGS = range(256)
 
 CLASSES = sorted(REGISTRY.values(), key=lambda cls: cls.TAG)
 
@@ -89,7 +93,7 @@ def test_registering_a_tag_twice_is_refused() -> None:
 def test_to_wire_and_from_wire_round_trip(msg: Message) -> None:
     value = to_wire(msg)
     assert value == (msg.TAG, *wire_fields(msg))
-    back = from_wire(value)
+    back = from_wire(value, ALL_TAGS)
     assert type(back) is type(msg)
     assert back == msg
 
@@ -101,7 +105,7 @@ def test_to_wire_and_from_wire_round_trip(msg: Message) -> None:
 )
 def test_from_wire_refuses_what_is_not_a_message_array(value: Any) -> None:
     with pytest.raises(RemoteProtocolError):
-        from_wire(value)
+        from_wire(value, ALL_TAGS)
 
 
 UNUSED_TAGS = [t for t in [0, 13, 63, 70, 126, 128, 191, 2**64 - 1, -1] if t not in REGISTRY]
@@ -110,17 +114,17 @@ UNUSED_TAGS = [t for t in [0, 13, 63, 70, 126, 128, 191, 2**64 - 1, -1] if t not
 @pytest.mark.parametrize("tag", [*UNUSED_TAGS, True, 1.0, "1", b"\x01", None, (1,)], ids=repr)
 def test_from_wire_refuses_unknown_tags(tag: Any) -> None:
     with pytest.raises(RemoteProtocolError, match="unknown message tag"):
-        from_wire((tag, 1))
+        from_wire((tag, 1), ALL_TAGS)
 
 
 @pytest.mark.parametrize("cls", CLASSES, ids=lambda cls: cls.__name__)
 def test_from_wire_refuses_wrong_arity(cls: Type[Message]) -> None:
     fields = wire_fields(EXAMPLES[cls])
     with pytest.raises(RemoteProtocolError, match="fields"):
-        from_wire((cls.TAG, *fields, 1))
+        from_wire((cls.TAG, *fields, 1), ALL_TAGS)
     if fields:
         with pytest.raises(RemoteProtocolError, match="fields"):
-            from_wire((cls.TAG, *fields[:-1]))
+            from_wire((cls.TAG, *fields[:-1]), ALL_TAGS)
 
 
 @given(st.sampled_from(CLASSES), st.integers(0, 6))
@@ -128,11 +132,21 @@ def test_from_wire_refuses_every_other_field_count(cls: Type[Message], count: in
     if count == len(cls.FIELDS):
         return
     with pytest.raises(RemoteProtocolError):
-        from_wire((cls.TAG, *([1] * count)))
+        from_wire((cls.TAG, *([1] * count)), ALL_TAGS)
 
 
 def test_from_wire_blames_the_peer_for_invalid_fields() -> None:
     with pytest.raises(RemoteProtocolError, match="invalid Open") as info:
-        from_wire((sm.Open.TAG, 1, "host", 0))
+        from_wire((sm.Open.TAG, 1, "host", 0), ALL_TAGS)
     assert not isinstance(info.value, LocalProtocolError)
     assert info.value.__suppress_context__  # the local check's traceback is not the peer's
+
+
+def test_each_carrier_refuses_the_other_carriers_messages() -> None:
+    request = fw.HeartbeatRequest("a" * 32)
+    with pytest.raises(RemoteProtocolError, match="unknown message tag"):
+        StreamDecoder().feed(encode(request))
+    frame = encode_frame(1, sm.Ping(1))
+    with pytest.raises(RemoteProtocolError, match="unknown message tag"):
+        decode_frame(frame)
+    assert decode_frame(encode_frame(1, request)) == (1, request)

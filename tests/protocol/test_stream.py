@@ -12,7 +12,7 @@ from shuttle_protocol.schema import Message
 from shuttle_protocol.stream import MAX_BUFFER, MAX_MESSAGE, StreamDecoder, encode
 from shuttle_protocol.stream_messages import MAX_DATA, Data, Hello, Ping
 
-from .strategies import IMPLEMENTATIONS, make_decoder, messages, pack, small_messages
+from .strategies import IMPLEMENTATIONS, make_decoder, pack, small_messages, stream_messages
 
 IMPLS = list(IMPLEMENTATIONS)
 impls = pytest.mark.parametrize("impl", IMPLS)
@@ -33,7 +33,7 @@ def chunked(data: bytes, size: int) -> Iterator[bytes]:
 
 
 @impls
-@given(msg=messages)
+@given(msg=stream_messages)
 @settings(max_examples=120, deadline=None)
 def test_every_message_round_trips(impl: str, msg: Message) -> None:
     data = encode(msg)
@@ -57,7 +57,9 @@ def test_a_sequence_split_at_every_byte_round_trips_in_order(impl: str, msgs: Li
 
 
 @impls
-@given(msgs=st.lists(messages, max_size=12), cuts=st.lists(st.integers(0, 10_000), max_size=8))
+@given(
+    msgs=st.lists(stream_messages, max_size=12), cuts=st.lists(st.integers(0, 10_000), max_size=8)
+)
 @settings(max_examples=60, deadline=None)
 def test_any_sequence_in_any_chunks_round_trips(
     impl: str, msgs: List[Any], cuts: List[int]
