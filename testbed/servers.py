@@ -1,0 +1,73 @@
+"""The servers on the target host: an HTTP page with a unique marker, echo and bulk servers."""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from pathlib import Path
+from typing import List
+
+from testbed.config import BULK_PORT, ECHO_PORT, HTTP_PORT, SYSTEM_PYTHON
+from testbed.netns import Namespace
+from testbed.procs import Proc
+
+TCPTOOL = Path(__file__).with_name("tcptool.py")
+
+PAGE = """<!DOCTYPE html>
+<html><head><title>shuttle testbed</title></head>
+<body><p>This page is served on the target host, behind the ssh server.</p>
+<p>{marker}</p></body></html>
+"""
+
+
+def install_tcptool(directory: Path) -> Path:
+    """Copy tcptool.py where every user can read it (the repository may not be traversable)."""
+    directory.mkdir(mode=0o755, exist_ok=True)
+    target = directory / TCPTOOL.name
+    shutil.copyfile(TCPTOOL, target)
+    target.chmod(0o644)
+    return target
+
+
+def write_page(directory: Path) -> str:
+    """Write index.html with a fresh marker into directory; return the marker."""
+    directory.mkdir(mode=0o755, exist_ok=True)
+    marker = f"shuttle-testbed-marker-{uuid.uuid4().hex}"
+    page = directory / "index.html"
+    page.write_text(PAGE.format(marker=marker))
+    page.chmod(0o644)
+    return marker
+
+
+# The servers listen on every address of the target namespace (which has only its own
+# addresses), so a second address can serve exclude tests.
+ANY = "0.0.0.0"  # noqa: S104
+
+
+def start(ns: Namespace, www: Path, tcptool: Path, logs: Path) -> List[Proc]:
+    """Start the three servers in ns, listening on all of its addresses; wait until they do."""
+    procs = [
+        ns.start(
+            "http",
+            [SYSTEM_PYTHON, "-m", "http.server", str(HTTP_PORT), "--bind", ANY],
+            logs / "http.log",
+            cwd=www,
+        ),
+        ns.start(
+            "echo",
+            [SYSTEM_PYTHON, str(tcptool), "serve", "echo", ANY, str(ECHO_PORT)],
+            logs / "echo.log",
+        ),
+        ns.start(
+            "bulk",
+            [SYSTEM_PYTHON, str(tcptool), "serve", "bulk", ANY, str(BULK_PORT)],
+            logs / "bulk.log",
+        ),
+    ]
+    for proc, port in zip(procs, (HTTP_PORT, ECHO_PORT, BULK_PORT)):
+        if not ns.wait_listening(port, timeout=15):
+            details = "\n".join(p.describe() for p in procs)
+            for p in procs:
+                p.stop()
+            raise RuntimeError(f"{proc.name} server did not listen on port {port}\n{details}")
+    return procs
