@@ -1,7 +1,8 @@
 """The shared namespace network for integration tests, the demo and benchmarks.
 
-Three network namespaces (client host C, ssh server S, target T), a real sshd on S, test
-servers on T, an unprivileged local user and a venv that user can run shuttle from.
+Three network namespaces (client host C, ssh server S, target T) linked in IPv4 and IPv6, a
+real sshd on S, test servers on T, two unprivileged local users and a venv they can run
+shuttle from.
 """
 
 from testbed.config import (
@@ -9,15 +10,32 @@ from testbed.config import (
     CLOSED_PORT,
     ECHO_PORT,
     HTTP_PORT,
+    S_ADDR6_C,
+    S_ADDR_C,
     SYSTEM_PYTHON,
     T_ADDR,
     T_ADDR2,
+    T_ADDR6,
+    T_ADDR6_2,
     TARGET_NET,
+    TARGET_NET6,
 )
 from testbed.procs import CommandError, Proc
-from testbed.shuttle import Shuttle, StartupError, nat_rules, shuttle_rules
+from testbed.shuttle import (
+    METHODS,
+    Shuttle,
+    StartupError,
+    nat6_rules,
+    nat_chains,
+    nat_rules,
+    nft_tables,
+    ready_line,
+    ready_method,
+    shuttle_rules,
+    wait_rules_gone,
+)
 from testbed.topology import Topology
-from testbed.user import LocalUser, ensure_user
+from testbed.user import LocalUser, ensure_second_user, ensure_user
 from testbed.venv import UserVenv
 
 __all__ = [
@@ -25,10 +43,16 @@ __all__ = [
     "CLOSED_PORT",
     "ECHO_PORT",
     "HTTP_PORT",
+    "METHODS",
     "SYSTEM_PYTHON",
+    "S_ADDR6_C",
+    "S_ADDR_C",
     "TARGET_NET",
+    "TARGET_NET6",
     "T_ADDR",
     "T_ADDR2",
+    "T_ADDR6",
+    "T_ADDR6_2",
     "CommandError",
     "LocalUser",
     "Proc",
@@ -36,7 +60,14 @@ __all__ = [
     "StartupError",
     "Topology",
     "UserVenv",
+    "ensure_second_user",
     "ensure_user",
+    "nat6_rules",
+    "nat_chains",
     "nat_rules",
+    "nft_tables",
+    "ready_line",
+    "ready_method",
     "shuttle_rules",
+    "wait_rules_gone",
 ]

@@ -1,8 +1,8 @@
 """`make demo`: shuttle end to end in a throw-away namespace network, told step by step.
 
-Builds the network, shows the target is unreachable, fetches a page through shuttle as an
-unprivileged user, stops shuttle, and checks that nothing is left behind. Exit code 1 if
-any step failed.
+Builds the network, shows the target is unreachable (IPv4 and IPv6), fetches a page through
+shuttle as an unprivileged user in both families, stops shuttle, and checks that nothing is
+left behind. Exit code 1 if any step failed.
 """
 
 from __future__ import annotations
@@ -16,11 +16,16 @@ from typing import List, Optional, Sequence
 
 from testbed.config import (
     C_ADDR,
+    C_ADDR6,
     HTTP_PORT,
+    S_ADDR6_C,
+    S_ADDR6_T,
     S_ADDR_C,
     S_ADDR_T,
     T_ADDR,
+    T_ADDR6,
     TARGET_NET,
+    TARGET_NET6,
 )
 from testbed.netns import list_namespaces
 from testbed.shuttle import (
@@ -28,7 +33,8 @@ from testbed.shuttle import (
     FIREWALLD_READY,
     Shuttle,
     StartupError,
-    nat_rules,
+    nft_tables,
+    ready_method,
     shuttle_rules,
 )
 from testbed.topology import Topology, curl_argv
@@ -68,9 +74,11 @@ def first_line(text: str, prefix: str) -> str:
 def show_network(report: Report, topo: Topology) -> None:
     report.step("Build the network: three namespaces joined by veth pairs")
     report.say(
-        f"client host C ({topo.c.name}): {C_ADDR}, default route via {S_ADDR_C}\n"
-        f"ssh server  S ({topo.s.name}): {S_ADDR_C} and {S_ADDR_T}, IP forwarding off, sshd\n"
-        f"target      T ({topo.t.name}): {T_ADDR}, HTTP on port {HTTP_PORT}, echo, bulk\n"
+        f"client host C ({topo.c.name}): {C_ADDR} {C_ADDR6}, default routes via S\n"
+        f"ssh server  S ({topo.s.name}): {S_ADDR_C} {S_ADDR6_C} (sshd) and {S_ADDR_T} "
+        f"{S_ADDR6_T}, IP forwarding off\n"
+        f"target      T ({topo.t.name}): {T_ADDR} {T_ADDR6}, HTTP on port {HTTP_PORT}, "
+        f"echo, bulk\n"
         f"local user {topo.user.name} (uid {topo.user.uid}) with an ed25519 key that S accepts"
     )
 
@@ -82,10 +90,13 @@ def show_unreachable(report: Report, topo: Topology) -> None:
         f"namespace, setpriv drops to the user, env -i clears root's environment):\n"
         f"  {shlex.join(topo.user_argv([]))}"
     )
-    report.command(f"C, as {topo.user.name}", curl_argv(T_ADDR, HTTP_PORT, 2))
-    result = topo.curl(T_ADDR, HTTP_PORT, max_time=2)
-    report.say(f"curl exit code {result.returncode}: {result.stderr.strip()}")
-    report.check(result.returncode == 28, "timed out, as expected", "the target was reachable")
+    for host in (T_ADDR, T_ADDR6):
+        report.command(f"C, as {topo.user.name}", curl_argv(host, HTTP_PORT, 2))
+        result = topo.curl(host, HTTP_PORT, max_time=2)
+        report.say(f"curl exit code {result.returncode}: {result.stderr.strip()}")
+        report.check(
+            result.returncode == 28, "timed out, as expected", f"the target {host} was reachable"
+        )
 
 
 def start_shuttle(report: Report, shuttle: Shuttle) -> bool:
@@ -94,28 +105,40 @@ def start_shuttle(report: Report, shuttle: Shuttle) -> bool:
     report.command("root", shuttle.firewalld_argv())  # the argv enters C itself
     firewalld = shuttle.start_firewalld()
     report.say(first_line(firewalld.output(), FIREWALLD_READY))
-    report.step(f"Start shuttle-client as {topo.user.name} in C, capturing {TARGET_NET}")
-    report.command(f"C, as {topo.user.name}", shuttle.client_args())
-    client = shuttle.start_client()
+    subnets = [TARGET_NET, TARGET_NET6]
+    report.step(f"Start shuttle-client as {topo.user.name} in C, capturing {' and '.join(subnets)}")
+    report.command(f"C, as {topo.user.name}", shuttle.client_args(subnets=subnets))
+    client = shuttle.start_client(subnets=subnets)
     report.say(first_line(client.output(), CLIENT_READY))
-    report.step("The rules shuttle-firewalld put in C's nat table (only this user's traffic)")
-    report.command("C, root", ["iptables-save", "-t", "nat"])
-    rules = nat_rules(topo)
-    report.say("\n".join(rules))
-    return report.check(bool(rules), "SHUTTLE rules are active", "no SHUTTLE rules found")
+    method = ready_method(client)
+    report.step(
+        f"The rules shuttle-firewalld put in C's firewall (method {method}; only this user)"
+    )
+    rules = shuttle_rules(topo)
+    if method == "nft":  # one table per session: show it whole
+        for table in nft_tables(topo):
+            argv = ["nft", "list", "table", "inet", table]
+            report.command("C, root", argv)
+            report.say(topo.c.run(argv, timeout=15).stdout)
+    else:
+        report.command("C, root", ["iptables-save", "-t", "nat"])
+        report.command("C, root", ["ip6tables-save", "-t", "nat"])
+        report.say("\n".join(rules))
+    return report.check(bool(rules), "shuttle's rules are active", "no shuttle rules found")
 
 
 def fetch_page(report: Report, topo: Topology) -> None:
-    report.step("Fetch the page from T again, now through the tunnel")
-    report.command(f"C, as {topo.user.name}", curl_argv(T_ADDR, HTTP_PORT, 20))
-    result = topo.curl(T_ADDR, HTTP_PORT, max_time=20)
-    report.say(f"curl exit code {result.returncode}; the page:")
-    report.say(textwrap.indent(result.stdout.strip() or result.stderr.strip(), "| "))
-    report.check(
-        result.returncode == 0 and topo.marker in result.stdout,
-        f"the page arrived with its marker {topo.marker}",
-        "the page did not arrive through the tunnel",
-    )
+    for host in (T_ADDR, T_ADDR6):
+        report.step(f"Fetch the page from T ({host}) again, now through the tunnel")
+        report.command(f"C, as {topo.user.name}", curl_argv(host, HTTP_PORT, 20))
+        result = topo.curl(host, HTTP_PORT, max_time=20)
+        report.say(f"curl exit code {result.returncode}; the page:")
+        report.say(textwrap.indent(result.stdout.strip() or result.stderr.strip(), "| "))
+        report.check(
+            result.returncode == 0 and topo.marker in result.stdout,
+            f"the page arrived with its marker {topo.marker}",
+            f"the page from {host} did not arrive through the tunnel",
+        )
 
 
 def stop_shuttle(report: Report, shuttle: Shuttle) -> None:
@@ -126,6 +149,7 @@ def stop_shuttle(report: Report, shuttle: Shuttle) -> None:
     code = client.wait(15)
     report.check(code == 0, "it exited with code 0", f"shuttle-client exit code {code}")
     report.command("C, root", ["iptables-save", "-t", "nat"])
+    report.command("C, root", ["ip6tables-save", "-t", "nat"])
     report.command("C, root", ["nft", "list", "ruleset"])
     rules = shuttle_rules(shuttle.topo)
     report.check(not rules, "no SHUTTLE rule or table remains", f"rules left: {rules}")

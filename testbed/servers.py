@@ -40,32 +40,36 @@ def write_page(directory: Path) -> str:
 
 
 # The servers listen on every address of the target namespace (which has only its own
-# addresses), so a second address can serve exclude tests.
-ANY = "0.0.0.0"  # noqa: S104
+# addresses), of both families, so a second address can serve exclude tests. http.server
+# binds "::" as a dual-stack socket; tcptool takes a comma-separated list of addresses.
+ANY6 = "::"
+ANY_BOTH = "0.0.0.0,::"
 
 
 def start(ns: Namespace, www: Path, tcptool: Path, logs: Path) -> List[Proc]:
-    """Start the three servers in ns, listening on all of its addresses; wait until they do."""
+    """Start the three servers in ns, listening on all of its addresses (IPv4 and IPv6);
+    wait until they do."""
     procs = [
         ns.start(
             "http",
-            [SYSTEM_PYTHON, "-m", "http.server", str(HTTP_PORT), "--bind", ANY],
+            [SYSTEM_PYTHON, "-m", "http.server", str(HTTP_PORT), "--bind", ANY6],
             logs / "http.log",
             cwd=www,
         ),
         ns.start(
             "echo",
-            [SYSTEM_PYTHON, str(tcptool), "serve", "echo", ANY, str(ECHO_PORT)],
+            [SYSTEM_PYTHON, str(tcptool), "serve", "echo", ANY_BOTH, str(ECHO_PORT)],
             logs / "echo.log",
         ),
         ns.start(
             "bulk",
-            [SYSTEM_PYTHON, str(tcptool), "serve", "bulk", ANY, str(BULK_PORT)],
+            [SYSTEM_PYTHON, str(tcptool), "serve", "bulk", ANY_BOTH, str(BULK_PORT)],
             logs / "bulk.log",
         ),
     ]
-    for proc, port in zip(procs, (HTTP_PORT, ECHO_PORT, BULK_PORT)):
-        if not ns.wait_listening(port, timeout=15):
+    # http.server: one dual-stack socket; tcptool: one socket per family.
+    for proc, port, count in zip(procs, (HTTP_PORT, ECHO_PORT, BULK_PORT), (1, 2, 2)):
+        if not ns.wait_listening(port, timeout=15, count=count):
             details = "\n".join(p.describe() for p in procs)
             for p in procs:
                 p.stop()

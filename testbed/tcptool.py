@@ -112,8 +112,10 @@ async def handle_bulk(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
 
 
 async def serve(kind: str, host: str, port: int) -> None:
+    """Serve on host, which may list several addresses: "0.0.0.0,::" is both families."""
     handler = handle_echo if kind == "echo" else handle_bulk
-    server = await asyncio.start_server(handler, host, port, backlog=8192, reuse_address=True)
+    hosts = host.split(",")
+    server = await asyncio.start_server(handler, hosts, port, backlog=8192, reuse_address=True)
     stop = asyncio.get_running_loop().create_future()
     for sig in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set_result, None)
@@ -225,7 +227,7 @@ def parse(argv: Optional[List[str]]) -> argparse.Namespace:
     sub = parser.add_subparsers(dest="command", required=True)
     server = sub.add_parser("serve", help="run a server until SIGTERM")
     server.add_argument("kind", choices=["echo", "bulk"])
-    server.add_argument("host")
+    server.add_argument("host", help="address to listen on; several: comma-separated")
     server.add_argument("port", type=int)
     for name in ("up", "down"):
         bulk = sub.add_parser(name, help=f"bulk {name}load check, compared by sha256")

@@ -1,10 +1,18 @@
 """The three-namespace test network, its servers, and a teardown that leaves nothing behind.
 
     C (client host) 198.18.1.1 ── 198.18.1.2 S (ssh server) 198.18.2.1 ── 198.18.2.2 T (target)
+                   fd00:5e:1::1 ── fd00:5e:1::2              fd00:5e:2::1 ── fd00:5e:2::2
+                                                                    (and 198.18.2.3, fd00:5e:2::3)
 
-C routes everything through S, but S does not forward: a packet from C to T is silently
-dropped at S, so without shuttle the target just times out. S runs a real sshd; T runs an
-HTTP server, an echo server and a bulk server.
+C routes everything (both families) through S, but S does not forward: a packet from C to T
+is silently dropped at S, so without shuttle the target just times out. S runs a real sshd
+(on both of its addresses towards C); T runs an HTTP server, an echo server and a bulk
+server, each on every address of both families.
+
+Two unprivileged local users run things in C: the first (`topo.user`) is the one the tests
+normally act as; the second (`topo.user2`) checks that a session captures only its own user's
+traffic, and can run a session of its own. Each has its own directory, runtime directory and
+ssh key that S accepts.
 """
 
 from __future__ import annotations
@@ -18,24 +26,32 @@ import shlex
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
 
 from testbed import servers, sshd
 from testbed.config import (
     C_ADDR,
+    C_ADDR6,
     HTTP_PORT,
     PREFIX_LEN,
+    PREFIX_LEN6,
+    S_ADDR6_C,
+    S_ADDR6_T,
     S_ADDR_C,
     S_ADDR_T,
     SYSTEM_PYTHON,
     T_ADDR,
     T_ADDR2,
+    T_ADDR6,
+    T_ADDR6_2,
     check_ours,
+    url_host,
 )
 from testbed.netns import Namespace, list_namespaces, remove_stale
 from testbed.procs import Proc, run
-from testbed.user import LocalUser, ensure_user
+from testbed.user import LocalUser, ensure_second_user, ensure_user
 
 _counter = itertools.count()
 
@@ -69,27 +85,70 @@ def remove_stale_dirs() -> List[str]:
 
 
 def curl_argv(host: str, port: int, max_time: float) -> List[str]:
-    url = f"http://{check_ours(host)}:{port}/"
-    return ["curl", "-sS", "--noproxy", "*", "--max-time", str(max_time), url]
+    """curl of http://host:port/ (IPv6 in brackets; -g: the brackets are no glob)."""
+    url = f"http://{url_host(host)}:{port}/"
+    return ["curl", "-sS", "-g", "--noproxy", "*", "--max-time", str(max_time), url]
+
+
+@dataclass(frozen=True)
+class UserFiles:
+    """A local user's place in one test network: a 0700 directory it owns (its working
+    directory), a runtime directory (XDG_RUNTIME_DIR) and an ssh key that S accepts."""
+
+    user: LocalUser
+    dir: Path
+
+    @property
+    def runtime_dir(self) -> Path:
+        return self.dir / "runtime"
+
+    @property
+    def key(self) -> Path:
+        return self.dir / "id_ed25519"
+
+    def create(self) -> None:
+        self.dir.mkdir(mode=0o700)
+        self.runtime_dir.mkdir(mode=0o700)
+        run(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "testbed", "-f", str(self.key)],
+            timeout=30,
+            check=True,
+        )
+        for path in (self.dir, self.runtime_dir, self.key, self.key.with_suffix(".pub")):
+            os.chown(path, self.user.uid, self.user.gid)
+        self.key.chmod(0o600)
+
+    def write(self, name: str, text: str) -> Path:
+        """A file in this user's directory, owned by and readable only for the user."""
+        path = self.dir / name
+        path.write_text(text)
+        os.chown(path, self.user.uid, self.user.gid)
+        path.chmod(0o600)
+        return path
 
 
 class Topology:
     """One test network. Use `with Topology.up() as topo:`; everything goes at the end."""
 
-    def __init__(self, user: LocalUser, run_dir: Path):
+    def __init__(self, user: LocalUser, run_dir: Path, user2: Optional[LocalUser] = None):
         self.user = user
+        self.user2 = user2 or ensure_second_user(user)
         self.run_dir = run_dir
         self.prefix = f"sh{os.getpid()}-{next(_counter)}"
         self.c = Namespace(self.prefix + "c")
         self.s = Namespace(self.prefix + "s")
         self.t = Namespace(self.prefix + "t")
         self.ssh_dir = run_dir / "ssh"
-        self.user_dir = run_dir / "user"
-        self.runtime_dir = self.user_dir / "runtime"
+        self.files = {
+            self.user.uid: UserFiles(self.user, run_dir / "user"),
+            self.user2.uid: UserFiles(self.user2, run_dir / "user2"),
+        }
+        self.user_dir = self.files[self.user.uid].dir
+        self.runtime_dir = self.files[self.user.uid].runtime_dir
         self.fw_dir = run_dir / "fw"
         self.www_dir = run_dir / "www"
         self.logs = run_dir / "logs"
-        self.key = self.user_dir / "id_ed25519"
+        self.key = self.files[self.user.uid].key
         self.tcptool_path = run_dir / "tools" / "tcptool.py"
         self.marker = ""
         self.procs: List[Proc] = []
@@ -98,17 +157,31 @@ class Topology:
     def namespaces(self) -> List[Namespace]:
         return [self.c, self.s, self.t]
 
+    @property
+    def users(self) -> List[LocalUser]:
+        return [self.user, self.user2]
+
+    def home(self, user: Optional[LocalUser] = None) -> UserFiles:
+        """The directory, runtime directory and key of user (default: the first user)."""
+        return self.files[(user or self.user).uid]
+
     # --- building ------------------------------------------------------------------------
 
     @classmethod
     @contextlib.contextmanager
-    def up(cls, user: Optional[LocalUser] = None) -> Iterator[Topology]:
+    def up(
+        cls, user: Optional[LocalUser] = None, user2: Optional[LocalUser] = None
+    ) -> Iterator[Topology]:
         """Build the network, yield it, and tear it down however the block ends."""
         remove_stale()
         remove_stale_dirs()
         run_dir = Path(tempfile.mkdtemp(prefix=f"{RUN_DIR_PREFIX}{os.getpid()}-"))
-        run_dir.chmod(0o755)  # the test user must reach its key, the tools and the socket
-        topo = cls(user or ensure_user(), run_dir)
+        run_dir.chmod(0o755)  # the test users must reach their keys, the tools and the socket
+        try:
+            topo = cls(user or ensure_user(), run_dir, user2)
+        except BaseException:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            raise
         try:
             topo.build()
             yield topo
@@ -120,28 +193,20 @@ class Topology:
     def build(self) -> None:
         for directory in (self.ssh_dir, self.fw_dir, self.logs):
             directory.mkdir(mode=0o755)
-        self._make_user_dir()
+        for files in self.files.values():
+            files.create()
         self._make_network()
         authorized = self.ssh_dir / "authorized_keys"
-        authorized.write_text((self.user_dir / "id_ed25519.pub").read_text())
+        authorized.write_text(
+            "".join(files.key.with_suffix(".pub").read_text() for files in self.files.values())
+        )
         authorized.chmod(0o644)  # sshd reads it with the logging-in user's rights
-        config = sshd.write_config(self.ssh_dir, authorized, [self.user.name, "root"])
+        logins = [user.name for user in self.users] + ["root"]
+        config = sshd.write_config(self.ssh_dir, authorized, logins)
         self.procs.append(sshd.start(self.s, config, self.logs / "sshd.log"))
         self.marker = servers.write_page(self.www_dir)
         servers.install_tcptool(self.tcptool_path.parent)
         self.procs.extend(servers.start(self.t, self.www_dir, self.tcptool_path, self.logs))
-
-    def _make_user_dir(self) -> None:
-        self.user_dir.mkdir(mode=0o700)
-        self.runtime_dir.mkdir(mode=0o700)
-        run(
-            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "testbed", "-f", str(self.key)],
-            timeout=30,
-            check=True,
-        )
-        for path in (self.user_dir, self.runtime_dir, self.key, self.key.with_suffix(".pub")):
-            os.chown(path, self.user.uid, self.user.gid)
-        self.key.chmod(0o600)
 
     def _make_network(self) -> None:
         for ns in self.namespaces:
@@ -153,75 +218,118 @@ class Topology:
         self.s.ip(
             "link", "add", "to-t", "type", "veth", "peer", "name", "to-s", "netns", self.t.name
         )
-        for ns, dev, addr in (
-            (self.c, "to-s", C_ADDR),
-            (self.s, "to-c", S_ADDR_C),
-            (self.s, "to-t", S_ADDR_T),
-            (self.t, "to-s", T_ADDR),
-            (self.t, "to-s", T_ADDR2),
+        for ns, dev, addr, addr6 in (
+            (self.c, "to-s", C_ADDR, C_ADDR6),
+            (self.s, "to-c", S_ADDR_C, S_ADDR6_C),
+            (self.s, "to-t", S_ADDR_T, S_ADDR6_T),
+            (self.t, "to-s", T_ADDR, T_ADDR6),
+            (self.t, "to-s", T_ADDR2, T_ADDR6_2),
         ):
             ns.ip("addr", "add", f"{addr}/{PREFIX_LEN}", "dev", dev)
+            # nodad: no duplicate address detection, so the address is usable at once; no DAD
+            # on the link either, so its link-local address (neighbour discovery's) is too.
+            ns.ip("-6", "addr", "add", f"{addr6}/{PREFIX_LEN6}", "dev", dev, "nodad")
+            ns.sysctl(f"net.ipv6.conf.{dev}.accept_dad", "0")
             ns.ip("link", "set", dev, "up")
         self.c.ip("route", "add", "default", "via", S_ADDR_C)
         self.t.ip("route", "add", "default", "via", S_ADDR_T)
-        # The point of the topology: S must not route C's packets to T.
+        self.c.ip("-6", "route", "add", "default", "via", S_ADDR6_C)
+        self.t.ip("-6", "route", "add", "default", "via", S_ADDR6_T)
+        # The point of the topology: S must not route C's packets to T, in either family.
         self.s.sysctl("net.ipv4.ip_forward", "0")
         self.s.sysctl("net.ipv4.conf.all.forwarding", "0")
+        self.s.sysctl("net.ipv6.conf.all.forwarding", "0")
+        self.s.sysctl("net.ipv6.conf.default.forwarding", "0")
 
     # --- running things ------------------------------------------------------------------
 
-    def user_env(self, path: Sequence[str] = ()) -> Dict[str, str]:
+    def user_env(
+        self, path: Sequence[str] = (), user: Optional[LocalUser] = None
+    ) -> Dict[str, str]:
         return {
             "PATH": ":".join([*path, "/usr/bin", "/bin"]),
-            "XDG_RUNTIME_DIR": str(self.runtime_dir),
+            "XDG_RUNTIME_DIR": str(self.home(user).runtime_dir),
         }
 
-    def user_argv(self, argv: Sequence[str], env: Optional[Mapping[str, str]] = None) -> List[str]:
-        """argv run in C as the test user."""
-        return self.c.argv(self.user.argv(argv, env if env is not None else self.user_env()))
+    def user_argv(
+        self,
+        argv: Sequence[str],
+        env: Optional[Mapping[str, str]] = None,
+        user: Optional[LocalUser] = None,
+    ) -> List[str]:
+        """argv run in C as user (default: the first test user)."""
+        user = user or self.user
+        return self.c.argv(user.argv(argv, env if env is not None else self.user_env(user=user)))
 
     def run_as_user(
-        self, argv: Sequence[str], *, timeout: float = 30, check: bool = False
+        self,
+        argv: Sequence[str],
+        *,
+        timeout: float = 30,
+        check: bool = False,
+        user: Optional[LocalUser] = None,
     ) -> subprocess.CompletedProcess[str]:
-        return run(self.user_argv(argv), timeout=timeout, check=check, cwd=self.user_dir)
+        return run(
+            self.user_argv(argv, user=user), timeout=timeout, check=check, cwd=self.home(user).dir
+        )
 
-    def start(self, name: str, argv: Sequence[str]) -> Proc:
+    def start(self, name: str, argv: Sequence[str], user: Optional[LocalUser] = None) -> Proc:
         """Start a long-running process (argv already complete); it is stopped at teardown."""
-        proc = Proc(name, argv, self.logs / f"{name}.log", cwd=self.user_dir)
+        proc = Proc(name, argv, self.logs / f"{name}.log", cwd=self.home(user).dir)
         self.procs.append(proc)
         return proc
 
     def curl(
-        self, host: str = T_ADDR, port: int = HTTP_PORT, max_time: float = 2
+        self,
+        host: str = T_ADDR,
+        port: int = HTTP_PORT,
+        max_time: float = 2,
+        user: Optional[LocalUser] = None,
     ) -> subprocess.CompletedProcess[str]:
-        """curl http://host:port/ in C as the test user (the traffic shuttle captures)."""
-        return self.run_as_user(curl_argv(host, port, max_time), timeout=max_time + 15)
+        """curl http://host:port/ in C as user (default: the first test user)."""
+        return self.run_as_user(curl_argv(host, port, max_time), timeout=max_time + 15, user=user)
 
-    def ssh_options(self) -> List[str]:
-        return [option.format(key=self.key) for option in SSH_OPTIONS]
+    def ssh_options(self, user: Optional[LocalUser] = None) -> List[str]:
+        return [option.format(key=self.home(user).key) for option in SSH_OPTIONS]
 
-    def ssh_command(self) -> str:
-        """The ssh command line for shuttle-client's -e option."""
-        return " ".join(["ssh", *self.ssh_options()])
+    def ssh_command(self, user: Optional[LocalUser] = None) -> str:
+        """The ssh command line for shuttle-client's -e option, with user's key."""
+        return " ".join(["ssh", *self.ssh_options(user)])
 
     def ssh(
-        self, login: str, command: Sequence[str], timeout: float = 30
+        self,
+        login: str,
+        command: Sequence[str],
+        timeout: float = 30,
+        user: Optional[LocalUser] = None,
+        host: str = S_ADDR_C,
     ) -> subprocess.CompletedProcess[str]:
-        """Run command on S over ssh, from C as the test user, logging in as login."""
+        """Run command on S over ssh (to host), from C as user, logging in as login."""
         # ssh hands the remote shell one string: quote the words so they arrive unchanged.
         remote = shlex.join(command)
-        argv = ["ssh", *self.ssh_options(), f"{login}@{S_ADDR_C}", "--", remote]
-        return self.run_as_user(argv, timeout=timeout)
+        argv = ["ssh", *self.ssh_options(user), f"{login}@{check_ours(host)}", "--", remote]
+        return self.run_as_user(argv, timeout=timeout, user=user)
 
-    def tcptool(self, *args: str, timeout: float, ns: Optional[Namespace] = None) -> Dict[str, Any]:
-        """Run a tcptool check (as the test user in C, or as root in ns); return its JSON.
+    def write_user_file(self, name: str, text: str, user: Optional[LocalUser] = None) -> Path:
+        """A file only user can read, in its directory (for -s FILE / -X FILE, say)."""
+        return self.home(user).write(name, text)
+
+    def tcptool(
+        self,
+        *args: str,
+        timeout: float,
+        ns: Optional[Namespace] = None,
+        user: Optional[LocalUser] = None,
+    ) -> Dict[str, Any]:
+        """Run a tcptool check (as user in C, default the first test user, or as root in ns);
+        return its JSON.
 
         The result always has "ok"; a crash or missing JSON line is reported in "error".
         """
         check_ours(args[1])
         argv = [SYSTEM_PYTHON, str(self.tcptool_path), *args, "--timeout", str(timeout)]
         if ns is None:
-            result = self.run_as_user(argv, timeout=timeout + 30)
+            result = self.run_as_user(argv, timeout=timeout + 30, user=user)
         else:
             result = ns.run(argv, timeout=timeout + 30)
         lines = result.stdout.strip().splitlines()

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Mapping, Sequence
 
-from testbed.config import USER_NAME
+from testbed.config import USER2_NAME, USER_NAME
 from testbed.procs import run
 
 
@@ -48,8 +48,9 @@ class LocalUser:
         ]
 
 
-def ensure_user(name: str = USER_NAME) -> LocalUser:
-    """Create the user if missing (shell /bin/sh, home under /home, its own group).
+def ensure_user(name: str = USER_NAME, groups: Sequence[str] = ()) -> LocalUser:
+    """Create the user if missing (shell /bin/sh, home under /home, its own group), and make
+    it a member of groups (supplementary; added if missing, never removed).
 
     The account's password is set to '*' (no password can match) rather than useradd's '!':
     with UsePAM no, sshd treats '!' as a locked account and refuses even key logins.
@@ -75,6 +76,9 @@ def ensure_user(name: str = USER_NAME) -> LocalUser:
         )
     if _password_field(name).startswith("!"):
         run(["usermod", "--password", "*", name], timeout=30, check=True)
+    missing = [group for group in groups if name not in grp.getgrnam(group).gr_mem]
+    if missing:
+        run(["usermod", "--append", "--groups", ",".join(missing), name], timeout=30, check=True)
     entry = pwd.getpwnam(name)
     return LocalUser(
         name=name,
@@ -91,3 +95,12 @@ def _password_field(name: str) -> str:
         if fields[0] == name and len(fields) > 1:
             return fields[1]
     return ""
+
+
+def ensure_second_user(first: LocalUser) -> LocalUser:
+    """The second local user, a member of the first one's group.
+
+    shuttle-firewalld of a test network admits the first user's group, so the second user may
+    open its own sessions too; scoping keeps each session to its own uid's traffic.
+    """
+    return ensure_user(USER2_NAME, groups=[first.group])

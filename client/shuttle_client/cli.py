@@ -1,13 +1,18 @@
 """The command line: docopt usage text, parsed into a checked Options value."""
 
+import grp
 import ipaddress
+import os
+import pwd
 import shlex
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from docopt import DocoptExit, docopt
+from shuttle_protocol.firewall_messages import ANY_OWNER, Target
 
 from . import __version__
+from .targets import TargetError, parse_targets, read_target_file
 
 USAGE = """\
 shuttle-client: a transparent-proxy VPN over ssh.
@@ -16,30 +21,46 @@ Captures this user's TCP connections to SUBNETs and carries them over one ssh se
 to the server, which makes them from there. Firewall rules come from shuttle-firewalld.
 
 Usage:
-  shuttle-client [options] -r HOST [-x SUBNET]... SUBNET...
+  shuttle-client [options] -r HOST [-x SUBNET]... [-X FILE]... [-s FILE]... [SUBNET...]
   shuttle-client -h | --help
   shuttle-client --version
 
 Arguments:
-  SUBNET                   a.b.c.d[/width]: the networks to capture.
+  SUBNET                   what to capture: a.b.c.d[/width][:port[-port]],
+                           [v6addr][/width][:port[-port]], v6addr[/width], 0/0, ::/0,
+                           or a host name (all its addresses, resolved at start).
 
 Options:
   -r, --remote=HOST        ssh destination: [user@]host[:port].
-  -x, --exclude=SUBNET     do not capture this network (repeatable).
-  -l, --listen=ADDR        local redirect listener, [ip:]port [default: 127.0.0.1:0]
-                           (port 0: any free port).
+  -x, --exclude=SUBNET     do not capture this (same syntax; repeatable).
+  -X, --exclude-from=FILE  read excludes from FILE (whitespace-separated, # comments).
+  -s, --subnets=FILE       read SUBNETs from FILE (same format).
+  -l, --listen=ADDR        the local redirect listener, [ip:]port; default: port 0 (any
+                           free port) on 127.0.0.1 and ::1. A wildcard ip (0.0.0.0, ::)
+                           also captures traffic routed through this host (router use).
   -e, --ssh-cmd=CMD        the ssh command, with its options [default: ssh].
   --python=PATH            python on the server [default: python3].
-  --method=METHOD          firewall method: nat [default: nat].
+  --method=METHOD          firewall method: auto, nft or nat [default: auto].
+  --user=USER              capture the traffic of this user (default: yourself).
+  --group=GROUP            capture only traffic of this group (with no --user: of
+                           anyone in it).
+  --all-users              capture the traffic of every local user.
   --firewalld=PATH         firewalld's socket [default: /run/shuttle/firewalld.sock].
   -v, --verbose            say more (also the agent's debug lines).
   -h, --help               show this text.
   --version                show the version.
+
+Capturing other users' or routed traffic needs root or shuttle-firewalld's policy file.
 """
 
 
 class UsageError(Exception):
     """A mistake on the command line; the text says which argument and why."""
+
+
+METHODS = ("auto", "nft", "nat")
+LOOPBACKS = ("127.0.0.1", "::1")
+WILDCARDS = ("0.0.0.0", "::")  # noqa: S104 (listening there is the router use case)
 
 
 @dataclass(frozen=True)
@@ -48,23 +69,21 @@ class Options:
 
     ssh_destination: str
     ssh_port: Optional[int]
-    subnets: Tuple[str, ...]
-    excludes: Tuple[str, ...]
-    listen: Tuple[str, int]
+    subnets: Tuple[Target, ...]
+    excludes: Tuple[Target, ...]
+    listen: Tuple[Tuple[str, int], ...]
     ssh_cmd: Tuple[str, ...]
     python: str
     method: str
+    uid: int
+    gid: int
     firewalld: str
     verbose: bool
 
-
-def parse_subnet(text: str) -> str:
-    """'a.b.c.d[/width]' → canonical network text; host bits are cleared as sshuttle does."""
-    try:
-        network = ipaddress.ip_network(text.strip(), strict=False)
-    except ValueError:
-        raise UsageError(f"invalid subnet {text!r}: expected a.b.c.d[/width]") from None
-    return str(network)
+    @property
+    def forward(self) -> bool:
+        """A listener on a wildcard address: capture routed traffic too."""
+        return any(host in WILDCARDS for host, _ in self.listen)
 
 
 def parse_remote(text: str) -> Tuple[str, Optional[int]]:
@@ -89,17 +108,38 @@ def parse_remote(text: str) -> Tuple[str, Optional[int]]:
     return (f"{user}@{host}" if at else host), port
 
 
-def parse_listen(text: str) -> Tuple[str, int]:
-    """'[ip:]port' → (ip, port); the default ip is 127.0.0.1."""
-    host, _, port_text = text.rpartition(":")
-    host = host.strip("[]") or "127.0.0.1"
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        raise UsageError(f"invalid listen address {text!r}: expected [ip:]port") from None
+def parse_listen(text: Optional[str]) -> Tuple[Tuple[str, int], ...]:
+    """'[ip:]port' → the listeners' (ip, port); without an ip, 127.0.0.1 and ::1."""
+    host, _, port_text = (text or "0").rpartition(":")
+    host = host.strip("[]")
+    if host:
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise UsageError(f"invalid listen address {text!r}: expected [ip:]port") from None
     if not port_text.isdigit() or int(port_text) > 65535:
         raise UsageError(f"invalid listen port in {text!r}")
-    return host, int(port_text)
+    return tuple((ip, int(port_text)) for ip in ((host,) if host else LOOPBACKS))
+
+
+def parse_owner(user: Optional[str], group: Optional[str], all_users: bool) -> Tuple[int, int]:
+    """(uid, gid) whose traffic to capture; ANY_OWNER where it does not matter."""
+    if all_users and user:
+        raise UsageError("--all-users and --user exclude each other")
+    gid = ANY_OWNER if group is None else _lookup(group, grp.getgrnam, "group")
+    if all_users or (group is not None and user is None):
+        return ANY_OWNER, gid
+    uid = os.getuid() if user is None else _lookup(user, pwd.getpwnam, "user")
+    return uid, gid
+
+
+def _lookup(name: str, by_name: Callable[[str], Any], kind: str) -> int:
+    if name.isdigit():
+        return int(name)
+    try:
+        return int(by_name(name)[2])
+    except KeyError:
+        raise UsageError(f"no such {kind}: {name!r}") from None
 
 
 def parse_args(argv: Sequence[str]) -> Options:
@@ -112,24 +152,34 @@ def parse_args(argv: Sequence[str]) -> Options:
         raise UsageError(f"invalid --ssh-cmd: {exc}") from None
     if not ssh_cmd:
         raise UsageError("--ssh-cmd is empty")
-    if args["--method"] != "nat":
-        raise UsageError(f"unknown --method {args['--method']!r}: this version has nat")
+    if args["--method"] not in METHODS:
+        raise UsageError(f"unknown --method {args['--method']!r}: choose {', '.join(METHODS)}")
+    uid, gid = parse_owner(args["--user"], args["--group"], args["--all-users"])
+    try:
+        subnets = parse_targets(_with_files(args["SUBNET"], args["--subnets"]))
+        excludes = parse_targets(_with_files(args["--exclude"], args["--exclude-from"]))
+    except TargetError as exc:
+        raise UsageError(str(exc)) from None
+    if not subnets:
+        raise UsageError("nothing to capture: give a SUBNET or -s FILE")
     return Options(
         ssh_destination=destination,
         ssh_port=port,
-        subnets=_networks(args["SUBNET"]),
-        excludes=_networks(args["--exclude"]),
+        subnets=subnets,
+        excludes=excludes,
         listen=parse_listen(args["--listen"]),
         ssh_cmd=ssh_cmd,
         python=args["--python"],
         method=args["--method"],
+        uid=uid,
+        gid=gid,
         firewalld=args["--firewalld"],
         verbose=bool(args["--verbose"]),
     )
 
 
-def _networks(texts: List[str]) -> Tuple[str, ...]:
-    return tuple(dict.fromkeys(parse_subnet(text) for text in texts))
+def _with_files(words: List[str], paths: List[str]) -> List[str]:
+    return [*words, *(word for path in paths for word in read_target_file(path))]
 
 
 __all__ = ["USAGE", "DocoptExit", "Options", "UsageError", "parse_args"]

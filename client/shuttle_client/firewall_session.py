@@ -14,17 +14,27 @@ import zmq
 import zmq.asyncio
 from shuttle_protocol.errors import ProtocolError
 from shuttle_protocol.firewall_messages import (
+    ALL_PORTS,
+    ANY_OWNER,
     CloseSessionRequest,
     ErrorAnswer,
     HeartbeatAnswer,
     HeartbeatRequest,
     OpenSessionAnswer,
     OpenSessionRequest,
+    Target,
 )
 from shuttle_protocol.frames import decode_frame, encode_frame
 from shuttle_protocol.schema import Message
 
 CLOSE_TIMEOUT = 1.0
+
+
+def _target(item: Target | str) -> Target:
+    """A target as the protocol carries it; a network alone means all its ports."""
+    if isinstance(item, str):
+        return (item, *ALL_PORTS)
+    return (item[0], item[1], item[2])
 
 
 class FirewallError(Exception):
@@ -47,22 +57,40 @@ class FirewallSession:
         """The session id while the session is open."""
         return self._session
 
-    async def open(
+    async def open(  # noqa: PLR0917  (the request's fields, in its order; main passes them so)
         self,
         method: str,
         port: int,
-        subnets: Sequence[str],
-        excludes: Sequence[str],
+        subnets: Sequence[Target | str],
+        excludes: Sequence[Target | str],
+        uid: int | None = None,
+        gid: int = ANY_OWNER,
+        forward: bool = False,
         timeout: float = 5.0,
-    ) -> None:
-        """Ask firewalld to capture the subnets (minus excludes) into port."""
+    ) -> str:
+        """Ask firewalld to capture the subnets (minus excludes) into port; the method applied.
+
+        subnets and excludes: (network, first port, last port) targets, or networks as text
+        for all ports. uid: whose traffic (default: our own; ANY_OWNER: everybody's), gid: of
+        which group (ANY_OWNER: any); forward: also traffic routed through this host. More
+        than our own traffic needs root or firewalld's policy file.
+        """
         if self._session is not None:
             raise FirewallError("this firewall session is already open")
-        request = OpenSessionRequest(method, port, tuple(subnets), tuple(excludes))
+        request = OpenSessionRequest(
+            method,
+            port,
+            tuple(map(_target, subnets)),
+            tuple(map(_target, excludes)),
+            os.getuid() if uid is None else uid,
+            gid,
+            forward,
+        )
         answer = await self._request(request, timeout)
         if not isinstance(answer, OpenSessionAnswer):
             raise FirewallError(f"shuttle-firewalld answered {type(answer).__name__}")
         self._session, self._lease = answer.session, answer.lease
+        return answer.method
 
     async def run_heartbeats(self) -> None:
         """Renew the lease every third of it, until cancelled; FirewallError if it is lost."""

@@ -5,14 +5,19 @@ import asyncio
 import logging
 import signal
 import sys
-from typing import Any, Awaitable, List, Optional, Sequence
+from typing import Any, Awaitable, List, Optional, Sequence, TypeVar
+
+from shuttle_protocol.firewall_messages import ALL_PORTS, Target
 
 from .cli import Options, UsageError, parse_args
 from .firewall_session import FirewallError, FirewallSession
-from .proxy import make_listener, serve
+from .proxy import make_listeners, serve
+from .ssh_server import server_targets
 from .tunnel import Tunnel, TunnelError
 
 log = logging.getLogger("shuttle")
+
+T = TypeVar("T")
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -30,25 +35,39 @@ async def run(options: Options) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, _set_once, stop, signal.Signals(signum).name)
     try:
-        listener = make_listener(*options.listen)
+        listeners = make_listeners(options.listen)
     except OSError as exc:
-        log.error("cannot listen on %s:%d: %s", *options.listen, exc.strerror)
+        where = ", ".join(f"{host}:{port}" for host, port in options.listen)
+        log.error("cannot listen on %s: %s", where, exc.strerror)
         return EXIT_FAILED
     tunnel = Tunnel(options)
     firewall = FirewallSession(options.firewalld)
-    server: Optional[asyncio.Server] = None
+    servers: List[asyncio.Server] = []
     try:
-        await _unless_stopped(stop, tunnel.start())
-        port = listener.getsockname()[1]
-        await _unless_stopped(
-            stop, firewall.open(options.method, port, options.subnets, options.excludes)
+        server_excludes = await server_targets(
+            options.ssh_cmd, options.ssh_destination, options.ssh_port
         )
-        server = await serve(tunnel.link, listener)
+        await _unless_stopped(stop, tunnel.start())
+        port = listeners[0].getsockname()[1]
+        method = await _unless_stopped(
+            stop,
+            firewall.open(
+                options.method,
+                port,
+                options.subnets,
+                tuple(dict.fromkeys(options.excludes + server_excludes)),
+                options.uid,
+                options.gid,
+                options.forward,
+            ),
+        )
+        servers = await serve(tunnel.link, listeners)
         log.info(
-            "ready: capturing %s%s through %s (agent on python %s, listening on port %d)",
-            " ".join(options.subnets),
-            "".join(f" -{x}" for x in options.excludes),
+            "ready: capturing %s%s through %s (method %s, agent on python %s, port %d)",
+            " ".join(describe(target) for target in options.subnets),
+            "".join(f" -{describe(target)}" for target in options.excludes),
             options.ssh_destination,
+            method,
             tunnel.agent_python,
             port,
         )
@@ -70,25 +89,36 @@ async def run(options: Options) -> int:
         log.error("%s", exc)
         return EXIT_FAILED
     finally:
-        await _cleanup(firewall, server, tunnel)
-        listener.close()
+        await _cleanup(firewall, servers, tunnel)
+        for listener in listeners:
+            listener.close()
 
 
-async def _unless_stopped(stop: "asyncio.Future[str]", step: Awaitable[Any]) -> None:
+async def _unless_stopped(stop: "asyncio.Future[str]", step: Awaitable[T]) -> T:
     task = asyncio.ensure_future(step)
-    done, _ = await asyncio.wait([task, stop], return_when=asyncio.FIRST_COMPLETED)
+    waiting: List[asyncio.Future[Any]] = [task, stop]
+    done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
     if task not in done:
         task.cancel()
         raise Stopped
-    task.result()
+    return task.result()
+
+
+def describe(target: Target) -> str:
+    """A target as the user writes it."""
+    network, first, last = target
+    if (first, last) == ALL_PORTS:
+        return network
+    ports = str(first) if first == last else f"{first}-{last}"
+    return f"[{network}]:{ports}" if ":" in network else f"{network}:{ports}"
 
 
 async def _cleanup(
-    firewall: FirewallSession, server: Optional[asyncio.Server], tunnel: Tunnel
+    firewall: FirewallSession, servers: List[asyncio.Server], tunnel: Tunnel
 ) -> None:
     # Rules first: once they are gone, nothing new is captured into a closing tunnel.
     await firewall.close()
-    if server is not None:
+    for server in servers:
         server.close()
     await tunnel.stop()
     pending: List[asyncio.Task[Any]] = [

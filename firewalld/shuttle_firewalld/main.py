@@ -18,6 +18,8 @@ from docopt import DocoptExit, docopt
 from .errors import StartupError
 from .methods.base import Method
 from .methods.nat import NatMethod
+from .methods.nft import NftMethod
+from .policy import DEFAULT_PATH, load_policy
 from .server import Server
 from .sessions import Sessions
 
@@ -25,7 +27,7 @@ USAGE = """\
 shuttle-firewalld: shuttle's root daemon; applies firewall rules for shuttle clients.
 
 Usage:
-  shuttle-firewalld [--socket=PATH] [--group=GROUP] [--lease=SECONDS] [-v]
+  shuttle-firewalld [--socket=PATH] [--group=GROUP] [--lease=SECONDS] [--policy=PATH] [-v]
   shuttle-firewalld -h | --help
   shuttle-firewalld --version
 
@@ -33,6 +35,8 @@ Options:
   --socket=PATH      listen on this zmq ipc socket [default: /run/shuttle/firewalld.sock]
   --group=GROUP      members of this group may connect [default: shuttle]
   --lease=SECONDS    a session without heartbeat for this long is removed [default: 6]
+  --policy=PATH      who may capture others' or forwarded traffic; a missing file allows
+                     that to root only [default: /etc/shuttle/firewalld.policy]
   -v, --verbose      log debug messages too
   -h, --help         show this help
   --version          show the version
@@ -54,6 +58,7 @@ class Options:
     group: str
     lease: float
     verbose: bool
+    policy: str = DEFAULT_PATH
 
 
 def parse_args(argv: Sequence[str]) -> Options:
@@ -78,7 +83,15 @@ def parse_args(argv: Sequence[str]) -> Options:
             f"--lease must be a number of seconds in [{MIN_LEASE:g}, {MAX_LEASE:g}], "
             f"got {args['--lease']!r}"
         )
-    return Options(socket=path, group=args["--group"], lease=lease, verbose=args["--verbose"])
+    if not os.path.isabs(args["--policy"]):
+        raise UsageError("--policy must be an absolute path")
+    return Options(
+        socket=path,
+        group=args["--group"],
+        lease=lease,
+        verbose=args["--verbose"],
+        policy=args["--policy"],
+    )
 
 
 def group_id(name: str) -> int:
@@ -108,9 +121,11 @@ def run(options: Options) -> int:
     if os.geteuid() != 0:
         raise StartupError("must run as root: it changes firewall rules")
     gid = group_id(options.group)
+    scope_policy = load_policy(options.policy)
     stop = Stop()
-    methods: dict[str, Method] = {"nat": NatMethod()}
-    sessions = Sessions(methods, options.lease)
+    nft = NftMethod()
+    methods: dict[str, Method] = {"nft": nft, "nat": NatMethod()}
+    sessions = Sessions(methods, options.lease, policy=scope_policy)
     try:
         # First, since it refuses to start beside a running firewalld, whose rules are live.
         server = Server(options.socket, gid, sessions)
@@ -124,6 +139,13 @@ def run(options: Options) -> int:
                 method.remove_stale()
             except Exception as exc:  # a missing tool must not stop the other methods
                 log.warning("%s: cannot check for stale rules: %s", name, exc)
+        # Once, after the stale rules are gone (a crashed run may have left the probe's
+        # table): whether this kernel and nft can do what an nft session needs.
+        problem = nft.probe()
+        if problem is not None:
+            sessions.disable("nft", problem)
+            log.warning("the nft method does not work here: %s", problem)
+        log.info("method auto means %s", sessions.choose("auto"))
         log.info(
             "listening on ipc://%s (group %s, lease %g s)",
             options.socket,

@@ -25,8 +25,8 @@ from .sessions import Session, Sessions
 
 
 def _open(sessions: Sessions, uid: int, request: OpenSessionRequest, session: None) -> Message:
-    opened = sessions.open(uid, request.method, request.port, request.subnets, request.excludes)
-    return OpenSessionAnswer(opened.id, sessions.lease)
+    opened = sessions.open(uid, request)
+    return OpenSessionAnswer(opened.id, sessions.lease, opened.method)
 
 
 def _heartbeat(

@@ -1,27 +1,30 @@
 """Open sessions: who owns each, what it captures, and when its lease runs out.
 
 Every check that depends on the caller rather than on the message's form is made here:
-the method exists, the redirect port is the caller's, the caller has not too many sessions.
+the method works here, the scope policy allows the request, the redirect port is the
+caller's, the caller has not too many sessions.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import secrets
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Union
+
+from shuttle_protocol.firewall_messages import ANY_OWNER, OpenSessionRequest
 
 from .errors import RequestError
 from .methods.base import Method
-from .ports import port_owners
+from .methods.choice import choose
+from .policy import DEFAULT_PATH, Policy
+from .ports import Listener, listeners_on, port_problem
+from .targets import Target
 
 log = logging.getLogger(__name__)
 
 MAX_SESSIONS_PER_UID = 16
-Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 
 @dataclass(eq=False)
@@ -29,18 +32,33 @@ class Session:
     """One caller's capture: in force from apply() until remove(), as long as its lease."""
 
     id: str
-    uid: int
-    method: str
+    caller: int  # the uid that opened the session and owns it (the kernel said so)
+    method: str  # the method applied: "nat" or "nft"
     port: int
-    subnets: tuple[Network, ...]
-    excludes: tuple[Network, ...]
+    subnets: tuple[Target, ...]
+    excludes: tuple[Target, ...]
     deadline: float
+    uid: int = ANY_OWNER  # whose traffic is captured; ANY_OWNER: everybody's
+    gid: int = ANY_OWNER  # and of which group; ANY_OWNER: any
+    forward: bool = False  # also traffic routed through this host
     rules: int = 0
 
     @property
     def short_id(self) -> str:
         """The id's first 12 characters: enough to be unique here, short enough for names."""
         return self.id[:12]
+
+    @property
+    def versions(self) -> tuple[int, ...]:
+        """The IP versions the session captures: those of its subnets, 4 before 6."""
+        return tuple(sorted({target.version for target in self.subnets}))
+
+    def scope(self) -> str:
+        """Whose traffic, in words, for the log."""
+        text = "every uid" if self.uid == ANY_OWNER else f"uid {self.uid}"
+        if self.gid != ANY_OWNER:
+            text += f" in gid {self.gid}"
+        return text + (", and forwarded traffic" if self.forward else "")
 
 
 class Sessions:
@@ -50,59 +68,85 @@ class Sessions:
         self,
         methods: Mapping[str, Method],
         lease: float,
-        owners_of_port: Callable[[int], set[int]] = port_owners,
+        *,
+        policy: Policy | None = None,
+        listeners_of_port: Callable[[int], list[Listener]] = listeners_on,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """methods: every method this firewalld has (see disable)."""
         self.lease = lease
         self._methods = methods
-        self._owners_of_port = owners_of_port
+        self._policy = policy if policy is not None else Policy(DEFAULT_PATH)
+        self._broken: dict[str, str] = {}
+        self._listeners_of_port = listeners_of_port
         self._clock = clock
         self._open: dict[str, Session] = {}
 
     def __len__(self) -> int:
         return len(self._open)
 
-    def open(
-        self, uid: int, method: str, port: int, subnets: Iterable[str], excludes: Iterable[str]
-    ) -> Session:
+    def disable(self, method: str, why: str) -> None:
+        """The method does not work here: asking for it is refused, auto passes it over."""
+        self._broken[method] = why
+
+    def choose(self, requested: str) -> str:
+        """The method a session asking for this gets; RequestError if it does not work."""
+        return choose(requested, self._methods, self._broken)
+
+    def open(self, caller: int, request: OpenSessionRequest) -> Session:
         """Check the caller's request against policy, apply it, and register the session."""
-        if method not in self._methods:
-            raise RequestError(f"unknown method {method!r:.40}")
-        if uid not in self._owners_of_port(port):
-            raise RequestError(f"port {port} is not a listening socket of uid {uid}")
-        if sum(1 for session in self._open.values() if session.uid == uid) >= MAX_SESSIONS_PER_UID:
-            raise RequestError(f"uid {uid} already has {MAX_SESSIONS_PER_UID} sessions open")
+        method = self.choose(request.method)
+        refusal = self._policy.check(caller, request.uid, request.forward)
+        if refusal is not None:
+            raise RequestError(refusal)
+        subnets = tuple(Target.from_wire(item) for item in request.subnets)
+        versions = {target.version for target in subnets}
+        problem = port_problem(
+            self._listeners_of_port(request.port), request.port, caller, versions, request.forward
+        )
+        if problem is not None:
+            raise RequestError(problem)
+        owned = sum(1 for session in self._open.values() if session.caller == caller)
+        if owned >= MAX_SESSIONS_PER_UID:
+            raise RequestError(f"uid {caller} already has {MAX_SESSIONS_PER_UID} sessions open")
         session_id = secrets.token_hex(16)
         # Rule names use the short id; two sessions sharing one would share their rules.
         if any(other.short_id == session_id[:12] for other in self._open.values()):
             raise RequestError("session id collision, please try again")
         session = Session(
             id=session_id,
-            uid=uid,
+            caller=caller,
             method=method,
-            port=port,
-            subnets=tuple(ipaddress.ip_network(text) for text in subnets),
-            excludes=tuple(ipaddress.ip_network(text) for text in excludes),
-            deadline=self._clock() + self.lease,
+            port=request.port,
+            subnets=subnets,
+            excludes=tuple(Target.from_wire(item) for item in request.excludes),
+            deadline=0.0,
+            uid=request.uid,
+            gid=request.gid,
+            forward=request.forward,
         )
         session.rules = self._methods[method].apply(session)
+        # The lease starts once the rules are in: applying 10,000 of them takes a while.
+        session.deadline = self._clock() + self.lease
         self._open[session_id] = session
         log.info(
-            "session %s opened by uid %d: %s to port %d, %d subnets, %d excludes, %d rules",
+            "session %s opened by uid %d: %s to port %d, %d subnets, %d excludes, %d rules, "
+            "capturing %s",
             session.short_id,
-            uid,
+            caller,
             method,
-            port,
+            session.port,
             len(session.subnets),
             len(session.excludes),
             session.rules,
+            session.scope(),
         )
         return session
 
-    def owned(self, session_id: str, uid: int) -> Session:
-        """The open session with this id if uid owns it; others' sessions stay invisible."""
+    def owned(self, session_id: str, caller: int) -> Session:
+        """The open session with this id if caller owns it; others' sessions stay invisible."""
         session = self._open.get(session_id)
-        if session is None or session.uid != uid:
+        if session is None or session.caller != caller:
             raise RequestError("no such session")
         return session
 
@@ -119,7 +163,7 @@ class Sessions:
         log.info(
             "session %s of uid %d %s: %d %s rules removed",
             session.short_id,
-            session.uid,
+            session.caller,
             why,
             session.rules,
             session.method,

@@ -26,6 +26,11 @@ def check_int(value: Any, name: str, low: int, high: int) -> None:
         raise LocalProtocolError(f"{name} must be an integer in [{low}, {high}], got {shown}")
 
 
+def check_bool(value: Any, name: str) -> None:
+    if type(value) is not bool:
+        raise LocalProtocolError(f"{name} must be true or false, got {_show(value)}")
+
+
 def check_number(value: Any, name: str, low: float, high: float) -> None:
     if type(value) not in (int, float) or not low <= value <= high:
         raise LocalProtocolError(f"{name} must be a number in [{low}, {high}], got {_show(value)}")

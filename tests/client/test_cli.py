@@ -1,20 +1,26 @@
 """The command line: what is accepted, what is refused and how it is said."""
 
+import os
+from pathlib import Path
+
 import pytest
 from docopt import DocoptExit
-from shuttle_client.cli import UsageError, parse_args, parse_listen, parse_remote, parse_subnet
+from shuttle_client.cli import UsageError, parse_args, parse_listen, parse_remote
+from shuttle_protocol.firewall_messages import ANY_OWNER
 
 
 def test_minimal_command_line() -> None:
     options = parse_args(["-r", "alice@gw.example:2222", "10.1.0.0/16", "10.2.3.4"])
     assert options.ssh_destination == "alice@gw.example"
     assert options.ssh_port == 2222
-    assert options.subnets == ("10.1.0.0/16", "10.2.3.4/32")
+    assert options.subnets == (("10.1.0.0/16", 1, 65535), ("10.2.3.4/32", 1, 65535))
     assert options.excludes == ()
-    assert options.listen == ("127.0.0.1", 0)
+    assert options.listen == (("127.0.0.1", 0), ("::1", 0))
+    assert not options.forward
     assert options.ssh_cmd == ("ssh",)
     assert options.python == "python3"
-    assert options.method == "nat"
+    assert options.method == "auto"
+    assert (options.uid, options.gid) == (os.getuid(), ANY_OWNER)
 
 
 def test_all_options() -> None:
@@ -25,23 +31,68 @@ def test_all_options() -> None:
             "--firewalld", "/tmp/fw.sock", "-v", "10.1.0.0/16",
         ]
     )  # fmt: skip
-    assert options.excludes == ("10.1.2.0/24", "10.1.3.3/32")
-    assert options.listen == ("0.0.0.0", 12300)
+    assert options.excludes == (("10.1.2.0/24", 1, 65535), ("10.1.3.3/32", 1, 65535))
+    assert options.listen == (("0.0.0.0", 12300),)
+    assert options.forward
     assert options.ssh_cmd == ("ssh", "-i", "my key", "-o", "BatchMode=yes")
     assert options.python == "/usr/bin/python3.11"
     assert options.firewalld == "/tmp/fw.sock"
     assert options.verbose
 
 
-def test_subnet_host_bits_are_cleared_and_duplicates_merged() -> None:
-    assert parse_subnet("10.1.2.3/16") == "10.1.0.0/16"
-    assert parse_args(["-r", "h", "10.0.0.1/8", "10.0.0.0/8"]).subnets == ("10.0.0.0/8",)
+def test_duplicates_are_merged() -> None:
+    options = parse_args(["-r", "h", "10.0.0.1/8", "10.0.0.0/8"])
+    assert options.subnets == (("10.0.0.0/8", 1, 65535),)
 
 
-@pytest.mark.parametrize("bad", ["10.0.0.0/33", "300.1.1.1", "nonsense", "", "10.0.0.0/"])
+@pytest.mark.parametrize("bad", ["10.0.0.0/33", "300.1.1.1", "no such host!", "10.0.0.0/"])
 def test_bad_subnet_names_the_entry(bad: str) -> None:
     with pytest.raises(UsageError, match="invalid subnet"):
         parse_args(["-r", "h", bad])
+
+
+def test_subnet_and_exclude_files(tmp_path: Path) -> None:
+    includes = tmp_path / "includes"
+    includes.write_text("# office\n10.1.0.0/16 10.2.0.0/16:443\n\n[fd00::]/8:22  # v6\n")
+    excludes = tmp_path / "excludes"
+    excludes.write_text("10.1.2.3\n")
+    options = parse_args(["-r", "h", "-s", str(includes), "-X", str(excludes), "10.9.0.0/16"])
+    assert options.subnets == (
+        ("10.9.0.0/16", 1, 65535),
+        ("10.1.0.0/16", 1, 65535),
+        ("10.2.0.0/16", 443, 443),
+        ("fd00::/8", 22, 22),
+    )
+    assert options.excludes == (("10.1.2.3/32", 1, 65535),)
+
+
+def test_a_bad_line_in_a_file_names_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "excludes"
+    path.write_text("10.1.2.3\n# fine\n10.1.2.300\n")
+    with pytest.raises(UsageError, match=f"{path}, line 3: invalid subnet '10.1.2.300'"):
+        parse_args(["-r", "h", "-X", str(path), "10.0.0.0/8"])
+    with pytest.raises(UsageError, match="cannot read /nonexistent"):
+        parse_args(["-r", "h", "-s", "/nonexistent"])
+
+
+def test_nothing_to_capture() -> None:
+    with pytest.raises(UsageError, match="nothing to capture"):
+        parse_args(["-r", "h"])
+
+
+def test_owner_options() -> None:
+    assert (parse_args(["-r", "h", "--user", "root", "0/0"]).uid) == 0
+    options = parse_args(["-r", "h", "--group", "root", "0/0"])
+    assert (options.uid, options.gid) == (ANY_OWNER, 0)
+    options = parse_args(["-r", "h", "--user", "0", "--group", "0", "0/0"])
+    assert (options.uid, options.gid) == (0, 0)
+    assert parse_args(["-r", "h", "--all-users", "0/0"]).uid == ANY_OWNER
+    with pytest.raises(UsageError, match="no such user"):
+        parse_args(["-r", "h", "--user", "no-such-user-here", "0/0"])
+    with pytest.raises(UsageError, match="no such group"):
+        parse_args(["-r", "h", "--group", "no-such-group-here", "0/0"])
+    with pytest.raises(UsageError, match="exclude each other"):
+        parse_args(["-r", "h", "--all-users", "--user", "root", "0/0"])
 
 
 @pytest.mark.parametrize(
@@ -66,12 +117,18 @@ def test_bad_remote(bad: str) -> None:
 
 
 def test_listen_forms() -> None:
-    assert parse_listen("12300") == ("127.0.0.1", 12300)
-    assert parse_listen("[::1]:0") == ("::1", 0)
+    assert parse_listen("12300") == (("127.0.0.1", 12300), ("::1", 12300))
+    assert parse_listen("[::1]:0") == (("::1", 0),)
+    assert parse_listen(None) == (("127.0.0.1", 0), ("::1", 0))
     with pytest.raises(UsageError):
         parse_listen("localhost:1")
     with pytest.raises(UsageError):
         parse_listen("1.2.3.4:70000")
+
+
+def test_methods() -> None:
+    for method in ("auto", "nft", "nat"):
+        assert parse_args(["-r", "h", "--method", method, "0/0"]).method == method
 
 
 def test_unknown_method_and_empty_ssh_cmd() -> None:
@@ -83,8 +140,6 @@ def test_unknown_method_and_empty_ssh_cmd() -> None:
         parse_args(["-r", "h", "-e", "ssh 'unclosed", "10.0.0.0/8"])
 
 
-def test_missing_remote_or_subnet_is_a_usage_error() -> None:
+def test_missing_remote_is_a_usage_error() -> None:
     with pytest.raises(DocoptExit):
         parse_args(["10.0.0.0/8"])
-    with pytest.raises(DocoptExit):
-        parse_args(["-r", "host"])

@@ -7,6 +7,9 @@ not; every wait is bounded.
 
 from __future__ import annotations
 
+import asyncio
+import ipaddress
+import json
 import os
 import secrets
 import shutil
@@ -16,17 +19,24 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 import zmq
+from shuttle_client.firewall_session import FirewallSession
+from shuttle_firewalld.policy import Policy
+from shuttle_firewalld.ports import Listener as ListeningSocket
 from shuttle_firewalld.sessions import Session, Sessions
+from shuttle_firewalld.targets import Target as Targeted
+from shuttle_protocol.firewall_messages import ALL_PORTS, ANY_OWNER, OpenSessionRequest, Target
 from shuttle_protocol.frames import decode_frame
 from shuttle_protocol.schema import Message
 
 VENV_BIN = Path(sys.executable).parent
 FIREWALLD = str(VENV_BIN / "shuttle-firewalld")
+IP = shutil.which("ip") or "/usr/sbin/ip"
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 WAIT = 10.0  # the longest any test waits for the daemon to do something
 
@@ -76,8 +86,78 @@ class FakeClock:
         return self.now
 
 
-# Port 12300 is listened on by uid 1000, port 12301 by uid 0.
-LISTENERS = {12300: {1000}, 12301: {0}}
+def listening(port: int, uid: int, *addresses: str) -> list[ListeningSocket]:
+    return [ListeningSocket(ipaddress.ip_address(a), port, uid) for a in addresses]
+
+
+# Port 12300: uid 1000 on both loopbacks; 12301: uid 0 on 127.0.0.1; 12302: uid 1000 on the
+# wildcard addresses; 12303: uid 1000 on 127.0.0.1 only.
+LISTENERS = {
+    12300: listening(12300, 1000, "127.0.0.1", "::1"),
+    12301: listening(12301, 0, "127.0.0.1"),
+    12302: listening(12302, 1000, "0.0.0.0", "::"),
+    12303: listening(12303, 1000, "127.0.0.1"),
+}
+POLICY_PATH = "/etc/shuttle/test.policy"
+SESSION_ID = "0123456789abcdef0123456789abcdef"
+
+
+def make_target(item: str | Target) -> Targeted:
+    """A firewalld target from "NET" (all ports) or (NET, first port, last port)."""
+    if isinstance(item, str):
+        return Targeted(ipaddress.ip_network(item))
+    return Targeted(ipaddress.ip_network(item[0]), item[1], item[2])
+
+
+def make_session(
+    subnets: Sequence[str | Target] = ("10.0.0.0/8",),
+    excludes: Sequence[str | Target] = (),
+    *,
+    method: str = "nft",
+    port: int = 12300,
+    uid: int = 1000,
+    gid: int = ANY_OWNER,
+    forward: bool = False,
+) -> Session:
+    """A session as Sessions.open builds it, with the id SESSION_ID, opened by uid 1000."""
+    return Session(
+        id=SESSION_ID,
+        caller=1000,
+        method=method,
+        port=port,
+        subnets=tuple(map(make_target, subnets)),
+        excludes=tuple(map(make_target, excludes)),
+        deadline=0.0,
+        uid=uid,
+        gid=gid,
+        forward=forward,
+    )
+
+
+def target(network: str, first: int = ALL_PORTS[0], last: int = ALL_PORTS[1]) -> Target:
+    return (network, first, last)
+
+
+def open_request(
+    *,
+    method: str = "nat",
+    port: int = 12300,
+    subnets: tuple[str, ...] = ("10.0.0.0/8",),
+    excludes: tuple[str, ...] = (),
+    uid: int = 1000,
+    gid: int = ANY_OWNER,
+    forward: bool = False,
+) -> OpenSessionRequest:
+    """An OpenSessionRequest with networks for all ports, as a caller of uid 1000 sends it."""
+    return OpenSessionRequest(
+        method,
+        port,
+        tuple(map(target, subnets)),
+        tuple(map(target, excludes)),
+        uid,
+        gid,
+        forward,
+    )
 
 
 @pytest.fixture
@@ -92,8 +172,13 @@ def clock() -> FakeClock:
 
 @pytest.fixture
 def sessions(method: FakeMethod, clock: FakeClock) -> Sessions:
+    """Both methods are the one fake; no policy entries."""
     return Sessions(
-        {"nat": method}, 6.0, owners_of_port=lambda port: LISTENERS.get(port, set()), clock=clock
+        {"nat": method, "nft": method},
+        6.0,
+        policy=Policy(POLICY_PATH),
+        listeners_of_port=lambda port: LISTENERS.get(port, []),
+        clock=clock,
     )
 
 
@@ -137,22 +222,84 @@ def nat_rules(netns: str) -> list[str]:
     return [line for line in saved.splitlines() if not line.startswith("#")]
 
 
+def nat6_rules(netns: str) -> list[str]:
+    """The namespace's IPv6 nat table as ip6tables-save prints it, without comments."""
+    saved = subprocess.run(
+        ["ip", "netns", "exec", netns, "ip6tables-save", "-t", "nat"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=10,
+    ).stdout
+    return [line for line in saved.splitlines() if not line.startswith("#")]
+
+
 def shuttle_rules(netns: str) -> list[str]:
-    return [line for line in nat_rules(netns) if "SHUTTLE-" in line]
+    """The nat method's lines, IPv4 then IPv6."""
+    return [line for line in nat_rules(netns) + nat6_rules(netns) if "SHUTTLE-" in line]
+
+
+def nft(netns: str, *args: str) -> str:
+    return subprocess.run(
+        ["ip", "netns", "exec", netns, "nft", *args],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout
+
+
+def shuttle_tables(netns: str) -> list[str]:
+    """The nft method's tables (names only)."""
+    return [
+        line.split()[2]
+        for line in nft(netns, "list", "tables").splitlines()
+        if line.startswith("table inet shuttle-")
+    ]
+
+
+def nft_set_sizes(netns: str, table: str) -> dict[str, int]:
+    """How many elements each set of the table holds."""
+    listing = json.loads(nft(netns, "-j", "list", "table", "inet", table))
+    return {
+        item["set"]["name"]: len(item["set"].get("elem", []))
+        for item in listing["nftables"]
+        if "set" in item
+    }
+
+
+def nothing_of_shuttle(netns: str) -> bool:
+    return shuttle_rules(netns) == [] and shuttle_tables(netns) == []
 
 
 class Daemon:
     """shuttle-firewalld running in a namespace, its stderr collected line by line."""
 
-    def __init__(self, netns: str, socket_path: Path, group: str, lease: float) -> None:
+    def __init__(
+        self,
+        netns: str,
+        socket_path: Path,
+        group: str,
+        lease: float,
+        policy: Path,
+        *,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.socket_path = socket_path
-        argv = [FIREWALLD, f"--socket={socket_path}", f"--group={group}", f"--lease={lease:g}"]
+        argv = [
+            FIREWALLD,
+            f"--socket={socket_path}",
+            f"--group={group}",
+            f"--lease={lease:g}",
+            f"--policy={policy}",
+        ]
         self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", netns, *argv, "-v"],
+            [IP, "netns", "exec", netns, *argv, "-v"],  # IP: env may have another PATH
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
+            env=env,
         )
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -188,11 +335,15 @@ class Daemon:
 
 @pytest.fixture
 def start_firewalld(netns: str, socket_dir: Path) -> Iterator[Callable[..., Daemon]]:
-    """Start shuttle-firewalld in the namespace and wait until it listens."""
+    """Start shuttle-firewalld in the namespace and wait until it listens.
+
+    Its policy file is socket_dir/firewalld.policy: missing unless a test writes it.
+    """
     daemons: list[Daemon] = []
 
-    def start(group: str = "root", lease: float = 2) -> Daemon:
-        daemon = Daemon(netns, socket_dir / "firewalld.sock", group, lease)
+    def start(group: str = "root", lease: float = 2, env: dict[str, str] | None = None) -> Daemon:
+        policy = socket_dir / "firewalld.policy"
+        daemon = Daemon(netns, socket_dir / "firewalld.sock", group, lease, policy, env=env)
         daemons.append(daemon)
         daemon.wait_for_line(f"shuttle-firewalld: listening on ipc://{daemon.socket_path}")
         return daemon
@@ -204,18 +355,38 @@ def start_firewalld(netns: str, socket_dir: Path) -> Iterator[Callable[..., Daem
             daemon.stop()
 
 
+LISTENER = """\
+import socket, sys
+port, addresses = int(sys.argv[1]), sys.argv[2:]
+has_v4 = any(":" not in address for address in addresses)
+sockets = []
+for address in addresses:
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    sock = socket.socket(family)
+    if family == socket.AF_INET6 and has_v4:  # beside an IPv4 socket, :: must be IPv6 only
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    sock.bind((address, port))
+    sock.listen(64)
+    sockets.append(sock)
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
 class Listener:
-    """A TCP listener on 127.0.0.1:port inside the namespace, as root or as nobody."""
+    """TCP listeners on port inside the namespace (127.0.0.1 unless told), as root or nobody.
 
-    SCRIPT = (
-        "import socket, sys; s = socket.socket(); s.bind(('127.0.0.1', int(sys.argv[1])));"
-        " s.listen(); print('ready', flush=True); sys.stdin.read()"
-    )
+    Nothing accepts: the kernel completes connections into the backlog, which is all a
+    connecting test needs to see.
+    """
 
-    def __init__(self, netns: str, port: int, as_nobody: bool) -> None:
+    def __init__(
+        self, netns: str, port: int, as_nobody: bool, addresses: tuple[str, ...] = ("127.0.0.1",)
+    ) -> None:
         user = NOBODY if as_nobody else []
+        argv = [sys.executable, "-c", LISTENER, str(port), *addresses]
         self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", netns, *user, sys.executable, "-c", self.SCRIPT, str(port)],
+            ["ip", "netns", "exec", netns, *user, *argv],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -241,8 +412,10 @@ class Listener:
 def listen(netns: str) -> Iterator[Callable[..., Listener]]:
     listeners: list[Listener] = []
 
-    def start(port: int, as_nobody: bool = False) -> Listener:
-        listener = Listener(netns, port, as_nobody)
+    def start(
+        port: int, as_nobody: bool = False, addresses: tuple[str, ...] = ("127.0.0.1",)
+    ) -> Listener:
+        listener = Listener(netns, port, as_nobody, addresses)
         listeners.append(listener)
         return listener
 
@@ -267,3 +440,147 @@ def ask(socket_path: Path, *frames: bytes, timeout: float = WAIT) -> tuple[int, 
     finally:
         dealer.close()
         context.term()
+
+
+# --- traffic in the namespace ------------------------------------------------------------
+
+ROUTED = ("198.18.0.1/15", "fd00:5e::1/32")
+ROUTED_NETWORKS = ("198.18.0.0/15", "fd00:5e::/32")
+
+
+@pytest.fixture
+def routed(netns: str) -> str:
+    """The namespace with 198.18.0.0/15 and fd00:5e::/32 on an interface, where TCP is
+    refused at once (REJECT with a reset in filter OUTPUT, which comes after nat OUTPUT): a
+    connection that is not redirected is refused, a redirected one reaches the listener.
+    """
+
+    def run(*argv: str) -> None:
+        subprocess.run(["ip", "netns", "exec", netns, *argv], check=True, timeout=10)
+
+    # A veth pair with both ends here (this kernel has no dummy interfaces): nothing answers.
+    run("ip", "link", "add", "fwt0", "type", "veth", "peer", "name", "fwt1")
+    for link in ("fwt0", "fwt1"):
+        run("ip", "link", "set", link, "up")
+    run("ip", "addr", "add", ROUTED[0], "dev", "fwt0")
+    run("ip", "-6", "addr", "add", ROUTED[1], "dev", "fwt0", "nodad")
+    # Matched by destination, not by -o: the hook's output device stays the one routed to
+    # before nat, even when the redirect re-routes the packet to lo. --syn: not the reset
+    # itself, which goes to our own address in that network.
+    reject = ["-p", "tcp", "--syn", "-j", "REJECT", "--reject-with", "tcp-reset"]
+    for tool, network in zip(("iptables", "ip6tables"), ROUTED_NETWORKS):
+        run(tool, "-w", "-A", "OUTPUT", "-d", network, *reject)
+    return netns
+
+
+CONNECT = """\
+import json, socket, sys
+results = []
+for host, port in json.loads(sys.argv[1]):
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+        results.append("connected")
+    except ConnectionRefusedError:
+        results.append("refused")
+    except OSError as exc:
+        results.append(type(exc).__name__)
+print(json.dumps(results))
+"""
+
+
+def connect(netns: str, targets: list[tuple[str, int]], as_nobody: bool = False) -> list[str]:
+    """Connect to each (host, port) from inside the namespace: connected, refused, or why not."""
+    user = NOBODY if as_nobody else []
+    done = subprocess.run(
+        ["ip", "netns", "exec", netns, *user, sys.executable, "-c", CONNECT, json.dumps(targets)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    result: list[str] = json.loads(done.stdout)
+    return result
+
+
+# --- a client of another uid -------------------------------------------------------------
+
+NOBODY_CLIENT = """\
+import asyncio, json, sys
+from shuttle_client.firewall_session import FirewallError, FirewallSession
+
+async def main():
+    client = FirewallSession(sys.argv[1])
+    try:
+        print("opened", await client.open(**json.loads(sys.argv[2])))
+    except FirewallError as exc:
+        print(exc)
+    finally:
+        await client.close()
+
+asyncio.run(main())
+"""
+
+
+def as_nobody(socket_path: Path, **request: object) -> str:
+    """What a FirewallSession run by uid 65534 gets for open(**request): "opened METHOD" (and
+    then it closes the session at once) or the error text."""
+    done = subprocess.run(
+        [*NOBODY, sys.executable, "-c", NOBODY_CLIENT, str(socket_path), json.dumps(request)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    return done.stdout.strip()
+
+
+# --- sessions of root's, from this process -------------------------------------------------
+
+
+def open_session(daemon: Daemon, *args: Any) -> tuple[FirewallSession, str]:
+    """A FirewallSession opened with open(*args); (the session, the method applied)."""
+    client = FirewallSession(str(daemon.socket_path))
+    try:
+        method = asyncio.run(client.open(*args))
+    except BaseException:
+        close_session(client)
+        raise
+    return client, method
+
+
+def close_session(client: FirewallSession) -> None:
+    asyncio.run(client.close())
+
+
+def check_capture(netns: str, daemon: Daemon, listen: Callable[..., Listener], method: str) -> None:
+    """Real connections in the routed namespace, before, during and after a session of root's
+    (nat and nft alike): captured means connected (to our listener), else refused."""
+    listen(12300, addresses=("127.0.0.1", "::1"))
+    probes = [
+        ("198.18.0.5", 80),  # in 198.18.0.0/15 ports 80-90
+        ("198.18.0.5", 90),
+        ("198.18.0.5", 91),  # port outside the range
+        ("198.18.0.99", 80),  # excluded address
+        ("198.19.0.7", 85),
+        ("fd00:5e::5", 443),  # IPv6, port 443 only
+        ("fd00:5e::5", 444),
+        ("fd00:5e:1::5", 443),  # excluded IPv6 network
+    ]
+    captured = ["connected", "connected", "refused", "refused", "connected"]
+    captured += ["connected", "refused", "refused"]
+    assert connect(netns, probes) == ["refused"] * len(probes)
+    client, applied = open_session(
+        daemon,
+        method,
+        12300,
+        [("198.18.0.0/15", 80, 90), ("fd00:5e::/32", 443, 443)],
+        [("198.18.0.99/32", 1, 65535), ("fd00:5e:1::/48", 1, 65535)],
+    )
+    try:
+        assert applied == method
+        assert connect(netns, probes) == captured
+        # Another uid's connections are not captured: the session is root's own.
+        assert connect(netns, probes[:1], as_nobody=True) == ["refused"]
+    finally:
+        close_session(client)
+    assert connect(netns, probes) == ["refused"] * len(probes)

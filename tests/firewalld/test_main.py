@@ -3,27 +3,44 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
+import shutil
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from shuttle_client.firewall_session import FirewallSession
+from shuttle_client.firewall_session import FirewallError, FirewallSession
 from shuttle_firewalld.main import Options, UsageError, main, parse_args
 
-from .conftest import FIREWALLD, NOBODY, Daemon, Listener, nat_rules, shuttle_rules
+from .conftest import (
+    FIREWALLD,
+    NOBODY,
+    Daemon,
+    Listener,
+    close_session,
+    nothing_of_shuttle,
+    open_session,
+    shuttle_rules,
+    shuttle_tables,
+)
 
 
 def test_defaults() -> None:
     assert parse_args([]) == Options(
-        socket="/run/shuttle/firewalld.sock", group="shuttle", lease=6.0, verbose=False
+        socket="/run/shuttle/firewalld.sock",
+        group="shuttle",
+        lease=6.0,
+        verbose=False,
+        policy="/etc/shuttle/firewalld.policy",
     )
 
 
 def test_options() -> None:
-    assert parse_args(["--socket=/tmp/x.sock", "--group", "wheel", "--lease=2.5", "-v"]) == Options(
-        socket="/tmp/x.sock", group="wheel", lease=2.5, verbose=True
+    argv = ["--socket=/tmp/x.sock", "--group", "wheel", "--lease=2.5", "--policy=/p", "-v"]
+    assert parse_args(argv) == Options(
+        socket="/tmp/x.sock", group="wheel", lease=2.5, verbose=True, policy="/p"
     )
 
 
@@ -40,6 +57,7 @@ def test_options() -> None:
         (["--bogus"], "unexpected arguments: --bogus"),
         (["run", "/bin/sh"], "unexpected arguments: run /bin/sh"),
         (["--socket"], "--socket requires argument"),
+        (["--policy=firewalld.policy"], "--policy must be an absolute path"),
     ],
 )
 def test_bad_arguments(argv: list[str], complaint: str) -> None:
@@ -93,35 +111,6 @@ def test_refuses_a_missing_group(socket_dir: Path) -> None:
     assert list(socket_dir.iterdir()) == []
 
 
-def restore(netns: str, text: str) -> None:
-    subprocess.run(
-        ["ip", "netns", "exec", netns, "iptables-restore", "-w", "--noflush"],
-        input=text,
-        text=True,
-        check=True,
-        timeout=10,
-    )
-
-
-@pytest.mark.integration
-def test_start_removes_stale_chains_and_only_those(
-    netns: str, start_firewalld: Callable[..., Daemon]
-) -> None:
-    restore(
-        netns,
-        "*nat\n:SHUTTLE-0123456789ab - [0:0]\n:MINE - [0:0]\n"
-        "-A SHUTTLE-0123456789ab -d 10.0.0.0/8 -p tcp -j REDIRECT --to-ports 12300\n"
-        "-A OUTPUT -p tcp -m owner --uid-owner 1000 -j SHUTTLE-0123456789ab\n"
-        "-A OUTPUT -p tcp -j MINE\nCOMMIT\n",
-    )
-    assert len(shuttle_rules(netns)) == 3
-    daemon = start_firewalld()
-    assert shuttle_rules(netns) == []
-    assert ":MINE - [0:0]" in nat_rules(netns)
-    assert "-A OUTPUT -p tcp -j MINE" in nat_rules(netns)
-    assert "removed 1 stale chains left by an earlier run" in daemon.log
-
-
 @pytest.mark.integration
 def test_sigterm_removes_every_rule_and_the_socket(
     netns: str, start_firewalld: Callable[..., Daemon], listen: Callable[..., Listener]
@@ -129,19 +118,21 @@ def test_sigterm_removes_every_rule_and_the_socket(
     daemon = start_firewalld()
     listen(12300)
 
-    async def open_two() -> list[FirewallSession]:
-        clients = [FirewallSession(str(daemon.socket_path)) for _ in range(2)]
-        for client in clients:
-            await client.open("nat", 12300, ["10.0.0.0/8"], [])
+    async def open_three() -> list[FirewallSession]:
+        clients = [FirewallSession(str(daemon.socket_path)) for _ in range(3)]
+        for client, method in zip(clients, ("nat", "nat", "auto")):
+            await client.open(method, 12300, ["10.0.0.0/8"], [])
         return clients
 
-    clients = asyncio.run(open_two())
+    clients = asyncio.run(open_three())
     try:
-        assert len(shuttle_rules(netns)) == 8
+        assert len(shuttle_rules(netns)) == 10
+        assert len(shuttle_tables(netns)) == 1
         assert daemon.stop() == 0
-        assert shuttle_rules(netns) == []
+        assert nothing_of_shuttle(netns)
         assert not daemon.socket_path.exists()
-        assert daemon.log.count("closed at exit: 3 nat rules removed") == 2
+        assert daemon.log.count("closed at exit: 4 nat rules removed") == 2
+        assert daemon.log.count("closed at exit: 4 nft rules removed") == 1
     finally:
         for client in clients:
             asyncio.run(client.close())
@@ -181,6 +172,39 @@ def test_a_second_daemon_on_the_same_socket_is_refused(
         )
         # The running daemon's socket and rules are untouched.
         assert daemon.socket_path.exists()
-        assert len(shuttle_rules(netns)) == 4
+        assert len(shuttle_rules(netns)) == 5
     finally:
         asyncio.run(client.close())
+
+
+@pytest.mark.integration
+def test_without_nft_auto_means_nat(
+    netns: str,
+    socket_dir: Path,
+    start_firewalld: Callable[..., Daemon],
+    listen: Callable[..., Listener],
+) -> None:
+    # A PATH with the iptables tools and without nft, as on a host that lacks it.
+    tools = socket_dir / "bin"
+    tools.mkdir()
+    for name in ("iptables", "iptables-save", "iptables-restore"):
+        for tool in (name, name.replace("iptables", "ip6tables")):
+            found = shutil.which(tool)
+            assert found is not None
+            (tools / tool).symlink_to(found)
+    daemon = start_firewalld(env={**os.environ, "PATH": str(tools)})
+    assert "nft: cannot check for stale rules: nft failed: " in daemon.log
+    assert "the nft method does not work here: nft failed: " in daemon.log
+    assert "method auto means nat" in daemon.log
+    listen(12300)
+    client, method = open_session(daemon, "auto", 12300, ["10.0.0.0/8"], [])
+    try:
+        assert method == "nat"
+        assert len(shuttle_rules(netns)) == 5
+        refused = FirewallSession(str(daemon.socket_path))
+        with pytest.raises(FirewallError, match="the nft method does not work on this host"):
+            asyncio.run(refused.open("nft", 12300, ["10.0.0.0/8"], []))
+        asyncio.run(refused.close())
+    finally:
+        close_session(client)
+    assert shuttle_rules(netns) == []

@@ -1,12 +1,24 @@
-"""Listening-port owners from the kernel's /proc/net/tcp tables."""
+"""Listening sockets from the kernel's /proc/net/tcp tables, and which of them may take a
+session's redirected connections."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
+import sys
 from pathlib import Path
 
-from shuttle_firewalld.ports import parse_listeners, port_owners
+import pytest
+from shuttle_firewalld.ports import (
+    Listener,
+    listeners_on,
+    parse_address,
+    parse_listeners,
+    port_problem,
+)
+
+from .conftest import listening
 
 TCP = """\
   sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
@@ -15,21 +27,53 @@ TCP = """\
    2: 0100007F:300D 0100007F:A1B2 01 00000000:00000000 00:00000000 00000000  1001        0 123 1 0000000000000000 20 4 30 10 -1
    3: garbage
    4: 0100007F:ZZZZ 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 124 1
+   5: 0100007:300C 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 124 1
 """  # noqa: E501
 
 TCP6 = """\
   sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
    0: 00000000000000000000000001000000:300C 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000  1002        0 130 1 0000000000000000 100 0 0 10 0
+   1: 00000000000000000000000000000000:300C 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000  1003        0 130 1 0000000000000000 100 0 0 10 0
+   2: 0000000000000000FFFF00000100007F:300C 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000  1004        0 130 1 0000000000000000 100 0 0 10 0
 """  # noqa: E501
 
+little_endian = pytest.mark.skipif(
+    sys.byteorder != "little", reason="the samples are from a little-endian host"
+)
 
+
+def ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    return ipaddress.ip_address(text)
+
+
+@little_endian
+def test_parse_address() -> None:
+    assert parse_address("0100007F") == ip("127.0.0.1")
+    assert parse_address("00000000") == ip("0.0.0.0")
+    assert parse_address("00000000000000000000000001000000") == ip("::1")
+    assert parse_address("0000000000000000FFFF00000100007F") == ip("::ffff:127.0.0.1")
+    assert parse_address("B80D0120000000000000000001000000") == ip("2001:db8::1")
+    for bad in ("", "0100007", "0100007G"):
+        with pytest.raises(ValueError):
+            parse_address(bad)
+
+
+@little_endian
 def test_parse_listeners_takes_listening_sockets_only() -> None:
     # Port 0x300D is connected (state 01), not listening; malformed lines are skipped.
-    assert list(parse_listeners(TCP)) == [(0x300C, 1000), (0x16, 0)]
+    assert list(parse_listeners(TCP)) == [
+        Listener(ip("127.0.0.1"), 0x300C, 1000),
+        Listener(ip("0.0.0.0"), 0x16, 0),
+    ]
 
 
+@little_endian
 def test_parse_listeners_ipv6() -> None:
-    assert list(parse_listeners(TCP6)) == [(0x300C, 1002)]
+    assert list(parse_listeners(TCP6)) == [
+        Listener(ip("::1"), 0x300C, 1002),
+        Listener(ip("::"), 0x300C, 1003),
+        Listener(ip("::ffff:127.0.0.1"), 0x300C, 1004),
+    ]
 
 
 def test_parse_listeners_of_an_empty_table() -> None:
@@ -37,19 +81,71 @@ def test_parse_listeners_of_an_empty_table() -> None:
     assert list(parse_listeners(TCP.splitlines()[0])) == []
 
 
-def test_port_owners_reads_both_tables(tmp_path: Path) -> None:
+@little_endian
+def test_listeners_on_reads_both_tables(tmp_path: Path) -> None:
     (tmp_path / "tcp").write_text(TCP)
     (tmp_path / "tcp6").write_text(TCP6)
     tables = [str(tmp_path / "tcp"), str(tmp_path / "tcp6"), str(tmp_path / "missing")]
-    assert port_owners(0x300C, tables) == {1000, 1002}
-    assert port_owners(0x16, tables) == {0}
-    assert port_owners(0x300D, tables) == set()
+    assert {item.uid for item in listeners_on(0x300C, tables)} == {1000, 1002, 1003, 1004}
+    assert listeners_on(0x16, tables) == [Listener(ip("0.0.0.0"), 0x16, 0)]
+    assert listeners_on(0x300D, tables) == []
 
 
-def test_port_owners_sees_a_real_listener() -> None:
+def test_listeners_on_sees_a_real_listener() -> None:
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         port = listener.getsockname()[1]
-        assert os.getuid() not in port_owners(port)  # bound is not listening yet
+        assert listeners_on(port) == []  # bound is not listening yet
         listener.listen()
-        assert os.getuid() in port_owners(port)
+        assert listeners_on(port) == [Listener(ip("127.0.0.1"), port, os.getuid())]
+
+
+# port_problem: who listens where -> the problem for uid 1000 (None: fine).
+NO_V4 = "no listening socket of uid 1000 on port 1 at 127.0.0.1 or a wildcard address, where IPv4 connections land"  # noqa: E501
+NO_V6 = "no listening socket of uid 1000 on port 1 at ::1 or a wildcard address, where IPv6 connections land"  # noqa: E501
+NO_FWD4 = "no listening socket of uid 1000 on port 1 at a wildcard address, where forwarded IPv4 connections land"  # noqa: E501
+NO_FWD6 = "no listening socket of uid 1000 on port 1 at a wildcard address, where forwarded IPv6 connections land"  # noqa: E501
+OTHERS4 = "port 1 has listeners of other users too (uid 1001) where IPv4 connections would land"
+
+
+def mine(*addresses: str) -> list[Listener]:
+    return listening(1, 1000, *addresses)
+
+
+def theirs(*addresses: str) -> list[Listener]:
+    return listening(1, 1001, *addresses)
+
+
+@pytest.mark.parametrize(
+    ("listeners", "versions", "forward", "problem"),
+    [
+        (mine("127.0.0.1"), {4}, False, None),
+        (mine("0.0.0.0"), {4}, False, None),
+        (mine("::"), {4}, False, None),  # dual-stack
+        (mine("::ffff:127.0.0.1"), {4}, False, None),
+        (mine("127.0.0.2"), {4}, False, NO_V4),  # REDIRECT goes to 127.0.0.1 exactly
+        (mine("10.0.0.1"), {4}, False, NO_V4),
+        (mine("::1"), {4}, False, NO_V4),
+        (theirs("127.0.0.1"), {4}, False, NO_V4),
+        ([], {4}, False, NO_V4),
+        (mine("127.0.0.1"), {4, 6}, False, NO_V6),
+        (mine("127.0.0.1", "::1"), {4, 6}, False, None),
+        (mine("::"), {4, 6}, False, None),
+        (mine("::1"), {6}, False, None),
+        (mine("::ffff:127.0.0.1"), {6}, False, NO_V6),
+        # another uid where our redirected connections could land (beside an IPv6-only ::)
+        (mine("::") + theirs("127.0.0.1"), {4}, False, OTHERS4),
+        (mine("::") + theirs("0.0.0.0"), {6}, False, None),  # IPv4 only: not in the way
+        (mine("127.0.0.1") + theirs("10.0.0.1"), {4}, False, None),  # lands on 127.0.0.1
+        # forward: a wildcard address, and nobody else on any address of the version
+        (mine("127.0.0.1"), {4}, True, NO_FWD4),
+        (mine("0.0.0.0"), {4}, True, None),
+        (mine("::"), {4, 6}, True, None),
+        (mine("0.0.0.0", "::1"), {4, 6}, True, NO_FWD6),
+        (mine("::") + theirs("10.0.0.1"), {4}, True, OTHERS4),
+    ],
+)
+def test_port_problem(
+    listeners: list[Listener], versions: set[int], forward: bool, problem: str | None
+) -> None:
+    assert port_problem(listeners, 1, 1000, versions, forward) == problem

@@ -18,9 +18,9 @@ from shuttle_protocol.firewall_messages import (
 from shuttle_protocol.schema import Message
 from shuttle_protocol.stream_messages import Ping
 
-from .conftest import FakeMethod
+from .conftest import FakeMethod, open_request
 
-OPEN = OpenSessionRequest("nat", 12300, ("10.0.0.0/8",), ())
+OPEN = open_request()
 NOBODY_ELSES = "f" * 32
 
 
@@ -36,8 +36,15 @@ def test_open_needs_no_session(sessions: Sessions, method: FakeMethod) -> None:
     answer = handle(sessions, 1000, OPEN)
     assert isinstance(answer, OpenSessionAnswer)
     assert answer.lease == 6.0
+    assert answer.method == "nat"
     assert len(answer.session) == 32
     assert [session.id for session in method.applied] == [answer.session]
+
+
+def test_open_answers_the_method_applied(sessions: Sessions) -> None:
+    answer = handle(sessions, 1000, open_request(method="auto"))
+    assert isinstance(answer, OpenSessionAnswer)
+    assert answer.method == "nft"
 
 
 @pytest.mark.parametrize(
@@ -79,7 +86,7 @@ def test_after_close_the_session_is_gone(sessions: Sessions) -> None:
 @pytest.mark.parametrize(
     "message",
     [
-        OpenSessionAnswer("a" * 32, 6.0),
+        OpenSessionAnswer("a" * 32, 6.0, "nft"),
         HeartbeatAnswer(),
         CloseSessionAnswer(),
         ErrorAnswer("no"),

@@ -28,14 +28,24 @@ from shuttle_protocol.firewall_messages import (
     CloseSessionRequest,
     ErrorAnswer,
     OpenSessionAnswer,
-    OpenSessionRequest,
 )
 from shuttle_protocol.frames import MAX_FRAME, decode_frame, encode_frame
 from shuttle_protocol.schema import Message
 
-from .conftest import NOBODY, Daemon, FakeMethod, Listener, ask, nat_rules, shuttle_rules
+from .conftest import (
+    Daemon,
+    FakeMethod,
+    Listener,
+    as_nobody,
+    ask,
+    listening,
+    nat_rules,
+    open_request,
+    shuttle_rules,
+)
 
-OPEN = OpenSessionRequest("nat", 12300, ("10.0.0.0/8",), ("10.1.0.0/16",))
+OPEN = open_request(excludes=("10.1.0.0/16",))
+ALL = ["10.0.0.0/8", 1, 65535]
 
 
 def pack(value: Any) -> bytes:
@@ -68,10 +78,15 @@ BAD_FRAMES = [
     (b"\xc1", 0),  # a byte msgpack never uses
     (pack([5]), 5),  # an id and nothing else
     (pack([6, 9999]), 6),  # unknown tag
-    (pack([7, 64, "nat", "80", ["10.0.0.0/8"], []]), 7),  # port as text
-    (pack([8, 64, "nft", 80, ["10.0.0.0/8"], []]), 8),  # a method this firewalld lacks
-    (pack([9, 64, "nat", 80, ["10.0.0.1/8"], []]), 9),  # host bits set
-    (pack([10, 64, "nat", 80, [], []]), 10),  # no subnet
+    (pack([7, 64, "nat", "80", [ALL], [], 0, -1, False]), 7),  # port as text
+    (pack([8, 64, "tproxy", 80, [ALL], [], 0, -1, False]), 8),  # a method firewalld lacks
+    (pack([9, 64, "nat", 80, [["10.0.0.1/8", 1, 65535]], [], 0, -1, False]), 9),  # host bits
+    (pack([10, 64, "nat", 80, [], [], 0, -1, False]), 10),  # no subnet
+    (pack([10, 64, "nat", 80, ["10.0.0.0/8"], [], 0, -1, False]), 10),  # the old form
+    (pack([10, 64, "nat", 80, [["10.0.0.0/8", 90, 80]], [], 0, -1, False]), 10),  # ports
+    (pack([10, 64, "nat", 80, [ALL], [], 0, -1, 0]), 10),  # forward as a number
+    (pack([10, 64, "nat", 80, [ALL], [], -2, -1, False]), 10),  # uid
+    (pack([10, 64, "nat", 80, [ALL], []]), 10),  # the old field count
     (pack([11, 66, "x" * 33]), 11),  # session id too long
     (pack([12, 66]), 12),  # field missing
     (pack(["12", 66, "a" * 32]), 0),  # id as text
@@ -82,7 +97,7 @@ BAD_FRAMES = [
     (pack([13, 64]) + pack([14, 64]), 13),  # two values in one frame
     (b"\xdd\xff\xff\xff\xff", 0),  # an array header claiming 4 billion items
     (b"\x91" * 100_000, 0),  # arrays nested 100,000 deep
-    (pack([15, 64, "nat", 80, ["10.0.0.0/8"] * 60_000, []]), 15),  # too many subnets
+    (pack([15, 64, "nat", 80, [ALL] * 60_000, [], 0, -1, False]), 15),  # too many subnets
     (b"\x00" * (MAX_FRAME + 1), 0),
 ]
 
@@ -122,11 +137,19 @@ def test_an_endless_internal_error_is_cut_to_fit(sessions: Sessions, method: Fak
     assert len(reply.text) == 2000
 
 
+def any_port_sessions() -> Sessions:
+    """Sessions where uid 1000 listens on every port, everywhere."""
+    return Sessions(
+        {"nat": FakeMethod(), "nft": FakeMethod()},
+        6.0,
+        listeners_of_port=lambda port: listening(port, 1000, "0.0.0.0", "::"),
+    )
+
+
 @settings(max_examples=300, deadline=None)
 @given(payload=st.binary(max_size=300))
 def test_any_bytes_get_a_decodable_answer(payload: bytes) -> None:
-    sessions = Sessions({"nat": FakeMethod()}, 6.0, owners_of_port=lambda port: {1000})
-    request_id, reply = answer_to(sessions, payload)
+    request_id, reply = answer_to(any_port_sessions(), payload)
     assert isinstance(reply, (ErrorAnswer, OpenSessionAnswer))
     assert 0 <= request_id < 2**63
 
@@ -146,13 +169,12 @@ wire_values = st.recursive(
 @given(
     request_id=st.integers(min_value=0, max_value=2**63 - 1),
     tag=st.sampled_from([64, 65, 66, 67, 68, 69, 127, 1, 200]),
-    fields=st.lists(wire_values, max_size=5),
+    fields=st.lists(wire_values, max_size=8),
 )
 def test_any_fields_under_any_tag_get_an_answer_with_the_id(
     request_id: int, tag: int, fields: list[Any]
 ) -> None:
-    sessions = Sessions({"nat": FakeMethod()}, 6.0, owners_of_port=lambda port: {1000})
-    got_id, reply = answer_to(sessions, pack([request_id, tag, *fields]))
+    got_id, reply = answer_to(any_port_sessions(), pack([request_id, tag, *fields]))
     assert got_id == request_id
     assert isinstance(reply, (ErrorAnswer, OpenSessionAnswer))
 
@@ -184,42 +206,14 @@ def test_open_and_close_install_and_remove_exactly_the_sessions_rules(
     assert [line for line in during if line not in before] == [
         f":{chain} - [0:0]",
         f"-A OUTPUT -p tcp -m owner --uid-owner 0 -j {chain}",
-        f"-A {chain} -d 127.0.0.0/8 -p tcp -j RETURN",
-        f"-A {chain} -d 10.1.0.0/16 -p tcp -j RETURN",
+        f"-A {chain} -m addrtype --dst-type LOCAL -j RETURN",
+        f"-A {chain} -d 127.0.0.0/8 -j RETURN",
+        f"-A {chain} -d 10.1.0.0/16 -j RETURN",
         f"-A {chain} -d 10.0.0.0/8 -p tcp -j REDIRECT --to-ports 12300",
         f"-A {chain} -d 192.0.2.0/24 -p tcp -j REDIRECT --to-ports 12300",
     ]
     assert nat_rules(netns) == before
-    assert f"session {chain[8:]} of uid 0 closed by uid 0: 5 nat rules removed" in daemon.log
-
-
-NOBODY_CLIENT = """\
-import asyncio, sys
-from shuttle_client.firewall_session import FirewallError, FirewallSession
-
-async def main():
-    client = FirewallSession(sys.argv[1])
-    try:
-        await client.open("nat", int(sys.argv[2]), ["10.0.0.0/8"], [])
-        print("opened")
-        await client.close()
-    except FirewallError as exc:
-        print(exc)
-
-asyncio.run(main())
-"""
-
-
-def as_nobody(socket_path: Path, port: int) -> str:
-    """What a FirewallSession run by uid 65534 gets when it asks for port."""
-    done = subprocess.run(
-        [*NOBODY, sys.executable, "-c", NOBODY_CLIENT, str(socket_path), str(port)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    )
-    return done.stdout.strip()
+    assert f"session {chain[8:]} of uid 0 closed by uid 0: 6 nat rules removed" in daemon.log
 
 
 @pytest.mark.integration
@@ -229,12 +223,15 @@ def test_the_callers_uid_is_the_kernels(
     daemon = start_firewalld(group="nogroup")
     listen(12300)  # root's
     listen(12301, as_nobody=True)
-    # The request carries no uid: the refusal names the one the kernel told ZAP.
-    assert as_nobody(daemon.socket_path, 12300) == (
-        "shuttle-firewalld: port 12300 is not a listening socket of uid 65534"
+    # The uid in the request is whose traffic to capture; the caller's is the one the
+    # kernel told ZAP, which the refusal names.
+    asked = {"method": "nat", "subnets": ["10.0.0.0/8"], "excludes": [], "uid": 65534}
+    assert as_nobody(daemon.socket_path, port=12300, **asked) == (
+        "shuttle-firewalld: no listening socket of uid 65534 on port 12300 at 127.0.0.1 or a "
+        "wildcard address, where IPv4 connections land"
     )
     assert shuttle_rules(netns) == []
-    assert as_nobody(daemon.socket_path, 12301) == "opened"
+    assert as_nobody(daemon.socket_path, port=12301, **asked) == "opened nat"
     assert "opened by uid 65534: nat to port 12301" in daemon.log
     assert shuttle_rules(netns) == []
 
@@ -260,7 +257,7 @@ def test_garbage_gets_error_answers_and_serving_goes_on(
     request_id, reply = ask(daemon.socket_path, encode_frame(77, OPEN))
     assert request_id == 77
     assert isinstance(reply, OpenSessionAnswer)
-    assert len(shuttle_rules(netns)) == 5
+    assert len(shuttle_rules(netns)) == 6
     assert daemon.proc.poll() is None
 
 

@@ -1,4 +1,5 @@
-"""Sessions: the per-caller policy checks, leases, and closing; then leases for real."""
+"""Sessions: the per-caller checks, leases, and closing; then leases and several sessions at
+once for real."""
 
 from __future__ import annotations
 
@@ -13,26 +14,45 @@ from shuttle_protocol.firewall_messages import CloseSessionAnswer, CloseSessionR
 from shuttle_protocol.frames import encode_frame
 
 from .conftest import (
+    POLICY_PATH,
     WAIT,
     Daemon,
     FakeClock,
     FakeMethod,
     Listener,
     ask,
+    close_session,
+    nat6_rules,
+    nat_rules,
+    nft,
+    nothing_of_shuttle,
+    open_request,
+    open_session,
     shuttle_rules,
+    shuttle_tables,
     wait_until,
 )
 
 
 def open_one(sessions: Sessions, uid: int = 1000, port: int = 12300) -> str:
-    return sessions.open(uid, "nat", port, ["10.0.0.0/8"], ["10.1.0.0/16"]).id
+    request = open_request(port=port, excludes=("10.1.0.0/16",), uid=uid)
+    return sessions.open(uid, request).id
 
 
 def test_open_applies_and_registers(sessions: Sessions, method: FakeMethod) -> None:
-    session = sessions.open(1000, "nat", 12300, ["10.0.0.0/8", "2001:db8::/32"], ["10.1.0.0/16"])
+    request = open_request(
+        method="auto",
+        subnets=("10.0.0.0/8", "2001:db8::/32"),
+        excludes=("10.1.0.0/16",),
+        gid=27,
+    )
+    session = sessions.open(1000, request)
     assert method.applied == [session]
-    assert [str(net) for net in session.subnets] == ["10.0.0.0/8", "2001:db8::/32"]
-    assert [str(net) for net in session.excludes] == ["10.1.0.0/16"]
+    assert session.method == "nft"  # auto, with both methods working
+    assert [str(target) for target in session.subnets] == ["10.0.0.0/8", "2001:db8::/32"]
+    assert [str(target) for target in session.excludes] == ["10.1.0.0/16"]
+    assert session.versions == (4, 6)
+    assert (session.caller, session.uid, session.gid, session.forward) == (1000, 1000, 27, False)
     assert session.rules == 3
     assert session.short_id == session.id[:12]
     assert len(session.id) == 32
@@ -40,19 +60,61 @@ def test_open_applies_and_registers(sessions: Sessions, method: FakeMethod) -> N
     assert sessions.owned(session.id, 1000) is session
 
 
-def test_unknown_method(sessions: Sessions, method: FakeMethod) -> None:
-    with pytest.raises(RequestError, match="unknown method 'nft'"):
-        sessions.open(1000, "nft", 12300, ["10.0.0.0/8"], [])
-    assert method.applied == []
+def test_auto_passes_over_a_disabled_method(sessions: Sessions, method: FakeMethod) -> None:
+    sessions.disable("nft", "nft failed (exit 1): no")
+    assert sessions.open(1000, open_request(method="auto")).method == "nat"
+    with pytest.raises(RequestError, match=r"^the nft method does not work on this host \("):
+        sessions.open(1000, open_request(method="nft"))
+    assert len(method.applied) == 1
 
 
-@pytest.mark.parametrize(("uid", "port"), [(1000, 12301), (0, 12300), (1000, 9)])
+@pytest.mark.parametrize(
+    ("caller", "port", "versions", "problem"),
+    [
+        (1000, 12301, ("10.0.0.0/8",), "no listening socket of uid 1000 on port 12301 at"),
+        (0, 12300, ("10.0.0.0/8",), "no listening socket of uid 0 on port 12300 at"),
+        (1000, 9, ("10.0.0.0/8",), "no listening socket of uid 1000 on port 9 at"),
+        (1000, 12303, ("fd00::/8",), "no listening socket of uid 1000 on port 12303 at ::1 or"),
+    ],
+)
 def test_the_port_must_be_the_callers_listener(
-    sessions: Sessions, method: FakeMethod, uid: int, port: int
+    sessions: Sessions, caller: int, port: int, versions: tuple[str, ...], problem: str
 ) -> None:
-    with pytest.raises(RequestError, match=f"^port {port} is not a listening socket of uid {uid}$"):
-        open_one(sessions, uid, port)
+    with pytest.raises(RequestError, match=f"^{problem}"):
+        sessions.open(caller, open_request(port=port, subnets=versions, uid=caller))
+    assert len(sessions) == 0
+
+
+def test_forward_needs_a_wildcard_listener(sessions: Sessions, method: FakeMethod) -> None:
+    with pytest.raises(RequestError, match="at a wildcard address"):
+        sessions.open(0, open_request(port=12301, uid=0, forward=True))
+    with pytest.raises(RequestError, match="at a wildcard address"):
+        sessions.open(0, open_request(port=12300, uid=0, forward=True))  # uid 1000's anyway
     assert method.applied == []
+
+
+@pytest.mark.parametrize(
+    ("uid", "forward", "text"),
+    [
+        (-1, False, "capturing other users' traffic needs root or a policy entry in "),
+        (1001, False, "capturing other users' traffic needs root or a policy entry in "),
+        (1000, True, "capturing forwarded traffic needs root or a policy entry in "),
+    ],
+)
+def test_scope_beyond_the_own_uid_is_refused(
+    sessions: Sessions, method: FakeMethod, uid: int, forward: bool, text: str
+) -> None:
+    request = open_request(port=12302, uid=uid, forward=forward)
+    with pytest.raises(RequestError) as refused:
+        sessions.open(1000, request)
+    assert str(refused.value).startswith(text + POLICY_PATH)
+    assert method.applied == []
+
+
+def test_root_may_capture_anyone(sessions: Sessions, method: FakeMethod) -> None:
+    session = sessions.open(0, open_request(port=12301, uid=-1, gid=5))
+    assert (session.caller, session.uid, session.gid) == (0, -1, 5)
+    assert session.scope() == "every uid in gid 5"
 
 
 def test_sessions_per_uid_are_capped(sessions: Sessions, method: FakeMethod) -> None:
@@ -106,14 +168,14 @@ def test_without_heartbeat_the_rules_go(
     client = FirewallSession(str(daemon.socket_path))
 
     async def open_and_forget() -> str | None:
-        await client.open("nat", 12300, ["10.0.0.0/8"], [])
+        await client.open("auto", 12300, ["10.0.0.0/8"], [])
         return client.session
 
     try:
         session_id = asyncio.run(open_and_forget())
         assert session_id is not None
-        assert shuttle_rules(netns) != []
-        assert wait_until(lambda: shuttle_rules(netns) == [], timeout=WAIT)
+        assert shuttle_tables(netns) != []
+        assert wait_until(lambda: shuttle_tables(netns) == [], timeout=WAIT)
         daemon.wait_for_line(f"shuttle-firewalld: session {session_id[:12]} of uid 0 expired")
     finally:
         asyncio.run(client.close())
@@ -143,7 +205,7 @@ def test_heartbeats_keep_the_rules(
             await client.close()
 
     rules = asyncio.run(beat_through_leases())
-    assert len(rules) == 4  # the chain, its loopback RETURN and its REDIRECT, the jump
+    assert len(rules) == 5  # the chain, its local, loopback RETURNs and REDIRECT, the jump
     assert shuttle_rules(netns) == []
     assert "expired" not in daemon.log
 
@@ -158,7 +220,7 @@ def test_heartbeats_say_when_the_session_is_gone(
     async def lose_the_session() -> str:
         client = FirewallSession(str(daemon.socket_path))
         try:
-            await client.open("nat", 12300, ["10.0.0.0/8"], [])
+            await client.open("auto", 12300, ["10.0.0.0/8"], [])
             assert client.session is not None
             # Someone else with the same uid closes it (shuttle-client ctl might).
             assert (
@@ -173,4 +235,66 @@ def test_heartbeats_say_when_the_session_is_gone(
 
     assert asyncio.run(lose_the_session()) == (
         "lost the firewall session: shuttle-firewalld: no such session"
+    )
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("method", ["nft", "nat"])
+def test_two_sessions_coexist_and_closing_one_leaves_the_other(
+    netns: str,
+    start_firewalld: Callable[..., Daemon],
+    listen: Callable[..., Listener],
+    method: str,
+) -> None:
+    daemon = start_firewalld(lease=30)
+    listen(12300, addresses=("127.0.0.1", "::1"))
+    listen(12301, addresses=("127.0.0.1",))
+    first, _ = open_session(
+        daemon, method, 12300, [("10.0.0.0/8", 1, 65535), ("fd00:5e::/32", 80, 90)], []
+    )
+    second = None
+    try:
+        second, _ = open_session(
+            daemon, method, 12301, [("192.0.2.0/24", 443, 443)], [("192.0.2.7/32", 1, 65535)], -1
+        )
+
+        def state() -> tuple[list[str], ...]:
+            if method == "nat":
+                return (nat_rules(netns), nat6_rules(netns))
+            tables = shuttle_tables(netns)
+            return (tables, [nft(netns, "list", "table", "inet", table) for table in tables])
+
+        both = state()
+        assert len([line for line in both[0] if "shuttle-" in line.lower()]) == (
+            2 if method == "nft" else 11
+        )
+        close_session(first)
+        assert first.session is None
+        assert second.session is not None
+        left = "shuttle-" if method == "nft" else "SHUTTLE-"
+        left += second.session[:12]
+        if method == "nft":
+            tables, listings = state()
+            # The second session's table is there, exactly as it was.
+            assert tables == [left]
+            assert listings == [listing for listing in both[1] if left in listing]
+        else:
+            ipv4, ipv6 = state()
+            assert ipv4 == [line for line in both[0] if first_chain(both[0], left) not in line]
+            assert [line for line in ipv6 if "SHUTTLE-" in line] == []  # only the first had IPv6
+            assert f"-A OUTPUT -p tcp -j {left}" in ipv4  # uid -1: no owner match
+    finally:
+        close_session(first)
+        if second is not None:
+            close_session(second)
+    assert nothing_of_shuttle(netns)
+    assert daemon.log.count("nft rules removed" if method == "nft" else "nat rules removed") == 2
+
+
+def first_chain(lines: list[str], other: str) -> str:
+    """The name of the SHUTTLE chain in lines that is not other."""
+    return next(
+        line.split()[0][1:]
+        for line in lines
+        if line.startswith(":SHUTTLE-") and not line.startswith(f":{other}")
     )

@@ -1,5 +1,6 @@
 """Fixtures for the integration tests: the user venv (once per session), a fresh test network
-per test, and shuttle-firewalld running in it. Everything is torn down even when a test fails.
+per test, and shuttle-firewalld running in it. Everything is torn down even when a test fails,
+and a test whose clients leave a shuttle table or chain behind fails.
 """
 
 from __future__ import annotations
@@ -16,9 +17,32 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # `pytest` run without `python -m` does not put the repo first
     sys.path.insert(0, str(REPO))
 
-from testbed import LocalUser, Shuttle, StartupError, Topology, UserVenv, ensure_user  # noqa: E402
+from testbed import (  # noqa: E402
+    METHODS,
+    LocalUser,
+    Shuttle,
+    StartupError,
+    Topology,
+    UserVenv,
+    ensure_second_user,
+    ensure_user,
+    shuttle_rules,
+    wait_rules_gone,
+)
 
-TOOLS = ("ip", "iptables-save", "nft", "setpriv", "ssh", "ssh-keygen", "curl", "useradd", "ss")
+TOOLS = (
+    "ip",
+    "iptables-save",
+    "ip6tables-save",
+    "nft",
+    "setpriv",
+    "ssh",
+    "ssh-keygen",
+    "curl",
+    "useradd",
+    "usermod",
+    "ss",
+)
 
 
 @pytest.fixture(scope="session")
@@ -32,6 +56,12 @@ def local_user() -> LocalUser:
 
 
 @pytest.fixture(scope="session")
+def second_user(local_user: LocalUser) -> LocalUser:
+    """Another unprivileged user, a member of the first one's group (firewalld admits it)."""
+    return ensure_second_user(local_user)
+
+
+@pytest.fixture(scope="session")
 def user_venv(local_user: LocalUser) -> Iterator[UserVenv]:
     """The four packages, installed (not editable) where the test user can run them."""
     venv = UserVenv.build()
@@ -42,16 +72,24 @@ def user_venv(local_user: LocalUser) -> Iterator[UserVenv]:
 
 
 @pytest.fixture
-def topo(local_user: LocalUser) -> Iterator[Topology]:
+def topo(local_user: LocalUser, second_user: LocalUser) -> Iterator[Topology]:
     """A fresh test network; its teardown fails the test if anything is left behind."""
-    with Topology.up(local_user) as topology:
+    with Topology.up(local_user, second_user) as topology:
         yield topology
+
+
+@pytest.fixture(params=METHODS)
+def method(request: pytest.FixtureRequest) -> str:
+    """Each firewall method in turn: nft (a table per session) and nat (iptables chains)."""
+    return str(request.param)
 
 
 @pytest.fixture
 def shuttle(topo: Topology, user_venv: UserVenv) -> Iterator[Shuttle]:
     """shuttle-firewalld running in the client host; tests start clients with it."""
     runner = Shuttle(topo, user_venv, lease=3)
+    left_by_clients: list[str] = []
+    left_by_firewalld: list[str] = []
     try:
         try:
             runner.start_firewalld()
@@ -59,5 +97,17 @@ def shuttle(topo: Topology, user_venv: UserVenv) -> Iterator[Shuttle]:
             pytest.fail(str(exc))
         yield runner
     finally:
-        problems = runner.stop()
+        problems = runner.stop_clients()
+        try:
+            # The stopped clients close their sessions; a killed one's lease runs out.
+            left_by_clients = wait_rules_gone(topo, timeout=runner.lease + 5)
+        finally:
+            problems += runner.stop_firewalld()
+        left_by_firewalld = shuttle_rules(topo)
+    if left_by_clients:
+        problems.append("shuttle rules left after the clients stopped:")
+        problems += left_by_clients
+    if left_by_firewalld:
+        problems.append("shuttle rules left after shuttle-firewalld stopped:")
+        problems += left_by_firewalld
     assert not problems, "\n".join(problems) + "\n" + runner.outputs()

@@ -1,4 +1,5 @@
-"""The firewall rules follow the client's life: stopped or killed, nothing stays behind."""
+"""The firewall rules follow the client's life: stopped or killed, nothing stays behind, with
+either firewall method and in every view of the firewall (nft, iptables, ip6tables)."""
 
 from __future__ import annotations
 
@@ -6,14 +7,16 @@ import signal
 
 import pytest
 
-from testbed import Shuttle, shuttle_rules
+from testbed import TARGET_NET, TARGET_NET6, Shuttle, shuttle_rules
 from testbed.procs import wait_until
+
+SUBNETS = (TARGET_NET, TARGET_NET6)
 
 pytestmark = pytest.mark.integration
 
 
-def test_killed_client_rules_expire_with_the_lease(shuttle: Shuttle) -> None:
-    client = shuttle.start_client()
+def test_killed_client_rules_expire_with_the_lease(shuttle: Shuttle, method: str) -> None:
+    client = shuttle.start_client(subnets=SUBNETS, method=method)
     assert shuttle_rules(shuttle.topo), "no SHUTTLE rules while the client runs"
     client.send(signal.SIGKILL)
     assert client.wait(10) == -signal.SIGKILL
@@ -22,8 +25,8 @@ def test_killed_client_rules_expire_with_the_lease(shuttle: Shuttle) -> None:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_stopped_client_exits_0_and_removes_rules(shuttle: Shuttle, sig: int) -> None:
-    client = shuttle.start_client()
+def test_stopped_client_exits_0_and_removes_rules(shuttle: Shuttle, method: str, sig: int) -> None:
+    client = shuttle.start_client(subnets=SUBNETS, method=method)
     assert shuttle_rules(shuttle.topo), "no SHUTTLE rules while the client runs"
     client.send(sig)
     code = client.wait(15)

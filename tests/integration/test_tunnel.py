@@ -60,7 +60,10 @@ def test_closed_port_is_refused_locally(shuttle: Shuttle) -> None:
     # 7: could not connect; 56 (recv) or 55 (send): reset after the local accept. Not 52, an
     # empty reply, which is what a silent EOF instead of a reset would look like.
     assert result.returncode in (7, 55, 56), f"exit {result.returncode}: {result.stderr}"
-    assert "refused" in result.stderr.lower() or "reset" in result.stderr.lower(), result.stderr
+    # The reset can arrive before curl has checked its connect (the tunnel's round trip here
+    # is well under a millisecond); curl 7.88 then says only "Couldn't connect to server".
+    words = ("refused", "reset") + (("couldn't connect",) if result.returncode == 7 else ())
+    assert any(word in result.stderr.lower() for word in words), result.stderr
 
 
 def test_excluded_subnet_is_not_captured(shuttle: Shuttle) -> None:

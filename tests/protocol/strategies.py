@@ -72,8 +72,22 @@ networks = st.one_of(
     st.builds(_network, st.ip_addresses(v=4), st.integers(0, 32)),
     st.builds(_network, st.ip_addresses(v=6), st.integers(0, 128)),
 )
+ports = st.integers(1, 65535)
+
+
+def _target(network: str, a: int, b: int) -> fw.Target:
+    return (network, min(a, b), max(a, b))
+
+
+# One port, a range, or ALL_PORTS (no port match), as the client writes them.
+targets = st.one_of(
+    st.builds(_target, networks, ports, ports),
+    st.builds(lambda network, port: (network, port, port), networks, ports),
+    st.builds(lambda network: (network, *fw.ALL_PORTS), networks),
+)
 # Small counts: every message must also fit the stream carrier (256 items per array).
-network_tuples = st.lists(networks, max_size=8).map(tuple)
+target_tuples = st.lists(targets, max_size=8).map(tuple)
+owners = st.one_of(st.sampled_from([fw.ANY_OWNER, 0, fw.MAX_ID]), st.integers(-1, fw.MAX_ID))
 session_ids = st.text(string.ascii_letters + string.digits, min_size=32, max_size=32)
 leases = st.one_of(
     st.floats(0.1, 3600, allow_nan=False, allow_infinity=False), st.integers(1, 3600)
@@ -95,11 +109,16 @@ STRATEGIES: Dict[Type[Message], st.SearchStrategy[Message]] = {
     fw.OpenSessionRequest: st.builds(
         fw.OpenSessionRequest,
         st.sampled_from(fw.METHODS),
-        st.integers(1, 65535),
-        st.lists(networks, min_size=1, max_size=8).map(tuple),
-        network_tuples,
+        ports,
+        st.lists(targets, min_size=1, max_size=8).map(tuple),
+        target_tuples,
+        owners,
+        owners,
+        st.booleans(),
     ),
-    fw.OpenSessionAnswer: st.builds(fw.OpenSessionAnswer, session_ids, leases),
+    fw.OpenSessionAnswer: st.builds(
+        fw.OpenSessionAnswer, session_ids, leases, st.sampled_from(fw.APPLIED_METHODS)
+    ),
     fw.HeartbeatRequest: st.builds(fw.HeartbeatRequest, session_ids),
     fw.HeartbeatAnswer: st.builds(fw.HeartbeatAnswer),
     fw.CloseSessionRequest: st.builds(fw.CloseSessionRequest, session_ids),
@@ -150,8 +169,16 @@ EXAMPLES: Dict[Type[Message], Message] = {
     sm.Ping: sm.Ping(7),
     sm.Pong: sm.Pong(7),
     sm.Error: sm.Error("boom"),
-    fw.OpenSessionRequest: fw.OpenSessionRequest("nat", 12300, ("10.0.0.0/8",), ()),
-    fw.OpenSessionAnswer: fw.OpenSessionAnswer(SESSION, 30.0),
+    fw.OpenSessionRequest: fw.OpenSessionRequest(
+        "auto",
+        12300,
+        (("10.0.0.0/8", *fw.ALL_PORTS), ("2001:db8::/32", 443, 443)),
+        (("10.1.0.0/16", 22, 22),),
+        1000,
+        fw.ANY_OWNER,
+        False,
+    ),
+    fw.OpenSessionAnswer: fw.OpenSessionAnswer(SESSION, 30.0, "nft"),
     fw.HeartbeatRequest: fw.HeartbeatRequest(SESSION),
     fw.HeartbeatAnswer: fw.HeartbeatAnswer(),
     fw.CloseSessionRequest: fw.CloseSessionRequest(SESSION),
@@ -198,29 +225,59 @@ def bad_text_tuples(max_items: int, max_len: int = 64) -> List[Any]:
     ]
 
 
-BAD_NETWORKS: List[Any] = [
-    ["10.0.0.0/8"],
-    ("10.0.0.1/8",),  # host bits set
-    ("10.0.0.0/33",),
-    ("10.0.0.0/255.0.0.0",),
-    ("10.0.0.0",),  # a network is written with its prefix
-    ("10.0.0.0/08",),
-    ("010.0.0.0/8",),
-    (" 10.0.0.0/8",),
-    ("10.0.0.0/8 ",),
-    ("10.0.0.0/8\n",),
-    ("2001:DB8::/32",),
-    ("2001:0db8::/32",),
-    ("2001:db8:0:0:0:0:0:0/32",),
-    ("fe80::%eth0/64",),  # a scope id: arbitrary text inside a "network"
-    ("::%a b\nc/128",),
-    ("",),
-    ("banana",),
-    (b"10.0.0.0/8",),
+# Network texts check_network must refuse, each alone.
+BAD_NETWORK_TEXTS: List[Any] = [
+    "10.0.0.1/8",  # host bits set
+    "10.0.0.0/33",
+    "10.0.0.0/255.0.0.0",
+    "10.0.0.0",  # a network is written with its prefix
+    "10.0.0.0/08",
+    "010.0.0.0/8",
+    " 10.0.0.0/8",
+    "10.0.0.0/8 ",
+    "10.0.0.0/8\n",
+    "2001:DB8::/32",
+    "2001:0db8::/32",
+    "2001:db8:0:0:0:0:0:0/32",
+    "fe80::%eth0/64",  # a scope id: arbitrary text inside a "network"
+    "::%a b\nc/128",
+    "",
+    "banana",
+    "1" * 65,  # over the length limit, checked before parsing
+    b"10.0.0.0/8",
+    None,
+    1,
+    ("10.0.0.0/8",),
+]
+
+
+def _with_port(position: int, value: Any) -> fw.Target:
+    target: List[Any] = ["10.0.0.0/8", *fw.ALL_PORTS]
+    target[position] = value
+    return tuple(target)  # type: ignore[return-value]
+
+
+BAD_TARGETS: List[Any] = [
+    *[((text, *fw.ALL_PORTS),) for text in BAD_NETWORK_TEXTS],
+    *[(_with_port(1, value),) for value in bad_ints(1, 65535)],
+    *[(_with_port(2, value),) for value in bad_ints(1, 65535)],
+    (("10.0.0.0/8", 443, 442),),  # first > last
+    (("10.0.0.0/8", 65535, 1),),
+    (("10.0.0.0/8", True, True),),  # bools are no ports
+    (("10.0.0.0/8", 1),),  # a list of 2
+    (("10.0.0.0/8", 1, 2, 3),),
+    (("10.0.0.0/8",),),
+    ((),),
+    ("10.0.0.0/8",),  # a bare network, no tuple
+    (["10.0.0.0/8", 1, 65535],),  # a list where a tuple is due
     (None,),
-    ("10.0.0.0/8", "x"),
-    ("1.0.0.0/8",) * (fw.MAX_SUBNETS + 1),
+    ((None, 1, 65535),),
+    (("10.0.0.0/8", *fw.ALL_PORTS), ("10.0.0.0/8", 0, 65535)),  # the second is bad
+    [("10.0.0.0/8", *fw.ALL_PORTS)],
     "10.0.0.0/8",
+    ("10.0.0.0/8", 1, 65535),  # one target where a tuple of them is due
+    None,
+    (("1.0.0.0/8", *fw.ALL_PORTS),) * (fw.MAX_SUBNETS + 1),
 ]
 
 BAD_SESSIONS: List[Any] = [
@@ -251,6 +308,11 @@ BAD_LEASES: List[Any] = [
     float("-inf"),
     10**5000,
 ]
+
+BAD_OWNERS = bad_ints(fw.ANY_OWNER, fw.MAX_ID)  # includes -2 and 2**32 - 1, (uid_t)-1
+
+# Only True and False: 1 and 0 are ints on the wire, and so is anything else truthy.
+BAD_BOOLS: List[Any] = [1, 0, -1, 1.0, 0.0, "true", "", b"\x01", None, (), (True,), [True]]
 
 CHANNEL = bad_ints(1, sm.MAX_CHANNEL)
 
@@ -283,12 +345,20 @@ BAD_VALUES: Dict[Type[Message], Dict[str, List[Any]]] = {
     sm.Pong: {"cookie": bad_ints(0, 2**63 - 1)},
     sm.Error: {"text": bad_texts(1000)},
     fw.OpenSessionRequest: {
-        "method": ["tproxy", "NAT", "nat ", "", b"nat", None, 1, ("nat",)],
+        "method": ["tproxy", "NAT", "Auto", "nat ", "", b"nat", None, 1, True, ("nat",)],
         "port": bad_ints(1, 65535),
-        "subnets": [*BAD_NETWORKS, ()],  # at least one subnet
-        "excludes": BAD_NETWORKS,
+        "subnets": [*BAD_TARGETS, ()],  # at least one subnet
+        "excludes": BAD_TARGETS,
+        "uid": BAD_OWNERS,
+        "gid": BAD_OWNERS,
+        "forward": BAD_BOOLS,
     },
-    fw.OpenSessionAnswer: {"session": BAD_SESSIONS, "lease": BAD_LEASES},
+    fw.OpenSessionAnswer: {
+        "session": BAD_SESSIONS,
+        "lease": BAD_LEASES,
+        # The answer names the method applied: "auto" is a request, never an answer.
+        "method": ["auto", "tproxy", "NFT", "nft ", "", b"nft", None, 1, ("nft",)],
+    },
     fw.HeartbeatRequest: {"session": BAD_SESSIONS},
     fw.HeartbeatAnswer: {},
     fw.CloseSessionRequest: {"session": BAD_SESSIONS},

@@ -4,6 +4,7 @@ from typing import Any
 
 import pytest
 from shuttle_protocol.checks import (
+    check_bool,
     check_bytes,
     check_choice,
     check_int,
@@ -27,6 +28,21 @@ def test_check_int_accepts_the_closed_range(value: int) -> None:
 def test_check_int_refuses(value: Any) -> None:
     with pytest.raises(LocalProtocolError, match="n must be an integer"):
         check_int(value, "n", 0, 10)
+
+
+@pytest.mark.parametrize("value", [True, False])
+def test_check_bool_accepts_true_and_false(value: bool) -> None:
+    check_bool(value, "b")
+
+
+@pytest.mark.parametrize(
+    "value",
+    [1, 0, -1, 2, 1.0, 0.0, "true", "", b"\x01", None, (), (True,), [True], 10**5000],
+    ids=show,
+)
+def test_check_bool_refuses_everything_else(value: Any) -> None:
+    with pytest.raises(LocalProtocolError, match="b must be true or false, got "):
+        check_bool(value, "b")
 
 
 @pytest.mark.parametrize("value", [0.5, 1, 2.0, 0.5000001])

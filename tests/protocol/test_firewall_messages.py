@@ -1,42 +1,89 @@
-"""Firewall requests and answers: networks, session tokens and leases as firewalld gets them."""
+"""Firewall requests and answers: targets, owners, methods, session tokens and leases as
+firewalld gets them (the generic bad-value table is in test_messages)."""
 
+import dataclasses
 import ipaddress
 import string
-from typing import Any
+from typing import Any, Tuple
 
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from shuttle_protocol.errors import LocalProtocolError, RemoteProtocolError
 from shuttle_protocol.firewall_messages import (
+    ALL_PORTS,
+    ANY_OWNER,
+    APPLIED_METHODS,
+    MAX_ID,
     MAX_SUBNETS,
+    METHODS,
     SESSION_ID_LEN,
     HeartbeatRequest,
     OpenSessionAnswer,
     OpenSessionRequest,
-    check_networks,
+    check_network,
     check_session_id,
+    check_targets,
 )
 from shuttle_protocol.frames import decode_frame, encode_frame
+from shuttle_protocol.schema import Message
 
-from .strategies import networks, pack
+from .strategies import EXAMPLES, networks, pack, show, targets
 
 SESSION = "0123456789abcdefABCDEF0123456789"
+EXAMPLE = EXAMPLES[OpenSessionRequest]
+assert isinstance(EXAMPLE, OpenSessionRequest)
+
+
+def request(**changes: Any) -> OpenSessionRequest:
+    """The example request with some fields changed, built (and checked) locally."""
+    return dataclasses.replace(EXAMPLE, **changes)
+
+
+def request_fields(**changes: Any) -> Tuple[Any, ...]:
+    """The example request's wire fields with some changed, bypassing the checks."""
+    fields = {name: getattr(EXAMPLE, name) for name in OpenSessionRequest.FIELDS}
+    fields.update(changes)
+    return tuple(fields[name] for name in OpenSessionRequest.FIELDS)
+
+
+def receive(cls: Any, *fields: Any) -> Message:
+    """Decode the fields as firewalld does when they arrive in a frame."""
+    request_id, msg = decode_frame(pack((1, cls.TAG, *fields)))
+    assert request_id == 1
+    return msg
+
+
+def round_trip(msg: Message) -> Message:
+    request_id, back = decode_frame(encode_frame(7, msg))
+    assert request_id == 7
+    assert type(back) is type(msg)
+    assert back == msg
+    return back
+
+
+# -- networks ----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
     "text",
-    ["0.0.0.0/0", "10.0.0.0/8", "192.168.1.7/32", "::/0", "2001:db8::/32", "::ffff:0:0/96"],
+    [
+        "0.0.0.0/0",
+        "10.0.0.0/8",
+        "192.168.1.7/32",
+        "::/0",
+        "2001:db8::/32",
+        # Python 3.13 writes IPv4-mapped networks as ::ffff:0.0.0.0/96, older ones in hex.
+        str(ipaddress.ip_network("::ffff:0:0/96")),
+    ],
 )
 def test_canonical_networks_are_accepted(text: str) -> None:
-    request = OpenSessionRequest("nat", 1, (text,), (text,))
-    assert request.subnets == (text,)
-
-
-@given(st.lists(networks, min_size=1, max_size=20).map(tuple))
-def test_networks_written_by_ipaddress_are_accepted(subnets: Any) -> None:
-    request = OpenSessionRequest("nat", 65535, subnets, subnets[:1])
-    assert decode_frame(encode_frame(1, request)) == (1, request)
+    check_network(text, "subnets")
+    sent = request(subnets=((text, *ALL_PORTS),), excludes=((text, 80, 80),))
+    back = round_trip(sent)
+    assert isinstance(back, OpenSessionRequest)
+    assert back.subnets == ((text, 1, 65535),)
+    assert back.excludes == ((text, 80, 80),)
 
 
 @given(st.text(alphabet="0123456789abcdefABCDEF:./% \n\u0661", max_size=45))
@@ -44,10 +91,11 @@ def test_networks_written_by_ipaddress_are_accepted(subnets: Any) -> None:
 @example("::%x; flush ruleset/128")
 @example("10.0.0.0/8")
 @example("1.2.3.4/32")
+@example("ffff:ffff:ffff:ffff:ffff:ffff:ffff:fffe/127")
 @settings(max_examples=500)
 def test_a_network_is_accepted_only_if_it_is_exactly_how_ipaddress_writes_it(text: str) -> None:
     try:
-        check_networks((text,), "subnets")
+        check_network(text, "subnets")
     except LocalProtocolError:
         accepted = False
     else:
@@ -59,23 +107,260 @@ def test_a_network_is_accepted_only_if_it_is_exactly_how_ipaddress_writes_it(tex
     # Only the characters ipaddress prints for an unscoped network may reach firewall rules.
     harmless = set(text) <= set("0123456789abcdef:./")
     assert accepted == (canonical and harmless)
+    # The same verdict inside a target, with any ports.
+    try:
+        check_targets(((text, 1, 65535),), "subnets")
+    except LocalProtocolError:
+        assert not accepted
+    else:
+        assert accepted
+
+
+@pytest.mark.parametrize("spellings", [("::ffff:a00:0/104", "::ffff:10.0.0.0/104")])
+def test_of_two_spellings_only_the_one_this_python_writes_is_accepted(spellings: Any) -> None:
+    canonical = str(ipaddress.ip_network(spellings[0]))
+    assert canonical in spellings
+    for text in spellings:
+        if text == canonical:
+            check_network(text, "n")
+        else:
+            with pytest.raises(LocalProtocolError, match="not written canonically"):
+                check_network(text, "n")
+
+
+def test_the_longest_network_text_is_accepted_and_one_more_character_is_not() -> None:
+    longest = "ffff:ffff:ffff:ffff:ffff:ffff:ffff:fffe/127"
+    assert len(longest) == 43
+    check_network(longest, "n")
+    with pytest.raises(LocalProtocolError, match="n must be text of at most 64"):
+        check_network("1" * 65, "n")
+    with pytest.raises(LocalProtocolError, match="scope id"):
+        check_network("fe80::%eth0/64", "n")
+    with pytest.raises(LocalProtocolError, match="not written canonically"):
+        check_network("2001:DB8::/32", "n")
+
+
+# -- targets -------------------------------------------------------------------------------------
+
+
+@given(st.lists(targets, min_size=1, max_size=20).map(tuple), st.lists(targets, max_size=20))
+def test_targets_written_by_ipaddress_are_accepted(subnets: Any, excludes: Any) -> None:
+    sent = request(subnets=subnets, excludes=tuple(excludes))
+    assert sent.subnets == subnets
+    round_trip(sent)
+
+
+PORT_RANGES = [(1, 1), (1, 2), (1, 65535), (80, 80), (1024, 65535), (65534, 65535), (65535, 65535)]
+
+
+@pytest.mark.parametrize("first, last", PORT_RANGES)
+def test_port_ranges_are_closed_and_may_be_a_single_port(first: int, last: int) -> None:
+    target = ("10.0.0.0/8", first, last)
+    back = round_trip(request(subnets=(target,), excludes=(target,)))
+    assert isinstance(back, OpenSessionRequest)
+    assert back.subnets == (target,)
+    assert all(type(port) is int for port in back.subnets[0][1:])
+
+
+def test_all_ports_is_the_full_range() -> None:
+    assert ALL_PORTS == (1, 65535)
+
+
+# (target, what the error names): each refused when built and when received.
+BAD_TARGET_CASES = [
+    (("10.0.0.0/8", 443, 442), "last port must be an integer in \\[443, 65535\\]"),
+    (("10.0.0.0/8", 65535, 1), "last port"),
+    (("10.0.0.0/8", 2, 1), "last port"),
+    (("10.0.0.0/8", 0, 80), "first port"),
+    (("10.0.0.0/8", 1, 0), "last port"),
+    (("10.0.0.0/8", 0, 0), "first port"),
+    (("10.0.0.0/8", -1, 80), "first port"),
+    (("10.0.0.0/8", 65536, 65536), "first port"),
+    (("10.0.0.0/8", 1, 65536), "last port"),
+    (("10.0.0.0/8", True, 80), "first port"),
+    (("10.0.0.0/8", 1, True), "last port"),
+    (("10.0.0.0/8", False, 80), "first port"),
+    (("10.0.0.0/8", 1.0, 80), "first port"),
+    (("10.0.0.0/8", "1", 80), "first port"),
+    (("10.0.0.0/8", None, 80), "first port"),
+    (("10.0.0.0/8", 1), "is \\[network, first port, last port\\]"),
+    (("10.0.0.0/8", 1, 2, 3), "is \\[network, first port, last port\\]"),
+    (("10.0.0.0/8",), "is \\[network, first port, last port\\]"),
+    ((), "is \\[network, first port, last port\\]"),
+    ("10.0.0.0/8", "is \\[network, first port, last port\\]"),
+    (None, "is \\[network, first port, last port\\]"),
+    (80, "is \\[network, first port, last port\\]"),
+    ((("10.0.0.0/8", 1, 2),), "is \\[network, first port, last port\\]"),
+    (("10.0.0.1/8", 1, 2), "has host bits set"),
+    (("10.0.0.0/08", 1, 2), "not written canonically|does not appear|invalid"),
+    (("fe80::%eth0/64", 1, 2), "scope id"),
+    ((b"10.0.0.0/8", 1, 2), "must be text"),
+    ((None, 1, 2), "must be text"),
+    ((1, 2, 3), "must be text"),
+]
+
+
+@pytest.mark.parametrize("field", ["subnets", "excludes"])
+@pytest.mark.parametrize(
+    "target, error", BAD_TARGET_CASES, ids=[show(c[0]) for c in BAD_TARGET_CASES]
+)
+def test_a_bad_target_is_a_local_error_when_built_and_a_remote_one_when_received(
+    field: str, target: Any, error: str
+) -> None:
+    good = ("192.168.0.0/16", *ALL_PORTS)
+    for value in [(target,), (good, target), (target, good)]:
+        with pytest.raises(LocalProtocolError, match=f"{field}.*({error})") as built:
+            request(**{field: value})
+        assert not isinstance(built.value, RemoteProtocolError)
+        with pytest.raises(
+            RemoteProtocolError, match=f"invalid OpenSessionRequest: .*{field}.*({error})"
+        ):
+            receive(OpenSessionRequest, *request_fields(**{field: value}))
+
+
+@pytest.mark.parametrize("field", ["subnets", "excludes"])
+def test_a_list_of_targets_or_a_target_list_is_refused_when_built(field: str) -> None:
+    # Lists never arrive from msgpack (arrays decode as tuples); only a local caller has them.
+    for value in [[("10.0.0.0/8", 1, 2)], (["10.0.0.0/8", 1, 2],), "10.0.0.0/8", None]:
+        with pytest.raises(LocalProtocolError, match=field):
+            request(**{field: value})
+
+
+@given(
+    st.one_of(networks, st.sampled_from(["10.0.0.1/8", "", "x", "::%a/1"])),
+    st.one_of(st.integers(-2, 65537), st.sampled_from([0, 1, 65534, 65535, 65536])),
+    st.one_of(st.integers(-2, 65537), st.sampled_from([0, 1, 65534, 65535, 65536])),
+)
+@settings(max_examples=300)
+def test_a_target_is_accepted_exactly_when_1_le_first_le_last_le_65535(
+    text: str, first: int, last: int
+) -> None:
+    try:
+        check_network(text, "n")
+    except LocalProtocolError:
+        network_ok = False
+    else:
+        network_ok = True
+    expected = network_ok and 1 <= first <= last <= 65535
+    fields = request_fields(subnets=((text, first, last),))
+    try:
+        OpenSessionRequest(*fields)
+    except LocalProtocolError:
+        assert not expected
+        with pytest.raises(RemoteProtocolError):
+            receive(OpenSessionRequest, *fields)
+    else:
+        assert expected
+        assert receive(OpenSessionRequest, *fields) == OpenSessionRequest(*fields)
 
 
 def test_one_subnet_is_required_and_excludes_may_be_empty() -> None:
-    OpenSessionRequest("nat", 1, ("10.0.0.0/8",), ())
+    request(subnets=(("10.0.0.0/8", 1, 65535),), excludes=())
     with pytest.raises(LocalProtocolError, match="at least one subnet"):
-        OpenSessionRequest("nat", 1, (), ("10.0.0.0/8",))
+        request(subnets=(), excludes=(("10.0.0.0/8", 1, 65535),))
     with pytest.raises(RemoteProtocolError, match="at least one subnet"):
-        decode_frame(pack((1, OpenSessionRequest.TAG, "nat", 1, (), ())))
+        receive(OpenSessionRequest, *request_fields(subnets=(), excludes=()))
 
 
-def test_the_subnet_count_is_bounded() -> None:
-    many = tuple(str(ipaddress.IPv4Network((n << 8, 24))) for n in range(MAX_SUBNETS + 1))
-    OpenSessionRequest("nat", 1, many[:MAX_SUBNETS], ())
-    with pytest.raises(LocalProtocolError):
-        OpenSessionRequest("nat", 1, many, ())
-    with pytest.raises(LocalProtocolError):
-        OpenSessionRequest("nat", 1, many[:1], many)
+def test_the_target_count_is_bounded() -> None:
+    many = tuple((f"{n >> 8}.{n & 255}.0.0/16", 1, 65535) for n in range(MAX_SUBNETS + 1))
+    request(subnets=many[:MAX_SUBNETS], excludes=many[:MAX_SUBNETS])
+    with pytest.raises(LocalProtocolError, match="subnets must be a list of at most 50000"):
+        request(subnets=many)
+    with pytest.raises(LocalProtocolError, match="excludes must be a list of at most 50000"):
+        request(excludes=many)
+
+
+# -- owners and forward --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("field", ["uid", "gid"])
+@pytest.mark.parametrize("value", [ANY_OWNER, 0, 1, 1000, 2**31, MAX_ID])
+def test_owners_from_any_to_the_largest_id_round_trip(field: str, value: int) -> None:
+    back = round_trip(request(**{field: value}))
+    assert getattr(back, field) == value
+    assert type(getattr(back, field)) is int
+
+
+def test_any_owner_is_minus_one_and_the_largest_id_is_below_uid_t_minus_one() -> None:
+    assert ANY_OWNER == -1
+    assert MAX_ID == 2**32 - 2
+
+
+@pytest.mark.parametrize("field", ["uid", "gid"])
+@pytest.mark.parametrize(
+    "value", [-2, MAX_ID + 1, 2**32, -(2**31), 2**64 - 1, True, False, -1.0, 0.0, "0", None]
+)
+def test_owners_outside_the_range_are_refused_on_both_ends(field: str, value: Any) -> None:
+    with pytest.raises(
+        LocalProtocolError, match=f"{field} must be an integer in \\[-1, {MAX_ID}\\]"
+    ):
+        request(**{field: value})
+    with pytest.raises(RemoteProtocolError, match=f"invalid OpenSessionRequest: {field} must"):
+        receive(OpenSessionRequest, *request_fields(**{field: value}))
+
+
+@pytest.mark.parametrize("forward", [True, False])
+def test_forward_is_a_bool_and_comes_back_as_one(forward: bool) -> None:
+    back = round_trip(request(forward=forward))
+    assert isinstance(back, OpenSessionRequest)
+    assert back.forward is forward
+
+
+@pytest.mark.parametrize("value", [1, 0, -1, 2, 1.0, 0.0, "true", "", b"\x01", None, ()], ids=show)
+def test_forward_refuses_everything_but_true_and_false(value: Any) -> None:
+    with pytest.raises(LocalProtocolError, match="forward must be true or false"):
+        request(forward=value)
+    with pytest.raises(RemoteProtocolError, match="invalid OpenSessionRequest: forward must"):
+        receive(OpenSessionRequest, *request_fields(forward=value))
+
+
+# -- methods -------------------------------------------------------------------------------------
+
+
+def test_methods_auto_is_asked_for_and_never_applied() -> None:
+    assert METHODS == ("auto", "nat", "nft")
+    assert APPLIED_METHODS == ("nat", "nft")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_may_be_asked_for(method: str) -> None:
+    back = round_trip(request(method=method))
+    assert isinstance(back, OpenSessionRequest)
+    assert back.method == method
+
+
+@pytest.mark.parametrize("method", APPLIED_METHODS)
+def test_the_answer_names_the_applied_method(method: str) -> None:
+    back = round_trip(OpenSessionAnswer(SESSION, 30, method))
+    assert isinstance(back, OpenSessionAnswer)
+    assert back.method == method
+
+
+@pytest.mark.parametrize("method", ["auto", "tproxy", "NFT", "", b"nft", None, 1, True])
+def test_the_answer_refuses_any_other_method_on_both_ends(method: Any) -> None:
+    with pytest.raises(LocalProtocolError, match="method must be one of nat, nft"):
+        OpenSessionAnswer(SESSION, 30, method)
+    with pytest.raises(RemoteProtocolError, match="invalid OpenSessionAnswer: method must"):
+        receive(OpenSessionAnswer, SESSION, 30, method)
+
+
+@pytest.mark.parametrize("method", ["tproxy", "AUTO", "nft ", "", b"nat", None, 0, True])
+def test_the_request_refuses_unknown_methods_on_both_ends(method: Any) -> None:
+    with pytest.raises(LocalProtocolError, match="method must be one of auto, nat, nft"):
+        request(method=method)
+    with pytest.raises(RemoteProtocolError, match="invalid OpenSessionRequest: method must"):
+        receive(OpenSessionRequest, *request_fields(method=method))
+
+
+def test_the_old_four_field_request_and_two_field_answer_are_refused() -> None:
+    with pytest.raises(RemoteProtocolError, match="takes 7 fields, got 4"):
+        receive(OpenSessionRequest, "nat", 12300, ("10.0.0.0/8",), ())
+    with pytest.raises(RemoteProtocolError, match="takes 3 fields, got 2"):
+        receive(OpenSessionAnswer, SESSION, 30.0)
+
+
+# -- sessions and leases -------------------------------------------------------------------------
 
 
 @given(st.text(string.ascii_letters + string.digits, min_size=32, max_size=32))
@@ -97,8 +382,7 @@ def test_any_other_32_characters_are_no_session_id(session: str) -> None:
 
 @pytest.mark.parametrize("lease", [0.1, 1, 30.5, 3600, 3600.0])
 def test_leases_in_range_round_trip_with_their_type(lease: float) -> None:
-    answer = OpenSessionAnswer(SESSION, lease)
-    _, back = decode_frame(encode_frame(9, answer))
-    assert back == answer
+    answer = OpenSessionAnswer(SESSION, lease, "nat")
+    back = round_trip(answer)
     assert isinstance(back, OpenSessionAnswer)
     assert type(back.lease) is type(lease)

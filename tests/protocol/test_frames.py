@@ -1,6 +1,5 @@
 """The zeromq frame codec: [request id, tag, field, ...], one msgpack value per frame."""
 
-import ipaddress
 from typing import Any, List
 
 import pytest
@@ -8,10 +7,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from shuttle_protocol.errors import LocalProtocolError, RemoteProtocolError
 from shuttle_protocol.firewall_messages import (
+    ANY_OWNER,
+    MAX_ID,
     MAX_SUBNETS,
     CloseSessionAnswer,
     ErrorAnswer,
     OpenSessionRequest,
+    Target,
 )
 from shuttle_protocol.frames import MAX_FRAME, MAX_REQUEST_ID, decode_frame, encode_frame
 from shuttle_protocol.schema import Message
@@ -111,28 +113,67 @@ def test_a_frame_over_the_limit_is_refused_before_parsing() -> None:
         decode_frame(payload)
 
 
-def _long_ipv6_networks(count: int) -> List[str]:
-    # Eight groups of four digits: 43 characters, the longest a network is written.
+def _long_ipv6_targets(count: int) -> List[Target]:
+    # Eight groups of four digits: 43 characters, the longest a network is written; ports
+    # over 255 take three bytes each, the most a port takes.
+    prefix = "ffff:ffff:ffff:ffff:ffff:ffff"
     return [
-        f"ffff:ffff:ffff:ffff:ffff:ffff:{0x8000 + n // 0x4000:x}:{0x8000 + 2 * (n % 0x4000):x}/127"
+        (f"{prefix}:{0x8000 + n // 0x4000:x}:{0x8000 + 2 * (n % 0x4000):x}/127", 65535, 65535)
         for n in range(count)
     ]
 
 
+def _long_ipv4_targets(count: int) -> List[Target]:
+    # 18 characters, the longest an IPv4 network is written.
+    return [
+        (f"255.{100 + n // 2500}.{100 + (n // 50) % 50}.{100 + n % 50}/32", 65534, 65535)
+        for n in range(count)
+    ]
+
+
+def _largest_request(subnets: List[Target], excludes: List[Target]) -> OpenSessionRequest:
+    # Every other field at its widest encoding too.
+    return OpenSessionRequest("auto", 65535, tuple(subnets), tuple(excludes), MAX_ID, MAX_ID, True)
+
+
+def test_the_long_targets_are_distinct_and_as_long_as_they_get() -> None:
+    ipv6 = _long_ipv6_targets(MAX_SUBNETS)
+    ipv4 = _long_ipv4_targets(MAX_SUBNETS)
+    assert {len(t[0]) for t in ipv6} == {43}
+    assert {len(t[0]) for t in ipv4} == {18}
+    assert len(set(ipv6)) == len(set(ipv4)) == MAX_SUBNETS
+    assert len(pack(ipv6[0])) == 1 + 2 + 43 + 3 + 3
+
+
 def test_a_message_too_big_for_a_frame_is_a_local_error() -> None:
-    subnets = tuple(_long_ipv6_networks(MAX_SUBNETS))
-    assert {len(s) for s in subnets} == {43}
-    request = OpenSessionRequest("nat", 1, subnets, subnets)
+    targets = _long_ipv6_targets(MAX_SUBNETS)
+    request = _largest_request(targets, targets)
     with pytest.raises(LocalProtocolError, match="over"):
         encode_frame(1, request)
 
 
 def test_the_largest_ipv4_session_fits_in_a_frame() -> None:
-    subnets = tuple(str(ipaddress.IPv4Network((n << 8, 24))) for n in range(MAX_SUBNETS))
-    request = OpenSessionRequest("nat", 1, subnets, ())
+    targets = _long_ipv4_targets(MAX_SUBNETS)
+    request = _largest_request(targets, targets)
     data = encode_frame(MAX_REQUEST_ID, request)
     assert len(data) <= MAX_FRAME
     assert decode_frame(data) == (MAX_REQUEST_ID, request)
+
+
+def test_the_largest_ipv6_subnets_with_the_largest_ipv4_excludes_fit_in_a_frame() -> None:
+    # Bigger than the IPv4 session above, so only its size is checked (decoding is the same).
+    request = _largest_request(_long_ipv6_targets(MAX_SUBNETS), _long_ipv4_targets(MAX_SUBNETS))
+    data = encode_frame(MAX_REQUEST_ID, request)
+    assert MAX_FRAME - 400_000 < len(data) <= MAX_FRAME  # close to the limit, as meant
+
+
+def test_a_received_frame_over_the_limit_is_refused_even_if_valid() -> None:
+    targets = _long_ipv6_targets(MAX_SUBNETS)
+    fields = ("nat", 1, tuple(targets), tuple(targets), ANY_OWNER, ANY_OWNER, False)
+    data = pack((1, OpenSessionRequest.TAG, *fields))
+    assert len(data) > MAX_FRAME
+    with pytest.raises(RemoteProtocolError, match="over"):
+        decode_frame(data)
 
 
 def test_stream_messages_do_not_travel_in_frames() -> None:

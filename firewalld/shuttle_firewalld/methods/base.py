@@ -9,7 +9,7 @@ if TYPE_CHECKING:  # sessions.py imports this module, so only the type checker f
 
 
 class Method(Protocol):
-    """One way of capturing traffic (nat, later nft and tproxy), one module each."""
+    """One way of capturing traffic (nft, nat, later tproxy), one module each."""
 
     def apply(self, session: Session) -> int:
         """Install the session's rules atomically and return how many there are.

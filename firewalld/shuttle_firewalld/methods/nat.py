@@ -1,9 +1,14 @@
-"""The nat method: IPv4 TCP captured with iptables REDIRECT, one chain per session.
+"""The nat method: TCP captured with iptables / ip6tables REDIRECT, one chain per IP version
+per session, a rule per subnet.
 
 REDIRECT in the nat table's OUTPUT chain rewrites the destination of locally generated
-packets to the loopback address 127.0.0.1 (the kernel's rule for output: "locally generated
-packets are mapped to the localhost address"), so the client must listen there; its
-listener learns the original destination from SO_ORIGINAL_DST.
+packets to the loopback address (nf_nat_redirect: 127.0.0.1, or ::1 for IPv6), so the client
+must listen there; its listener learns the original destination from SO_ORIGINAL_DST. In
+PREROUTING (forward) it rewrites to the address of the interface the packet came in on, so a
+forwarding session needs a wildcard listener.
+
+Each version is one iptables-restore --noflush call: one commit, all of it or nothing. A
+session with both versions is two commits; if the second fails, the first is undone.
 """
 
 from __future__ import annotations
@@ -11,9 +16,13 @@ from __future__ import annotations
 import logging
 import re
 import shlex
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from shuttle_protocol.firewall_messages import ANY_OWNER
+
 from shuttle_firewalld.errors import RequestError
+from shuttle_firewalld.targets import LOOPBACK, Target
 
 from .tools import Runner, run_tool
 
@@ -22,42 +31,86 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-RESTORE = ("iptables-restore", "-w", "--noflush")  # -w: wait for the xtables lock
-SAVE = ("iptables-save", "-t", "nat")  # iptables-save takes no lock, so no -w
-IPTABLES = ("iptables", "-w", "-t", "nat")
+
+@dataclass(frozen=True)
+class Tools:
+    """The commands of one IP version."""
+
+    restore: tuple[str, ...]
+    save: tuple[str, ...]
+    single: tuple[str, ...]
+
+
+TOOLS = {
+    # -w: wait for the xtables lock; iptables-save takes no lock, so no -w there.
+    4: Tools(
+        restore=("iptables-restore", "-w", "--noflush"),
+        save=("iptables-save", "-t", "nat"),
+        single=("iptables", "-w", "-t", "nat"),
+    ),
+    6: Tools(
+        restore=("ip6tables-restore", "-w", "--noflush"),
+        save=("ip6tables-save", "-t", "nat"),
+        single=("ip6tables", "-w", "-t", "nat"),
+    ),
+}
 CHAIN_PREFIX = "SHUTTLE-"
 # Only chains we could have made (the prefix and a short session id, 12 hex digits), as
 # iptables-save declares them: ":SHUTTLE-0123456789ab - [0:0]".
 _OUR_CHAIN_LINE = re.compile(r":(SHUTTLE-[0-9a-f]{12})\s")
-# Never capture loopback: the client's own listener lives there, and so does the redirect.
-LOOPBACK = "127.0.0.0/8"
 
 
 def chain_name(session: Session) -> str:
     return CHAIN_PREFIX + session.short_id
 
 
-def jump_rule(session: Session) -> str:
-    """The OUTPUT rule that sends the caller's own TCP (only its uid's) into the chain."""
-    return f"OUTPUT -p tcp -m owner --uid-owner {session.uid} -j {chain_name(session)}"
+def jump_rules(session: Session) -> list[str]:
+    """The rules that send TCP into the session's chain: the caller's scope in OUTPUT, and
+    with forward everything in PREROUTING (forwarded packets have no socket, no owner)."""
+    owner = ""
+    if session.uid != ANY_OWNER:
+        owner += f" --uid-owner {session.uid}"
+    if session.gid != ANY_OWNER:
+        owner += f" --gid-owner {session.gid}"
+    owner = f" -m owner{owner}" if owner else ""
+    jumps = [f"OUTPUT -p tcp{owner} -j {chain_name(session)}"]
+    if session.forward:
+        jumps.append(f"PREROUTING -p tcp -j {chain_name(session)}")
+    return jumps
 
 
-def apply_text(session: Session) -> str:
-    """The iptables-restore input that installs the session in one commit."""
-    if any(subnet.version != 4 for subnet in session.subnets):
-        raise RequestError("the nat method captures IPv4 only; drop the IPv6 subnets")
+def _match(target: Target, protocol: bool = False) -> str:
+    """`-d NET`, plus the port match unless the target takes every port; protocol: name
+    the protocol even then (REDIRECT --to-ports needs it)."""
+    if target.all_ports:
+        return f"-d {target.network}" + (" -p tcp" if protocol else "")
+    ports = str(target.first_port)
+    if target.last_port != target.first_port:
+        ports += f":{target.last_port}"
+    return f"-d {target.network} -p tcp -m tcp --dport {ports}"
+
+
+def apply_text(session: Session, version: int) -> str:
+    """The iptables-restore input that installs one IP version of the session in one commit."""
     chain = chain_name(session)
-    # IPv6 excludes are dropped: they exclude from nothing, since nothing IPv6 is captured.
-    excludes = [LOOPBACK, *(str(net) for net in session.excludes if net.version == 4)]
+    # Excludes of the other version are dropped: they exclude from nothing here.
+    excludes = [target for target in session.excludes if target.version == version]
+    subnets = [target for target in session.subnets if target.version == version]
     lines = [
         "*nat",
         f":{chain} - [0:0]",
-        *(f"-A {chain} -d {net} -p tcp -j RETURN" for net in excludes),
+        # The host's own addresses are never captured: a connection to this host is not for
+        # the tunnel (and for a router, its own services stay reachable).
+        f"-A {chain} -m addrtype --dst-type LOCAL -j RETURN",
+        # Loopback, always: the redirect itself goes there.
+        f"-A {chain} -d {LOOPBACK[version]} -j RETURN",
+        # Excludes first, so they win over any include they overlap.
+        *(f"-A {chain} {_match(target)} -j RETURN" for target in excludes),
         *(
-            f"-A {chain} -d {net} -p tcp -j REDIRECT --to-ports {session.port}"
-            for net in session.subnets
+            f"-A {chain} {_match(target, protocol=True)} -j REDIRECT --to-ports {session.port}"
+            for target in subnets
         ),
-        f"-A {jump_rule(session)}",
+        *(f"-A {rule}" for rule in jump_rules(session)),
         "COMMIT",
     ]
     return "\n".join(lines) + "\n"
@@ -95,29 +148,56 @@ def stale_rules(saved: str) -> tuple[list[str], list[str]]:
 
 
 class NatMethod:
-    """iptables-restore --noflush, one call to apply a session and one to remove it."""
+    """iptables-restore --noflush, one call per IP version to apply a session or remove it."""
 
     def __init__(self, run: Runner = run_tool) -> None:
         self._run = run
 
     def apply(self, session: Session) -> int:
-        text = apply_text(session)
-        self._run(RESTORE, text)
-        return text.count("\n-A ")
+        rules = 0
+        done: list[int] = []
+        for version in session.versions:
+            text = apply_text(session, version)
+            try:
+                self._run(TOOLS[version].restore, text)
+            except RequestError:
+                for applied in done:  # all of the session or nothing
+                    self._remove(applied, jump_rules(session), [chain_name(session)])
+                raise
+            done.append(version)
+            rules += text.count("\n-A ")
+        return rules
 
     def remove(self, session: Session) -> None:
-        self._remove([jump_rule(session)], [chain_name(session)])
+        for version in session.versions:
+            self._remove(version, jump_rules(session), [chain_name(session)])
 
     def remove_stale(self) -> int:
-        jumps, chains = stale_rules(self._run(SAVE, ""))
-        if chains:
-            self._remove(jumps, chains)
-            log.info("removed %d stale chains left by an earlier run: %s", len(chains), chains)
-        return len(chains)
+        found = 0
+        problems = []
+        for version, tools in TOOLS.items():
+            try:
+                jumps, chains = stale_rules(self._run(tools.save, ""))
+            except RequestError as exc:  # say so, and still look at the other version
+                problems.append(str(exc))
+                continue
+            if chains:
+                self._remove(version, jumps, chains)
+                log.info(
+                    "removed %d stale IPv%d chains left by an earlier run: %s",
+                    len(chains),
+                    version,
+                    chains,
+                )
+            found += len(chains)
+        if problems:
+            raise RequestError("; ".join(problems))
+        return found
 
-    def _remove(self, jumps: list[str], chains: list[str]) -> None:
+    def _remove(self, version: int, jumps: list[str], chains: list[str]) -> None:
+        tools = TOOLS[version]
         try:
-            self._run(RESTORE, removal_text(jumps, chains))
+            self._run(tools.restore, removal_text(jumps, chains))
             return
         except RequestError as exc:
             # Usually a part is gone already; then one commit fails as a whole, so go step
@@ -130,6 +210,6 @@ class NatMethod:
         ]
         for action, target in steps:
             try:
-                self._run([*IPTABLES, action, *shlex.split(target)], "")
+                self._run([*tools.single, action, *shlex.split(target)], "")
             except (RequestError, ValueError) as exc:  # ValueError: quoting shlex cannot split
-                log.warning("iptables %s %s: %s", action, target, exc)
+                log.warning("%s %s %s: %s", tools.single[0], action, target, exc)

@@ -1,77 +1,109 @@
-"""The nat method: the exact iptables-restore text, and what it runs when."""
+"""The nat method: the exact iptables-restore text per IP version, and what it runs when;
+then real chains in a namespace."""
 
 from __future__ import annotations
 
-import ipaddress
-from collections.abc import Sequence
+import subprocess
+from collections.abc import Callable, Sequence
 
 import pytest
 from shuttle_firewalld.errors import RequestError
 from shuttle_firewalld.methods.nat import (
-    RESTORE,
-    SAVE,
+    TOOLS,
     NatMethod,
     apply_text,
     chain_name,
-    jump_rule,
+    jump_rules,
     removal_text,
     stale_rules,
 )
-from shuttle_firewalld.sessions import Session
 
-SESSION_ID = "0123456789abcdef0123456789abcdef"
+from firewalld.conftest import (
+    Daemon,
+    Listener,
+    check_capture,
+    close_session,
+    make_session,
+    nat6_rules,
+    nat_rules,
+    nothing_of_shuttle,
+    open_session,
+    shuttle_rules,
+)
+
 CHAIN = "SHUTTLE-0123456789ab"
-
-
-def make_session(
-    subnets: Sequence[str] = ("10.0.0.0/8", "192.0.2.0/24"),
-    excludes: Sequence[str] = ("10.1.0.0/16",),
-) -> Session:
-    return Session(
-        id=SESSION_ID,
-        uid=1000,
-        method="nat",
-        port=12300,
-        subnets=tuple(ipaddress.ip_network(net) for net in subnets),
-        excludes=tuple(ipaddress.ip_network(net) for net in excludes),
-        deadline=0.0,
-    )
+RESTORE4, RESTORE6 = TOOLS[4].restore, TOOLS[6].restore
 
 
 def test_names() -> None:
     session = make_session()
     assert chain_name(session) == CHAIN
-    assert jump_rule(session) == f"OUTPUT -p tcp -m owner --uid-owner 1000 -j {CHAIN}"
+    assert jump_rules(session) == [f"OUTPUT -p tcp -m owner --uid-owner 1000 -j {CHAIN}"]
 
 
-def test_apply_text() -> None:
-    assert apply_text(make_session()).splitlines() == [
+@pytest.mark.parametrize(
+    ("uid", "gid", "forward", "jumps"),
+    [
+        (-1, -1, False, [f"OUTPUT -p tcp -j {CHAIN}"]),
+        (-1, 100, False, [f"OUTPUT -p tcp -m owner --gid-owner 100 -j {CHAIN}"]),
+        (1000, 100, False, [f"OUTPUT -p tcp -m owner --uid-owner 1000 --gid-owner 100 -j {CHAIN}"]),
+        (
+            1000,
+            -1,
+            True,
+            [
+                f"OUTPUT -p tcp -m owner --uid-owner 1000 -j {CHAIN}",
+                f"PREROUTING -p tcp -j {CHAIN}",
+            ],
+        ),
+    ],
+)
+def test_scope(uid: int, gid: int, forward: bool, jumps: list[str]) -> None:
+    session = make_session(uid=uid, gid=gid, forward=forward)
+    assert jump_rules(session) == jumps
+    assert apply_text(session, 4).splitlines()[-1 - len(jumps) : -1] == [f"-A {j}" for j in jumps]
+
+
+MIXED = make_session(
+    ["10.0.0.0/8", ("192.0.2.0/24", 80, 90), ("fd00:5e::/32", 443, 443), "2001:db8::/48"],
+    [("10.1.2.3/32", 22, 22), "10.1.0.0/16", ("fd00:5e:1::/48", 1, 1024)],
+)
+
+
+def test_apply_text_ipv4() -> None:
+    assert apply_text(MIXED, 4).splitlines() == [
         "*nat",
         f":{CHAIN} - [0:0]",
-        f"-A {CHAIN} -d 127.0.0.0/8 -p tcp -j RETURN",
-        f"-A {CHAIN} -d 10.1.0.0/16 -p tcp -j RETURN",
+        f"-A {CHAIN} -m addrtype --dst-type LOCAL -j RETURN",
+        f"-A {CHAIN} -d 127.0.0.0/8 -j RETURN",
+        f"-A {CHAIN} -d 10.1.2.3/32 -p tcp -m tcp --dport 22 -j RETURN",
+        f"-A {CHAIN} -d 10.1.0.0/16 -j RETURN",
         f"-A {CHAIN} -d 10.0.0.0/8 -p tcp -j REDIRECT --to-ports 12300",
-        f"-A {CHAIN} -d 192.0.2.0/24 -p tcp -j REDIRECT --to-ports 12300",
+        f"-A {CHAIN} -d 192.0.2.0/24 -p tcp -m tcp --dport 80:90 -j REDIRECT --to-ports 12300",
         f"-A OUTPUT -p tcp -m owner --uid-owner 1000 -j {CHAIN}",
         "COMMIT",
     ]
 
 
-def test_apply_text_drops_ipv6_excludes() -> None:
-    text = apply_text(make_session(subnets=["0.0.0.0/0"], excludes=["2001:db8::/32"]))
-    assert "2001:db8" not in text
-    assert f"-A {CHAIN} -d 0.0.0.0/0 -p tcp -j REDIRECT --to-ports 12300" in text
-
-
-def test_apply_text_refuses_ipv6_subnets() -> None:
-    with pytest.raises(RequestError, match="IPv4 only"):
-        apply_text(make_session(subnets=["10.0.0.0/8", "2001:db8::/32"]))
+def test_apply_text_ipv6() -> None:
+    assert apply_text(MIXED, 6).splitlines() == [
+        "*nat",
+        f":{CHAIN} - [0:0]",
+        f"-A {CHAIN} -m addrtype --dst-type LOCAL -j RETURN",
+        f"-A {CHAIN} -d ::1/128 -j RETURN",
+        f"-A {CHAIN} -d fd00:5e:1::/48 -p tcp -m tcp --dport 1:1024 -j RETURN",
+        f"-A {CHAIN} -d fd00:5e::/32 -p tcp -m tcp --dport 443 -j REDIRECT --to-ports 12300",
+        f"-A {CHAIN} -d 2001:db8::/48 -p tcp -j REDIRECT --to-ports 12300",
+        f"-A OUTPUT -p tcp -m owner --uid-owner 1000 -j {CHAIN}",
+        "COMMIT",
+    ]
 
 
 def test_removal_text() -> None:
-    assert removal_text([jump_rule(make_session())], [CHAIN]).splitlines() == [
+    assert removal_text(jump_rules(make_session(forward=True)), [CHAIN]).splitlines() == [
         "*nat",
         f"-D OUTPUT -p tcp -m owner --uid-owner 1000 -j {CHAIN}",
+        f"-D PREROUTING -p tcp -j {CHAIN}",
         f"-F {CHAIN}",
         f"-X {CHAIN}",
         "COMMIT",
@@ -87,11 +119,12 @@ SAVED = """\
 :SHUTTLE-aaaaaaaaaaaa - [0:0]
 :SHUTTLE-bbbbbbbbbbbb - [0:0]
 :SHUTTLE-by-hand - [0:0]
+-A PREROUTING -p tcp -j SHUTTLE-aaaaaaaaaaaa
 -A OUTPUT -p tcp -m owner --uid-owner 1000 -j SHUTTLE-aaaaaaaaaaaa
 -A OUTPUT -m comment --comment "keep me" -j DOCKER
 -A OUTPUT -p tcp -m owner --uid-owner 0 -m comment --comment "a b" -j SHUTTLE-bbbbbbbbbbbb
 -A OUTPUT -j SHUTTLE-by-hand
--A SHUTTLE-aaaaaaaaaaaa -d 127.0.0.0/8 -p tcp -j RETURN
+-A SHUTTLE-aaaaaaaaaaaa -d 127.0.0.0/8 -j RETURN
 -A SHUTTLE-aaaaaaaaaaaa -d 10.0.0.0/8 -p tcp -j REDIRECT --to-ports 12300
 COMMIT
 """
@@ -101,6 +134,7 @@ def test_stale_rules_finds_only_our_chains_and_their_jumps() -> None:
     jumps, chains = stale_rules(SAVED)
     assert chains == ["SHUTTLE-aaaaaaaaaaaa", "SHUTTLE-bbbbbbbbbbbb"]
     assert jumps == [
+        "PREROUTING -p tcp -j SHUTTLE-aaaaaaaaaaaa",
         "OUTPUT -p tcp -m owner --uid-owner 1000 -j SHUTTLE-aaaaaaaaaaaa",
         'OUTPUT -p tcp -m owner --uid-owner 0 -m comment --comment "a b" -j SHUTTLE-bbbbbbbbbbbb',
     ]
@@ -113,56 +147,200 @@ def test_stale_rules_of_a_clean_table() -> None:
 class FakeTools:
     """Records each tool run; fails the runs whose argv contains a given word."""
 
-    def __init__(self, saved: str = "", fail: Sequence[str] = ()) -> None:
+    def __init__(self, saved: dict[int, str] | None = None, fail: Sequence[str] = ()) -> None:
         self.runs: list[tuple[list[str], str]] = []
-        self.saved = saved
+        self.saved = saved or {}
         self.fail = fail
 
     def __call__(self, argv: Sequence[str], stdin: str) -> str:
         self.runs.append((list(argv), stdin))
         if any(word in argv for word in self.fail):
             raise RequestError(f"{argv[0]} failed (exit 1): no")
-        return self.saved if list(argv) == list(SAVE) else ""
+        for version, tools in TOOLS.items():
+            if tuple(argv) == tools.save:
+                return self.saved.get(version, "*nat\nCOMMIT\n")
+        return ""
 
 
-def test_apply_is_one_restore() -> None:
+def test_apply_is_one_restore_per_version() -> None:
     tools = FakeTools()
-    assert NatMethod(tools).apply(make_session()) == 5
-    assert tools.runs == [(list(RESTORE), apply_text(make_session()))]
-    assert RESTORE == ("iptables-restore", "-w", "--noflush")
+    assert NatMethod(tools).apply(MIXED) == 7 + 6
+    assert tools.runs == [
+        (list(RESTORE4), apply_text(MIXED, 4)),
+        (list(RESTORE6), apply_text(MIXED, 6)),
+    ]
+    assert RESTORE4 == ("iptables-restore", "-w", "--noflush")
+    assert RESTORE6 == ("ip6tables-restore", "-w", "--noflush")
+
+
+def test_apply_of_one_version_runs_one_tool() -> None:
+    tools = FakeTools()
+    session = make_session(["fd00:5e::/32"], ["10.0.0.0/8"])
+    assert NatMethod(tools).apply(session) == 4
+    assert [argv[0] for argv, _ in tools.runs] == ["ip6tables-restore"]
 
 
 def test_apply_failure_is_the_callers_error() -> None:
-    tools = FakeTools(fail=["--noflush"])
+    tools = FakeTools(fail=["iptables-restore"])
     with pytest.raises(RequestError, match="iptables-restore failed"):
-        NatMethod(tools).apply(make_session())
+        NatMethod(tools).apply(MIXED)
+    assert len(tools.runs) == 1  # IPv6 not even tried
 
 
-def test_remove_is_one_restore() -> None:
+def test_a_failed_second_version_undoes_the_first() -> None:
+    tools = FakeTools(fail=["ip6tables-restore"])
+    with pytest.raises(RequestError, match="ip6tables-restore failed"):
+        NatMethod(tools).apply(MIXED)
+    assert tools.runs[-1] == (list(RESTORE4), removal_text(jump_rules(MIXED), [CHAIN]))
+
+
+def test_remove_is_one_restore_per_version() -> None:
     tools = FakeTools()
-    NatMethod(tools).remove(make_session())
-    assert tools.runs == [(list(RESTORE), removal_text([jump_rule(make_session())], [CHAIN]))]
+    NatMethod(tools).remove(MIXED)
+    removal = removal_text(jump_rules(MIXED), [CHAIN])
+    assert tools.runs == [(list(RESTORE4), removal), (list(RESTORE6), removal)]
 
 
 def test_remove_falls_back_to_single_steps_that_each_get_their_turn() -> None:
     # The restore fails, and so does the -D (the jump is gone already): -F and -X still run.
     tools = FakeTools(fail=["--noflush", "-D"])
-    NatMethod(tools).remove(make_session())
-    iptables = ["iptables", "-w", "-t", "nat"]
+    NatMethod(tools).remove(make_session(["fd00::/8"]))
+    ip6tables = ["ip6tables", "-w", "-t", "nat"]
     assert [argv for argv, _ in tools.runs[1:]] == [
-        [*iptables, "-D", "OUTPUT", "-p", "tcp", "-m", "owner", "--uid-owner", "1000", "-j", CHAIN],
-        [*iptables, "-F", CHAIN],
-        [*iptables, "-X", CHAIN],
+        [
+            *ip6tables,
+            "-D",
+            "OUTPUT",
+            "-p",
+            "tcp",
+            "-m",
+            "owner",
+            "--uid-owner",
+            "1000",
+            "-j",
+            CHAIN,
+        ],
+        [*ip6tables, "-F", CHAIN],
+        [*ip6tables, "-X", CHAIN],
     ]
 
 
-def test_remove_stale() -> None:
-    tools = FakeTools(saved=SAVED)
-    assert NatMethod(tools).remove_stale() == 2
-    assert tools.runs == [(list(SAVE), ""), (list(RESTORE), removal_text(*stale_rules(SAVED)))]
+def test_remove_stale_in_both_versions() -> None:
+    tools = FakeTools(saved={4: SAVED, 6: SAVED.replace("bbbbbbbbbbbb", "cccccccccccc")})
+    assert NatMethod(tools).remove_stale() == 4
+    assert [argv[0] for argv, _ in tools.runs] == [
+        "iptables-save",
+        "iptables-restore",
+        "ip6tables-save",
+        "ip6tables-restore",
+    ]
+    assert tools.runs[1][1] == removal_text(*stale_rules(SAVED))
 
 
 def test_remove_stale_with_nothing_stale_changes_nothing() -> None:
-    tools = FakeTools(saved="*nat\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n")
+    tools = FakeTools()
     assert NatMethod(tools).remove_stale() == 0
-    assert tools.runs == [(list(SAVE), "")]
+    assert [argv for argv, _ in tools.runs] == [list(TOOLS[4].save), list(TOOLS[6].save)]
+
+
+def test_remove_stale_does_one_version_when_the_other_fails() -> None:
+    tools = FakeTools(saved={6: SAVED}, fail=["iptables-save"])
+    with pytest.raises(RequestError, match="iptables-save failed"):
+        NatMethod(tools).remove_stale()
+    assert [argv[0] for argv, _ in tools.runs] == [
+        "iptables-save",
+        "ip6tables-save",
+        "ip6tables-restore",
+    ]
+
+
+# --- real daemon ---------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_a_session_installs_its_chains_and_close_removes_exactly_them(
+    netns: str, start_firewalld: Callable[..., Daemon], listen: Callable[..., Listener]
+) -> None:
+    daemon = start_firewalld()
+    listen(12300, addresses=("127.0.0.1", "::1"))
+    before4, before6 = nat_rules(netns), nat6_rules(netns)
+    subnets = [("10.0.0.0/8", 1, 65535), ("192.0.2.0/24", 80, 90), ("fd00:5e::/32", 443, 443)]
+    excludes = [("10.1.0.0/16", 1, 65535), ("fd00:5e:1::/48", 1, 1024)]
+    client, method = open_session(daemon, "nat", 12300, subnets, excludes)
+    try:
+        assert method == "nat"
+        assert client.session is not None
+        chain = "SHUTTLE-" + client.session[:12]
+        assert [line for line in nat_rules(netns) if line not in before4] == [
+            f":{chain} - [0:0]",
+            f"-A OUTPUT -p tcp -m owner --uid-owner 0 -j {chain}",
+            f"-A {chain} -m addrtype --dst-type LOCAL -j RETURN",
+            f"-A {chain} -d 127.0.0.0/8 -j RETURN",
+            f"-A {chain} -d 10.1.0.0/16 -j RETURN",
+            f"-A {chain} -d 10.0.0.0/8 -p tcp -j REDIRECT --to-ports 12300",
+            f"-A {chain} -d 192.0.2.0/24 -p tcp -m tcp --dport 80:90 -j REDIRECT --to-ports 12300",
+        ]
+        assert [line for line in nat6_rules(netns) if line not in before6] == [
+            f":{chain} - [0:0]",
+            f"-A OUTPUT -p tcp -m owner --uid-owner 0 -j {chain}",
+            f"-A {chain} -m addrtype --dst-type LOCAL -j RETURN",
+            f"-A {chain} -d ::1/128 -j RETURN",
+            f"-A {chain} -d fd00:5e:1::/48 -p tcp -m tcp --dport 1:1024 -j RETURN",
+            f"-A {chain} -d fd00:5e::/32 -p tcp -m tcp --dport 443 -j REDIRECT --to-ports 12300",
+        ]
+    finally:
+        close_session(client)
+    assert (nat_rules(netns), nat6_rules(netns)) == (before4, before6)
+    assert f"session {chain[8:]} of uid 0 closed by uid 0: 11 nat rules removed" in daemon.log
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("side", ["excludes", "subnets"])
+def test_ten_thousand_subnets(
+    netns: str, start_firewalld: Callable[..., Daemon], listen: Callable[..., Listener], side: str
+) -> None:
+    daemon = start_firewalld(lease=30)
+    listen(12300)
+    many = [(f"10.{i // 250}.{i % 250}.1/32", 1, 65535) for i in range(10_000)]
+    one = [("10.0.0.0/8", 1, 65535)] if side == "excludes" else [("192.0.2.0/24", 1, 65535)]
+    subnets, excludes = (one, many) if side == "excludes" else (many, one)
+    client, _ = open_session(daemon, "nat", 12300, subnets, excludes)
+    try:
+        rules = shuttle_rules(netns)
+        # The chain, the jump, local and loopback RETURNs, the one, and the 10,000.
+        assert len(rules) == 10_005
+        action = "RETURN" if side == "excludes" else "REDIRECT --to-ports 12300"
+        assert sum(line.startswith("-A SHUTTLE-") and action in line for line in rules) == (
+            10_000 + 2 * (side == "excludes")
+        )
+    finally:
+        close_session(client)
+    assert nothing_of_shuttle(netns)
+
+
+@pytest.mark.integration
+def test_stale_chains_of_both_versions_go_at_start_and_only_they(
+    netns: str, start_firewalld: Callable[..., Daemon]
+) -> None:
+    for tool in ("iptables-restore", "ip6tables-restore"):
+        subprocess.run(
+            ["ip", "netns", "exec", netns, tool, "-w", "--noflush"],
+            input="*nat\n:SHUTTLE-0123456789ab - [0:0]\n:MINE - [0:0]\n"
+            "-A OUTPUT -p tcp -j SHUTTLE-0123456789ab\n-A PREROUTING -p tcp -j MINE\nCOMMIT\n",
+            text=True,
+            check=True,
+            timeout=10,
+        )
+    daemon = start_firewalld()
+    assert shuttle_rules(netns) == []
+    for rules in (nat_rules(netns), nat6_rules(netns)):
+        assert "-A PREROUTING -p tcp -j MINE" in rules
+    assert "removed 1 stale IPv4 chains left by an earlier run" in daemon.log
+    assert "removed 1 stale IPv6 chains left by an earlier run" in daemon.log
+
+
+@pytest.mark.integration
+def test_traffic_is_captured_as_asked(
+    routed: str, start_firewalld: Callable[..., Daemon], listen: Callable[..., Listener]
+) -> None:
+    check_capture(routed, start_firewalld(), listen, "nat")

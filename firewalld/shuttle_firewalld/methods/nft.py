@@ -1,0 +1,194 @@
+"""The nft method: one nftables table per session, its subnets in sets, so a constant number
+of rules whatever the number of subnets. Applied with one `nft -f -` (one kernel transaction)
+and removed with one `delete table`.
+
+Each IP version captured gets two sets, exclude4/include4 (exclude6/include6), typed as the
+concatenation `ipv4_addr . inet_service` with the interval flag: one lookup matches address
+and port range together, so `10.0.0.0/8` on every port and `192.0.2.7` on ports 80-90 sit in
+the same set and one rule serves both. The kernel keeps such sets in nft_set_pipapo, which
+refuses overlapping elements, so the elements come from targets.disjoint.
+
+REDIRECT in the output hook rewrites locally generated packets to the loopback address
+(nf_nat_redirect: 127.0.0.1, or ::1 for IPv6), whatever the destination was: that is why the
+client listens there. In the prerouting hook (forward) it rewrites to the address of the
+interface the packet came in on, so a forwarding session needs a wildcard listener.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import TYPE_CHECKING
+
+from shuttle_protocol.firewall_messages import ANY_OWNER
+
+from shuttle_firewalld.errors import RequestError
+from shuttle_firewalld.targets import Box, disjoint
+
+from .tools import Runner, run_tool
+
+if TYPE_CHECKING:
+    from shuttle_firewalld.sessions import Session
+
+log = logging.getLogger(__name__)
+
+NFT = ("nft", "-f", "-")  # the script on stdin: one transaction, all of it or nothing
+LIST_TABLES = ("nft", "list", "tables")
+TABLE_PREFIX = "shuttle-"
+# Only tables we could have made: the prefix and a short session id, 12 hex digits.
+_OUR_TABLE_LINE = re.compile(r"table inet (shuttle-[0-9a-f]{12})")
+PROBE_TABLE = "shuttle-probe"
+ADDRESS_TYPE = {4: "ipv4_addr", 6: "ipv6_addr"}
+MATCH = {4: "ip daddr", 6: "ip6 daddr"}
+LOOPBACK_TEXT = {4: "127.0.0.0/8", 6: "::1"}
+
+
+def table_name(session: Session) -> str:
+    return TABLE_PREFIX + session.short_id
+
+
+def set_text(name: str, version: int, boxes: list[Box]) -> list[str]:
+    lines = [
+        f"\tset {name} {{",
+        f"\t\ttype {ADDRESS_TYPE[version]} . inet_service",
+        "\t\tflags interval",
+    ]
+    if boxes:  # an empty set has no elements line: `elements = { }` does not parse
+        elements = ",\n".join(f"\t\t\t{box.address_text()} . {box.port_text()}" for box in boxes)
+        lines += ["\t\telements = {", elements, "\t\t}"]
+    return [*lines, "\t}"]
+
+
+def chain_rules(session: Session, owner: str) -> list[str]:
+    """The rules of one nat chain; owner is the socket owner match, "" for none."""
+    rules = [
+        # The host's own addresses are never captured: a connection to this host is not for
+        # the tunnel (and for a router, its own services stay reachable).
+        "fib daddr type local return",
+    ]
+    for version in session.versions:
+        rules += [
+            # Loopback, always: the redirect itself goes there.
+            f"{MATCH[version]} {LOOPBACK_TEXT[version]} return",
+            # Excludes are matched first, so they win over any include they overlap.
+            f"{MATCH[version]} . tcp dport @exclude{version} return",
+            f"{owner}{MATCH[version]} . tcp dport @include{version} redirect to :{session.port}",
+        ]
+    return rules
+
+
+def owner_match(session: Session) -> str:
+    """`meta skuid U meta skgid G ` as the session asks; such a rule never matches a packet
+    without a socket, which is why the prerouting chain (forwarded packets) has none."""
+    match = ""
+    if session.uid != ANY_OWNER:
+        match += f"meta skuid {session.uid} "
+    if session.gid != ANY_OWNER:
+        match += f"meta skgid {session.gid} "
+    return match
+
+
+def chains(session: Session) -> list[tuple[str, str, list[str]]]:
+    """(name, hook and priority, rules) of each chain of the session's table."""
+    # -100 is NF_IP_PRI_NAT_DST, where iptables' nat OUTPUT chain sits as well.
+    found = [("output", "output priority -100", chain_rules(session, owner_match(session)))]
+    if session.forward:
+        found.append(("prerouting", "prerouting priority dstnat", chain_rules(session, "")))
+    return found
+
+
+def ruleset(session: Session) -> str:
+    """The `nft -f` script that creates the session's table, all of it in one transaction."""
+    table = table_name(session)
+    lines = [
+        # `create` fails if a table of that name exists: never merge into someone else's.
+        f"create table inet {table}",
+        f"table inet {table} {{",
+    ]
+    for version in session.versions:
+        # Only the versions of the subnets: excludes of another version exclude from nothing.
+        lines += set_text(f"exclude{version}", version, disjoint(session.excludes, version))
+        lines += set_text(f"include{version}", version, disjoint(session.subnets, version))
+    for name, hook, rules in chains(session):
+        lines += [
+            f"\tchain {name} {{",
+            f"\t\ttype nat hook {hook}; policy accept;",
+            *(f"\t\t{rule}" for rule in rules),
+            "\t}",
+        ]
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def stale_tables(listing: str) -> list[str]:
+    """From `nft list tables`: the tables an earlier firewalld left behind."""
+    lines = listing.splitlines()
+    tables = [match.group(1) for match in map(_OUR_TABLE_LINE.fullmatch, lines) if match]
+    if f"table inet {PROBE_TABLE}" in lines:
+        tables.append(PROBE_TABLE)
+    return tables
+
+
+PROBE = f"""\
+table inet {PROBE_TABLE} {{
+	set probe4 {{
+		type ipv4_addr . inet_service
+		flags interval
+		elements = {{ 192.0.2.0/24 . 9-10 }}
+	}}
+	chain output {{
+		type nat hook output priority -100; policy accept;
+		meta skuid 4294967294 ip daddr . tcp dport @probe4 redirect to :9
+	}}
+}}
+"""
+
+
+class NftMethod:
+    """nft -f -, one call to apply a session and one to remove it."""
+
+    def __init__(self, run: Runner = run_tool) -> None:
+        self._run = run
+
+    def probe(self) -> str | None:
+        """Why this method cannot work here, or None if it can.
+
+        Creates and deletes a throwaway table with what sessions use: a nat chain, a
+        concatenated interval set, a redirect (for uid (uid_t)-2 to TEST-NET-1: never used).
+        """
+        try:
+            self._run(NFT, PROBE)
+        except RequestError as exc:
+            return str(exc)
+        try:
+            self._run(NFT, f"delete table inet {PROBE_TABLE}\n")
+        except RequestError as exc:
+            log.warning("cannot delete the probe table inet %s: %s", PROBE_TABLE, exc)
+        return None
+
+    def apply(self, session: Session) -> int:
+        self._run(NFT, ruleset(session))
+        return sum(len(rules) for _, _, rules in chains(session))
+
+    def remove(self, session: Session) -> None:
+        table = table_name(session)
+        try:
+            self._run(NFT, f"delete table inet {table}\n")
+        except RequestError as exc:
+            log.warning("deleting table inet %s: %s", table, exc)
+
+    def remove_stale(self) -> int:
+        tables = stale_tables(self._run(LIST_TABLES, ""))
+        if not tables:
+            return 0
+        try:
+            self._run(NFT, "".join(f"delete table inet {table}\n" for table in tables))
+        except RequestError:
+            # One transaction fails as a whole (one table gone meanwhile?): one at a time.
+            for table in tables:
+                try:
+                    self._run(NFT, f"delete table inet {table}\n")
+                except RequestError as exc:
+                    log.warning("deleting stale table inet %s: %s", table, exc)
+        log.info("removed %d stale nft tables left by an earlier run: %s", len(tables), tables)
+        return len(tables)

@@ -1,0 +1,78 @@
+"""sshuttle's subnet syntax, as the client parses it."""
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from shuttle_client.targets import TargetError, parse_target, parse_targets
+
+ALL = (1, 65535)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("10.1.2.3", [("10.1.2.3/32", *ALL)]),
+        ("10.1.2.3/16", [("10.1.0.0/16", *ALL)]),
+        ("10.1.0.0/16:80", [("10.1.0.0/16", 80, 80)]),
+        ("10.1.0.0/16:8000-8099", [("10.1.0.0/16", 8000, 8099)]),
+        ("0/0", [("0.0.0.0/0", *ALL)]),
+        ("0/0:22", [("0.0.0.0/0", 22, 22)]),
+        ("::/0", [("::/0", *ALL)]),
+        ("fd00:5e::/32", [("fd00:5e::/32", *ALL)]),
+        ("fd00:5e::1", [("fd00:5e::1/128", *ALL)]),
+        ("[fd00:5e::]/32:443", [("fd00:5e::/32", 443, 443)]),
+        ("[fd00:5e::1]:1-1024", [("fd00:5e::1/128", 1, 1024)]),
+        ("[::1]", [("::1/128", *ALL)]),
+        ("localhost:8080", [("127.0.0.1/32", 8080, 8080)]),
+    ],
+)
+def test_forms(text: str, expected: list) -> None:
+    assert parse_target(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "10.1.2.3:0",
+        "10.1.2.3:70000",
+        "10.1.2.3:90-80",
+        "10.0.0.0/33",
+        "[fd00::]/129",
+        "fe80::1%eth0",
+        "[fe80::1%eth0]:22",
+        "10.1.2.3:",
+        "10.1.2.3:a",
+        "[10.1.2.3",
+        "a b",
+        "",
+        "fd00::1:80-90x",
+        "host/24",
+    ],
+)
+def test_bad_input_is_one_clear_error_naming_it(text: str) -> None:
+    with pytest.raises(TargetError) as raised:
+        parse_target(text)
+    assert repr(text) in str(raised.value)
+
+
+def test_unknown_host_name_says_so() -> None:
+    with pytest.raises(TargetError, match=r"cannot resolve 'no-such-host\.invalid'"):
+        parse_target("no-such-host.invalid:80")
+
+
+def test_duplicates_are_merged_in_order() -> None:
+    assert parse_targets(["10.0.0.1/8", "10.2.0.0/16", "10.0.0.0/8"]) == (
+        ("10.0.0.0/8", *ALL),
+        ("10.2.0.0/16", *ALL),
+    )
+
+
+@given(st.ip_addresses(), st.integers(1, 65535), st.integers(0, 1000))
+def test_any_address_with_ports_round_trips(address: object, first: int, span: int) -> None:
+    last = min(first + span, 65535)
+    text = str(address)
+    written = f"[{text}]:{first}-{last}" if ":" in text else f"{text}:{first}-{last}"
+    (network, low, high), *rest = parse_target(written)
+    assert rest == []
+    assert network.split("/")[0] == text
+    assert (low, high) == (first, last)

@@ -1,0 +1,101 @@
+"""Assertions the integration tests share: a page arrives through the tunnel, a connection is
+not captured, and what each firewall method leaves in the client host's firewall.
+
+"Not captured" is judged by what the program sees, as without shuttle: S does not forward,
+so an uncaptured connection to the target times out (curl exit 28). A captured one reaches
+the target through the tunnel (the page, or an echo).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Set
+
+from testbed import (
+    ECHO_PORT,
+    HTTP_PORT,
+    LocalUser,
+    Shuttle,
+    Topology,
+    nat_chains,
+    nft_tables,
+)
+
+CURL_TIMED_OUT = 28
+UNCAPTURED_WAIT = 2.0  # seconds curl waits for a connection that must not be made
+TUNNEL_WAIT = 20.0  # seconds curl may take through the tunnel (generous; not a timing check)
+
+
+def who(user: Optional[LocalUser], topo: Topology) -> str:
+    return (user or topo.user).name
+
+
+def assert_page(
+    shuttle: Shuttle, host: str, port: int = HTTP_PORT, user: Optional[LocalUser] = None
+) -> None:
+    """curl as user (default the first test user) gets the target's page from host:port."""
+    topo = shuttle.topo
+    result = topo.curl(host, port, max_time=TUNNEL_WAIT, user=user)
+    assert result.returncode == 0, (
+        f"curl as {who(user, topo)} to {host}:{port}: exit {result.returncode}: "
+        f"{result.stderr.strip()}\n{shuttle.outputs()}"
+    )
+    assert topo.marker in result.stdout, f"not the target's page: {result.stdout[:500]!r}"
+
+
+def assert_not_captured(
+    shuttle: Shuttle, host: str, port: int = HTTP_PORT, user: Optional[LocalUser] = None
+) -> None:
+    """curl as user to host:port times out, as it does without shuttle."""
+    topo = shuttle.topo
+    result = topo.curl(host, port, max_time=UNCAPTURED_WAIT, user=user)
+    assert result.returncode == CURL_TIMED_OUT, (
+        f"curl as {who(user, topo)} to {host}:{port} should time out (not captured), "
+        f"got exit {result.returncode}: {result.stderr.strip()} {result.stdout[:200]!r}\n"
+        f"{shuttle.outputs()}"
+    )
+
+
+def assert_echo(
+    shuttle: Shuttle, host: str, port: int = ECHO_PORT, user: Optional[LocalUser] = None
+) -> None:
+    """A few simultaneous echo connections as user to host:port come back byte-exact."""
+    result = shuttle.topo.tcptool("echo", host, str(port), "5", timeout=30, user=user)
+    assert result["ok"], f"echo to {host}:{port}: {result}\n{shuttle.outputs()}"
+
+
+def firewall_objects(topo: Topology) -> Set[str]:
+    """shuttle's tables and chains in C, named by where they are: nft:shuttle-..., ip4:SHUTTLE-...,
+    ip6:SHUTTLE-... (for comparing what stays when a session ends)."""
+    objects = {f"nft:{table}" for table in nft_tables(topo)}
+    for version, chains in nat_chains(topo).items():
+        objects |= {f"ip{version}:{chain}" for chain in chains}
+    return objects
+
+
+def assert_method_rules(
+    shuttle: Shuttle, method: str, *, ipv4: bool = True, ipv6: bool = True
+) -> None:
+    """The firewall shows the rules of method, and none of the other method.
+
+    nft: a table `inet shuttle-<12 hex>`, and no SHUTTLE chain in iptables or ip6tables;
+    nat: SHUTTLE-<12 hex> chains in the nat table of each family in use, and no nft table.
+    """
+    topo = shuttle.topo
+    tables = nft_tables(topo)
+    chains = nat_chains(topo)
+    seen = f"nft tables {tables}, iptables chains {chains[4]}, ip6tables chains {chains[6]}"
+    if method == "nft":
+        assert tables, f"no inet shuttle-* table for the nft method: {seen}\n{shuttle.outputs()}"
+        assert not chains[4] and not chains[6], f"nat chains with the nft method: {seen}"
+    else:
+        assert not tables, f"an nft shuttle table with the nat method: {seen}"
+        if ipv4:
+            assert chains[4], f"no SHUTTLE chain in iptables' nat table: {seen}"
+        if ipv6:
+            assert chains[6], f"no SHUTTLE chain in ip6tables' nat table: {seen}"
+
+
+def assert_no_rules(topo: Topology) -> None:
+    """No shuttle table or chain in any of the three views (nft, iptables, ip6tables)."""
+    objects = firewall_objects(topo)
+    assert not objects, f"shuttle tables or chains left: {sorted(objects)}"
