@@ -31,6 +31,11 @@ GREETING_TIMEOUT = 120.0
 EXIT_NOT_FOUND = 127  # the server's shell: command not found
 
 
+def printable(text: str) -> str:
+    """The agent's text made safe for a terminal: it could carry escape sequences."""
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
+
+
 class TunnelError(Exception):
     """The tunnel could not start or broke; the text is for the user."""
 
@@ -129,14 +134,15 @@ class Tunnel:
         if isinstance(msg, Hello):
             self._on_hello(msg)
         elif isinstance(msg, Error):
-            text = f"the agent reported: {msg.text}"
+            text = f"the agent reported: {printable(msg.text)}"
             if not self._greeted.done():
                 self._greeted.set_exception(TunnelError(text))
             self.link.finish(text)
         elif not self._greeted.done():
             self.link.fail(f"{type(msg).__name__} before Hello")
         elif isinstance(msg, Refused):
-            log.debug("channel %d refused by the remote side: %s", msg.channel, msg.reason)
+            reason = printable(msg.reason)
+            log.debug("channel %d refused by the remote side: %s", msg.channel, reason)
             relay = self.link.channels.get(msg.channel)
             if relay is not None:
                 relay.reset()  # a reset is as close to "refused" as an accepted socket gets

@@ -16,7 +16,7 @@ from typing import Any, Coroutine, Optional
 import pytest
 from shuttle_agent.relay import Relay
 from shuttle_client.cli import parse_args
-from shuttle_client.tunnel import Tunnel, TunnelError
+from shuttle_client.tunnel import Tunnel, TunnelError, printable
 from shuttle_protocol import PROTOCOL_VERSION
 
 FAKE_SSH = """#!/bin/sh
@@ -228,3 +228,8 @@ def test_version_mismatch_is_one_clear_error_on_the_client_side(
     run(scenario())
     err = capfd.readouterr().err
     assert "agent got: [Error(text='protocol version mismatch" in err
+
+
+def test_the_agents_text_cannot_drive_the_terminal() -> None:
+    assert printable("ok \x1b[2J\x07 done\n") == "ok \\x1b[2J\\x07 done\\x0a"
+    assert printable("café") == "café"
