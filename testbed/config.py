@@ -34,6 +34,7 @@ SSH_PORT = 22
 HTTP_PORT = 8080
 ECHO_PORT = 7007
 BULK_PORT = 9009
+UDP_ECHO_PORT = 7009  # UDP: every datagram comes back, from the address it was sent to
 CLOSED_PORT = 9  # nothing listens here on T
 
 USER_NAME = "shuttle-test"

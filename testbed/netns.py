@@ -61,18 +61,22 @@ class Namespace:
             return []
         return [int(word) for word in out.split() if word.isdigit()]
 
-    def listeners(self, port: int) -> List[str]:
-        """The local addresses (as ss shows them) of TCP sockets listening on port here."""
-        out = self.run(["ss", "-Htln", f"sport = :{port}"], timeout=10).stdout
+    def listeners(self, port: int, udp: bool = False) -> List[str]:
+        """The local addresses (as ss shows them) of TCP sockets listening on port here, or
+        with udp of UDP sockets bound to it."""
+        flags = "-Huln" if udp else "-Htln"
+        out = self.run(["ss", flags, f"sport = :{port}"], timeout=10).stdout
         return [line.split()[3] for line in out.splitlines() if len(line.split()) > 3]
 
-    def listening(self, port: int) -> bool:
-        """True if a TCP socket in this namespace listens on port."""
-        return bool(self.listeners(port))
+    def listening(self, port: int, udp: bool = False) -> bool:
+        """True if a TCP socket in this namespace listens on port (udp: a UDP one is bound)."""
+        return bool(self.listeners(port, udp))
 
-    def wait_listening(self, port: int, timeout: float = 10, count: int = 1) -> bool:
+    def wait_listening(
+        self, port: int, timeout: float = 10, count: int = 1, udp: bool = False
+    ) -> bool:
         """Wait until at least count sockets listen on port (one per address, say)."""
-        return wait_until(lambda: len(self.listeners(port)) >= count, timeout, interval=0.1)
+        return wait_until(lambda: len(self.listeners(port, udp)) >= count, timeout, interval=0.1)
 
     def kill_all(self, timeout: float = 10) -> List[int]:
         """SIGKILL every process in the namespace; return the pids still alive after timeout."""

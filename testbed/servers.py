@@ -1,4 +1,5 @@
-"""The servers on the target host: an HTTP page with a unique marker, echo and bulk servers."""
+"""The servers on the target host: an HTTP page with a unique marker, TCP echo and bulk servers,
+and a UDP echo server."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import uuid
 from pathlib import Path
 from typing import List
 
-from testbed.config import BULK_PORT, ECHO_PORT, HTTP_PORT, SYSTEM_PYTHON
+from testbed.config import BULK_PORT, ECHO_PORT, HTTP_PORT, SYSTEM_PYTHON, UDP_ECHO_PORT
 from testbed.netns import Namespace
 from testbed.procs import Proc
 
@@ -47,7 +48,7 @@ ANY_BOTH = "0.0.0.0,::"
 
 
 def start(ns: Namespace, www: Path, tcptool: Path, logs: Path) -> List[Proc]:
-    """Start the three servers in ns, listening on all of its addresses (IPv4 and IPv6);
+    """Start the four servers in ns, listening on all of its addresses (IPv4 and IPv6);
     wait until they do."""
     procs = [
         ns.start(
@@ -66,12 +67,24 @@ def start(ns: Namespace, www: Path, tcptool: Path, logs: Path) -> List[Proc]:
             [SYSTEM_PYTHON, str(tcptool), "serve", "bulk", ANY_BOTH, str(BULK_PORT)],
             logs / "bulk.log",
         ),
+        ns.start(
+            "udp-echo",
+            [SYSTEM_PYTHON, str(tcptool), "serve", "udp-echo", ANY_BOTH, str(UDP_ECHO_PORT)],
+            logs / "udp-echo.log",
+        ),
     ]
     # http.server: one dual-stack socket; tcptool: one socket per family.
-    for proc, port, count in zip(procs, (HTTP_PORT, ECHO_PORT, BULK_PORT), (1, 2, 2)):
-        if not ns.wait_listening(port, timeout=15, count=count):
+    ports = (
+        (HTTP_PORT, 1, False),
+        (ECHO_PORT, 2, False),
+        (BULK_PORT, 2, False),
+        (UDP_ECHO_PORT, 2, True),
+    )
+    for proc, (port, count, udp) in zip(procs, ports):
+        if not ns.wait_listening(port, timeout=15, count=count, udp=udp):
             details = "\n".join(p.describe() for p in procs)
             for p in procs:
                 p.stop()
-            raise RuntimeError(f"{proc.name} server did not listen on port {port}\n{details}")
+            what = "UDP port" if udp else "port"
+            raise RuntimeError(f"{proc.name} server did not listen on {what} {port}\n{details}")
     return procs

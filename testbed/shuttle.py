@@ -3,10 +3,15 @@
 Both are started from the user venv and are ready when they log their ready line; a start
 that does not get there raises StartupError carrying the output of both.
 
-The firewall as the two methods leave it, in C:
+The firewall as the methods leave it, in C:
   nft: one table `inet shuttle-<12 hex>` per session (`nft list tables`);
-  nat: chains SHUTTLE-<12 hex> in the nat tables of iptables and ip6tables.
+  nat: chains SHUTTLE-<12 hex> in the nat tables of iptables and ip6tables;
+  tproxy: an nft table as nft's, and policy routing besides: per session and IP version an
+        `ip rule` "fwmark M lookup T" and a routing table T with a local default route.
 (iptables here may be iptables-nft, whose tables `ip nat` / `ip6 nat` nft shows as well.)
+
+The policy routing is judged against a snapshot taken before shuttle started
+(routing_state): a fwmark rule, or a routing table, that was not there before is shuttle's.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from __future__ import annotations
 import re
 import signal
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, FrozenSet, List, NamedTuple, Optional, Sequence
 
 from testbed.config import S_ADDR_C, SYSTEM_PYTHON, TARGET_NET, url_host
 from testbed.procs import Proc, wait_until
@@ -29,7 +34,9 @@ CHAIN_RE = re.compile(r"shuttle", re.IGNORECASE)
 NFT_TABLE_RE = re.compile(r"^table inet (shuttle-[0-9a-f]{12})\s*$")
 NAT_CHAIN_RE = re.compile(r"^:(SHUTTLE-[0-9a-fA-F]{12})\s")
 READY_METHOD_RE = re.compile(r"\bmethod (\w+)")
-METHODS = ("nft", "nat")
+METHODS = ("nft", "nat")  # the methods the general tests run with
+TPROXY = "tproxy"  # tested on its own (tests/integration/test_tproxy.py): it also does UDP
+ROUTE_TABLE_RE = re.compile(r"\btable (\S+)")
 
 
 class StartupError(RuntimeError):
@@ -73,10 +80,55 @@ def nat_chains(topo: Topology) -> Dict[int, List[str]]:
     return chains
 
 
-def wait_rules_gone(topo: Topology, timeout: float = 5) -> List[str]:
-    """Wait (bounded) until C has no shuttle rule left; return what is left, if anything."""
-    wait_until(lambda: not shuttle_rules(topo), timeout, interval=0.1)
-    return shuttle_rules(topo)
+class Routing(NamedTuple):
+    """C's policy routing, both families: the fwmark rules, and the routes by table."""
+
+    rules: FrozenSet[str]  # "ip -4 rule: 32765: from all fwmark 0x... lookup ..."
+    routes: Dict[str, List[str]]  # "ip -6 table local" -> that table's route lines
+
+    def tables(self) -> FrozenSet[str]:
+        return frozenset(self.routes)
+
+
+def routing_state(topo: Topology) -> Routing:
+    """The fwmark rules of `ip rule` / `ip -6 rule` in C, and every route of `ip route show
+    table all` / `ip -6 route show table all`, grouped by table (no "table" word: main)."""
+    rules = set()
+    routes: Dict[str, List[str]] = {}
+    for version in ("-4", "-6"):
+        out = topo.c.run(["ip", version, "rule", "show"], timeout=15, check=True).stdout
+        rules |= {f"ip {version} rule: {ln.strip()}" for ln in out.splitlines() if "fwmark" in ln}
+        argv = ["ip", version, "route", "show", "table", "all"]
+        for line in topo.c.run(argv, timeout=15, check=True).stdout.splitlines():
+            match = ROUTE_TABLE_RE.search(line)
+            table = f"ip {version} table {match.group(1) if match else 'main'}"
+            routes.setdefault(table, []).append(line.strip())
+    return Routing(frozenset(rules), routes)
+
+
+def routing_leftovers(topo: Topology, before: Routing) -> List[str]:
+    """C's fwmark rules and routing tables (each route of them) that were not there before:
+    the tproxy method's, left behind."""
+    now = routing_state(topo)
+    found = sorted(now.rules - before.rules)
+    for table in sorted(now.tables() - before.tables()):
+        found += [f"{table}: {route}" for route in now.routes[table]]
+    return found
+
+
+def leftovers(topo: Topology, routing: Optional[Routing] = None) -> List[str]:
+    """shuttle_rules, and with a snapshot from before shuttle started, its routing_leftovers."""
+    found = shuttle_rules(topo)
+    return found + (routing_leftovers(topo, routing) if routing is not None else [])
+
+
+def wait_rules_gone(
+    topo: Topology, timeout: float = 5, routing: Optional[Routing] = None
+) -> List[str]:
+    """Wait (bounded) until C has no shuttle rule left, nor (given the snapshot from before
+    shuttle started) any new fwmark rule or routing table; return what is left, if anything."""
+    wait_until(lambda: not leftovers(topo, routing), timeout, interval=0.1)
+    return leftovers(topo, routing)
 
 
 def ready_line(proc: Proc) -> str:
@@ -100,6 +152,8 @@ class Shuttle:
         self.socket = topo.fw_dir / "firewalld.sock"
         self.firewalld: Optional[Proc] = None
         self.clients: List[Proc] = []
+        # C's policy routing before firewalld started: what is new later is shuttle's.
+        self.routing_before: Optional[Routing] = None
 
     def firewalld_argv(self) -> List[str]:
         return self.topo.c.argv(
@@ -160,6 +214,9 @@ class Shuttle:
         return "\n".join(proc.describe() for proc in procs)
 
     def start_firewalld(self, timeout: float = READY_TIMEOUT) -> Proc:
+        """Start shuttle-firewalld as root in C (after a snapshot of C's policy routing)."""
+        if self.routing_before is None:
+            self.routing_before = routing_state(self.topo)
         proc = self.topo.start("firewalld", self.firewalld_argv())
         self.firewalld = proc
         if not proc.wait_for_line(FIREWALLD_READY, timeout):
@@ -209,6 +266,15 @@ class Shuttle:
                 f"{ready_line(proc)!r}\n{self.outputs()}"
             )
         return proc
+
+    def leftovers(self) -> List[str]:
+        """shuttle's rules in C's firewall, and the fwmark rules and routing tables that C
+        did not have before firewalld started."""
+        return leftovers(self.topo, self.routing_before)
+
+    def wait_rules_gone(self, timeout: float = 5) -> List[str]:
+        """Wait (bounded) until none of self.leftovers() is left; return what is."""
+        return wait_rules_gone(self.topo, timeout, routing=self.routing_before)
 
     def stop_client(self, proc: Proc, timeout: float = 15) -> Optional[int]:
         """SIGTERM one client and wait for it; its exit code (None if it had to be killed)."""

@@ -5,9 +5,10 @@
                                                                     (and 198.18.2.3, fd00:5e:2::3)
 
 C routes everything (both families) through S, but S does not forward: a packet from C to T
-is silently dropped at S, so without shuttle the target just times out. S runs a real sshd
-(on both of its addresses towards C); T runs an HTTP server, an echo server and a bulk
-server, each on every address of both families.
+is silently dropped at S, so without shuttle the target just times out (and a UDP datagram
+gets no answer). S runs a real sshd (on both of its addresses towards C); T runs an HTTP
+server, a TCP echo server, a bulk server and a UDP echo server, each on every address of
+both families (the UDP echo answers from the address it was sent to).
 
 Two unprivileged local users run things in C: the first (`topo.user`) is the one the tests
 normally act as; the second (`topo.user2`) checks that a session captures only its own user's
@@ -46,6 +47,7 @@ from testbed.config import (
     T_ADDR2,
     T_ADDR6,
     T_ADDR6_2,
+    UDP_ECHO_PORT,
     check_ours,
     url_host,
 )
@@ -339,6 +341,49 @@ class Topology:
             parsed = {"ok": False, "error": f"exit {result.returncode}: {result.stderr[-2000:]}"}
         parsed["exit"] = result.returncode
         return parsed
+
+    def udp_echo(
+        self,
+        host: str,
+        port: int = UDP_ECHO_PORT,
+        *,
+        count: int = 20,
+        big: int = 8000,
+        tries: int = 3,
+        wait: float = 2,
+        ns: Optional[Namespace] = None,
+        user: Optional[LocalUser] = None,
+    ) -> Dict[str, Any]:
+        """tcptool's UDP echo check to host:port (as user in C, or as root in ns): count
+        datagrams (sizes up to 1400 bytes, and one of big bytes), each sent up to tries times
+        and waited for wait seconds; each echo must come from host:port. Its JSON result."""
+        args = ["--count", str(count), "--big", str(big), "--tries", str(tries)]
+        return self.tcptool(
+            "udp",
+            host,
+            str(port),
+            *args,
+            "--wait",
+            str(wait),
+            timeout=count * tries * wait + 10,
+            ns=ns,
+            user=user,
+        )
+
+    def udp_silent(
+        self,
+        host: str,
+        port: int = UDP_ECHO_PORT,
+        *,
+        wait: float = 2,
+        ns: Optional[Namespace] = None,
+        user: Optional[LocalUser] = None,
+    ) -> Dict[str, Any]:
+        """tcptool's check that datagrams to host:port get no answer within wait seconds (as
+        user in C, or as root in ns): not captured, as without shuttle. Its JSON result."""
+        return self.tcptool(
+            "udp-silent", host, str(port), "--wait", str(wait), timeout=wait, ns=ns, user=user
+        )
 
     # --- teardown ------------------------------------------------------------------------
 

@@ -1,7 +1,6 @@
-"""The agent's entry point: greet the client, then open the connections it asks for."""
+"""The agent's entry point: greet the client, then open the connections and flows it asks for."""
 
 import asyncio
-import errno
 import logging
 import os
 import signal
@@ -19,24 +18,28 @@ from shuttle_protocol.stream_messages import (
     Ping,
     Pong,
     Refused,
+    UdpOpen,
     Welcome,
 )
 
-from .relay import Link, Relay, WriterProtocol
+from .relay import Link, Relay, WriterProtocol, refusal
+from .udp import IDLE_TIMEOUT, MAX_FLOWS, UdpOpener, settings_from_env
 
 log = logging.getLogger("shuttle")
 
-CAPABILITIES = ("tcp",)
+CAPABILITIES = ("tcp", "udp")
 # Longer than the kernel's own SYN retries would be pointless; shorter would cut slow links.
 CONNECT_TIMEOUT = 60.0
 EXIT_PROTOCOL = 3
 
 
 class Agent:
-    """The agent's session: the handshake, then an Open → connect → Opened/Refused cycle."""
+    """The agent's session: the handshake, then Open → connect → Opened/Refused cycles, and
+    UdpOpen → a UDP flow (or Refused)."""
 
-    def __init__(self) -> None:
+    def __init__(self, udp_idle: float = IDLE_TIMEOUT, udp_max_flows: int = MAX_FLOWS) -> None:
         self.link = Link(Mux(AGENT), self.on_message, "client")
+        self.udp = UdpOpener(self.link, udp_idle, udp_max_flows)
         self.welcomed = False
         self.error: Optional[str] = None
         # Strong references: the event loop keeps only weak ones to running tasks.
@@ -57,6 +60,8 @@ class Agent:
             relay = Relay(self.link, msg.channel)
             self.link.channels[msg.channel] = relay
             self._tasks.add(asyncio.get_running_loop().create_task(self.connect(msg, relay)))
+        elif isinstance(msg, UdpOpen):
+            self.udp.open(msg)
         elif isinstance(msg, Ping):
             self.link.send(Pong(msg.cookie))
         elif not isinstance(msg, Pong):
@@ -74,15 +79,15 @@ class Agent:
             await asyncio.wait_for(
                 loop.create_connection(lambda: relay, msg.host, msg.port), CONNECT_TIMEOUT
             )
-        except (OSError, asyncio.TimeoutError) as exc:
-            code = getattr(exc, "errno", None) or errno.ETIMEDOUT
-            reason = os.strerror(code)
+        # ValueError: a host that cannot be encoded for the resolver (UnicodeError).
+        except (OSError, asyncio.TimeoutError, ValueError) as exc:
+            code, reason = refusal(exc)
             log.debug("channel %d: %s:%d refused: %s", msg.channel, msg.host, msg.port, reason)
             if self.link.channels.get(msg.channel) is relay:
                 del self.link.channels[msg.channel]
             if msg.channel in self.link.mux.channels:
                 self.link.mux.forget(msg.channel)
-                self.link.send(Refused(msg.channel, min(code, 4095), str(reason)[:200]))
+                self.link.send(Refused(msg.channel, code, reason))
             return
         if msg.channel in self.link.mux.channels:
             self.link.send(Opened(msg.channel))
@@ -91,7 +96,7 @@ class Agent:
 async def serve() -> int:
     """Run the agent on fds 0 and 1 until the client goes away."""
     loop = asyncio.get_running_loop()
-    agent = Agent()
+    agent = Agent(*settings_from_env(os.environ))
     writer, _ = await loop.connect_write_pipe(
         lambda: WriterProtocol(agent.link), os.fdopen(1, "wb", buffering=0)
     )
@@ -103,6 +108,8 @@ async def serve() -> int:
         loop.add_signal_handler(signum, agent.link.finish, "signal")
     reason = await agent.link.closed
     log.debug("session over: %s", reason)
+    if agent.link.datagrams_dropped:
+        log.debug("%d datagrams dropped on a full pipe", agent.link.datagrams_dropped)
     return EXIT_PROTOCOL if agent.error or agent.link.failed else 0
 
 

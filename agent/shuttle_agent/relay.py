@@ -8,24 +8,57 @@ Flow control: a socket's bytes go out only within its channel's credit; the rest
 and the socket stops reading. Credit goes back to the peer only once the local socket has
 taken the bytes (its transport is not paused). When the pipe itself is full, channels stop
 reading too, so a bulk transfer cannot queue more than a bounded amount ahead of small ones.
+
+UDP flows have no credit: the Link routes their Datagram and Close messages to flow objects
+(each side has its own kind; the agent's is udp.UdpFlow) and drops, and counts, a datagram
+that would have to wait for a full pipe.
 """
 
 import asyncio
+import errno
 import logging
+import os
 import socket
 import struct
-from typing import Callable, Dict, List, Optional, Set
+from typing import Callable, Dict, List, Optional, Protocol, Set, Tuple
 
 from shuttle_protocol.errors import ProtocolError, RemoteProtocolError
 from shuttle_protocol.mux import Mux
 from shuttle_protocol.schema import Message
-from shuttle_protocol.stream_messages import Close, Credit, Data, Eof, Error
+from shuttle_protocol.stream_messages import Close, Credit, Data, Datagram, Eof, Error
 
 log = logging.getLogger("shuttle")
 
 # The pipe's write buffer size at which channels stop reading (latency control).
 PIPE_HIGH_WATER = 512 * 1024
 PIPE_LOW_WATER = 128 * 1024
+
+
+class DatagramFlow(Protocol):
+    """What the Link needs from the object behind a UDP channel."""
+
+    def on_datagram(self, msg: Datagram) -> None:
+        """The peer sent a datagram on this flow."""
+
+    def on_close(self, msg: Close) -> None:
+        """The peer ended the flow (the Mux has forgotten it already)."""
+
+    def reset(self) -> None:
+        """The session is ending: release the flow's resources, send nothing."""
+
+
+def refusal(exc: BaseException) -> Tuple[int, str]:
+    """Errno and text for a Refused, from why a connect or a name resolution failed."""
+    if isinstance(exc, socket.gaierror):
+        # getaddrinfo's EAI_* codes are negative and no errno: 0 says "see the text".
+        return 0, f"cannot resolve: {exc.strerror}"[:200]
+    if isinstance(exc, asyncio.TimeoutError):
+        return errno.ETIMEDOUT, os.strerror(errno.ETIMEDOUT)
+    code = getattr(exc, "errno", None)
+    if type(code) is int and 0 < code <= 4095:
+        return code, os.strerror(code)[:200]
+    # A host that cannot even be encoded (a DNS label over 63 characters: UnicodeError).
+    return 0, f"{type(exc).__name__}: {exc}"[:200]
 
 
 class Link(asyncio.Protocol):
@@ -35,6 +68,8 @@ class Link(asyncio.Protocol):
         self.mux = mux
         self.peer = peer
         self.channels: Dict[int, Relay] = {}
+        self.flows: Dict[int, DatagramFlow] = {}  # UDP channels
+        self.datagrams_dropped = 0  # datagrams not sent because the pipe was full
         self.paused = False
         self.failed: Optional[str] = None  # why we ended the session, if it was an error
         self.closed: asyncio.Future[Optional[str]] = asyncio.get_running_loop().create_future()
@@ -88,6 +123,17 @@ class Link(asyncio.Protocol):
         self.finish(f"{self.peer} connection lost" + (f": {exc}" if exc else ""))
 
     def _dispatch(self, msg: Message) -> None:
+        if isinstance(msg, (Datagram, Close)):
+            flow = self.flows.get(msg.channel)
+            if flow is not None:
+                if isinstance(msg, Datagram):
+                    flow.on_datagram(msg)
+                else:
+                    self.flows.pop(msg.channel, None)
+                    flow.on_close(msg)
+                return
+            if isinstance(msg, Datagram):
+                return  # a flow that is already gone on our side
         handler = _RELAY_HANDLERS.get(type(msg))
         if handler is None:
             self._on_message(msg)
@@ -101,6 +147,19 @@ class Link(asyncio.Protocol):
     def send(self, msg: Message) -> None:
         self.mux.send(msg)
         self.schedule_flush()
+
+    def send_datagram(self, channel: int, payload: bytes) -> bool:
+        """Send a datagram on a UDP channel, or drop it (False) if the pipe is full.
+
+        UDP may lose datagrams, and a flood must not queue without bound in front of the
+        TCP channels, so nothing waits for the pipe: what does not fit now is dropped.
+        """
+        if self.paused or self.mux.buffered >= PIPE_HIGH_WATER:
+            self.datagrams_dropped += 1
+            return False
+        self.mux.send_datagram(channel, payload)
+        self.schedule_flush()
+        return True
 
     def schedule_flush(self) -> None:
         """Write what the Mux queued, once per loop iteration, so small sends coalesce."""
@@ -132,6 +191,9 @@ class Link(asyncio.Protocol):
         for relay in list(self.channels.values()):
             relay.reset()
         self.channels.clear()
+        flows, self.flows = self.flows, {}
+        for flow in flows.values():
+            flow.reset()
         if self._writer is not None:
             self._writer.close()
         if self._reader is not None:

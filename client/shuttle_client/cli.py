@@ -40,7 +40,8 @@ Options:
                            also captures traffic routed through this host (router use).
   -e, --ssh-cmd=CMD        the ssh command, with its options [default: ssh].
   --python=PATH            python on the server [default: python3].
-  --method=METHOD          firewall method: auto, nft or nat [default: auto].
+  --method=METHOD          firewall method: auto, nft, nat or tproxy (TCP and UDP)
+                           [default: auto].
   --user=USER              capture the traffic of this user (default: yourself).
   --group=GROUP            capture only traffic of this group (with no --user: of
                            anyone in it).
@@ -58,7 +59,7 @@ class UsageError(Exception):
     """A mistake on the command line; the text says which argument and why."""
 
 
-METHODS = ("auto", "nft", "nat")
+METHODS = ("auto", "nft", "nat", "tproxy")
 LOOPBACKS = ("127.0.0.1", "::1")
 WILDCARDS = ("0.0.0.0", "::")  # noqa: S104 (listening there is the router use case)
 

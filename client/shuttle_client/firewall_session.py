@@ -1,14 +1,21 @@
-"""The client's side of the firewalld RPC: open a session, keep its lease, close it.
+"""The client's side of the firewalld RPC: open a session, keep its lease, close it, and for
+a tproxy session fetch the transparent sockets firewalld makes for it.
 
 One zmq DEALER on firewalld's ipc socket, one request in flight at a time; answers are
 matched to requests by id, and stale answers (to a request that timed out) are dropped.
+Sockets come over a second, unix stream socket (the fd socket), for a one-time token.
 """
 
 from __future__ import annotations
 
+import array
 import asyncio
+import ipaddress
 import os
+import socket
+import struct
 from collections.abc import Sequence
+from typing import Union
 
 import zmq
 import zmq.asyncio
@@ -22,12 +29,22 @@ from shuttle_protocol.firewall_messages import (
     HeartbeatRequest,
     OpenSessionAnswer,
     OpenSessionRequest,
+    ReplySocketAnswer,
+    ReplySocketRequest,
+    SocketsAnswer,
+    SocketsHandover,
+    SocketsRequest,
     Target,
 )
 from shuttle_protocol.frames import decode_frame, encode_frame
 from shuttle_protocol.schema import Message
 
 CLOSE_TIMEOUT = 1.0
+MAX_HANDOVER = 4096  # bytes of the one frame on the fd socket; it is a few dozen
+MAX_FDS = 4  # descriptors in it: at most a TCP and a UDP socket per IP version
+_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+Address = Union[str, ipaddress.IPv4Address, ipaddress.IPv6Address]
 
 
 def _target(item: Target | str) -> Target:
@@ -91,6 +108,48 @@ class FirewallSession:
             raise FirewallError(f"shuttle-firewalld answered {type(answer).__name__}")
         self._session, self._lease = answer.session, answer.lease
         return answer.method
+
+    async def tproxy_sockets(self, timeout: float = 5.0) -> tuple[int, dict[str, socket.socket]]:
+        """The transparent sockets of this (tproxy) session: (their port, {kind: socket}),
+        kinds "tcp4" and "udp4" if the session captures IPv4, "tcp6" and "udp6" for IPv6.
+
+        TCP connections accepted on a "tcp" listener keep their original destination as
+        their own address (getsockname()); each datagram on a "udp" socket carries it in
+        IP_RECVORIGDSTADDR / IPV6_RECVORIGDSTADDR ancillary data. firewalld hands them over
+        once per session; the caller owns them from now on.
+        """
+        answer = await self._request(SocketsRequest(self._open_session()), timeout)
+        if not isinstance(answer, SocketsAnswer):
+            raise FirewallError(f"shuttle-firewalld answered {type(answer).__name__}")
+        sockets = await fetch_sockets(answer.path, answer.token, timeout)
+        if any(kind == "reply" for kind, _ in sockets):
+            _close_all(sockets)
+            raise FirewallError("shuttle-firewalld handed over a reply socket for the listeners")
+        return answer.port, dict(sockets)
+
+    async def reply_socket(
+        self, address: Address, port: int, timeout: float = 5.0
+    ) -> socket.socket:
+        """A transparent UDP socket bound to (address, port), an original destination inside
+        this (tproxy) session's subnets: answers sent from it reach the local program as
+        coming from there. Keep it while the flow lives; the caller owns it."""
+        try:
+            request = ReplySocketRequest(self._open_session(), str(address), port)
+        except ProtocolError as exc:
+            raise FirewallError(f"cannot ask for a reply socket: {exc}") from None
+        answer = await self._request(request, timeout)
+        if not isinstance(answer, ReplySocketAnswer):
+            raise FirewallError(f"shuttle-firewalld answered {type(answer).__name__}")
+        sockets = await fetch_sockets(answer.path, answer.token, timeout)
+        if [kind for kind, _ in sockets] != ["reply"]:
+            _close_all(sockets)
+            raise FirewallError("shuttle-firewalld handed over something else than a reply socket")
+        return sockets[0][1]
+
+    def _open_session(self) -> str:
+        if self._session is None:
+            raise FirewallError("no firewall session is open")
+        return self._session
 
     async def run_heartbeats(self) -> None:
         """Renew the lease every third of it, until cancelled; FirewallError if it is lost."""
@@ -177,3 +236,105 @@ class FirewallSession:
             f"cannot reach shuttle-firewalld at {self._path}: is it running? "
             "(start it as root: shuttle-firewalld)"
         )
+
+
+async def fetch_sockets(path: str, token: str, timeout: float) -> list[tuple[str, socket.socket]]:
+    """The sockets a token fetches on firewalld's fd socket at path, with their kinds."""
+    try:
+        return await asyncio.wait_for(_fetch(path, token), timeout)
+    except asyncio.TimeoutError:
+        raise FirewallError(
+            f"shuttle-firewalld did not hand the sockets over on {path} within {timeout:g} s"
+        ) from None
+    except OSError as exc:
+        raise FirewallError(
+            f"cannot fetch the sockets from shuttle-firewalld on {path}: {exc.strerror or exc}"
+        ) from None
+
+
+async def _fetch(path: str, token: str) -> list[tuple[str, socket.socket]]:
+    loop = asyncio.get_running_loop()
+    received: list[int] = []  # descriptors not yet inside a socket object
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            conn.setblocking(False)
+            await loop.sock_connect(conn, path)
+            _pid, uid, _gid = _UCRED.unpack(
+                conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+            )
+            if uid != 0:  # firewalld runs as root: anyone else there is an impostor
+                raise FirewallError(f"{path} is not shuttle-firewalld's: its owner is uid {uid}")
+            await loop.sock_sendall(conn, token.encode("ascii"))
+            data = await _receive(loop, conn, received)
+        if not data:
+            raise FirewallError(
+                "shuttle-firewalld refused to hand the sockets over (token used, expired, or "
+                "not ours: its log says which)"
+            )
+        try:
+            _, handover = decode_frame(data)
+        except ProtocolError as exc:
+            raise FirewallError(f"shuttle-firewalld sent a malformed handover: {exc}") from None
+        if not isinstance(handover, SocketsHandover) or len(handover.kinds) != len(received):
+            raise FirewallError(
+                f"shuttle-firewalld sent {len(received)} descriptors with {handover!r:.200}"
+            )
+        sockets: list[tuple[str, socket.socket]] = []
+        try:
+            for kind in handover.kinds:
+                sockets.append((kind, socket.socket(fileno=received[0])))
+                del received[0]
+        except OSError:
+            _close_all(sockets)
+            raise
+        return sockets
+    finally:
+        for fd in received:
+            os.close(fd)
+
+
+async def _receive(loop: asyncio.AbstractEventLoop, conn: socket.socket, fds: list[int]) -> bytes:
+    """Everything up to the end of the connection, bounded; descriptors go to fds."""
+    data = bytearray()
+    while True:
+        await _readable(loop, conn)
+        try:
+            # MSG_CMSG_CLOEXEC: the descriptors must not leak into programs we start.
+            chunk, ancillary, flags, _ = conn.recvmsg(
+                MAX_HANDOVER + 1 - len(data),
+                socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize),
+                socket.MSG_CMSG_CLOEXEC,
+            )
+        except BlockingIOError:
+            continue
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                descriptors = array.array("i")
+                descriptors.frombytes(payload[: len(payload) - len(payload) % descriptors.itemsize])
+                fds.extend(descriptors)
+        if flags & socket.MSG_CTRUNC:
+            raise FirewallError(f"shuttle-firewalld sent more than {MAX_FDS} descriptors")
+        if not chunk:
+            return bytes(data)
+        data += chunk
+        if len(data) > MAX_HANDOVER:
+            raise FirewallError(f"shuttle-firewalld sent a handover over {MAX_HANDOVER} bytes")
+
+
+async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():  # the reader may fire again before we remove it
+            ready.set_result(None)
+
+    loop.add_reader(sock.fileno(), wake)
+    try:
+        await ready
+    finally:
+        loop.remove_reader(sock.fileno())
+
+
+def _close_all(sockets: list[tuple[str, socket.socket]]) -> None:
+    for _, sock in sockets:
+        sock.close()

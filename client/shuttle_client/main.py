@@ -9,9 +9,10 @@ from typing import Any, Awaitable, List, Optional, Sequence, TypeVar
 
 from shuttle_protocol.firewall_messages import ALL_PORTS, Target
 
+from .capture import TPROXY_ANY_PORT, Capture
 from .cli import Options, UsageError, parse_args
 from .firewall_session import FirewallError, FirewallSession
-from .proxy import make_listeners, serve
+from .proxy import make_listeners
 from .ssh_server import server_targets
 from .tunnel import Tunnel, TunnelError
 
@@ -35,20 +36,21 @@ async def run(options: Options) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, _set_once, stop, signal.Signals(signum).name)
     try:
-        listeners = make_listeners(options.listen)
+        listeners = [] if options.method == "tproxy" else make_listeners(options.listen)
     except OSError as exc:
         where = ", ".join(f"{host}:{port}" for host, port in options.listen)
         log.error("cannot listen on %s: %s", where, exc.strerror)
         return EXIT_FAILED
     tunnel = Tunnel(options)
     firewall = FirewallSession(options.firewalld)
-    servers: List[asyncio.Server] = []
+    capture = Capture(tunnel.link, firewall, listeners)
     try:
         server_excludes = await server_targets(
             options.ssh_cmd, options.ssh_destination, options.ssh_port
         )
         await _unless_stopped(stop, tunnel.start())
-        port = listeners[0].getsockname()[1]
+        # tproxy: firewalld makes the listeners, and the port given here does not matter.
+        port = listeners[0].getsockname()[1] if listeners else TPROXY_ANY_PORT
         method = await _unless_stopped(
             stop,
             firewall.open(
@@ -61,7 +63,7 @@ async def run(options: Options) -> int:
                 options.forward,
             ),
         )
-        servers = await serve(tunnel.link, listeners)
+        port = await _unless_stopped(stop, capture.start(method, tunnel.agent_capabilities))
         log.info(
             "ready: capturing %s%s through %s (method %s, agent on python %s, port %d)",
             " ".join(describe(target) for target in options.subnets),
@@ -89,9 +91,11 @@ async def run(options: Options) -> int:
         log.error("%s", exc)
         return EXIT_FAILED
     finally:
-        await _cleanup(firewall, servers, tunnel)
-        for listener in listeners:
-            listener.close()
+        # Rules first: once they are gone, nothing new is captured into a closing tunnel.
+        await firewall.close()
+        capture.close()
+        await tunnel.stop()
+        await _cancel_the_rest()
 
 
 async def _unless_stopped(stop: "asyncio.Future[str]", step: Awaitable[T]) -> T:
@@ -113,17 +117,8 @@ def describe(target: Target) -> str:
     return f"[{network}]:{ports}" if ":" in network else f"{network}:{ports}"
 
 
-async def _cleanup(
-    firewall: FirewallSession, servers: List[asyncio.Server], tunnel: Tunnel
-) -> None:
-    # Rules first: once they are gone, nothing new is captured into a closing tunnel.
-    await firewall.close()
-    for server in servers:
-        server.close()
-    await tunnel.stop()
-    pending: List[asyncio.Task[Any]] = [
-        t for t in asyncio.all_tasks() if t is not asyncio.current_task()
-    ]
+async def _cancel_the_rest() -> None:
+    pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
     for task in pending:
         task.cancel()
     await asyncio.gather(*pending, return_exceptions=True)

@@ -5,7 +5,7 @@ import errno
 import logging
 import socket
 import struct
-from typing import List, Sequence, Tuple
+from typing import Callable, List, Sequence, Tuple
 
 from shuttle_agent.relay import Link, Relay
 
@@ -76,17 +76,29 @@ def original_destination(sock: socket.socket) -> Tuple[str, int]:
     return socket.inet_ntoa(packed), port
 
 
-class Incoming(Relay):
-    """A redirected connection: find its destination, open a channel, then relay."""
+def local_address(sock: socket.socket) -> Tuple[str, int]:
+    """The destination of a TPROXY'd connection: TPROXY leaves it as the socket's address."""
+    host, port = sock.getsockname()[:2]
+    return str(host), int(port)
 
-    def __init__(self, link: Link, listen_address: Tuple[str, int]) -> None:
+
+Destination = Callable[[socket.socket], Tuple[str, int]]
+
+
+class Incoming(Relay):
+    """A captured connection: find its destination, open a channel, then relay."""
+
+    def __init__(
+        self, link: Link, listen_address: Tuple[str, int], destination: Destination
+    ) -> None:
         super().__init__(link, 0)
         self._listen_address = listen_address
+        self._destination = destination
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         sock = transport.get_extra_info("socket")
         try:
-            host, port = original_destination(sock)
+            host, port = self._destination(sock)
         except OSError as exc:
             log.warning("dropping a connection that was not redirected: %s", exc)
             transport.close()
@@ -101,15 +113,17 @@ class Incoming(Relay):
         self.link.schedule_flush()
 
 
-async def serve(link: Link, listeners: Sequence[socket.socket]) -> List[asyncio.Server]:
-    """Accept redirected connections on the listeners for as long as the servers are open."""
+async def serve(
+    link: Link, listeners: Sequence[socket.socket], destination: Destination
+) -> List[asyncio.Server]:
+    """Accept captured connections on the listeners for as long as the servers are open."""
     loop = asyncio.get_running_loop()
     servers = []
     for listener in listeners:
         address = listener.getsockname()[:2]
         servers.append(
             await loop.create_server(
-                lambda address=address: Incoming(link, address),  # type: ignore[misc]
+                lambda address=address: Incoming(link, address, destination),  # type: ignore[misc]
                 sock=listener,
             )
         )

@@ -4,7 +4,7 @@ import asyncio
 import logging
 import os
 import subprocess
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Tuple
 
 from shuttle_agent.relay import Link, WriterProtocol
 from shuttle_protocol import PROTOCOL_VERSION
@@ -47,6 +47,7 @@ class Tunnel:
         self.options = options
         self.link = Link(Mux(CLIENT), self._on_message, "agent")
         self.agent_python = ""
+        self.agent_capabilities: Tuple[str, ...] = ()
         self._process: Optional[subprocess.Popen[bytes]] = None
         self._greeted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
@@ -146,6 +147,9 @@ class Tunnel:
             relay = self.link.channels.get(msg.channel)
             if relay is not None:
                 relay.reset()  # a reset is as close to "refused" as an accepted socket gets
+            flow = self.link.flows.pop(msg.channel, None)
+            if flow is not None:
+                flow.reset()
         elif isinstance(msg, Ping):
             self.link.send(Pong(msg.cookie))
         elif not isinstance(msg, (Opened, Pong)):
@@ -164,5 +168,6 @@ class Tunnel:
             self._greeted.set_exception(TunnelError(text))
             return
         self.agent_python = msg.python
+        self.agent_capabilities = msg.capabilities
         self.link.send(Welcome(PROTOCOL_VERSION, CAPABILITIES))
         self._greeted.set_result(None)

@@ -7,6 +7,7 @@ import importlib.metadata
 import logging
 import math
 import os
+import resource
 import signal
 import sys
 from collections.abc import Sequence
@@ -19,8 +20,9 @@ from .errors import StartupError
 from .methods.base import Method
 from .methods.nat import NatMethod
 from .methods.nft import NftMethod
+from .methods.tproxy import TproxyMethod
 from .policy import DEFAULT_PATH, load_policy
-from .server import Server
+from .server import FDS_SUFFIX, Server
 from .sessions import Sessions
 
 USAGE = """\
@@ -32,7 +34,8 @@ Usage:
   shuttle-firewalld --version
 
 Options:
-  --socket=PATH      listen on this zmq ipc socket [default: /run/shuttle/firewalld.sock]
+  --socket=PATH      listen on this zmq ipc socket, and on PATH.fds for handing
+                     tproxy sockets over [default: /run/shuttle/firewalld.sock]
   --group=GROUP      members of this group may connect [default: shuttle]
   --lease=SECONDS    a session without heartbeat for this long is removed [default: 6]
   --policy=PATH      who may capture others' or forwarded traffic; a missing file allows
@@ -43,7 +46,8 @@ Options:
 """
 
 MIN_LEASE, MAX_LEASE = 1.0, 3600.0
-MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes, the last one a NUL
+# sun_path holds 108 bytes, the last one a NUL; the fd socket's path is longer by a suffix.
+MAX_SOCKET_PATH = 107 - len(FDS_SUFFIX)
 
 log = logging.getLogger("shuttle_firewalld")
 
@@ -116,6 +120,17 @@ class Stop:
         self.requested = True
 
 
+def raise_file_limit() -> None:
+    """Allow as many open files as the hard limit does: tproxy sessions hold sockets here
+    (reply sockets until they are fetched), and the soft limit is often only 1024."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (OSError, ValueError) as exc:
+            log.warning("cannot raise the open file limit from %d: %s", soft, exc)
+
+
 def run(options: Options) -> int:
     """Start, serve until a signal, and undo everything; the exit status."""
     if os.geteuid() != 0:
@@ -123,9 +138,13 @@ def run(options: Options) -> int:
     gid = group_id(options.group)
     scope_policy = load_policy(options.policy)
     stop = Stop()
+    raise_file_limit()
     nft = NftMethod()
-    methods: dict[str, Method] = {"nft": nft, "nat": NatMethod()}
-    sessions = Sessions(methods, options.lease, policy=scope_policy)
+    tproxy = TproxyMethod()
+    methods: dict[str, Method] = {"nft": nft, "nat": NatMethod(), "tproxy": tproxy}
+    sessions = Sessions(
+        methods, options.lease, policy=scope_policy, fd_path=options.socket + FDS_SUFFIX
+    )
     try:
         # First, since it refuses to start beside a running firewalld, whose rules are live.
         server = Server(options.socket, gid, sessions)
@@ -140,11 +159,12 @@ def run(options: Options) -> int:
             except Exception as exc:  # a missing tool must not stop the other methods
                 log.warning("%s: cannot check for stale rules: %s", name, exc)
         # Once, after the stale rules are gone (a crashed run may have left the probe's
-        # table): whether this kernel and nft can do what an nft session needs.
-        problem = nft.probe()
-        if problem is not None:
-            sessions.disable("nft", problem)
-            log.warning("the nft method does not work here: %s", problem)
+        # table): whether this kernel and nft can do what an nft (tproxy) session needs.
+        for name, probe in (("nft", nft.probe), ("tproxy", tproxy.probe)):
+            problem = probe()
+            if problem is not None:
+                sessions.disable(name, problem)
+                log.warning("the %s method does not work here: %s", name, problem)
         log.info("method auto means %s", sessions.choose("auto"))
         log.info(
             "listening on ipc://%s (group %s, lease %g s)",

@@ -1,8 +1,9 @@
 """THE table of requests firewalld serves, and what each needs: nothing else decides.
 
 A request either opens a session, or names an open session that its caller must own (a
-session of another uid is reported as missing, so callers cannot probe each other). Any
-other message, answers included, is refused. The table is unit-tested as it stands.
+session of another uid is reported as missing, so callers cannot probe each other); some
+need a session of one method. Any other message, answers included, is refused. The table
+is unit-tested as it stands.
 """
 
 from __future__ import annotations
@@ -17,6 +18,10 @@ from shuttle_protocol.firewall_messages import (
     HeartbeatRequest,
     OpenSessionAnswer,
     OpenSessionRequest,
+    ReplySocketAnswer,
+    ReplySocketRequest,
+    SocketsAnswer,
+    SocketsRequest,
 )
 from shuttle_protocol.schema import Message
 
@@ -41,6 +46,18 @@ def _close(sessions: Sessions, uid: int, request: CloseSessionRequest, session: 
     return CloseSessionAnswer()
 
 
+def _sockets(sessions: Sessions, uid: int, request: SocketsRequest, session: Session) -> Message:
+    token = sessions.grants.issue(session)
+    return SocketsAnswer(token, sessions.grants.path, session.port)
+
+
+def _reply_socket(
+    sessions: Sessions, uid: int, request: ReplySocketRequest, session: Session
+) -> Message:
+    token = sessions.reply_socket(session, request.address, request.port)
+    return ReplySocketAnswer(token, sessions.grants.path)
+
+
 @dataclass(frozen=True)
 class Allowed:
     """How firewalld serves one request type."""
@@ -49,12 +66,16 @@ class Allowed:
     # the handler then receives; False: the request names no session (handler gets None).
     needs_own_session: bool
     handler: Callable[..., Message]
+    # Only for a session of this method (None: any method).
+    method: str | None = None
 
 
 TABLE: Mapping[type[Message], Allowed] = {
     OpenSessionRequest: Allowed(needs_own_session=False, handler=_open),
     HeartbeatRequest: Allowed(needs_own_session=True, handler=_heartbeat),
     CloseSessionRequest: Allowed(needs_own_session=True, handler=_close),
+    SocketsRequest: Allowed(needs_own_session=True, handler=_sockets, method="tproxy"),
+    ReplySocketRequest: Allowed(needs_own_session=True, handler=_reply_socket, method="tproxy"),
 }
 
 
@@ -66,4 +87,9 @@ def handle(sessions: Sessions, uid: int, request: Message) -> Message:
     session = None
     if allowed.needs_own_session:
         session = sessions.owned(request.session, uid)  # type: ignore[attr-defined]
+        if allowed.method is not None and session.method != allowed.method:
+            raise RequestError(
+                f"{type(request).__name__} is only for {allowed.method} sessions, "
+                f"this one is {session.method}"
+            )
     return allowed.handler(sessions, uid, request, session)

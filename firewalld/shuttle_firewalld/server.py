@@ -1,4 +1,5 @@
-"""The daemon's loop: the ROUTER socket for requests, our ZAP handler, and lease expiry.
+"""The daemon's loop: the ROUTER socket for requests, our ZAP handler, the fd socket that
+hands transparent sockets over, and lease expiry.
 
 One thread and one zmq.Poller. Whatever bytes arrive, each gets an answer and the loop goes
 on; only a signal ends it.
@@ -10,16 +11,20 @@ import logging
 import os
 import socket
 import stat
+import struct
+import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import zmq
 from shuttle_protocol.errors import RemoteProtocolError
-from shuttle_protocol.firewall_messages import ErrorAnswer
+from shuttle_protocol.firewall_messages import TOKEN_LEN, ErrorAnswer, SocketsHandover
 from shuttle_protocol.frames import MAX_FRAME, MAX_ITEMS, MAX_REQUEST_ID, decode_frame, encode_frame
 from shuttle_protocol.stream import new_unpacker, unpack_errors
 
 from . import requests
 from .errors import RequestError, StartupError
+from .handover import Grants, HandoverRefused
 from .sessions import Sessions
 from .zap import DOMAIN, ZAP_ENDPOINT, zap_reply
 
@@ -28,6 +33,11 @@ log = logging.getLogger(__name__)
 POLL_MS = 500  # the longest a signal or a run-out lease waits for the loop's attention
 BATCH = 100  # messages taken from one socket per turn, so expiry and signals get turns too
 MAX_ERROR_TEXT = 2000  # ErrorAnswer's own limit
+FDS_SUFFIX = ".fds"  # the fd socket's path is the zmq socket's plus this
+MAX_WAITING = 64  # fd socket connections that have not sent their token yet
+MAX_WAITING_PER_UID = 8  # of which one uid's: it cannot crowd out the others
+WAIT_FOR_TOKEN = 5.0  # seconds a connection may take to send it
+_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
 def answer(sessions: Sessions, uid: int, payload: bytes) -> bytes:
@@ -105,10 +115,13 @@ class Server:
         finally:
             os.umask(old_umask)
         self._inode = os.stat(path).st_ino
+        self._fds: FdServer | None = None
         try:
             os.chown(path, 0, gid)
             os.chmod(path, 0o660)
-        except OSError:
+            if sessions.grants.path:
+                self._fds = FdServer(sessions.grants.path, gid, sessions.grants)
+        except BaseException:
             self.close()
             raise
 
@@ -117,22 +130,27 @@ class Server:
         poller = zmq.Poller()
         poller.register(self._zap, zmq.POLLIN)
         poller.register(self._router, zmq.POLLIN)
+        if self._fds is not None:
+            self._fds.register(poller)
         while not stopping():
             ready = dict(poller.poll(POLL_MS))
             if self._zap in ready:
                 self._serve_zap()
             if self._router in ready:
                 self._serve_requests()
+            if self._fds is not None:
+                for fd in ready:
+                    if isinstance(fd, int):  # zmq.Poller names other sockets by fd
+                        self._fds.serve(fd, poller)
+                self._fds.expire(poller)
             self._sessions.expire()
 
     def close(self) -> None:
-        """Close the sockets and remove the socket file, if it is still ours."""
+        """Close the sockets and remove the socket files, if they are still ours."""
+        if self._fds is not None:
+            self._fds.close()
         self._close_sockets()
-        try:
-            if os.stat(self.path).st_ino == self._inode:
-                os.unlink(self.path)
-        except OSError as exc:
-            log.warning("cannot remove %s: %s", self.path, exc)
+        _remove_socket_file(self.path, self._inode)
 
     def _close_sockets(self) -> None:
         self._router.close()
@@ -173,6 +191,194 @@ class Server:
                 self._router.send_multipart([identity, reply], zmq.NOBLOCK)
             except zmq.ZMQError as exc:
                 log.debug("answer to uid %s not sent: %s", uid, exc)
+
+
+@dataclass(eq=False)
+class Waiting:
+    """A connection to the fd socket that has not sent its whole token yet."""
+
+    conn: socket.socket
+    uid: int
+    pid: int
+    deadline: float
+    token: bytearray = field(default_factory=bytearray)
+
+
+class FdServer:
+    """The fd socket: a unix stream socket beside the zmq one, same directory, mode and
+    group. A client connects, sends a token from a zmq answer, and gets one SocketsHandover
+    frame with the sockets in SCM_RIGHTS (if the kernel says it is the token's owner), then
+    the end of the connection. Anything else: the end of the connection, and one log line.
+
+    Non-blocking throughout, in the loop's poller, so no client can stall the daemon; bounded:
+    MAX_WAITING connections at once (MAX_WAITING_PER_UID of one uid), TOKEN_LEN bytes read
+    from each, WAIT_FOR_TOKEN seconds.
+    """
+
+    def __init__(
+        self, path: str, gid: int, grants: Grants, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.path = path
+        self._grants = grants
+        self._clock = clock
+        self._waiting: dict[int, Waiting] = {}  # by file descriptor, as the poller says
+        _prepare_path(path)
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o077)  # private until chmod below, as the zmq socket
+        try:
+            self._listener.bind(path)
+        except OSError as exc:
+            self._listener.close()
+            raise StartupError(f"cannot listen on {path}: {exc}") from None
+        finally:
+            os.umask(old_umask)
+        self._inode = os.stat(path).st_ino
+        try:
+            os.chown(path, 0, gid)
+            os.chmod(path, 0o660)
+            self._listener.listen(MAX_WAITING)
+            self._listener.setblocking(False)
+        except BaseException:
+            self.close()
+            raise
+
+    def register(self, poller: zmq.Poller) -> None:
+        poller.register(self._listener.fileno(), zmq.POLLIN)
+
+    def serve(self, fd: int, poller: zmq.Poller) -> None:
+        """Whatever the poller says is ready: the listener, or a waiting connection."""
+        if fd == self._listener.fileno():
+            self._accept(poller)
+        elif fd in self._waiting:
+            self._read(self._waiting[fd], poller)
+
+    def expire(self, poller: zmq.Poller) -> None:
+        now = self._clock()
+        for waiting in list(self._waiting.values()):
+            if waiting.deadline <= now:
+                log.warning(
+                    "fd socket: uid %d (pid %d) sent no token in %g s",
+                    waiting.uid,
+                    waiting.pid,
+                    WAIT_FOR_TOKEN,
+                )
+                self._drop(waiting, poller)
+
+    def close(self) -> None:
+        for waiting in self._waiting.values():
+            waiting.conn.close()
+        self._waiting.clear()
+        self._listener.close()
+        _remove_socket_file(self.path, self._inode)
+
+    def _accept(self, poller: zmq.Poller) -> None:
+        for _ in range(BATCH):
+            try:
+                conn, _ = self._listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:  # out of file descriptors, say: the client will time out
+                log.warning("fd socket: cannot accept: %s", exc)
+                return
+            if len(self._waiting) >= MAX_WAITING:
+                log.warning("fd socket: %d connections wait already; closed one", MAX_WAITING)
+                conn.close()
+                continue
+            try:
+                conn.setblocking(False)
+                # The kernel's word on who connected, as it was at connect().
+                pid, uid, _gid = _UCRED.unpack(
+                    conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+                )
+            except OSError as exc:
+                log.warning("fd socket: no peer credentials: %s", exc)
+                conn.close()
+                continue
+            if (
+                sum(1 for other in self._waiting.values() if other.uid == uid)
+                >= MAX_WAITING_PER_UID
+            ):
+                log.warning(
+                    "fd socket: uid %d has %d connections waiting already; closed one",
+                    uid,
+                    MAX_WAITING_PER_UID,
+                )
+                conn.close()
+                continue
+            self._waiting[conn.fileno()] = Waiting(conn, uid, pid, self._clock() + WAIT_FOR_TOKEN)
+            poller.register(conn.fileno(), zmq.POLLIN)
+
+    def _read(self, waiting: Waiting, poller: zmq.Poller) -> None:
+        conn = waiting.conn
+        try:
+            data = conn.recv(TOKEN_LEN - len(waiting.token))  # never more than a token
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            log.warning("fd socket: uid %d (pid %d): %s", waiting.uid, waiting.pid, exc)
+            self._drop(waiting, poller)
+            return
+        if not data:
+            log.warning(
+                "fd socket: uid %d (pid %d) left before its token", waiting.uid, waiting.pid
+            )
+            self._drop(waiting, poller)
+            return
+        waiting.token += data
+        if len(waiting.token) == TOKEN_LEN:
+            self._drop(waiting, poller, close=False)
+            try:
+                self._hand_over(conn, waiting)
+            finally:
+                conn.close()
+
+    def _hand_over(self, conn: socket.socket, waiting: Waiting) -> None:
+        token = waiting.token.decode("ascii", "replace")
+        try:
+            session, sockets = self._grants.take(token, waiting.uid)
+        except HandoverRefused as exc:
+            log.warning("fd socket: refused uid %d (pid %d): %s", waiting.uid, waiting.pid, exc)
+            return
+        sent = False
+        try:
+            kinds = tuple(kind for kind, _ in sockets)
+            frame = encode_frame(0, SocketsHandover(kinds))
+            # One sendmsg: the frame and every descriptor together. A fresh connection's
+            # buffer is empty, so a frame this small never meets EAGAIN.
+            socket.send_fds(conn, [frame], [sock.fileno() for _, sock in sockets])
+            sent = True
+            log.debug(
+                "fd socket: handed %s to uid %d (pid %d)",
+                ", ".join(kinds),
+                waiting.uid,
+                waiting.pid,
+            )
+        except OSError as exc:
+            log.warning(
+                "fd socket: sending to uid %d (pid %d) failed: %s", waiting.uid, waiting.pid, exc
+            )
+        finally:
+            # Sent: the client has its own copies now. Not sent: the session's listeners
+            # wait for another token (it has no others); a reply socket is asked for anew.
+            if sent or not self._grants.give_back(session, sockets):
+                for _, sock in sockets:
+                    sock.close()
+
+    def _drop(self, waiting: Waiting, poller: zmq.Poller, close: bool = True) -> None:
+        """Stop waiting for this connection (before it is closed: fds are reused)."""
+        del self._waiting[waiting.conn.fileno()]
+        poller.unregister(waiting.conn.fileno())
+        if close:
+            waiting.conn.close()
+
+
+def _remove_socket_file(path: str, inode: int) -> None:
+    """Remove the socket file at path if it is still the one we made."""
+    try:
+        if os.stat(path).st_ino == inode:
+            os.unlink(path)
+    except OSError as exc:
+        log.warning("cannot remove %s: %s", path, exc)
 
 
 def _prepare_path(path: str) -> None:

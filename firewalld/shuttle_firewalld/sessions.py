@@ -2,25 +2,29 @@
 
 Every check that depends on the caller rather than on the message's form is made here:
 the method works here, the scope policy allows the request, the redirect port is the
-caller's, the caller has not too many sessions.
+caller's, the caller has not too many sessions, a reply socket lies inside its session.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import secrets
+import socket
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from shuttle_protocol.firewall_messages import ANY_OWNER, OpenSessionRequest
 
 from .errors import RequestError
+from .handover import Grants
 from .methods.base import Method
 from .methods.choice import choose
 from .policy import DEFAULT_PATH, Policy
 from .ports import Listener, listeners_on, port_problem
-from .targets import Target
+from .targets import Address, Target
+from .transparent import is_local, reply_problem, reply_socket
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +37,8 @@ class Session:
 
     id: str
     caller: int  # the uid that opened the session and owns it (the kernel said so)
-    method: str  # the method applied: "nat" or "nft"
-    port: int
+    method: str  # the method applied: "nat", "nft" or "tproxy"
+    port: int  # where captured traffic goes (tproxy: the port firewalld picked)
     subnets: tuple[Target, ...]
     excludes: tuple[Target, ...]
     deadline: float
@@ -42,6 +46,9 @@ class Session:
     gid: int = ANY_OWNER  # and of which group; ANY_OWNER: any
     forward: bool = False  # also traffic routed through this host
     rules: int = 0
+    # The listening sockets firewalld made for the session (tproxy), by kind ("tcp4", ...),
+    # until they are handed over to the caller; then firewalld's copies are closed.
+    sockets: dict[str, socket.socket] = field(default_factory=dict)
 
     @property
     def short_id(self) -> str:
@@ -72,9 +79,16 @@ class Sessions:
         policy: Policy | None = None,
         listeners_of_port: Callable[[int], list[Listener]] = listeners_on,
         clock: Callable[[], float] = time.monotonic,
+        fd_path: str = "",
+        make_reply_socket: Callable[[Address, int], socket.socket] = reply_socket,
+        local: Callable[[Address], bool] = is_local,
     ) -> None:
-        """methods: every method this firewalld has (see disable)."""
+        """methods: every method this firewalld has (see disable); fd_path: the fd socket,
+        where tokens are redeemed (server.FdServer listens there)."""
         self.lease = lease
+        self.grants = Grants(fd_path, clock)
+        self._make_reply_socket = make_reply_socket
+        self._local = local
         self._methods = methods
         self._policy = policy if policy is not None else Policy(DEFAULT_PATH)
         self._broken: dict[str, str] = {}
@@ -101,11 +115,16 @@ class Sessions:
             raise RequestError(refusal)
         subnets = tuple(Target.from_wire(item) for item in request.subnets)
         versions = {target.version for target in subnets}
-        problem = port_problem(
-            self._listeners_of_port(request.port), request.port, caller, versions, request.forward
-        )
-        if problem is not None:
-            raise RequestError(problem)
+        if not self._methods[method].makes_sockets:  # else the request's port means nothing
+            problem = port_problem(
+                self._listeners_of_port(request.port),
+                request.port,
+                caller,
+                versions,
+                request.forward,
+            )
+            if problem is not None:
+                raise RequestError(problem)
         owned = sum(1 for session in self._open.values() if session.caller == caller)
         if owned >= MAX_SESSIONS_PER_UID:
             raise RequestError(f"uid {caller} already has {MAX_SESSIONS_PER_UID} sessions open")
@@ -153,9 +172,22 @@ class Sessions:
     def renew(self, session: Session) -> None:
         session.deadline = self._clock() + self.lease
 
+    def reply_socket(self, session: Session, address: str, port: int) -> str:
+        """A token for a reply socket at (address, port), inside what session captures."""
+        parsed = ipaddress.ip_address(address)  # the protocol checked its form
+        problem = reply_problem(session.subnets, session.excludes, parsed, port, self._local)
+        if problem is not None:
+            raise RequestError(problem)
+        self.grants.room(session)  # before the socket is made, not after
+        return self.grants.issue(session, self._make_reply_socket(parsed, port))
+
     def close(self, session: Session, why: str) -> None:
         """Forget the session and remove its rules; never raises."""
         self._open.pop(session.id, None)
+        try:
+            self.grants.revoke(session)  # closes the reply sockets not fetched yet
+        except Exception:
+            log.exception("revoking the tokens of session %s failed", session.short_id)
         try:
             self._methods[session.method].remove(session)
         except Exception:  # a method must not raise here; if it does, the others still go
@@ -175,6 +207,7 @@ class Sessions:
         expired = [session for session in self._open.values() if session.deadline <= now]
         for session in expired:
             self.close(session, f"expired (no heartbeat for {self.lease:g} s)")
+        self.grants.expire()
         return len(expired)
 
     def close_all(self, why: str) -> None:

@@ -12,14 +12,21 @@ from .checks import check_bool, check_choice, check_int, check_number, check_tex
 from .errors import LocalProtocolError
 from .schema import Message, message
 
-# "auto" asks firewalld to choose (nft where it works, else nat); the answer names the choice.
-METHODS = ("auto", "nat", "nft")
+# "auto" asks firewalld to choose (nft where it works, else nat; never tproxy, which the
+# client must be built for); the answer names the choice.
+METHODS = ("auto", "nat", "nft", "tproxy")
 APPLIED_METHODS = METHODS[1:]
 MAX_SUBNETS = 50_000
 SESSION_ID_LEN = 32
 ANY_OWNER = -1  # uid or gid: do not match on it
 MAX_ID = 2**32 - 2  # (uid_t)-1 is the kernel's "no id"
 ALL_PORTS = (1, 65535)
+TOKEN_LEN = 32  # a one-time token for the fd socket, the same form as a session id
+MAX_PATH = 107  # sun_path holds 108 bytes, the last one a NUL
+MAX_ADDRESS = 45  # the longest IPv6 address text, ffff:...:255.255.255.255
+# The sockets firewalld hands over: the tproxy listeners per protocol and IP version, and a
+# reply socket (bound to an original destination, for UDP answers).
+SOCKET_KINDS = ("tcp4", "udp4", "tcp6", "udp6", "reply")
 
 # One captured or excluded destination: (network, first port, last port).
 Target = Tuple[str, int, int]
@@ -39,6 +46,19 @@ def check_network(text: Any, name: str) -> None:
         raise LocalProtocolError(f"{name}: {text!r} is not written canonically ({network})")
 
 
+def check_address(text: Any, name: str) -> None:
+    """A strictly written IP address, such as '10.1.2.3' or '2001:db8::7'."""
+    check_text(text, name, MAX_ADDRESS)
+    if "%" in text:
+        raise LocalProtocolError(f"{name}: {text!r:.80} has a scope id")
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError as exc:
+        raise LocalProtocolError(f"{name}: {exc}") from None
+    if str(address) != text:
+        raise LocalProtocolError(f"{name}: {text!r} is not written canonically ({address})")
+
+
 def check_targets(value: Any, name: str) -> None:
     """A tuple of (network, first port, last port); ALL_PORTS means no port match."""
     if type(value) is not tuple or len(value) > MAX_SUBNETS:
@@ -55,11 +75,29 @@ def check_owner(value: Any, name: str) -> None:
     check_int(value, name, ANY_OWNER, MAX_ID)
 
 
-def check_session_id(value: Any) -> None:
-    check_text(value, "session", SESSION_ID_LEN)
+def check_session_id(value: Any, name: str = "session") -> None:
+    check_text(value, name, SESSION_ID_LEN)
     # isalnum() alone accepts any Unicode letter or digit, such as "\u00e9" or "\u00b2".
     if len(value) != SESSION_ID_LEN or not (value.isascii() and value.isalnum()):
-        raise LocalProtocolError("session must be a 32-character token")
+        raise LocalProtocolError(f"{name} must be a 32-character token")
+
+
+def check_path(value: Any, name: str) -> None:
+    """An absolute path that fits a unix socket address."""
+    check_text(value, name, MAX_PATH)
+    too_long = len(value.encode("utf-8", "replace")) > MAX_PATH
+    if not value.startswith("/") or "\0" in value or too_long:
+        raise LocalProtocolError(f"{name} must be an absolute path of at most {MAX_PATH} bytes")
+
+
+def check_kinds(value: Any) -> None:
+    """1 to 4 distinct socket kinds."""
+    if type(value) is not tuple or not 1 <= len(value) <= 4:
+        raise LocalProtocolError("kinds must be a list of 1 to 4 socket kinds")
+    for kind in value:
+        check_choice(kind, "kinds item", SOCKET_KINDS)
+    if len(set(value)) != len(value):  # only now: set() needs hashable items
+        raise LocalProtocolError("kinds must be distinct")
 
 
 @message(64)
@@ -67,7 +105,9 @@ def check_session_id(value: Any) -> None:
 class OpenSessionRequest(Message):
     """Capture connections to subnets (minus excludes) into the caller's redirect port.
 
-    port: the caller's listener, on 127.0.0.1 for IPv4 and ::1 for IPv6 (nat and nft).
+    port: the caller's listener, on 127.0.0.1 for IPv4 and ::1 for IPv6 (nat and nft); the
+    tproxy method ignores it (any valid port will do): firewalld makes the transparent
+    sockets itself, on a port it picks, and SocketsAnswer names it.
     uid, gid: whose traffic is captured (ANY_OWNER: do not match); forward: also capture
     traffic routed through this host. Policy decides which of these the caller may ask.
     """
@@ -147,6 +187,80 @@ class CloseSessionAnswer(Message):
     """The session's rules are gone."""
 
     __slots__ = ()
+
+
+@message(70)
+@dataclass(frozen=True)
+class SocketsRequest(Message):
+    """The transparent sockets of a tproxy session: a token to fetch them on the fd socket."""
+
+    __slots__ = ("session",)
+    session: str
+
+    def __post_init__(self) -> None:
+        check_session_id(self.session)
+
+
+@message(71)
+@dataclass(frozen=True)
+class SocketsAnswer(Message):
+    """Connect to path (a unix stream socket), send the token, receive SocketsHandover.
+
+    port: where the session's packets are diverted to (the listeners' port).
+    """
+
+    __slots__ = ("token", "path", "port")
+    token: str
+    path: str
+    port: int
+
+    def __post_init__(self) -> None:
+        check_session_id(self.token, "token")
+        check_path(self.path, "path")
+        check_int(self.port, "port", 1, 65535)
+
+
+@message(72)
+@dataclass(frozen=True)
+class ReplySocketRequest(Message):
+    """A transparent UDP socket bound to (address, port), an original destination inside
+    the tproxy session's subnets: answers to a captured datagram leave from it."""
+
+    __slots__ = ("session", "address", "port")
+    session: str
+    address: str
+    port: int
+
+    def __post_init__(self) -> None:
+        check_session_id(self.session)
+        check_address(self.address, "address")
+        check_int(self.port, "port", 1, 65535)
+
+
+@message(73)
+@dataclass(frozen=True)
+class ReplySocketAnswer(Message):
+    """Fetch the reply socket as SocketsAnswer says: connect to path, send the token."""
+
+    __slots__ = ("token", "path")
+    token: str
+    path: str
+
+    def __post_init__(self) -> None:
+        check_session_id(self.token, "token")
+        check_path(self.path, "path")
+
+
+@message(74)
+@dataclass(frozen=True)
+class SocketsHandover(Message):
+    """The one frame on the fd socket, its file descriptors in SCM_RIGHTS, one per kind."""
+
+    __slots__ = ("kinds",)
+    kinds: Tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        check_kinds(self.kinds)
 
 
 @message(127)

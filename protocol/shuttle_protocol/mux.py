@@ -1,4 +1,4 @@
-"""Sans-IO channel multiplexer: many TCP streams over one pipe, each with credit windows.
+"""Sans-IO channel multiplexer: many TCP streams (with credit windows) and UDP flows over one pipe.
 
 Both ends run one Mux. Sending a message appends its bytes to an outgoing list that the
 driver writes to the pipe; received bytes go in through receive(), which returns the
@@ -10,9 +10,14 @@ messages the driver must act on, after the Mux has applied its flow-control rule
 - Channel ids come from the client, strictly increasing and never reused, so a late message
   for a channel that is already gone is dropped, not misdelivered.
 - A channel is forgotten after Close (either way) or once Eof has gone both ways.
+- A UDP channel (UdpOpen) carries Datagram messages and has no window: datagrams may be
+  dropped, so the driver drops them when the pipe is full instead of queueing them. Its
+  ids come from the same sequence as TCP channels. Data, Credit, Eof and Opened are a TCP
+  channel's messages, Datagram a UDP channel's; the other kind is the peer's protocol error.
+  It ends with Close either way, or Refused from the agent.
 """
 
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Optional, Set, Union
 
 from .errors import LocalProtocolError, RemoteProtocolError
 from .schema import Message
@@ -24,10 +29,12 @@ from .stream_messages import (
     Close,
     Credit,
     Data,
+    Datagram,
     Eof,
     Open,
     Opened,
     Refused,
+    UdpOpen,
 )
 
 WINDOW = 1024 * 1024
@@ -58,7 +65,8 @@ class Mux:
             raise LocalProtocolError(f"window must be in [{MAX_DATA}, {MAX_CREDIT}]")
         self.role = role
         self.window = window
-        self.channels: Dict[int, ChannelState] = {}
+        self.channels: Dict[int, ChannelState] = {}  # TCP channels
+        self.datagram_channels: Set[int] = set()  # UDP channels
         self._credit_batch = window // 4
         self._decoder = StreamDecoder()
         self._out: List[bytes] = []
@@ -75,7 +83,7 @@ class Mux:
         self._out_size += len(data)
 
     def open(self, host: str, port: int) -> int:
-        """Client: open a new channel to host:port; returns its id."""
+        """Client: open a new TCP channel to host:port; returns its id."""
         if self.role != CLIENT:
             raise LocalProtocolError("only the client opens channels")
         self._last_channel += 1
@@ -83,6 +91,22 @@ class Mux:
         self.send(Open(channel, host, port))
         self.channels[channel] = ChannelState(self.window)
         return channel
+
+    def open_udp(self, host: str, port: int) -> int:
+        """Client: open a new UDP flow to host:port; returns its channel id."""
+        if self.role != CLIENT:
+            raise LocalProtocolError("only the client opens channels")
+        channel = self._last_channel + 1
+        self.send(UdpOpen(channel, host, port))
+        self._last_channel = channel
+        self.datagram_channels.add(channel)
+        return channel
+
+    def send_datagram(self, channel: int, payload: Union[bytes, memoryview]) -> None:
+        """Queue one datagram for a UDP channel. No credit: the driver decides what to drop."""
+        if channel not in self.datagram_channels:
+            raise LocalProtocolError(f"channel {channel} is not an open UDP channel")
+        self.send(Datagram(channel, bytes(payload)))
 
     def send_data(self, channel: int, data: Union[bytes, memoryview]) -> None:
         """Queue data for a channel; the caller must stay within credit(channel)."""
@@ -98,6 +122,8 @@ class Mux:
     def _live(self, channel: int) -> ChannelState:
         state = self.channels.get(channel)
         if state is None:
+            if channel in self.datagram_channels:
+                raise LocalProtocolError(f"channel {channel} is a UDP channel")
             raise LocalProtocolError(f"channel {channel} is not open")
         return state
 
@@ -122,6 +148,8 @@ class Mux:
 
     def send_eof(self, channel: int) -> None:
         """Our side of the channel will send no more data."""
+        if channel in self.datagram_channels:
+            raise LocalProtocolError(f"channel {channel}: Eof on a UDP channel")
         state = self.channels.get(channel)
         if state is None or state.eof_sent:
             return
@@ -132,12 +160,14 @@ class Mux:
 
     def close(self, channel: int, reason: str) -> None:
         """Abort the channel: the peer resets its socket. Nothing is sent for a dead one."""
-        if self.channels.pop(channel, None) is not None:
+        if self.channels.pop(channel, None) is not None or channel in self.datagram_channels:
+            self.datagram_channels.discard(channel)
             self.send(Close(channel, reason[:200]))
 
     def forget(self, channel: int) -> None:
         """Drop a channel without telling the peer (it told us it is gone)."""
         self.channels.pop(channel, None)
+        self.datagram_channels.discard(channel)
 
     def outgoing(self) -> List[bytes]:
         """Take the queued bytes, in order, for writing to the pipe."""
@@ -170,16 +200,23 @@ class Mux:
         channel = getattr(msg, "channel", None)
         if channel is None:
             return True
-        if isinstance(msg, Open):
+        if isinstance(msg, (Open, UdpOpen)):
             return self._accept_open(msg)
         if isinstance(msg, (Opened, Refused)) and self.role != CLIENT:
             raise RemoteProtocolError(f"{type(msg).__name__} sent to the agent")
+        if channel in self.datagram_channels:
+            return self._accept_on_datagram_channel(msg, channel)
         state = self.channels.get(channel)
         if state is None:
             if channel > self._last_channel:
                 name = type(msg).__name__
                 raise RemoteProtocolError(f"{name} for channel {channel}, never opened")
             return False
+        return self._accept_on_stream_channel(state, msg, channel)
+
+    def _accept_on_stream_channel(self, state: ChannelState, msg: Message, channel: int) -> bool:
+        if isinstance(msg, Datagram):
+            raise RemoteProtocolError(f"channel {channel}: Datagram on a TCP channel")
         if isinstance(msg, Data):
             return self._accept_data(state, msg)
         if isinstance(msg, Credit):
@@ -196,16 +233,28 @@ class Mux:
             del self.channels[channel]
         return True
 
-    def _accept_open(self, msg: Open) -> bool:
+    def _accept_open(self, msg: Union[Open, UdpOpen]) -> bool:
+        name = type(msg).__name__
         if self.role != AGENT:
-            raise RemoteProtocolError("Open sent to the client")
+            raise RemoteProtocolError(f"{name} sent to the client")
         if msg.channel <= self._last_channel:
-            raise RemoteProtocolError(f"Open reuses channel {msg.channel}")
+            raise RemoteProtocolError(f"{name} reuses channel {msg.channel}")
         if msg.channel >= MAX_CHANNEL:
             raise RemoteProtocolError("channel ids exhausted")
         self._last_channel = msg.channel
-        self.channels[msg.channel] = ChannelState(self.window)
+        if isinstance(msg, UdpOpen):
+            self.datagram_channels.add(msg.channel)
+        else:
+            self.channels[msg.channel] = ChannelState(self.window)
         return True
+
+    def _accept_on_datagram_channel(self, msg: Message, channel: int) -> bool:
+        if isinstance(msg, Datagram):
+            return True
+        if isinstance(msg, (Close, Refused)):
+            self.datagram_channels.discard(channel)
+            return True
+        raise RemoteProtocolError(f"channel {channel}: {type(msg).__name__} on a UDP channel")
 
     def _accept_data(self, state: ChannelState, msg: Data) -> bool:
         size = len(msg.payload)

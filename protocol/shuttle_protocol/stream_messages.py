@@ -1,7 +1,8 @@
 """Messages on the ssh pipe between client and agent (tags 1-63).
 
 The client opens channels; each channel is one remote TCP connection, relayed with a credit
-window in each direction (see mux.py). Hello comes first from the agent, Welcome answers it.
+window in each direction, or one UDP flow, whose datagrams have no window and may be dropped
+(see mux.py). Hello comes first from the agent, Welcome answers it.
 """
 
 from dataclasses import dataclass
@@ -13,6 +14,8 @@ from .schema import Message, message
 MAX_CHANNEL = 2**63 - 1
 MAX_DATA = 256 * 1024
 MAX_CREDIT = 2**31
+# The largest UDP payload over IPv4 (65535 - 20 bytes of IP header - 8 of UDP header).
+MAX_DATAGRAM = 65507
 
 
 def _check_channel(value: object) -> None:
@@ -80,7 +83,10 @@ class Opened(Message):
 @message(5)
 @dataclass(frozen=True)
 class Refused(Message):
-    """Agent → client: the remote connect failed; errno and text say why."""
+    """Agent → client: the remote connect (or UDP socket) failed; errno and text say why.
+
+    errno 0 means there is no errno (a name that did not resolve): the text says why.
+    """
 
     __slots__ = ("channel", "errno", "reason")
     channel: int
@@ -181,3 +187,37 @@ class Error(Message):
 
     def __post_init__(self) -> None:
         check_text(self.text, "text", 1000)
+
+
+@message(13)
+@dataclass(frozen=True)
+class UdpOpen(Message):
+    """Client → agent: a new UDP flow to host:port; the agent answers only with Refused.
+
+    host is an IP literal or a name the agent resolves. Datagram may follow at once. The flow
+    ends with Close either way (socket error, idle expiry) or Refused (no socket, too many).
+    """
+
+    __slots__ = ("channel", "host", "port")
+    channel: int
+    host: str
+    port: int
+
+    def __post_init__(self) -> None:
+        _check_channel(self.channel)
+        check_text(self.host, "host", 255)
+        check_int(self.port, "port", 1, 65535)
+
+
+@message(14)
+@dataclass(frozen=True)
+class Datagram(Message):
+    """Either way: one UDP datagram of a flow opened by UdpOpen (no credit; may be empty)."""
+
+    __slots__ = ("channel", "payload")
+    channel: int
+    payload: bytes
+
+    def __post_init__(self) -> None:
+        _check_channel(self.channel)
+        check_bytes(self.payload, "payload", MAX_DATAGRAM)

@@ -1,17 +1,23 @@
 """The agent as a process, driven over its stdin/stdout the way the client drives it."""
 
 import errno
+import os
+import select
 import socket
 import subprocess
-from typing import Iterator, List
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 from shuttle_agent.main import EXIT_PROTOCOL
+from shuttle_agent.udp import IDLE_ENV, MAX_FLOWS_ENV
 from shuttle_client.upload import STAGE1, build_payload
 from shuttle_protocol import PROTOCOL_VERSION
 from shuttle_protocol.schema import Message
 from shuttle_protocol.stream import StreamDecoder, encode
 from shuttle_protocol.stream_messages import (
+    Close,
+    Data,
+    Datagram,
     Error,
     Hello,
     Open,
@@ -19,21 +25,27 @@ from shuttle_protocol.stream_messages import (
     Ping,
     Pong,
     Refused,
+    UdpOpen,
     Welcome,
 )
 
 SERVER_PYTHON = "/usr/bin/python3"
+# The oldest Python the agent supports, without msgpack: the pure-Python fallback is used.
+OLDEST_PYTHON = "/root/.pyenv/versions/3.8.18/bin/python3"
+# Not a timing assertion: only how long a broken agent may hang a test before it fails.
+STUCK = 30.0
 
 
 class AgentProcess:
     """A real agent booted from the upload payload, with a decoder on its stdout."""
 
-    def __init__(self) -> None:
+    def __init__(self, python: str = SERVER_PYTHON, env: Optional[Dict[str, str]] = None) -> None:
         self.process = subprocess.Popen(
-            [SERVER_PYTHON, "-c", STAGE1],
+            [python, "-c", STAGE1],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
+            env={**os.environ, **(env or {})},
         )
         self.decoder = StreamDecoder()
         self.pending: List[Message] = []
@@ -53,6 +65,9 @@ class AgentProcess:
         for _ in range(10_000):
             if self.pending:
                 return self.pending.pop(0)
+            # read1(65536) empties the reader's buffer each time, so the fd tells the truth.
+            if not select.select([self.process.stdout], [], [], STUCK)[0]:
+                pytest.fail("the agent sent nothing for a long time")
             data = self.process.stdout.read1(65536)
             if not data:
                 pytest.fail("the agent closed its stdout: " + self.finish()[1])
@@ -67,15 +82,37 @@ class AgentProcess:
         return status, self.process.stderr.read().decode()
 
 
+def stop(process: AgentProcess) -> None:
+    process.process.kill()
+    process.process.wait()
+    for stream in (process.process.stdin, process.process.stdout, process.process.stderr):
+        if stream is not None and not stream.closed:
+            stream.close()
+
+
 @pytest.fixture
 def agent() -> Iterator[AgentProcess]:
     process = AgentProcess()
     yield process
-    process.process.kill()
-    process.process.wait()
-    for stream in (process.process.stdin, process.process.stdout, process.process.stderr):
-        if stream is not None:
-            stream.close()
+    stop(process)
+
+
+StartAgent = Callable[..., AgentProcess]
+
+
+@pytest.fixture
+def start_agent() -> Iterator[StartAgent]:
+    """Start agents with a chosen python and extra environment; all are stopped afterwards."""
+    started: List[AgentProcess] = []
+
+    def start(python: str = SERVER_PYTHON, **env: str) -> AgentProcess:
+        process = AgentProcess(python, env)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        stop(process)
 
 
 def welcomed(agent: AgentProcess) -> AgentProcess:
@@ -90,6 +127,7 @@ def test_hello_comes_first_with_version_and_python(agent: AgentProcess) -> None:
     assert isinstance(hello, Hello)
     assert hello.version == PROTOCOL_VERSION
     assert "tcp" in hello.capabilities
+    assert "udp" in hello.capabilities
     assert hello.python.startswith("3.")
     assert agent.finish()[0] == 0
 
@@ -148,3 +186,213 @@ def test_open_connects(agent: AgentProcess) -> None:
         welcomed(agent).send(Open(1, "127.0.0.1", listener.getsockname()[1]))
         assert agent.receive() == Opened(1)
         listener.accept()[0].close()
+
+
+@pytest.mark.parametrize("host", ["", "a" * 64 + ".example"], ids=["empty", "long-label"])
+def test_an_unresolvable_host_is_refused_without_a_traceback(
+    agent: AgentProcess, host: str
+) -> None:
+    welcomed(agent).send(Open(1, host, 80))
+    refused = agent.receive()
+    assert isinstance(refused, Refused) and refused.channel == 1
+    agent.send(UdpOpen(2, host, 53))
+    refused = agent.receive()
+    assert isinstance(refused, Refused) and refused.channel == 2
+    agent.send(Ping(1))
+    assert agent.receive() == Pong(1)  # the session lives on
+    status, stderr = agent.finish()
+    assert status == 0
+    assert "Traceback" not in stderr and "exception" not in stderr.lower(), stderr
+
+
+# -- UDP -----------------------------------------------------------------------------------------
+
+LOOPBACKS = ["127.0.0.1", "::1"]
+PYTHONS = [
+    SERVER_PYTHON,
+    pytest.param(
+        OLDEST_PYTHON,
+        marks=pytest.mark.skipif(not os.path.exists(OLDEST_PYTHON), reason="no python 3.8"),
+    ),
+]
+
+
+def udp_socket(host: str) -> socket.socket:
+    """A UDP socket on a loopback address that fails a stuck test instead of hanging it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    sock.settimeout(STUCK)
+    sock.bind((host, 0))
+    return sock
+
+
+def unused_udp_port(host: str) -> int:
+    with udp_socket(host) as sock:
+        port: int = sock.getsockname()[1]
+    return port  # closed again: datagrams to it draw ICMP port unreachable
+
+
+def serve_datagrams(server: socket.socket, count: int) -> Tuple[List[bytes], Any]:
+    """The next count datagrams that reach server, and where they came from."""
+    received: List[bytes] = []
+    source = None
+    for _ in range(count):
+        data, source = server.recvfrom(70000)
+        received.append(data)
+    return received, source
+
+
+@pytest.mark.parametrize("python", PYTHONS)
+@pytest.mark.parametrize("host", LOOPBACKS)
+def test_a_datagram_goes_out_and_the_answer_comes_back(
+    start_agent: StartAgent, host: str, python: str
+) -> None:
+    agent = welcomed(start_agent(python))
+    with udp_socket(host) as server:
+        agent.send(UdpOpen(1, host, server.getsockname()[1]))
+        agent.send(Datagram(1, b"question"))
+        received, source = serve_datagrams(server, 1)
+        assert received == [b"question"]
+        server.sendto(b"answer", source)
+        assert agent.receive() == Datagram(1, b"answer")
+    status, stderr = agent.finish()
+    assert status == 0, stderr
+
+
+@pytest.mark.parametrize("python", PYTHONS)
+def test_datagrams_keep_their_order_on_loopback(start_agent: StartAgent, python: str) -> None:
+    agent = welcomed(start_agent(python))
+    payloads = [b"%d" % i * (i + 1) for i in range(40)]
+    with udp_socket("127.0.0.1") as server:
+        # One write: the datagrams arrive while the socket is still being set up.
+        agent.send_raw(
+            encode(UdpOpen(1, "127.0.0.1", server.getsockname()[1]))
+            + b"".join(encode(Datagram(1, p)) for p in payloads)
+        )
+        received, source = serve_datagrams(server, len(payloads))
+        assert received == payloads
+        for payload in payloads:
+            server.sendto(payload[::-1], source)
+        assert [agent.receive() for _ in payloads] == [Datagram(1, p[::-1]) for p in payloads]
+
+
+@pytest.mark.parametrize("python", PYTHONS)
+def test_an_empty_datagram_goes_both_ways(start_agent: StartAgent, python: str) -> None:
+    agent = welcomed(start_agent(python))
+    with udp_socket("::1") as server:
+        agent.send(UdpOpen(1, "::1", server.getsockname()[1]))
+        agent.send(Datagram(1, b""))
+        agent.send(Datagram(1, b"after"))
+        received, source = serve_datagrams(server, 2)
+        assert received == [b"", b"after"]
+        server.sendto(b"", source)
+        server.sendto(b"end", source)
+        assert agent.receive() == Datagram(1, b"")
+        assert agent.receive() == Datagram(1, b"end")
+
+
+def test_the_largest_datagram_goes_both_ways(agent: AgentProcess) -> None:
+    payload = os.urandom(65507)
+    with udp_socket("127.0.0.1") as server:
+        welcomed(agent).send(UdpOpen(1, "127.0.0.1", server.getsockname()[1]))
+        agent.send(Datagram(1, payload))
+        received, source = serve_datagrams(server, 1)
+        assert received == [payload]
+        server.sendto(payload, source)
+        assert agent.receive() == Datagram(1, payload)
+
+
+def test_only_the_destination_is_heard(agent: AgentProcess) -> None:
+    with udp_socket("127.0.0.1") as server, udp_socket("127.0.0.1") as stranger:
+        welcomed(agent).send(UdpOpen(1, "127.0.0.1", server.getsockname()[1]))
+        agent.send(Datagram(1, b"hello"))
+        _, source = serve_datagrams(server, 1)
+        stranger.sendto(b"spoofed", source)  # the connected socket's kernel filter drops it
+        server.sendto(b"genuine", source)
+        assert agent.receive() == Datagram(1, b"genuine")
+
+
+def test_udp_and_tcp_channels_share_the_session(agent: AgentProcess) -> None:
+    with socket.socket() as listener, udp_socket("127.0.0.1") as server:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        welcomed(agent).send(Open(1, "127.0.0.1", listener.getsockname()[1]))
+        agent.send(UdpOpen(2, "127.0.0.1", server.getsockname()[1]))
+        agent.send(Datagram(2, b"udp"))
+        assert agent.receive() == Opened(1)
+        connection = listener.accept()[0]
+        with connection:
+            connection.sendall(b"tcp")
+            _, source = serve_datagrams(server, 1)
+            server.sendto(b"back", source)
+            got = {agent.receive(), agent.receive()}
+            assert got == {Data(1, b"tcp"), Datagram(2, b"back")}
+
+
+@pytest.mark.parametrize("python", PYTHONS)
+@pytest.mark.parametrize("host", LOOPBACKS)
+def test_no_listener_closes_the_flow_after_the_icmp_error(
+    start_agent: StartAgent, host: str, python: str
+) -> None:
+    agent = welcomed(start_agent(python))
+    agent.send(UdpOpen(1, host, unused_udp_port(host)))
+    agent.send(Datagram(1, b"anyone?"))
+    closed = agent.receive()
+    assert closed == Close(1, os.strerror(errno.ECONNREFUSED))
+    agent.send(Datagram(1, b"late"))  # crossed the Close: dropped, no error
+    agent.send(Ping(2))
+    assert agent.receive() == Pong(2)
+    status, stderr = agent.finish()
+    assert status == 0
+    assert "Traceback" not in stderr, stderr
+
+
+def test_an_idle_flow_expires_and_releases_its_socket(start_agent: StartAgent) -> None:
+    agent = welcomed(start_agent(**{IDLE_ENV: "0.2"}))
+    with udp_socket("127.0.0.1") as server:
+        agent.send(UdpOpen(1, "127.0.0.1", server.getsockname()[1]))
+        agent.send(Datagram(1, b"once"))
+        _, source = serve_datagrams(server, 1)
+        assert agent.receive() == Close(1, "idle for 0.2 s")
+        server.sendto(b"too late", source)  # the socket is gone: nothing is relayed
+        agent.send(Ping(3))
+        assert agent.receive() == Pong(3)
+
+
+def test_flows_beyond_the_cap_are_refused(start_agent: StartAgent) -> None:
+    agent = welcomed(start_agent(**{MAX_FLOWS_ENV: "2"}))
+    with udp_socket("127.0.0.1") as server:
+        port = server.getsockname()[1]
+        for channel in (1, 2, 3):
+            agent.send(UdpOpen(channel, "127.0.0.1", port))
+        refused = agent.receive()
+        assert isinstance(refused, Refused)
+        assert (refused.channel, refused.errno) == (3, errno.EMFILE)
+        agent.send(Close(1, "expired"))  # one flow fewer: room for the next
+        agent.send(UdpOpen(4, "127.0.0.1", port))
+        agent.send(Datagram(4, b"fits"))
+        received, source = serve_datagrams(server, 1)
+        assert received == [b"fits"]
+        server.sendto(b"yes", source)
+        assert agent.receive() == Datagram(4, b"yes")
+
+
+@pytest.mark.parametrize("value", ["soon", "-1", "nan"])
+def test_a_bad_setting_is_reported_and_ignored(start_agent: StartAgent, value: str) -> None:
+    agent = welcomed(start_agent(**{IDLE_ENV: value, MAX_FLOWS_ENV: value}))
+    agent.send(Ping(4))
+    assert agent.receive() == Pong(4)
+    status, stderr = agent.finish()
+    assert status == 0
+    assert f"ignoring {IDLE_ENV}" in stderr and f"ignoring {MAX_FLOWS_ENV}" in stderr
+
+
+def test_stream_data_on_a_udp_channel_ends_the_session(agent: AgentProcess) -> None:
+    welcomed(agent).send(UdpOpen(1, "127.0.0.1", 9))
+    agent.send(Data(1, b"x"))
+    error = agent.receive()
+    assert isinstance(error, Error)
+    assert "Data on a UDP channel" in error.text
+    status, stderr = agent.finish()
+    assert status == EXIT_PROTOCOL
+    assert "Traceback" not in stderr

@@ -14,6 +14,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -57,6 +58,8 @@ def wait_until(predicate: Callable[[], bool], timeout: float = WAIT) -> bool:
 class FakeMethod:
     """A firewall method that records what it was asked to do."""
 
+    makes_sockets = False
+
     def __init__(self) -> None:
         self.applied: list[Session] = []
         self.removed: list[Session] = []
@@ -76,6 +79,31 @@ class FakeMethod:
 
     def remove_stale(self) -> int:
         return 0
+
+
+class FakeTproxy(FakeMethod):
+    """A tproxy method that makes ordinary, unbound sockets instead of transparent ones."""
+
+    makes_sockets = True
+
+    def apply(self, session: Session) -> int:
+        rules = super().apply(session)
+        session.port = 41000
+        session.sockets = {
+            f"{kind}{version}": socket.socket(
+                socket.AF_INET if version == 4 else socket.AF_INET6,
+                socket.SOCK_STREAM if kind == "tcp" else socket.SOCK_DGRAM,
+            )
+            for version in session.versions
+            for kind in ("tcp", "udp")
+        }
+        return rules
+
+    def remove(self, session: Session) -> None:
+        for sock in session.sockets.values():
+            sock.close()
+        session.sockets = {}
+        super().remove(session)
 
 
 class FakeClock:
@@ -99,7 +127,9 @@ LISTENERS = {
     12303: listening(12303, 1000, "127.0.0.1"),
 }
 POLICY_PATH = "/etc/shuttle/test.policy"
+FD_PATH = "/run/shuttle/test.sock.fds"
 SESSION_ID = "0123456789abcdef0123456789abcdef"
+LOCAL_ADDRESSES = ("198.18.0.1", "fd00:5e::1")  # what the unit tests' host has
 
 
 def make_target(item: str | Target) -> Targeted:
@@ -170,6 +200,22 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
+class ReplySockets:
+    """Makes ordinary UDP sockets where firewalld would make reply sockets; records each."""
+
+    def __init__(self) -> None:
+        self.made: list[tuple[str, int, socket.socket]] = []
+
+    def __call__(
+        self, address: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int
+    ) -> socket.socket:
+        sock = socket.socket(
+            socket.AF_INET if address.version == 4 else socket.AF_INET6, socket.SOCK_DGRAM
+        )
+        self.made.append((str(address), port, sock))
+        return sock
+
+
 @pytest.fixture
 def sessions(method: FakeMethod, clock: FakeClock) -> Sessions:
     """Both methods are the one fake; no policy entries."""
@@ -179,7 +225,39 @@ def sessions(method: FakeMethod, clock: FakeClock) -> Sessions:
         policy=Policy(POLICY_PATH),
         listeners_of_port=lambda port: LISTENERS.get(port, []),
         clock=clock,
+        fd_path=FD_PATH,
     )
+
+
+@pytest.fixture
+def tproxy() -> FakeTproxy:
+    return FakeTproxy()
+
+
+@pytest.fixture
+def reply_sockets() -> ReplySockets:
+    return ReplySockets()
+
+
+@pytest.fixture
+def tproxy_sessions(
+    method: FakeMethod, tproxy: FakeTproxy, clock: FakeClock, reply_sockets: ReplySockets
+) -> Iterator[Sessions]:
+    """nat and nft are the fake method, tproxy the fake tproxy; every session is closed after."""
+    sessions = Sessions(
+        {"nat": method, "nft": method, "tproxy": tproxy},
+        6.0,
+        policy=Policy(POLICY_PATH),
+        listeners_of_port=lambda port: LISTENERS.get(port, []),
+        clock=clock,
+        fd_path=FD_PATH,
+        make_reply_socket=reply_sockets,
+        local=lambda address: str(address) in LOCAL_ADDRESSES,
+    )
+    try:
+        yield sessions
+    finally:
+        sessions.close_all("test over")
 
 
 # --- real daemon in a network namespace -----------------------------------------------------

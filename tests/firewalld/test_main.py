@@ -53,7 +53,8 @@ def test_options() -> None:
         (["--lease=nan"], "--lease must be"),
         (["--lease=inf"], "--lease must be"),
         (["--socket=relative.sock"], "--socket must be an absolute path"),
-        (["--socket=/" + "x" * 107], "--socket must be an absolute path of at most 107 bytes"),
+        # 103: PATH.fds, the fd socket beside it, must fit a unix socket address too.
+        (["--socket=/" + "x" * 103], "--socket must be an absolute path of at most 103 bytes"),
         (["--bogus"], "unexpected arguments: --bogus"),
         (["run", "/bin/sh"], "unexpected arguments: run /bin/sh"),
         (["--socket"], "--socket requires argument"),
@@ -65,6 +66,10 @@ def test_bad_arguments(argv: list[str], complaint: str) -> None:
         parse_args(argv)
     assert str(refused.value).startswith(complaint)
     assert "\n" not in str(refused.value)
+
+
+def test_the_longest_socket_path() -> None:
+    assert parse_args(["--socket=/" + "x" * 102]).socket == "/" + "x" * 102
 
 
 def test_bad_arguments_are_one_line_and_status_2(capsys: pytest.CaptureFixture[str]) -> None:
@@ -131,6 +136,7 @@ def test_sigterm_removes_every_rule_and_the_socket(
         assert daemon.stop() == 0
         assert nothing_of_shuttle(netns)
         assert not daemon.socket_path.exists()
+        assert not Path(f"{daemon.socket_path}.fds").exists()
         assert daemon.log.count("closed at exit: 4 nat rules removed") == 2
         assert daemon.log.count("closed at exit: 4 nft rules removed") == 1
     finally:
@@ -208,3 +214,18 @@ def test_without_nft_auto_means_nat(
     finally:
         close_session(client)
     assert shuttle_rules(netns) == []
+
+
+@pytest.mark.integration
+def test_after_a_crash_the_socket_files_are_replaced(
+    netns: str, start_firewalld: Callable[..., Daemon]
+) -> None:
+    crashed = start_firewalld()
+    crashed.proc.kill()  # SIGKILL: no clean-up at all
+    crashed.stop()
+    fds = Path(f"{crashed.socket_path}.fds")
+    assert crashed.socket_path.exists()
+    assert fds.exists()
+    again = start_firewalld()
+    assert again.proc.poll() is None
+    assert fds.is_socket()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from shuttle_firewalld.errors import RequestError
 from shuttle_firewalld.requests import TABLE, handle
@@ -14,21 +16,30 @@ from shuttle_protocol.firewall_messages import (
     HeartbeatRequest,
     OpenSessionAnswer,
     OpenSessionRequest,
+    ReplySocketAnswer,
+    ReplySocketRequest,
+    SocketsAnswer,
+    SocketsHandover,
+    SocketsRequest,
 )
 from shuttle_protocol.schema import Message
 from shuttle_protocol.stream_messages import Ping
 
-from .conftest import FakeMethod, open_request
+from .conftest import FD_PATH, FakeMethod, ReplySockets, open_request
 
 OPEN = open_request()
 NOBODY_ELSES = "f" * 32
 
 
 def test_the_table_as_it_stands() -> None:
-    assert {kind: allowed.needs_own_session for kind, allowed in TABLE.items()} == {
-        OpenSessionRequest: False,
-        HeartbeatRequest: True,
-        CloseSessionRequest: True,
+    assert {
+        kind: (allowed.needs_own_session, allowed.method) for kind, allowed in TABLE.items()
+    } == {
+        OpenSessionRequest: (False, None),
+        HeartbeatRequest: (True, None),
+        CloseSessionRequest: (True, None),
+        SocketsRequest: (True, "tproxy"),
+        ReplySocketRequest: (True, "tproxy"),
     }
 
 
@@ -89,6 +100,9 @@ def test_after_close_the_session_is_gone(sessions: Sessions) -> None:
         OpenSessionAnswer("a" * 32, 6.0, "nft"),
         HeartbeatAnswer(),
         CloseSessionAnswer(),
+        SocketsAnswer("a" * 32, "/run/x", 1),
+        ReplySocketAnswer("a" * 32, "/run/x"),
+        SocketsHandover(("reply",)),
         ErrorAnswer("no"),
         Ping(1),
     ],
@@ -96,3 +110,89 @@ def test_after_close_the_session_is_gone(sessions: Sessions) -> None:
 def test_anything_else_is_refused(sessions: Sessions, message: Message) -> None:
     with pytest.raises(RequestError, match="is not a request firewalld serves"):
         handle(sessions, 0, message)
+
+
+# --- tproxy sessions: their sockets and reply sockets ------------------------------------
+
+TPROXY = open_request(method="tproxy", port=1, subnets=("198.18.0.0/15", "fd00:5e::/32"))
+
+
+def tproxy_session(sessions: Sessions, uid: int = 1000) -> str:
+    answer = handle(sessions, uid, TPROXY)
+    assert isinstance(answer, OpenSessionAnswer)
+    assert (answer.lease, answer.method) == (6.0, "tproxy")
+    return answer.session
+
+
+def test_a_tproxy_session_needs_no_listener_of_the_caller(tproxy_sessions: Sessions) -> None:
+    # Port 1: nobody listens there, and the method does not care.
+    session = tproxy_sessions.owned(tproxy_session(tproxy_sessions), 1000)
+    assert session.port == 41000
+    assert sorted(session.sockets) == ["tcp4", "tcp6", "udp4", "udp6"]
+
+
+def test_auto_never_means_tproxy(tproxy_sessions: Sessions) -> None:
+    answer = handle(tproxy_sessions, 1000, open_request(method="auto"))
+    assert isinstance(answer, OpenSessionAnswer)
+    assert answer.method == "nft"
+
+
+def test_sockets_request_answers_a_token_the_path_and_the_port(tproxy_sessions: Sessions) -> None:
+    session_id = tproxy_session(tproxy_sessions)
+    answer = handle(tproxy_sessions, 1000, SocketsRequest(session_id))
+    assert isinstance(answer, SocketsAnswer)
+    assert (answer.path, answer.port) == (FD_PATH, 41000)
+    assert len(answer.token) == 32
+    assert answer.token != session_id
+
+
+def test_reply_socket_request_answers_a_token(
+    tproxy_sessions: Sessions, reply_sockets: ReplySockets
+) -> None:
+    session_id = tproxy_session(tproxy_sessions)
+    answer = handle(tproxy_sessions, 1000, ReplySocketRequest(session_id, "198.18.0.5", 53))
+    assert isinstance(answer, ReplySocketAnswer)
+    assert answer.path == FD_PATH
+    assert [(address, port) for address, port, _ in reply_sockets.made] == [("198.18.0.5", 53)]
+
+
+@pytest.mark.parametrize(
+    ("address", "port", "why"),
+    [
+        ("192.0.2.1", 53, r"^192\.0\.2\.1:53 is not inside the session's subnets"),
+        ("2001:db8::1", 53, r"^\[2001:db8::1\]:53 is not inside the session's subnets"),
+        ("198.18.0.1", 53, r"^198\.18\.0\.1:53 is this host's own address, which is never"),
+        ("127.0.0.1", 53, "is not an address this session captures"),
+    ],
+)
+def test_a_reply_socket_outside_the_capture_is_refused(
+    tproxy_sessions: Sessions, reply_sockets: ReplySockets, address: str, port: int, why: str
+) -> None:
+    session_id = tproxy_session(tproxy_sessions)
+    with pytest.raises(RequestError, match=why):
+        handle(tproxy_sessions, 1000, ReplySocketRequest(session_id, address, port))
+    assert reply_sockets.made == []
+
+
+@pytest.mark.parametrize(
+    "request_type", [SocketsRequest, lambda session: ReplySocketRequest(session, "10.1.2.3", 53)]
+)
+def test_socket_requests_are_only_for_tproxy_sessions(
+    tproxy_sessions: Sessions, request_type: Any
+) -> None:
+    session_id = handle(tproxy_sessions, 1000, open_request(method="nft")).session  # type: ignore[attr-defined]
+    with pytest.raises(RequestError, match=r"^\w+ is only for tproxy sessions, this one is nft$"):
+        handle(tproxy_sessions, 1000, request_type(session_id))
+
+
+@pytest.mark.parametrize(
+    "request_type", [SocketsRequest, lambda session: ReplySocketRequest(session, "198.18.0.5", 53)]
+)
+def test_socket_requests_in_another_uids_session(
+    tproxy_sessions: Sessions, reply_sockets: ReplySockets, request_type: Any
+) -> None:
+    session_id = tproxy_session(tproxy_sessions)
+    with pytest.raises(RequestError, match=r"^no such session$"):
+        handle(tproxy_sessions, 1001, request_type(session_id))
+    assert len(tproxy_sessions.grants) == 0
+    assert reply_sockets.made == []

@@ -79,7 +79,7 @@ BAD_FRAMES = [
     (pack([5]), 5),  # an id and nothing else
     (pack([6, 9999]), 6),  # unknown tag
     (pack([7, 64, "nat", "80", [ALL], [], 0, -1, False]), 7),  # port as text
-    (pack([8, 64, "tproxy", 80, [ALL], [], 0, -1, False]), 8),  # a method firewalld lacks
+    (pack([8, 64, "ebpf", 80, [ALL], [], 0, -1, False]), 8),  # a method nobody has
     (pack([9, 64, "nat", 80, [["10.0.0.1/8", 1, 65535]], [], 0, -1, False]), 9),  # host bits
     (pack([10, 64, "nat", 80, [], [], 0, -1, False]), 10),  # no subnet
     (pack([10, 64, "nat", 80, ["10.0.0.0/8"], [], 0, -1, False]), 10),  # the old form
@@ -168,7 +168,7 @@ wire_values = st.recursive(
 @settings(max_examples=300, deadline=None)
 @given(
     request_id=st.integers(min_value=0, max_value=2**63 - 1),
-    tag=st.sampled_from([64, 65, 66, 67, 68, 69, 127, 1, 200]),
+    tag=st.sampled_from([64, 65, 66, 67, 68, 69, 70, 71, 72, 73, 74, 127, 1, 200]),
     fields=st.lists(wire_values, max_size=8),
 )
 def test_any_fields_under_any_tag_get_an_answer_with_the_id(
@@ -191,6 +191,9 @@ def test_open_and_close_install_and_remove_exactly_the_sessions_rules(
     mode = os.stat(daemon.socket_path).st_mode
     assert stat.S_ISSOCK(mode)
     assert stat.S_IMODE(mode) == 0o660
+    # The fd socket (tproxy) beside it: the same mode and group.
+    fds = os.stat(f"{daemon.socket_path}.fds")
+    assert (fds.st_mode, fds.st_uid, fds.st_gid) == (mode, 0, os.stat(daemon.socket_path).st_gid)
     before = nat_rules(netns)
     client = FirewallSession(str(daemon.socket_path))
 

@@ -1,6 +1,8 @@
 """Fixtures for the integration tests: the user venv (once per session), a fresh test network
 per test, and shuttle-firewalld running in it. Everything is torn down even when a test fails,
-and a test whose clients leave a shuttle table or chain behind fails.
+and a test whose clients leave a shuttle table or chain behind fails, as does one that leaves
+an `ip rule` with a fwmark or a routing table that the client host did not have before
+(the tproxy method's policy routing).
 """
 
 from __future__ import annotations
@@ -26,8 +28,6 @@ from testbed import (  # noqa: E402
     UserVenv,
     ensure_second_user,
     ensure_user,
-    shuttle_rules,
-    wait_rules_gone,
 )
 
 TOOLS = (
@@ -100,14 +100,15 @@ def shuttle(topo: Topology, user_venv: UserVenv) -> Iterator[Shuttle]:
         problems = runner.stop_clients()
         try:
             # The stopped clients close their sessions; a killed one's lease runs out.
-            left_by_clients = wait_rules_gone(topo, timeout=runner.lease + 5)
+            # (Firewall rules, and fwmark rules and routing tables new since firewalld's start.)
+            left_by_clients = runner.wait_rules_gone(timeout=runner.lease + 5)
         finally:
             problems += runner.stop_firewalld()
-        left_by_firewalld = shuttle_rules(topo)
+        left_by_firewalld = runner.leftovers()
     if left_by_clients:
-        problems.append("shuttle rules left after the clients stopped:")
+        problems.append("shuttle rules or routing left after the clients stopped:")
         problems += left_by_clients
     if left_by_firewalld:
-        problems.append("shuttle rules left after shuttle-firewalld stopped:")
+        problems.append("shuttle rules or routing left after shuttle-firewalld stopped:")
         problems += left_by_firewalld
     assert not problems, "\n".join(problems) + "\n" + runner.outputs()

@@ -15,12 +15,15 @@ from testbed import (
     T_ADDR2,
     T_ADDR6,
     T_ADDR6_2,
+    UDP_ECHO_PORT,
     LocalUser,
     Topology,
     UserVenv,
+    routing_leftovers,
+    routing_state,
     shuttle_rules,
 )
-from testbed.config import C_ADDR6, OWN_RANGE6, S_ADDR6_T, check_ours
+from testbed.config import C_ADDR6, OWN_RANGE6, S_ADDR6_T, check_ours, url_host
 from testbed.netns import list_namespaces
 from testbed.topology import curl_argv
 
@@ -81,6 +84,65 @@ def test_servers_answer_from_the_ssh_server(topo: Topology, host: str) -> None:
     for direction in ("up", "down"):
         bulk = topo.tcptool(direction, host, str(BULK_PORT), size, "seed", timeout=30, ns=topo.s)
         assert bulk["ok"], bulk
+
+
+@pytest.mark.parametrize("host", TARGETS)
+def test_udp_echo_answers_from_the_ssh_server(topo: Topology, host: str) -> None:
+    """Every datagram (up to 1400 bytes, and 8000) comes back, from the address it was sent
+    to: the target has two per family, and the echo must not answer from the other one."""
+    result = topo.udp_echo(host, ns=topo.s)
+    assert result["ok"], result
+    assert result["echoed"] == result["datagrams"] == 20, result
+    assert result["sizes"] == [32, 8000], result
+    assert result["sources"] == [f"{url_host(host)}:{UDP_ECHO_PORT}"], result
+
+
+def test_udp_echo_listens_on_both_families(topo: Topology) -> None:
+    bound = sorted(topo.t.listeners(UDP_ECHO_PORT, udp=True))
+    assert bound == sorted([f"0.0.0.0:{UDP_ECHO_PORT}", f"[::]:{UDP_ECHO_PORT}"]), bound
+
+
+@pytest.mark.parametrize("host", [T_ADDR, T_ADDR6])
+@pytest.mark.parametrize("who", ["user", "user2"])
+def test_udp_echo_is_unreachable_from_the_client_host(topo: Topology, host: str, who: str) -> None:
+    user = topo.user if who == "user" else topo.user2
+    result = topo.udp_silent(host, user=user)
+    assert result["ok"], result
+    assert result["answers"] == 0 and result["sent"] > 0, result
+
+
+def test_udp_silent_check_sees_an_answer(topo: Topology) -> None:
+    """The "no answer" check can fail: from S, where the echo is reachable, it does."""
+    result = topo.udp_silent(T_ADDR, ns=topo.s, wait=1)
+    assert not result["ok"], result
+    assert result["answers"] > 0, result
+
+
+def test_routing_leftovers_sees_new_fwmark_rules_and_tables(topo: Topology) -> None:
+    """The leftover check of the tproxy method's policy routing: a fwmark rule and a routing
+    table that were not there before are found, in each family, and nothing else is."""
+    before = routing_state(topo)
+    assert not before.rules, f"a fresh client host has fwmark rules: {before.rules}"
+    assert routing_leftovers(topo, before) == []
+    table = "4242"
+    added = []
+    try:
+        for version in ("-4", "-6"):
+            default = "0.0.0.0/0" if version == "-4" else "::/0"
+            route = ["route", "add", "local", default, "dev", "lo", "table", table]
+            rule = ["rule", "add", "fwmark", "0x4242", "lookup", table]
+            for argv in (route, rule):
+                topo.c.ip(version, *argv)
+                added.append([version, argv[0], "del", *argv[2:]])
+        found = routing_leftovers(topo, before)
+        for version in ("-4", "-6"):
+            assert any(f"ip {version} rule:" in line and "0x4242" in line for line in found), found
+            assert any(f"ip {version} table {table}: local default" in ln for ln in found), found
+        assert len(found) == 4, found
+    finally:
+        for argv in reversed(added):
+            topo.c.ip(*argv)
+    assert routing_leftovers(topo, before) == []
 
 
 @pytest.mark.parametrize("host", [S_ADDR_C, S_ADDR6_C])

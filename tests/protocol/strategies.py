@@ -92,6 +92,13 @@ session_ids = st.text(string.ascii_letters + string.digits, min_size=32, max_siz
 leases = st.one_of(
     st.floats(0.1, 3600, allow_nan=False, allow_infinity=False), st.integers(1, 3600)
 )
+addresses = st.one_of(st.ip_addresses(v=4), st.ip_addresses(v=6)).map(str)
+socket_paths = st.text(string.ascii_letters + string.digits + "._-/", max_size=fw.MAX_PATH - 1).map(
+    lambda tail: "/" + tail
+)
+kind_tuples = st.lists(st.sampled_from(fw.SOCKET_KINDS), min_size=1, max_size=4, unique=True).map(
+    tuple
+)
 
 STRATEGIES: Dict[Type[Message], st.SearchStrategy[Message]] = {
     sm.Hello: st.builds(sm.Hello, st.integers(0, 2**31), text_tuples(64), st.text(max_size=200)),
@@ -106,6 +113,12 @@ STRATEGIES: Dict[Type[Message], st.SearchStrategy[Message]] = {
     sm.Ping: st.builds(sm.Ping, st.integers(0, 2**63 - 1)),
     sm.Pong: st.builds(sm.Pong, st.integers(0, 2**63 - 1)),
     sm.Error: st.builds(sm.Error, st.text(max_size=1000)),
+    sm.UdpOpen: st.builds(sm.UdpOpen, channels, st.text(max_size=255), ports),
+    sm.Datagram: st.builds(
+        sm.Datagram,
+        channels,
+        st.one_of(st.binary(max_size=2048), st.just(b"\xff" * sm.MAX_DATAGRAM)),
+    ),
     fw.OpenSessionRequest: st.builds(
         fw.OpenSessionRequest,
         st.sampled_from(fw.METHODS),
@@ -123,6 +136,11 @@ STRATEGIES: Dict[Type[Message], st.SearchStrategy[Message]] = {
     fw.HeartbeatAnswer: st.builds(fw.HeartbeatAnswer),
     fw.CloseSessionRequest: st.builds(fw.CloseSessionRequest, session_ids),
     fw.CloseSessionAnswer: st.builds(fw.CloseSessionAnswer),
+    fw.SocketsRequest: st.builds(fw.SocketsRequest, session_ids),
+    fw.SocketsAnswer: st.builds(fw.SocketsAnswer, session_ids, socket_paths, ports),
+    fw.ReplySocketRequest: st.builds(fw.ReplySocketRequest, session_ids, addresses, ports),
+    fw.ReplySocketAnswer: st.builds(fw.ReplySocketAnswer, session_ids, socket_paths),
+    fw.SocketsHandover: st.builds(fw.SocketsHandover, kind_tuples),
     fw.ErrorAnswer: st.builds(fw.ErrorAnswer, st.text(max_size=2000)),
 }
 
@@ -149,6 +167,8 @@ SMALL_STREAM: List[st.SearchStrategy[Message]] = [
     st.builds(sm.Open, channels, st.text(max_size=20), st.integers(1, 65535)),
     st.builds(sm.Ping, st.integers(0, 2**63 - 1)),
     st.builds(sm.Hello, st.integers(0, 2**31), text_tuples(3, 8), st.text(max_size=10)),
+    st.builds(sm.UdpOpen, channels, st.text(max_size=20), ports),
+    st.builds(sm.Datagram, channels, st.binary(max_size=40)),
 ]
 small_messages = st.one_of(SMALL_STREAM)
 
@@ -169,6 +189,8 @@ EXAMPLES: Dict[Type[Message], Message] = {
     sm.Ping: sm.Ping(7),
     sm.Pong: sm.Pong(7),
     sm.Error: sm.Error("boom"),
+    sm.UdpOpen: sm.UdpOpen(2, "2001:db8::53", 53),
+    sm.Datagram: sm.Datagram(2, b"\x12\x34\x01\x00"),
     fw.OpenSessionRequest: fw.OpenSessionRequest(
         "auto",
         12300,
@@ -183,6 +205,11 @@ EXAMPLES: Dict[Type[Message], Message] = {
     fw.HeartbeatAnswer: fw.HeartbeatAnswer(),
     fw.CloseSessionRequest: fw.CloseSessionRequest(SESSION),
     fw.CloseSessionAnswer: fw.CloseSessionAnswer(),
+    fw.SocketsRequest: fw.SocketsRequest(SESSION),
+    fw.SocketsAnswer: fw.SocketsAnswer(SESSION[::-1], "/run/shuttle/firewalld.sock.fds", 41000),
+    fw.ReplySocketRequest: fw.ReplySocketRequest(SESSION, "198.18.0.5", 53),
+    fw.ReplySocketAnswer: fw.ReplySocketAnswer(SESSION[::-1], "/run/shuttle/firewalld.sock.fds"),
+    fw.SocketsHandover: fw.SocketsHandover(("tcp4", "udp4", "tcp6", "udp6")),
     fw.ErrorAnswer: fw.ErrorAnswer("no"),
 }
 
@@ -293,6 +320,54 @@ BAD_SESSIONS: List[Any] = [
     ("a" * 32,),
 ]
 
+# Address texts check_address must refuse, each alone.
+BAD_ADDRESS_TEXTS: List[Any] = [
+    "10.0.0.0/8",  # a network
+    "10.0.0.1/32",
+    "010.0.0.1",
+    "10.0.0.256",
+    " 10.0.0.1",
+    "10.0.0.1\n",
+    "2001:DB8::1",
+    "2001:0db8::1",
+    "fe80::1%eth0",  # a scope id
+    "",
+    "localhost",
+    "1" * (fw.MAX_ADDRESS + 1),
+    b"10.0.0.1",
+    None,
+    167772161,  # 10.0.0.1 as a number
+    ("10.0.0.1",),
+]
+
+BAD_PATHS: List[Any] = [
+    "relative.sock",
+    "",
+    "/" + "x" * fw.MAX_PATH,
+    "/a\0b",
+    "/" + "\u00e9" * 60,  # 60 characters, 121 bytes
+    b"/run/x",
+    None,
+    1,
+    ("/run/x",),
+]
+
+BAD_KINDS: List[Any] = [
+    (),
+    ("tcp4",) * 2,
+    ("tcp4", "udp4", "tcp6", "udp6", "reply"),
+    ("TCP4",),
+    ("tcp",),
+    ("",),
+    (b"tcp4",),
+    (None,),
+    ((),),
+    ("tcp4", ["udp4"]),
+    ["tcp4"],
+    "tcp4",
+    None,
+]
+
 BAD_LEASES: List[Any] = [
     0,
     0.0,
@@ -344,8 +419,21 @@ BAD_VALUES: Dict[Type[Message], Dict[str, List[Any]]] = {
     sm.Ping: {"cookie": bad_ints(0, 2**63 - 1)},
     sm.Pong: {"cookie": bad_ints(0, 2**63 - 1)},
     sm.Error: {"text": bad_texts(1000)},
+    sm.UdpOpen: {"channel": CHANNEL, "host": bad_texts(255), "port": bad_ints(1, 65535)},
+    sm.Datagram: {
+        "channel": CHANNEL,
+        "payload": [
+            "text",
+            bytearray(b"x"),
+            memoryview(b"x"),
+            None,
+            1,
+            (1, 2),
+            b"x" * (sm.MAX_DATAGRAM + 1),
+        ],
+    },
     fw.OpenSessionRequest: {
-        "method": ["tproxy", "NAT", "Auto", "nat ", "", b"nat", None, 1, True, ("nat",)],
+        "method": ["TPROXY", "NAT", "Auto", "nat ", "", b"nat", None, 1, True, ("nat",)],
         "port": bad_ints(1, 65535),
         "subnets": [*BAD_TARGETS, ()],  # at least one subnet
         "excludes": BAD_TARGETS,
@@ -357,12 +445,21 @@ BAD_VALUES: Dict[Type[Message], Dict[str, List[Any]]] = {
         "session": BAD_SESSIONS,
         "lease": BAD_LEASES,
         # The answer names the method applied: "auto" is a request, never an answer.
-        "method": ["auto", "tproxy", "NFT", "nft ", "", b"nft", None, 1, ("nft",)],
+        "method": ["auto", "Tproxy", "NFT", "nft ", "", b"nft", None, 1, ("nft",)],
     },
     fw.HeartbeatRequest: {"session": BAD_SESSIONS},
     fw.HeartbeatAnswer: {},
     fw.CloseSessionRequest: {"session": BAD_SESSIONS},
     fw.CloseSessionAnswer: {},
+    fw.SocketsRequest: {"session": BAD_SESSIONS},
+    fw.SocketsAnswer: {"token": BAD_SESSIONS, "path": BAD_PATHS, "port": bad_ints(1, 65535)},
+    fw.ReplySocketRequest: {
+        "session": BAD_SESSIONS,
+        "address": BAD_ADDRESS_TEXTS,
+        "port": bad_ints(1, 65535),
+    },
+    fw.ReplySocketAnswer: {"token": BAD_SESSIONS, "path": BAD_PATHS},
+    fw.SocketsHandover: {"kinds": BAD_KINDS},
     fw.ErrorAnswer: {"text": bad_texts(2000)},
 }
 

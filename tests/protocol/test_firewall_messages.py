@@ -15,12 +15,18 @@ from shuttle_protocol.firewall_messages import (
     ANY_OWNER,
     APPLIED_METHODS,
     MAX_ID,
+    MAX_PATH,
     MAX_SUBNETS,
     METHODS,
     SESSION_ID_LEN,
     HeartbeatRequest,
     OpenSessionAnswer,
     OpenSessionRequest,
+    ReplySocketAnswer,
+    ReplySocketRequest,
+    SocketsAnswer,
+    SocketsHandover,
+    check_address,
     check_network,
     check_session_id,
     check_targets,
@@ -319,8 +325,8 @@ def test_forward_refuses_everything_but_true_and_false(value: Any) -> None:
 
 
 def test_methods_auto_is_asked_for_and_never_applied() -> None:
-    assert METHODS == ("auto", "nat", "nft")
-    assert APPLIED_METHODS == ("nat", "nft")
+    assert METHODS == ("auto", "nat", "nft", "tproxy")
+    assert APPLIED_METHODS == ("nat", "nft", "tproxy")
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -337,17 +343,17 @@ def test_the_answer_names_the_applied_method(method: str) -> None:
     assert back.method == method
 
 
-@pytest.mark.parametrize("method", ["auto", "tproxy", "NFT", "", b"nft", None, 1, True])
+@pytest.mark.parametrize("method", ["auto", "TPROXY", "NFT", "", b"nft", None, 1, True])
 def test_the_answer_refuses_any_other_method_on_both_ends(method: Any) -> None:
-    with pytest.raises(LocalProtocolError, match="method must be one of nat, nft"):
+    with pytest.raises(LocalProtocolError, match="method must be one of nat, nft, tproxy"):
         OpenSessionAnswer(SESSION, 30, method)
     with pytest.raises(RemoteProtocolError, match="invalid OpenSessionAnswer: method must"):
         receive(OpenSessionAnswer, SESSION, 30, method)
 
 
-@pytest.mark.parametrize("method", ["tproxy", "AUTO", "nft ", "", b"nat", None, 0, True])
+@pytest.mark.parametrize("method", ["tproxy ", "AUTO", "nft ", "", b"nat", None, 0, True])
 def test_the_request_refuses_unknown_methods_on_both_ends(method: Any) -> None:
-    with pytest.raises(LocalProtocolError, match="method must be one of auto, nat, nft"):
+    with pytest.raises(LocalProtocolError, match="method must be one of auto, nat, nft, tproxy"):
         request(method=method)
     with pytest.raises(RemoteProtocolError, match="invalid OpenSessionRequest: method must"):
         receive(OpenSessionRequest, *request_fields(method=method))
@@ -386,3 +392,70 @@ def test_leases_in_range_round_trip_with_their_type(lease: float) -> None:
     back = round_trip(answer)
     assert isinstance(back, OpenSessionAnswer)
     assert type(back.lease) is type(lease)
+
+
+# -- tproxy: sockets, reply sockets, the handover ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text", ["10.0.0.1", "0.0.0.0", "255.255.255.255", "2001:db8::7", "::", "::1", "fd00:5e::5"]
+)
+def test_canonical_addresses_are_accepted(text: str) -> None:
+    back = round_trip(ReplySocketRequest(SESSION, text, 53))
+    assert isinstance(back, ReplySocketRequest)
+    assert back.address == text
+
+
+@given(st.text(alphabet="0123456789abcdefABCDEF:./% \n\u0661", max_size=46))
+@example("fe80::1%eth0")
+@example("1.2.3.4")
+@example("ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255")
+@settings(max_examples=500)
+def test_an_address_is_accepted_only_if_it_is_exactly_how_ipaddress_writes_it(text: str) -> None:
+    try:
+        check_address(text, "address")
+    except LocalProtocolError:
+        accepted = False
+    else:
+        accepted = True
+    try:
+        canonical = str(ipaddress.ip_address(text)) == text
+    except ValueError:
+        canonical = False
+    assert accepted == (canonical and set(text) <= set("0123456789abcdef:."))
+
+
+def test_the_longest_address_text_is_accepted() -> None:
+    longest = str(ipaddress.ip_address("::ffff:255.255.255.255"))
+    check_address(longest, "address")
+    with pytest.raises(LocalProtocolError, match="address must be text of at most 45"):
+        check_address("1" * 46, "address")
+
+
+@pytest.mark.parametrize("kinds", [("reply",), ("tcp4", "udp4"), ("tcp6", "udp6", "tcp4", "udp4")])
+def test_socket_kinds_round_trip_in_their_order(kinds: Tuple[str, ...]) -> None:
+    back = round_trip(SocketsHandover(kinds))
+    assert isinstance(back, SocketsHandover)
+    assert back.kinds == kinds
+
+
+def test_duplicate_kinds_are_refused_on_both_ends() -> None:
+    with pytest.raises(LocalProtocolError, match="kinds must be distinct"):
+        SocketsHandover(("tcp4", "tcp4"))
+    with pytest.raises(RemoteProtocolError, match="invalid SocketsHandover: kinds must be"):
+        receive(SocketsHandover, ("udp4", "udp4"))
+
+
+@pytest.mark.parametrize("length", [1, 50, MAX_PATH])
+def test_socket_paths_up_to_the_unix_limit(length: int) -> None:
+    path = "/" + "p" * (length - 1)
+    assert round_trip(SocketsAnswer(SESSION, path, 1)) == SocketsAnswer(SESSION, path, 1)
+    with pytest.raises(LocalProtocolError, match="path must be"):
+        ReplySocketAnswer(SESSION, path + "p" * (MAX_PATH + 1 - length))
+
+
+def test_the_token_is_named_as_such() -> None:
+    with pytest.raises(LocalProtocolError, match=r"^token must be a 32-character token$"):
+        SocketsAnswer("a" * 31 + "-", "/run/x", 1)
+    with pytest.raises(RemoteProtocolError, match="invalid ReplySocketAnswer: token must"):
+        receive(ReplySocketAnswer, "a" * 33, "/run/x")

@@ -15,9 +15,11 @@ from shuttle_protocol.stream_messages import (
     MAX_CHANNEL,
     MAX_CREDIT,
     MAX_DATA,
+    MAX_DATAGRAM,
     Close,
     Credit,
     Data,
+    Datagram,
     Eof,
     Error,
     Hello,
@@ -25,6 +27,7 @@ from shuttle_protocol.stream_messages import (
     Opened,
     Ping,
     Refused,
+    UdpOpen,
     Welcome,
 )
 
@@ -47,6 +50,11 @@ class Pair:
         assert self.to_agent() == [Open(channel, "example.org", 80)]
         self.agent.send(Opened(channel))
         assert self.to_client() == [Opened(channel)]
+        return channel
+
+    def open_udp(self) -> int:
+        channel = self.client.open_udp("192.0.2.53", 53)
+        assert self.to_agent() == [UdpOpen(channel, "192.0.2.53", 53)]
         return channel
 
 
@@ -395,7 +403,13 @@ def test_open_sent_to_the_client_is_a_remote_error() -> None:
 
 
 def channel_messages(channel: int) -> List[Message]:
-    return [Data(channel, b"x"), Credit(channel, 1), Eof(channel), Close(channel, "")]
+    return [
+        Data(channel, b"x"),
+        Credit(channel, 1),
+        Eof(channel),
+        Close(channel, ""),
+        Datagram(channel, b"x"),
+    ]
 
 
 # Channel 2 is the next id the client would use; channel 2**40 is far beyond it.
@@ -451,6 +465,173 @@ def test_after_a_decoding_error_the_mux_refuses_further_input() -> None:
         inject(client, Ping(1))
 
 
+# -- UDP channels --------------------------------------------------------------------------------
+
+
+def test_datagrams_flow_both_ways_in_order() -> None:
+    pair = Pair()
+    channel = pair.open_udp()
+    pair.client.send_datagram(channel, b"query")
+    pair.client.send_datagram(channel, memoryview(b"again"))
+    pair.client.send_datagram(channel, b"")
+    assert pair.to_agent() == [
+        Datagram(channel, b"query"),
+        Datagram(channel, b"again"),
+        Datagram(channel, b""),
+    ]
+    pair.agent.send_datagram(channel, b"answer")
+    pair.agent.send_datagram(channel, b"")
+    assert pair.to_client() == [Datagram(channel, b"answer"), Datagram(channel, b"")]
+    assert channel in pair.client.datagram_channels and channel in pair.agent.datagram_channels
+    assert pair.client.channels == {} and pair.agent.channels == {}  # no stream state
+
+
+def test_udp_and_tcp_channels_share_one_id_sequence() -> None:
+    pair = Pair()
+    ids = [pair.open(), pair.open_udp(), pair.open(), pair.open_udp()]
+    assert ids == [1, 2, 3, 4]
+    assert set(pair.client.channels) == set(pair.agent.channels) == {1, 3}
+    assert pair.client.datagram_channels == pair.agent.datagram_channels == {2, 4}
+
+
+def test_datagrams_need_no_credit_and_grant_none() -> None:
+    pair = Pair(window=MAX_DATA)
+    tcp, udp = pair.open(), pair.open_udp()
+    assert pair.client.credit(udp) == 0
+    big = b"d" * MAX_DATAGRAM
+    for _ in range(2 * MAX_DATA // MAX_DATAGRAM + 1):  # more than a window's worth
+        pair.client.send_datagram(udp, big)
+        pair.agent.send_datagram(udp, big)
+    assert all(m == Datagram(udp, big) for m in pair.to_agent())
+    assert all(m == Datagram(udp, big) for m in pair.to_client())
+    pair.agent.delivered(udp, 10)  # nothing to account for: no Credit
+    assert pair.agent.buffered == 0 and pair.client.buffered == 0
+    assert pair.client.credit(tcp) == MAX_DATA  # the TCP window did not move
+    assert pair.agent.credit(tcp) == MAX_DATA
+
+
+@pytest.mark.parametrize("closer", ["client", "agent"])
+def test_a_udp_channel_is_forgotten_after_close_either_way(closer: str) -> None:
+    pair = Pair()
+    channel = pair.open_udp()
+    if closer == "client":
+        pair.client.close(channel, "expired")
+        assert pair.to_agent() == [Close(channel, "expired")]
+    else:
+        pair.agent.close(channel, "Connection refused")
+        assert pair.to_client() == [Close(channel, "Connection refused")]
+    assert not pair.client.datagram_channels and not pair.agent.datagram_channels
+    pair.client.close(channel, "again")
+    pair.agent.close(channel, "again")
+    assert pair.client.buffered == 0 and pair.agent.buffered == 0
+    with pytest.raises(LocalProtocolError):
+        pair.client.send_datagram(channel, b"x")
+
+
+def test_a_refused_udp_channel_is_forgotten() -> None:
+    pair = Pair()
+    channel = pair.open_udp()
+    pair.agent.forget(channel)
+    pair.agent.send(Refused(channel, 0, "cannot resolve"))
+    assert pair.to_client() == [Refused(channel, 0, "cannot resolve")]
+    assert not pair.client.datagram_channels and not pair.agent.datagram_channels
+
+
+def test_late_datagrams_for_a_closed_udp_channel_are_dropped() -> None:
+    pair = Pair()
+    channel, other = pair.open_udp(), pair.open_udp()
+    pair.agent.send_datagram(channel, b"in flight")
+    pair.agent.close(channel, "idle")
+    pair.client.send_datagram(channel, b"crossing")
+    pair.client.close(channel, "expired")
+    pair.client.send_datagram(other, b"still here")
+    assert pair.to_client() == []
+    assert pair.to_agent() == [Datagram(other, b"still here")]
+
+
+def test_only_the_client_opens_udp_channels() -> None:
+    with pytest.raises(LocalProtocolError):
+        Mux(AGENT).open_udp("192.0.2.53", 53)
+
+
+def test_an_invalid_udp_open_registers_nothing() -> None:
+    client = Mux(CLIENT)
+    with pytest.raises(LocalProtocolError):
+        client.open_udp("192.0.2.53", 0)
+    assert not client.datagram_channels and client.buffered == 0
+
+
+def test_stream_calls_on_a_udp_channel_are_local_errors() -> None:
+    pair = Pair()
+    channel = pair.open_udp()
+    with pytest.raises(LocalProtocolError, match="UDP"):
+        pair.client.send_data(channel, b"x")
+    with pytest.raises(LocalProtocolError, match="UDP"):
+        pair.client.send_eof(channel)
+    assert pair.client.buffered == 0
+
+
+def test_datagrams_on_a_tcp_or_gone_channel_are_local_errors() -> None:
+    pair = Pair()
+    tcp, udp = pair.open(), pair.open_udp()
+    for channel in (tcp, udp + 1, 0):
+        with pytest.raises(LocalProtocolError):
+            pair.client.send_datagram(channel, b"x")
+    with pytest.raises(LocalProtocolError):
+        pair.client.send_datagram(udp, b"x" * (MAX_DATAGRAM + 1))
+    assert pair.client.buffered == 0
+
+
+@pytest.mark.parametrize(
+    "msg", [Data(1, b"x"), Credit(1, 1), Eof(1), Opened(1)], ids=lambda m: type(m).__name__
+)
+def test_stream_messages_on_a_udp_channel_are_remote_errors(msg: Message) -> None:
+    client = Mux(CLIENT)
+    client.open_udp("h", 1)
+    with pytest.raises(RemoteProtocolError, match="on a UDP channel"):
+        inject(client, msg)
+    if not isinstance(msg, Opened):
+        agent = Mux(AGENT)
+        inject(agent, UdpOpen(1, "h", 1))
+        with pytest.raises(RemoteProtocolError, match="on a UDP channel"):
+            inject(agent, msg)
+
+
+@pytest.mark.parametrize("side", [CLIENT, AGENT])
+def test_a_datagram_on_a_tcp_channel_is_a_remote_error(side: str) -> None:
+    mux = client_with_channel() if side == CLIENT else agent_with_channel()
+    with pytest.raises(RemoteProtocolError, match="Datagram on a TCP channel"):
+        inject(mux, Datagram(1, b"x"))
+
+
+def test_udp_open_sent_to_the_client_is_a_remote_error() -> None:
+    with pytest.raises(RemoteProtocolError, match="UdpOpen sent to the client"):
+        inject(Mux(CLIENT), UdpOpen(1, "h", 1))
+
+
+@pytest.mark.parametrize(
+    "first", [Open(2, "h", 1), UdpOpen(2, "h", 1)], ids=lambda m: type(m).__name__
+)
+@pytest.mark.parametrize("second", [1, 2])
+def test_a_udp_open_that_reuses_any_id_is_a_remote_error(first: Message, second: int) -> None:
+    agent = Mux(AGENT)
+    inject(agent, first)
+    with pytest.raises(RemoteProtocolError, match="UdpOpen reuses"):
+        inject(agent, UdpOpen(second, "h", 1))
+    agent = Mux(AGENT)
+    inject(agent, first)
+    if isinstance(first, UdpOpen):
+        with pytest.raises(RemoteProtocolError, match="Open reuses"):
+            inject(agent, Open(second, "h", 1))
+
+
+def test_a_datagram_for_a_udp_channel_never_opened_is_a_remote_error() -> None:
+    client = Mux(CLIENT)
+    client.open_udp("h", 1)
+    with pytest.raises(RemoteProtocolError, match="never opened"):
+        inject(client, Datagram(2, b"x"))
+
+
 # -- random interleavings ------------------------------------------------------------------------
 
 PATTERN = bytes(range(251)) * (4 * MAX_DATA // 251 + 2)
@@ -475,6 +656,7 @@ operations = st.lists(
         ),
         st.tuples(st.just("pump"), st.sampled_from(SIDES), st.just(0), st.integers(0, 10**6)),
         st.tuples(st.just("eof"), st.sampled_from(SIDES), st.integers(0, 2), st.just(0)),
+        st.tuples(st.just("datagram"), st.sampled_from(SIDES), st.just(0), st.integers(0, 3000)),
     ),
     max_size=60,
 )
@@ -500,6 +682,15 @@ class Model:
                 self.got[key] = bytearray()
                 self.eof[key] = False
         self.wire = {CLIENT: b"", AGENT: b""}  # bytes written by side, not yet read
+        # A UDP flow beside the TCP channels: its datagrams must not disturb their windows.
+        self.udp = self.pair.open_udp()
+        self.datagrams_sent: Dict[str, List[bytes]] = {CLIENT: [], AGENT: []}
+        self.datagrams_got: Dict[str, List[bytes]] = {CLIENT: [], AGENT: []}
+
+    def datagram(self, side: str, size: int) -> None:
+        payload = pattern(len(self.datagrams_sent[side]), size)
+        self.mux[side].send_datagram(self.udp, payload)
+        self.datagrams_sent[side].append(payload)
 
     def send(self, side: str, channel: int, size: int) -> None:
         mux = self.mux[side]
@@ -528,6 +719,9 @@ class Model:
         for msg in self.mux[receiver].receive(chunk):
             if isinstance(msg, Data):
                 self.got[(receiver, msg.channel)] += msg.payload
+            elif isinstance(msg, Datagram):
+                assert msg.channel == self.udp
+                self.datagrams_got[receiver].append(msg.payload)
 
     def eof_op(self, side: str, channel: int) -> None:
         self.mux[side].send_eof(channel)
@@ -536,6 +730,8 @@ class Model:
     def check(self) -> None:
         for side in SIDES:
             mux = self.mux[side]
+            sent = self.datagrams_sent[self.peer[side]]
+            assert self.datagrams_got[side] == sent[: len(self.datagrams_got[side])]
             for channel in self.channels:
                 key = (side, channel)
                 got = self.got[key]
@@ -576,6 +772,8 @@ def test_random_interleavings_keep_both_windows_consistent(
             model.deliver(side, channel, size)
         elif op == "pump":
             model.pump(side, size)
+        elif op == "datagram":
+            model.datagram(side, size)
         else:
             model.eof_op(side, channel)
         model.check()
@@ -583,6 +781,7 @@ def test_random_interleavings_keep_both_windows_consistent(
     model.check()
     for side in SIDES:
         peer = model.peer[side]
+        assert model.datagrams_got[peer] == model.datagrams_sent[side]
         for channel in model.channels:
             assert len(model.got[(peer, channel)]) == model.sent[(side, channel)]
             sender, receiver = model.mux[side], model.mux[peer]

@@ -9,19 +9,24 @@ from shuttle_protocol.stream_messages import (
     MAX_CHANNEL,
     MAX_CREDIT,
     MAX_DATA,
+    MAX_DATAGRAM,
     Close,
     Credit,
     Data,
+    Datagram,
     Error,
     Hello,
     Open,
     Ping,
     Refused,
+    UdpOpen,
 )
 
 EDGES = [
     (lambda v: Open(v, "h", 1), 1, MAX_CHANNEL),
     (lambda v: Open(1, "h", v), 1, 65535),
+    (lambda v: UdpOpen(v, "h", 1), 1, MAX_CHANNEL),
+    (lambda v: UdpOpen(1, "h", v), 1, 65535),
     (lambda v: Refused(1, v, ""), 0, 4095),
     (lambda v: Credit(1, v), 1, MAX_CREDIT),
     (Ping, 0, 2**63 - 1),
@@ -43,6 +48,7 @@ def test_integer_ranges_are_closed(build: Callable[[int], Any], low: int, high: 
     "build, limit",
     [
         (lambda t: Open(1, t, 1), 255),
+        (lambda t: UdpOpen(1, t, 1), 255),
         (lambda t: Refused(1, 0, t), 200),
         (lambda t: Close(1, t), 200),
         (Error, 1000),
@@ -75,3 +81,16 @@ def test_the_largest_hello_fits_in_one_stream_message() -> None:
     largest = Hello(2**31, ("\U0001f600" * 64,) * 64, "\U0001f600" * 200)
     assert len(encode(largest)) <= MAX_MESSAGE
     assert StreamDecoder().feed(encode(largest)) == [largest]
+
+
+def test_the_largest_datagram_fits_in_one_stream_message() -> None:
+    largest = Datagram(MAX_CHANNEL, b"\xff" * MAX_DATAGRAM)
+    assert len(encode(largest)) <= MAX_MESSAGE
+    assert StreamDecoder().feed(encode(largest)) == [largest]
+    with pytest.raises(LocalProtocolError):
+        Datagram(1, b"\xff" * (MAX_DATAGRAM + 1))
+
+
+def test_an_empty_datagram_is_a_datagram() -> None:
+    empty = Datagram(1, b"")
+    assert StreamDecoder().feed(encode(empty)) == [empty]

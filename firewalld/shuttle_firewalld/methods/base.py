@@ -9,7 +9,13 @@ if TYPE_CHECKING:  # sessions.py imports this module, so only the type checker f
 
 
 class Method(Protocol):
-    """One way of capturing traffic (nft, nat, later tproxy), one module each."""
+    """One way of capturing traffic (nft, nat, tproxy), one module each."""
+
+    # False: the caller listens on the session's port itself, which firewalld checks before
+    # apply(). True: apply() makes the listening sockets (tproxy: they must be transparent,
+    # which needs CAP_NET_ADMIN), sets session.port and session.sockets, and remove() closes
+    # those not handed over.
+    makes_sockets: bool
 
     def apply(self, session: Session) -> int:
         """Install the session's rules atomically and return how many there are.

@@ -11,7 +11,8 @@ from collections.abc import Collection, Mapping
 from shuttle_firewalld.errors import RequestError
 
 # auto's order of preference: nft keeps one table per session with the subnets in sets (a
-# constant number of rules); nat needs a rule per subnet, but runs where nft cannot.
+# constant number of rules); nat needs a rule per subnet, but runs where nft cannot. Never
+# tproxy: its client does not listen but fetches sockets, so it must ask for it by name.
 PREFERENCE = ("nft", "nat")
 
 

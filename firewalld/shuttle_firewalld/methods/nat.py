@@ -150,6 +150,8 @@ def stale_rules(saved: str) -> tuple[list[str], list[str]]:
 class NatMethod:
     """iptables-restore --noflush, one call per IP version to apply a session or remove it."""
 
+    makes_sockets = False  # the caller listens on the redirect port itself
+
     def __init__(self, run: Runner = run_tool) -> None:
         self._run = run
 

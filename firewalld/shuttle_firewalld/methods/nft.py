@@ -59,20 +59,37 @@ def set_text(name: str, version: int, boxes: list[Box]) -> list[str]:
     return [*lines, "\t}"]
 
 
+def skip_rules(version: int, dport: str) -> list[str]:
+    """The rules before a version's capture rule: what is never captured, then excludes.
+
+    dport: how the destination port is matched ("tcp dport", or "th dport" for both TCP and
+    UDP, which reads the same header bytes of any protocol).
+    """
+    return [
+        # Loopback, always: the redirect itself goes there.
+        f"{MATCH[version]} {LOOPBACK_TEXT[version]} return",
+        # Excludes are matched first, so they win over any include they overlap.
+        f"{MATCH[version]} . {dport} @exclude{version} return",
+    ]
+
+
+def include_match(version: int, dport: str) -> str:
+    """The match of the version's captured destinations (address and port together)."""
+    return f"{MATCH[version]} . {dport} @include{version}"
+
+
+# The host's own addresses are never captured: a connection to this host is not for the
+# tunnel (and for a router, its own services stay reachable).
+LOCAL_RETURN = "fib daddr type local return"
+
+
 def chain_rules(session: Session, owner: str) -> list[str]:
     """The rules of one nat chain; owner is the socket owner match, "" for none."""
-    rules = [
-        # The host's own addresses are never captured: a connection to this host is not for
-        # the tunnel (and for a router, its own services stay reachable).
-        "fib daddr type local return",
-    ]
+    rules = [LOCAL_RETURN]
     for version in session.versions:
         rules += [
-            # Loopback, always: the redirect itself goes there.
-            f"{MATCH[version]} {LOOPBACK_TEXT[version]} return",
-            # Excludes are matched first, so they win over any include they overlap.
-            f"{MATCH[version]} . tcp dport @exclude{version} return",
-            f"{owner}{MATCH[version]} . tcp dport @include{version} redirect to :{session.port}",
+            *skip_rules(version, "tcp dport"),
+            f"{owner}{include_match(version, 'tcp dport')} redirect to :{session.port}",
         ]
     return rules
 
@@ -88,17 +105,26 @@ def owner_match(session: Session) -> str:
     return match
 
 
-def chains(session: Session) -> list[tuple[str, str, list[str]]]:
-    """(name, hook and priority, rules) of each chain of the session's table."""
+# A chain of a session's table: (name, its type, hook and priority, its rules).
+Chain = tuple[str, str, list[str]]
+
+
+def chains(session: Session) -> list[Chain]:
+    """The chains of the session's table."""
     # -100 is NF_IP_PRI_NAT_DST, where iptables' nat OUTPUT chain sits as well.
-    found = [("output", "output priority -100", chain_rules(session, owner_match(session)))]
+    found = [
+        ("output", "nat hook output priority -100", chain_rules(session, owner_match(session)))
+    ]
     if session.forward:
-        found.append(("prerouting", "prerouting priority dstnat", chain_rules(session, "")))
+        found.append(
+            ("prerouting", "nat hook prerouting priority dstnat", chain_rules(session, ""))
+        )
     return found
 
 
-def ruleset(session: Session) -> str:
-    """The `nft -f` script that creates the session's table, all of it in one transaction."""
+def table_text(session: Session, table_chains: list[Chain]) -> str:
+    """The `nft -f` script that creates the session's table with its sets and these chains,
+    all of it in one transaction."""
     table = table_name(session)
     lines = [
         # `create` fails if a table of that name exists: never merge into someone else's.
@@ -109,10 +135,10 @@ def ruleset(session: Session) -> str:
         # Only the versions of the subnets: excludes of another version exclude from nothing.
         lines += set_text(f"exclude{version}", version, disjoint(session.excludes, version))
         lines += set_text(f"include{version}", version, disjoint(session.subnets, version))
-    for name, hook, rules in chains(session):
+    for name, kind, rules in table_chains:
         lines += [
             f"\tchain {name} {{",
-            f"\t\ttype nat hook {hook}; policy accept;",
+            f"\t\ttype {kind}; policy accept;",
             *(f"\t\t{rule}" for rule in rules),
             "\t}",
         ]
@@ -120,8 +146,23 @@ def ruleset(session: Session) -> str:
     return "\n".join(lines) + "\n"
 
 
+def ruleset(session: Session) -> str:
+    """The `nft -f` script of an nft session."""
+    return table_text(session, chains(session))
+
+
+def delete_table(run: Runner, session: Session) -> None:
+    """Delete the session's table; log, never raise, if that fails."""
+    table = table_name(session)
+    try:
+        run(NFT, f"delete table inet {table}\n")
+    except RequestError as exc:
+        log.warning("deleting table inet %s: %s", table, exc)
+
+
 def stale_tables(listing: str) -> list[str]:
-    """From `nft list tables`: the tables an earlier firewalld left behind."""
+    """From `nft list tables`: the tables an earlier firewalld left behind (the tproxy
+    method's tables too: they are named the same way)."""
     lines = listing.splitlines()
     tables = [match.group(1) for match in map(_OUR_TABLE_LINE.fullmatch, lines) if match]
     if f"table inet {PROBE_TABLE}" in lines:
@@ -147,6 +188,8 @@ table inet {PROBE_TABLE} {{
 class NftMethod:
     """nft -f -, one call to apply a session and one to remove it."""
 
+    makes_sockets = False  # the caller listens on the redirect port itself
+
     def __init__(self, run: Runner = run_tool) -> None:
         self._run = run
 
@@ -171,11 +214,7 @@ class NftMethod:
         return sum(len(rules) for _, _, rules in chains(session))
 
     def remove(self, session: Session) -> None:
-        table = table_name(session)
-        try:
-            self._run(NFT, f"delete table inet {table}\n")
-        except RequestError as exc:
-            log.warning("deleting table inet %s: %s", table, exc)
+        delete_table(self._run, session)
 
     def remove_stale(self) -> int:
         tables = stale_tables(self._run(LIST_TABLES, ""))

@@ -48,3 +48,13 @@ def test_a_method_this_firewalld_lacks() -> None:
     with pytest.raises(RequestError, match=r"^unknown method 'nft'$"):
         choose("nft", ("nat",), {})
     assert choose("auto", ("nat",), {}) == "nat"
+
+
+def test_auto_never_means_tproxy() -> None:
+    # A client must be built for tproxy (it gets sockets instead of listening itself).
+    known = ("nat", "nft", "tproxy")
+    assert choose("auto", known, {}) == "nft"
+    assert choose("tproxy", known, {}) == "tproxy"
+    broken = {**NFT_BROKEN, "nat": "iptables-restore failed"}
+    with pytest.raises(RequestError, match="no firewall method works on this host"):
+        choose("auto", known, broken)

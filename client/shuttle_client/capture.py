@@ -1,0 +1,58 @@
+"""Where captured traffic enters the client: our own listeners (nat, nft), or the
+transparent TCP and UDP sockets that firewalld hands over (tproxy)."""
+
+import asyncio
+import logging
+import socket
+from typing import List, Optional, Sequence
+
+from shuttle_agent.relay import Link
+
+from .firewall_session import FirewallSession
+from .proxy import local_address, original_destination, serve
+from .udp import UdpRelay
+
+log = logging.getLogger("shuttle")
+
+# The tproxy method ignores the request's port: firewalld binds the transparent sockets.
+TPROXY_ANY_PORT = 1
+
+
+class Capture:
+    """The accepting side of one session, whatever the firewall method."""
+
+    def __init__(
+        self, link: Link, firewall: FirewallSession, listeners: Sequence[socket.socket]
+    ) -> None:
+        self.link = link
+        self.firewall = firewall
+        self.listeners = list(listeners)
+        self.servers: List[asyncio.Server] = []
+        self.udp: Optional[UdpRelay] = None
+
+    async def start(self, method: str, agent_capabilities: Sequence[str]) -> int:
+        """Start accepting; returns the port the rules divert to."""
+        if method != "tproxy":
+            self.servers = await serve(self.link, self.listeners, original_destination)
+            return int(self.listeners[0].getsockname()[1])
+        port, sockets = await self.firewall.tproxy_sockets()
+        self.listeners = [sock for kind, sock in sockets.items() if kind.startswith("tcp")]
+        # TPROXY does not rewrite the destination: the accepted socket's own address is it.
+        self.servers = await serve(self.link, self.listeners, local_address)
+        udp = [sock for kind, sock in sockets.items() if kind.startswith("udp")]
+        if "udp" in agent_capabilities:
+            self.udp = UdpRelay(self.link, self.firewall, udp)
+            self.udp.start()
+        else:
+            log.warning("the agent cannot relay UDP: captured datagrams are dropped")
+            for sock in udp:
+                sock.close()
+        return port
+
+    def close(self) -> None:
+        for server in self.servers:
+            server.close()
+        if self.udp is not None:
+            self.udp.close()
+        for listener in self.listeners:
+            listener.close()

@@ -1,0 +1,195 @@
+"""UDP through tproxy: captured datagrams become flows, their replies leave from the
+original destination.
+
+firewalld hands over transparent UDP sockets; each datagram on them carries its original
+destination in IP_RECVORIGDSTADDR / IPV6_RECVORIGDSTADDR ancillary data. One flow (one
+channel) per (program address, original destination). A reply must come from the original
+destination's address *and port*, which only a transparent socket bound there can do, and
+only firewalld may make one: it does so per flow, on request, inside the session's subnets.
+"""
+
+import asyncio
+import logging
+import socket
+import struct
+import time
+from typing import Any, Dict, List, Optional, Set, Tuple
+
+from shuttle_agent.relay import Link
+from shuttle_protocol.stream_messages import Close, Datagram
+
+from .firewall_session import FirewallError, FirewallSession
+from .tunnel import printable
+
+log = logging.getLogger("shuttle")
+
+# linux/in.h and linux/in6.h; the socket module exports neither.
+IP_RECVORIGDSTADDR = 20
+IPV6_RECVORIGDSTADDR = 74
+MAX_DATAGRAM = 65535
+CMSG_SPACE = socket.CMSG_SPACE(28)  # room for a sockaddr_in6
+READ_BATCH = 64  # datagrams read per wake-up, so one busy socket cannot starve the loop
+IDLE_TIMEOUT = 60.0
+MAX_FLOWS = 4096
+MAX_HELD = 64  # replies kept while the flow's reply socket is on its way
+
+Address = Tuple[str, int]
+
+
+def original_destination(ancillary: List[Tuple[int, int, bytes]]) -> Optional[Address]:
+    """The destination a datagram was sent to before TPROXY diverted it."""
+    for level, kind, data in ancillary:
+        if level == socket.SOL_IP and kind == IP_RECVORIGDSTADDR and len(data) >= 8:
+            port, packed = struct.unpack_from("!2xH4s", data)
+            return socket.inet_ntoa(packed), port
+        if level == socket.IPPROTO_IPV6 and kind == IPV6_RECVORIGDSTADDR and len(data) >= 24:
+            port, packed = struct.unpack_from("!2xH4x16s", data)
+            return socket.inet_ntop(socket.AF_INET6, packed), port
+    return None
+
+
+class UdpFlow:
+    """One program's datagrams to one original destination, and the replies."""
+
+    def __init__(self, relay: "UdpRelay", channel: int, source: Address, destination: Address):
+        self.relay = relay
+        self.channel = channel
+        self.source = source
+        self.destination = destination
+        self.last_active = time.monotonic()
+        self.reply_socket: Optional[socket.socket] = None
+        self._held: List[bytes] = []
+        self._closed = False
+
+    def on_datagram(self, msg: Datagram) -> None:
+        self.last_active = time.monotonic()
+        if self.reply_socket is None:
+            if len(self._held) < MAX_HELD:
+                self._held.append(msg.payload)
+            return
+        self._send(msg.payload)
+
+    def on_close(self, msg: Close) -> None:
+        log.debug("udp channel %d closed by the agent: %s", self.channel, printable(msg.reason))
+        self.release()
+
+    def reset(self) -> None:
+        self.release()
+
+    def attach(self, reply_socket: socket.socket) -> None:
+        if self._closed:
+            reply_socket.close()
+            return
+        reply_socket.setblocking(False)
+        self.reply_socket = reply_socket
+        held, self._held = self._held, []
+        for payload in held:
+            self._send(payload)
+
+    def release(self) -> None:
+        """Forget the flow and close its reply socket."""
+        self._closed = True
+        self.relay.forget(self)
+        if self.reply_socket is not None:
+            self.reply_socket.close()
+            self.reply_socket = None
+
+    def _send(self, payload: bytes) -> None:
+        if self.reply_socket is None:
+            return
+        try:
+            self.reply_socket.sendto(payload, self.source)
+        except OSError as exc:  # a full buffer or a program that went away: UDP may drop
+            log.debug("udp channel %d: reply dropped: %s", self.channel, exc.strerror)
+
+
+class UdpRelay:
+    """The transparent UDP sockets of a tproxy session, and the flows they start."""
+
+    def __init__(self, link: Link, firewall: FirewallSession, sockets: List[socket.socket]):
+        self.link = link
+        self.firewall = firewall
+        self.sockets = sockets
+        self.flows: Dict[Tuple[Address, Address], UdpFlow] = {}
+        self._tasks: Set[asyncio.Task[Any]] = set()
+        self.dropped = 0
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sock in self.sockets:
+            sock.setblocking(False)
+            loop.add_reader(sock.fileno(), self._read, sock)
+        self._spawn(self._expire())
+
+    def close(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sock in self.sockets:
+            loop.remove_reader(sock.fileno())
+            sock.close()
+        for flow in list(self.flows.values()):
+            flow.release()
+        for task in self._tasks:
+            task.cancel()
+
+    def forget(self, flow: UdpFlow) -> None:
+        if self.flows.get((flow.source, flow.destination)) is flow:
+            del self.flows[(flow.source, flow.destination)]
+        if self.link.flows.get(flow.channel) is flow:
+            del self.link.flows[flow.channel]
+
+    def _read(self, sock: socket.socket) -> None:
+        for _ in range(READ_BATCH):
+            try:
+                payload, ancillary, _, source = sock.recvmsg(MAX_DATAGRAM, CMSG_SPACE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.debug("udp socket: %s", exc.strerror)
+                return
+            destination = original_destination(ancillary)
+            if destination is None:
+                continue  # not diverted by TPROXY: nobody should send here directly
+            flow = self.flows.get((source[:2], destination)) or self._open(source[:2], destination)
+            if flow is None:
+                self.dropped += 1
+                continue
+            flow.last_active = time.monotonic()
+            if not self.link.send_datagram(flow.channel, payload):
+                self.dropped += 1
+
+    def _open(self, source: Address, destination: Address) -> Optional[UdpFlow]:
+        if len(self.flows) >= MAX_FLOWS or self.link.closed.done():
+            return None
+        channel = self.link.mux.open_udp(*destination)
+        flow = UdpFlow(self, channel, source, destination)
+        self.flows[(source, destination)] = flow
+        self.link.flows[channel] = flow
+        log.debug("udp channel %d: %s:%d -> %s:%d", channel, *source, *destination)
+        self._spawn(self._fetch_reply_socket(flow))
+        return flow
+
+    async def _fetch_reply_socket(self, flow: UdpFlow) -> None:
+        try:
+            reply_socket = await self.firewall.reply_socket(*flow.destination)
+        except FirewallError as exc:
+            log.warning("no reply socket for %s:%d: %s", *flow.destination, exc)
+            self.link.mux.close(flow.channel, "no reply socket")
+            self.link.schedule_flush()
+            flow.release()
+            return
+        flow.attach(reply_socket)
+
+    async def _expire(self) -> None:
+        while True:
+            await asyncio.sleep(IDLE_TIMEOUT / 4)
+            now = time.monotonic()
+            for flow in [f for f in self.flows.values() if now - f.last_active > IDLE_TIMEOUT]:
+                log.debug("udp channel %d: idle, closed", flow.channel)
+                self.link.mux.close(flow.channel, "idle")
+                flow.release()
+            self.link.schedule_flush()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)

@@ -1,0 +1,271 @@
+"""The tproxy method: TCP and UDP diverted by nft's tproxy to transparent sockets that
+firewalld makes and hands to the client. One nftables table per session, with the nft
+method's sets, plus a fwmark routing rule and a local route per session and IP version.
+
+Why each odd part is there, for a packet a local program sends to a captured destination:
+
+- tproxy works only in the prerouting hook (the kernel refuses the expression anywhere
+  else): it assigns an arriving packet to a local socket, keeping its destination as it
+  is. A locally generated packet never passes prerouting, so it has to arrive first.
+- The output chain is of type route, where a changed mark makes the kernel route the
+  packet again. It marks the caller's captured packets; the mark's `ip rule` sends that
+  second lookup to the session's routing table, whose one route is `local default dev lo`.
+  So the packet goes out on loopback and comes back in on it, through prerouting.
+- There, the prerouting chain hands each packet carrying the session's mark to the
+  session's socket (tproxy to 127.0.0.1 or ::1 and the session's port). Only root can put
+  a mark on a packet (SO_MARK needs CAP_NET_ADMIN), so the mark says the packet is the
+  session's own: traffic from elsewhere is not captured (forward is refused).
+- The packet keeps the local route it got at output, so the kernel delivers it here
+  although its destination is not one of this host's addresses.
+- The sockets must be transparent to be given such packets at all (see transparent.py).
+
+The ids: session slot N has fwmark and routing table MARK_BASE + N, a range this firewalld
+treats as its own (docs/firewalld.md), and removes at start if an earlier run left any.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import socket
+from collections.abc import Callable, Collection, Iterator
+from typing import TYPE_CHECKING, Any
+
+from shuttle_firewalld.errors import RequestError
+from shuttle_firewalld.transparent import LISTEN_ADDRESS, listeners
+
+from .nft import (
+    LOCAL_RETURN,
+    NFT,
+    PROBE_TABLE,
+    Chain,
+    delete_table,
+    include_match,
+    owner_match,
+    skip_rules,
+    table_text,
+)
+from .tools import Runner, run_tool
+
+if TYPE_CHECKING:
+    from shuttle_firewalld.sessions import Session
+
+log = logging.getLogger(__name__)
+
+# "SH" in the high half: a session's fwmark and routing table are MARK_BASE + its slot.
+MARK_BASE = 0x5348_0000
+SLOTS = 256
+OWN_IDS = range(MARK_BASE + 1, MARK_BASE + SLOTS + 1)
+DEFAULT_ROUTE = {4: "0.0.0.0/0", 6: "::/0"}
+TPROXY_TO = {4: f"ip to {LISTEN_ADDRESS[4]}", 6: f"ip6 to [{LISTEN_ADDRESS[6]}]"}
+# th dport: the destination port of TCP and UDP alike (the same header bytes). On another
+# protocol it reads other bytes, which can only make an exclude return early: the capture
+# rules match TCP and UDP only.
+DPORT = "th dport"
+L4 = "meta l4proto { tcp, udp }"  # tproxy also needs it: nft refuses tproxy without it
+
+MakeListeners = Callable[[Collection[int]], tuple[int, dict[str, socket.socket]]]
+
+
+def mark_of(slot: int) -> int:
+    return MARK_BASE + slot
+
+
+def chains(session: Session, mark: int) -> list[Chain]:
+    """The output chain that marks, and the prerouting chain that diverts."""
+    owner = owner_match(session)
+    output = [LOCAL_RETURN]
+    # Only packets the output chain marked: traffic from elsewhere is not captured, and
+    # every packet that arrives here skips the rest at once. Then the same checks again.
+    prerouting = [f"meta mark != {mark:#x} return", LOCAL_RETURN]
+    for version in session.versions:
+        skips = skip_rules(version, DPORT)
+        include = include_match(version, DPORT)
+        output += [*skips, f"{L4} {owner}{include} meta mark set {mark:#x}"]
+        prerouting += [*skips, f"{L4} {include} tproxy {TPROXY_TO[version]}:{session.port}"]
+    return [
+        # mangle (-150): before the nat and filter chains, as iptables' mangle table.
+        ("output", "route hook output priority mangle", output),
+        ("prerouting", "filter hook prerouting priority mangle", prerouting),
+    ]
+
+
+def ruleset(session: Session, mark: int) -> str:
+    """The `nft -f` script that creates the session's table, in one transaction."""
+    return table_text(session, chains(session, mark))
+
+
+def route_commands(session: Session, mark: int, action: str) -> list[list[str]]:
+    """The ip commands that add (action "add") or delete ("del") the session's local routes
+    and fwmark rules, in the order to run them: a rule never points at a missing route."""
+    commands = []
+    for version in session.versions:
+        route = ["ip", f"-{version}", "route", action, "local", DEFAULT_ROUTE[version]]
+        route += ["dev", "lo", "table", str(mark)]
+        rule = ["ip", f"-{version}", "rule", action, "fwmark", f"{mark:#x}", "lookup", str(mark)]
+        commands += [route, rule] if action == "add" else [rule, route]
+    return commands
+
+
+def _own_id(text: Any, pattern: str, base: int) -> int | None:
+    """The id in text if it is one of ours, written as ip writes it; else None."""
+    if type(text) is not str or not re.fullmatch(pattern, text):
+        return None
+    number = int(text, base)
+    return number if number in OWN_IDS else None
+
+
+def stale_rules(listing: str) -> list[list[str]]:
+    """From `ip -j rule show`: how to delete each rule of ours (`pref P fwmark M lookup T`).
+
+    Ours: our fwmark, unmasked, looking up our table. ValueError if listing is no JSON.
+    """
+    found = []
+    for rule in _json_list(listing):
+        mark = _own_id(rule.get("fwmark"), r"0x[0-9a-f]{1,8}", 16)
+        table = _own_id(rule.get("table"), r"[0-9]{1,10}", 10)
+        priority = rule.get("priority")
+        if mark is None or table is None or "fwmask" in rule or type(priority) is not int:
+            continue
+        found.append(["pref", str(priority), "fwmark", f"{mark:#x}", "lookup", str(table)])
+    return found
+
+
+def stale_tables(listing: str) -> list[int]:
+    """From `ip -j route show table all`: our routing tables that have routes."""
+    tables = {_own_id(route.get("table"), r"[0-9]{1,10}", 10) for route in _json_list(listing)}
+    return sorted(table for table in tables if table is not None)
+
+
+def _json_list(listing: str) -> Iterator[dict[str, Any]]:
+    value = json.loads(listing) if listing.strip() else []
+    if type(value) is not list:
+        raise ValueError("not a JSON list")
+    return (item for item in value if type(item) is dict)
+
+
+PROBE = f"""\
+table inet {PROBE_TABLE} {{
+	set probe4 {{
+		type ipv4_addr . inet_service
+		flags interval
+		elements = {{ 192.0.2.0/24 . 9-10 }}
+	}}
+	chain output {{
+		type route hook output priority mangle; policy accept;
+		{L4} meta skuid 4294967294 ip daddr . {DPORT} @probe4 meta mark set {OWN_IDS[-1]:#x}
+	}}
+	chain prerouting {{
+		type filter hook prerouting priority mangle; policy accept;
+		meta mark {OWN_IDS[-1]:#x} {L4} ip daddr . {DPORT} @probe4 tproxy ip to 127.0.0.1:9
+		meta mark {OWN_IDS[-1]:#x} {L4} tproxy ip6 to [::1]:9
+	}}
+}}
+"""
+
+
+class TproxyMethod:
+    """nft -f - for the table, ip for the rules and routes; the sockets from transparent.py."""
+
+    makes_sockets = True
+
+    def __init__(self, run: Runner = run_tool, make_listeners: MakeListeners = listeners) -> None:
+        self._run = run
+        self._make_listeners = make_listeners
+        self._slots: dict[str, int] = {}  # session id -> slot, while its rules are in
+
+    def probe(self) -> str | None:
+        """Why this method cannot work here, or None if it can: a throwaway table with a
+        route chain that marks and a tproxy rule per IP version (for uid (uid_t)-2 to
+        TEST-NET-1: never used), and the ip tool."""
+        try:
+            self._run(NFT, PROBE)
+        except RequestError as exc:
+            return str(exc)
+        try:
+            self._run(NFT, f"delete table inet {PROBE_TABLE}\n")
+        except RequestError as exc:
+            log.warning("cannot delete the probe table inet %s: %s", PROBE_TABLE, exc)
+        try:
+            self._run(["ip", "-4", "rule", "show"], "")
+        except RequestError as exc:
+            return str(exc)
+        return None
+
+    def apply(self, session: Session) -> int:
+        if session.forward:
+            # The prerouting chain takes only packets the output chain marked.
+            raise RequestError(
+                "the tproxy method does not capture forwarded traffic; ask for nft or nat"
+            )
+        used = set(self._slots.values())
+        slot = next((slot for slot in range(1, SLOTS + 1) if slot not in used), None)
+        if slot is None:
+            raise RequestError(f"all {SLOTS} tproxy sessions of this host are in use")
+        mark = mark_of(slot)
+        # The sockets first: the rules name their port.
+        session.port, session.sockets = self._make_listeners(session.versions)
+        done: list[list[str]] = []
+        try:
+            for argv in route_commands(session, mark, "add"):
+                self._run(argv, "")
+                done.append(argv)
+            self._run(NFT, ruleset(session, mark))
+        except BaseException:
+            for argv in reversed(done):  # all of the session or nothing
+                self._delete([*argv[:3], "del", *argv[4:]])  # the same, as "del"
+            self._close_sockets(session)
+            raise
+        self._slots[session.id] = slot
+        return sum(len(rules) for _, _, rules in chains(session, mark)) + len(done)
+
+    def remove(self, session: Session) -> None:
+        self._close_sockets(session)  # those not handed over
+        slot = self._slots.pop(session.id, None)
+        if slot is None:
+            return
+        delete_table(self._run, session)
+        for argv in route_commands(session, mark_of(slot), "del"):
+            self._delete(argv)
+
+    def remove_stale(self) -> int:
+        found: set[str] = set()
+        problems = []
+        for version in (4, 6):
+            ip = ["ip", f"-{version}"]
+            try:
+                rules = stale_rules(self._run([*ip, "-j", "rule", "show"], ""))
+                tables = stale_tables(self._run([*ip, "-j", "route", "show", "table", "all"], ""))
+            except (RequestError, ValueError) as exc:  # say so, and still look at the other
+                problems.append(f"IPv{version}: {exc}")
+                continue
+            for rule in rules:
+                self._delete([*ip, "rule", "del", *rule])
+                found.add(rule[-1])
+            for table in tables:
+                self._delete([*ip, "route", "flush", "table", str(table)])
+                found.add(str(table))
+            if rules or tables:
+                log.info(
+                    "removed %d stale IPv%d fwmark rules and the routes of %d stale tables "
+                    "left by an earlier run",
+                    len(rules),
+                    version,
+                    len(tables),
+                )
+        if problems:
+            raise RequestError("; ".join(problems))
+        return len(found)
+
+    def _delete(self, argv: list[str]) -> None:
+        try:
+            self._run(argv, "")
+        except RequestError as exc:
+            log.warning("%s: %s", " ".join(argv), exc)
+
+    @staticmethod
+    def _close_sockets(session: Session) -> None:
+        for sock in session.sockets.values():
+            sock.close()
+        session.sockets = {}

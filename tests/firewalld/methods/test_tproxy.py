@@ -1,0 +1,662 @@
+"""The tproxy method: the exact ruleset, the ip commands, slots, undo on failure and stale
+leftovers; then for real, in a namespace, with a client of another uid."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Collection, Iterator, Sequence
+from typing import Any
+
+import pytest
+from shuttle_firewalld.errors import RequestError
+from shuttle_firewalld.methods.nft import NFT
+from shuttle_firewalld.methods.tools import run_tool
+from shuttle_firewalld.methods.tproxy import (
+    MARK_BASE,
+    PROBE,
+    SLOTS,
+    TproxyMethod,
+    chains,
+    mark_of,
+    route_commands,
+    ruleset,
+    stale_rules,
+    stale_tables,
+)
+
+from firewalld.conftest import (
+    IP,
+    NOBODY,
+    WAIT,
+    Daemon,
+    make_session,
+    nft,
+    shuttle_tables,
+)
+
+TABLE = "shuttle-0123456789ab"
+MARK = 0x53480001  # slot 1
+TABLE_ID = "1397227521"  # the same number, as ip writes a table
+
+
+def test_marks_and_tables_are_our_range() -> None:
+    assert (mark_of(1), mark_of(SLOTS)) == (MARK, MARK_BASE + 256)
+    assert MARK == int(TABLE_ID)
+
+
+def test_ruleset_ipv4_own_traffic() -> None:
+    session = make_session(["10.0.0.0/8"], ["10.1.0.0/16"], method="tproxy", port=41000, uid=0)
+    assert (
+        ruleset(session, MARK)
+        == f"""\
+create table inet {TABLE}
+table inet {TABLE} {{
+\tset exclude4 {{
+\t\ttype ipv4_addr . inet_service
+\t\tflags interval
+\t\telements = {{
+\t\t\t10.1.0.0/16 . 1-65535
+\t\t}}
+\t}}
+\tset include4 {{
+\t\ttype ipv4_addr . inet_service
+\t\tflags interval
+\t\telements = {{
+\t\t\t10.0.0.0/8 . 1-65535
+\t\t}}
+\t}}
+\tchain output {{
+\t\ttype route hook output priority mangle; policy accept;
+\t\tfib daddr type local return
+\t\tip daddr 127.0.0.0/8 return
+\t\tip daddr . th dport @exclude4 return
+\t\tmeta l4proto {{ tcp, udp }} meta skuid 0 ip daddr . th dport @include4 meta mark set 0x53480001
+\t}}
+\tchain prerouting {{
+\t\ttype filter hook prerouting priority mangle; policy accept;
+\t\tmeta mark != 0x53480001 return
+\t\tfib daddr type local return
+\t\tip daddr 127.0.0.0/8 return
+\t\tip daddr . th dport @exclude4 return
+\t\tmeta l4proto {{ tcp, udp }} ip daddr . th dport @include4 tproxy ip to 127.0.0.1:41000
+\t}}
+}}
+"""
+    )
+
+
+def test_chains_of_both_versions_with_an_owner_group() -> None:
+    session = make_session(
+        [("10.0.0.0/8", 53, 53), ("fd00:5e::/32", 443, 443)], method="tproxy", port=41000, gid=100
+    )
+    assert chains(session, MARK + 1) == [
+        (
+            "output",
+            "route hook output priority mangle",
+            [
+                "fib daddr type local return",
+                "ip daddr 127.0.0.0/8 return",
+                "ip daddr . th dport @exclude4 return",
+                "meta l4proto { tcp, udp } meta skuid 1000 meta skgid 100 "
+                "ip daddr . th dport @include4 meta mark set 0x53480002",
+                "ip6 daddr ::1 return",
+                "ip6 daddr . th dport @exclude6 return",
+                "meta l4proto { tcp, udp } meta skuid 1000 meta skgid 100 "
+                "ip6 daddr . th dport @include6 meta mark set 0x53480002",
+            ],
+        ),
+        (
+            "prerouting",
+            "filter hook prerouting priority mangle",
+            [
+                "meta mark != 0x53480002 return",
+                "fib daddr type local return",
+                "ip daddr 127.0.0.0/8 return",
+                "ip daddr . th dport @exclude4 return",
+                "meta l4proto { tcp, udp } ip daddr . th dport @include4 "
+                "tproxy ip to 127.0.0.1:41000",
+                "ip6 daddr ::1 return",
+                "ip6 daddr . th dport @exclude6 return",
+                "meta l4proto { tcp, udp } ip6 daddr . th dport @include6 "
+                "tproxy ip6 to [::1]:41000",
+            ],
+        ),
+    ]
+
+
+def test_every_uid_means_no_owner_match() -> None:
+    session = make_session(["fd00:5e::/32"], method="tproxy", uid=-1)
+    assert "meta sk" not in ruleset(session, MARK)
+
+
+def test_route_commands_ipv4_and_ipv6() -> None:
+    session = make_session(["10.0.0.0/8", "fd00:5e::/32"], method="tproxy")
+    assert route_commands(session, MARK, "add") == [
+        ["ip", "-4", "route", "add", "local", "0.0.0.0/0", "dev", "lo", "table", TABLE_ID],
+        ["ip", "-4", "rule", "add", "fwmark", "0x53480001", "lookup", TABLE_ID],
+        ["ip", "-6", "route", "add", "local", "::/0", "dev", "lo", "table", TABLE_ID],
+        ["ip", "-6", "rule", "add", "fwmark", "0x53480001", "lookup", TABLE_ID],
+    ]
+    # Deleting: each rule before the route it points at.
+    assert route_commands(session, MARK, "del") == [
+        ["ip", "-4", "rule", "del", "fwmark", "0x53480001", "lookup", TABLE_ID],
+        ["ip", "-4", "route", "del", "local", "0.0.0.0/0", "dev", "lo", "table", TABLE_ID],
+        ["ip", "-6", "rule", "del", "fwmark", "0x53480001", "lookup", TABLE_ID],
+        ["ip", "-6", "route", "del", "local", "::/0", "dev", "lo", "table", TABLE_ID],
+    ]
+
+
+def test_route_commands_ipv6_only() -> None:
+    session = make_session(["fd00:5e::/32"], ["10.0.0.0/8"], method="tproxy")
+    assert [argv[1] for argv in route_commands(session, MARK, "add")] == ["-6", "-6"]
+
+
+class FakeRun:
+    """Records each tool run; fails runs whose argv or stdin contains a given text."""
+
+    def __init__(self, fail: Sequence[str] = (), outputs: dict[str, str] | None = None) -> None:
+        self.runs: list[tuple[list[str], str]] = []
+        self.fail = fail
+        self.outputs = outputs or {}
+
+    def __call__(self, argv: Sequence[str], stdin: str) -> str:
+        self.runs.append((list(argv), stdin))
+        text = " ".join(argv) + "\n" + stdin
+        if any(part in text for part in self.fail):
+            raise RequestError(f"{argv[0]} failed (exit 2): Error: no")
+        return self.outputs.get(" ".join(argv), "")
+
+
+class FakeListeners:
+    """Ordinary unbound sockets where the method would make transparent ones."""
+
+    def __init__(self) -> None:
+        self.made: list[socket.socket] = []
+
+    def __call__(self, versions: Collection[int]) -> tuple[int, dict[str, socket.socket]]:
+        sockets = {}
+        for version in sorted(versions):
+            family = socket.AF_INET if version == 4 else socket.AF_INET6
+            sockets[f"tcp{version}"] = socket.socket(family, socket.SOCK_STREAM)
+            sockets[f"udp{version}"] = socket.socket(family, socket.SOCK_DGRAM)
+        self.made += sockets.values()
+        return 41000, sockets
+
+
+@pytest.fixture
+def listeners() -> Iterator[FakeListeners]:
+    made = FakeListeners()
+    yield made
+    for sock in made.made:
+        sock.close()
+
+
+def test_apply_makes_sockets_then_routes_and_rules_then_the_table(
+    listeners: FakeListeners,
+) -> None:
+    run = FakeRun()
+    session = make_session(["10.0.0.0/8", "fd00:5e::/32"], method="tproxy", port=1)
+    assert TproxyMethod(run, listeners).apply(session) == 15 + 4
+    assert session.port == 41000
+    assert sorted(session.sockets) == ["tcp4", "tcp6", "udp4", "udp6"]
+    assert run.runs == [
+        *((argv, "") for argv in route_commands(session, MARK, "add")),
+        (list(NFT), ruleset(session, MARK)),
+    ]
+
+
+def test_each_session_gets_a_free_slot(listeners: FakeListeners) -> None:
+    run = FakeRun()
+    method = TproxyMethod(run, listeners)
+    first, second, third = (make_session(method="tproxy") for _ in range(3))
+    for number, session in enumerate((first, second, third)):
+        session.id = f"{number}" * 32
+    method.apply(first)
+    method.apply(second)
+    assert "meta mark set 0x53480002" in run.runs[-1][1]
+    method.remove(first)
+    method.apply(third)  # slot 1 is free again
+    assert "meta mark set 0x53480001" in run.runs[-1][1]
+
+
+def test_slots_run_out(listeners: FakeListeners) -> None:
+    method = TproxyMethod(FakeRun(), listeners)
+    for number in range(SLOTS):
+        session = make_session(method="tproxy")
+        session.id = f"{number:032x}"
+        method.apply(session)
+    with pytest.raises(RequestError, match="all 256 tproxy sessions of this host are in use"):
+        method.apply(make_session(method="tproxy"))
+
+
+@pytest.mark.parametrize(
+    ("failing", "undone"),
+    [
+        ("create table", ["-6 rule del", "-6 route del", "-4 rule del", "-4 route del"]),
+        ("-6 route add", ["-4 rule del", "-4 route del"]),
+        ("-4 route add", []),
+    ],
+)
+def test_a_failure_undoes_what_was_done_and_closes_the_sockets(
+    listeners: FakeListeners, failing: str, undone: list[str]
+) -> None:
+    run = FakeRun(fail=[failing])
+    session = make_session(["10.0.0.0/8", "fd00:5e::/32"], method="tproxy")
+    with pytest.raises(RequestError, match="failed"):
+        TproxyMethod(run, listeners).apply(session)
+    steps = [" ".join(argv[1:4]) if argv[0] == "ip" else stdin for argv, stdin in run.runs]
+    failed_at = next(index for index, step in enumerate(steps) if failing in step)
+    assert steps[failed_at + 1 :] == undone
+    assert session.sockets == {}
+    assert all(sock.fileno() == -1 for sock in listeners.made)
+
+
+def test_forward_is_refused_before_anything_is_made(listeners: FakeListeners) -> None:
+    run = FakeRun()
+    with pytest.raises(RequestError, match="does not capture forwarded traffic; ask for nft or"):
+        TproxyMethod(run, listeners).apply(make_session(method="tproxy", forward=True))
+    assert (run.runs, listeners.made) == ([], [])
+
+
+def test_remove_deletes_everything_and_closes_the_sockets(listeners: FakeListeners) -> None:
+    run = FakeRun(fail=["-4 rule del"])  # one step failing does not stop the others
+    method = TproxyMethod(run, listeners)
+    session = make_session(["10.0.0.0/8", "fd00:5e::/32"], method="tproxy")
+    method.apply(session)
+    run.runs.clear()
+    method.remove(session)
+    assert run.runs == [
+        (list(NFT), f"delete table inet {TABLE}\n"),
+        *((argv, "") for argv in route_commands(session, MARK, "del")),
+    ]
+    assert all(sock.fileno() == -1 for sock in listeners.made)
+    run.runs.clear()
+    method.remove(session)  # a second time: nothing left to do
+    assert run.runs == []
+
+
+# `ip -j rule show` and `ip -j route show table all`, as iproute2 6.1 prints them.
+RULES = json.dumps(
+    [
+        {"priority": 0, "src": "all", "table": "local"},
+        {"priority": 32764, "src": "all", "fwmark": "0x53480005", "table": "1397227525"},
+        {"priority": 32763, "src": "all", "fwmark": "0x53480006", "table": "100"},
+        {"priority": 32762, "src": "all", "fwmark": "0x1", "table": "1397227525"},
+        {
+            "priority": 32761,
+            "src": "all",
+            "fwmark": "0x53480007",
+            "fwmask": "0xffff",
+            "table": "1397227527",
+        },
+        {"priority": 32760, "src": "all", "fwmark": "0x53480108", "table": "1397227784"},
+        {"priority": 32765, "src": "all", "fwmark": "0x53480001", "table": "1397227521"},
+        {"priority": 32766, "src": "all", "table": "main"},
+    ]
+)
+ROUTES = json.dumps(
+    [
+        {"type": "local", "dst": "default", "dev": "lo", "table": "1397227525", "scope": "host"},
+        {"type": "local", "dst": "default", "dev": "lo", "table": "1397227521", "scope": "host"},
+        {"type": "local", "dst": "default", "dev": "lo", "table": "100", "scope": "host"},
+        {"type": "local", "dst": "default", "dev": "lo", "table": "1397227777", "scope": "host"},
+        {"dst": "198.18.0.0/15", "dev": "fwt0", "protocol": "kernel", "scope": "link"},
+        {"type": "local", "dst": "127.0.0.1", "dev": "lo", "table": "local"},
+    ]
+)
+
+
+def test_stale_rules_are_ours_only() -> None:
+    # Ours: our mark, no mask, our table; 0x53480108 is slot 264, beyond the range.
+    assert stale_rules(RULES) == [
+        ["pref", "32764", "fwmark", "0x53480005", "lookup", "1397227525"],
+        ["pref", "32765", "fwmark", "0x53480001", "lookup", "1397227521"],
+    ]
+    assert stale_rules("") == stale_rules("[]") == []
+    with pytest.raises(ValueError):
+        stale_rules("{}")
+
+
+def test_stale_tables_are_ours_only() -> None:
+    assert stale_tables(ROUTES) == [1397227521, 1397227525]  # 1397227777 is slot 257
+
+
+def test_remove_stale_deletes_rules_and_flushes_tables_per_version() -> None:
+    outputs = {"ip -4 -j rule show": RULES, "ip -6 -j route show table all": ROUTES}
+    run = FakeRun(outputs=outputs)
+    assert TproxyMethod(run).remove_stale() == 2
+    assert [argv for argv, _ in run.runs] == [
+        ["ip", "-4", "-j", "rule", "show"],
+        ["ip", "-4", "-j", "route", "show", "table", "all"],
+        [
+            "ip",
+            "-4",
+            "rule",
+            "del",
+            "pref",
+            "32764",
+            "fwmark",
+            "0x53480005",
+            "lookup",
+            "1397227525",
+        ],
+        [
+            "ip",
+            "-4",
+            "rule",
+            "del",
+            "pref",
+            "32765",
+            "fwmark",
+            "0x53480001",
+            "lookup",
+            "1397227521",
+        ],
+        ["ip", "-6", "-j", "rule", "show"],
+        ["ip", "-6", "-j", "route", "show", "table", "all"],
+        ["ip", "-6", "route", "flush", "table", "1397227521"],
+        ["ip", "-6", "route", "flush", "table", "1397227525"],
+    ]
+
+
+def test_remove_stale_says_when_a_version_cannot_be_read() -> None:
+    run = FakeRun(fail=["-6 -j rule"], outputs={"ip -4 -j rule show": RULES})
+    with pytest.raises(RequestError, match=r"^IPv6: ip failed"):
+        TproxyMethod(run).remove_stale()
+    assert len([argv for argv, _ in run.runs if "del" in argv]) == 2  # IPv4 done all the same
+
+
+def test_probe() -> None:
+    run = FakeRun()
+    assert TproxyMethod(run).probe() is None
+    assert run.runs == [
+        (list(NFT), PROBE),
+        (list(NFT), "delete table inet shuttle-probe\n"),
+        (["ip", "-4", "rule", "show"], ""),
+    ]
+    assert TproxyMethod(FakeRun(fail=["tproxy ip6"])).probe() == "nft failed (exit 2): Error: no"
+
+
+@pytest.mark.integration
+def test_the_probe_works_on_this_kernel(netns: str) -> None:
+    def in_netns(argv: Sequence[str], stdin: str) -> str:
+        return run_tool(["ip", "netns", "exec", netns, *argv], stdin)
+
+    assert TproxyMethod(in_netns).probe() is None
+    assert "shuttle" not in nft(netns, "list", "tables")
+
+
+# --- for real: a client of another uid, in a namespace --------------------------------------
+
+TPROXY_NETWORKS = ("198.18.0.0/15", "fd00:5e::/32")
+
+
+@pytest.fixture
+def tproxy_net(netns: str) -> str:
+    """The namespace with 198.18.0.1/15 and fd00:5e::1/32 on one end of a veth pair. Nothing
+    answers there: whatever arrives, a tproxy session delivered it."""
+
+    def run(*argv: str) -> None:
+        subprocess.run([IP, "netns", "exec", netns, *argv], check=True, timeout=10)
+
+    run("ip", "link", "add", "fwt0", "type", "veth", "peer", "name", "fwt1")
+    for link in ("fwt0", "fwt1"):
+        run("ip", "link", "set", link, "up")
+    run("ip", "addr", "add", "198.18.0.1/15", "dev", "fwt0")
+    run("ip", "-6", "addr", "add", "fd00:5e::1/32", "dev", "fwt0", "nodad")
+    return netns
+
+
+def ip_state(netns: str) -> list[str]:
+    """Every ip rule and route of this namespace that names one of our marks or tables."""
+    lines = []
+    for argv in (
+        ["ip", "-4", "rule"],
+        ["ip", "-6", "rule"],
+        ["ip", "-4", "route", "show", "table", "all"],
+        ["ip", "-6", "route", "show", "table", "all"],
+    ):
+        done = subprocess.run(
+            [IP, "netns", "exec", netns, *argv],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        )
+        lines += [
+            f"{argv[1]} {line.strip()}"
+            for line in done.stdout.splitlines()
+            if "13972" in line or "0x5348" in line
+        ]
+    return lines
+
+
+CLIENT = """\
+import asyncio, json, socket, struct, sys
+from shuttle_client.firewall_session import FirewallError, FirewallSession, fetch_sockets
+from shuttle_protocol.firewall_messages import SocketsRequest
+
+IP_ORIGDSTADDR, IPV6_ORIGDSTADDR = 20, 74
+
+
+def say(**fields):
+    print(json.dumps(fields), flush=True)
+
+
+def original_destination(ancillary):
+    for level, kind, data in ancillary:
+        port = struct.unpack_from("!H", data, 2)[0]  # after sin_family / sin6_family
+        if (level, kind) == (socket.IPPROTO_IP, IP_ORIGDSTADDR):  # struct sockaddr_in
+            return socket.inet_ntop(socket.AF_INET, data[4:8]), port
+        if (level, kind) == (socket.IPPROTO_IPV6, IPV6_ORIGDSTADDR):  # struct sockaddr_in6
+            return socket.inet_ntop(socket.AF_INET6, data[8:24]), port
+    return None
+
+
+async def main():
+    client = FirewallSession(sys.argv[1])
+    try:
+        method = await client.open(
+            "tproxy", 1, ["198.18.0.0/15", "fd00:5e::/32"], [("198.18.0.99/32", 1, 65535)]
+        )
+        token = await client._request(SocketsRequest(client.session), 5)
+        say(method=method, session=client.session, token=token.token, path=token.path)
+        sys.stdin.readline()  # someone else tries the token meanwhile
+        try:
+            await fetch_sockets(token.path, token.token, 5)
+            spent = "fetched"
+        except FirewallError as exc:
+            spent = str(exc)
+        port, sockets = await client.tproxy_sockets()
+        results = {"spent": spent, "port": port, "kinds": sorted(sockets)}
+        results["bound"] = sorted(list(sock.getsockname()[:2]) for sock in sockets.values())
+        for version, destination in ((4, ("198.18.0.5", 80)), (6, ("fd00:5e::5", 443))):
+            with socket.create_connection(destination, timeout=5) as connection:
+                sockets[f"tcp{version}"].settimeout(5)
+                accepted, peer = sockets[f"tcp{version}"].accept()
+                with accepted:
+                    results[f"tcp{version}"] = {
+                        "local": accepted.getsockname()[:2],
+                        "peer is the connection": peer[:2] == connection.getsockname()[:2],
+                    }
+        for version, destination in ((4, ("198.18.0.5", 53)), (6, ("fd00:5e::5", 5353))):
+            family = socket.AF_INET if version == 4 else socket.AF_INET6
+            with socket.socket(family, socket.SOCK_DGRAM) as sender:
+                sender.settimeout(5)
+                sender.sendto(b"ping", destination)
+                receiver = sockets[f"udp{version}"]
+                receiver.settimeout(5)
+                data, ancillary, _, source = receiver.recvmsg(2048, socket.CMSG_SPACE(64))
+                original = original_destination(ancillary)
+                with await client.reply_socket(*original) as reply:
+                    reply.sendto(b"pong", source)
+                answer, replier = sender.recvfrom(2048)
+                results[f"udp{version}"] = {
+                    "data": data.decode(),
+                    "original": original,
+                    "source": source[0],
+                    "source port is the sender's": source[1] == sender.getsockname()[1],
+                    "answer": answer.decode(),
+                    "from": replier[:2],
+                }
+        refused = []
+        for address, port in (("192.0.2.1", 53), ("198.18.0.99", 53), ("198.18.0.1", 53)):
+            try:
+                (await client.reply_socket(address, port)).close()
+                refused.append("made")
+            except FirewallError as exc:
+                refused.append(str(exc))
+        results["refused"] = refused
+        for sock in sockets.values():
+            sock.close()
+        say(**results)
+    finally:
+        await client.close()
+
+
+asyncio.run(main())
+"""
+
+THIEF = """\
+import asyncio, sys
+from shuttle_client.firewall_session import FirewallError, fetch_sockets
+try:
+    asyncio.run(fetch_sockets(sys.argv[1], sys.argv[2], 5))
+    print("fetched")
+except FirewallError as exc:
+    print(exc)
+"""
+THIEF_UID = 65533  # not nobody; in nobody's group, which may use the sockets
+
+
+def in_netns(netns: str, user: list[str], script: str, *args: str) -> list[str]:
+    return [IP, "netns", "exec", netns, *user, sys.executable, "-c", script, *args]
+
+
+@pytest.mark.integration
+def test_a_client_of_another_uid_gets_working_transparent_sockets(
+    tproxy_net: str, start_firewalld: Callable[..., Daemon]
+) -> None:
+    netns = tproxy_net
+    daemon = start_firewalld(group="nogroup", lease=30)
+    client = subprocess.Popen(
+        in_netns(netns, NOBODY, CLIENT, str(daemon.socket_path)),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert client.stdin is not None and client.stdout is not None
+    try:
+        first = client.stdout.readline()
+        assert first, client.communicate(timeout=WAIT)
+        opened: dict[str, Any] = json.loads(first)
+        assert opened["method"] == "tproxy"
+        assert opened["path"] == f"{daemon.socket_path}.fds"
+        short = opened["session"][:12]
+        # In force: the table, and a rule and a route per IP version.
+        assert shuttle_tables(netns) == [f"shuttle-{short}"]
+        assert ip_state(netns) == [
+            "-4 32765:\tfrom all fwmark 0x53480001 lookup 1397227521",
+            "-6 32765:\tfrom all fwmark 0x53480001 lookup 1397227521",
+            "-4 local default dev lo table 1397227521 scope host",
+            "-6 local default dev lo table 1397227521 metric 1024 pref medium",
+        ]
+        # Another uid with the token gets nothing (SO_PEERCRED), and spends it.
+        thief = subprocess.run(
+            in_netns(
+                netns,
+                [f"--reuid={THIEF_UID}" if arg.startswith("--reuid") else arg for arg in NOBODY],
+                THIEF,
+                opened["path"],
+                opened["token"],
+            ),
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
+        assert thief.stdout.startswith("shuttle-firewalld refused to hand the sockets over")
+        daemon.wait_for_line(f"shuttle-firewalld: fd socket: refused uid {THIEF_UID} (pid ")
+        assert f"token of session {short}, which is uid 65534's" in daemon.log
+        client.stdin.write("go on\n")
+        client.stdin.flush()
+        results: dict[str, Any] = json.loads(client.stdout.readline() or "{}")
+        assert client.wait(WAIT) == 0, client.stderr.read() if client.stderr else ""
+    finally:
+        if client.poll() is None:
+            client.kill()
+        client.communicate(timeout=WAIT)
+    assert results["spent"].startswith("shuttle-firewalld refused to hand the sockets over")
+    port = results["port"]
+    assert results["kinds"] == ["tcp4", "tcp6", "udp4", "udp6"]
+    assert results["bound"] == [["127.0.0.1", port]] * 2 + [["::1", port]] * 2
+    # TPROXY keeps the original destination: it is the accepted socket's own address.
+    assert results["tcp4"] == {"local": ["198.18.0.5", 80], "peer is the connection": True}
+    assert results["tcp6"] == {"local": ["fd00:5e::5", 443], "peer is the connection": True}
+    for version, address, udp_port, source in (
+        (4, "198.18.0.5", 53, "198.18.0.1"),
+        (6, "fd00:5e::5", 5353, "fd00:5e::1"),
+    ):
+        assert results[f"udp{version}"] == {
+            "data": "ping",
+            "original": [address, udp_port],
+            "source": source,
+            "source port is the sender's": True,
+            "answer": "pong",
+            "from": [address, udp_port],  # the reply left from the original destination
+        }
+    assert results["refused"] == [
+        "shuttle-firewalld: 192.0.2.1:53 is not inside the session's subnets (or is excluded)",
+        "shuttle-firewalld: 198.18.0.99:53 is not inside the session's subnets (or is excluded)",
+        "shuttle-firewalld: 198.18.0.1:53 is this host's own address, which is never captured",
+    ]
+    # The client closed the session: nothing of it is left.
+    assert shuttle_tables(netns) == []
+    assert ip_state(netns) == []
+    assert (
+        f"session {short} of uid 65534 closed by uid 65534: 19 tproxy rules removed" in daemon.log
+    )
+
+
+@pytest.mark.integration
+def test_stale_rules_and_routes_go_at_start_and_only_they(
+    netns: str, start_firewalld: Callable[..., Daemon]
+) -> None:
+    def run(*argv: str) -> None:
+        subprocess.run([IP, "netns", "exec", netns, *argv], check=True, timeout=10)
+
+    for version, default in (("-4", "0.0.0.0/0"), ("-6", "::/0")):
+        # A crashed run's session in slot 5 ...
+        run("ip", version, "rule", "add", "fwmark", "0x53480005", "lookup", "1397227525")
+        run("ip", version, "route", "add", "local", default, "dev", "lo", "table", "1397227525")
+        # ... and someone else's, which stay.
+        run("ip", version, "rule", "add", "fwmark", "0x1", "lookup", "100")
+        run("ip", version, "route", "add", "local", default, "dev", "lo", "table", "100")
+    nft(netns, "add", "table", "inet", "shuttle-aaaaaaaaaaaa")
+    daemon = start_firewalld()
+    assert ip_state(netns) == []
+    assert shuttle_tables(netns) == []
+    assert "removed 1 stale IPv4 fwmark rules and the routes of 1 stale tables" in daemon.log
+    assert "removed 1 stale IPv6 fwmark rules and the routes of 1 stale tables" in daemon.log
+    for version in ("-4", "-6"):
+        rules = subprocess.run(
+            [IP, "netns", "exec", netns, "ip", version, "rule"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout
+        assert "fwmark 0x1 lookup 100" in rules
+        routes = subprocess.run(
+            [IP, "netns", "exec", netns, "ip", version, "route", "show", "table", "100"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout
+        assert routes.startswith("local default dev lo")
+    assert "the tproxy method does not work here" not in daemon.log
