@@ -1,9 +1,20 @@
-"""UDP through tproxy: reading a datagram's original destination from its ancillary data."""
+"""UDP through tproxy: original destinations from ancillary data, and the flows' lifetime."""
 
+import asyncio
 import socket
 import struct
+from typing import List
 
-from shuttle_client.udp import IP_RECVORIGDSTADDR, IPV6_RECVORIGDSTADDR, original_destination
+import pytest
+from shuttle_agent.relay import Link
+from shuttle_client import udp
+from shuttle_client.udp import (
+    IP_RECVORIGDSTADDR,
+    IPV6_RECVORIGDSTADDR,
+    UdpRelay,
+    original_destination,
+)
+from shuttle_protocol.mux import CLIENT, Mux
 
 
 def sockaddr_in(host: str, port: int) -> bytes:
@@ -41,3 +52,69 @@ def test_a_real_socket_reports_its_destination() -> None:
         payload, ancillary, _, _ = receiver.recvmsg(100, socket.CMSG_SPACE(28))
         assert payload == b"ping"
         assert original_destination(ancillary) == receiver.getsockname()
+
+
+class RecordingPipe:
+    """Stands in for the ssh pipe's write transport: keeps what the Link writes."""
+
+    def __init__(self) -> None:
+        self.data = b""
+
+    def set_write_buffer_limits(self, high: int, low: int) -> None:
+        pass
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+    def is_closing(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+
+class FakeFirewall:
+    """Stands in for firewalld's reply sockets: a plain UDP socket will do on loopback."""
+
+    def __init__(self) -> None:
+        self.handed: List[socket.socket] = []
+
+    async def reply_socket(self, address: str, port: int) -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind(("127.0.0.1", 0))
+        self.handed.append(sock)
+        return sock
+
+
+def test_idle_flows_expire_with_their_reply_sockets(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(udp, "IDLE_TIMEOUT", 0.2)
+
+    async def scenario() -> None:
+        link = Link(Mux(CLIENT), lambda msg: None, "agent")
+        pipe = RecordingPipe()
+        link.attach_writer(pipe)  # type: ignore[arg-type]
+        captured = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        captured.setsockopt(socket.SOL_IP, IP_RECVORIGDSTADDR, 1)
+        captured.bind(("127.0.0.1", 0))
+        firewall = FakeFirewall()
+        relay = UdpRelay(link, firewall, [captured])  # type: ignore[arg-type]
+        relay.start()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as program:
+            program.sendto(b"query", captured.getsockname())
+            for _ in range(100):  # the flow opens and gets its reply socket
+                await asyncio.sleep(0.01)
+                if firewall.handed and link.flows:
+                    break
+            assert len(link.flows) == 1
+            assert b"query" in pipe.data
+            for _ in range(200):  # then, idle, it expires
+                await asyncio.sleep(0.01)
+                if not link.flows:
+                    break
+        await asyncio.sleep(0.05)  # the Link writes once per loop iteration
+        assert link.flows == {} and relay.flows == {}
+        assert firewall.handed[0].fileno() == -1  # the reply socket is closed
+        assert b"idle" in pipe.data  # the agent is told (Close)
+        relay.close()
+
+    asyncio.run(scenario())
