@@ -34,7 +34,7 @@ CHAIN_RE = re.compile(r"shuttle", re.IGNORECASE)
 NFT_TABLE_RE = re.compile(r"^table inet (shuttle-[0-9a-f]{12})\s*$")
 NAT_CHAIN_RE = re.compile(r"^:(SHUTTLE-[0-9a-fA-F]{12})\s")
 READY_METHOD_RE = re.compile(r"\bmethod (\w+)")
-METHODS = ("nft", "nat")  # the methods the general tests run with
+METHODS = ("nft", "nat", "tproxy")  # the methods the general tests run with
 TPROXY = "tproxy"  # tested on its own (tests/integration/test_tproxy.py): it also does UDP
 ROUTE_TABLE_RE = re.compile(r"\btable (\S+)")
 

@@ -77,16 +77,17 @@ def assert_method_rules(
 ) -> None:
     """The firewall shows the rules of method, and none of the other method.
 
-    nft: a table `inet shuttle-<12 hex>`, and no SHUTTLE chain in iptables or ip6tables;
-    nat: SHUTTLE-<12 hex> chains in the nat table of each family in use, and no nft table.
+    nft and tproxy: a table `inet shuttle-<12 hex>`, and no SHUTTLE chain in iptables or
+    ip6tables; nat: SHUTTLE-<12 hex> chains in the nat table of each family in use, and no
+    nft table.
     """
     topo = shuttle.topo
     tables = nft_tables(topo)
     chains = nat_chains(topo)
     seen = f"nft tables {tables}, iptables chains {chains[4]}, ip6tables chains {chains[6]}"
-    if method == "nft":
-        assert tables, f"no inet shuttle-* table for the nft method: {seen}\n{shuttle.outputs()}"
-        assert not chains[4] and not chains[6], f"nat chains with the nft method: {seen}"
+    if method in ("nft", "tproxy"):
+        assert tables, f"no inet shuttle-* table for {method}: {seen}\n{shuttle.outputs()}"
+        assert not chains[4] and not chains[6], f"nat chains with the {method} method: {seen}"
     else:
         assert not tables, f"an nft shuttle table with the nat method: {seen}"
         if ipv4:

@@ -342,9 +342,14 @@ def test_a_session_installs_its_table_and_close_removes_exactly_it(
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("method", ["nft", "tproxy"])  # tproxy builds on the same sets
 @pytest.mark.parametrize("side", ["excludes", "subnets"])
 def test_ten_thousand_subnets_are_one_set(
-    netns: str, start_firewalld: Callable[..., Daemon], listen: Callable[..., Listener], side: str
+    netns: str,
+    start_firewalld: Callable[..., Daemon],
+    listen: Callable[..., Listener],
+    side: str,
+    method: str,
 ) -> None:
     daemon = start_firewalld(lease=30)
     listen(12300)
@@ -352,7 +357,7 @@ def test_ten_thousand_subnets_are_one_set(
     many = [(f"10.{i // 250}.{i % 250}.1/32", 1, 65535) for i in range(10_000)]
     one = [("10.0.0.0/8", 1, 65535)] if side == "excludes" else [("192.0.2.0/24", 1, 65535)]
     subnets, excludes = (one, many) if side == "excludes" else (many, one)
-    client, _ = open_session(daemon, "nft", 12300, subnets, excludes)
+    client, _ = open_session(daemon, method, 12300, subnets, excludes)
     try:
         assert client.session is not None
         table = "shuttle-" + client.session[:12]
