@@ -45,7 +45,7 @@ demo: install
 	$(PY) -m testbed.demo
 
 bench: install
-	$(PY) -m bench
+	$(PY) -m bench.rules
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
