@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 import signal
 from pathlib import Path
-from typing import Dict, FrozenSet, List, NamedTuple, Optional, Sequence
+from typing import Any, Dict, FrozenSet, List, NamedTuple, Optional, Sequence
 
 from testbed.config import S_ADDR_C, SYSTEM_PYTHON, TARGET_NET, url_host
 from testbed.procs import Proc, wait_until
@@ -223,37 +223,15 @@ class Shuttle:
             raise StartupError(f"shuttle-firewalld not ready within {timeout}s\n{self.outputs()}")
         return proc
 
-    def start_client(
-        self,
-        *,
-        subnets: Sequence[str] = (TARGET_NET,),
-        excludes: Sequence[str] = (),
-        login: Optional[str] = None,
-        python: str = SYSTEM_PYTHON,
-        extra: Sequence[str] = (),
-        method: Optional[str] = None,
-        remote: str = S_ADDR_C,
-        user: Optional[LocalUser] = None,
-        include_files: Sequence[Path] = (),
-        exclude_files: Sequence[Path] = (),
-        timeout: float = READY_TIMEOUT,
-    ) -> Proc:
+    def start_client(self, *, timeout: float = READY_TIMEOUT, **options: Any) -> Proc:
         """Start shuttle-client as user (default the first test user); wait for ready.
 
-        With method given, the ready line must name it ("method nft"), else StartupError.
+        options are client_args' keywords. With method given, the ready line must name it
+        ("method nft"), else StartupError.
         """
-        args = self.client_args(
-            subnets=subnets,
-            excludes=excludes,
-            login=login,
-            python=python,
-            extra=extra,
-            method=method,
-            remote=remote,
-            user=user,
-            include_files=include_files,
-            exclude_files=exclude_files,
-        )
+        args = self.client_args(**options)
+        user: Optional[LocalUser] = options.get("user")
+        method: Optional[str] = options.get("method")
         env = self.topo.user_env([str(self.venv.bin)], user=user)
         argv = self.topo.user_argv(args, env, user=user)
         proc = self.topo.start(f"client{len(self.clients)}", argv, user=user)

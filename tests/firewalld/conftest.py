@@ -288,28 +288,25 @@ def socket_dir() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def nat_rules(netns: str) -> list[str]:
-    """The namespace's nat table as iptables-save prints it, without comments."""
+def _saved_nat(netns: str, tool: str) -> list[str]:
     saved = subprocess.run(
-        ["ip", "netns", "exec", netns, "iptables-save", "-t", "nat"],
+        ["ip", "netns", "exec", netns, tool, "-t", "nat"],
         capture_output=True,
         text=True,
         check=True,
         timeout=10,
     ).stdout
     return [line for line in saved.splitlines() if not line.startswith("#")]
+
+
+def nat_rules(netns: str) -> list[str]:
+    """The namespace's nat table as iptables-save prints it, without comments."""
+    return _saved_nat(netns, "iptables-save")
 
 
 def nat6_rules(netns: str) -> list[str]:
     """The namespace's IPv6 nat table as ip6tables-save prints it, without comments."""
-    saved = subprocess.run(
-        ["ip", "netns", "exec", netns, "ip6tables-save", "-t", "nat"],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=10,
-    ).stdout
-    return [line for line in saved.splitlines() if not line.startswith("#")]
+    return _saved_nat(netns, "ip6tables-save")
 
 
 def shuttle_rules(netns: str) -> list[str]:
