@@ -22,7 +22,7 @@ from shuttle_protocol.stream_messages import (
     Welcome,
 )
 
-from .relay import Link, Relay, WriterProtocol, refusal
+from .relay import Link, Relay, WriterProtocol, refusal, widen_pipe
 from .udp import IDLE_TIMEOUT, MAX_FLOWS, UdpOpener, settings_from_env
 
 log = logging.getLogger("shuttle")
@@ -97,6 +97,8 @@ async def serve() -> int:
     """Run the agent on fds 0 and 1 until the client goes away."""
     loop = asyncio.get_running_loop()
     agent = Agent(*settings_from_env(os.environ))
+    for fd in (0, 1):
+        widen_pipe(fd)
     writer, _ = await loop.connect_write_pipe(
         lambda: WriterProtocol(agent.link), os.fdopen(1, "wb", buffering=0)
     )

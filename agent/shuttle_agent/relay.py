@@ -16,6 +16,7 @@ that would have to wait for a full pipe.
 
 import asyncio
 import errno
+import fcntl
 import logging
 import os
 import socket
@@ -32,6 +33,21 @@ log = logging.getLogger("shuttle")
 # The pipe's write buffer size at which channels stop reading (latency control).
 PIPE_HIGH_WATER = 512 * 1024
 PIPE_LOW_WATER = 128 * 1024
+# Data bytes in flight (sent, not yet granted back by the peer) at which channels stop
+# reading: what a bulk transfer may queue in ssh's buffers in front of an interactive byte.
+IN_FLIGHT_LIMIT = 256 * 1024
+# Linux pipes hold 64 KiB; a bigger one means fewer wakeups of us and of ssh per megabyte.
+PIPE_SIZE = 1024 * 1024
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)  # the constant is new in Python 3.10
+
+
+def widen_pipe(fd: int) -> None:
+    """Ask for a PIPE_SIZE buffer on a pipe. Best effort: an unprivileged process gets at
+    most /proc/sys/fs/pipe-max-size, and sshd may give the agent a socket, not a pipe."""
+    try:
+        fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_SIZE)
+    except OSError:
+        pass
 
 
 class DatagramFlow(Protocol):
@@ -90,14 +106,23 @@ class Link(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.paused = False
-        stalled, self._stalled = self._stalled, set()
-        for relay in stalled:
-            relay.maybe_resume()
+        self._unstall()
         self.schedule_flush()
 
+    @property
+    def congested(self) -> bool:
+        """Whether channels must stop reading: the pipe is full, or enough is in flight."""
+        return self.paused or self.mux.in_flight >= IN_FLIGHT_LIMIT
+
     def stall(self, relay: "Relay") -> None:
-        """A channel stops reading until the pipe drains."""
+        """A channel stops reading until the pipe drains and credit comes back."""
         self._stalled.add(relay)
+
+    def _unstall(self) -> None:
+        if self._stalled and not self.congested:
+            stalled, self._stalled = self._stalled, set()
+            for relay in stalled:
+                relay.maybe_resume()
 
     # -- the pipe reader (this object is its protocol) -------------------------------------
 
@@ -113,6 +138,7 @@ class Link(asyncio.Protocol):
             self.fail(f"{self.peer} broke the protocol: {exc}")
         except ProtocolError as exc:
             self.fail(f"internal protocol error: {exc}")
+        self._unstall()  # credit may have come back
         self.schedule_flush()
 
     def eof_received(self) -> Optional[bool]:
@@ -163,7 +189,7 @@ class Link(asyncio.Protocol):
 
     def schedule_flush(self) -> None:
         """Write what the Mux queued, once per loop iteration, so small sends coalesce."""
-        if not self._flush_scheduled and self.mux.buffered:
+        if not self._flush_scheduled and self.mux.has_output:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self.flush)
 
@@ -258,7 +284,7 @@ class Relay(asyncio.Protocol):
             self._send_held()
         if self._held or mux.credit(self.channel) == 0:
             self._pause_reading()
-        elif self.link.paused:
+        elif self.link.congested:
             self._pause_reading()
             self.link.stall(self)
         self.link.schedule_flush()
@@ -317,7 +343,7 @@ class Relay(asyncio.Protocol):
             return
         if not self.link.mux.credit(self.channel) or self.transport is None:
             return
-        if self.link.paused:
+        if self.link.congested:
             self.link.stall(self)
         else:
             self._reading = True

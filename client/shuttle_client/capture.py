@@ -4,7 +4,7 @@ transparent TCP and UDP sockets that firewalld hands over (tproxy)."""
 import asyncio
 import logging
 import socket
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 from shuttle_agent.relay import Link
 
@@ -22,9 +22,12 @@ class Capture:
     """The accepting side of one session, whatever the firewall method."""
 
     def __init__(
-        self, link: Link, firewall: FirewallSession, listeners: Sequence[socket.socket]
+        self,
+        pick: Callable[[], Link],
+        firewall: FirewallSession,
+        listeners: Sequence[socket.socket],
     ) -> None:
-        self.link = link
+        self.pick = pick  # the tunnel for a new connection or flow
         self.firewall = firewall
         self.listeners = list(listeners)
         self.servers: List[asyncio.Server] = []
@@ -33,15 +36,15 @@ class Capture:
     async def start(self, method: str, agent_capabilities: Sequence[str]) -> int:
         """Start accepting; returns the port the rules divert to."""
         if method != "tproxy":
-            self.servers = await serve(self.link, self.listeners, original_destination)
+            self.servers = await serve(self.pick, self.listeners, original_destination)
             return int(self.listeners[0].getsockname()[1])
         port, sockets = await self.firewall.tproxy_sockets()
         self.listeners = [sock for kind, sock in sockets.items() if kind.startswith("tcp")]
         # TPROXY does not rewrite the destination: the accepted socket's own address is it.
-        self.servers = await serve(self.link, self.listeners, local_address)
+        self.servers = await serve(self.pick, self.listeners, local_address)
         udp = [sock for kind, sock in sockets.items() if kind.startswith("udp")]
         if "udp" in agent_capabilities:
-            self.udp = UdpRelay(self.link, self.firewall, udp)
+            self.udp = UdpRelay(self.pick, self.firewall, udp)
             self.udp.start()
         else:
             log.warning("the agent cannot relay UDP: captured datagrams are dropped")

@@ -18,7 +18,8 @@ USAGE = """\
 shuttle-client: a transparent-proxy VPN over ssh.
 
 Captures this user's TCP connections to SUBNETs and carries them over one ssh session
-to the server, which makes them from there. Firewall rules come from shuttle-firewalld.
+(or --streams of them) to the server, which makes them from there. Firewall rules come
+from shuttle-firewalld.
 
 Usage:
   shuttle-client [options] -r HOST [-x SUBNET]... [-X FILE]... [-s FILE]... [SUBNET...]
@@ -47,6 +48,9 @@ Options:
                            anyone in it).
   --all-users              capture the traffic of every local user.
   --firewalld=PATH         firewalld's socket [default: /run/shuttle/firewalld.sock].
+  --streams=N              spread connections over N ssh sessions to the server, each
+                           with its own agent, for links where one ssh channel's window
+                           limits throughput (1-16) [default: 1].
   -v, --verbose            say more (also the agent's debug lines).
   -h, --help               show this text.
   --version                show the version.
@@ -62,6 +66,7 @@ class UsageError(Exception):
 METHODS = ("auto", "nft", "nat", "tproxy")
 LOOPBACKS = ("127.0.0.1", "::1")
 WILDCARDS = ("0.0.0.0", "::")  # noqa: S104 (listening there is the router use case)
+MAX_STREAMS = 16
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,7 @@ class Options:
     gid: int
     firewalld: str
     verbose: bool
+    streams: int = 1
 
     @property
     def forward(self) -> bool:
@@ -121,6 +127,13 @@ def parse_listen(text: Optional[str]) -> Tuple[Tuple[str, int], ...]:
     if not port_text.isdigit() or int(port_text) > 65535:
         raise UsageError(f"invalid listen port in {text!r}")
     return tuple((ip, int(port_text)) for ip in ((host,) if host else LOOPBACKS))
+
+
+def parse_streams(text: str) -> int:
+    """--streams: how many ssh sessions, 1 to MAX_STREAMS."""
+    if not text.isdigit() or not 1 <= int(text) <= MAX_STREAMS:
+        raise UsageError(f"invalid --streams {text!r}: expected a number from 1 to {MAX_STREAMS}")
+    return int(text)
 
 
 def parse_owner(user: Optional[str], group: Optional[str], all_users: bool) -> Tuple[int, int]:
@@ -176,6 +189,7 @@ def parse_args(argv: Sequence[str]) -> Options:
         gid=gid,
         firewalld=args["--firewalld"],
         verbose=bool(args["--verbose"]),
+        streams=parse_streams(args["--streams"]),
     )
 
 

@@ -14,7 +14,8 @@ from .cli import Options, UsageError, parse_args
 from .firewall_session import FirewallError, FirewallSession
 from .proxy import make_listeners
 from .ssh_server import server_targets
-from .tunnel import Tunnel, TunnelError
+from .streams import Streams
+from .tunnel import TunnelError
 
 log = logging.getLogger("shuttle")
 
@@ -41,14 +42,14 @@ async def run(options: Options) -> int:
         where = ", ".join(f"{host}:{port}" for host, port in options.listen)
         log.error("cannot listen on %s: %s", where, exc.strerror)
         return EXIT_FAILED
-    tunnel = Tunnel(options)
+    streams = Streams(options)
     firewall = FirewallSession(options.firewalld)
-    capture = Capture(tunnel.link, firewall, listeners)
+    capture = Capture(streams.pick, firewall, listeners)
     try:
         server_excludes = await server_targets(
             options.ssh_cmd, options.ssh_destination, options.ssh_port
         )
-        await _unless_stopped(stop, tunnel.start())
+        await _unless_stopped(stop, streams.start())
         # tproxy: firewalld makes the listeners, and the port given here does not matter.
         port = listeners[0].getsockname()[1] if listeners else TPROXY_ANY_PORT
         method = await _unless_stopped(
@@ -63,24 +64,26 @@ async def run(options: Options) -> int:
                 options.forward,
             ),
         )
-        port = await _unless_stopped(stop, capture.start(method, tunnel.agent_capabilities))
+        port = await _unless_stopped(stop, capture.start(method, streams.agent_capabilities))
         log.info(
-            "ready: capturing %s%s through %s (method %s, agent on python %s, port %d)",
+            "ready: capturing %s%s through %s (method %s, agent on python %s, port %d%s)",
             " ".join(describe(target) for target in options.subnets),
             "".join(f" -{describe(target)}" for target in options.excludes),
             options.ssh_destination,
             method,
-            tunnel.agent_python,
+            streams.agent_python,
             port,
+            f", {options.streams} streams" if options.streams > 1 else "",
         )
         heartbeats = loop.create_task(firewall.run_heartbeats())
-        waiting: List[asyncio.Future[Any]] = [stop, tunnel.link.closed, heartbeats]
+        waiting: List[asyncio.Future[Any]] = [stop, *streams.closed, heartbeats]
         done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
         if stop in done:
             log.info("stopping on %s", stop.result())
             return EXIT_OK
-        if tunnel.link.closed in done:
-            log.error("lost the tunnel: %s", tunnel.link.closed.result())
+        lost = [closed for closed in streams.closed if closed in done]
+        if lost:
+            log.error("lost the tunnel: %s", lost[0].result())
         else:
             heartbeats.result()  # raises the FirewallError that ended it
         return EXIT_FAILED
@@ -94,7 +97,7 @@ async def run(options: Options) -> int:
         # Rules first: once they are gone, nothing new is captured into a closing tunnel.
         await firewall.close()
         capture.close()
-        await tunnel.stop()
+        await streams.stop()
         await _cancel_the_rest()
 
 

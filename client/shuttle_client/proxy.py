@@ -114,16 +114,17 @@ class Incoming(Relay):
 
 
 async def serve(
-    link: Link, listeners: Sequence[socket.socket], destination: Destination
+    pick: Callable[[], Link], listeners: Sequence[socket.socket], destination: Destination
 ) -> List[asyncio.Server]:
-    """Accept captured connections on the listeners for as long as the servers are open."""
+    """Accept captured connections on the listeners for as long as the servers are open;
+    pick chooses the tunnel of each."""
     loop = asyncio.get_running_loop()
     servers = []
     for listener in listeners:
         address = listener.getsockname()[:2]
         servers.append(
             await loop.create_server(
-                lambda address=address: Incoming(link, address, destination),  # type: ignore[misc]
+                lambda address=address: Incoming(pick(), address, destination),  # type: ignore[misc]
                 sock=listener,
             )
         )

@@ -6,7 +6,7 @@ import os
 import subprocess
 from typing import Any, List, Optional, Tuple
 
-from shuttle_agent.relay import Link, WriterProtocol
+from shuttle_agent.relay import Link, WriterProtocol, widen_pipe
 from shuttle_protocol import PROTOCOL_VERSION
 from shuttle_protocol.mux import CLIENT, Mux
 from shuttle_protocol.schema import Message
@@ -43,9 +43,9 @@ class TunnelError(Exception):
 class Tunnel:
     """One ssh process running the agent, and the multiplexed Link over its pipes."""
 
-    def __init__(self, options: Options) -> None:
+    def __init__(self, options: Options, name: str = "agent") -> None:
         self.options = options
-        self.link = Link(Mux(CLIENT), self._on_message, "agent")
+        self.link = Link(Mux(CLIENT), self._on_message, name)
         self.agent_python = ""
         self.agent_capabilities: Tuple[str, ...] = ()
         self._process: Optional[subprocess.Popen[bytes]] = None
@@ -78,6 +78,8 @@ class Tunnel:
             raise TunnelError(f"cannot run {argv[0]}: {exc.strerror}") from None
         os.close(to_ssh_read)
         os.close(from_ssh_write)
+        for fd in (to_ssh_write, from_ssh_read):
+            widen_pipe(fd)
         loop = asyncio.get_running_loop()
         writer, _ = await loop.connect_write_pipe(
             lambda: WriterProtocol(self.link), os.fdopen(to_ssh_write, "wb", buffering=0)

@@ -13,7 +13,7 @@ import logging
 import socket
 import struct
 import time
-from typing import Any, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from shuttle_agent.relay import Link
 from shuttle_protocol.stream_messages import Close, Datagram
@@ -51,8 +51,11 @@ def original_destination(ancillary: List[Tuple[int, int, bytes]]) -> Optional[Ad
 class UdpFlow:
     """One program's datagrams to one original destination, and the replies."""
 
-    def __init__(self, relay: "UdpRelay", channel: int, source: Address, destination: Address):
+    def __init__(
+        self, relay: "UdpRelay", link: Link, channel: int, source: Address, destination: Address
+    ):
         self.relay = relay
+        self.link = link  # the tunnel that carries this flow
         self.channel = channel
         self.source = source
         self.destination = destination
@@ -106,8 +109,10 @@ class UdpFlow:
 class UdpRelay:
     """The transparent UDP sockets of a tproxy session, and the flows they start."""
 
-    def __init__(self, link: Link, firewall: FirewallSession, sockets: List[socket.socket]):
-        self.link = link
+    def __init__(
+        self, pick: Callable[[], Link], firewall: FirewallSession, sockets: List[socket.socket]
+    ):
+        self.pick = pick  # the tunnel for a new flow
         self.firewall = firewall
         self.sockets = sockets
         self.flows: Dict[Tuple[Address, Address], UdpFlow] = {}
@@ -134,8 +139,8 @@ class UdpRelay:
     def forget(self, flow: UdpFlow) -> None:
         if self.flows.get((flow.source, flow.destination)) is flow:
             del self.flows[(flow.source, flow.destination)]
-        if self.link.flows.get(flow.channel) is flow:
-            del self.link.flows[flow.channel]
+        if flow.link.flows.get(flow.channel) is flow:
+            del flow.link.flows[flow.channel]
 
     def _read(self, sock: socket.socket) -> None:
         for _ in range(READ_BATCH):
@@ -154,16 +159,17 @@ class UdpRelay:
                 self.dropped += 1
                 continue
             flow.last_active = time.monotonic()
-            if not self.link.send_datagram(flow.channel, payload):
+            if not flow.link.send_datagram(flow.channel, payload):
                 self.dropped += 1
 
     def _open(self, source: Address, destination: Address) -> Optional[UdpFlow]:
-        if len(self.flows) >= MAX_FLOWS or self.link.closed.done():
+        link = self.pick()
+        if len(self.flows) >= MAX_FLOWS or link.closed.done():
             return None
-        channel = self.link.mux.open_udp(*destination)
-        flow = UdpFlow(self, channel, source, destination)
+        channel = link.mux.open_udp(*destination)
+        flow = UdpFlow(self, link, channel, source, destination)
         self.flows[(source, destination)] = flow
-        self.link.flows[channel] = flow
+        link.flows[channel] = flow
         log.debug("udp channel %d: %s:%d -> %s:%d", channel, *source, *destination)
         self._spawn(self._fetch_reply_socket(flow))
         return flow
@@ -173,8 +179,8 @@ class UdpRelay:
             reply_socket = await self.firewall.reply_socket(*flow.destination)
         except FirewallError as exc:
             log.warning("no reply socket for %s:%d: %s", *flow.destination, exc)
-            self.link.mux.close(flow.channel, "no reply socket")
-            self.link.schedule_flush()
+            flow.link.mux.close(flow.channel, "no reply socket")
+            flow.link.schedule_flush()
             flow.release()
             return
         flow.attach(reply_socket)
@@ -185,9 +191,9 @@ class UdpRelay:
             now = time.monotonic()
             for flow in [f for f in self.flows.values() if now - f.last_active > IDLE_TIMEOUT]:
                 log.debug("udp channel %d: idle, closed", flow.channel)
-                self.link.mux.close(flow.channel, "idle")
+                flow.link.mux.close(flow.channel, "idle")
+                flow.link.schedule_flush()
                 flow.release()
-            self.link.schedule_flush()
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)

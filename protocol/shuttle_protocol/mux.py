@@ -10,6 +10,12 @@ messages the driver must act on, after the Mux has applied its flow-control rule
 - Channel ids come from the client, strictly increasing and never reused, so a late message
   for a channel that is already gone is dropped, not misdelivered.
 - A channel is forgotten after Close (either way) or once Eof has gone both ways.
+- `in_flight` counts the Data bytes sent on all channels that the peer has not yet granted
+  back: bytes queued somewhere between here and the far socket. The driver caps it, so a
+  bulk transfer cannot fill the pipe's buffers (ssh's among them) in front of small
+  messages. Credit for delivered bytes therefore goes back at the next outgoing(), one
+  Credit per channel however many Data it covers: a credit held back until a batch filled
+  up would leave idle channels' bytes counted for ever.
 - A UDP channel (UdpOpen) carries Datagram messages and has no window: datagrams may be
   dropped, so the driver drops them when the pipe is full instead of queueing them. Its
   ids come from the same sequence as TCP channels. Data, Credit, Eof and Opened are a TCP
@@ -21,7 +27,7 @@ from typing import Dict, List, Optional, Set, Union
 
 from .errors import LocalProtocolError, RemoteProtocolError
 from .schema import Message
-from .stream import StreamDecoder, encode
+from .stream import StreamDecoder, encode, encode_data_header
 from .stream_messages import (
     MAX_CHANNEL,
     MAX_CREDIT,
@@ -67,7 +73,8 @@ class Mux:
         self.window = window
         self.channels: Dict[int, ChannelState] = {}  # TCP channels
         self.datagram_channels: Set[int] = set()  # UDP channels
-        self._credit_batch = window // 4
+        self._grants: Dict[int, ChannelState] = {}  # channels with bytes to grant back
+        self.in_flight = 0  # Data bytes sent and not granted back, all channels together
         self._decoder = StreamDecoder()
         self._out: List[bytes] = []
         self._out_size = 0
@@ -116,8 +123,15 @@ class Mux:
         if len(data) > state.send_credit:
             raise LocalProtocolError(f"channel {channel}: {len(data)} bytes exceed the credit")
         state.send_credit -= len(data)
+        self.in_flight += len(data)
         for start in range(0, len(data), MAX_DATA):
-            self.send(Data(channel, bytes(data[start : start + MAX_DATA])))
+            # Header and payload go out as they are: the driver's join is the only copy.
+            payload = data if len(data) <= MAX_DATA else data[start : start + MAX_DATA]
+            if type(payload) is not bytes:
+                payload = bytes(payload)  # a view's buffer could change before the write
+            header = encode_data_header(channel, len(payload))
+            self._out += (header, payload)
+            self._out_size += len(header) + len(payload)
 
     def _live(self, channel: int) -> ChannelState:
         state = self.channels.get(channel)
@@ -141,10 +155,8 @@ class Mux:
         if type(n) is not int or not 0 <= n <= held:
             raise LocalProtocolError(f"channel {channel}: {n!r:.40} bytes delivered, {held} held")
         state.unacked += n
-        if state.unacked >= self._credit_batch and not state.eof_received:
-            self.send(Credit(channel, state.unacked))
-            state.recv_left += state.unacked
-            state.unacked = 0
+        if n and not state.eof_received:
+            self._grants[channel] = state
 
     def send_eof(self, channel: int) -> None:
         """Our side of the channel will send no more data."""
@@ -153,31 +165,53 @@ class Mux:
         state = self.channels.get(channel)
         if state is None or state.eof_sent:
             return
+        self._settle(state)  # the peer grants nothing after our Eof
         state.eof_sent = True
         self.send(Eof(channel))
         if state.eof_received:
             del self.channels[channel]
 
+    def _settle(self, state: ChannelState) -> None:
+        """The channel's ungranted bytes will never be granted: stop counting them."""
+        if not state.eof_sent:
+            self.in_flight -= max(0, self.window - state.send_credit)
+
     def close(self, channel: int, reason: str) -> None:
         """Abort the channel: the peer resets its socket. Nothing is sent for a dead one."""
-        if self.channels.pop(channel, None) is not None or channel in self.datagram_channels:
+        state = self.channels.pop(channel, None)
+        if state is not None:
+            self._settle(state)
+        if state is not None or channel in self.datagram_channels:
             self.datagram_channels.discard(channel)
             self.send(Close(channel, reason[:200]))
 
     def forget(self, channel: int) -> None:
         """Drop a channel without telling the peer (it told us it is gone)."""
-        self.channels.pop(channel, None)
+        state = self.channels.pop(channel, None)
+        if state is not None:
+            self._settle(state)
         self.datagram_channels.discard(channel)
 
     def outgoing(self) -> List[bytes]:
-        """Take the queued bytes, in order, for writing to the pipe."""
+        """Take the queued bytes, in order, for writing to the pipe, credit grants last."""
+        grants, self._grants = self._grants, {}
+        for channel, state in grants.items():
+            if state.unacked and not state.eof_received and self.channels.get(channel) is state:
+                self.send(Credit(channel, state.unacked))
+                state.recv_left += state.unacked
+                state.unacked = 0
         out, self._out, self._out_size = self._out, [], 0
         return out
 
     @property
     def buffered(self) -> int:
-        """Bytes queued and not yet taken by outgoing()."""
+        """Bytes queued and not yet taken by outgoing() (credit grants not included)."""
         return self._out_size
+
+    @property
+    def has_output(self) -> bool:
+        """Whether outgoing() would return anything: queued bytes or credit to grant."""
+        return bool(self._out or self._grants)
 
     # -- receiving -----------------------------------------------------------------------
 
@@ -222,6 +256,8 @@ class Mux:
         if isinstance(msg, Credit):
             if state.send_credit + msg.n > MAX_CREDIT:
                 raise RemoteProtocolError(f"channel {channel}: credit beyond {MAX_CREDIT}")
+            if not state.eof_sent:
+                self.in_flight -= max(0, min(msg.n, self.window - state.send_credit))
             state.send_credit += msg.n
         elif isinstance(msg, Eof):
             if state.eof_received:
@@ -230,6 +266,7 @@ class Mux:
             if state.eof_sent:
                 del self.channels[channel]
         elif isinstance(msg, (Close, Refused)):
+            self._settle(state)
             del self.channels[channel]
         return True
 

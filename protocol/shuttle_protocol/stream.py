@@ -5,13 +5,14 @@ enforced while decoding, so a hostile peer can neither make the buffer grow with
 nor make decoding hang. After an error the codec refuses further input.
 """
 
+import struct
 from typing import Any, List, Optional
 
 import msgpack
 
 from .errors import LocalProtocolError, RemoteProtocolError
 from .schema import STREAM_TAGS, Message, from_wire, to_wire
-from .stream_messages import MAX_DATA
+from .stream_messages import MAX_CHANNEL, MAX_DATA, Data
 
 # The largest message is one Data with a full payload, plus a few bytes of framing.
 MAX_MESSAGE = MAX_DATA + 64
@@ -46,6 +47,36 @@ def encode(msg: Message) -> bytes:
     if not isinstance(msg, Message):
         raise LocalProtocolError(f"not a message: {msg!r:.80}")
     return msgpack.packb(to_wire(msg), use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def encode_data_header(channel: int, size: int) -> bytes:
+    """The bytes of Data(channel, payload) up to the payload, for a payload of size bytes.
+
+    The data path's fast lane: header + payload is exactly encode(Data(channel, payload)),
+    without building the message or copying the payload into a msgpack buffer.
+    """
+    if type(channel) is not int or not 0 < channel < MAX_CHANNEL:
+        raise LocalProtocolError(f"channel {channel!r:.40} out of range")
+    if type(size) is not int or not 0 <= size <= MAX_DATA:
+        raise LocalProtocolError(f"payload size {size!r:.40} out of range")
+    if channel < 0x80:  # msgpack: positive fixint, then uint8/16/32/64
+        head = _DATA_HEAD + bytes((channel,))
+    elif channel < 0x100:
+        head = _DATA_HEAD + b"\xcc" + bytes((channel,))
+    elif channel < 0x10000:
+        head = _DATA_HEAD + b"\xcd" + struct.pack(">H", channel)
+    elif channel < 0x100000000:
+        head = _DATA_HEAD + b"\xce" + struct.pack(">I", channel)
+    else:
+        head = _DATA_HEAD + b"\xcf" + struct.pack(">Q", channel)
+    if size < 0x100:  # msgpack: bin8, bin16, bin32
+        return head + b"\xc4" + bytes((size,))
+    if size < 0x10000:
+        return head + b"\xc5" + struct.pack(">H", size)
+    return head + b"\xc6" + struct.pack(">I", size)
+
+
+_DATA_HEAD = bytes((0x93, Data.TAG))  # fixarray of 3: the tag, the channel, the payload
 
 
 class StreamDecoder:

@@ -143,3 +143,15 @@ def test_unknown_method_and_empty_ssh_cmd() -> None:
 def test_missing_remote_is_a_usage_error() -> None:
     with pytest.raises(DocoptExit):
         parse_args(["10.0.0.0/8"])
+
+
+def test_streams_default_to_one_and_take_a_bounded_number() -> None:
+    assert parse_args(["-r", "h", "10.0.0.0/8"]).streams == 1
+    assert parse_args(["-r", "h", "--streams=4", "10.0.0.0/8"]).streams == 4
+    assert parse_args(["-r", "h", "--streams", "16", "10.0.0.0/8"]).streams == 16
+
+
+@pytest.mark.parametrize("bad", ["0", "17", "-1", "two", "", "1.5"])
+def test_a_bad_streams_count_is_a_usage_error(bad: str) -> None:
+    with pytest.raises(UsageError, match="--streams"):
+        parse_args(["-r", "h", f"--streams={bad}", "10.0.0.0/8"])

@@ -97,7 +97,7 @@ def test_idle_flows_expire_with_their_reply_sockets(monkeypatch: pytest.MonkeyPa
         captured.setsockopt(socket.SOL_IP, IP_RECVORIGDSTADDR, 1)
         captured.bind(("127.0.0.1", 0))
         firewall = FakeFirewall()
-        relay = UdpRelay(link, firewall, [captured])  # type: ignore[arg-type]
+        relay = UdpRelay(lambda: link, firewall, [captured])  # type: ignore[arg-type]
         relay.start()
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as program:
             program.sendto(b"query", captured.getsockname())

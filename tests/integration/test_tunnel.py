@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
+from typing import List
 
 import pytest
 
@@ -16,6 +19,7 @@ from testbed import (
     T_ADDR2,
     TARGET_NET,
     Shuttle,
+    ready_line,
     shuttle_rules,
 )
 
@@ -109,3 +113,30 @@ def test_agent_on_oldest_supported_python(shuttle: Shuttle) -> None:
     result = topo.curl(T_ADDR, HTTP_PORT, max_time=20)
     assert result.returncode == 0, f"{result.stderr}\n{shuttle.outputs()}"
     assert topo.marker in result.stdout
+
+
+def ssh_children(pid: int) -> List[int]:
+    """The ssh processes that the client runs (its children named ssh)."""
+    children = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children += [int(c) for c in (task / "children").read_text().split()]
+    return [c for c in children if Path(f"/proc/{c}/comm").read_text().strip() == "ssh"]
+
+
+def test_streams_carry_connections_over_several_ssh_sessions(shuttle: Shuttle) -> None:
+    client = shuttle.start_client(extra=["--streams=3"])
+    assert "3 streams" in ready_line(client)
+    assert len(ssh_children(client.pid)) == 3, shuttle.outputs()
+    result = shuttle.topo.tcptool("echo", T_ADDR, str(ECHO_PORT), "60", timeout=120)
+    assert result["ok"] and result["good"] == 60, f"{result}\n{shuttle.outputs()}"
+    page = shuttle.topo.curl(T_ADDR, HTTP_PORT, max_time=20)
+    assert page.returncode == 0 and shuttle.topo.marker in page.stdout, page.stderr
+
+
+def test_losing_one_of_several_streams_ends_the_client(shuttle: Shuttle) -> None:
+    client = shuttle.start_client(extra=["--streams=2"])
+    os.kill(ssh_children(client.pid)[1], signal.SIGKILL)
+    assert client.wait(15) == 1, shuttle.outputs()
+    shuttle.clients.remove(client)  # its exit code is checked: the teardown must not
+    assert "lost the tunnel: agent" in client.output()
+    assert not shuttle.wait_rules_gone(), shuttle.outputs()

@@ -271,22 +271,57 @@ def test_no_data_after_our_eof_or_on_a_gone_channel() -> None:
             pair.client.send_data(gone, b"x")
 
 
-def test_credit_is_granted_only_for_delivered_bytes_and_in_batches() -> None:
+def test_credit_is_granted_for_delivered_bytes_once_per_outgoing() -> None:
     window = 4 * MAX_DATA
-    batch = window // 4
     pair = Pair(window=window)
     channel = pair.open()
     pair.client.send_data(channel, b"x" * window)
+    assert pair.client.in_flight == window
     assert len(b"".join(payloads(pair.to_agent()))) == window
-    assert pair.agent.buffered == 0  # received is not delivered: no credit yet
-    pair.agent.delivered(channel, batch - 1)
-    assert pair.agent.buffered == 0  # below one batch: still nothing
-    pair.agent.delivered(channel, 2)
-    assert pair.to_client() == [Credit(channel, batch + 1)]
-    assert pair.client.credit(channel) == batch + 1
-    pair.agent.delivered(channel, window - batch - 1)
-    assert pair.to_client() == [Credit(channel, window - batch - 1)]
+    assert not pair.agent.has_output  # received is not delivered: no credit yet
+    pair.agent.delivered(channel, 1)
+    pair.agent.delivered(channel, 99)
+    assert pair.agent.has_output and pair.agent.buffered == 0  # a grant, not yet bytes
+    assert pair.to_client() == [Credit(channel, 100)]  # one Credit for both deliveries
+    assert pair.client.credit(channel) == 100
+    assert pair.client.in_flight == window - 100
+    pair.agent.delivered(channel, window - 100)
+    assert pair.to_client() == [Credit(channel, window - 100)]
     assert pair.client.credit(channel) == window
+    assert pair.client.in_flight == 0
+    assert not pair.agent.has_output
+
+
+def test_in_flight_counts_every_channel_until_granted_eof_or_close() -> None:
+    pair = Pair()
+    one, two, three = pair.open(), pair.open(), pair.open()
+    for channel in (one, two, three):
+        pair.client.send_data(channel, b"x" * 1000)
+    assert pair.client.in_flight == 3000
+    pair.to_agent()
+    pair.agent.delivered(one, 1000)
+    pair.to_client()
+    assert pair.client.in_flight == 2000
+    pair.client.send_eof(two)  # the agent grants nothing after our Eof: not counted
+    assert pair.client.in_flight == 1000
+    pair.client.close(three, "done")
+    assert pair.client.in_flight == 0
+    pair.agent.delivered(two, 1000)  # a grant sent before our Eof arrived is not counted
+    pair.agent.send(Credit(two, 1000))
+    pair.to_client()
+    assert pair.client.in_flight == 0
+
+
+def test_in_flight_drops_when_the_peer_closes_or_is_forgotten() -> None:
+    pair = Pair()
+    one, two = pair.open(), pair.open()
+    pair.client.send_data(one, b"x" * 500)
+    pair.client.send_data(two, b"x" * 700)
+    pair.agent.send(Close(one, "reset"))
+    pair.to_client()
+    assert pair.client.in_flight == 700
+    pair.client.forget(two)
+    assert pair.client.in_flight == 0
 
 
 def test_no_credit_is_granted_after_the_peers_eof() -> None:
@@ -350,6 +385,7 @@ def test_data_within_a_granted_window_is_accepted() -> None:
     agent = agent_with_channel()
     inject(agent, Data(1, b"x" * MAX_DATA))
     agent.delivered(1, MAX_DATA)
+    agent.outgoing()  # the grant
     assert inject(agent, Data(1, b"x" * MAX_DATA)) == [Data(1, b"x" * MAX_DATA)]
     with pytest.raises(RemoteProtocolError):
         inject(agent, Data(1, b"x"))
@@ -505,7 +541,7 @@ def test_datagrams_need_no_credit_and_grant_none() -> None:
     assert all(m == Datagram(udp, big) for m in pair.to_agent())
     assert all(m == Datagram(udp, big) for m in pair.to_client())
     pair.agent.delivered(udp, 10)  # nothing to account for: no Credit
-    assert pair.agent.buffered == 0 and pair.client.buffered == 0
+    assert not pair.agent.has_output and not pair.client.has_output
     assert pair.client.credit(tcp) == MAX_DATA  # the TCP window did not move
     assert pair.agent.credit(tcp) == MAX_DATA
 

@@ -9,8 +9,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from shuttle_protocol.errors import LocalProtocolError, RemoteProtocolError
 from shuttle_protocol.schema import Message
-from shuttle_protocol.stream import MAX_BUFFER, MAX_MESSAGE, StreamDecoder, encode
-from shuttle_protocol.stream_messages import MAX_DATA, Data, Hello, Ping
+from shuttle_protocol.stream import (
+    MAX_BUFFER,
+    MAX_MESSAGE,
+    StreamDecoder,
+    encode,
+    encode_data_header,
+)
+from shuttle_protocol.stream_messages import MAX_CHANNEL, MAX_DATA, Data, Hello, Ping
 
 from .strategies import IMPLEMENTATIONS, make_decoder, pack, small_messages, stream_messages
 
@@ -285,3 +291,26 @@ def test_a_truncated_message_is_only_incomplete(impl: str, data: bytes) -> None:
     encoded = encode(Data(1, data))
     for cut in range(len(encoded)):
         assert make_decoder(impl).feed(encoded[:cut]) == []
+
+
+EDGES = [1, 0x7F, 0x80, 0xFF, 0x100, 0xFFFF, 0x10000, 0xFFFFFFFF, 0x100000000, MAX_CHANNEL - 1]
+
+
+@given(
+    channel=st.one_of(st.sampled_from(EDGES), st.integers(1, MAX_CHANNEL - 1)),
+    size=st.one_of(
+        st.sampled_from([0, 0xFF, 0x100, 0xFFFF, 0x10000, MAX_DATA]), st.integers(0, MAX_DATA)
+    ),
+)
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+def test_the_data_fast_path_encodes_exactly_as_the_message(channel: int, size: int) -> None:
+    payload = bytes(size)
+    assert encode_data_header(channel, size) + payload == encode(Data(channel, payload))
+
+
+@pytest.mark.parametrize(
+    ("channel", "size"), [(0, 1), (MAX_CHANNEL, 1), (1, -1), (1, MAX_DATA + 1), (True, 1), (1, 1.0)]
+)
+def test_the_data_fast_path_refuses_what_data_refuses(channel: Any, size: Any) -> None:
+    with pytest.raises(LocalProtocolError):
+        encode_data_header(channel, size)

@@ -1,0 +1,102 @@
+"""--streams: several tunnels (real agents behind a stand-in for ssh), one picked per channel."""
+
+import asyncio
+import os
+import socket
+from pathlib import Path
+from typing import Callable
+
+import pytest
+from shuttle_agent.relay import Relay
+from shuttle_client.cli import parse_args
+from shuttle_client.streams import Streams
+from shuttle_client.tunnel import TunnelError
+
+from .test_tunnel import FAKE_SSH, echo_server, exchange, run
+
+
+@pytest.fixture
+def fake_ssh(tmp_path: Path) -> str:
+    path = tmp_path / "fake-ssh"
+    path.write_text(FAKE_SSH)
+    path.chmod(0o755)
+    return str(path)
+
+
+def options(fake_ssh: str, streams: int, python: str = "/usr/bin/python3") -> object:
+    return parse_args(
+        ["-r", "server", "-e", fake_ssh, "--python", python, f"--streams={streams}", "10.0.0.0/8"]
+    )
+
+
+async def open_on(streams: Streams, port: int) -> socket.socket:
+    """A channel to 127.0.0.1:port on the tunnel that pick() chooses; the program's end."""
+    link = streams.pick()
+    ours, program = socket.socketpair()
+    relay = Relay(link, link.mux.open("127.0.0.1", port))
+    await asyncio.get_running_loop().create_connection(lambda: relay, sock=ours)
+    link.schedule_flush()
+    program.setblocking(False)
+    return program
+
+
+def test_channels_spread_evenly_over_every_stream(fake_ssh: str) -> None:
+    async def scenario() -> None:
+        server = await echo_server()
+        streams = Streams(options(fake_ssh, 3))  # type: ignore[arg-type]
+        await streams.start()
+        try:
+            assert [link.peer for link in streams.links] == ["agent 1/3", "agent 2/3", "agent 3/3"]
+            assert streams.agent_capabilities == ("tcp", "udp")
+            port = server.sockets[0].getsockname()[1]
+            programs = [await open_on(streams, port) for _ in range(30)]
+            assert [len(link.mux.channels) for link in streams.links] == [10, 10, 10]
+            payloads = [os.urandom(5000 + i) for i in range(30)]
+            assert await asyncio.gather(*map(exchange, programs, payloads)) == payloads
+        finally:
+            await streams.stop()
+            server.close()
+
+    run(scenario())
+
+
+def test_a_new_channel_goes_to_the_least_busy_stream(fake_ssh: str) -> None:
+    async def scenario() -> None:
+        server = await echo_server()
+        streams = Streams(options(fake_ssh, 2))  # type: ignore[arg-type]
+        await streams.start()
+        try:
+            port = server.sockets[0].getsockname()[1]
+            busy = [await open_on(streams, port) for _ in range(4)]  # taking turns
+            first, second = streams.links
+            assert len(first.mux.channels) == len(second.mux.channels) == 2
+            for program in busy[::2]:  # the first stream's two channels end
+                assert await exchange(program, b"x") == b"x"
+            await wait_for(lambda: not first.mux.channels)
+            for _ in range(3):
+                assert streams.pick() is first
+            for program in busy[1::2]:
+                program.close()
+        finally:
+            await streams.stop()
+            server.close()
+
+    run(scenario())
+
+
+async def wait_for(condition: Callable[[], bool]) -> None:
+    for _ in range(200):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("not within 2 s")
+
+
+def test_one_stream_that_cannot_start_stops_them_all(fake_ssh: str) -> None:
+    async def scenario() -> None:
+        streams = Streams(options(fake_ssh, 3, python="/nonexistent/python3"))  # type: ignore[arg-type]
+        with pytest.raises(TunnelError, match="not found on the server"):
+            await streams.start()
+        assert all(link.closed.done() for link in streams.links)
+
+    run(scenario())
