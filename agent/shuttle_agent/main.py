@@ -22,6 +22,7 @@ from shuttle_protocol.stream_messages import (
     Welcome,
 )
 
+from .limits import raise_open_files
 from .relay import Link, Relay, WriterProtocol, refusal, widen_pipe
 from .udp import IDLE_TIMEOUT, MAX_FLOWS, UdpOpener, settings_from_env
 
@@ -97,6 +98,7 @@ async def serve() -> int:
     """Run the agent on fds 0 and 1 until the client goes away."""
     loop = asyncio.get_running_loop()
     agent = Agent(*settings_from_env(os.environ))
+    log.debug("open-file limit %d", raise_open_files())
     for fd in (0, 1):
         widen_pipe(fd)
     writer, _ = await loop.connect_write_pipe(

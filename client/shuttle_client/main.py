@@ -7,6 +7,7 @@ import signal
 import sys
 from typing import Any, Awaitable, List, Optional, Sequence, TypeVar
 
+from shuttle_agent.limits import raise_open_files
 from shuttle_protocol.firewall_messages import ALL_PORTS, Target
 
 from .capture import TPROXY_ANY_PORT, Capture
@@ -36,6 +37,7 @@ async def run(options: Options) -> int:
     stop: asyncio.Future[str] = loop.create_future()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, _set_once, stop, signal.Signals(signum).name)
+    log.debug("open-file limit %d", raise_open_files())
     try:
         listeners = [] if options.method == "tproxy" else make_listeners(options.listen)
     except OSError as exc:
