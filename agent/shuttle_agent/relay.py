@@ -35,7 +35,7 @@ PIPE_HIGH_WATER = 512 * 1024
 PIPE_LOW_WATER = 128 * 1024
 # Data bytes in flight (sent, not yet granted back by the peer) at which channels stop
 # reading: what a bulk transfer may queue in ssh's buffers in front of an interactive byte.
-IN_FLIGHT_LIMIT = 256 * 1024
+IN_FLIGHT_LIMIT = 512 * 1024
 # Linux pipes hold 64 KiB; a bigger one means fewer wakeups of us and of ssh per megabyte.
 PIPE_SIZE = 1024 * 1024
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)  # the constant is new in Python 3.10
@@ -245,6 +245,22 @@ class WriterProtocol(asyncio.BaseProtocol):
 
 class Relay(asyncio.Protocol):
     """One TCP socket bound to one channel."""
+
+    # Slots: a session may hold ten thousand of these, and a dict each is most of their size.
+    __slots__ = (
+        "_closed",
+        "_early",
+        "_eof_sent",
+        "_held",
+        "_local_eof",
+        "_peer_eof",
+        "_reading",
+        "_undelivered",
+        "_write_paused",
+        "channel",
+        "link",
+        "transport",
+    )
 
     def __init__(self, link: Link, channel: int) -> None:
         self.link = link

@@ -88,6 +88,8 @@ Destination = Callable[[socket.socket], Tuple[str, int]]
 class Incoming(Relay):
     """A captured connection: find its destination, open a channel, then relay."""
 
+    __slots__ = ("_destination", "_listen_address")
+
     def __init__(
         self, link: Link, listen_address: Tuple[str, int], destination: Destination
     ) -> None:

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from shuttle_protocol.errors import LocalProtocolError, RemoteProtocolError
 from shuttle_protocol.frames import decode_frame
 from shuttle_protocol.schema import REGISTRY, STREAM_TAGS, Message, from_wire
+from shuttle_protocol.stream_messages import Data
 
 from .strategies import (
     EXAMPLES,
@@ -29,16 +30,32 @@ from .strategies import (
 ALL_TAGS = range(256)
 
 
+def stream_bytes(tag: int, fields: Tuple[Any, ...]) -> bytes:
+    """The fields as they go on the stream: msgpack [tag, *fields], except for Data, whose
+    payload follows its header [tag, channel, size] raw."""
+    if tag == Data.TAG and len(fields) == 2 and isinstance(fields[1], bytes):
+        return pack((tag, fields[0], len(fields[1]))) + fields[1]
+    return pack((tag, *fields))
+
+
 def receive(impl: str, tag: int, fields: Tuple[Any, ...]) -> List[Message]:
     """Decode the fields as the carrier of that tag does: the stream or a zmq frame."""
     if tag in STREAM_TAGS:
-        return make_decoder(impl).feed(pack((tag, *fields)))
+        return make_decoder(impl).feed(stream_bytes(tag, fields))
     return [with_impl(impl, decode_frame, pack((5, tag, *fields)))[1]]
+
+
+def on_the_wire(case: Tuple[Any, str, Any]) -> bool:
+    """Whether the bad value can be sent at all: msgpack keeps it, and it is not a Data
+    payload that is not bytes (a payload is raw bytes on the wire; test_stream.py tests
+    bad Data headers)."""
+    cls, field, value = case
+    return survives_wire(value) and not (cls is Data and field == "payload")
 
 
 CLASSES: List[Type[Message]] = sorted(REGISTRY.values(), key=lambda cls: cls.TAG)
 CASES = bad_cases()
-WIRE_CASES = [case for case in CASES if survives_wire(case[2])]
+WIRE_CASES = [case for case in CASES if on_the_wire(case)]
 
 
 def test_the_bad_value_table_reaches_the_wire() -> None:
@@ -98,6 +115,8 @@ def test_any_value_in_any_field_is_valid_or_refused_alike_on_both_ends(data: st.
     fields = list(wire_fields(data.draw(STRATEGIES[cls])))
     index = data.draw(st.integers(0, len(fields) - 1))
     fields[index] = data.draw(wire_values)
+    if cls is Data and index == 1 and not isinstance(fields[1], bytes):
+        return  # no wire form: the payload is raw bytes (test_stream.py: bad Data headers)
     raw = pack((cls.TAG, *fields))
     decoded_fields = msgpack.unpackb(raw, use_list=False, raw=False)[1:]
     try:

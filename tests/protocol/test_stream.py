@@ -99,10 +99,14 @@ def test_encode_refuses_what_is_not_a_message() -> None:
             encode(value)  # type: ignore[arg-type]
 
 
-def test_bytes_and_text_stay_distinct_on_the_wire() -> None:
-    assert b"\xc4\x01x" in encode(Data(1, b"x"))  # bin 8, not str
-    with pytest.raises(RemoteProtocolError):
-        StreamDecoder().feed(pack((Data.TAG, 1, "x")))
+def test_data_is_a_header_then_the_raw_payload() -> None:
+    assert encode(Data(1, b"xy")) == pack((Data.TAG, 1, 2)) + b"xy"
+    for header in ((Data.TAG, 1, "x"), (Data.TAG, 1, b"x"), (Data.TAG, 1), (Data.TAG, 0, 1)):
+        with pytest.raises(RemoteProtocolError, match="Data"):
+            StreamDecoder().feed(pack(header))
+    for size in (-1, MAX_DATA + 1, 2**64 - 1, 1.0, True, None):
+        with pytest.raises(RemoteProtocolError, match="payload size"):
+            StreamDecoder().feed(pack((Data.TAG, 1, size)))
 
 
 # -- hostile input ----------------------------------------------------------------------------
@@ -293,11 +297,11 @@ def test_a_truncated_message_is_only_incomplete(impl: str, data: bytes) -> None:
         assert make_decoder(impl).feed(encoded[:cut]) == []
 
 
-EDGES = [1, 0x7F, 0x80, 0xFF, 0x100, 0xFFFF, 0x10000, 0xFFFFFFFF, 0x100000000, MAX_CHANNEL - 1]
+EDGES = [1, 0x7F, 0x80, 0xFF, 0x100, 0xFFFF, 0x10000, 0xFFFFFFFF, 0x100000000, MAX_CHANNEL]
 
 
 @given(
-    channel=st.one_of(st.sampled_from(EDGES), st.integers(1, MAX_CHANNEL - 1)),
+    channel=st.one_of(st.sampled_from(EDGES), st.integers(1, MAX_CHANNEL)),
     size=st.one_of(
         st.sampled_from([0, 0xFF, 0x100, 0xFFFF, 0x10000, MAX_DATA]), st.integers(0, MAX_DATA)
     ),
@@ -308,9 +312,10 @@ def test_the_data_fast_path_encodes_exactly_as_the_message(channel: int, size: i
     assert encode_data_header(channel, size) + payload == encode(Data(channel, payload))
 
 
-@pytest.mark.parametrize(
-    ("channel", "size"), [(0, 1), (MAX_CHANNEL, 1), (1, -1), (1, MAX_DATA + 1), (True, 1), (1, 1.0)]
-)
+BAD_HEADERS = [(0, 1), (MAX_CHANNEL + 1, 1), (1, -1), (1, MAX_DATA + 1), (True, 1), (1, 1.0)]
+
+
+@pytest.mark.parametrize(("channel", "size"), BAD_HEADERS)
 def test_the_data_fast_path_refuses_what_data_refuses(channel: Any, size: Any) -> None:
     with pytest.raises(LocalProtocolError):
         encode_data_header(channel, size)
