@@ -780,6 +780,12 @@ class Model:
                     assert 0 <= state.recv_left <= self.window
                     assert 0 <= state.send_credit <= self.window
                     assert held + state.unacked + state.recv_left == self.window
+            # Bytes in flight: what each open channel sent and was not granted back yet.
+            assert mux.in_flight == sum(
+                self.window - state.send_credit
+                for state in mux.channels.values()
+                if not state.eof_sent
+            )
 
     def settle(self) -> None:
         """Deliver everything everywhere until nothing moves."""
@@ -789,7 +795,8 @@ class Model:
             for side in SIDES:
                 for channel in self.channels:
                     self.deliver(side, channel, 10**12)
-            if not any(self.wire.values()) and not any(m.buffered for m in self.mux.values()):
+            if not any(self.wire.values()) and not any(m.has_output for m in self.mux.values()):
+                assert all(m.in_flight == 0 for m in self.mux.values())
                 return
         raise AssertionError("the pair never settled")
 
