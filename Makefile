@@ -30,7 +30,7 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy protocol/shuttle_protocol agent/shuttle_agent firewalld/shuttle_firewalld \
-		client/shuttle_client testbed
+		client/shuttle_client testbed bench
 
 unit: install
 	$(PY) -m pytest -m "not integration and not slow" $(PYTEST_ARGS)
@@ -44,7 +44,9 @@ test: lint
 demo: install
 	$(PY) -m testbed.demo
 
+# BENCH_ARGS: e.g. --quick, or --json=bench/results/bench.json (python -m bench --help)
 bench: install
+	$(PY) -m bench $(BENCH_ARGS)
 	$(PY) -m bench.rules
 
 clean:

@@ -1,0 +1,191 @@
+"""The comparison's table: one row per metric, a column per system, shuttle's ratios to ssh -L
+and to sshuttle, and the target with whether shuttle meets it; also the machine it ran on.
+
+A cell is a number, "n.a." (the metric does not apply to that system), "-" (not measured) or
+"failed [n]", footnote n giving the reason. Meeting a target is reported, never enforced.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.settings import Settings
+
+SHUTTLE, SSH_L, SSHUTTLE = "shuttle", "ssh-L", "sshuttle"
+HEADINGS = {SHUTTLE: "shuttle", SSH_L: "ssh -L", SSHUTTLE: "sshuttle"}
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Target:
+    text: str
+    bound: float
+    at_least: bool  # the figure must be >= bound (else <=)
+    of_ssh: bool = False  # the bound applies to shuttle's ratio to ssh -L
+
+    def met(self, figures: dict[str, Any], key: str) -> str:
+        value = figures.get(SHUTTLE, {}).get(key)
+        if isinstance(value, str) and value.startswith("failed"):
+            return "NO"
+        if self.of_ssh:
+            value = ratio(value, figures.get(SSH_L, {}).get(key))
+        if not isinstance(value, (int, float)):
+            return "?"
+        return "yes" if (value >= self.bound if self.at_least else value <= self.bound) else "NO"
+
+
+@dataclass(frozen=True)
+class Metric:
+    key: str
+    case: str
+    label: str  # str.format fields: the sizes and settings that name the row
+    unit: str
+    digits: int
+    target: Target | None = None
+    ratios: bool = True  # not for a difference, which may be zero or negative
+
+
+BULK = Target("≥ 0.6x ssh -L", 0.6, at_least=True, of_ssh=True)
+RTT_UNDER_LOAD = Target("≤ 1.5", 1.5, at_least=False)
+MANY_CONNS = Target("≤ 10, all echo", 10, at_least=False)
+RATE = Target("≥ 3,000", 3000, at_least=True)
+FIRST_BYTE = Target("≤ 500", 500, at_least=False)
+EXCLUDES_COST = Target("≤ 1,000", 1000, at_least=False)
+RSS = Target("≤ 64", 64, at_least=False)
+METRICS = (
+    Metric("bulk_up", "bulk", "bulk upload, iperf3 {bulk} s", "MB/s", 1, BULK),
+    Metric("bulk_down", "bulk", "bulk download, iperf3 {bulk} s", "MB/s", 1, BULK),
+    Metric("rtt_idle_median", "rtt", "echo RTT idle, median", "µs", 0),
+    Metric("rtt_idle_p99", "rtt", "echo RTT idle, p99", "µs", 0),
+    Metric("rtt_bulk_median", "rtt", "echo RTT during upload, median", "µs", 0),
+    Metric("rtt_bulk_ratio", "rtt", "  RTT during upload / idle", "x", 2, RTT_UNDER_LOAD),
+    Metric("conns_small", "conns", "{small} simultaneous conns echo", "s", 2),
+    Metric("conns_big", "conns", "{big} simultaneous conns echo", "s", 2, MANY_CONNS),
+    Metric("rate", "rate", "sequential connect-echo-close", "conn/s", 0, RATE),
+    Metric("first_byte", "start", "start to first echo", "ms", 0, FIRST_BYTE),
+    Metric("first_byte_excl", "start", "start to first echo, {excludes} excludes", "ms", 0),
+    Metric("start_excl_added", "start", "  {excludes} excludes add", "ms", 0, EXCLUDES_COST, False),
+    Metric("stop", "start", "stop: SIGTERM to exit and rules gone", "ms", 0),
+    Metric("stop_excl", "start", "stop, {excludes} excludes", "ms", 0),
+    Metric("stop_excl_added", "start", "  {excludes} excludes add", "ms", 0, EXCLUDES_COST, False),
+    Metric("rss_started", "rss", "client RSS after start", "MiB", 1),
+    Metric("rss_hold", "rss", "client RSS, {hold} idle conns", "MiB", 1, RSS),
+    Metric("rss_hold_tree", "rss", "  with its child processes", "MiB", 1),
+    Metric("relay_up_one", "relay", "relay +{delay} ms each way: upload, 1 conn", "MB/s", 1),
+    Metric("relay_up_parallel", "relay", "  {streams} conns", "MB/s", 1),
+    Metric("relay_up_streams", "relay", "  {streams} conns, --streams {streams}", "MB/s", 1),
+    Metric("relay_down_one", "relay", "relay +{delay} ms each way: download, 1 conn", "MB/s", 1),
+    Metric("relay_down_parallel", "relay", "  {streams} conns", "MB/s", 1),
+    Metric("relay_down_streams", "relay", "  {streams} conns, --streams {streams}", "MB/s", 1),
+)
+
+
+def metrics_of(case: str) -> list[str]:
+    return [metric.key for metric in METRICS if metric.case == case]
+
+
+def ratio(value: object, base: object) -> float | None:
+    if isinstance(value, (int, float)) and isinstance(base, (int, float)) and base:
+        return value / base
+    return None
+
+
+def label(metric: Metric, settings: Settings) -> str:
+    sizes = settings.sizes
+    return metric.label.format(
+        bulk=sizes.bulk_seconds,
+        small=f"{sizes.conns[0]:,}",
+        big=f"{sizes.conns[1]:,}",
+        hold=f"{sizes.hold:,}",
+        excludes=f"{sizes.excludes:,}",
+        delay=f"{settings.delay_ms:g}",
+        streams=settings.streams,
+    )
+
+
+def rows(
+    figures: dict[str, dict[str, Any]], settings: Settings
+) -> tuple[list[dict[str, str]], list[str]]:
+    """The table's rows (column heading -> cell) and its footnotes."""
+    notes: list[str] = []
+    table = []
+    for metric in METRICS:
+        if metric.case not in settings.cases:
+            continue
+        row = {"metric": label(metric, settings), "unit": metric.unit}
+        for system, heading in HEADINGS.items():
+            value = figures.get(system, {}).get(metric.key, "-")
+            if isinstance(value, str) and value.startswith("failed: "):
+                note = f"{heading}: {value.removeprefix('failed: ')}"
+                if note not in notes:  # one failure often empties several cells
+                    notes.append(note)
+                value = f"failed [{notes.index(note) + 1}]"
+            row[heading] = value if isinstance(value, str) else f"{value:,.{metric.digits}f}"
+        for system in (SSH_L, SSHUTTLE):
+            share = ratio(
+                figures.get(SHUTTLE, {}).get(metric.key), figures.get(system, {}).get(metric.key)
+            )
+            shown = share is not None and metric.ratios
+            row[f"shuttle/{HEADINGS[system]}"] = f"{share:.3g}x" if shown else ""
+        row["target"] = metric.target.text if metric.target else ""
+        row["met"] = metric.target.met(figures, metric.key) if metric.target else ""
+        table.append(row)
+    return table, notes
+
+
+def render(table: list[dict[str, str]], notes: list[str]) -> str:
+    if not table:
+        return "(nothing measured)"
+    headings = list(table[0])
+    widths = {h: max(len(h), *(len(row[h]) for row in table)) for h in headings}
+    left = ("metric", "unit", "target", "met")
+
+    def line(cells: dict[str, str]) -> str:
+        return "  ".join(
+            cells[h].ljust(widths[h]) if h in left else cells[h].rjust(widths[h]) for h in headings
+        ).rstrip()
+
+    header = line({h: h for h in headings})
+    lines = [header, "-" * len(header), *(line(row) for row in table)]
+    lines += [f"[{number}] {note}" for number, note in enumerate(notes, 1)]
+    return "\n".join(lines)
+
+
+def first_line(argv: list[str]) -> str:
+    """The first line a version command prints (ssh -V prints on stderr)."""
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+    except OSError as exc:
+        return f"unknown ({exc.strerror})"
+    return next(iter((done.stdout + done.stderr).splitlines()), "unknown").strip()
+
+
+def machine(settings: Settings, versions: dict[str, str]) -> dict[str, Any]:
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.machine(),
+    )
+    return {
+        "cpus": os.cpu_count(),
+        "cpu": cpu,
+        "kernel": platform.release(),
+        "fd limit": resource.getrlimit(resource.RLIMIT_NOFILE)[1],
+        "python (bench)": sys.version.split()[0],
+        "python (tools, agent)": first_line(["/usr/bin/python3", "--version"]),
+        "ssh": first_line(["ssh", "-V"]),
+        "cipher": settings.cipher,
+        "iperf3": first_line(["iperf3", "--version"]),
+        "shuttle": first_line(["git", "-C", str(REPO), "describe", "--always", "--dirty"]),
+        **versions,
+    }
