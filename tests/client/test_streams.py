@@ -3,24 +3,14 @@
 import asyncio
 import os
 import socket
-from pathlib import Path
 from typing import Callable
 
 import pytest
-from shuttle_agent.relay import Relay
 from shuttle_client.cli import parse_args
 from shuttle_client.streams import Streams
 from shuttle_client.tunnel import TunnelError
 
-from .test_tunnel import FAKE_SSH, echo_server, exchange, run
-
-
-@pytest.fixture
-def fake_ssh(tmp_path: Path) -> str:
-    path = tmp_path / "fake-ssh"
-    path.write_text(FAKE_SSH)
-    path.chmod(0o755)
-    return str(path)
+from .test_tunnel import echo_server, exchange, open_on_link, run
 
 
 def options(fake_ssh: str, streams: int, python: str = "/usr/bin/python3") -> object:
@@ -31,13 +21,7 @@ def options(fake_ssh: str, streams: int, python: str = "/usr/bin/python3") -> ob
 
 async def open_on(streams: Streams, port: int) -> socket.socket:
     """A channel to 127.0.0.1:port on the tunnel that pick() chooses; the program's end."""
-    link = streams.pick()
-    ours, program = socket.socketpair()
-    relay = Relay(link, link.mux.open("127.0.0.1", port))
-    await asyncio.get_running_loop().create_connection(lambda: relay, sock=ours)
-    link.schedule_flush()
-    program.setblocking(False)
-    return program
+    return await open_on_link(streams.pick(), port)
 
 
 def test_channels_spread_evenly_over_every_stream(fake_ssh: str) -> None:

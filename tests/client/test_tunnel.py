@@ -14,30 +14,15 @@ from pathlib import Path
 from typing import Any, Coroutine, Optional
 
 import pytest
-from shuttle_agent.relay import Relay
+from shuttle_agent.relay import Link, Relay
 from shuttle_client.cli import parse_args
 from shuttle_client.tunnel import Tunnel, TunnelError, printable
 from shuttle_protocol import PROTOCOL_VERSION
-
-FAKE_SSH = """#!/bin/sh
-# Stands in for ssh: skips the options, "--" and the destination, runs the command here.
-while [ "$1" != "--" ]; do shift; done
-shift 2
-exec sh -c "$1"
-"""
 
 
 def oldest_python(pattern: str) -> Optional[str]:
     found = sorted(glob.glob(f"/root/.pyenv/versions/{pattern}/bin/python3"))
     return found[0] if found else None
-
-
-@pytest.fixture
-def fake_ssh(tmp_path: Path) -> str:
-    path = tmp_path / "fake-ssh"
-    path.write_text(FAKE_SSH)
-    path.chmod(0o755)
-    return str(path)
 
 
 async def start(fake_ssh: str, python: str = "/usr/bin/python3") -> Tunnel:
@@ -59,11 +44,15 @@ async def echo_server() -> asyncio.Server:
 
 async def open_channel(tunnel: Tunnel, port: int) -> socket.socket:
     """A channel to 127.0.0.1:port; returns the program's end of a socket pair."""
+    return await open_on_link(tunnel.link, port)
+
+
+async def open_on_link(link: Link, port: int) -> socket.socket:
+    """A channel on link to 127.0.0.1:port; returns the program's end of a socket pair."""
     ours, program = socket.socketpair()
-    channel = tunnel.link.mux.open("127.0.0.1", port)
-    relay = Relay(tunnel.link, channel)
+    relay = Relay(link, link.mux.open("127.0.0.1", port))
     await asyncio.get_running_loop().create_connection(lambda: relay, sock=ours)
-    tunnel.link.schedule_flush()
+    link.schedule_flush()
     program.setblocking(False)
     return program
 

@@ -1,0 +1,20 @@
+"""Fixtures of the client's tests: a stand-in for ssh that runs the remote command here."""
+
+from pathlib import Path
+
+import pytest
+
+FAKE_SSH = """#!/bin/sh
+# Stands in for ssh: skips the options, "--" and the destination, runs the command here.
+while [ "$1" != "--" ]; do shift; done
+shift 2
+exec sh -c "$1"
+"""
+
+
+@pytest.fixture
+def fake_ssh(tmp_path: Path) -> str:
+    path = tmp_path / "fake-ssh"
+    path.write_text(FAKE_SSH)
+    path.chmod(0o755)
+    return str(path)
