@@ -207,7 +207,9 @@ def measure(client: Client, netns: str, method: str, count: int, repeat: int) ->
         opens, closes = [], []
         counted, left = 0, 0
         for _ in range(repeat):
-            request = OpenSessionRequest(method, PORT, subnets, excludes, os.getuid(), -1, False)
+            request = OpenSessionRequest(
+                method, PORT, subnets, excludes, os.getuid(), -1, False, ()
+            )
             took, answer = client.request(request)
             if not isinstance(answer, OpenSessionAnswer) or answer.method != method:
                 raise RuntimeError(f"firewalld answered {answer!r:.300}")

@@ -84,12 +84,14 @@ class FirewallSession:
         gid: int = ANY_OWNER,
         forward: bool = False,
         timeout: float = 5.0,
+        dns: Sequence[str] = (),
     ) -> str:
         """Ask firewalld to capture the subnets (minus excludes) into port; the method applied.
 
         subnets and excludes: (network, first port, last port) targets, or networks as text
         for all ports. uid: whose traffic (default: our own; ANY_OWNER: everybody's), gid: of
-        which group (ANY_OWNER: any); forward: also traffic routed through this host. More
+        which group (ANY_OWNER: any); forward: also traffic routed through this host; dns:
+        nameservers whose port 53 is captured as well (UDP too, into port on loopback). More
         than our own traffic needs root or firewalld's policy file.
         """
         if self._session is not None:
@@ -102,6 +104,7 @@ class FirewallSession:
             os.getuid() if uid is None else uid,
             gid,
             forward,
+            tuple(dns),
         )
         answer = await self._request(request, timeout)
         if not isinstance(answer, OpenSessionAnswer):

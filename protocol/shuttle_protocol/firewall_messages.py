@@ -4,11 +4,20 @@ firewalld is root, so every field is bounded here, and the networks are parsed h
 message that exists is well-formed. What a caller may *do* is firewalld's policy, not ours.
 """
 
-import ipaddress
 from dataclasses import dataclass
 from typing import Any, Tuple
 
-from .checks import check_bool, check_choice, check_int, check_number, check_text
+from .checks import (
+    check_address,
+    check_addresses,
+    check_bool,
+    check_choice,
+    check_hosts,
+    check_int,
+    check_network,
+    check_number,
+    check_text,
+)
 from .errors import LocalProtocolError
 from .schema import Message, message
 
@@ -17,46 +26,20 @@ from .schema import Message, message
 METHODS = ("auto", "nat", "nft", "tproxy")
 APPLIED_METHODS = METHODS[1:]
 MAX_SUBNETS = 50_000
+MAX_NAMESERVERS = 16
+MAX_HOSTS = 10_000  # a hosts block's entries: (name, address) pairs
 SESSION_ID_LEN = 32
 ANY_OWNER = -1  # uid or gid: do not match on it
 MAX_ID = 2**32 - 2  # (uid_t)-1 is the kernel's "no id"
 ALL_PORTS = (1, 65535)
 TOKEN_LEN = 32  # a one-time token for the fd socket, the same form as a session id
 MAX_PATH = 107  # sun_path holds 108 bytes, the last one a NUL
-MAX_ADDRESS = 45  # the longest IPv6 address text, ffff:...:255.255.255.255
 # The sockets firewalld hands over: the tproxy listeners per protocol and IP version, and a
 # reply socket (bound to an original destination, for UDP answers).
 SOCKET_KINDS = ("tcp4", "udp4", "tcp6", "udp6", "reply")
 
 # One captured or excluded destination: (network, first port, last port).
 Target = Tuple[str, int, int]
-
-
-def check_network(text: Any, name: str) -> None:
-    """A strictly written network, such as '10.1.0.0/16' or '2001:db8::/32'."""
-    check_text(text, name, 64)
-    # Python >= 3.9 parses an IPv6 scope id ("fe80::%<any text>/64") and prints it back.
-    if "%" in text:
-        raise LocalProtocolError(f"{name}: {text!r:.80} has a scope id")
-    try:
-        network = ipaddress.ip_network(text, strict=True)
-    except ValueError as exc:
-        raise LocalProtocolError(f"{name}: {exc}") from None
-    if str(network) != text:
-        raise LocalProtocolError(f"{name}: {text!r} is not written canonically ({network})")
-
-
-def check_address(text: Any, name: str) -> None:
-    """A strictly written IP address, such as '10.1.2.3' or '2001:db8::7'."""
-    check_text(text, name, MAX_ADDRESS)
-    if "%" in text:
-        raise LocalProtocolError(f"{name}: {text!r:.80} has a scope id")
-    try:
-        address = ipaddress.ip_address(text)
-    except ValueError as exc:
-        raise LocalProtocolError(f"{name}: {exc}") from None
-    if str(address) != text:
-        raise LocalProtocolError(f"{name}: {text!r} is not written canonically ({address})")
 
 
 def check_targets(value: Any, name: str) -> None:
@@ -110,9 +93,11 @@ class OpenSessionRequest(Message):
     sockets itself, on a port it picks, and SocketsAnswer names it.
     uid, gid: whose traffic is captured (ANY_OWNER: do not match); forward: also capture
     traffic routed through this host. Policy decides which of these the caller may ask.
+    dns: nameserver addresses whose DNS traffic (UDP and TCP port 53) is captured as well,
+    into the same port (nat and nft: the caller's UDP socket on 127.0.0.1 or ::1 too).
     """
 
-    __slots__ = ("method", "port", "subnets", "excludes", "uid", "gid", "forward")
+    __slots__ = ("method", "port", "subnets", "excludes", "uid", "gid", "forward", "dns")
     method: str
     port: int
     subnets: Tuple[Target, ...]
@@ -120,6 +105,7 @@ class OpenSessionRequest(Message):
     uid: int
     gid: int
     forward: bool
+    dns: Tuple[str, ...]
 
     def __post_init__(self) -> None:
         check_choice(self.method, "method", METHODS)
@@ -131,6 +117,7 @@ class OpenSessionRequest(Message):
         check_owner(self.uid, "uid")
         check_owner(self.gid, "gid")
         check_bool(self.forward, "forward")
+        check_addresses(self.dns, "dns", MAX_NAMESERVERS)
 
 
 @message(65)
@@ -261,6 +248,36 @@ class SocketsHandover(Message):
 
     def __post_init__(self) -> None:
         check_kinds(self.kinds)
+
+
+@message(75)
+@dataclass(frozen=True)
+class SetHostsRequest(Message):
+    """Make the session's block of /etc/hosts hold exactly these (name, address) entries.
+
+    The block is firewalld's, marked with the session, replaced atomically, and removed
+    when the session ends or its lease runs out. An empty tuple empties it.
+    """
+
+    __slots__ = ("session", "hosts")
+    session: str
+    hosts: Tuple[Tuple[str, str], ...]
+
+    def __post_init__(self) -> None:
+        check_session_id(self.session)
+        check_hosts(self.hosts, "hosts", MAX_HOSTS)
+
+
+@message(76)
+@dataclass(frozen=True)
+class SetHostsAnswer(Message):
+    """The block now holds count entries."""
+
+    __slots__ = ("count",)
+    count: int
+
+    def __post_init__(self) -> None:
+        check_int(self.count, "count", 0, MAX_HOSTS)
 
 
 @message(127)

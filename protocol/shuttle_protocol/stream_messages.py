@@ -8,7 +8,18 @@ window in each direction, or one UDP flow, whose datagrams have no window and ma
 from dataclasses import dataclass
 from typing import Tuple
 
-from .checks import check_bytes, check_int, check_text, check_text_tuple
+from .checks import (
+    check_addresses,
+    check_bool,
+    check_bytes,
+    check_hostname,
+    check_hosts,
+    check_int,
+    check_network,
+    check_text,
+    check_text_tuple,
+)
+from .errors import LocalProtocolError
 from .schema import Message, message
 
 MAX_CHANNEL = 2**63 - 1
@@ -16,6 +27,10 @@ MAX_DATA = 256 * 1024
 MAX_CREDIT = 2**31
 # The largest UDP payload over IPv4 (65535 - 20 bytes of IP header - 8 of UDP header).
 MAX_DATAGRAM = 65507
+# Lists in one message stay under the decoder's 256 items per array; longer ones are sent
+# as several messages.
+MAX_LIST = 200
+MAX_NAMESERVERS = 16
 
 
 def _check_channel(value: object) -> None:
@@ -221,3 +236,80 @@ class Datagram(Message):
     def __post_init__(self) -> None:
         _check_channel(self.channel)
         check_bytes(self.payload, "payload", MAX_DATAGRAM)
+
+
+@message(15)
+@dataclass(frozen=True)
+class GetRoutes(Message):
+    """Client → agent: which networks does the server route? Answered by Routes."""
+
+    __slots__ = ()
+
+
+@message(16)
+@dataclass(frozen=True)
+class Routes(Message):
+    """Agent → client: networks of the server's routing tables (IPv4 and IPv6), as the kernel
+    has them, default and local routes included: the client decides what to capture.
+
+    more: another Routes message follows; the last one has more false.
+    """
+
+    __slots__ = ("networks", "more")
+    networks: Tuple[str, ...]
+    more: bool
+
+    def __post_init__(self) -> None:
+        if type(self.networks) is not tuple or len(self.networks) > MAX_LIST:
+            raise LocalProtocolError(f"networks must be a list of at most {MAX_LIST} items")
+        for network in self.networks:
+            check_network(network, "networks item")
+        check_bool(self.more, "more")
+
+
+@message(17)
+@dataclass(frozen=True)
+class GetNameservers(Message):
+    """Client → agent: which nameservers does the server use? Answered by Nameservers."""
+
+    __slots__ = ()
+
+
+@message(18)
+@dataclass(frozen=True)
+class Nameservers(Message):
+    """Agent → client: the nameservers of the server's resolv.conf, in its order."""
+
+    __slots__ = ("addresses",)
+    addresses: Tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        check_addresses(self.addresses, "addresses", MAX_NAMESERVERS)
+
+
+@message(19)
+@dataclass(frozen=True)
+class GetHosts(Message):
+    """Client → agent: find host names on the server's side (its /etc/hosts, reverse DNS of
+    its neighbours, and these seed names resolved there). Answered by Hosts, as found."""
+
+    __slots__ = ("seeds",)
+    seeds: Tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if type(self.seeds) is not tuple or len(self.seeds) > MAX_LIST:
+            raise LocalProtocolError(f"seeds must be a list of at most {MAX_LIST} items")
+        for seed in self.seeds:
+            check_hostname(seed, "seeds item")
+
+
+@message(20)
+@dataclass(frozen=True)
+class Hosts(Message):
+    """Agent → client: (host name, address) pairs found; several messages add up."""
+
+    __slots__ = ("entries",)
+    entries: Tuple[Tuple[str, str], ...]
+
+    def __post_init__(self) -> None:
+        check_hosts(self.entries, "entries", MAX_LIST)

@@ -177,6 +177,7 @@ def open_request(
     uid: int = 1000,
     gid: int = ANY_OWNER,
     forward: bool = False,
+    dns: tuple[str, ...] = (),
 ) -> OpenSessionRequest:
     """An OpenSessionRequest with networks for all ports, as a caller of uid 1000 sends it."""
     return OpenSessionRequest(
@@ -187,6 +188,7 @@ def open_request(
         uid,
         gid,
         forward,
+        dns,
     )
 
 

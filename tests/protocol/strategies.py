@@ -14,6 +14,7 @@ import msgpack.fallback
 from hypothesis import strategies as st
 from shuttle_protocol import firewall_messages as fw
 from shuttle_protocol import stream_messages as sm
+from shuttle_protocol.checks import MAX_ADDRESS
 from shuttle_protocol.schema import FRAME_TAGS, REGISTRY, STREAM_TAGS, Message
 from shuttle_protocol.stream import StreamDecoder
 
@@ -96,6 +97,12 @@ addresses = st.one_of(st.ip_addresses(v=4), st.ip_addresses(v=6)).map(str)
 socket_paths = st.text(string.ascii_letters + string.digits + "._-/", max_size=fw.MAX_PATH - 1).map(
     lambda tail: "/" + tail
 )
+_labels = st.from_regex(r"[A-Za-z0-9]([A-Za-z0-9-]{0,20}[A-Za-z0-9])?", fullmatch=True)
+_last_labels = st.from_regex(r"[A-Za-z]([A-Za-z0-9-]{0,20}[A-Za-z0-9])?", fullmatch=True)
+hostnames = st.builds(
+    lambda labels, last: ".".join([*labels, last]), st.lists(_labels, max_size=4), _last_labels
+)
+host_entries = st.lists(st.tuples(hostnames, addresses), max_size=20).map(tuple)
 kind_tuples = st.lists(st.sampled_from(fw.SOCKET_KINDS), min_size=1, max_size=4, unique=True).map(
     tuple
 )
@@ -119,6 +126,16 @@ STRATEGIES: Dict[Type[Message], st.SearchStrategy[Message]] = {
         channels,
         st.one_of(st.binary(max_size=2048), st.just(b"\xff" * sm.MAX_DATAGRAM)),
     ),
+    sm.GetRoutes: st.builds(sm.GetRoutes),
+    sm.Routes: st.builds(
+        sm.Routes, st.lists(networks, max_size=sm.MAX_LIST).map(tuple), st.booleans()
+    ),
+    sm.GetNameservers: st.builds(sm.GetNameservers),
+    sm.Nameservers: st.builds(
+        sm.Nameservers, st.lists(addresses, max_size=sm.MAX_NAMESERVERS).map(tuple)
+    ),
+    sm.GetHosts: st.builds(sm.GetHosts, st.lists(hostnames, max_size=20).map(tuple)),
+    sm.Hosts: st.builds(sm.Hosts, host_entries),
     fw.OpenSessionRequest: st.builds(
         fw.OpenSessionRequest,
         st.sampled_from(fw.METHODS),
@@ -128,6 +145,7 @@ STRATEGIES: Dict[Type[Message], st.SearchStrategy[Message]] = {
         owners,
         owners,
         st.booleans(),
+        st.lists(addresses, max_size=fw.MAX_NAMESERVERS).map(tuple),
     ),
     fw.OpenSessionAnswer: st.builds(
         fw.OpenSessionAnswer, session_ids, leases, st.sampled_from(fw.APPLIED_METHODS)
@@ -141,6 +159,8 @@ STRATEGIES: Dict[Type[Message], st.SearchStrategy[Message]] = {
     fw.ReplySocketRequest: st.builds(fw.ReplySocketRequest, session_ids, addresses, ports),
     fw.ReplySocketAnswer: st.builds(fw.ReplySocketAnswer, session_ids, socket_paths),
     fw.SocketsHandover: st.builds(fw.SocketsHandover, kind_tuples),
+    fw.SetHostsRequest: st.builds(fw.SetHostsRequest, session_ids, host_entries),
+    fw.SetHostsAnswer: st.builds(fw.SetHostsAnswer, st.integers(0, fw.MAX_HOSTS)),
     fw.ErrorAnswer: st.builds(fw.ErrorAnswer, st.text(max_size=2000)),
 }
 
@@ -191,6 +211,12 @@ EXAMPLES: Dict[Type[Message], Message] = {
     sm.Error: sm.Error("boom"),
     sm.UdpOpen: sm.UdpOpen(2, "2001:db8::53", 53),
     sm.Datagram: sm.Datagram(2, b"\x12\x34\x01\x00"),
+    sm.GetRoutes: sm.GetRoutes(),
+    sm.Routes: sm.Routes(("10.2.0.0/16", "2001:db8:2::/48"), False),
+    sm.GetNameservers: sm.GetNameservers(),
+    sm.Nameservers: sm.Nameservers(("10.2.0.53",)),
+    sm.GetHosts: sm.GetHosts(("db1", "web.corp.example")),
+    sm.Hosts: sm.Hosts((("db1", "10.2.0.7"), ("web.corp.example", "2001:db8:2::80"))),
     fw.OpenSessionRequest: fw.OpenSessionRequest(
         "auto",
         12300,
@@ -199,6 +225,7 @@ EXAMPLES: Dict[Type[Message], Message] = {
         1000,
         fw.ANY_OWNER,
         False,
+        ("10.0.0.53", "2001:db8::53"),
     ),
     fw.OpenSessionAnswer: fw.OpenSessionAnswer(SESSION, 30.0, "nft"),
     fw.HeartbeatRequest: fw.HeartbeatRequest(SESSION),
@@ -210,6 +237,8 @@ EXAMPLES: Dict[Type[Message], Message] = {
     fw.ReplySocketRequest: fw.ReplySocketRequest(SESSION, "198.18.0.5", 53),
     fw.ReplySocketAnswer: fw.ReplySocketAnswer(SESSION[::-1], "/run/shuttle/firewalld.sock.fds"),
     fw.SocketsHandover: fw.SocketsHandover(("tcp4", "udp4", "tcp6", "udp6")),
+    fw.SetHostsRequest: fw.SetHostsRequest(SESSION, (("db1", "10.2.0.7"), ("db1", "2001:db8::7"))),
+    fw.SetHostsAnswer: fw.SetHostsAnswer(2),
     fw.ErrorAnswer: fw.ErrorAnswer("no"),
 }
 
@@ -333,7 +362,7 @@ BAD_ADDRESS_TEXTS: List[Any] = [
     "fe80::1%eth0",  # a scope id
     "",
     "localhost",
-    "1" * (fw.MAX_ADDRESS + 1),
+    "1" * (MAX_ADDRESS + 1),
     b"10.0.0.1",
     None,
     167772161,  # 10.0.0.1 as a number
@@ -391,6 +420,47 @@ BAD_BOOLS: List[Any] = [1, 0, -1, 1.0, 0.0, "true", "", b"\x01", None, (), (True
 
 CHANNEL = bad_ints(1, sm.MAX_CHANNEL)
 
+# Names that must never reach /etc/hosts: each is refused alone.
+BAD_HOSTNAMES: List[Any] = [
+    "",
+    "-db",
+    "db-",
+    "db..corp",
+    ".db",
+    "db.",
+    "db_1",
+    "db 1",
+    "db\n10.0.0.1 evil",
+    "db\t",
+    "db#x",
+    "1.2.3.4",
+    "db.123",
+    "\u00e9cole",
+    "a" * 64,
+    ".".join(["a" * 63] * 4),  # 255 characters
+    b"db",
+    None,
+    1,
+    ("db",),
+]
+
+
+def bad_lists(good_item: Any, bad_items: List[Any], max_items: int) -> List[Any]:
+    """Values a tuple-of-items field must refuse: wrong types, too long, one bad item."""
+    return [None, "x", [good_item], (good_item,) * (max_items + 1)] + [
+        (good_item, bad) for bad in bad_items
+    ]
+
+
+BAD_HOST_ITEMS: List[Any] = [
+    ("db1",),
+    ("db1", "10.0.0.7", "x"),
+    ["db1", "10.0.0.7"],
+    "db1 10.0.0.7",
+    *((name, "10.0.0.7") for name in BAD_HOSTNAMES),
+    *(("db1", address) for address in BAD_ADDRESS_TEXTS),
+]
+
 BAD_VALUES: Dict[Type[Message], Dict[str, List[Any]]] = {
     sm.Hello: {
         "version": bad_ints(0, 2**31),
@@ -432,6 +502,15 @@ BAD_VALUES: Dict[Type[Message], Dict[str, List[Any]]] = {
             b"x" * (sm.MAX_DATAGRAM + 1),
         ],
     },
+    sm.GetRoutes: {},
+    sm.Routes: {
+        "networks": bad_lists("10.0.0.0/8", BAD_NETWORK_TEXTS, sm.MAX_LIST),
+        "more": BAD_BOOLS,
+    },
+    sm.GetNameservers: {},
+    sm.Nameservers: {"addresses": bad_lists("10.0.0.53", BAD_ADDRESS_TEXTS, sm.MAX_NAMESERVERS)},
+    sm.GetHosts: {"seeds": bad_lists("db1", BAD_HOSTNAMES, sm.MAX_LIST)},
+    sm.Hosts: {"entries": bad_lists(("db1", "10.0.0.7"), BAD_HOST_ITEMS, sm.MAX_LIST)},
     fw.OpenSessionRequest: {
         "method": ["TPROXY", "NAT", "Auto", "nat ", "", b"nat", None, 1, True, ("nat",)],
         "port": bad_ints(1, 65535),
@@ -440,6 +519,7 @@ BAD_VALUES: Dict[Type[Message], Dict[str, List[Any]]] = {
         "uid": BAD_OWNERS,
         "gid": BAD_OWNERS,
         "forward": BAD_BOOLS,
+        "dns": bad_lists("10.0.0.53", BAD_ADDRESS_TEXTS, fw.MAX_NAMESERVERS),
     },
     fw.OpenSessionAnswer: {
         "session": BAD_SESSIONS,
@@ -460,6 +540,11 @@ BAD_VALUES: Dict[Type[Message], Dict[str, List[Any]]] = {
     },
     fw.ReplySocketAnswer: {"token": BAD_SESSIONS, "path": BAD_PATHS},
     fw.SocketsHandover: {"kinds": BAD_KINDS},
+    fw.SetHostsRequest: {
+        "session": BAD_SESSIONS,
+        "hosts": bad_lists(("db1", "10.0.0.7"), BAD_HOST_ITEMS, fw.MAX_HOSTS),
+    },
+    fw.SetHostsAnswer: {"count": bad_ints(0, fw.MAX_HOSTS)},
     fw.ErrorAnswer: {"text": bad_texts(2000)},
 }
 

@@ -360,7 +360,7 @@ def test_the_request_refuses_unknown_methods_on_both_ends(method: Any) -> None:
 
 
 def test_the_old_four_field_request_and_two_field_answer_are_refused() -> None:
-    with pytest.raises(RemoteProtocolError, match="takes 7 fields, got 4"):
+    with pytest.raises(RemoteProtocolError, match="takes 8 fields, got 4"):
         receive(OpenSessionRequest, "nat", 12300, ("10.0.0.0/8",), ())
     with pytest.raises(RemoteProtocolError, match="takes 3 fields, got 2"):
         receive(OpenSessionAnswer, SESSION, 30.0)

@@ -133,7 +133,10 @@ def _long_ipv4_targets(count: int) -> List[Target]:
 
 def _largest_request(subnets: List[Target], excludes: List[Target]) -> OpenSessionRequest:
     # Every other field at its widest encoding too.
-    return OpenSessionRequest("auto", 65535, tuple(subnets), tuple(excludes), MAX_ID, MAX_ID, True)
+    dns = tuple(f"ffff:ffff:ffff:ffff:ffff:ffff:ffff:ff{n:02x}" for n in range(16))
+    return OpenSessionRequest(
+        "auto", 65535, tuple(subnets), tuple(excludes), MAX_ID, MAX_ID, True, dns
+    )
 
 
 def test_the_long_targets_are_distinct_and_as_long_as_they_get() -> None:
