@@ -8,8 +8,9 @@ from typing import Callable, List, Optional, Sequence
 
 from shuttle_agent.relay import Link
 
+from .dns import DnsRelay, Nameserver
 from .firewall_session import FirewallSession
-from .proxy import local_address, original_destination, serve
+from .proxy import Destination, local_address, original_destination, serve
 from .udp import UdpRelay
 
 log = logging.getLogger("shuttle")
@@ -26,25 +27,43 @@ class Capture:
         pick: Callable[[], Link],
         firewall: FirewallSession,
         listeners: Sequence[socket.socket],
+        nameserver: Optional[Nameserver] = None,
+        dns_sockets: Sequence[socket.socket] = (),
     ) -> None:
+        """nameserver: where captured DNS goes (--dns); dns_sockets: our UDP sockets that
+        DNS queries are redirected to (--dns with nat and nft)."""
         self.pick = pick  # the tunnel for a new connection or flow
         self.firewall = firewall
         self.listeners = list(listeners)
+        self.nameserver = nameserver
         self.servers: List[asyncio.Server] = []
         self.udp: Optional[UdpRelay] = None
+        self.dns: Optional[DnsRelay] = None
+        if nameserver is not None and dns_sockets:
+            self.dns = DnsRelay(pick, list(dns_sockets), nameserver.server)
+
+    def _rewritten(self, destination: Destination) -> Destination:
+        nameserver = self.nameserver
+        if nameserver is None:
+            return destination
+        return lambda sock: nameserver.rewrite(destination(sock))
 
     async def start(self, method: str, agent_capabilities: Sequence[str]) -> int:
         """Start accepting; returns the port the rules divert to."""
+        if self.dns is not None:
+            self.dns.start()
         if method != "tproxy":
-            self.servers = await serve(self.pick, self.listeners, original_destination)
+            destination = self._rewritten(original_destination)
+            self.servers = await serve(self.pick, self.listeners, destination)
             return int(self.listeners[0].getsockname()[1])
         port, sockets = await self.firewall.tproxy_sockets()
         self.listeners = [sock for kind, sock in sockets.items() if kind.startswith("tcp")]
         # TPROXY does not rewrite the destination: the accepted socket's own address is it.
-        self.servers = await serve(self.pick, self.listeners, local_address)
+        self.servers = await serve(self.pick, self.listeners, self._rewritten(local_address))
         udp = [sock for kind, sock in sockets.items() if kind.startswith("udp")]
         if "udp" in agent_capabilities:
-            self.udp = UdpRelay(self.pick, self.firewall, udp)
+            rewrite = self.nameserver.rewrite if self.nameserver else lambda address: address
+            self.udp = UdpRelay(self.pick, self.firewall, udp, rewrite)
             self.udp.start()
         else:
             log.warning("the agent cannot relay UDP: captured datagrams are dropped")
@@ -57,5 +76,7 @@ class Capture:
             server.close()
         if self.udp is not None:
             self.udp.close()
+        if self.dns is not None:
+            self.dns.close()
         for listener in self.listeners:
             listener.close()

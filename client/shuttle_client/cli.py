@@ -9,17 +9,21 @@ from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from docopt import DocoptExit, docopt
+from shuttle_protocol.checks import check_hostname
+from shuttle_protocol.errors import LocalProtocolError
 from shuttle_protocol.firewall_messages import ANY_OWNER, Target
+from shuttle_protocol.stream_messages import MAX_LIST
 
 from . import __version__
+from .resolvers import DNS_PORT, parse_address_port, parse_addresses
 from .targets import TargetError, parse_targets, read_target_file
 
 USAGE = """\
 shuttle-client: a transparent-proxy VPN over ssh.
 
-Captures this user's TCP connections to SUBNETs and carries them over one ssh session
-(or --streams of them) to the server, which makes them from there. Firewall rules come
-from shuttle-firewalld.
+Captures this user's TCP connections to SUBNETs (and, with --dns, DNS queries) and
+carries them over one ssh session (or --streams of them) to the server, which makes them
+from there. Firewall rules come from shuttle-firewalld.
 
 Usage:
   shuttle-client [options] -r HOST [-x SUBNET]... [-X FILE]... [-s FILE]... [SUBNET...]
@@ -48,6 +52,19 @@ Options:
                            anyone in it).
   --all-users              capture the traffic of every local user.
   --firewalld=PATH         firewalld's socket [default: /run/shuttle/firewalld.sock].
+  -N, --auto-nets          also capture the networks the server routes (its routing
+                           table, less default, loopback and link-local routes).
+  --dns                    capture DNS queries (UDP and TCP) to this host's resolvers
+                           (resolv.conf's, and systemd-resolved's upstreams) and have
+                           them answered from the server's side.
+  --ns-hosts=IP[,IP]       capture DNS queries to these servers only (implies --dns).
+  --to-ns=IP[:PORT]        with --dns: ask this server, from the server's side
+                           (default: the first nameserver of the server's resolv.conf).
+  -H, --auto-hosts         put host names from the server's side (its /etc/hosts and
+                           neighbours) into this host's /etc/hosts while shuttle runs
+                           (needs firewalld's "hosts" permission unless you are root).
+  --seed-hosts=NAMES       with -H: also these names, resolved on the server
+                           (comma-separated).
   --streams=N              spread connections over N ssh sessions to the server, each
                            with its own agent, for links where one ssh channel's window
                            limits throughput (1-16) [default: 1].
@@ -86,6 +103,12 @@ class Options:
     firewalld: str
     verbose: bool
     streams: int = 1
+    auto_nets: bool = False
+    dns: bool = False
+    ns_hosts: Tuple[str, ...] = ()  # () with dns: this host's resolvers
+    to_ns: Optional[Tuple[str, int]] = None  # None: the server's first nameserver
+    auto_hosts: bool = False
+    seed_hosts: Tuple[str, ...] = ()
 
     @property
     def forward(self) -> bool:
@@ -136,6 +159,44 @@ def parse_streams(text: str) -> int:
     return int(text)
 
 
+def parse_dns(
+    dns: bool, ns_hosts: Optional[str], to_ns: Optional[str]
+) -> Tuple[bool, Tuple[str, ...], Optional[Tuple[str, int]]]:
+    """--dns, --ns-hosts and --to-ns → (capture DNS?, servers to capture, where to ask)."""
+    servers: Tuple[str, ...] = ()
+    if ns_hosts is not None:
+        try:
+            servers = parse_addresses([ns_hosts])
+        except ValueError as exc:
+            raise UsageError(f"invalid --ns-hosts: {exc}") from None
+        if not servers:
+            raise UsageError("--ns-hosts is empty")
+    capture = dns or bool(servers)
+    if to_ns is None:
+        return capture, servers, None
+    if not capture:
+        raise UsageError("--to-ns needs --dns or --ns-hosts")
+    try:
+        return capture, servers, parse_address_port(to_ns, DNS_PORT)
+    except ValueError as exc:
+        raise UsageError(f"invalid --to-ns: {exc}") from None
+
+
+def parse_seed_hosts(text: Optional[str]) -> Tuple[str, ...]:
+    """--seed-hosts: comma-separated host names, each valid."""
+    names = tuple(dict.fromkeys(filter(None, (n.strip() for n in (text or "").split(",")))))
+    if text is not None and not names:
+        raise UsageError("--seed-hosts is empty")
+    if len(names) > MAX_LIST:
+        raise UsageError(f"--seed-hosts takes at most {MAX_LIST} names")
+    for name in names:
+        try:
+            check_hostname(name, "--seed-hosts")
+        except LocalProtocolError as exc:
+            raise UsageError(str(exc)) from None
+    return names
+
+
 def parse_owner(user: Optional[str], group: Optional[str], all_users: bool) -> Tuple[int, int]:
     """(uid, gid) whose traffic to capture; ANY_OWNER where it does not matter."""
     if all_users and user:
@@ -174,8 +235,11 @@ def parse_args(argv: Sequence[str]) -> Options:
         excludes = parse_targets(_with_files(args["--exclude"], args["--exclude-from"]))
     except TargetError as exc:
         raise UsageError(str(exc)) from None
-    if not subnets:
-        raise UsageError("nothing to capture: give a SUBNET or -s FILE")
+    if not subnets and not args["--auto-nets"]:
+        raise UsageError("nothing to capture: give a SUBNET, -s FILE or -N")
+    dns, ns_hosts, to_ns = parse_dns(args["--dns"], args["--ns-hosts"], args["--to-ns"])
+    if args["--seed-hosts"] is not None and not args["--auto-hosts"]:
+        raise UsageError("--seed-hosts needs -H (--auto-hosts)")
     return Options(
         ssh_destination=destination,
         ssh_port=port,
@@ -190,6 +254,12 @@ def parse_args(argv: Sequence[str]) -> Options:
         firewalld=args["--firewalld"],
         verbose=bool(args["--verbose"]),
         streams=parse_streams(args["--streams"]),
+        auto_nets=bool(args["--auto-nets"]),
+        dns=dns,
+        ns_hosts=ns_hosts,
+        to_ns=to_ns,
+        auto_hosts=bool(args["--auto-hosts"]),
+        seed_hosts=parse_seed_hosts(args["--seed-hosts"]),
     )
 
 

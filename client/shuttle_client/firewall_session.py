@@ -31,6 +31,8 @@ from shuttle_protocol.firewall_messages import (
     OpenSessionRequest,
     ReplySocketAnswer,
     ReplySocketRequest,
+    SetHostsAnswer,
+    SetHostsRequest,
     SocketsAnswer,
     SocketsHandover,
     SocketsRequest,
@@ -148,6 +150,18 @@ class FirewallSession:
             _close_all(sockets)
             raise FirewallError("shuttle-firewalld handed over something else than a reply socket")
         return sockets[0][1]
+
+    async def set_hosts(self, hosts: Sequence[tuple[str, str]], timeout: float = 10.0) -> int:
+        """Make this session's block of the hosts file hold these (name, address) entries;
+        how many firewalld wrote (it skips names the file already has outside the block)."""
+        try:
+            request = SetHostsRequest(self._open_session(), tuple(hosts))
+        except ProtocolError as exc:
+            raise FirewallError(f"cannot set hosts: {exc}") from None
+        answer = await self._request(request, timeout)
+        if not isinstance(answer, SetHostsAnswer):
+            raise FirewallError(f"shuttle-firewalld answered {type(answer).__name__}")
+        return answer.count
 
     def _open_session(self) -> str:
         if self._session is None:

@@ -12,7 +12,11 @@ from shuttle_protocol.firewall_messages import ALL_PORTS, Target
 
 from .capture import TPROXY_ANY_PORT, Capture
 from .cli import Options, UsageError, parse_args
+from .discovery import DiscoveryError
+from .dns import make_udp_sockets
 from .firewall_session import FirewallError, FirewallSession
+from .hosts_sync import HostsSync
+from .plan import PlanError, make_plan
 from .proxy import make_listeners
 from .ssh_server import server_targets
 from .streams import Streams
@@ -52,24 +56,36 @@ async def run(options: Options) -> int:
             options.ssh_cmd, options.ssh_destination, options.ssh_port
         )
         await _unless_stopped(stop, streams.start())
+        discovery = streams.tunnels[0].discovery
+        plan = await _unless_stopped(stop, make_plan(options, discovery))
         # tproxy: firewalld makes the listeners, and the port given here does not matter.
         port = listeners[0].getsockname()[1] if listeners else TPROXY_ANY_PORT
+        if plan.nameserver is not None:
+            # nat and nft redirect DNS over UDP to our own sockets, on the listeners' port.
+            addresses = [sock.getsockname()[:2] for sock in listeners]
+            capture = Capture(
+                streams.pick, firewall, listeners, plan.nameserver, make_udp_sockets(addresses)
+            )
         method = await _unless_stopped(
             stop,
             firewall.open(
                 options.method,
                 port,
-                options.subnets,
+                plan.subnets,
                 tuple(dict.fromkeys(options.excludes + server_excludes)),
                 options.uid,
                 options.gid,
                 options.forward,
+                dns=plan.dns,
             ),
         )
         port = await _unless_stopped(stop, capture.start(method, streams.agent_capabilities))
+        if options.auto_hosts:
+            discovery.watch_hosts(options.seed_hosts, HostsSync(firewall).update)
         log.info(
-            "ready: capturing %s%s through %s (method %s, agent on python %s, port %d%s)",
-            " ".join(describe(target) for target in options.subnets),
+            "ready: capturing %s%s%s through %s (method %s, agent on python %s, port %d%s)",
+            " ".join(describe(target) for target in plan.subnets),
+            f" and DNS to {' '.join(plan.dns)}" if plan.dns else "",
             "".join(f" -{describe(target)}" for target in options.excludes),
             options.ssh_destination,
             method,
@@ -92,8 +108,11 @@ async def run(options: Options) -> int:
     except Stopped:
         log.info("stopping on %s", stop.result())
         return EXIT_OK
-    except (TunnelError, FirewallError) as exc:
+    except (TunnelError, FirewallError, DiscoveryError, PlanError) as exc:
         log.error("%s", exc)
+        return EXIT_FAILED
+    except OSError as exc:  # our DNS sockets (the listeners' port is taken for UDP)
+        log.error("cannot listen for DNS: %s", exc.strerror)
         return EXIT_FAILED
     finally:
         # Rules first: once they are gone, nothing new is captured into a closing tunnel.

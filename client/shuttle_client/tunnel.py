@@ -21,6 +21,7 @@ from shuttle_protocol.stream_messages import (
 )
 
 from .cli import Options
+from .discovery import Discovery
 from .upload import build_payload, remote_command, ssh_argv
 
 log = logging.getLogger("shuttle")
@@ -46,6 +47,7 @@ class Tunnel:
     def __init__(self, options: Options, name: str = "agent") -> None:
         self.options = options
         self.link = Link(Mux(CLIENT), self._on_message, name)
+        self.discovery = Discovery(self.link)
         self.agent_python = ""
         self.agent_capabilities: Tuple[str, ...] = ()
         self._process: Optional[subprocess.Popen[bytes]] = None
@@ -154,7 +156,7 @@ class Tunnel:
                 flow.reset()
         elif isinstance(msg, Ping):
             self.link.send(Pong(msg.cookie))
-        elif not isinstance(msg, (Opened, Pong)):
+        elif not isinstance(msg, (Opened, Pong)) and not self.discovery.on_message(msg):
             self.link.fail(f"unexpected {type(msg).__name__} from the agent")
 
     def _on_hello(self, msg: Hello) -> None:

@@ -110,10 +110,17 @@ class UdpRelay:
     """The transparent UDP sockets of a tproxy session, and the flows they start."""
 
     def __init__(
-        self, pick: Callable[[], Link], firewall: FirewallSession, sockets: List[socket.socket]
+        self,
+        pick: Callable[[], Link],
+        firewall: FirewallSession,
+        sockets: List[socket.socket],
+        rewrite: Callable[[Address], Address] = lambda destination: destination,
     ):
         self.pick = pick  # the tunnel for a new flow
         self.firewall = firewall
+        # Where a flow goes on the server's side (--dns: the server's resolver); its reply
+        # socket stays at the original destination, where the program expects answers from.
+        self.rewrite = rewrite
         self.sockets = sockets
         self.flows: Dict[Tuple[Address, Address], UdpFlow] = {}
         self._tasks: Set[asyncio.Task[Any]] = set()
@@ -166,7 +173,7 @@ class UdpRelay:
         link = self.pick()
         if len(self.flows) >= MAX_FLOWS or link.closed.done():
             return None
-        channel = link.mux.open_udp(*destination)
+        channel = link.mux.open_udp(*self.rewrite(destination))
         flow = UdpFlow(self, link, channel, source, destination)
         self.flows[(source, destination)] = flow
         link.flows[channel] = flow
