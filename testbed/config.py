@@ -30,6 +30,16 @@ CLIENT_NET6 = "fd00:5e:1::/64"
 TARGET_NET6 = "fd00:5e:2::/64"
 PREFIX_LEN6 = 64
 
+# DNS: T runs a nameserver that alone knows DNS_NAME; S's resolv.conf names it. C's resolver
+# is an address where nothing answers (C routes it to S, which drops it): only --dns reaches
+# T's nameserver from C.
+DNS_NAME = "secret.shuttle.test"
+DNS_ANSWER = T_ADDR2
+DNS_ANSWER6 = T_ADDR6_2
+C_RESOLVER = "198.18.3.53"
+# S's /etc/hosts names for T (what -H finds there): (name, address).
+S_HOSTS = (("target.shuttle.test", T_ADDR), ("target6.shuttle.test", T_ADDR6))
+
 SSH_PORT = 22
 HTTP_PORT = 8080
 ECHO_PORT = 7007

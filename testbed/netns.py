@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -14,6 +15,9 @@ from testbed.procs import CommandError, Proc, run, wait_until
 
 # Names this package gives its namespaces: sh<pid>-<n><role>, role one of c, s, t.
 NAME_RE = re.compile(r"^sh(\d+)-\d+[cst]$")
+# `ip netns exec NAME` bind-mounts each file of /etc/netns/NAME over the same name in /etc,
+# for the command and its children: a namespace's own resolv.conf and hosts.
+ETC_NETNS = Path("/etc/netns")
 
 
 def list_namespaces() -> List[str]:
@@ -30,6 +34,15 @@ class Namespace:
     def create(self) -> None:
         run(["ip", "netns", "add", self.name], timeout=10, check=True)
         self.ip("link", "set", "lo", "up")
+
+    @property
+    def etc(self) -> Path:
+        return ETC_NETNS / self.name
+
+    def write_etc(self, name: str, text: str) -> None:
+        """/etc/NAME as processes started in this namespace (after this call) see it."""
+        self.etc.mkdir(parents=True, exist_ok=True)
+        (self.etc / name).write_text(text)
 
     def ip(self, *args: str) -> None:
         run(["ip", "-n", self.name, *args], timeout=10, check=True)
@@ -94,6 +107,8 @@ class Namespace:
     def delete(self) -> None:
         if self.name in list_namespaces():
             run(["ip", "netns", "del", self.name], timeout=10, check=True)
+        if self.etc.exists():
+            shutil.rmtree(self.etc)
 
 
 def remove_stale() -> List[str]:
@@ -103,7 +118,10 @@ def remove_stale() -> List[str]:
     no longer alive, so a concurrent run is never disturbed.
     """
     removed = []
-    for name in list_namespaces():
+    names = set(list_namespaces())
+    if ETC_NETNS.is_dir():
+        names.update(path.name for path in ETC_NETNS.iterdir())
+    for name in sorted(names):
         match = NAME_RE.match(name)
         if not match or Path(f"/proc/{match.group(1)}").exists():
             continue

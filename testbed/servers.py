@@ -1,5 +1,5 @@
 """The servers on the target host: an HTTP page with a unique marker, TCP echo and bulk servers,
-and a UDP echo server."""
+a UDP echo server, and a nameserver (dnsmasq) that alone knows one name."""
 
 from __future__ import annotations
 
@@ -8,7 +8,18 @@ import uuid
 from pathlib import Path
 from typing import List
 
-from testbed.config import BULK_PORT, ECHO_PORT, HTTP_PORT, SYSTEM_PYTHON, UDP_ECHO_PORT
+from testbed.config import (
+    BULK_PORT,
+    DNS_ANSWER,
+    DNS_ANSWER6,
+    DNS_NAME,
+    ECHO_PORT,
+    HTTP_PORT,
+    SYSTEM_PYTHON,
+    T_ADDR,
+    T_ADDR6,
+    UDP_ECHO_PORT,
+)
 from testbed.netns import Namespace
 from testbed.procs import Proc
 
@@ -47,8 +58,32 @@ ANY6 = "::"
 ANY_BOTH = "0.0.0.0,::"
 
 
+DNS_PORT = 53
+DNS_LOG = "dns.log"
+
+
+def dnsmasq_argv() -> List[str]:
+    """A nameserver on T's first addresses that answers DNS_NAME and nothing else, logging
+    every query (with its source) to stderr."""
+    return [
+        "dnsmasq",
+        "--keep-in-foreground",
+        "--conf-file=/dev/null",
+        "--no-resolv",
+        "--no-hosts",
+        "--no-poll",
+        "--pid-file=",
+        "--bind-interfaces",
+        f"--listen-address={T_ADDR},{T_ADDR6}",
+        f"--address=/{DNS_NAME}/{DNS_ANSWER}",
+        f"--address=/{DNS_NAME}/{DNS_ANSWER6}",
+        "--log-queries",
+        "--log-facility=-",
+    ]
+
+
 def start(ns: Namespace, www: Path, tcptool: Path, logs: Path) -> List[Proc]:
-    """Start the four servers in ns, listening on all of its addresses (IPv4 and IPv6);
+    """Start the five servers in ns, listening on all of its addresses (IPv4 and IPv6);
     wait until they do."""
     procs = [
         ns.start(
@@ -72,6 +107,7 @@ def start(ns: Namespace, www: Path, tcptool: Path, logs: Path) -> List[Proc]:
             [SYSTEM_PYTHON, str(tcptool), "serve", "udp-echo", ANY_BOTH, str(UDP_ECHO_PORT)],
             logs / "udp-echo.log",
         ),
+        ns.start("dns", dnsmasq_argv(), logs / DNS_LOG),
     ]
     # http.server: one dual-stack socket; tcptool: one socket per family.
     ports = (
@@ -79,6 +115,7 @@ def start(ns: Namespace, www: Path, tcptool: Path, logs: Path) -> List[Proc]:
         (ECHO_PORT, 2, False),
         (BULK_PORT, 2, False),
         (UDP_ECHO_PORT, 2, True),
+        (DNS_PORT, 2, True),
     )
     for proc, (port, count, udp) in zip(procs, ports):
         if not ns.wait_listening(port, timeout=15, count=count, udp=udp):

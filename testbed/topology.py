@@ -8,7 +8,9 @@ C routes everything (both families) through S, but S does not forward: a packet 
 is silently dropped at S, so without shuttle the target just times out (and a UDP datagram
 gets no answer). S runs a real sshd (on both of its addresses towards C); T runs an HTTP
 server, a TCP echo server, a bulk server and a UDP echo server, each on every address of
-both families (the UDP echo answers from the address it was sent to).
+both families (the UDP echo answers from the address it was sent to), and a nameserver.
+S's resolv.conf names T's nameserver, and S's /etc/hosts names T; C's resolver is an
+address where nothing answers (each namespace's own files, from /etc/netns/NAME).
 
 Two unprivileged local users run things in C: the first (`topo.user`) is the one the tests
 normally act as; the second (`topo.user2`) checks that a session captures only its own user's
@@ -35,9 +37,11 @@ from testbed import servers, sshd
 from testbed.config import (
     C_ADDR,
     C_ADDR6,
+    C_RESOLVER,
     HTTP_PORT,
     PREFIX_LEN,
     PREFIX_LEN6,
+    S_HOSTS,
     S_ADDR6_C,
     S_ADDR6_T,
     S_ADDR_C,
@@ -213,6 +217,13 @@ class Topology:
     def _make_network(self) -> None:
         for ns in self.namespaces:
             ns.create()
+        self.c.write_etc("resolv.conf", f"nameserver {C_RESOLVER}\n")
+        self.s.write_etc("resolv.conf", f"nameserver {T_ADDR}\n")
+        self.s.write_etc(
+            "hosts",
+            "127.0.0.1 localhost\n::1 localhost ip6-localhost\n"
+            + "".join(f"{address} {name}\n" for name, address in S_HOSTS),
+        )
         # The veth pairs are created inside the namespaces: their names never meet the host's.
         self.c.ip(
             "link", "add", "to-s", "type", "veth", "peer", "name", "to-c", "netns", self.s.name
@@ -421,6 +432,7 @@ class Topology:
     def leftovers(self) -> List[str]:
         """Namespaces, processes and files of this network that still exist."""
         found = [f"namespace {name}" for name in list_namespaces() if name.startswith(self.prefix)]
+        found += [f"directory {ns.etc}" for ns in self.namespaces if ns.etc.exists()]
         needle = str(self.run_dir).encode()
         for proc_dir in Path("/proc").iterdir():
             if not proc_dir.name.isdigit() or int(proc_dir.name) == os.getpid():

@@ -155,3 +155,57 @@ def test_streams_default_to_one_and_take_a_bounded_number() -> None:
 def test_a_bad_streams_count_is_a_usage_error(bad: str) -> None:
     with pytest.raises(UsageError, match="--streams"):
         parse_args(["-r", "h", f"--streams={bad}", "10.0.0.0/8"])
+
+
+def test_auto_nets_needs_no_subnet() -> None:
+    options = parse_args(["-r", "h", "-N"])
+    assert options.auto_nets and options.subnets == ()
+    assert not parse_args(["-r", "h", "10.0.0.0/8"]).auto_nets
+
+
+def test_dns_options() -> None:
+    plain = parse_args(["-r", "h", "10.0.0.0/8"])
+    assert (plain.dns, plain.ns_hosts, plain.to_ns) == (False, (), None)
+    dns = parse_args(["-r", "h", "--dns", "10.0.0.0/8"])
+    assert (dns.dns, dns.ns_hosts, dns.to_ns) == (True, (), None)
+    ns_hosts = parse_args(["-r", "h", "--ns-hosts", "10.0.0.53,2001:DB8::53", "10.0.0.0/8"])
+    assert (ns_hosts.dns, ns_hosts.ns_hosts) == (True, ("10.0.0.53", "2001:db8::53"))
+    to_ns = parse_args(["-r", "h", "--dns", "--to-ns=[2001:db8::53]:5353", "10.0.0.0/8"])
+    assert to_ns.to_ns == ("2001:db8::53", 5353)
+    assert parse_args(["-r", "h", "--dns", "--to-ns=10.1.0.53", "-N"]).to_ns == ("10.1.0.53", 53)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--ns-hosts", "ns.example"], "invalid --ns-hosts"),
+        (["--ns-hosts", ","], "--ns-hosts is empty"),
+        (["--to-ns", "10.0.0.53"], "--to-ns needs --dns or --ns-hosts"),
+        (["--dns", "--to-ns", "ns.example"], "invalid --to-ns"),
+        (["--dns", "--to-ns", "10.0.0.53:99999"], "invalid --to-ns"),
+    ],
+)
+def test_bad_dns_options(argv: list, message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        parse_args(["-r", "h", *argv, "10.0.0.0/8"])
+
+
+def test_auto_hosts_and_seed_hosts() -> None:
+    options = parse_args(["-r", "h", "-H", "--seed-hosts", "db1, web.corp.example,db1", "-N"])
+    assert options.auto_hosts
+    assert options.seed_hosts == ("db1", "web.corp.example")
+    assert parse_args(["-r", "h", "-N"]).seed_hosts == ()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--seed-hosts", "db1"], "needs -H"),
+        (["-H", "--seed-hosts", ","], "--seed-hosts is empty"),
+        (["-H", "--seed-hosts", "db_1"], "not a valid host name"),
+        (["-H", "--seed-hosts", "db1\nevil"], "not a valid host name"),
+    ],
+)
+def test_bad_seed_hosts(argv: list, message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        parse_args(["-r", "h", *argv, "10.0.0.0/8"])
