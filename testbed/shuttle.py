@@ -150,6 +150,9 @@ class Shuttle:
         self.venv = venv
         self.lease = lease
         self.socket = topo.fw_dir / "firewalld.sock"
+        # Never the machine's own /etc/hosts: -H writes here.
+        self.hosts_file = topo.fw_dir / "hosts"
+        self.policy_file = topo.fw_dir / "firewalld.policy"
         self.firewalld: Optional[Proc] = None
         self.clients: List[Proc] = []
         # C's policy routing before firewalld started: what is new later is shuttle's.
@@ -165,8 +168,17 @@ class Shuttle:
                 self.topo.user.group,
                 "--lease",
                 str(self.lease),
+                "--hosts-file",
+                str(self.hosts_file),
+                "--policy",
+                str(self.policy_file),
             ]
         )
+
+    def write_policy(self, text: str) -> None:
+        """firewalld's policy file (read at its start): root's, writable by root only."""
+        self.policy_file.write_text(text)
+        self.policy_file.chmod(0o644)
 
     def client_args(
         self,

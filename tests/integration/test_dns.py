@@ -19,7 +19,6 @@ from testbed.config import (
     DNS_NAME,
     S_ADDR6_T,
     S_ADDR_T,
-    T_ADDR,
     T_ADDR6,
 )
 from testbed.servers import DNS_LOG

@@ -1,0 +1,65 @@
+"""-N (--auto-nets) and -H (--auto-hosts): what the agent finds on the server's side, used
+on the client host: S's routes captured with no subnet given, S's /etc/hosts names written
+into firewalld's hosts file (a file of the test's, never the machine's /etc/hosts)."""
+
+from __future__ import annotations
+
+import pytest
+
+from testbed import HTTP_PORT, T_ADDR, T_ADDR6, TARGET_NET, TARGET_NET6, Shuttle, ready_line
+from testbed.config import S_HOSTS
+from testbed.procs import wait_until
+
+pytestmark = pytest.mark.integration
+
+
+def test_auto_nets_captures_the_servers_routes(shuttle: Shuttle) -> None:
+    topo = shuttle.topo
+    client = shuttle.start_client(subnets=(), extra=["-N"])
+    ready = ready_line(client)
+    assert TARGET_NET in ready and TARGET_NET6 in ready, ready
+    for host in (T_ADDR, T_ADDR6):
+        result = topo.curl(host, HTTP_PORT, max_time=20)
+        assert result.returncode == 0, f"{result.stderr}\n{shuttle.outputs()}"
+        assert topo.marker in result.stdout
+
+
+def hosts_block(shuttle: Shuttle) -> list[str]:
+    """The non-comment lines of firewalld's hosts file."""
+    if not shuttle.hosts_file.exists():
+        return []
+    lines = shuttle.hosts_file.read_text().splitlines()
+    return [line for line in lines if line.strip() and not line.startswith("#")]
+
+
+def names_in(lines: list[str]) -> set[tuple[str, str]]:
+    return {(name, line.split()[0]) for line in lines for name in line.split()[1:]}
+
+
+def test_auto_hosts_writes_the_servers_names_and_removes_them(shuttle: Shuttle) -> None:
+    shuttle.stop_firewalld()
+    shuttle.write_policy(f"allow {shuttle.topo.user.name} hosts\n")
+    shuttle.start_firewalld()
+    client = shuttle.start_client(extra=["-H"])
+    wanted = set(S_HOSTS)
+    assert wait_until(lambda: wanted <= names_in(hosts_block(shuttle)), 20, interval=0.2), (
+        f"{hosts_block(shuttle)}\n{shuttle.outputs()}"
+    )
+    # Only names from the server's side: not its localhost lines.
+    assert all(
+        name not in ("localhost", "ip6-localhost") for name, _ in names_in(hosts_block(shuttle))
+    )
+    assert shuttle.stop_client(client) == 0
+    assert wait_until(lambda: not hosts_block(shuttle), 10, interval=0.2), hosts_block(shuttle)
+
+
+def test_auto_hosts_without_permission_is_refused_and_the_tunnel_still_works(
+    shuttle: Shuttle,
+) -> None:
+    client = shuttle.start_client(extra=["-H"])
+    refused = "cannot add host names to the hosts file"
+    assert wait_until(lambda: refused in client.output(), 20, interval=0.2), shuttle.outputs()
+    assert "policy" in client.output(), client.output()
+    assert hosts_block(shuttle) == []
+    result = shuttle.topo.curl(T_ADDR, HTTP_PORT, max_time=20)
+    assert result.returncode == 0, f"{result.stderr}\n{shuttle.outputs()}"
