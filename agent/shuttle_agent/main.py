@@ -1,4 +1,5 @@
-"""The agent's entry point: greet the client, then open the connections and flows it asks for."""
+"""The agent's entry point: greet the client, then open the connections and flows it asks for,
+and answer its questions about the server's routes, nameservers and host names."""
 
 import asyncio
 import logging
@@ -12,7 +13,11 @@ from shuttle_protocol.mux import AGENT, Mux
 from shuttle_protocol.schema import Message
 from shuttle_protocol.stream_messages import (
     Error,
+    GetHosts,
+    GetNameservers,
+    GetRoutes,
     Hello,
+    Nameservers,
     Open,
     Opened,
     Ping,
@@ -22,8 +27,11 @@ from shuttle_protocol.stream_messages import (
     Welcome,
 )
 
+from .hosts import HostFinder
 from .limits import raise_open_files
 from .relay import Link, Relay, WriterProtocol, refusal, widen_pipe
+from .resolv import read_nameservers
+from .routes import read_routes, routes_answer
 from .udp import IDLE_TIMEOUT, MAX_FLOWS, UdpOpener, settings_from_env
 
 log = logging.getLogger("shuttle")
@@ -35,12 +43,14 @@ EXIT_PROTOCOL = 3
 
 
 class Agent:
-    """The agent's session: the handshake, then Open → connect → Opened/Refused cycles, and
-    UdpOpen → a UDP flow (or Refused)."""
+    """The agent's session: the handshake, then Open → connect → Opened/Refused cycles,
+    UdpOpen → a UDP flow (or Refused), and GetRoutes, GetNameservers and GetHosts answered."""
 
     def __init__(self, udp_idle: float = IDLE_TIMEOUT, udp_max_flows: int = MAX_FLOWS) -> None:
         self.link = Link(Mux(AGENT), self.on_message, "client")
         self.udp = UdpOpener(self.link, udp_idle, udp_max_flows)
+        self.hosts = HostFinder(self.link.send)
+        self.link.closed.add_done_callback(lambda _: self.hosts.close())
         self.welcomed = False
         self.error: Optional[str] = None
         # Strong references: the event loop keeps only weak ones to running tasks.
@@ -65,6 +75,14 @@ class Agent:
             self.udp.open(msg)
         elif isinstance(msg, Ping):
             self.link.send(Pong(msg.cookie))
+        elif isinstance(msg, GetRoutes):
+            # Read at once: /proc files are in memory, and read_routes stops at its cap.
+            for answer in routes_answer(read_routes()):
+                self.link.send(answer)
+        elif isinstance(msg, GetNameservers):
+            self.link.send(Nameservers(tuple(read_nameservers())))
+        elif isinstance(msg, GetHosts):
+            self.hosts.request(msg.seeds)
         elif not isinstance(msg, Pong):
             self.link.fail(f"unexpected {type(msg).__name__} from the client")
 

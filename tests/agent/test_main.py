@@ -1,19 +1,19 @@
-"""The agent as a process, driven over its stdin/stdout the way the client drives it."""
+"""The agent as a process, driven over its stdin/stdout the way the client drives it.
+
+The answers to GetRoutes, GetNameservers and GetHosts are driven in test_routes.py,
+test_resolv.py and test_hosts.py.
+"""
 
 import errno
 import os
-import select
 import socket
-import subprocess
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, List, Tuple
 
 import pytest
 from shuttle_agent.main import EXIT_PROTOCOL
 from shuttle_agent.udp import IDLE_ENV, MAX_FLOWS_ENV
-from shuttle_client.upload import STAGE1, build_payload
 from shuttle_protocol import PROTOCOL_VERSION
-from shuttle_protocol.schema import Message
-from shuttle_protocol.stream import StreamDecoder, encode
+from shuttle_protocol.stream import encode
 from shuttle_protocol.stream_messages import (
     Close,
     Data,
@@ -29,97 +29,7 @@ from shuttle_protocol.stream_messages import (
     Welcome,
 )
 
-SERVER_PYTHON = "/usr/bin/python3"
-# The oldest Python the agent supports, without msgpack: the pure-Python fallback is used.
-OLDEST_PYTHON = "/root/.pyenv/versions/3.8.18/bin/python3"
-# Not a timing assertion: only how long a broken agent may hang a test before it fails.
-STUCK = 30.0
-
-
-class AgentProcess:
-    """A real agent booted from the upload payload, with a decoder on its stdout."""
-
-    def __init__(self, python: str = SERVER_PYTHON, env: Optional[Dict[str, str]] = None) -> None:
-        self.process = subprocess.Popen(
-            [python, "-c", STAGE1],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env={**os.environ, **(env or {})},
-        )
-        self.decoder = StreamDecoder()
-        self.pending: List[Message] = []
-        self.send_raw(build_payload())
-
-    def send_raw(self, data: bytes) -> None:
-        assert self.process.stdin is not None
-        self.process.stdin.write(data)
-        self.process.stdin.flush()
-
-    def send(self, msg: Message) -> None:
-        self.send_raw(encode(msg))
-
-    def receive(self) -> Message:
-        """The next message; fails the test if the agent closes its stdout first."""
-        assert self.process.stdout is not None
-        for _ in range(10_000):
-            if self.pending:
-                return self.pending.pop(0)
-            # read1(65536) empties the reader's buffer each time, so the fd tells the truth.
-            if not select.select([self.process.stdout], [], [], STUCK)[0]:
-                pytest.fail("the agent sent nothing for a long time")
-            data = self.process.stdout.read1(65536)
-            if not data:
-                pytest.fail("the agent closed its stdout: " + self.finish()[1])
-            self.pending.extend(self.decoder.feed(data))
-        pytest.fail("no message from the agent")
-
-    def finish(self) -> "tuple[int, str]":
-        """Close stdin; (exit status, stderr)."""
-        assert self.process.stdin is not None and self.process.stderr is not None
-        self.process.stdin.close()
-        status = self.process.wait(timeout=10)
-        return status, self.process.stderr.read().decode()
-
-
-def stop(process: AgentProcess) -> None:
-    process.process.kill()
-    process.process.wait()
-    for stream in (process.process.stdin, process.process.stdout, process.process.stderr):
-        if stream is not None and not stream.closed:
-            stream.close()
-
-
-@pytest.fixture
-def agent() -> Iterator[AgentProcess]:
-    process = AgentProcess()
-    yield process
-    stop(process)
-
-
-StartAgent = Callable[..., AgentProcess]
-
-
-@pytest.fixture
-def start_agent() -> Iterator[StartAgent]:
-    """Start agents with a chosen python and extra environment; all are stopped afterwards."""
-    started: List[AgentProcess] = []
-
-    def start(python: str = SERVER_PYTHON, **env: str) -> AgentProcess:
-        process = AgentProcess(python, env)
-        started.append(process)
-        return process
-
-    yield start
-    for process in started:
-        stop(process)
-
-
-def welcomed(agent: AgentProcess) -> AgentProcess:
-    hello = agent.receive()
-    assert isinstance(hello, Hello)
-    agent.send(Welcome(PROTOCOL_VERSION, ("tcp",)))
-    return agent
+from .agent_process import PYTHONS, STUCK, AgentProcess, StartAgent, welcomed
 
 
 def test_hello_comes_first_with_version_and_python(agent: AgentProcess) -> None:
@@ -208,13 +118,6 @@ def test_an_unresolvable_host_is_refused_without_a_traceback(
 # -- UDP -----------------------------------------------------------------------------------------
 
 LOOPBACKS = ["127.0.0.1", "::1"]
-PYTHONS = [
-    SERVER_PYTHON,
-    pytest.param(
-        OLDEST_PYTHON,
-        marks=pytest.mark.skipif(not os.path.exists(OLDEST_PYTHON), reason="no python 3.8"),
-    ),
-]
 
 
 def udp_socket(host: str) -> socket.socket:
