@@ -31,7 +31,7 @@ from typing import Callable, Deque, Iterable, Iterator, List, Optional, Set, Tup
 from shuttle_protocol.checks import check_hostname
 from shuttle_protocol.errors import LocalProtocolError
 from shuttle_protocol.schema import Message
-from shuttle_protocol.stream_messages import MAX_LIST, Hosts
+from shuttle_protocol.stream_messages import MAX_HOST_ENTRIES, MAX_LIST, Hosts
 
 log = logging.getLogger("shuttle")
 
@@ -41,8 +41,6 @@ T = TypeVar("T")
 
 HOSTS_FILE = "/etc/hosts"
 ARP_FILE = "/proc/net/arp"
-# Pairs sent in one session, all requests together: as many as the client keeps.
-MAX_ENTRIES = 10_000
 # Neighbours looked up per request: a router on a big LAN may have thousands.
 MAX_NEIGHBOURS = 256
 # Resolver calls at once. Each blocks a thread, and a few keep the nameservers unflooded.
@@ -236,7 +234,7 @@ class HostFinder:
         lookups: Optional[Lookups] = None,
         hosts_file: str = HOSTS_FILE,
         arp_file: str = ARP_FILE,
-        max_entries: int = MAX_ENTRIES,
+        max_entries: int = MAX_HOST_ENTRIES,
     ) -> None:
         self.send = send
         self.lookups = lookups or Lookups()

@@ -16,14 +16,12 @@ import re
 import sys
 from typing import Dict, Iterable, Iterator, List, Literal, Optional, Sequence
 
-from shuttle_protocol.stream_messages import MAX_LIST, Routes
+from shuttle_protocol.stream_messages import MAX_LIST, MAX_ROUTES, Routes
 
 log = logging.getLogger("shuttle")
 
 ROUTE_FILE = "/proc/net/route"
 IPV6_ROUTE_FILE = "/proc/net/ipv6_route"
-# The client refuses more (a full Internet table has a million routes; nobody captures that).
-MAX_ROUTES = 10_000
 
 # Route flags, from linux/route.h (the same values in both files).
 RTF_UP = 0x0001

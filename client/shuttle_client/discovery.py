@@ -10,6 +10,8 @@ from shuttle_agent.relay import Link
 from shuttle_protocol.firewall_messages import ALL_PORTS, Target
 from shuttle_protocol.schema import Message
 from shuttle_protocol.stream_messages import (
+    MAX_HOST_ENTRIES,
+    MAX_ROUTES,
     GetHosts,
     GetNameservers,
     GetRoutes,
@@ -21,8 +23,6 @@ from shuttle_protocol.stream_messages import (
 log = logging.getLogger("shuttle")
 
 ANSWER_TIMEOUT = 15.0
-MAX_ROUTES = 10_000
-MAX_HOSTS = 10_000
 
 HostsCallback = Callable[[Tuple[Tuple[str, str], ...]], None]
 
@@ -125,8 +125,10 @@ class Discovery:
             return
         before = len(self._hosts)
         for entry in msg.entries:
-            if len(self._hosts) >= MAX_HOSTS:
-                log.warning("more than %d host names from the server: the rest ignored", MAX_HOSTS)
+            if len(self._hosts) >= MAX_HOST_ENTRIES:
+                log.warning(
+                    "more than %d host names from the server: the rest ignored", MAX_HOST_ENTRIES
+                )
                 break
             self._hosts[entry] = None
         if len(self._hosts) > before:

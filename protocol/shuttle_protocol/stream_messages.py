@@ -31,6 +31,10 @@ MAX_DATAGRAM = 65507
 # as several messages.
 MAX_LIST = 200
 MAX_NAMESERVERS = 16
+# What one session may report in all, over several messages; the client refuses more
+# routes (a full Internet table has a million; nobody captures that) and ignores more names.
+MAX_ROUTES = 10_000
+MAX_HOST_ENTRIES = 10_000
 
 
 def _check_channel(value: object) -> None:
