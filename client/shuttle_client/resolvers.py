@@ -19,6 +19,14 @@ MAX_FILE = 64 * 1024  # resolv.conf is a few lines; never read a huge file whole
 MAX_NAMESERVERS = 16  # as many as a firewall session takes
 
 
+def plain(text: str) -> str:
+    """An IP address's canonical text; an IPv4-mapped IPv6 address as the IPv4 it maps.
+    ValueError if text is no address."""
+    address = ipaddress.ip_address(text)
+    mapped = getattr(address, "ipv4_mapped", None)
+    return str(mapped or address)
+
+
 def nameservers(text: str) -> List[str]:
     """The nameserver addresses of a resolv.conf text, canonical, in order, once each.
 
@@ -31,7 +39,7 @@ def nameservers(text: str) -> List[str]:
         if len(words) < 2 or words[0] != "nameserver" or "%" in words[1]:
             continue
         try:
-            address = str(ipaddress.ip_address(words[1]))
+            address = plain(words[1])
         except ValueError:
             continue
         if address not in found:
@@ -72,7 +80,7 @@ def parse_address_port(text: str, default_port: int) -> Tuple[str, int]:
     elif text.count(":") == 1:
         host, _, port_text = text.partition(":")
     try:
-        address = str(ipaddress.ip_address(host))
+        address = plain(host)
     except ValueError:
         raise ValueError(f"{text!r} is not IP[:PORT]: {host!r} is not an IP address") from None
     if not port_text:
@@ -90,7 +98,7 @@ def parse_addresses(words: Sequence[str]) -> Tuple[str, ...]:
             if "%" in item:
                 raise ValueError(f"{item!r}: an address with a zone cannot be captured")
             try:
-                address = str(ipaddress.ip_address(item))
+                address = plain(item)
             except ValueError:
                 raise ValueError(f"{item!r} is not an IP address") from None
             if address not in found:

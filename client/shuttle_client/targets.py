@@ -73,9 +73,12 @@ def read_target_file(path: str) -> List[str]:
 
 def _network(text: str, addr: str, width: str) -> str:
     try:
-        return str(ipaddress.ip_network(addr + width, strict=False))
+        network = ipaddress.ip_network(addr + width, strict=False)
     except ValueError:
         raise TargetError(f"invalid subnet {text!r}: {addr + width} is not a network") from None
+    if network.version == 6 and network.network_address.ipv4_mapped is not None:
+        raise TargetError(f"invalid subnet {text!r}: IPv4-mapped; write it as IPv4")
+    return str(network)
 
 
 def _ports(text: str, first: Optional[str], last: Optional[str]) -> Tuple[int, int]:

@@ -60,6 +60,13 @@ def check_choice(value: Any, name: str, choices: Tuple[str, ...]) -> None:
         raise LocalProtocolError(f"{name} must be one of {', '.join(choices)}, got {_show(value)}")
 
 
+def _refuse_mapped(address: Any, text: str, name: str) -> None:
+    # Python 3.13 writes IPv4-mapped addresses as ::ffff:1.2.3.4, older ones as ::ffff:102:304,
+    # so their canonical text depends on the peer's Python: they travel as plain IPv4.
+    if address.version == 6 and address.ipv4_mapped is not None:
+        raise LocalProtocolError(f"{name}: {text!r:.80} is IPv4-mapped: write it as IPv4")
+
+
 def check_network(text: Any, name: str) -> None:
     """A strictly written network, such as '10.1.0.0/16' or '2001:db8::/32'."""
     check_text(text, name, 64)
@@ -70,6 +77,7 @@ def check_network(text: Any, name: str) -> None:
         network = ipaddress.ip_network(text, strict=True)
     except ValueError as exc:
         raise LocalProtocolError(f"{name}: {exc}") from None
+    _refuse_mapped(network.network_address, text, name)
     if str(network) != text:
         raise LocalProtocolError(f"{name}: {text!r} is not written canonically ({network})")
 
@@ -86,6 +94,7 @@ def check_address(text: Any, name: str) -> None:
         address = ipaddress.ip_address(text)
     except ValueError as exc:
         raise LocalProtocolError(f"{name}: {exc}") from None
+    _refuse_mapped(address, text, name)
     if str(address) != text:
         raise LocalProtocolError(f"{name}: {text!r} is not written canonically ({address})")
 

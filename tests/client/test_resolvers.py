@@ -103,3 +103,9 @@ def test_bad_addresses(text: str) -> None:
 def test_too_many_addresses() -> None:
     with pytest.raises(ValueError, match="at most 16"):
         parse_addresses([",".join(f"192.0.2.{n}" for n in range(1, 18))])
+
+
+def test_an_ipv4_mapped_resolver_is_written_as_ipv4() -> None:
+    assert nameservers("nameserver ::ffff:10.0.0.53\n") == ["10.0.0.53"]
+    assert parse_addresses(["::ffff:a00:35"]) == ("10.0.0.53",)
+    assert parse_address_port("[::ffff:10.0.0.53]:5353", 53) == ("10.0.0.53", 5353)
