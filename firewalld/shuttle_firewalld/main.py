@@ -16,7 +16,9 @@ from types import FrameType
 
 from docopt import DocoptExit, docopt
 
-from .errors import StartupError
+from .errors import RequestError, StartupError
+from .hosts_file import DEFAULT_PATH as HOSTS_PATH
+from .hosts_file import HostsFile
 from .methods.base import Method
 from .methods.nat import NatMethod
 from .methods.nft import NftMethod
@@ -29,7 +31,8 @@ USAGE = """\
 shuttle-firewalld: shuttle's root daemon; applies firewall rules for shuttle clients.
 
 Usage:
-  shuttle-firewalld [--socket=PATH] [--group=GROUP] [--lease=SECONDS] [--policy=PATH] [-v]
+  shuttle-firewalld [--socket=PATH] [--group=GROUP] [--lease=SECONDS] [--policy=PATH]
+                    [--hosts-file=PATH] [-v]
   shuttle-firewalld -h | --help
   shuttle-firewalld --version
 
@@ -38,8 +41,11 @@ Options:
                      tproxy sockets over [default: /run/shuttle/firewalld.sock]
   --group=GROUP      members of this group may connect [default: shuttle]
   --lease=SECONDS    a session without heartbeat for this long is removed [default: 6]
-  --policy=PATH      who may capture others' or forwarded traffic; a missing file allows
-                     that to root only [default: /etc/shuttle/firewalld.policy]
+  --policy=PATH      who may capture others' or forwarded traffic, or set host names;
+                     a missing file allows that to root only
+                     [default: /etc/shuttle/firewalld.policy]
+  --hosts-file=PATH  where sessions' host names go, each session's in its own
+                     marked block [default: /etc/hosts]
   -v, --verbose      log debug messages too
   -h, --help         show this help
   --version          show the version
@@ -63,6 +69,7 @@ class Options:
     lease: float
     verbose: bool
     policy: str = DEFAULT_PATH
+    hosts_file: str = HOSTS_PATH
 
 
 def parse_args(argv: Sequence[str]) -> Options:
@@ -89,12 +96,15 @@ def parse_args(argv: Sequence[str]) -> Options:
         )
     if not os.path.isabs(args["--policy"]):
         raise UsageError("--policy must be an absolute path")
+    if not os.path.isabs(args["--hosts-file"]):
+        raise UsageError("--hosts-file must be an absolute path")
     return Options(
         socket=path,
         group=args["--group"],
         lease=lease,
         verbose=args["--verbose"],
         policy=args["--policy"],
+        hosts_file=args["--hosts-file"],
     )
 
 
@@ -142,8 +152,13 @@ def run(options: Options) -> int:
     nft = NftMethod()
     tproxy = TproxyMethod()
     methods: dict[str, Method] = {"nft": nft, "nat": NatMethod(), "tproxy": tproxy}
+    hosts = HostsFile(options.hosts_file)
     sessions = Sessions(
-        methods, options.lease, policy=scope_policy, fd_path=options.socket + FDS_SUFFIX
+        methods,
+        options.lease,
+        policy=scope_policy,
+        fd_path=options.socket + FDS_SUFFIX,
+        hosts=hosts,
     )
     try:
         # First, since it refuses to start beside a running firewalld, whose rules are live.
@@ -158,6 +173,10 @@ def run(options: Options) -> int:
                 method.remove_stale()
             except Exception as exc:  # a missing tool must not stop the other methods
                 log.warning("%s: cannot check for stale rules: %s", name, exc)
+        try:
+            hosts.remove_stale()
+        except RequestError as exc:  # sessions may still work; setting host names may fail
+            log.warning("cannot check for stale host blocks: %s", exc)
         # Once, after the stale rules are gone (a crashed run may have left the probe's
         # table): whether this kernel and nft can do what an nft (tproxy) session needs.
         for name, probe in (("nft", nft.probe), ("tproxy", tproxy.probe)):

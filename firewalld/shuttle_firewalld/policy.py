@@ -1,4 +1,5 @@
-"""Scope policy: whose traffic a caller may capture, and whether forwarded traffic too.
+"""Scope policy: whose traffic a caller may capture, whether forwarded traffic too, and
+whether it may write host names into the hosts file.
 
 By right, a caller captures its own uid's traffic (narrowed to a gid if it likes). More needs
 root or a line in the policy file. `missing` is the whole decision, one pure function; the
@@ -19,8 +20,13 @@ from .errors import StartupError
 DEFAULT_PATH = "/etc/shuttle/firewalld.policy"
 CAPTURE_OTHERS = "capture-others"  # a session for another uid, or for every uid
 FORWARD = "forward"  # also capture traffic routed through this host
-PERMISSIONS = (CAPTURE_OTHERS, FORWARD)
-WHAT = {CAPTURE_OTHERS: "capturing other users' traffic", FORWARD: "capturing forwarded traffic"}
+HOSTS = "hosts"  # write host names into the hosts file, which every user's lookups read
+PERMISSIONS = (CAPTURE_OTHERS, FORWARD, HOSTS)
+WHAT = {
+    CAPTURE_OTHERS: "capturing other users' traffic",
+    FORWARD: "capturing forwarded traffic",
+    HOSTS: "writing host names into the hosts file",
+}
 LINE_FORMAT = "a line is: allow USER|@GROUP PERMISSION..."
 MAX_FILE = 1024 * 1024  # a policy file is a few lines; anything this big is a mistake
 
@@ -32,10 +38,18 @@ MAX_FILE = 1024 * 1024  # a policy file is a few lines; anything this big is a m
 #   U         another, or -1   false     capture-others
 #   U         U                true      forward
 #   U         another, or -1   true      capture-others and forward
+#
+# and, for setting host names in the hosts file (SetHostsRequest): root needs nothing, any
+# other caller `hosts`, whatever its session captures.
 
 
-def missing(caller: int, uid: int, forward: bool, granted: Collection[str]) -> tuple[str, ...]:
-    """The permissions this request needs that the caller lacks; () means allowed."""
+def missing(
+    caller: int, uid: int, forward: bool, granted: Collection[str], hosts: bool = False
+) -> tuple[str, ...]:
+    """The permissions this request needs that the caller lacks; () means allowed.
+
+    uid and forward: what a session asks to capture; hosts: the request writes host names.
+    """
     if caller == 0:
         return ()
     needed = []
@@ -43,6 +57,8 @@ def missing(caller: int, uid: int, forward: bool, granted: Collection[str]) -> t
         needed.append(CAPTURE_OTHERS)
     if forward:
         needed.append(FORWARD)
+    if hosts:
+        needed.append(HOSTS)
     return tuple(permission for permission in needed if permission not in granted)
 
 
@@ -98,6 +114,12 @@ class Policy:
     def check(self, caller: int, uid: int, forward: bool) -> str | None:
         """The refusal text for this request, or None if the caller may make it."""
         lacking = missing(caller, uid, forward, self.granted(caller) if caller != 0 else ())
+        return refusal(lacking, self.path) if lacking else None
+
+    def check_hosts(self, caller: int) -> str | None:
+        """The refusal text for writing host names, or None if the caller may."""
+        granted = self.granted(caller) if caller != 0 else ()
+        lacking = missing(caller, caller, False, granted, hosts=True)
         return refusal(lacking, self.path) if lacking else None
 
 

@@ -1,8 +1,9 @@
-"""Who listens on a TCP port, and where, from the kernel's socket tables /proc/net/tcp{,6}.
+"""Who listens on a port, and where, from the kernel's socket tables /proc/net/{tcp,udp}{,6}.
 
 A session may redirect traffic only into a port its caller listens on, on an address the
-redirected connections land on; the uid column of these tables is the socket owner's, as the
-kernel recorded it.
+redirected connections land on (and with nameservers, DNS datagrams too: then the caller's
+UDP socket must be there as well); the uid column of these tables is the socket owner's, as
+the kernel recorded it.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from dataclasses import dataclass
 
 from .targets import Address
 
-PROC_TABLES = ("/proc/net/tcp", "/proc/net/tcp6")
+TCP_TABLES = ("/proc/net/tcp", "/proc/net/tcp6")
+UDP_TABLES = ("/proc/net/udp", "/proc/net/udp6")
 TCP_LISTEN = "0A"  # include/net/tcp_states.h: TCP_LISTEN = 10
 
 V4_ANY = ipaddress.IPv4Address("0.0.0.0")  # noqa: S104  (recognised, not bound)
@@ -26,11 +28,13 @@ FAMILY = {4: "IPv4", 6: "IPv6"}
 
 @dataclass(frozen=True)
 class Listener:
-    """One listening TCP socket: its local address and port, and its owner's uid."""
+    """One socket that takes what is redirected to its port: a listening TCP socket, or a
+    bound UDP socket (protocol "udp"); its local address and port, and its owner's uid."""
 
     address: Address
     port: int
     uid: int
+    protocol: str = "tcp"
 
 
 def parse_address(text: str) -> Address:
@@ -47,31 +51,44 @@ def parse_address(text: str) -> Address:
     return ipaddress.ip_address(raw)
 
 
-def parse_listeners(text: str) -> Iterator[Listener]:
-    """Each listening socket in one table; other lines, and lines that do not parse, skipped."""
+def parse_listeners(text: str, protocol: str = "tcp") -> Iterator[Listener]:
+    """Each listening socket in one table; other lines, and lines that do not parse, skipped.
+
+    protocol "udp": every socket of a UDP table counts, connected or not. A connected one
+    takes datagrams from its peer only, but it holds the address and port all the same, and
+    another user's could take the caller's datagrams from that peer.
+    """
     for line in text.splitlines()[1:]:  # the first line is the column header
         fields = line.split()
         # sl local_address rem_address st tx:rx tr:tm retrnsmt uid timeout inode ...
-        if len(fields) < 10 or fields[3] != TCP_LISTEN:
+        if len(fields) < 10 or (protocol == "tcp" and fields[3] != TCP_LISTEN):
             continue
         address_hex, _, port_hex = fields[1].rpartition(":")
         try:
-            yield Listener(parse_address(address_hex), int(port_hex, 16), int(fields[7]))
+            address, port = parse_address(address_hex), int(port_hex, 16)
+            yield Listener(address, port, int(fields[7]), protocol)
         except ValueError:
             continue
 
 
-def listeners_on(port: int, tables: Iterable[str] = PROC_TABLES) -> list[Listener]:
-    """The TCP sockets listening on port, in this network namespace."""
+def listeners_on(
+    port: int, tables: Iterable[str] = TCP_TABLES, protocol: str = "tcp"
+) -> list[Listener]:
+    """The sockets of one protocol listening on port, in this network namespace."""
     found: list[Listener] = []
     for path in tables:
         try:
             with open(path, encoding="ascii") as table:
                 text = table.read()
-        except FileNotFoundError:  # no tcp6 table when IPv6 is disabled
+        except FileNotFoundError:  # no tcp6 or udp6 table when IPv6 is disabled
             continue
-        found.extend(listener for listener in parse_listeners(text) if listener.port == port)
+        found.extend(item for item in parse_listeners(text, protocol) if item.port == port)
     return found
+
+
+def sockets_on(port: int) -> list[Listener]:
+    """The TCP sockets listening on port and the UDP sockets bound to it."""
+    return listeners_on(port) + listeners_on(port, UDP_TABLES, "udp")
 
 
 def _v4_of(address: Address) -> ipaddress.IPv4Address | None:
@@ -88,7 +105,8 @@ def _v4_of(address: Address) -> ipaddress.IPv4Address | None:
 
 
 def reaches(listener: Listener, version: int, forward: bool) -> bool:
-    """Whether connections redirected in this family could land on this listener.
+    """Whether connections (or datagrams) redirected in this family could land on this
+    listener.
 
     REDIRECT of locally generated traffic lands on 127.0.0.1 or ::1; of forwarded traffic
     (PREROUTING), on the address of the interface it came in on: any local address.
@@ -103,7 +121,7 @@ def reaches(listener: Listener, version: int, forward: bool) -> bool:
 
 
 def covers(listener: Listener, version: int, forward: bool) -> bool:
-    """Whether this listener takes every connection redirected in this family."""
+    """Whether this listener takes every connection (or datagram) redirected in this family."""
     if not forward:
         return reaches(listener, version, forward)
     if version == 4:
@@ -112,32 +130,64 @@ def covers(listener: Listener, version: int, forward: bool) -> bool:
 
 
 def port_problem(
-    listeners: Iterable[Listener], port: int, uid: int, versions: Collection[int], forward: bool
+    listeners: Iterable[Listener],
+    port: int,
+    uid: int,
+    versions: Collection[int],
+    forward: bool,
+    *,
+    dns_versions: Collection[int] = (),
 ) -> str | None:
     """Why port is not a fit redirect target for uid's session, or None if it is.
 
     For each IP version captured: a listener of uid must take every redirected connection,
     and no other uid may listen where redirected connections could land (the kernel allows
-    that beside an IPv6 socket with IPV6_V6ONLY, for example).
+    that beside an IPv6 socket with IPV6_V6ONLY, for example). dns_versions: the versions of
+    the session's nameservers, whose DNS datagrams are redirected to the same port: the same
+    for UDP sockets there.
     """
     listeners = list(listeners)
+    return _problem(listeners, "tcp", port, uid, versions, forward=forward) or _problem(
+        listeners, "udp", port, uid, dns_versions, forward=forward
+    )
+
+
+# How a refusal names the sockets and what is redirected to them, per protocol.
+_SOCKETS = {"tcp": "listening socket", "udp": "UDP socket"}
+_OTHERS = {"tcp": "listeners", "udp": "UDP sockets"}
+_TRAFFIC = {"tcp": "connections", "udp": "DNS datagrams"}
+
+
+def _problem(
+    listeners: list[Listener],
+    protocol: str,
+    port: int,
+    uid: int,
+    versions: Collection[int],
+    *,
+    forward: bool,
+) -> str | None:
+    """port_problem for the sockets of one protocol."""
     for version in sorted(versions):
-        reached = [listener for listener in listeners if reaches(listener, version, forward)]
+        reached = [
+            listener
+            for listener in listeners
+            if listener.protocol == protocol and reaches(listener, version, forward)
+        ]
+        traffic = f"{FAMILY[version]} {_TRAFFIC[protocol]}"
         if not any(
             listener.uid == uid and covers(listener, version, forward) for listener in reached
         ):
             if forward:
-                where = f"a wildcard address, where forwarded {FAMILY[version]} connections land"
+                where = f"a wildcard address, where forwarded {traffic} land"
             else:
                 loopback = V4_LOOPBACK if version == 4 else V6_LOOPBACK
-                where = (
-                    f"{loopback} or a wildcard address, where {FAMILY[version]} connections land"
-                )
-            return f"no listening socket of uid {uid} on port {port} at {where}"
+                where = f"{loopback} or a wildcard address, where {traffic} land"
+            return f"no {_SOCKETS[protocol]} of uid {uid} on port {port} at {where}"
         others = sorted({listener.uid for listener in reached if listener.uid != uid})
         if others:
             return (
-                f"port {port} has listeners of other users too (uid {others[0]}) "
-                f"where {FAMILY[version]} connections would land"
+                f"port {port} has {_OTHERS[protocol]} of other users too (uid {others[0]}) "
+                f"where {traffic} would land"
             )
     return None

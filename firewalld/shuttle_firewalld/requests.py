@@ -20,6 +20,8 @@ from shuttle_protocol.firewall_messages import (
     OpenSessionRequest,
     ReplySocketAnswer,
     ReplySocketRequest,
+    SetHostsAnswer,
+    SetHostsRequest,
     SocketsAnswer,
     SocketsRequest,
 )
@@ -58,6 +60,10 @@ def _reply_socket(
     return ReplySocketAnswer(token, sessions.grants.path)
 
 
+def _set_hosts(sessions: Sessions, uid: int, request: SetHostsRequest, session: Session) -> Message:
+    return SetHostsAnswer(sessions.set_hosts(session, request.hosts))
+
+
 @dataclass(frozen=True)
 class Allowed:
     """How firewalld serves one request type."""
@@ -76,6 +82,7 @@ TABLE: Mapping[type[Message], Allowed] = {
     CloseSessionRequest: Allowed(needs_own_session=True, handler=_close),
     SocketsRequest: Allowed(needs_own_session=True, handler=_sockets, method="tproxy"),
     ReplySocketRequest: Allowed(needs_own_session=True, handler=_reply_socket, method="tproxy"),
+    SetHostsRequest: Allowed(needs_own_session=True, handler=_set_hosts),
 }
 
 

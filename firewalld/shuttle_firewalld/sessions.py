@@ -2,7 +2,8 @@
 
 Every check that depends on the caller rather than on the message's form is made here:
 the method works here, the scope policy allows the request, the redirect port is the
-caller's, the caller has not too many sessions, a reply socket lies inside its session.
+caller's, the caller has not too many sessions, a reply socket lies inside its session,
+the caller may write host names.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from shuttle_protocol.firewall_messages import ANY_OWNER, OpenSessionRequest
 
 from .errors import RequestError
 from .handover import Grants
+from .hosts_file import HostsFile
 from .methods.base import Method
 from .methods.choice import choose
 from .policy import DEFAULT_PATH, Policy
-from .ports import Listener, listeners_on, port_problem
+from .ports import Listener, port_problem, sockets_on
 from .targets import Address, Target
 from .transparent import is_local, reply_problem, reply_socket
 
@@ -45,6 +47,7 @@ class Session:
     uid: int = ANY_OWNER  # whose traffic is captured; ANY_OWNER: everybody's
     gid: int = ANY_OWNER  # and of which group; ANY_OWNER: any
     forward: bool = False  # also traffic routed through this host
+    dns: tuple[Address, ...] = ()  # nameservers: TCP and UDP to their port 53 captured too
     rules: int = 0
     # The listening sockets firewalld made for the session (tproxy), by kind ("tcp4", ...),
     # until they are handed over to the caller; then firewalld's copies are closed.
@@ -57,8 +60,10 @@ class Session:
 
     @property
     def versions(self) -> tuple[int, ...]:
-        """The IP versions the session captures: those of its subnets, 4 before 6."""
-        return tuple(sorted({target.version for target in self.subnets}))
+        """The IP versions the session captures: those of its subnets and of its
+        nameservers, 4 before 6."""
+        found = {target.version for target in self.subnets}
+        return tuple(sorted(found | {address.version for address in self.dns}))
 
     def scope(self) -> str:
         """Whose traffic, in words, for the log."""
@@ -77,11 +82,12 @@ class Sessions:
         lease: float,
         *,
         policy: Policy | None = None,
-        listeners_of_port: Callable[[int], list[Listener]] = listeners_on,
+        listeners_of_port: Callable[[int], list[Listener]] = sockets_on,
         clock: Callable[[], float] = time.monotonic,
         fd_path: str = "",
         make_reply_socket: Callable[[Address, int], socket.socket] = reply_socket,
         local: Callable[[Address], bool] = is_local,
+        hosts: HostsFile | None = None,
     ) -> None:
         """methods: every method this firewalld has (see disable); fd_path: the fd socket,
         where tokens are redeemed (server.FdServer listens there)."""
@@ -95,6 +101,8 @@ class Sessions:
         self._listeners_of_port = listeners_of_port
         self._clock = clock
         self._open: dict[str, Session] = {}
+        self._hosts = hosts if hosts is not None else HostsFile()
+        self._with_hosts: set[str] = set()  # ids of sessions that may have a hosts block
 
     def __len__(self) -> int:
         return len(self._open)
@@ -114,7 +122,11 @@ class Sessions:
         if refusal is not None:
             raise RequestError(refusal)
         subnets = tuple(Target.from_wire(item) for item in request.subnets)
-        versions = {target.version for target in subnets}
+        # The protocol checked each address's form; a repeated one would repeat in the rules.
+        dns = tuple(dict.fromkeys(map(ipaddress.ip_address, request.dns)))
+        dns_versions = {address.version for address in dns}
+        # DNS over TCP to an IPv6 nameserver lands on the TCP listener's IPv6 side, too.
+        versions = {target.version for target in subnets} | dns_versions
         if not self._methods[method].makes_sockets:  # else the request's port means nothing
             problem = port_problem(
                 self._listeners_of_port(request.port),
@@ -122,6 +134,7 @@ class Sessions:
                 caller,
                 versions,
                 request.forward,
+                dns_versions=dns_versions,
             )
             if problem is not None:
                 raise RequestError(problem)
@@ -143,20 +156,22 @@ class Sessions:
             uid=request.uid,
             gid=request.gid,
             forward=request.forward,
+            dns=dns,
         )
         session.rules = self._methods[method].apply(session)
         # The lease starts once the rules are in: applying 10,000 of them takes a while.
         session.deadline = self._clock() + self.lease
         self._open[session_id] = session
         log.info(
-            "session %s opened by uid %d: %s to port %d, %d subnets, %d excludes, %d rules, "
-            "capturing %s",
+            "session %s opened by uid %d: %s to port %d, %d subnets, %d excludes, "
+            "%d nameservers, %d rules, capturing %s",
             session.short_id,
             caller,
             method,
             session.port,
             len(session.subnets),
             len(session.excludes),
+            len(session.dns),
             session.rules,
             session.scope(),
         )
@@ -175,11 +190,23 @@ class Sessions:
     def reply_socket(self, session: Session, address: str, port: int) -> str:
         """A token for a reply socket at (address, port), inside what session captures."""
         parsed = ipaddress.ip_address(address)  # the protocol checked its form
-        problem = reply_problem(session.subnets, session.excludes, parsed, port, self._local)
+        problem = reply_problem(
+            session.subnets, session.excludes, parsed, port, self._local, dns=session.dns
+        )
         if problem is not None:
             raise RequestError(problem)
         self.grants.room(session)  # before the socket is made, not after
         return self.grants.issue(session, self._make_reply_socket(parsed, port))
+
+    def set_hosts(self, session: Session, hosts: tuple[tuple[str, str], ...]) -> int:
+        """Make the session's hosts block hold these entries, if policy lets its owner;
+        how many were written."""
+        refusal = self._policy.check_hosts(session.caller)
+        if refusal is not None:
+            raise RequestError(refusal)
+        # Before writing: whatever happens next, close() looks for a block to remove.
+        self._with_hosts.add(session.id)
+        return self._hosts.set(session.short_id, hosts)
 
     def close(self, session: Session, why: str) -> None:
         """Forget the session and remove its rules; never raises."""
@@ -192,6 +219,12 @@ class Sessions:
             self._methods[session.method].remove(session)
         except Exception:  # a method must not raise here; if it does, the others still go
             log.exception("removing session %s failed", session.short_id)
+        if session.id in self._with_hosts:
+            self._with_hosts.discard(session.id)
+            try:
+                self._hosts.remove(session.short_id)
+            except Exception:
+                log.exception("removing the hosts block of session %s failed", session.short_id)
         log.info(
             "session %s of uid %d %s: %d %s rules removed",
             session.short_id,

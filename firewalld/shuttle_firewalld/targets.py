@@ -28,6 +28,8 @@ Address = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 MAX_WORK = 1_000_000
 
 LOOPBACK = {4: ipaddress.ip_network("127.0.0.0/8"), 6: ipaddress.ip_network("::1/128")}
+# A session's nameservers (OpenSessionRequest.dns) are captured on this port, TCP and UDP.
+DNS_PORT = 53
 
 
 @dataclass(frozen=True)

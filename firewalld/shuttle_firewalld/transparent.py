@@ -15,7 +15,7 @@ import socket
 from collections.abc import Callable, Collection, Iterable
 
 from .errors import RequestError
-from .targets import LOOPBACK, Address, Target
+from .targets import DNS_PORT, LOOPBACK, Address, Target
 
 # <linux/in.h> and <linux/in6.h>; Python's socket module does not name them.
 IP_TRANSPARENT = 19
@@ -146,9 +146,12 @@ def reply_problem(
     address: Address,
     port: int,
     local: Callable[[Address], bool] = is_local,
+    *,
+    dns: Collection[Address] = (),
 ) -> str | None:
-    """Why a session capturing subnets minus excludes may not have a reply socket at
-    (address, port), or None if it may: it must be a destination the session captures.
+    """Why a session capturing subnets minus excludes, and port 53 of its nameservers (dns),
+    may not have a reply socket at (address, port), or None if it may: it must be a
+    destination the session captures.
 
     A reply socket sends from an address that is not this host's; limiting it to what the
     session captures keeps the client from speaking for anyone else. Addresses the rules
@@ -166,7 +169,8 @@ def reply_problem(
         or address == ipaddress.IPv4Address("255.255.255.255")
     ):
         return f"{where} is not an address this session captures"
-    if not _covers(subnets, address, port) or _covers(excludes, address, port):
+    nameserver = port == DNS_PORT and address in dns  # captured whatever the excludes say
+    if not nameserver and (not _covers(subnets, address, port) or _covers(excludes, address, port)):
         return f"{where} is not inside the session's subnets (or is excluded)"
     if local(address):
         return f"{where} is this host's own address, which is never captured"

@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 import zmq
-from shuttle_client.firewall_session import FirewallSession
+from shuttle_client.firewall_session import FirewallError, FirewallSession
 from shuttle_firewalld.policy import Policy
 from shuttle_firewalld.ports import Listener as ListeningSocket
 from shuttle_firewalld.sessions import Session, Sessions
@@ -114,17 +114,20 @@ class FakeClock:
         return self.now
 
 
-def listening(port: int, uid: int, *addresses: str) -> list[ListeningSocket]:
-    return [ListeningSocket(ipaddress.ip_address(a), port, uid) for a in addresses]
+def listening(port: int, uid: int, *addresses: str, protocol: str = "tcp") -> list[ListeningSocket]:
+    return [ListeningSocket(ipaddress.ip_address(a), port, uid, protocol) for a in addresses]
 
 
 # Port 12300: uid 1000 on both loopbacks; 12301: uid 0 on 127.0.0.1; 12302: uid 1000 on the
-# wildcard addresses; 12303: uid 1000 on 127.0.0.1 only.
+# wildcard addresses; 12303: uid 1000 on 127.0.0.1 only; 12304: uid 1000 on both loopbacks,
+# TCP, and UDP on 127.0.0.1 only (for nameservers).
 LISTENERS = {
     12300: listening(12300, 1000, "127.0.0.1", "::1"),
     12301: listening(12301, 0, "127.0.0.1"),
     12302: listening(12302, 1000, "0.0.0.0", "::"),
     12303: listening(12303, 1000, "127.0.0.1"),
+    12304: listening(12304, 1000, "127.0.0.1", "::1")
+    + listening(12304, 1000, "127.0.0.1", protocol="udp"),
 }
 POLICY_PATH = "/etc/shuttle/test.policy"
 FD_PATH = "/run/shuttle/test.sock.fds"
@@ -148,6 +151,7 @@ def make_session(
     uid: int = 1000,
     gid: int = ANY_OWNER,
     forward: bool = False,
+    dns: Sequence[str] = (),
 ) -> Session:
     """A session as Sessions.open builds it, with the id SESSION_ID, opened by uid 1000."""
     return Session(
@@ -161,6 +165,7 @@ def make_session(
         uid=uid,
         gid=gid,
         forward=forward,
+        dns=tuple(map(ipaddress.ip_address, dns)),
     )
 
 
@@ -361,14 +366,17 @@ class Daemon:
         policy: Path,
         *,
         env: dict[str, str] | None = None,
+        hosts_file: Path,
     ) -> None:
         self.socket_path = socket_path
+        self.hosts_file = hosts_file
         argv = [
             FIREWALLD,
             f"--socket={socket_path}",
             f"--group={group}",
             f"--lease={lease:g}",
             f"--policy={policy}",
+            f"--hosts-file={hosts_file}",
         ]
         self.proc = subprocess.Popen(
             [IP, "netns", "exec", netns, *argv, "-v"],  # IP: env may have another PATH
@@ -414,13 +422,22 @@ class Daemon:
 def start_firewalld(netns: str, socket_dir: Path) -> Iterator[Callable[..., Daemon]]:
     """Start shuttle-firewalld in the namespace and wait until it listens.
 
-    Its policy file is socket_dir/firewalld.policy: missing unless a test writes it.
+    Its policy file is socket_dir/firewalld.policy, and its hosts file socket_dir/hosts
+    (never the system's /etc/hosts): each missing unless a test writes it.
     """
     daemons: list[Daemon] = []
 
     def start(group: str = "root", lease: float = 2, env: dict[str, str] | None = None) -> Daemon:
         policy = socket_dir / "firewalld.policy"
-        daemon = Daemon(netns, socket_dir / "firewalld.sock", group, lease, policy, env=env)
+        daemon = Daemon(
+            netns,
+            socket_dir / "firewalld.sock",
+            group,
+            lease,
+            policy,
+            env=env,
+            hosts_file=socket_dir / "hosts",
+        )
         daemons.append(daemon)
         daemon.wait_for_line(f"shuttle-firewalld: listening on ipc://{daemon.socket_path}")
         return daemon
@@ -433,35 +450,50 @@ def start_firewalld(netns: str, socket_dir: Path) -> Iterator[Callable[..., Daem
 
 
 LISTENER = """\
-import socket, sys
-port, addresses = int(sys.argv[1]), sys.argv[2:]
+import select, socket, sys
+port, protocol, addresses = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
 has_v4 = any(":" not in address for address in addresses)
+kind = socket.SOCK_DGRAM if protocol == "udp" else socket.SOCK_STREAM
 sockets = []
 for address in addresses:
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    sock = socket.socket(family)
+    sock = socket.socket(family, kind)
     if family == socket.AF_INET6 and has_v4:  # beside an IPv4 socket, :: must be IPv6 only
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
     sock.bind((address, port))
-    sock.listen(64)
+    if protocol == "tcp":
+        sock.listen(64)
     sockets.append(sock)
 print("ready", flush=True)
-sys.stdin.read()
+udp = sockets if protocol == "udp" else []
+while True:
+    readable = select.select([sys.stdin, *udp], [], [])[0]
+    if sys.stdin in readable:  # EOF: the test is done
+        break
+    for sock in readable:
+        data, peer = sock.recvfrom(2048)
+        sock.sendto(b"echo " + data, peer)
 """
 
 
 class Listener:
-    """TCP listeners on port inside the namespace (127.0.0.1 unless told), as root or nobody.
+    """TCP listeners on port inside the namespace (127.0.0.1 unless told), as root or nobody;
+    or with protocol "udp", UDP sockets that echo each datagram back, prefixed with "echo ".
 
-    Nothing accepts: the kernel completes connections into the backlog, which is all a
+    Nothing accepts TCP: the kernel completes connections into the backlog, which is all a
     connecting test needs to see.
     """
 
     def __init__(
-        self, netns: str, port: int, as_nobody: bool, addresses: tuple[str, ...] = ("127.0.0.1",)
+        self,
+        netns: str,
+        port: int,
+        as_nobody: bool,
+        addresses: tuple[str, ...] = ("127.0.0.1",),
+        protocol: str = "tcp",
     ) -> None:
         user = NOBODY if as_nobody else []
-        argv = [sys.executable, "-c", LISTENER, str(port), *addresses]
+        argv = [sys.executable, "-c", LISTENER, str(port), protocol, *addresses]
         self.proc = subprocess.Popen(
             ["ip", "netns", "exec", netns, *user, *argv],
             stdin=subprocess.PIPE,
@@ -490,9 +522,12 @@ def listen(netns: str) -> Iterator[Callable[..., Listener]]:
     listeners: list[Listener] = []
 
     def start(
-        port: int, as_nobody: bool = False, addresses: tuple[str, ...] = ("127.0.0.1",)
+        port: int,
+        as_nobody: bool = False,
+        addresses: tuple[str, ...] = ("127.0.0.1",),
+        protocol: str = "tcp",
     ) -> Listener:
-        listener = Listener(netns, port, as_nobody, addresses)
+        listener = Listener(netns, port, as_nobody, addresses, protocol)
         listeners.append(listener)
         return listener
 
@@ -550,6 +585,36 @@ def routed(netns: str) -> str:
     return netns
 
 
+NAMESERVERS = ("10.53.0.53", "fd00:53::53")  # routed out of the namespace: nothing answers
+NAMESERVER_NET = ("10.53.0.1/24", "fd00:53::1/64")
+NAMESERVER_NETWORKS = ("10.53.0.0/24", "fd00:53::/64")
+
+
+@pytest.fixture
+def dns_net(netns: str) -> str:
+    """The namespace with 10.53.0.0/24 and fd00:53::/64 on an interface, where packets that no
+    session captured are stopped at once in filter OUTPUT: TCP refused (a reset), UDP
+    blocked at send (EPERM). A captured packet passes: nat and nft rewrote its destination
+    to loopback before (nat OUTPUT comes first), tproxy marked it (mangle comes first).
+    """
+
+    def run(*argv: str) -> None:
+        subprocess.run(["ip", "netns", "exec", netns, *argv], check=True, timeout=10)
+
+    run("ip", "link", "add", "fwt0", "type", "veth", "peer", "name", "fwt1")
+    for link in ("fwt0", "fwt1"):
+        run("ip", "link", "set", link, "up")
+    run("ip", "addr", "add", NAMESERVER_NET[0], "dev", "fwt0")
+    run("ip", "-6", "addr", "add", NAMESERVER_NET[1], "dev", "fwt0", "nodad")
+    # Not to our own addresses there: answers and resets go to them.
+    only = ["-m", "addrtype", "!", "--dst-type", "LOCAL", "-m", "mark", "--mark", "0"]
+    reset = ["-j", "REJECT", "--reject-with", "tcp-reset"]
+    for tool, network in zip(("iptables", "ip6tables"), NAMESERVER_NETWORKS):
+        run(tool, "-w", "-A", "OUTPUT", "-d", network, "-p", "tcp", "--syn", *only, *reset)
+        run(tool, "-w", "-A", "OUTPUT", "-d", network, "-p", "udp", *only, "-j", "REJECT")
+    return netns
+
+
 CONNECT = """\
 import json, socket, sys
 results = []
@@ -570,6 +635,47 @@ def connect(netns: str, targets: list[tuple[str, int]], as_nobody: bool = False)
     user = NOBODY if as_nobody else []
     done = subprocess.run(
         ["ip", "netns", "exec", netns, *user, sys.executable, "-c", CONNECT, json.dumps(targets)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    result: list[str] = json.loads(done.stdout)
+    return result
+
+
+QUERY = """\
+import json, socket, sys
+results = []
+for host, port in json.loads(sys.argv[1]):
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(5)
+        try:
+            sock.connect((host, port))  # so only an answer from (host, port) comes in
+            sock.send(b"query")
+            results.append(sock.recv(2048).decode())
+        except PermissionError:  # a REJECT in filter OUTPUT
+            results.append("blocked")
+        except ConnectionRefusedError:  # an ICMP error: nobody there
+            results.append("refused")
+        except OSError as exc:
+            results.append(type(exc).__name__)
+print(json.dumps(results))
+"""
+
+
+def query_argv(netns: str, targets: list[tuple[str, int]], as_nobody: bool = False) -> list[str]:
+    """The command that sends one UDP datagram to each (host, port) from inside the
+    namespace and prints what came back: the answer, blocked, refused, or why not."""
+    user = NOBODY if as_nobody else []
+    return ["ip", "netns", "exec", netns, *user, sys.executable, "-c", QUERY, json.dumps(targets)]
+
+
+def query(netns: str, targets: list[tuple[str, int]], as_nobody: bool = False) -> list[str]:
+    """What query_argv prints: for each target, the answer, or why there was none."""
+    done = subprocess.run(
+        query_argv(netns, targets, as_nobody),
         capture_output=True,
         text=True,
         check=True,
@@ -614,11 +720,11 @@ def as_nobody(socket_path: Path, **request: object) -> str:
 # --- sessions of root's, from this process -------------------------------------------------
 
 
-def open_session(daemon: Daemon, *args: Any) -> tuple[FirewallSession, str]:
-    """A FirewallSession opened with open(*args); (the session, the method applied)."""
+def open_session(daemon: Daemon, *args: Any, **kwargs: Any) -> tuple[FirewallSession, str]:
+    """A FirewallSession opened with open(*args, **kwargs); (the session, the method applied)."""
     client = FirewallSession(str(daemon.socket_path))
     try:
-        method = asyncio.run(client.open(*args))
+        method = asyncio.run(client.open(*args, **kwargs))
     except BaseException:
         close_session(client)
         raise
@@ -660,4 +766,54 @@ def check_capture(netns: str, daemon: Daemon, listen: Callable[..., Listener], m
         assert connect(netns, probes[:1], as_nobody=True) == ["refused"]
     finally:
         close_session(client)
+    assert connect(netns, probes) == ["refused"] * len(probes)
+
+
+def check_dns_capture(
+    netns: str, daemon: Daemon, listen: Callable[..., Listener], method: str
+) -> None:
+    """Real DNS queries in the dns_net namespace, over UDP and TCP, before, during and after a
+    session of root's with nameservers (nat and nft alike): captured means answered by our
+    UDP echo (from the nameserver's address, as the querier's connected socket demands) or
+    connected to our TCP listener. The session excludes the nameservers' network: port 53 of
+    a nameserver is captured all the same."""
+    listen(12300, addresses=("127.0.0.1", "::1"))
+    args = (method, 12300, [("198.18.0.0/15", 1, 65535)], [("10.53.0.0/24", 1, 65535)])
+    nameservers = ("10.53.0.53", "127.0.0.53", "fd00:53::53")
+    with pytest.raises(FirewallError) as refused:  # our UDP socket is not there yet
+        open_session(daemon, *args, dns=nameservers)
+    assert str(refused.value) == (
+        "shuttle-firewalld: no UDP socket of uid 0 on port 12300 at 127.0.0.1 or a wildcard "
+        "address, where IPv4 DNS datagrams land"
+    )
+    listen(12300, addresses=("127.0.0.1", "::1"), protocol="udp")
+    # (probe, UDP answer while captured, TCP while captured); not captured, UDP is blocked in
+    # dns_net and refused at 127.0.0.53 (nobody there), TCP refused.
+    expected = [
+        (("10.53.0.53", 53), "echo query", "connected"),
+        (("10.53.0.53", 54), "blocked", "refused"),  # another port
+        (("10.53.0.54", 53), "blocked", "refused"),  # another address
+        (("127.0.0.53", 53), "echo query", "connected"),  # a local stub resolver's address
+        (("127.0.0.53", 54), "refused", "refused"),
+        (("127.0.0.54", 53), "refused", "refused"),
+        (("fd00:53::53", 53), "echo query", "connected"),
+        (("fd00:53::53", 54), "blocked", "refused"),
+        (("fd00:53::54", 53), "blocked", "refused"),
+    ]
+    probes = [probe for probe, _, _ in expected]
+    uncaptured = ["refused" if host.startswith("127.") else "blocked" for host, _ in probes]
+    assert query(netns, probes) == uncaptured
+    assert connect(netns, probes) == ["refused"] * len(probes)
+    client, applied = open_session(daemon, *args, dns=nameservers)
+    try:
+        assert applied == method
+        assert query(netns, probes) == [answer for _, answer, _ in expected]
+        assert connect(netns, probes) == [tcp for _, _, tcp in expected]
+        # Another uid's queries are not captured: the session is root's own.
+        assert query(netns, probes[:1], as_nobody=True) == ["blocked"]
+        assert connect(netns, probes[3:4], as_nobody=True) == ["refused"]
+    finally:
+        close_session(client)
+    assert nothing_of_shuttle(netns)
+    assert query(netns, probes) == uncaptured
     assert connect(netns, probes) == ["refused"] * len(probes)

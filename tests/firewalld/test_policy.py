@@ -1,5 +1,6 @@
 """Scope policy: the decision table, the policy file's format and its refusals; then a real
-caller of another uid, without and with a policy entry."""
+caller of another uid, without and with a policy entry. (The hosts permission for real:
+test_hosts_file.)"""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 from shuttle_firewalld.policy import (
     CAPTURE_OTHERS,
     FORWARD,
+    HOSTS,
     Entry,
     Policy,
     PolicyError,
@@ -52,6 +54,22 @@ def test_decision_table(
     assert missing(caller, uid, forward, granted) == lacking
 
 
+# caller, granted -> missing, for writing host names: whatever the session captures.
+HOSTS_DECISIONS = [
+    (0, (), ()),
+    (1000, (), (HOSTS,)),
+    (1000, BOTH, (HOSTS,)),
+    (1000, (HOSTS,), ()),
+]
+
+
+@pytest.mark.parametrize(("caller", "granted", "lacking"), HOSTS_DECISIONS)
+def test_hosts_decision_table(
+    caller: int, granted: tuple[str, ...], lacking: tuple[str, ...]
+) -> None:
+    assert missing(caller, caller, False, granted, hosts=True) == lacking
+
+
 def test_refusal_texts_say_what_is_needed_and_where() -> None:
     path = "/etc/shuttle/firewalld.policy"
     assert refusal((CAPTURE_OTHERS,), path) == (
@@ -61,6 +79,10 @@ def test_refusal_texts_say_what_is_needed_and_where() -> None:
     assert refusal((FORWARD,), path) == (
         "capturing forwarded traffic needs root or a policy entry in "
         "/etc/shuttle/firewalld.policy (allow USER|@GROUP forward)"
+    )
+    assert refusal((HOSTS,), path) == (
+        "writing host names into the hosts file needs root or a policy entry in "
+        "/etc/shuttle/firewalld.policy (allow USER|@GROUP hosts)"
     )
     assert refusal(BOTH, path).count("needs root") == 2
 
@@ -86,12 +108,27 @@ def test_granted_to_users_and_through_groups() -> None:
     assert Policy("p").check(0, ANY, True) is None
 
 
+def test_check_hosts_through_users_and_groups() -> None:
+    groups = {1000: {1000, 27}, 1001: {1001}}
+    policy = Policy(
+        "p",
+        (Entry(None, 27, frozenset({HOSTS})), Entry(1001, None, frozenset(BOTH))),
+        groups_of=lambda uid: groups.get(uid, set()),
+    )
+    assert policy.check_hosts(1000) is None
+    assert policy.check_hosts(1001) == refusal((HOSTS,), "p")  # the others do not give it
+    assert policy.check_hosts(0) is None
+    assert Policy("p").check_hosts(0) is None
+    assert Policy("p").check_hosts(1000) == refusal((HOSTS,), "p")
+
+
 GOOD = """\
 # who may ask for more than their own traffic
 allow root capture-others   # a comment after a line
 
 \tallow   @nogroup   forward  capture-others
 allow nobody forward
+allow @nogroup hosts
 """
 
 
@@ -102,6 +139,7 @@ def test_parse_a_good_file() -> None:
         Entry(0, None, frozenset({CAPTURE_OTHERS})),
         Entry(None, 65534, frozenset(BOTH)),
         Entry(65534, None, frozenset({FORWARD})),
+        Entry(None, 65534, frozenset({HOSTS})),
     )
 
 
@@ -110,7 +148,7 @@ def test_an_empty_file_allows_nothing() -> None:
 
 
 FORMAT = "(a line is: allow USER|@GROUP PERMISSION...)"
-KNOWN = "(known: capture-others, forward)"
+KNOWN = "(known: capture-others, forward, hosts)"
 
 
 @pytest.mark.parametrize(
@@ -272,6 +310,6 @@ def test_a_bad_policy_file_stops_the_start(socket_dir: Path) -> None:
     assert (done.returncode, done.stdout) == (1, "")
     assert done.stderr == (
         f"shuttle-firewalld: {policy}:2: unknown permission 'fly' "
-        "(known: capture-others, forward)\n"
+        "(known: capture-others, forward, hosts)\n"
     )
     assert not (socket_dir / "fw.sock").exists()

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
 from typing import Any
 
 import pytest
 from shuttle_firewalld.errors import RequestError
+from shuttle_firewalld.hosts_file import HostsFile
+from shuttle_firewalld.policy import HOSTS, Entry, Policy
 from shuttle_firewalld.requests import TABLE, handle
 from shuttle_firewalld.sessions import Sessions
 from shuttle_protocol.firewall_messages import (
@@ -18,6 +22,8 @@ from shuttle_protocol.firewall_messages import (
     OpenSessionRequest,
     ReplySocketAnswer,
     ReplySocketRequest,
+    SetHostsAnswer,
+    SetHostsRequest,
     SocketsAnswer,
     SocketsHandover,
     SocketsRequest,
@@ -25,7 +31,15 @@ from shuttle_protocol.firewall_messages import (
 from shuttle_protocol.schema import Message
 from shuttle_protocol.stream_messages import Ping
 
-from .conftest import FD_PATH, FakeMethod, ReplySockets, open_request
+from .conftest import (
+    FD_PATH,
+    LISTENERS,
+    POLICY_PATH,
+    FakeClock,
+    FakeMethod,
+    ReplySockets,
+    open_request,
+)
 
 OPEN = open_request()
 NOBODY_ELSES = "f" * 32
@@ -40,6 +54,7 @@ def test_the_table_as_it_stands() -> None:
         CloseSessionRequest: (True, None),
         SocketsRequest: (True, "tproxy"),
         ReplySocketRequest: (True, "tproxy"),
+        SetHostsRequest: (True, None),
     }
 
 
@@ -196,3 +211,138 @@ def test_socket_requests_in_another_uids_session(
         handle(tproxy_sessions, 1001, request_type(session_id))
     assert len(tproxy_sessions.grants) == 0
     assert reply_sockets.made == []
+
+
+# --- host names --------------------------------------------------------------------------
+
+HOSTS_BLOCK = (
+    "# shuttle session {} begin\n"
+    "# managed by shuttle-firewalld: removed when the session ends; do not edit\n"
+    "10.1.2.3 db1\n"
+    "# shuttle session {} end\n"
+)
+
+
+@pytest.fixture
+def hosts_path(tmp_path: Path) -> Path:
+    path = tmp_path / "hosts"
+    path.write_bytes(b"127.0.0.1 localhost\n")
+    return path
+
+
+def sessions_on(hosts_path: Path, method: FakeMethod, clock: FakeClock, policy: Policy) -> Sessions:
+    """As the sessions fixture, with the hosts file hosts_path and this policy."""
+    return Sessions(
+        {"nat": method, "nft": method},
+        6.0,
+        policy=policy,
+        listeners_of_port=lambda port: LISTENERS.get(port, []),
+        clock=clock,
+        hosts=HostsFile(str(hosts_path)),
+    )
+
+
+@pytest.fixture
+def hosts_sessions(method: FakeMethod, clock: FakeClock, hosts_path: Path) -> Sessions:
+    """uid 1000 may set hosts."""
+    policy = Policy(POLICY_PATH, (Entry(1000, None, frozenset({HOSTS})),))
+    return sessions_on(hosts_path, method, clock, policy)
+
+
+def set_db1(sessions: Sessions, uid: int = 1000, request: Any = OPEN) -> str:
+    """Open a session of uid's and set db1 in it; the session id."""
+    session_id: str = handle(sessions, uid, request).session  # type: ignore[attr-defined]
+    answer = handle(sessions, uid, SetHostsRequest(session_id, (("db1", "10.1.2.3"),)))
+    assert answer == SetHostsAnswer(1)
+    return session_id
+
+
+def only_localhost_and(session_id: str) -> str:
+    return "127.0.0.1 localhost\n" + HOSTS_BLOCK.format(session_id[:12], session_id[:12])
+
+
+def test_set_hosts_writes_the_sessions_block(hosts_sessions: Sessions, hosts_path: Path) -> None:
+    session_id = set_db1(hosts_sessions)
+    assert hosts_path.read_text() == only_localhost_and(session_id)
+    answer = handle(hosts_sessions, 1000, SetHostsRequest(session_id, (("localhost", "10.6.6.6"),)))
+    assert answer == SetHostsAnswer(0)  # the file has localhost already: skipped
+    assert hosts_path.read_text() == "127.0.0.1 localhost\n"
+
+
+def test_set_hosts_needs_the_hosts_permission(
+    method: FakeMethod, clock: FakeClock, hosts_path: Path
+) -> None:
+    sessions = sessions_on(hosts_path, method, clock, Policy(POLICY_PATH))
+    session_id = handle(sessions, 1000, OPEN).session  # type: ignore[attr-defined]
+    with pytest.raises(RequestError) as refused:
+        handle(sessions, 1000, SetHostsRequest(session_id, (("db1", "10.1.2.3"),)))
+    assert str(refused.value) == (
+        f"writing host names into the hosts file needs root or a policy entry in {POLICY_PATH} "
+        "(allow USER|@GROUP hosts)"
+    )
+    assert hosts_path.read_text() == "127.0.0.1 localhost\n"
+
+
+def test_root_may_set_hosts_without_a_policy_entry(
+    method: FakeMethod, clock: FakeClock, hosts_path: Path
+) -> None:
+    sessions = sessions_on(hosts_path, method, clock, Policy(POLICY_PATH))
+    session_id = set_db1(sessions, 0, open_request(port=12301, uid=0))
+    assert hosts_path.read_text() == only_localhost_and(session_id)
+
+
+def test_set_hosts_in_another_uids_session(hosts_sessions: Sessions, hosts_path: Path) -> None:
+    session_id = set_db1(hosts_sessions)
+    before = hosts_path.read_bytes()
+    with pytest.raises(RequestError, match=r"^no such session$"):
+        handle(hosts_sessions, 1001, SetHostsRequest(session_id, ()))
+    assert hosts_path.read_bytes() == before
+
+
+def close_it(sessions: Sessions, session_id: str, clock: FakeClock) -> None:
+    handle(sessions, 1000, CloseSessionRequest(session_id))
+
+
+def let_it_expire(sessions: Sessions, session_id: str, clock: FakeClock) -> None:
+    clock.now += 7  # past the lease of 6 s
+    sessions.expire()
+
+
+def exit_firewalld(sessions: Sessions, session_id: str, clock: FakeClock) -> None:
+    sessions.close_all("closed at exit")
+
+
+@pytest.mark.parametrize("end", [close_it, let_it_expire, exit_firewalld])
+def test_the_block_goes_with_the_session(
+    hosts_sessions: Sessions, hosts_path: Path, clock: FakeClock, end: Any
+) -> None:
+    session_id = set_db1(hosts_sessions)
+    end(hosts_sessions, session_id, clock)
+    assert len(hosts_sessions) == 0
+    assert hosts_path.read_text() == "127.0.0.1 localhost\n"
+
+
+def test_a_session_that_set_no_hosts_leaves_the_file_alone(
+    hosts_sessions: Sessions, hosts_path: Path
+) -> None:
+    inode = hosts_path.stat().st_ino  # a rewrite would replace the file: another inode
+    session_id = handle(hosts_sessions, 1000, OPEN).session  # type: ignore[attr-defined]
+    handle(hosts_sessions, 1000, CloseSessionRequest(session_id))
+    assert hosts_path.stat().st_ino == inode
+
+
+def test_a_hosts_file_that_fails_does_not_stop_the_close(
+    hosts_sessions: Sessions,
+    hosts_path: Path,
+    method: FakeMethod,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    session_id = set_db1(hosts_sessions)
+    hosts_path.unlink()
+    hosts_path.mkdir()  # the next read is refused: not a regular file
+    with caplog.at_level(logging.ERROR):
+        assert handle(hosts_sessions, 1000, CloseSessionRequest(session_id)) == (
+            CloseSessionAnswer()
+        )
+    assert [session.id for session in method.removed] == [session_id]
+    assert f"removing the hosts block of session {session_id[:12]} failed" in caplog.text

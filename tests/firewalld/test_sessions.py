@@ -20,6 +20,7 @@ from .conftest import (
     FakeClock,
     FakeMethod,
     Listener,
+    ReplySockets,
     ask,
     close_session,
     nat6_rules,
@@ -154,6 +155,47 @@ def test_close_removes_even_if_the_method_raises(sessions: Sessions, method: Fak
     sessions.close_all("closed at exit")
     assert [session.id for session in method.removed] == [first, second]
     assert len(sessions) == 0
+
+
+def test_nameservers_need_the_callers_udp_socket_too(
+    sessions: Sessions, method: FakeMethod
+) -> None:
+    with pytest.raises(RequestError, match=r"^no UDP socket of uid 1000 on port 12300 at 127\."):
+        sessions.open(1000, open_request(dns=("10.53.0.53",)))
+    # An IPv6 nameserver needs the TCP listener's IPv6 side as well: DNS over TCP lands there.
+    with pytest.raises(
+        RequestError, match=r"^no listening socket of uid 1000 on port 12303 at ::1 "
+    ):
+        sessions.open(1000, open_request(port=12303, dns=("fd00:53::53",)))
+    with pytest.raises(RequestError, match=r"^no UDP socket of uid 1000 on port 12304 at ::1 "):
+        sessions.open(1000, open_request(port=12304, dns=("fd00:53::53",)))
+    assert method.applied == []
+    session = sessions.open(
+        1000, open_request(port=12304, dns=("10.53.0.53", "127.0.0.53", "10.53.0.53"))
+    )
+    assert [str(address) for address in session.dns] == ["10.53.0.53", "127.0.0.53"]
+    assert method.applied == [session]
+
+
+def test_the_versions_of_the_nameservers_count(tproxy_sessions: Sessions) -> None:
+    request = open_request(method="tproxy", subnets=("10.0.0.0/8",), dns=("fd00:53::53",))
+    session = tproxy_sessions.open(1000, request)
+    assert session.versions == (4, 6)
+    assert sorted(session.sockets) == ["tcp4", "tcp6", "udp4", "udp6"]
+
+
+def test_a_reply_socket_at_a_nameservers_port_53_even_if_excluded(
+    tproxy_sessions: Sessions, reply_sockets: ReplySockets
+) -> None:
+    request = open_request(
+        method="tproxy", subnets=("198.18.0.0/15",), excludes=("10.53.0.0/16",), dns=("10.53.0.53",)
+    )
+    session = tproxy_sessions.open(1000, request)
+    tproxy_sessions.reply_socket(session, "10.53.0.53", 53)
+    assert [(address, port) for address, port, _ in reply_sockets.made] == [("10.53.0.53", 53)]
+    for address, port in (("10.53.0.53", 54), ("10.53.0.54", 53)):
+        with pytest.raises(RequestError, match="is not inside the session's subnets"):
+            tproxy_sessions.reply_socket(session, address, port)
 
 
 # --- real daemon ---------------------------------------------------------------------

@@ -9,6 +9,11 @@ forwarding session needs a wildcard listener.
 
 Each version is one iptables-restore --noflush call: one commit, all of it or nothing. A
 session with both versions is two commits; if the second fails, the first is undone.
+
+A session's nameservers: TCP and UDP to their port 53 are redirected to the same port by
+rules at the top of the chain (the caller's UDP socket takes the datagrams; conntrack turns
+the source of its answers back into the nameserver's), and UDP to port 53 jumps into the
+chain as well.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from typing import TYPE_CHECKING
 from shuttle_protocol.firewall_messages import ANY_OWNER
 
 from shuttle_firewalld.errors import RequestError
-from shuttle_firewalld.targets import LOOPBACK, Target
+from shuttle_firewalld.targets import DNS_PORT, LOOPBACK, Target
 
 from .tools import Runner, run_tool
 
@@ -64,19 +69,43 @@ def chain_name(session: Session) -> str:
     return CHAIN_PREFIX + session.short_id
 
 
-def jump_rules(session: Session) -> list[str]:
-    """The rules that send TCP into the session's chain: the caller's scope in OUTPUT, and
-    with forward everything in PREROUTING (forwarded packets have no socket, no owner)."""
+def jump_rules(session: Session, version: int) -> list[str]:
+    """The rules that send an IP version's TCP into the session's chain (and UDP to port 53,
+    if the session has nameservers of that version): the caller's scope in OUTPUT, and with
+    forward everything in PREROUTING (forwarded packets have no socket, no owner)."""
     owner = ""
     if session.uid != ANY_OWNER:
         owner += f" --uid-owner {session.uid}"
     if session.gid != ANY_OWNER:
         owner += f" --gid-owner {session.gid}"
     owner = f" -m owner{owner}" if owner else ""
-    jumps = [f"OUTPUT -p tcp{owner} -j {chain_name(session)}"]
+    protocols = ["-p tcp"]
+    if any(address.version == version for address in session.dns):
+        protocols.append(f"-p udp -m udp --dport {DNS_PORT}")
+    chain = chain_name(session)
+    jumps = [f"OUTPUT {protocol}{owner} -j {chain}" for protocol in protocols]
     if session.forward:
-        jumps.append(f"PREROUTING -p tcp -j {chain_name(session)}")
+        # Not loopback: the chain never captures it for a subnet, and a packet from
+        # elsewhere to a loopback address is a martian that the kernel drops when it routes
+        # the packet, after prerouting; a nameserver's redirect there would let it in.
+        jumps += [
+            f"PREROUTING ! -d {LOOPBACK[version]} {protocol} -j {chain}" for protocol in protocols
+        ]
     return jumps
+
+
+def dns_rules(session: Session, version: int) -> list[str]:
+    """The rules that redirect TCP and UDP to port 53 of the session's nameservers of this
+    IP version. They come first in the chain, before any return: the common nameserver is a
+    local stub resolver (127.0.0.53, 127.0.0.1), which the loopback and local returns would
+    pass over, and a nameserver's port 53 is captured even where an exclude covers it."""
+    return [
+        f"-d {address}/{address.max_prefixlen} -p {protocol} -m {protocol} --dport {DNS_PORT} "
+        f"-j REDIRECT --to-ports {session.port}"
+        for address in session.dns
+        if address.version == version
+        for protocol in ("tcp", "udp")
+    ]
 
 
 def _match(target: Target, protocol: bool = False) -> str:
@@ -99,6 +128,7 @@ def apply_text(session: Session, version: int) -> str:
     lines = [
         "*nat",
         f":{chain} - [0:0]",
+        *(f"-A {chain} {rule}" for rule in dns_rules(session, version)),
         # The host's own addresses are never captured: a connection to this host is not for
         # the tunnel (and for a router, its own services stay reachable).
         f"-A {chain} -m addrtype --dst-type LOCAL -j RETURN",
@@ -110,7 +140,7 @@ def apply_text(session: Session, version: int) -> str:
             f"-A {chain} {_match(target, protocol=True)} -j REDIRECT --to-ports {session.port}"
             for target in subnets
         ),
-        *(f"-A {rule}" for rule in jump_rules(session)),
+        *(f"-A {rule}" for rule in jump_rules(session, version)),
         "COMMIT",
     ]
     return "\n".join(lines) + "\n"
@@ -164,7 +194,7 @@ class NatMethod:
                 self._run(TOOLS[version].restore, text)
             except RequestError:
                 for applied in done:  # all of the session or nothing
-                    self._remove(applied, jump_rules(session), [chain_name(session)])
+                    self._remove(applied, jump_rules(session, applied), [chain_name(session)])
                 raise
             done.append(version)
             rules += text.count("\n-A ")
@@ -172,7 +202,7 @@ class NatMethod:
 
     def remove(self, session: Session) -> None:
         for version in session.versions:
-            self._remove(version, jump_rules(session), [chain_name(session)])
+            self._remove(version, jump_rules(session, version), [chain_name(session)])
 
     def remove_stale(self) -> int:
         found = 0

@@ -12,6 +12,10 @@ REDIRECT in the output hook rewrites locally generated packets to the loopback a
 (nf_nat_redirect: 127.0.0.1, or ::1 for IPv6), whatever the destination was: that is why the
 client listens there. In the prerouting hook (forward) it rewrites to the address of the
 interface the packet came in on, so a forwarding session needs a wildcard listener.
+
+A session's nameservers get one rule per IP version at the top of each chain: TCP and UDP
+to port 53 of those addresses are redirected to the same port (the caller's UDP socket takes
+the datagrams; conntrack turns the source of its answers back into the nameserver's).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from typing import TYPE_CHECKING
 from shuttle_protocol.firewall_messages import ANY_OWNER
 
 from shuttle_firewalld.errors import RequestError
-from shuttle_firewalld.targets import Box, disjoint
+from shuttle_firewalld.targets import DNS_PORT, LOOPBACK, Box, disjoint
 
 from .tools import Runner, run_tool
 
@@ -41,6 +45,9 @@ PROBE_TABLE = "shuttle-probe"
 ADDRESS_TYPE = {4: "ipv4_addr", 6: "ipv6_addr"}
 MATCH = {4: "ip daddr", 6: "ip6 daddr"}
 LOOPBACK_TEXT = {4: "127.0.0.0/8", 6: "::1"}
+# TCP and UDP alike; with it, `th dport` reads the destination port of either, and redirect
+# and tproxy take it as the transport protocol they need.
+L4 = "meta l4proto { tcp, udp }"
 
 
 def table_name(session: Session) -> str:
@@ -83,13 +90,47 @@ def include_match(version: int, dport: str) -> str:
 LOCAL_RETURN = "fib daddr type local return"
 
 
-def chain_rules(session: Session, owner: str) -> list[str]:
-    """The rules of one nat chain; owner is the socket owner match, "" for none."""
-    rules = [LOCAL_RETURN]
+def dns_rules(
+    session: Session, version: int, owner: str, action: str, forwarded: bool = False
+) -> list[str]:
+    """The rule that captures DNS (TCP and UDP port 53) to the session's nameservers of this
+    IP version, if it has any; action: what the rule does with such a packet.
+
+    Such rules come first in a chain, before any return: the common nameserver is a local
+    stub resolver (127.0.0.53, 127.0.0.1), which the loopback and local returns would pass
+    over, and a nameserver's port 53 is captured even where an exclude covers it.
+
+    forwarded: for the prerouting chain, which leaves out loopback nameservers. A packet from
+    elsewhere to a loopback address is a martian that the kernel drops when it routes the
+    packet, after prerouting; a redirect there would come first and let it in.
+    """
+    addresses = [
+        str(address)
+        for address in session.dns
+        if address.version == version and not (forwarded and address in LOOPBACK[version])
+    ]
+    if not addresses:
+        return []
+    match = f"{MATCH[version]} {{ {', '.join(addresses)} }} th dport {DNS_PORT}"
+    return [f"{L4} {owner}{match} {action}"]
+
+
+def chain_rules(session: Session, owner: str, forwarded: bool = False) -> list[str]:
+    """The rules of one nat chain; owner is the socket owner match, "" for none; forwarded:
+    the prerouting chain."""
+    redirect = f"redirect to :{session.port}"
+    rules = [
+        *(
+            rule
+            for version in session.versions
+            for rule in dns_rules(session, version, owner, redirect, forwarded)
+        ),
+        LOCAL_RETURN,
+    ]
     for version in session.versions:
         rules += [
             *skip_rules(version, "tcp dport"),
-            f"{owner}{include_match(version, 'tcp dport')} redirect to :{session.port}",
+            f"{owner}{include_match(version, 'tcp dport')} {redirect}",
         ]
     return rules
 
@@ -117,7 +158,11 @@ def chains(session: Session) -> list[Chain]:
     ]
     if session.forward:
         found.append(
-            ("prerouting", "nat hook prerouting priority dstnat", chain_rules(session, ""))
+            (
+                "prerouting",
+                "nat hook prerouting priority dstnat",
+                chain_rules(session, "", forwarded=True),
+            )
         )
     return found
 
@@ -132,7 +177,7 @@ def table_text(session: Session, table_chains: list[Chain]) -> str:
         f"table inet {table} {{",
     ]
     for version in session.versions:
-        # Only the versions of the subnets: excludes of another version exclude from nothing.
+        # Only the versions captured: excludes of another version exclude from nothing.
         lines += set_text(f"exclude{version}", version, disjoint(session.excludes, version))
         lines += set_text(f"include{version}", version, disjoint(session.subnets, version))
     for name, kind, rules in table_chains:

@@ -18,6 +18,12 @@ Why each odd part is there, for a packet a local program sends to a captured des
 - The packet keeps the local route it got at output, so the kernel delivers it here
   although its destination is not one of this host's addresses.
 - The sockets must be transparent to be given such packets at all (see transparent.py).
+- A session's nameservers: TCP and UDP to their port 53 are marked and diverted the same
+  way, by rules before any return. A nameserver at one of this host's own addresses
+  (loopback included) is refused, although capturing it works (tried here with 127.0.0.53
+  and an interface's address): the UDP answer must leave from that address and port 53, so
+  the client would need a reply socket there, beside the local resolver, where it could
+  take other users' queries (transparent.reply_problem refuses it).
 
 The ids: session slot N has fwmark and routing table MARK_BASE + N, a range this firewalld
 treats as its own (docs/firewalld.md), and removes at start if an earlier run left any.
@@ -33,14 +39,17 @@ from collections.abc import Callable, Collection, Iterator
 from typing import TYPE_CHECKING, Any
 
 from shuttle_firewalld.errors import RequestError
-from shuttle_firewalld.transparent import LISTEN_ADDRESS, listeners
+from shuttle_firewalld.targets import LOOPBACK, Address
+from shuttle_firewalld.transparent import LISTEN_ADDRESS, is_local, listeners
 
 from .nft import (
+    L4,
     LOCAL_RETURN,
     NFT,
     PROBE_TABLE,
     Chain,
     delete_table,
+    dns_rules,
     include_match,
     owner_match,
     skip_rules,
@@ -63,7 +72,6 @@ TPROXY_TO = {4: f"ip to {LISTEN_ADDRESS[4]}", 6: f"ip6 to [{LISTEN_ADDRESS[6]}]"
 # protocol it reads other bytes, which can only make an exclude return early: the capture
 # rules match TCP and UDP only.
 DPORT = "th dport"
-L4 = "meta l4proto { tcp, udp }"  # tproxy also needs it: nft refuses tproxy without it
 
 MakeListeners = Callable[[Collection[int]], tuple[int, dict[str, socket.socket]]]
 
@@ -72,18 +80,39 @@ def mark_of(slot: int) -> int:
     return MARK_BASE + slot
 
 
+def tproxy_to(session: Session, version: int) -> str:
+    """Where the session's packets of this IP version are diverted: its socket's address."""
+    return f"{TPROXY_TO[version]}:{session.port}"
+
+
 def chains(session: Session, mark: int) -> list[Chain]:
     """The output chain that marks, and the prerouting chain that diverts."""
     owner = owner_match(session)
-    output = [LOCAL_RETURN]
+    output = [
+        *(
+            rule
+            for version in session.versions
+            for rule in dns_rules(session, version, owner, f"meta mark set {mark:#x}")
+        ),
+        LOCAL_RETURN,
+    ]
     # Only packets the output chain marked: traffic from elsewhere is not captured, and
     # every packet that arrives here skips the rest at once. Then the same checks again.
-    prerouting = [f"meta mark != {mark:#x} return", LOCAL_RETURN]
+    # tproxy is no verdict: a packet a DNS rule diverted keeps its socket past the returns.
+    prerouting = [
+        f"meta mark != {mark:#x} return",
+        *(
+            rule
+            for version in session.versions
+            for rule in dns_rules(session, version, "", f"tproxy {tproxy_to(session, version)}")
+        ),
+        LOCAL_RETURN,
+    ]
     for version in session.versions:
         skips = skip_rules(version, DPORT)
         include = include_match(version, DPORT)
         output += [*skips, f"{L4} {owner}{include} meta mark set {mark:#x}"]
-        prerouting += [*skips, f"{L4} {include} tproxy {TPROXY_TO[version]}:{session.port}"]
+        prerouting += [*skips, f"{L4} {include} tproxy {tproxy_to(session, version)}"]
     return [
         # mangle (-150): before the nat and filter chains, as iptables' mangle table.
         ("output", "route hook output priority mangle", output),
@@ -170,9 +199,15 @@ class TproxyMethod:
 
     makes_sockets = True
 
-    def __init__(self, run: Runner = run_tool, make_listeners: MakeListeners = listeners) -> None:
+    def __init__(
+        self,
+        run: Runner = run_tool,
+        make_listeners: MakeListeners = listeners,
+        local: Callable[[Address], bool] = is_local,
+    ) -> None:
         self._run = run
         self._make_listeners = make_listeners
+        self._local = local
         self._slots: dict[str, int] = {}  # session id -> slot, while its rules are in
 
     def probe(self) -> str | None:
@@ -199,6 +234,15 @@ class TproxyMethod:
             raise RequestError(
                 "the tproxy method does not capture forwarded traffic; ask for nft or nat"
             )
+        for address in session.dns:
+            # Its answers would need a reply socket at this host's own address (see above).
+            if address in LOOPBACK[address.version] or self._local(address):
+                raise RequestError(
+                    f"the tproxy method cannot capture DNS to {address}, an address of this "
+                    "host: its answers would need a socket there on port 53, where other "
+                    "users' queries could reach it; use --ns-hosts with a nameserver that is "
+                    "not on this host (not loopback), or the nft or nat method"
+                )
         used = set(self._slots.values())
         slot = next((slot for slot in range(1, SLOTS + 1) if slot not in used), None)
         if slot is None:

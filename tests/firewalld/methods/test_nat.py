@@ -22,6 +22,7 @@ from firewalld.conftest import (
     Daemon,
     Listener,
     check_capture,
+    check_dns_capture,
     close_session,
     make_session,
     nat6_rules,
@@ -38,7 +39,7 @@ RESTORE4, RESTORE6 = TOOLS[4].restore, TOOLS[6].restore
 def test_names() -> None:
     session = make_session()
     assert chain_name(session) == CHAIN
-    assert jump_rules(session) == [f"OUTPUT -p tcp -m owner --uid-owner 1000 -j {CHAIN}"]
+    assert jump_rules(session, 4) == [f"OUTPUT -p tcp -m owner --uid-owner 1000 -j {CHAIN}"]
 
 
 @pytest.mark.parametrize(
@@ -53,14 +54,14 @@ def test_names() -> None:
             True,
             [
                 f"OUTPUT -p tcp -m owner --uid-owner 1000 -j {CHAIN}",
-                f"PREROUTING -p tcp -j {CHAIN}",
+                f"PREROUTING ! -d 127.0.0.0/8 -p tcp -j {CHAIN}",
             ],
         ),
     ],
 )
 def test_scope(uid: int, gid: int, forward: bool, jumps: list[str]) -> None:
     session = make_session(uid=uid, gid=gid, forward=forward)
-    assert jump_rules(session) == jumps
+    assert jump_rules(session, 4) == jumps
     assert apply_text(session, 4).splitlines()[-1 - len(jumps) : -1] == [f"-A {j}" for j in jumps]
 
 
@@ -99,11 +100,57 @@ def test_apply_text_ipv6() -> None:
     ]
 
 
+def test_nameservers_come_first_and_udp_to_port_53_jumps_too() -> None:
+    session = make_session(
+        ["10.0.0.0/8"], ["10.53.0.0/16"], dns=["10.53.0.53", "127.0.0.53", "fd00:53::53"]
+    )
+    redirect = "-j REDIRECT --to-ports 12300"
+    assert apply_text(session, 4).splitlines() == [
+        "*nat",
+        f":{CHAIN} - [0:0]",
+        f"-A {CHAIN} -d 10.53.0.53/32 -p tcp -m tcp --dport 53 {redirect}",
+        f"-A {CHAIN} -d 10.53.0.53/32 -p udp -m udp --dport 53 {redirect}",
+        f"-A {CHAIN} -d 127.0.0.53/32 -p tcp -m tcp --dport 53 {redirect}",
+        f"-A {CHAIN} -d 127.0.0.53/32 -p udp -m udp --dport 53 {redirect}",
+        f"-A {CHAIN} -m addrtype --dst-type LOCAL -j RETURN",
+        f"-A {CHAIN} -d 127.0.0.0/8 -j RETURN",
+        f"-A {CHAIN} -d 10.53.0.0/16 -j RETURN",
+        f"-A {CHAIN} -d 10.0.0.0/8 -p tcp {redirect}",
+        f"-A OUTPUT -p tcp -m owner --uid-owner 1000 -j {CHAIN}",
+        f"-A OUTPUT -p udp -m udp --dport 53 -m owner --uid-owner 1000 -j {CHAIN}",
+        "COMMIT",
+    ]
+    # The IPv6 chain is there for the nameserver alone.
+    assert apply_text(session, 6).splitlines()[2:-3] == [
+        f"-A {CHAIN} -d fd00:53::53/128 -p tcp -m tcp --dport 53 {redirect}",
+        f"-A {CHAIN} -d fd00:53::53/128 -p udp -m udp --dport 53 {redirect}",
+        f"-A {CHAIN} -m addrtype --dst-type LOCAL -j RETURN",
+        f"-A {CHAIN} -d ::1/128 -j RETURN",
+    ]
+    tools = FakeTools()
+    assert NatMethod(tools).apply(session) == 10 + 6
+    assert [argv[0] for argv, _ in tools.runs] == ["iptables-restore", "ip6tables-restore"]
+
+
+def test_forwarded_dns_jumps_only_for_addresses_that_are_not_loopback() -> None:
+    session = make_session(dns=["10.53.0.53", "127.0.0.53"], uid=-1, forward=True)
+    assert jump_rules(session, 4) == [
+        f"OUTPUT -p tcp -j {CHAIN}",
+        f"OUTPUT -p udp -m udp --dport 53 -j {CHAIN}",
+        f"PREROUTING ! -d 127.0.0.0/8 -p tcp -j {CHAIN}",
+        f"PREROUTING ! -d 127.0.0.0/8 -p udp -m udp --dport 53 -j {CHAIN}",
+    ]
+    assert jump_rules(session, 6) == [
+        f"OUTPUT -p tcp -j {CHAIN}",
+        f"PREROUTING ! -d ::1/128 -p tcp -j {CHAIN}",
+    ]
+
+
 def test_removal_text() -> None:
-    assert removal_text(jump_rules(make_session(forward=True)), [CHAIN]).splitlines() == [
+    assert removal_text(jump_rules(make_session(forward=True), 4), [CHAIN]).splitlines() == [
         "*nat",
         f"-D OUTPUT -p tcp -m owner --uid-owner 1000 -j {CHAIN}",
-        f"-D PREROUTING -p tcp -j {CHAIN}",
+        f"-D PREROUTING ! -d 127.0.0.0/8 -p tcp -j {CHAIN}",
         f"-F {CHAIN}",
         f"-X {CHAIN}",
         "COMMIT",
@@ -191,14 +238,16 @@ def test_a_failed_second_version_undoes_the_first() -> None:
     tools = FakeTools(fail=["ip6tables-restore"])
     with pytest.raises(RequestError, match="ip6tables-restore failed"):
         NatMethod(tools).apply(MIXED)
-    assert tools.runs[-1] == (list(RESTORE4), removal_text(jump_rules(MIXED), [CHAIN]))
+    assert tools.runs[-1] == (list(RESTORE4), removal_text(jump_rules(MIXED, 4), [CHAIN]))
 
 
 def test_remove_is_one_restore_per_version() -> None:
     tools = FakeTools()
     NatMethod(tools).remove(MIXED)
-    removal = removal_text(jump_rules(MIXED), [CHAIN])
-    assert tools.runs == [(list(RESTORE4), removal), (list(RESTORE6), removal)]
+    assert tools.runs == [
+        (list(RESTORE4), removal_text(jump_rules(MIXED, 4), [CHAIN])),
+        (list(RESTORE6), removal_text(jump_rules(MIXED, 6), [CHAIN])),
+    ]
 
 
 def test_remove_falls_back_to_single_steps_that_each_get_their_turn() -> None:
@@ -344,3 +393,10 @@ def test_traffic_is_captured_as_asked(
     routed: str, start_firewalld: Callable[..., Daemon], listen: Callable[..., Listener]
 ) -> None:
     check_capture(routed, start_firewalld(), listen, "nat")
+
+
+@pytest.mark.integration
+def test_dns_to_the_nameservers_is_captured(
+    dns_net: str, start_firewalld: Callable[..., Daemon], listen: Callable[..., Listener]
+) -> None:
+    check_dns_capture(dns_net, start_firewalld(), listen, "nat")

@@ -21,6 +21,7 @@ from firewalld.conftest import (
     Daemon,
     Listener,
     check_capture,
+    check_dns_capture,
     close_session,
     make_session,
     nft,
@@ -194,6 +195,36 @@ def test_the_rule_count_does_not_grow_with_the_subnets() -> None:
     assert len(set_elements(many, "exclude4")) == 1
 
 
+DNS = ("10.53.0.53", "127.0.0.53", "fd00:53::53")
+
+
+def test_nameservers_come_first_in_every_chain() -> None:
+    text = ruleset(make_session(["10.0.0.0/8"], ["10.53.0.0/16"], dns=DNS))
+    assert chain_rules(text, "output")[1:4] == [
+        "meta l4proto { tcp, udp } meta skuid 1000 ip daddr { 10.53.0.53, 127.0.0.53 } "
+        "th dport 53 redirect to :12300",
+        "meta l4proto { tcp, udp } meta skuid 1000 ip6 daddr { fd00:53::53 } "
+        "th dport 53 redirect to :12300",
+        "fib daddr type local return",
+    ]
+    # An IPv6 nameserver brings the IPv6 sets and rules, with no IPv6 subnet.
+    assert set_elements(text, "include6") == []
+    assert chain_rules(text, "output")[-1] == (
+        "meta skuid 1000 ip6 daddr . tcp dport @include6 redirect to :12300"
+    )
+
+
+def test_forwarded_dns_to_a_loopback_nameserver_is_not_captured() -> None:
+    text = ruleset(make_session(["10.0.0.0/8"], dns=DNS, forward=True))
+    assert chain_rules(text, "prerouting")[1:4] == [
+        "meta l4proto { tcp, udp } ip daddr { 10.53.0.53 } th dport 53 redirect to :12300",
+        "meta l4proto { tcp, udp } ip6 daddr { fd00:53::53 } th dport 53 redirect to :12300",
+        "fib daddr type local return",
+    ]
+    only_loopback = ruleset(make_session(["10.0.0.0/8"], dns=["127.0.0.53"], forward=True))
+    assert chain_rules(only_loopback, "prerouting")[1] == "fib daddr type local return"
+
+
 class FakeNft:
     """Records each nft run; fails runs whose stdin contains a given text."""
 
@@ -216,6 +247,7 @@ def test_apply_is_one_nft_run_and_counts_rules() -> None:
     assert nft_runs.runs == [(["nft", "-f", "-"], ruleset(make_session()))]
     assert method.apply(make_session(["10.0.0.0/8", "fd00::/8"])) == 7
     assert method.apply(make_session(["10.0.0.0/8", "fd00::/8"], forward=True)) == 14
+    assert method.apply(make_session(["10.0.0.0/8"], dns=["10.53.0.53", "::1"])) == 9
 
 
 def test_apply_failure_is_the_callers_error() -> None:
@@ -392,3 +424,10 @@ def test_traffic_is_captured_as_asked(
     routed: str, start_firewalld: Callable[..., Daemon], listen: Callable[..., Listener]
 ) -> None:
     check_capture(routed, start_firewalld(), listen, "nft")
+
+
+@pytest.mark.integration
+def test_dns_to_the_nameservers_is_captured(
+    dns_net: str, start_firewalld: Callable[..., Daemon], listen: Callable[..., Listener]
+) -> None:
+    check_dns_capture(dns_net, start_firewalld(), listen, "nft")

@@ -3,6 +3,7 @@ leftovers; then for real, in a namespace, with a client of another uid."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import subprocess
@@ -11,6 +12,7 @@ from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import Any
 
 import pytest
+from shuttle_client.firewall_session import FirewallError
 from shuttle_firewalld.errors import RequestError
 from shuttle_firewalld.methods.nft import NFT
 from shuttle_firewalld.methods.tools import run_tool
@@ -26,14 +28,21 @@ from shuttle_firewalld.methods.tproxy import (
     stale_rules,
     stale_tables,
 )
+from shuttle_firewalld.transparent import IP_RECVORIGDSTADDR, IPV6_RECVORIGDSTADDR
 
 from firewalld.conftest import (
     IP,
+    NAMESERVERS,
     NOBODY,
     WAIT,
     Daemon,
+    close_session,
+    connect,
     make_session,
     nft,
+    open_session,
+    query,
+    query_argv,
     shuttle_tables,
 )
 
@@ -258,6 +267,53 @@ def test_forward_is_refused_before_anything_is_made(listeners: FakeListeners) ->
     run = FakeRun()
     with pytest.raises(RequestError, match="does not capture forwarded traffic; ask for nft or"):
         TproxyMethod(run, listeners).apply(make_session(method="tproxy", forward=True))
+    assert (run.runs, listeners.made) == ([], [])
+
+
+def test_nameservers_are_marked_and_diverted_before_any_return() -> None:
+    session = make_session(
+        ["10.0.0.0/8"], ["10.53.0.0/16"], method="tproxy", port=41000, dns=["10.53.0.53"]
+    )
+    (_, _, output), (_, _, prerouting) = chains(session, MARK)
+    assert output[:2] == [
+        "meta l4proto { tcp, udp } meta skuid 1000 ip daddr { 10.53.0.53 } th dport 53 "
+        "meta mark set 0x53480001",
+        "fib daddr type local return",
+    ]
+    assert prerouting[:3] == [
+        "meta mark != 0x53480001 return",
+        "meta l4proto { tcp, udp } ip daddr { 10.53.0.53 } th dport 53 "
+        "tproxy ip to 127.0.0.1:41000",
+        "fib daddr type local return",
+    ]
+
+
+def test_an_ipv6_nameserver_brings_ipv6_sockets_routes_and_rules(
+    listeners: FakeListeners,
+) -> None:
+    run = FakeRun()
+    session = make_session(["10.0.0.0/8"], method="tproxy", dns=["fd00:53::53"])
+    TproxyMethod(run, listeners, lambda address: False).apply(session)
+    assert sorted(session.sockets) == ["tcp4", "tcp6", "udp4", "udp6"]
+    assert [argv[1] for argv, _ in run.runs[:-1]] == ["-4", "-4", "-6", "-6"]
+    assert "ip6 daddr { fd00:53::53 } th dport 53 tproxy ip6 to [::1]:41000" in run.runs[-1][1]
+
+
+@pytest.mark.parametrize("nameserver", ["127.0.0.53", "::1", "198.18.0.1"])
+def test_a_nameserver_on_this_host_is_refused_before_anything_is_made(
+    listeners: FakeListeners, nameserver: str
+) -> None:
+    run = FakeRun()
+    method = TproxyMethod(run, listeners, lambda address: str(address) == "198.18.0.1")
+    session = make_session(method="tproxy", dns=["10.53.0.53", nameserver])
+    with pytest.raises(RequestError) as refused:
+        method.apply(session)
+    assert str(refused.value) == (
+        f"the tproxy method cannot capture DNS to {nameserver}, an address of this host: its "
+        "answers would need a socket there on port 53, where other users' queries could reach "
+        "it; use --ns-hosts with a nameserver that is not on this host (not loopback), or the "
+        "nft or nat method"
+    )
     assert (run.runs, listeners.made) == ([], [])
 
 
@@ -660,3 +716,100 @@ def test_stale_rules_and_routes_go_at_start_and_only_they(
         ).stdout
         assert routes.startswith("local default dev lo")
     assert "the tproxy method does not work here" not in daemon.log
+
+
+def original_destination(ancillary: list[tuple[int, int, bytes]]) -> tuple[str, int]:
+    """The original destination in a datagram's IP_ORIGDSTADDR / IPV6_ORIGDSTADDR data."""
+    for level, kind, data in ancillary:
+        port = int.from_bytes(data[2:4], "big")  # after sin_family / sin6_family
+        if (level, kind) == (socket.IPPROTO_IP, IP_RECVORIGDSTADDR):  # struct sockaddr_in
+            return socket.inet_ntop(socket.AF_INET, data[4:8]), port
+        if (level, kind) == (socket.IPPROTO_IPV6, IPV6_RECVORIGDSTADDR):  # sockaddr_in6
+            return socket.inet_ntop(socket.AF_INET6, data[8:24]), port
+    raise AssertionError(f"no original destination in {ancillary}")
+
+
+def nothing_waits(sockets: dict[str, socket.socket]) -> bool:
+    """Whether no connection and no datagram waits on any of the transparent sockets."""
+    for kind, sock in sockets.items():
+        sock.setblocking(False)
+        try:
+            if kind.startswith("tcp"):
+                sock.accept()[0].close()
+            else:
+                sock.recv(2048)
+        except BlockingIOError:
+            continue
+        return False
+    return True
+
+
+@pytest.mark.integration
+def test_dns_to_the_nameservers_is_diverted_with_its_original_destination(
+    dns_net: str, start_firewalld: Callable[..., Daemon]
+) -> None:
+    netns = dns_net
+    daemon = start_firewalld(lease=30)
+    # The nameservers' network is excluded: port 53 of a nameserver is captured all the same.
+    args = ("tproxy", 1, [("198.18.0.0/15", 1, 65535)], [("10.53.0.0/24", 1, 65535)])
+    # A nameserver on this host, loopback or an interface's address, is refused.
+    for local in ("127.0.0.53", "10.53.0.1"):
+        with pytest.raises(FirewallError) as refused:
+            open_session(daemon, *args, dns=[local])
+        assert str(refused.value) == (
+            f"shuttle-firewalld: the tproxy method cannot capture DNS to {local}, an address of "
+            "this host: its answers would need a socket there on port 53, where other users' "
+            "queries could reach it; use --ns-hosts with a nameserver that is not on this host "
+            "(not loopback), or the nft or nat method"
+        )
+    assert (shuttle_tables(netns), ip_state(netns)) == ([], [])
+    probes = []
+    for nameserver, other in zip(NAMESERVERS, ("10.53.0.54", "fd00:53::54")):
+        probes += [(nameserver, 53), (nameserver, 54), (other, 53)]
+    client, _ = open_session(daemon, *args, dns=list(NAMESERVERS))
+    try:
+        _, sockets = asyncio.run(client.tproxy_sockets())
+        try:
+            for sock in sockets.values():
+                sock.settimeout(WAIT)
+            # TCP: the captured connections wait in the listeners' backlogs.
+            assert connect(netns, probes) == ["connected", "refused", "refused"] * 2
+            accepted = []
+            for version in (4, 6):
+                connection, _ = sockets[f"tcp{version}"].accept()
+                with connection:
+                    accepted.append(connection.getsockname()[:2])
+            assert accepted == [("10.53.0.53", 53), ("fd00:53::53", 53)]
+            # UDP: the querier waits for each answer, which we send from a reply socket at
+            # the original destination, as the client does.
+            querier = subprocess.Popen(query_argv(netns, probes), stdout=subprocess.PIPE, text=True)
+            try:
+                diverted = []
+                for version in (4, 6):
+                    data, ancillary, _, source = sockets[f"udp{version}"].recvmsg(
+                        2048, socket.CMSG_SPACE(64)
+                    )
+                    original = original_destination(ancillary)
+                    diverted.append((data, original))
+                    with asyncio.run(client.reply_socket(*original)) as reply:
+                        reply.sendto(b"echo " + data, source)
+                answers, _ = querier.communicate(timeout=60)
+            finally:
+                if querier.poll() is None:
+                    querier.kill()
+                    querier.communicate(timeout=WAIT)
+            assert json.loads(answers) == ["echo query", "blocked", "blocked"] * 2
+            assert diverted == [(b"query", ("10.53.0.53", 53)), (b"query", ("fd00:53::53", 53))]
+            # Nothing else came in: every probe was answered or blocked already.
+            assert nothing_waits(sockets)
+            # A reply socket at a nameserver's port 53 only.
+            with pytest.raises(FirewallError, match=r"10\.53\.0\.53:54 is not inside the sess"):
+                asyncio.run(client.reply_socket("10.53.0.53", 54))
+        finally:
+            for sock in sockets.values():
+                sock.close()
+    finally:
+        close_session(client)
+    assert (shuttle_tables(netns), ip_state(netns)) == ([], [])
+    assert query(netns, probes) == ["blocked"] * len(probes)
+    assert connect(netns, probes) == ["refused"] * len(probes)
