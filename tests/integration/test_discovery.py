@@ -4,8 +4,11 @@ into firewalld's hosts file (a file of the test's, never the machine's /etc/host
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+import testbed
 from testbed import HTTP_PORT, T_ADDR, T_ADDR6, TARGET_NET, TARGET_NET6, Shuttle, ready_line
 from testbed.config import S_HOSTS
 from testbed.procs import wait_until
@@ -63,3 +66,42 @@ def test_auto_hosts_without_permission_is_refused_and_the_tunnel_still_works(
     assert hosts_block(shuttle) == []
     result = shuttle.topo.curl(T_ADDR, HTTP_PORT, max_time=20)
     assert result.returncode == 0, f"{result.stderr}\n{shuttle.outputs()}"
+
+
+ADMIN_LINES = "127.0.0.1 localhost\n198.18.9.9 bank.shuttle.test\n"
+
+
+def install_hostile_agent(shuttle: Shuttle, mode: str) -> Path:
+    """A copy of testbed/hostile_agent.py that S runs in place of python (see its docstring)."""
+    path = shuttle.topo.run_dir / "tools" / f"agent-{mode}"
+    source = Path(testbed.__file__).with_name("hostile_agent.py").read_text()
+    path.write_text(f"#!{shuttle.venv.bin / 'python'}\n{source}")
+    path.chmod(0o755)
+    return path
+
+
+@pytest.mark.parametrize("mode", ["invalid", "shadowing"])
+def test_a_hostile_agent_gets_no_bad_name_into_the_hosts_file(shuttle: Shuttle, mode: str) -> None:
+    shuttle.stop_firewalld()
+    shuttle.write_policy(f"allow {shuttle.topo.user.name} hosts\n")
+    shuttle.hosts_file.write_text(ADMIN_LINES)
+    shuttle.start_firewalld()
+    agent = install_hostile_agent(shuttle, mode)
+    client = shuttle.start_client(python=str(agent), extra=["-H"])
+    if mode == "invalid":
+        # The client refuses the message and ends the session: nothing reaches firewalld.
+        assert client.wait(20) == 1, shuttle.outputs()
+        shuttle.clients.remove(client)  # its exit code is checked: the teardown must not
+        assert "invalid Hosts" in client.output(), client.output()
+        assert shuttle.hosts_file.read_text() == ADMIN_LINES
+    else:
+        # Valid names, but the file has them already (root's lines): only the new one goes in.
+        wanted = {("new.shuttle.test", "198.18.2.2")}
+        assert wait_until(lambda: wanted <= names_in(hosts_block(shuttle)), 20, interval=0.2), (
+            f"{shuttle.hosts_file.read_text()}\n{shuttle.outputs()}"
+        )
+        assert names_in(hosts_block(shuttle)) - names_in(ADMIN_LINES.splitlines()) == wanted
+        assert shuttle.hosts_file.read_text().startswith(ADMIN_LINES)
+        assert shuttle.stop_client(client) == 0
+    assert wait_until(lambda: shuttle.hosts_file.read_text() == ADMIN_LINES, 10, interval=0.2)
+    assert shuttle.firewalld is not None and shuttle.firewalld.alive()

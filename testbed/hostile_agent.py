@@ -1,0 +1,60 @@
+"""A hostile agent for tests: greets like shuttle-agent, then answers GetHosts with names
+that must never reach a hosts file.
+
+Run on S in place of the server's python (`--python=COPY`, a copy with a shebang naming a
+python that has shuttle_protocol): it reads and ignores the uploaded bundle, says Hello, and
+for GetHosts sends, by the copy's name: "...-invalid": raw msgpack the Hosts constructor
+would refuse (a newline and a second entry inside a name); "...-shadowing": valid names that
+other lines of the client's hosts file already hold, and one new name. (Its arguments are
+stage 1's `-c CODE`, and sshd passes no environment: the name is what can choose.)
+"""
+
+import os
+import sys
+
+import msgpack
+from shuttle_protocol import PROTOCOL_VERSION
+from shuttle_protocol.stream import StreamDecoder, encode
+from shuttle_protocol.stream_messages import GetHosts, Hosts, Ping, Pong
+
+INVALID = [["evil\n198.18.2.9 bank.shuttle.test", "198.18.2.2"], ["a b#c", "198.18.2.2"]]
+SHADOWING = Hosts(
+    (
+        ("localhost", "198.18.2.2"),
+        ("bank.shuttle.test", "198.18.2.2"),
+        ("new.shuttle.test", "198.18.2.2"),
+    )
+)
+HELLO_TAG, HOSTS_TAG = 1, Hosts.TAG
+
+
+def main() -> None:
+    invalid = sys.argv[0].endswith("-invalid")
+    stdin = sys.stdin.buffer
+    stdin.read(int(stdin.readline()))  # the bundle: not run
+    out = sys.stdout.buffer
+
+    def send(value: object) -> None:
+        out.write(msgpack.packb(value, use_bin_type=True))
+        out.flush()
+
+    send([HELLO_TAG, PROTOCOL_VERSION, ["tcp", "udp"], "hostile"])
+    decoder = StreamDecoder()
+    while True:
+        chunk = os.read(0, 65536)
+        if not chunk:
+            return
+        for msg in decoder.feed(chunk):
+            if isinstance(msg, GetHosts):
+                if invalid:
+                    send([HOSTS_TAG, INVALID])
+                else:
+                    out.write(encode(SHADOWING))
+                    out.flush()
+            elif isinstance(msg, Ping):
+                out.write(encode(Pong(msg.cookie)))
+                out.flush()
+
+
+if __name__ == "__main__":
+    main()
