@@ -560,6 +560,20 @@ ROUTED = ("198.18.0.1/15", "fd00:5e::1/32")
 ROUTED_NETWORKS = ("198.18.0.0/15", "fd00:5e::/32")
 
 
+def in_netns(netns: str, *argv: str) -> None:
+    subprocess.run(["ip", "netns", "exec", netns, *argv], check=True, timeout=10)
+
+
+def add_link_with(netns: str, addresses: tuple[str, str]) -> None:
+    """A veth pair with both ends in netns (this kernel has no dummy interfaces), the IPv4
+    and IPv6 address on one end: routed there, and nothing answers."""
+    in_netns(netns, "ip", "link", "add", "fwt0", "type", "veth", "peer", "name", "fwt1")
+    for link in ("fwt0", "fwt1"):
+        in_netns(netns, "ip", "link", "set", link, "up")
+    in_netns(netns, "ip", "addr", "add", addresses[0], "dev", "fwt0")
+    in_netns(netns, "ip", "-6", "addr", "add", addresses[1], "dev", "fwt0", "nodad")
+
+
 @pytest.fixture
 def routed(netns: str) -> str:
     """The namespace with 198.18.0.0/15 and fd00:5e::/32 on an interface, where TCP is
@@ -567,21 +581,13 @@ def routed(netns: str) -> str:
     connection that is not redirected is refused, a redirected one reaches the listener.
     """
 
-    def run(*argv: str) -> None:
-        subprocess.run(["ip", "netns", "exec", netns, *argv], check=True, timeout=10)
-
-    # A veth pair with both ends here (this kernel has no dummy interfaces): nothing answers.
-    run("ip", "link", "add", "fwt0", "type", "veth", "peer", "name", "fwt1")
-    for link in ("fwt0", "fwt1"):
-        run("ip", "link", "set", link, "up")
-    run("ip", "addr", "add", ROUTED[0], "dev", "fwt0")
-    run("ip", "-6", "addr", "add", ROUTED[1], "dev", "fwt0", "nodad")
+    add_link_with(netns, ROUTED)
     # Matched by destination, not by -o: the hook's output device stays the one routed to
     # before nat, even when the redirect re-routes the packet to lo. --syn: not the reset
     # itself, which goes to our own address in that network.
     reject = ["-p", "tcp", "--syn", "-j", "REJECT", "--reject-with", "tcp-reset"]
     for tool, network in zip(("iptables", "ip6tables"), ROUTED_NETWORKS):
-        run(tool, "-w", "-A", "OUTPUT", "-d", network, *reject)
+        in_netns(netns, tool, "-w", "-A", "OUTPUT", "-d", network, *reject)
     return netns
 
 
@@ -598,20 +604,17 @@ def dns_net(netns: str) -> str:
     to loopback before (nat OUTPUT comes first), tproxy marked it (mangle comes first).
     """
 
-    def run(*argv: str) -> None:
-        subprocess.run(["ip", "netns", "exec", netns, *argv], check=True, timeout=10)
-
-    run("ip", "link", "add", "fwt0", "type", "veth", "peer", "name", "fwt1")
-    for link in ("fwt0", "fwt1"):
-        run("ip", "link", "set", link, "up")
-    run("ip", "addr", "add", NAMESERVER_NET[0], "dev", "fwt0")
-    run("ip", "-6", "addr", "add", NAMESERVER_NET[1], "dev", "fwt0", "nodad")
+    add_link_with(netns, NAMESERVER_NET)
     # Not to our own addresses there: answers and resets go to them.
     only = ["-m", "addrtype", "!", "--dst-type", "LOCAL", "-m", "mark", "--mark", "0"]
     reset = ["-j", "REJECT", "--reject-with", "tcp-reset"]
     for tool, network in zip(("iptables", "ip6tables"), NAMESERVER_NETWORKS):
-        run(tool, "-w", "-A", "OUTPUT", "-d", network, "-p", "tcp", "--syn", *only, *reset)
-        run(tool, "-w", "-A", "OUTPUT", "-d", network, "-p", "udp", *only, "-j", "REJECT")
+        in_netns(
+            netns, tool, "-w", "-A", "OUTPUT", "-d", network, "-p", "tcp", "--syn", *only, *reset
+        )
+        in_netns(
+            netns, tool, "-w", "-A", "OUTPUT", "-d", network, "-p", "udp", *only, "-j", "REJECT"
+        )
     return netns
 
 
