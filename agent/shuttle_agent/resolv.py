@@ -8,7 +8,7 @@ import ipaddress
 import logging
 from typing import Dict, Iterable, List
 
-from shuttle_protocol.stream_messages import MAX_NAMESERVERS
+from shuttle_protocol.checks import MAX_NAMESERVERS
 
 log = logging.getLogger("shuttle")
 

@@ -27,20 +27,21 @@ class Capture:
         pick: Callable[[], Link],
         firewall: FirewallSession,
         listeners: Sequence[socket.socket],
-        nameserver: Optional[Nameserver] = None,
-        dns_sockets: Sequence[socket.socket] = (),
     ) -> None:
-        """nameserver: where captured DNS goes (--dns); dns_sockets: our UDP sockets that
-        DNS queries are redirected to (--dns with nat and nft)."""
         self.pick = pick  # the tunnel for a new connection or flow
         self.firewall = firewall
         self.listeners = list(listeners)
-        self.nameserver = nameserver
+        self.nameserver: Optional[Nameserver] = None
         self.servers: List[asyncio.Server] = []
         self.udp: Optional[UdpRelay] = None
         self.dns: Optional[DnsRelay] = None
-        if nameserver is not None and dns_sockets:
-            self.dns = DnsRelay(pick, list(dns_sockets), nameserver.server)
+
+    def add_dns(self, nameserver: Nameserver, sockets: Sequence[socket.socket]) -> None:
+        """--dns: captured DNS goes to nameserver; sockets are our UDP sockets that nat and
+        nft redirect queries to (none with tproxy, whose sockets firewalld makes)."""
+        self.nameserver = nameserver
+        if sockets:
+            self.dns = DnsRelay(self.pick, list(sockets), nameserver.server)
 
     def _rewritten(self, destination: Destination) -> Destination:
         nameserver = self.nameserver

@@ -9,13 +9,13 @@ from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from docopt import DocoptExit, docopt
-from shuttle_protocol.checks import check_hostname
+from shuttle_protocol.checks import MAX_NAMESERVERS, check_hostname
 from shuttle_protocol.errors import LocalProtocolError
 from shuttle_protocol.firewall_messages import ANY_OWNER, Target
 from shuttle_protocol.stream_messages import MAX_LIST
 
 from . import __version__
-from .resolvers import DNS_PORT, parse_address_port, parse_addresses
+from .resolvers import DNS_PORT, plain
 from .targets import TargetError, parse_targets, read_target_file
 
 USAGE = """\
@@ -116,26 +116,78 @@ class Options:
         return any(host in WILDCARDS for host, _ in self.listen)
 
 
+def split_host_port(text: str) -> Tuple[str, str]:
+    """'host', 'host:port', '[host]:port', '[host]' or a bare IPv6 address → (host, port text,
+    "" if none); ValueError for a bracket that is not closed or not followed by :port."""
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise ValueError("expected [ipv6]:port")
+        return host, rest[1:]
+    if text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+        return host, port_text
+    return text, ""
+
+
+def parse_port(text: str) -> int:
+    """A port number, 1-65535; ValueError if it is not one."""
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise ValueError(f"invalid port {text!r}")
+    return int(text)
+
+
 def parse_remote(text: str) -> Tuple[str, Optional[int]]:
     """'[user@]host[:port]' (IPv6 as [addr]:port) → (ssh destination, port or None)."""
     user, at, hostport = text.rpartition("@")
-    if hostport.startswith("["):
-        host, bracket, rest = hostport[1:].partition("]")
-        if not bracket or (rest and not rest.startswith(":")):
-            raise UsageError(f"invalid remote {text!r}: expected [user@][ipv6]:port")
-        port_text = rest[1:]
-    elif hostport.count(":") == 1:
-        host, _, port_text = hostport.partition(":")
-    else:
-        host, port_text = hostport, ""
+    try:
+        host, port_text = split_host_port(hostport)
+    except ValueError:
+        raise UsageError(f"invalid remote {text!r}: expected [user@][ipv6]:port") from None
     if not host or (at and not user):
         raise UsageError(f"invalid remote {text!r}: expected [user@]host[:port]")
-    port = None
-    if port_text:
-        if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-            raise UsageError(f"invalid port in remote {text!r}")
-        port = int(port_text)
+    try:
+        port = parse_port(port_text) if port_text else None
+    except ValueError:
+        raise UsageError(f"invalid port in remote {text!r}") from None
     return (f"{user}@{host}" if at else host), port
+
+
+def parse_address_port(text: str, default_port: int) -> Tuple[str, int]:
+    """'IP', 'IP:PORT', '[IPv6]:PORT' or a bare IPv6 address → (canonical IP, port).
+
+    ValueError with a message for the user if it is none of those.
+    """
+    try:
+        host, port_text = split_host_port(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not IP[:PORT]") from None
+    try:
+        address = plain(host)
+    except ValueError:
+        raise ValueError(f"{text!r} is not IP[:PORT]: {host!r} is not an IP address") from None
+    try:
+        return address, parse_port(port_text) if port_text else default_port
+    except ValueError:
+        raise ValueError(f"{text!r} has an invalid port") from None
+
+
+def parse_addresses(words: Sequence[str]) -> Tuple[str, ...]:
+    """Comma-separated IP addresses → canonical addresses, once each; ValueError if bad."""
+    found: List[str] = []
+    for word in words:
+        for item in filter(None, (part.strip() for part in word.split(","))):
+            if "%" in item:
+                raise ValueError(f"{item!r}: an address with a zone cannot be captured")
+            try:
+                address = plain(item)
+            except ValueError:
+                raise ValueError(f"{item!r} is not an IP address") from None
+            if address not in found:
+                found.append(address)
+    if len(found) > MAX_NAMESERVERS:
+        raise ValueError(f"at most {MAX_NAMESERVERS} nameservers")
+    return tuple(found)
 
 
 def parse_listen(text: Optional[str]) -> Tuple[Tuple[str, int], ...]:

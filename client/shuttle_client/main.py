@@ -63,9 +63,7 @@ async def run(options: Options) -> int:
         if plan.nameserver is not None:
             # nat and nft redirect DNS over UDP to our own sockets, on the listeners' port.
             addresses = [sock.getsockname()[:2] for sock in listeners]
-            capture = Capture(
-                streams.pick, firewall, listeners, plan.nameserver, make_udp_sockets(addresses)
-            )
+            capture.add_dns(plan.nameserver, make_udp_sockets(addresses) if listeners else [])
         method = await _unless_stopped(
             stop,
             firewall.open(

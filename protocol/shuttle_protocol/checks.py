@@ -99,6 +99,8 @@ def check_address(text: Any, name: str) -> None:
         raise LocalProtocolError(f"{name}: {text!r} is not written canonically ({address})")
 
 
+MAX_NAMESERVERS = 16  # in a firewall session, and in the agent's Nameservers
+
 MAX_HOSTNAME = 253
 # RFC 1123 host names: labels of ASCII letters, digits and inner hyphens, 1-63 characters,
 # joined by dots; the last label is not all digits (so no IP address passes as a name).

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Tuple
 
 from .checks import (
+    MAX_NAMESERVERS,
     check_address,
     check_addresses,
     check_bool,
@@ -26,7 +27,6 @@ from .schema import Message, message
 METHODS = ("auto", "nat", "nft", "tproxy")
 APPLIED_METHODS = METHODS[1:]
 MAX_SUBNETS = 50_000
-MAX_NAMESERVERS = 16
 MAX_HOSTS = 10_000  # a hosts block's entries: (name, address) pairs
 SESSION_ID_LEN = 32
 ANY_OWNER = -1  # uid or gid: do not match on it

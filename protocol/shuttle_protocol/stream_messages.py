@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Tuple
 
 from .checks import (
+    MAX_NAMESERVERS,
     check_addresses,
     check_bool,
     check_bytes,
@@ -30,7 +31,6 @@ MAX_DATAGRAM = 65507
 # Lists in one message stay under the decoder's 256 items per array; longer ones are sent
 # as several messages.
 MAX_LIST = 200
-MAX_NAMESERVERS = 16
 # What one session may report in all, over several messages; the client refuses more
 # routes (a full Internet table has a million; nobody captures that) and ignores more names.
 MAX_ROUTES = 10_000

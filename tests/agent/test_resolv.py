@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 from shuttle_agent.resolv import parse_nameservers, read_nameservers
-from shuttle_protocol.stream_messages import MAX_NAMESERVERS, GetNameservers, Nameservers
+from shuttle_protocol.checks import MAX_NAMESERVERS
+from shuttle_protocol.stream_messages import GetNameservers, Nameservers
 
 from .agent_process import PYTHONS, AgentProcess, Namespace, StartAgent, welcomed
 

@@ -633,11 +633,27 @@ print(json.dumps(results))
 """
 
 
-def connect(netns: str, targets: list[tuple[str, int]], as_nobody: bool = False) -> list[str]:
-    """Connect to each (host, port) from inside the namespace: connected, refused, or why not."""
+def write(path: Path, data: bytes, mode: int = 0o644) -> str:
+    """A file (a policy, a hosts file) with these bytes and mode; its path."""
+    path.write_bytes(data)
+    path.chmod(mode)
+    return str(path)
+
+
+def script_argv(
+    netns: str, script: str, targets: list[tuple[str, int]], as_nobody: bool
+) -> list[str]:
+    """The command that runs script on targets inside the namespace (as nobody, or root)."""
     user = NOBODY if as_nobody else []
+    return ["ip", "netns", "exec", netns, *user, sys.executable, "-c", script, json.dumps(targets)]
+
+
+def run_script(
+    netns: str, script: str, targets: list[tuple[str, int]], as_nobody: bool
+) -> list[str]:
+    """What script_argv's command prints: one result per target."""
     done = subprocess.run(
-        ["ip", "netns", "exec", netns, *user, sys.executable, "-c", CONNECT, json.dumps(targets)],
+        script_argv(netns, script, targets, as_nobody),
         capture_output=True,
         text=True,
         check=True,
@@ -645,6 +661,11 @@ def connect(netns: str, targets: list[tuple[str, int]], as_nobody: bool = False)
     )
     result: list[str] = json.loads(done.stdout)
     return result
+
+
+def connect(netns: str, targets: list[tuple[str, int]], as_nobody: bool = False) -> list[str]:
+    """Connect to each (host, port) from inside the namespace: connected, refused, or why not."""
+    return run_script(netns, CONNECT, targets, as_nobody)
 
 
 QUERY = """\
@@ -671,21 +692,12 @@ print(json.dumps(results))
 def query_argv(netns: str, targets: list[tuple[str, int]], as_nobody: bool = False) -> list[str]:
     """The command that sends one UDP datagram to each (host, port) from inside the
     namespace and prints what came back: the answer, blocked, refused, or why not."""
-    user = NOBODY if as_nobody else []
-    return ["ip", "netns", "exec", netns, *user, sys.executable, "-c", QUERY, json.dumps(targets)]
+    return script_argv(netns, QUERY, targets, as_nobody)
 
 
 def query(netns: str, targets: list[tuple[str, int]], as_nobody: bool = False) -> list[str]:
     """What query_argv prints: for each target, the answer, or why there was none."""
-    done = subprocess.run(
-        query_argv(netns, targets, as_nobody),
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    )
-    result: list[str] = json.loads(done.stdout)
-    return result
+    return run_script(netns, QUERY, targets, as_nobody)
 
 
 # --- a client of another uid -------------------------------------------------------------

@@ -38,6 +38,7 @@ from .conftest import (
     close_session,
     open_session,
     wait_until,
+    write,
 )
 
 A = "0123456789ab"  # short ids of two sessions
@@ -444,13 +445,19 @@ def raw_set_hosts(session: Any, hosts: Any, request_id: int = 5) -> bytes:
     return data
 
 
+def root_session(daemon: Daemon, listen: Callable[..., Listener]) -> Any:
+    """A nat session of root's, listening on 12300; its client."""
+    listen(12300)
+    client, _ = open_session(daemon, "nat", 12300, ["10.0.0.0/8"], [])
+    assert client.session is not None
+    return client
+
+
 def root_session_with_hosts(
     daemon: Daemon, listen: Callable[..., Listener], hosts: list[tuple[str, str]]
 ) -> Any:
     """A nat session of root's (listening on 12300) whose block was set to hosts; its client."""
-    listen(12300)
-    client, _ = open_session(daemon, "nat", 12300, ["10.0.0.0/8"], [])
-    assert client.session is not None
+    client = root_session(daemon, listen)
     answer = ask(daemon.socket_path, raw_set_hosts(client.session, hosts))[1]
     assert answer == SetHostsAnswer(len(hosts))
     return client
@@ -472,10 +479,8 @@ def test_set_hosts_writes_the_block_and_close_removes_it(
     admin_hosts: bytes,
 ) -> None:
     daemon = start_firewalld(lease=30)
-    listen(12300)
-    client, _ = open_session(daemon, "nat", 12300, ["10.0.0.0/8"], [])
+    client = root_session(daemon, listen)
     try:
-        assert client.session is not None
         request = SetHostsRequest(client.session, (("db1", "10.1.2.3"), ("localhost", "10.6.6.6")))
         assert ask(daemon.socket_path, encode_frame(3, request)) == (3, SetHostsAnswer(1))
         assert daemon.hosts_file.read_bytes() == admin_hosts + block(
@@ -526,11 +531,9 @@ def test_hostile_requests_are_refused_and_the_file_stays(
     admin_hosts: bytes,
 ) -> None:
     daemon = start_firewalld(lease=30)
-    listen(12300)
-    client, _ = open_session(daemon, "nat", 12300, ["10.0.0.0/8"], [])
+    client = root_session(daemon, listen)
     try:
         session = client.session
-        assert session is not None
         assert ask(daemon.socket_path, raw_set_hosts(session, [("db0", "10.1.2.2")])) == (
             5,
             SetHostsAnswer(1),
@@ -625,9 +628,7 @@ def test_setting_hosts_needs_the_hosts_permission(
     assert daemon.hosts_file.read_bytes() == admin_hosts
     daemon.stop()
 
-    policy = socket_dir / "firewalld.policy"
-    policy.write_bytes(b"allow nobody hosts\n")
-    policy.chmod(0o644)
+    write(socket_dir / "firewalld.policy", b"allow nobody hosts\n")
     daemon = start_firewalld(group="nogroup", lease=30)
     result = nobody_sets_hosts(daemon, [(None, [("db1", "10.1.2.3")]), (None, [])])
     assert result[1:] == [1, 0]
@@ -643,9 +644,7 @@ def test_another_uids_session_cannot_be_targeted(
     listen: Callable[..., Listener],
     admin_hosts: bytes,
 ) -> None:
-    policy = socket_dir / "firewalld.policy"
-    policy.write_bytes(b"allow nobody hosts\n")
-    policy.chmod(0o644)
+    write(socket_dir / "firewalld.policy", b"allow nobody hosts\n")
     listen(12301, as_nobody=True)
     daemon = start_firewalld(group="nogroup", lease=30)
     client = root_session_with_hosts(daemon, listen, [("db1", "10.1.2.3")])

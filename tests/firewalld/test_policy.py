@@ -23,7 +23,7 @@ from shuttle_firewalld.policy import (
     refusal,
 )
 
-from .conftest import FIREWALLD, Daemon, Listener, as_nobody, shuttle_tables
+from .conftest import FIREWALLD, Daemon, Listener, as_nobody, shuttle_tables, write
 
 ANY = -1
 BOTH = (CAPTURE_OTHERS, FORWARD)
@@ -182,12 +182,6 @@ def test_each_kind_of_bad_line_is_named_with_file_and_line(line: str, problem: s
 
 def test_load_a_missing_file_allows_nothing(tmp_path: Path) -> None:
     assert load_policy(str(tmp_path / "missing")) == Policy(str(tmp_path / "missing"))
-
-
-def write(path: Path, data: bytes, mode: int = 0o644) -> str:
-    path.write_bytes(data)
-    path.chmod(mode)
-    return str(path)
 
 
 def test_load_a_good_file(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ import msgpack.fallback
 from hypothesis import strategies as st
 from shuttle_protocol import firewall_messages as fw
 from shuttle_protocol import stream_messages as sm
-from shuttle_protocol.checks import MAX_ADDRESS
+from shuttle_protocol.checks import MAX_ADDRESS, MAX_NAMESERVERS
 from shuttle_protocol.schema import FRAME_TAGS, REGISTRY, STREAM_TAGS, Message
 from shuttle_protocol.stream import StreamDecoder
 
@@ -138,7 +138,7 @@ STRATEGIES: Dict[Type[Message], st.SearchStrategy[Message]] = {
     ),
     sm.GetNameservers: st.builds(sm.GetNameservers),
     sm.Nameservers: st.builds(
-        sm.Nameservers, st.lists(addresses, max_size=sm.MAX_NAMESERVERS).map(tuple)
+        sm.Nameservers, st.lists(addresses, max_size=MAX_NAMESERVERS).map(tuple)
     ),
     sm.GetHosts: st.builds(sm.GetHosts, st.lists(hostnames, max_size=20).map(tuple)),
     sm.Hosts: st.builds(sm.Hosts, host_entries),
@@ -151,7 +151,7 @@ STRATEGIES: Dict[Type[Message], st.SearchStrategy[Message]] = {
         owners,
         owners,
         st.booleans(),
-        st.lists(addresses, max_size=fw.MAX_NAMESERVERS).map(tuple),
+        st.lists(addresses, max_size=MAX_NAMESERVERS).map(tuple),
     ),
     fw.OpenSessionAnswer: st.builds(
         fw.OpenSessionAnswer, session_ids, leases, st.sampled_from(fw.APPLIED_METHODS)
@@ -514,7 +514,7 @@ BAD_VALUES: Dict[Type[Message], Dict[str, List[Any]]] = {
         "more": BAD_BOOLS,
     },
     sm.GetNameservers: {},
-    sm.Nameservers: {"addresses": bad_lists("10.0.0.53", BAD_ADDRESS_TEXTS, sm.MAX_NAMESERVERS)},
+    sm.Nameservers: {"addresses": bad_lists("10.0.0.53", BAD_ADDRESS_TEXTS, MAX_NAMESERVERS)},
     sm.GetHosts: {"seeds": bad_lists("db1", BAD_HOSTNAMES, sm.MAX_LIST)},
     sm.Hosts: {"entries": bad_lists(("db1", "10.0.0.7"), BAD_HOST_ITEMS, sm.MAX_LIST)},
     fw.OpenSessionRequest: {
@@ -525,7 +525,7 @@ BAD_VALUES: Dict[Type[Message], Dict[str, List[Any]]] = {
         "uid": BAD_OWNERS,
         "gid": BAD_OWNERS,
         "forward": BAD_BOOLS,
-        "dns": bad_lists("10.0.0.53", BAD_ADDRESS_TEXTS, fw.MAX_NAMESERVERS),
+        "dns": bad_lists("10.0.0.53", BAD_ADDRESS_TEXTS, MAX_NAMESERVERS),
     },
     fw.OpenSessionAnswer: {
         "session": BAD_SESSIONS,
