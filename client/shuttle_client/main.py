@@ -4,6 +4,7 @@ then relay until a signal, a lost tunnel or a lost firewall session ends it."""
 import asyncio
 import logging
 import signal
+import socket
 import sys
 from typing import Any, Awaitable, List, Optional, Sequence, TypeVar
 
@@ -61,9 +62,7 @@ async def run(options: Options) -> int:
         # tproxy: firewalld makes the listeners, and the port given here does not matter.
         port = listeners[0].getsockname()[1] if listeners else TPROXY_ANY_PORT
         if plan.nameserver is not None:
-            # nat and nft redirect DNS over UDP to our own sockets, on the listeners' port.
-            addresses = [sock.getsockname()[:2] for sock in listeners]
-            capture.add_dns(plan.nameserver, make_udp_sockets(addresses) if listeners else [])
+            capture.add_dns(plan.nameserver, dns_sockets(listeners))
         method = await _unless_stopped(
             stop,
             firewall.open(
@@ -83,8 +82,8 @@ async def run(options: Options) -> int:
         log.info(
             "ready: capturing %s%s%s through %s (method %s, agent on python %s, port %d%s)",
             " ".join(describe(target) for target in plan.subnets),
-            f" and DNS to {' '.join(plan.dns)}" if plan.dns else "",
             "".join(f" -{describe(target)}" for target in options.excludes),
+            f" and DNS to {' '.join(plan.dns)}" if plan.dns else "",
             options.ssh_destination,
             method,
             streams.agent_python,
@@ -109,9 +108,6 @@ async def run(options: Options) -> int:
     except (TunnelError, FirewallError, DiscoveryError, PlanError) as exc:
         log.error("%s", exc)
         return EXIT_FAILED
-    except OSError as exc:  # our DNS sockets (the listeners' port is taken for UDP)
-        log.error("cannot listen for DNS: %s", exc.strerror)
-        return EXIT_FAILED
     finally:
         # Rules first: once they are gone, nothing new is captured into a closing tunnel.
         await firewall.close()
@@ -128,6 +124,17 @@ async def _unless_stopped(stop: "asyncio.Future[str]", step: Awaitable[T]) -> T:
         task.cancel()
         raise Stopped
     return task.result()
+
+
+def dns_sockets(listeners: Sequence[socket.socket]) -> List[socket.socket]:
+    """Our UDP sockets that nat and nft redirect DNS queries to, on the listeners' addresses
+    and port (tproxy: none, firewalld makes its sockets); PlanError if none can bind."""
+    if not listeners:
+        return []
+    try:
+        return make_udp_sockets([sock.getsockname()[:2] for sock in listeners])
+    except OSError as exc:  # another program has the listeners' port for UDP
+        raise PlanError(f"cannot listen for DNS: {exc.strerror}") from None
 
 
 def describe(target: Target) -> str:
