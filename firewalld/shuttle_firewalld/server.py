@@ -21,12 +21,12 @@ from shuttle_protocol.errors import RemoteProtocolError
 from shuttle_protocol.firewall_messages import TOKEN_LEN, ErrorAnswer, SocketsHandover
 from shuttle_protocol.frames import MAX_FRAME, MAX_ITEMS, MAX_REQUEST_ID, decode_frame, encode_frame
 from shuttle_protocol.stream import new_unpacker, unpack_errors
+from shuttle_protocol.zap import ZAP_ENDPOINT, zap_reply
 
 from . import requests
 from .errors import RequestError, StartupError
 from .handover import Grants, HandoverRefused
 from .sessions import Sessions
-from .zap import DOMAIN, ZAP_ENDPOINT, zap_reply
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,7 @@ MAX_WAITING = 64  # fd socket connections that have not sent their token yet
 MAX_WAITING_PER_UID = 8  # of which one uid's: it cannot crowd out the others
 WAIT_FOR_TOKEN = 5.0  # seconds a connection may take to send it
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+DOMAIN = b"shuttle"  # our ZAP domain
 
 
 def answer(sessions: Sessions, uid: int, payload: bytes) -> bytes:
@@ -163,7 +164,7 @@ class Server:
                 frames = self._zap.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            reply = zap_reply(frames)
+            reply = zap_reply(frames, DOMAIN)
             if reply[2] == b"200":
                 log.debug("connection from uid %s", reply[4].decode())
             else:

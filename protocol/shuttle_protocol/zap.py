@@ -1,16 +1,16 @@
-"""Our ZAP handler: libzmq asks it about each new connection; it names the caller's uid.
+"""ZAP (RFC 27) replies for our zmq ipc sockets: libzmq asks about each new connection, and
+the reply names the caller's uid, or refuses it.
 
-The uid comes from the kernel (SO_PEERCRED on the unix socket), never from what the caller
+Sans-IO: frames in, frames out; each program binds its own REP socket at ZAP_ENDPOINT. The
+uid comes from the kernel (SO_PEERCRED on the unix socket), never from what the caller
 sends: libzmq puts the peer's credentials at the end of the address it hands to ZAP.
 """
 
-from __future__ import annotations
-
 import re
 from dataclasses import dataclass
+from typing import Callable, List, Optional
 
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
-DOMAIN = b"shuttle"
 # libzmq's stream_engine_base get_peer_address() appends ":uid:gid:pid" for unix sockets.
 _PEER_ADDRESS = re.compile(rb"(?s).*:(\d{1,10}):(\d{1,10}):(\d{1,10})")
 
@@ -33,21 +33,32 @@ def parse_peer_address(address: bytes) -> Peer:
     return Peer(uid, gid, pid)
 
 
-def zap_reply(frames: list[bytes]) -> list[bytes]:
-    """The reply to one ZAP request (RFC 27): 200 with the uid as user id, or 400."""
+def anyone(peer: Peer) -> Optional[str]:
+    """Admit every peer (the socket file's mode and group decide who can connect)."""
+    return None
+
+
+def zap_reply(
+    frames: List[bytes], domain: bytes, admit: Callable[[Peer], Optional[str]] = anyone
+) -> List[bytes]:
+    """The reply to one ZAP request: 200 with the uid as user id if admit(peer) says nothing
+    against it, else 400 with admit's reason. Only our domain and the NULL mechanism."""
     # A REP socket must answer every request, so even a malformed one gets a reply.
     request_id = frames[1] if len(frames) > 1 else b""
     if len(frames) < 6 or frames[0] != b"1.0":
         return _reply(request_id, b"500", b"malformed ZAP request", b"")
-    _version, _id, domain, address, _identity, mechanism = frames[:6]
-    if domain != DOMAIN or mechanism != b"NULL":
+    _version, _id, their_domain, address, _identity, mechanism = frames[:6]
+    if their_domain != domain or mechanism != b"NULL":
         return _reply(request_id, b"400", b"unexpected domain or mechanism", b"")
     try:
         peer = parse_peer_address(address)
     except ValueError:
         return _reply(request_id, b"400", b"no peer credentials", b"")
+    refusal = admit(peer)
+    if refusal is not None:
+        return _reply(request_id, b"400", refusal.encode("utf-8", "replace")[:200], b"")
     return _reply(request_id, b"200", b"OK", str(peer.uid).encode("ascii"))
 
 
-def _reply(request_id: bytes, status: bytes, text: bytes, user_id: bytes) -> list[bytes]:
+def _reply(request_id: bytes, status: bytes, text: bytes, user_id: bytes) -> List[bytes]:
     return [b"1.0", request_id, status, text, user_id, b""]

@@ -1,17 +1,32 @@
-"""The ZAP handler: peer credentials from libzmq's address, and the replies it gives."""
+"""ZAP replies: peer credentials from libzmq's address, and the replies given to them."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import zmq
-from shuttle_firewalld.zap import DOMAIN, ZAP_ENDPOINT, Peer, parse_peer_address, zap_reply
+from shuttle_protocol.zap import ZAP_ENDPOINT, Peer, parse_peer_address, zap_reply
 
-from .conftest import NOBODY
+DOMAIN = b"shuttle"
+NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
+@pytest.fixture
+def socket_dir() -> Iterator[Path]:
+    """A directory any uid can reach (pytest's tmp_path is private to root)."""
+    path = Path(tempfile.mkdtemp(prefix="shuttle-zap-", dir="/tmp"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.mark.parametrize(
@@ -51,7 +66,7 @@ def request(address: bytes, domain: bytes = DOMAIN, mechanism: bytes = b"NULL") 
 
 
 def test_reply_names_the_uid() -> None:
-    assert zap_reply(request(b"localhost:1000:100:42")) == [
+    assert zap_reply(request(b"localhost:1000:100:42"), DOMAIN) == [
         b"1.0",
         b"7",
         b"200",
@@ -61,8 +76,13 @@ def test_reply_names_the_uid() -> None:
     ]
 
 
+def test_admit_refuses_with_its_reason() -> None:
+    reply = zap_reply(request(b":1000:100:42"), DOMAIN, lambda peer: f"uid {peer.uid} is not ours")
+    assert reply == [b"1.0", b"7", b"400", b"uid 1000 is not ours", b"", b""]
+
+
 def test_reply_refuses_an_address_without_credentials() -> None:
-    assert zap_reply(request(b"127.0.0.1:5555"))[:3] == [b"1.0", b"7", b"400"]
+    assert zap_reply(request(b"127.0.0.1:5555"), DOMAIN)[:3] == [b"1.0", b"7", b"400"]
 
 
 @pytest.mark.parametrize(
@@ -74,7 +94,7 @@ def test_reply_refuses_an_address_without_credentials() -> None:
     ],
 )
 def test_reply_refuses_other_domains_and_mechanisms(frames: list[bytes]) -> None:
-    reply = zap_reply(frames)
+    reply = zap_reply(frames, DOMAIN)
     assert reply[2] == b"400"
     assert reply[4] == b""
 
@@ -83,7 +103,7 @@ def test_reply_refuses_other_domains_and_mechanisms(frames: list[bytes]) -> None
     "frames", [[], [b"1.0"], [b"1.0", b"7"], [b"2.0", *request(b":1:1:1")[1:]]]
 )
 def test_reply_to_malformed_requests(frames: list[bytes]) -> None:
-    reply = zap_reply(frames)
+    reply = zap_reply(frames, DOMAIN)
     assert len(reply) == 6
     assert reply[2] == b"500"
 
@@ -118,7 +138,7 @@ def test_libzmq_hands_the_kernel_uid_to_zap(socket_dir: Path) -> None:
         assert zap.poll(10_000), "libzmq never asked the ZAP handler"
         zap_request = zap.recv_multipart()
         assert parse_peer_address(zap_request[3]).uid == 65534
-        zap.send_multipart(zap_reply(zap_request))
+        zap.send_multipart(zap_reply(zap_request, DOMAIN))
         assert router.poll(10_000), "the request never arrived"
         identity, payload = router.recv_multipart(copy=False)
         assert payload.bytes == b"hello"
