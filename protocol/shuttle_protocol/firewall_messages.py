@@ -5,7 +5,7 @@ message that exists is well-formed. What a caller may *do* is firewalld's policy
 """
 
 from dataclasses import dataclass
-from typing import Any, Tuple
+from typing import Any, NamedTuple, Tuple
 
 from .checks import (
     MAX_NAMESERVERS,
@@ -29,6 +29,13 @@ APPLIED_METHODS = METHODS[1:]
 MAX_SUBNETS = 50_000
 MAX_HOSTS = 10_000  # a hosts block's entries: (name, address) pairs
 SESSION_ID_LEN = 32
+SHORT_ID_LEN = 12  # how logs, rule names and ListSessions name a session
+# Open at once on one firewalld (each uid at most 16 of them): also ListSessions' bound.
+MAX_SESSIONS = 1024
+# More than any session has: nat makes a rule per target (both lists of at most
+# MAX_SUBNETS, per IP version) and a few dozen more.
+MAX_RULES = 1_000_000
+MAX_SECONDS = 10.0**10  # a session's age in seconds: over three centuries
 ANY_OWNER = -1  # uid or gid: do not match on it
 MAX_ID = 2**32 - 2  # (uid_t)-1 is the kernel's "no id"
 ALL_PORTS = (1, 65535)
@@ -63,6 +70,12 @@ def check_session_id(value: Any, name: str = "session") -> None:
     # isalnum() alone accepts any Unicode letter or digit, such as "\u00e9" or "\u00b2".
     if len(value) != SESSION_ID_LEN or not (value.isascii() and value.isalnum()):
         raise LocalProtocolError(f"{name} must be a 32-character token")
+
+
+def check_short_id(value: Any, name: str = "session") -> None:
+    check_text(value, name, SHORT_ID_LEN)
+    if len(value) != SHORT_ID_LEN or not (value.isascii() and value.isalnum()):
+        raise LocalProtocolError(f"{name} must be a {SHORT_ID_LEN}-character short id")
 
 
 def check_path(value: Any, name: str) -> None:
@@ -278,6 +291,101 @@ class SetHostsAnswer(Message):
 
     def __post_init__(self) -> None:
         check_int(self.count, "count", 0, MAX_HOSTS)
+
+
+@message(77)
+@dataclass(frozen=True)
+class ListSessionsRequest(Message):
+    """The sessions the caller may see: its own; root sees every session."""
+
+    __slots__ = ()
+
+
+class SessionEntry(NamedTuple):
+    """One session as ListSessionsAnswer describes it; its full id stays with its owner."""
+
+    session: str  # the short id, as in rule names and logs
+    caller: int  # the uid that opened it and owns it
+    method: str  # the method applied
+    port: int  # where captured traffic goes
+    subnets: int  # how many subnets, excludes and nameservers it has
+    excludes: int
+    nameservers: int
+    rules: int  # how many firewall rules it installed
+    uid: int  # whose traffic it captures (ANY_OWNER: every uid's)
+    gid: int  # of which group (ANY_OWNER: any)
+    forward: bool  # traffic routed through this host too
+    opened: float  # seconds since its rules went in
+    lease: float  # seconds left before it expires without a heartbeat
+    hosts: int  # entries it has in the hosts file
+
+
+def check_entry(value: Any) -> None:
+    """A SessionEntry, or the plain tuple a frame decodes it as."""
+    if not isinstance(value, tuple) or len(value) != len(SessionEntry._fields):
+        raise LocalProtocolError(f"each session is a list of {len(SessionEntry._fields)} fields")
+    entry = SessionEntry(*value)
+    check_short_id(entry.session)
+    check_int(entry.caller, "caller", 0, MAX_ID)
+    check_choice(entry.method, "method", APPLIED_METHODS)
+    check_int(entry.port, "port", 1, 65535)
+    check_int(entry.subnets, "subnets", 0, MAX_SUBNETS)
+    check_int(entry.excludes, "excludes", 0, MAX_SUBNETS)
+    check_int(entry.nameservers, "nameservers", 0, MAX_NAMESERVERS)
+    check_int(entry.rules, "rules", 0, MAX_RULES)
+    check_owner(entry.uid, "uid")
+    check_owner(entry.gid, "gid")
+    check_bool(entry.forward, "forward")
+    check_number(entry.opened, "opened", 0, MAX_SECONDS)
+    check_number(entry.lease, "lease", 0, 3600)
+    check_int(entry.hosts, "hosts", 0, MAX_HOSTS)
+
+
+@message(78)
+@dataclass(frozen=True)
+class ListSessionsAnswer(Message):
+    """The sessions the caller may see, at most MAX_SESSIONS of them."""
+
+    __slots__ = ("sessions",)
+    sessions: Tuple[SessionEntry, ...]
+
+    def __post_init__(self) -> None:
+        if type(self.sessions) is not tuple or len(self.sessions) > MAX_SESSIONS:
+            raise LocalProtocolError(f"sessions must be a list of at most {MAX_SESSIONS} items")
+        for item in self.sessions:
+            check_entry(item)
+        # A frame decodes each entry as a plain tuple: give it its field names back.
+        object.__setattr__(self, "sessions", tuple(SessionEntry(*item) for item in self.sessions))
+
+
+@message(79)
+@dataclass(frozen=True)
+class UpdateSessionRequest(Message):
+    """Replace the session's subnets and excludes, all or nothing; the rest stays."""
+
+    __slots__ = ("session", "subnets", "excludes")
+    session: str
+    subnets: Tuple[Target, ...]
+    excludes: Tuple[Target, ...]
+
+    def __post_init__(self) -> None:
+        check_session_id(self.session)
+        check_targets(self.subnets, "subnets")
+        check_targets(self.excludes, "excludes")
+        if not self.subnets:
+            raise LocalProtocolError("a session needs at least one subnet")
+
+
+@message(80)
+@dataclass(frozen=True)
+class UpdateSessionAnswer(Message):
+    """The session now captures the new subnets, with this many rules."""
+
+    __slots__ = ("rules",)
+    rules: int
+
+    def __post_init__(self) -> None:
+        check_int(self.rules, "rules", 0, MAX_RULES)
 
 
 @message(127)

@@ -5,6 +5,7 @@ a new message type without a strategy, an example or bad values makes a test fai
 """
 
 import ipaddress
+import math
 import string
 from typing import Any, Callable, Dict, List, Tuple, Type
 from unittest import mock
@@ -109,6 +110,24 @@ hostnames = st.builds(
     lambda labels, last: ".".join([*labels, last]), st.lists(_labels, max_size=4), _last_labels
 )
 host_entries = st.lists(st.tuples(hostnames, addresses), max_size=20).map(tuple)
+_seconds = st.floats(0, 3600, allow_nan=False, allow_infinity=False)
+session_entries = st.builds(
+    fw.SessionEntry,
+    st.text(string.ascii_lowercase + string.digits, min_size=12, max_size=12),
+    st.integers(0, fw.MAX_ID),
+    st.sampled_from(fw.APPLIED_METHODS),
+    ports,
+    st.integers(0, fw.MAX_SUBNETS),
+    st.integers(0, fw.MAX_SUBNETS),
+    st.integers(0, MAX_NAMESERVERS),
+    st.integers(0, fw.MAX_RULES),
+    owners,
+    owners,
+    st.booleans(),
+    st.one_of(_seconds, st.integers(0, 10**9)),
+    _seconds,
+    st.integers(0, fw.MAX_HOSTS),
+)
 kind_tuples = st.lists(st.sampled_from(fw.SOCKET_KINDS), min_size=1, max_size=4, unique=True).map(
     tuple
 )
@@ -167,6 +186,17 @@ STRATEGIES: Dict[Type[Message], st.SearchStrategy[Message]] = {
     fw.SocketsHandover: st.builds(fw.SocketsHandover, kind_tuples),
     fw.SetHostsRequest: st.builds(fw.SetHostsRequest, session_ids, host_entries),
     fw.SetHostsAnswer: st.builds(fw.SetHostsAnswer, st.integers(0, fw.MAX_HOSTS)),
+    fw.ListSessionsRequest: st.builds(fw.ListSessionsRequest),
+    fw.ListSessionsAnswer: st.builds(
+        fw.ListSessionsAnswer, st.lists(session_entries, max_size=8).map(tuple)
+    ),
+    fw.UpdateSessionRequest: st.builds(
+        fw.UpdateSessionRequest,
+        session_ids,
+        st.lists(targets, min_size=1, max_size=8).map(tuple),
+        target_tuples,
+    ),
+    fw.UpdateSessionAnswer: st.builds(fw.UpdateSessionAnswer, st.integers(0, fw.MAX_RULES)),
     fw.ErrorAnswer: st.builds(fw.ErrorAnswer, st.text(max_size=2000)),
 }
 
@@ -201,6 +231,10 @@ small_messages = st.one_of(SMALL_STREAM)
 # -- one valid example per class, and values each field must refuse ---------------------------
 
 SESSION = "a" * 16 + "Z" * 8 + "0123456789"[:8]
+
+SESSION_ENTRY = fw.SessionEntry(
+    "0123456789ab", 1000, "nft", 12300, 2, 1, 0, 7, 1000, fw.ANY_OWNER, False, 12.5, 4.0, 3
+)
 
 EXAMPLES: Dict[Type[Message], Message] = {
     sm.Hello: sm.Hello(1, ("tcp", "dns"), "3.11.2"),
@@ -245,6 +279,12 @@ EXAMPLES: Dict[Type[Message], Message] = {
     fw.SocketsHandover: fw.SocketsHandover(("tcp4", "udp4", "tcp6", "udp6")),
     fw.SetHostsRequest: fw.SetHostsRequest(SESSION, (("db1", "10.2.0.7"), ("db1", "2001:db8::7"))),
     fw.SetHostsAnswer: fw.SetHostsAnswer(2),
+    fw.ListSessionsRequest: fw.ListSessionsRequest(),
+    fw.ListSessionsAnswer: fw.ListSessionsAnswer((SESSION_ENTRY,)),
+    fw.UpdateSessionRequest: fw.UpdateSessionRequest(
+        SESSION, (("10.0.0.0/8", *fw.ALL_PORTS), ("2001:db8::/32", 443, 443)), ()
+    ),
+    fw.UpdateSessionAnswer: fw.UpdateSessionAnswer(7),
     fw.ErrorAnswer: fw.ErrorAnswer("no"),
 }
 
@@ -467,6 +507,39 @@ BAD_HOST_ITEMS: List[Any] = [
     *(("db1", address) for address in BAD_ADDRESS_TEXTS),
 ]
 
+
+def _entry_with(field: str, value: Any) -> Tuple[Any, ...]:
+    """The example entry, as a plain tuple, with one field replaced."""
+    return tuple(value if name == field else old for name, old in SESSION_ENTRY._asdict().items())
+
+
+# A bad session entry: of another length, or with one bad field.
+BAD_ENTRIES: List[Any] = [
+    SESSION_ENTRY[:-1],
+    (*SESSION_ENTRY, 0),
+    list(SESSION_ENTRY),
+    *(
+        _entry_with(field, value)
+        for field, values in {
+            "session": ["0123456789a", "0123456789abc", "0123456789a-", "0123456789a\u00e9", 1],
+            "caller": bad_ints(0, fw.MAX_ID),
+            "method": ["auto", "NFT", None],
+            "port": bad_ints(1, 65535),
+            "subnets": bad_ints(0, fw.MAX_SUBNETS),
+            "excludes": bad_ints(0, fw.MAX_SUBNETS),
+            "nameservers": bad_ints(0, MAX_NAMESERVERS),
+            "rules": bad_ints(0, fw.MAX_RULES),
+            "uid": BAD_OWNERS,
+            "gid": BAD_OWNERS,
+            "forward": BAD_BOOLS,
+            "opened": [-0.5, math.nan, math.inf, fw.MAX_SECONDS * 2, True, "1", None],
+            "lease": [-0.5, math.nan, 3600.5, True, "1", None],
+            "hosts": bad_ints(0, fw.MAX_HOSTS),
+        }.items()
+        for value in values
+    ),
+]
+
 BAD_VALUES: Dict[Type[Message], Dict[str, List[Any]]] = {
     sm.Hello: {
         "version": bad_ints(0, 2**31),
@@ -551,6 +624,16 @@ BAD_VALUES: Dict[Type[Message], Dict[str, List[Any]]] = {
         "hosts": bad_lists(("db1", "10.0.0.7"), BAD_HOST_ITEMS, fw.MAX_HOSTS),
     },
     fw.SetHostsAnswer: {"count": bad_ints(0, fw.MAX_HOSTS)},
+    fw.ListSessionsRequest: {},
+    fw.ListSessionsAnswer: {
+        "sessions": bad_lists(SESSION_ENTRY, BAD_ENTRIES, fw.MAX_SESSIONS),
+    },
+    fw.UpdateSessionRequest: {
+        "session": BAD_SESSIONS,
+        "subnets": [*BAD_TARGETS, ()],  # at least one subnet
+        "excludes": BAD_TARGETS,
+    },
+    fw.UpdateSessionAnswer: {"rules": bad_ints(0, fw.MAX_RULES)},
     fw.ErrorAnswer: {"text": bad_texts(2000)},
 }
 

@@ -16,16 +16,21 @@ from shuttle_protocol.firewall_messages import (
     APPLIED_METHODS,
     MAX_ID,
     MAX_PATH,
+    MAX_SESSIONS,
     MAX_SUBNETS,
     METHODS,
     SESSION_ID_LEN,
     HeartbeatRequest,
+    ListSessionsAnswer,
+    ListSessionsRequest,
     OpenSessionAnswer,
     OpenSessionRequest,
     ReplySocketAnswer,
     ReplySocketRequest,
+    SessionEntry,
     SocketsAnswer,
     SocketsHandover,
+    UpdateSessionRequest,
     check_address,
     check_network,
     check_session_id,
@@ -471,3 +476,47 @@ def test_the_token_is_named_as_such() -> None:
         SocketsAnswer("a" * 31 + "-", "/run/x", 1)
     with pytest.raises(RemoteProtocolError, match="invalid ReplySocketAnswer: token must"):
         receive(ReplySocketAnswer, "a" * 33, "/run/x")
+
+
+# -- ListSessions and UpdateSession ------------------------------------------------------------
+
+ENTRY = SessionEntry("0123456789ab", 0, "tproxy", 41000, 1, 0, 2, 12, -1, -1, False, 0, 6.0, 0)
+
+
+def test_a_listed_session_keeps_its_field_names_across_the_wire() -> None:
+    back = round_trip(ListSessionsAnswer((ENTRY, ENTRY._replace(session="ba9876543210"))))
+    assert isinstance(back, ListSessionsAnswer)
+    assert [type(entry) for entry in back.sessions] == [SessionEntry, SessionEntry]
+    assert [entry.session for entry in back.sessions] == ["0123456789ab", "ba9876543210"]
+    assert back.sessions[0].nameservers == 2
+
+
+def test_entries_arrive_as_plain_lists_and_are_named_on_arrival() -> None:
+    msg = receive(ListSessionsAnswer, (tuple(ENTRY),))
+    assert isinstance(msg, ListSessionsAnswer)
+    assert msg.sessions == (ENTRY,)
+    assert msg.sessions[0].method == "tproxy"
+
+
+def test_no_session_is_a_valid_list_and_the_count_is_bounded() -> None:
+    assert round_trip(ListSessionsAnswer(())) == ListSessionsAnswer(())
+    assert len(ListSessionsAnswer((ENTRY,) * MAX_SESSIONS).sessions) == MAX_SESSIONS
+    with pytest.raises(LocalProtocolError, match=f"at most {MAX_SESSIONS} items"):
+        ListSessionsAnswer((ENTRY,) * (MAX_SESSIONS + 1))
+
+
+def test_list_sessions_asks_nothing_more() -> None:
+    assert round_trip(ListSessionsRequest()) == ListSessionsRequest()
+    with pytest.raises(RemoteProtocolError, match="takes 0 fields, got 1"):
+        receive(ListSessionsRequest, 1000)  # a uid to list: the kernel says whose
+
+
+def test_an_update_keeps_a_subnet_and_bounds_both_lists() -> None:
+    subnets = (("10.0.0.0/8", *ALL_PORTS),)
+    assert round_trip(UpdateSessionRequest(SESSION, subnets, ())) == UpdateSessionRequest(
+        SESSION, subnets, ()
+    )
+    with pytest.raises(LocalProtocolError, match="at least one subnet"):
+        UpdateSessionRequest(SESSION, (), subnets)
+    with pytest.raises(RemoteProtocolError, match="invalid UpdateSessionRequest: excludes must"):
+        receive(UpdateSessionRequest, SESSION, subnets, subnets * (MAX_SUBNETS + 1))
