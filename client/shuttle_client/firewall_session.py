@@ -1,5 +1,6 @@
-"""The client's side of the firewalld RPC: open a session, keep its lease, close it, and for
-a tproxy session fetch the transparent sockets firewalld makes for it.
+"""The client's side of the firewalld RPC: open a session, keep its lease, change what it
+captures, close it, and for a tproxy session fetch the transparent sockets firewalld makes
+for it; list the sessions firewalld shows us.
 
 One zmq DEALER on firewalld's ipc socket, one request in flight at a time; answers are
 matched to requests by id, and stale answers (to a request that timed out) are dropped.
@@ -27,16 +28,21 @@ from shuttle_protocol.firewall_messages import (
     ErrorAnswer,
     HeartbeatAnswer,
     HeartbeatRequest,
+    ListSessionsAnswer,
+    ListSessionsRequest,
     OpenSessionAnswer,
     OpenSessionRequest,
     ReplySocketAnswer,
     ReplySocketRequest,
+    SessionEntry,
     SetHostsAnswer,
     SetHostsRequest,
     SocketsAnswer,
     SocketsHandover,
     SocketsRequest,
     Target,
+    UpdateSessionAnswer,
+    UpdateSessionRequest,
 )
 from shuttle_protocol.frames import decode_frame, encode_frame
 from shuttle_protocol.schema import Message
@@ -162,6 +168,34 @@ class FirewallSession:
         if not isinstance(answer, SetHostsAnswer):
             raise FirewallError(f"shuttle-firewalld answered {type(answer).__name__}")
         return answer.count
+
+    async def update(
+        self,
+        subnets: Sequence[Target | str],
+        excludes: Sequence[Target | str],
+        timeout: float = 10.0,
+    ) -> int:
+        """Make this session capture these subnets (minus these excludes) instead of the
+        ones it had, all or nothing; how many rules it has now. The same forms as open();
+        firewalld checks them as it does there."""
+        try:
+            request = UpdateSessionRequest(
+                self._open_session(), tuple(map(_target, subnets)), tuple(map(_target, excludes))
+            )
+        except ProtocolError as exc:
+            raise FirewallError(f"cannot update the firewall session: {exc}") from None
+        answer = await self._request(request, timeout)
+        if not isinstance(answer, UpdateSessionAnswer):
+            raise FirewallError(f"shuttle-firewalld answered {type(answer).__name__}")
+        return answer.rules
+
+    async def list_sessions(self, timeout: float = 5.0) -> tuple[SessionEntry, ...]:
+        """The sessions firewalld shows us: our uid's own (root's caller: every session).
+        Needs no open session."""
+        answer = await self._request(ListSessionsRequest(), timeout)
+        if not isinstance(answer, ListSessionsAnswer):
+            raise FirewallError(f"shuttle-firewalld answered {type(answer).__name__}")
+        return answer.sessions
 
     def _open_session(self) -> str:
         if self._session is None:

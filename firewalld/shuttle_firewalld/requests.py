@@ -1,9 +1,10 @@
 """THE table of requests firewalld serves, and what each needs: nothing else decides.
 
-A request either opens a session, or names an open session that its caller must own (a
-session of another uid is reported as missing, so callers cannot probe each other); some
-need a session of one method. Any other message, answers included, is refused. The table
-is unit-tested as it stands.
+A request either opens a session, or lists the sessions its caller may see (its own; root
+sees all), or names an open session that its caller must own (a session of another uid is
+reported as missing, so callers cannot probe each other); some need a session of one
+method. Any other message, answers included, is refused. The table is unit-tested as it
+stands.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from shuttle_protocol.firewall_messages import (
     CloseSessionRequest,
     HeartbeatAnswer,
     HeartbeatRequest,
+    ListSessionsAnswer,
+    ListSessionsRequest,
     OpenSessionAnswer,
     OpenSessionRequest,
     ReplySocketAnswer,
@@ -24,6 +27,8 @@ from shuttle_protocol.firewall_messages import (
     SetHostsRequest,
     SocketsAnswer,
     SocketsRequest,
+    UpdateSessionAnswer,
+    UpdateSessionRequest,
 )
 from shuttle_protocol.schema import Message
 
@@ -64,6 +69,16 @@ def _set_hosts(sessions: Sessions, uid: int, request: SetHostsRequest, session: 
     return SetHostsAnswer(sessions.set_hosts(session, request.hosts))
 
 
+def _list(sessions: Sessions, uid: int, request: ListSessionsRequest, session: None) -> Message:
+    return ListSessionsAnswer(sessions.visible(uid))
+
+
+def _update(
+    sessions: Sessions, uid: int, request: UpdateSessionRequest, session: Session
+) -> Message:
+    return UpdateSessionAnswer(sessions.update(session, request.subnets, request.excludes))
+
+
 @dataclass(frozen=True)
 class Allowed:
     """How firewalld serves one request type."""
@@ -83,6 +98,8 @@ TABLE: Mapping[type[Message], Allowed] = {
     SocketsRequest: Allowed(needs_own_session=True, handler=_sockets, method="tproxy"),
     ReplySocketRequest: Allowed(needs_own_session=True, handler=_reply_socket, method="tproxy"),
     SetHostsRequest: Allowed(needs_own_session=True, handler=_set_hosts),
+    ListSessionsRequest: Allowed(needs_own_session=False, handler=_list),
+    UpdateSessionRequest: Allowed(needs_own_session=True, handler=_update),
 }
 
 

@@ -3,7 +3,7 @@
 Every check that depends on the caller rather than on the message's form is made here:
 the method works here, the scope policy allows the request, the redirect port is the
 caller's, the caller has not too many sessions, a reply socket lies inside its session,
-the caller may write host names.
+the caller may write host names, the caller may see a session.
 """
 
 from __future__ import annotations
@@ -16,7 +16,13 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from shuttle_protocol.firewall_messages import ANY_OWNER, OpenSessionRequest
+from shuttle_protocol.firewall_messages import (
+    ANY_OWNER,
+    MAX_SESSIONS,
+    OpenSessionRequest,
+    SessionEntry,
+)
+from shuttle_protocol.firewall_messages import Target as WireTarget
 
 from .errors import RequestError
 from .handover import Grants
@@ -49,6 +55,8 @@ class Session:
     forward: bool = False  # also traffic routed through this host
     dns: tuple[Address, ...] = ()  # nameservers: TCP and UDP to their port 53 captured too
     rules: int = 0
+    opened: float = 0.0  # when its rules went in (the clock of Sessions)
+    hosts: int = 0  # entries its last SetHosts wrote into the hosts file
     # The listening sockets firewalld made for the session (tproxy), by kind ("tcp4", ...),
     # until they are handed over to the caller; then firewalld's copies are closed.
     sockets: dict[str, socket.socket] = field(default_factory=dict)
@@ -88,9 +96,11 @@ class Sessions:
         make_reply_socket: Callable[[Address, int], socket.socket] = reply_socket,
         local: Callable[[Address], bool] = is_local,
         hosts: HostsFile | None = None,
+        on_change: Callable[[int], None] = lambda count: None,
     ) -> None:
         """methods: every method this firewalld has (see disable); fd_path: the fd socket,
-        where tokens are redeemed (server.FdServer listens there)."""
+        where tokens are redeemed (server.FdServer listens there); on_change: told the
+        number of open sessions whenever one opens or closes."""
         self.lease = lease
         self.grants = Grants(fd_path, clock)
         self._make_reply_socket = make_reply_socket
@@ -103,6 +113,7 @@ class Sessions:
         self._open: dict[str, Session] = {}
         self._hosts = hosts if hosts is not None else HostsFile()
         self._with_hosts: set[str] = set()  # ids of sessions that may have a hosts block
+        self._on_change = on_change
 
     def __len__(self) -> int:
         return len(self._open)
@@ -121,7 +132,7 @@ class Sessions:
         refusal = self._policy.check(caller, request.uid, request.forward)
         if refusal is not None:
             raise RequestError(refusal)
-        subnets = tuple(Target.from_wire(item) for item in request.subnets)
+        subnets = _targets(request.subnets)
         # The protocol checked each address's form; a repeated one would repeat in the rules.
         dns = tuple(dict.fromkeys(map(ipaddress.ip_address, request.dns)))
         dns_versions = {address.version for address in dns}
@@ -141,6 +152,8 @@ class Sessions:
         owned = sum(1 for session in self._open.values() if session.caller == caller)
         if owned >= MAX_SESSIONS_PER_UID:
             raise RequestError(f"uid {caller} already has {MAX_SESSIONS_PER_UID} sessions open")
+        if len(self._open) >= MAX_SESSIONS:  # what ListSessions can describe, and plenty
+            raise RequestError(f"this firewalld has {MAX_SESSIONS} sessions open already")
         session_id = secrets.token_hex(16)
         # Rule names use the short id; two sessions sharing one would share their rules.
         if any(other.short_id == session_id[:12] for other in self._open.values()):
@@ -151,7 +164,7 @@ class Sessions:
             method=method,
             port=request.port,
             subnets=subnets,
-            excludes=tuple(Target.from_wire(item) for item in request.excludes),
+            excludes=_targets(request.excludes),
             deadline=0.0,
             uid=request.uid,
             gid=request.gid,
@@ -160,8 +173,10 @@ class Sessions:
         )
         session.rules = self._methods[method].apply(session)
         # The lease starts once the rules are in: applying 10,000 of them takes a while.
-        session.deadline = self._clock() + self.lease
+        session.opened = self._clock()
+        session.deadline = session.opened + self.lease
         self._open[session_id] = session
+        self._changed()
         log.info(
             "session %s opened by uid %d: %s to port %d, %d subnets, %d excludes, "
             "%d nameservers, %d rules, capturing %s",
@@ -183,6 +198,72 @@ class Sessions:
         if session is None or session.caller != caller:
             raise RequestError("no such session")
         return session
+
+    def visible(self, caller: int) -> tuple[SessionEntry, ...]:
+        """The sessions caller may see, described: its own; root (uid 0) sees every one.
+        Another uid's sessions stay invisible, as in owned()."""
+        now = self._clock()
+        return tuple(
+            SessionEntry(
+                session=session.short_id,
+                caller=session.caller,
+                method=session.method,
+                port=session.port,
+                subnets=len(session.subnets),
+                excludes=len(session.excludes),
+                nameservers=len(session.dns),
+                rules=session.rules,
+                uid=session.uid,
+                gid=session.gid,
+                forward=session.forward,
+                opened=max(0.0, now - session.opened),
+                lease=max(0.0, session.deadline - now),
+                hosts=session.hosts,
+            )
+            for session in self._open.values()
+            if caller in (0, session.caller)
+        )
+
+    def update(
+        self,
+        session: Session,
+        subnets: tuple[WireTarget, ...],
+        excludes: tuple[WireTarget, ...],
+    ) -> int:
+        """Replace the session's subnets and excludes, with the checks open() makes for
+        them; all or nothing. The new rule count."""
+        refusal = self._policy.check(session.caller, session.uid, session.forward)
+        if refusal is not None:  # group membership counts as it is now, as for open()
+            raise RequestError(refusal)
+        new_subnets, new_excludes = _targets(subnets), _targets(excludes)
+        dns_versions = {address.version for address in session.dns}
+        versions = {target.version for target in new_subnets} | dns_versions
+        method = self._methods[session.method]
+        newly = versions - set(session.versions)
+        # The port was the caller's for the versions it captured at open; a version it did
+        # not capture needs the same check now (for TCP: the nameservers stay as they are).
+        if newly and not method.makes_sockets:
+            problem = port_problem(
+                self._listeners_of_port(session.port),
+                session.port,
+                session.caller,
+                newly,
+                session.forward,
+            )
+            if problem is not None:
+                raise RequestError(problem)
+        rules = method.update(session, new_subnets, new_excludes)
+        session.subnets, session.excludes, session.rules = new_subnets, new_excludes, rules
+        log.info(
+            "session %s of uid %d updated: %d subnets, %d excludes, %d %s rules",
+            session.short_id,
+            session.caller,
+            len(new_subnets),
+            len(new_excludes),
+            rules,
+            session.method,
+        )
+        return rules
 
     def renew(self, session: Session) -> None:
         session.deadline = self._clock() + self.lease
@@ -206,11 +287,13 @@ class Sessions:
             raise RequestError(refusal)
         # Before writing: whatever happens next, close() looks for a block to remove.
         self._with_hosts.add(session.id)
-        return self._hosts.set(session.short_id, hosts)
+        session.hosts = self._hosts.set(session.short_id, hosts)
+        return session.hosts
 
     def close(self, session: Session, why: str) -> None:
         """Forget the session and remove its rules; never raises."""
-        self._open.pop(session.id, None)
+        if self._open.pop(session.id, None) is not None:
+            self._changed()
         try:
             self.grants.revoke(session)  # closes the reply sockets not fetched yet
         except Exception:
@@ -234,6 +317,12 @@ class Sessions:
             session.method,
         )
 
+    def _changed(self) -> None:
+        try:
+            self._on_change(len(self._open))
+        except Exception:  # only a report: whatever happened to the session stands
+            log.exception("reporting the number of sessions failed")
+
     def expire(self) -> int:
         """Close every session whose lease has run out; return how many."""
         now = self._clock()
@@ -246,3 +335,7 @@ class Sessions:
     def close_all(self, why: str) -> None:
         for session in list(self._open.values()):
             self.close(session, why)
+
+
+def _targets(items: tuple[WireTarget, ...]) -> tuple[Target, ...]:
+    return tuple(Target.from_wire(item) for item in items)

@@ -62,8 +62,10 @@ class FakeMethod:
 
     def __init__(self) -> None:
         self.applied: list[Session] = []
+        self.updated: list[tuple[Session, tuple[Targeted, ...], tuple[Targeted, ...]]] = []
         self.removed: list[Session] = []
         self.fail_apply: Exception | None = None
+        self.fail_update: Exception | None = None
         self.fail_remove: Exception | None = None
 
     def apply(self, session: Session) -> int:
@@ -71,6 +73,14 @@ class FakeMethod:
             raise self.fail_apply
         self.applied.append(session)
         return len(session.subnets) + 1
+
+    def update(
+        self, session: Session, subnets: tuple[Targeted, ...], excludes: tuple[Targeted, ...]
+    ) -> int:
+        if self.fail_update is not None:
+            raise self.fail_update
+        self.updated.append((session, subnets, excludes))
+        return len(subnets) + 1
 
     def remove(self, session: Session) -> None:
         self.removed.append(session)
@@ -831,4 +841,37 @@ def check_dns_capture(
         close_session(client)
     assert nothing_of_shuttle(netns)
     assert query(netns, probes) == uncaptured
+    assert connect(netns, probes) == ["refused"] * len(probes)
+
+
+def update_session(client: FirewallSession, *args: Any) -> int:
+    """client.update(*args), run to its end: the new rule count."""
+    return asyncio.run(client.update(*args))
+
+
+def check_update(netns: str, daemon: Daemon, listen: Callable[..., Listener], method: str) -> None:
+    """Real connections in the routed namespace while a session of root's changes what it
+    captures (nat and nft alike): captured means connected, else refused. Our listener is on
+    127.0.0.1 only, so an update that would add IPv6 is refused, and changes nothing."""
+    listen(12300)
+    probes = [("198.18.0.5", 80), ("198.19.0.7", 443), ("198.19.0.99", 443)]
+    client, _ = open_session(daemon, method, 12300, [("198.18.0.0/16", 80, 80)], [])
+    try:
+        assert connect(netns, probes) == ["connected", "refused", "refused"]
+        rules = update_session(
+            client, [("198.19.0.0/16", 443, 443)], [("198.19.0.99/32", 1, 65535)]
+        )
+        assert connect(netns, probes) == ["refused", "connected", "refused"]
+        with pytest.raises(FirewallError) as refused:
+            update_session(client, [("198.18.0.0/16", 80, 80), ("fd00:5e::/32", 1, 65535)], [])
+        assert str(refused.value) == (
+            "shuttle-firewalld: no listening socket of uid 0 on port 12300 at ::1 or a wildcard "
+            "address, where IPv6 connections land"
+        )
+        assert connect(netns, probes) == ["refused", "connected", "refused"]
+        [entry] = asyncio.run(client.list_sessions())
+        assert (entry.method, entry.subnets, entry.excludes, entry.rules) == (method, 1, 1, rules)
+    finally:
+        close_session(client)
+    assert nothing_of_shuttle(netns)
     assert connect(netns, probes) == ["refused"] * len(probes)

@@ -18,6 +18,8 @@ from shuttle_protocol.firewall_messages import (
     ErrorAnswer,
     HeartbeatAnswer,
     HeartbeatRequest,
+    ListSessionsAnswer,
+    ListSessionsRequest,
     OpenSessionAnswer,
     OpenSessionRequest,
     ReplySocketAnswer,
@@ -27,6 +29,8 @@ from shuttle_protocol.firewall_messages import (
     SocketsAnswer,
     SocketsHandover,
     SocketsRequest,
+    UpdateSessionAnswer,
+    UpdateSessionRequest,
 )
 from shuttle_protocol.schema import Message
 from shuttle_protocol.stream_messages import Ping
@@ -39,6 +43,7 @@ from .conftest import (
     FakeMethod,
     ReplySockets,
     open_request,
+    target,
 )
 
 OPEN = open_request()
@@ -55,6 +60,8 @@ def test_the_table_as_it_stands() -> None:
         SocketsRequest: (True, "tproxy"),
         ReplySocketRequest: (True, "tproxy"),
         SetHostsRequest: (True, None),
+        ListSessionsRequest: (False, None),
+        UpdateSessionRequest: (True, None),
     }
 
 
@@ -118,6 +125,8 @@ def test_after_close_the_session_is_gone(sessions: Sessions) -> None:
         SocketsAnswer("a" * 32, "/run/x", 1),
         ReplySocketAnswer("a" * 32, "/run/x"),
         SocketsHandover(("reply",)),
+        ListSessionsAnswer(()),
+        UpdateSessionAnswer(3),
         ErrorAnswer("no"),
         Ping(1),
     ],
@@ -125,6 +134,42 @@ def test_after_close_the_session_is_gone(sessions: Sessions) -> None:
 def test_anything_else_is_refused(sessions: Sessions, message: Message) -> None:
     with pytest.raises(RequestError, match="is not a request firewalld serves"):
         handle(sessions, 0, message)
+
+
+# --- listing and updating sessions ----------------------------------------------------------
+
+
+def test_list_sessions_answers_the_callers_own(sessions: Sessions) -> None:
+    mine = handle(sessions, 1000, OPEN).session  # type: ignore[attr-defined]
+    roots = handle(sessions, 0, open_request(port=12301, uid=0)).session  # type: ignore[attr-defined]
+    answer = handle(sessions, 1000, ListSessionsRequest())
+    assert isinstance(answer, ListSessionsAnswer)
+    assert [(entry.session, entry.caller) for entry in answer.sessions] == [(mine[:12], 1000)]
+    everyone = handle(sessions, 0, ListSessionsRequest())
+    assert isinstance(everyone, ListSessionsAnswer)
+    assert [entry.session for entry in everyone.sessions] == [mine[:12], roots[:12]]
+    assert handle(sessions, 1001, ListSessionsRequest()) == ListSessionsAnswer(())
+
+
+SUBNETS = (target("192.0.2.0/24", 80, 90),)
+
+
+def test_update_answers_the_new_rule_count(sessions: Sessions, method: FakeMethod) -> None:
+    session_id = handle(sessions, 1000, OPEN).session  # type: ignore[attr-defined]
+    answer = handle(sessions, 1000, UpdateSessionRequest(session_id, SUBNETS, ()))
+    assert answer == UpdateSessionAnswer(2)
+    assert [str(item) for item in method.updated[0][1]] == ["192.0.2.0/24 port 80-90"]
+
+
+def test_update_in_another_uids_session(sessions: Sessions, method: FakeMethod) -> None:
+    session_id = handle(sessions, 1000, OPEN).session  # type: ignore[attr-defined]
+    for request in (
+        UpdateSessionRequest(session_id, SUBNETS, ()),
+        UpdateSessionRequest(NOBODY_ELSES, SUBNETS, ()),
+    ):
+        with pytest.raises(RequestError, match=r"^no such session$"):
+            handle(sessions, 1001, request)
+    assert method.updated == []
 
 
 # --- tproxy sessions: their sockets and reply sockets ------------------------------------

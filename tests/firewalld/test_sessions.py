@@ -5,24 +5,34 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 from shuttle_client.firewall_session import FirewallError, FirewallSession
 from shuttle_firewalld.errors import RequestError
-from shuttle_firewalld.sessions import MAX_SESSIONS_PER_UID, Sessions
-from shuttle_protocol.firewall_messages import CloseSessionAnswer, CloseSessionRequest
+from shuttle_firewalld.sessions import MAX_SESSIONS_PER_UID, Session, Sessions
+from shuttle_protocol.firewall_messages import (
+    MAX_SESSIONS,
+    CloseSessionAnswer,
+    CloseSessionRequest,
+    ListSessionsAnswer,
+    SessionEntry,
+)
 from shuttle_protocol.frames import encode_frame
 
 from .conftest import (
+    LISTENERS,
     POLICY_PATH,
     WAIT,
     Daemon,
     FakeClock,
     FakeMethod,
+    FakeTproxy,
     Listener,
     ReplySockets,
     ask,
     close_session,
+    listening,
     nat6_rules,
     nat_rules,
     nft,
@@ -31,6 +41,7 @@ from .conftest import (
     open_session,
     shuttle_rules,
     shuttle_tables,
+    target,
     wait_until,
 )
 
@@ -196,6 +207,166 @@ def test_a_reply_socket_at_a_nameservers_port_53_even_if_excluded(
     for address, port in (("10.53.0.53", 54), ("10.53.0.54", 53)):
         with pytest.raises(RequestError, match="is not inside the session's subnets"):
             tproxy_sessions.reply_socket(session, address, port)
+
+
+# --- what callers see, and updates ---------------------------------------------------
+
+
+def test_a_caller_sees_its_own_sessions_and_root_sees_every_one(
+    sessions: Sessions, clock: FakeClock
+) -> None:
+    mine = sessions.open(1000, open_request(excludes=("10.1.0.0/16",), dns=(), gid=27))
+    clock.now += 2.5
+    roots = sessions.open(
+        0, open_request(port=12301, uid=-1, subnets=("10.0.0.0/8", "192.0.2.0/24"))
+    )
+    clock.now += 1
+    [entry] = sessions.visible(1000)
+    assert entry == SessionEntry(
+        session=mine.short_id,
+        caller=1000,
+        method="nat",
+        port=12300,
+        subnets=1,
+        excludes=1,
+        nameservers=0,
+        rules=2,
+        uid=1000,
+        gid=27,
+        forward=False,
+        opened=3.5,
+        lease=2.5,
+        hosts=0,
+    )
+    assert [entry.session for entry in sessions.visible(0)] == [mine.short_id, roots.short_id]
+    assert sessions.visible(0)[1][1:4] == (0, "nat", 12301)
+    # Another uid's sessions stay invisible, as they do for requests that name one.
+    assert sessions.visible(1001) == ()
+
+
+def test_a_lapsed_lease_is_listed_as_none_left(sessions: Sessions, clock: FakeClock) -> None:
+    open_one(sessions)
+    clock.now += 6.5  # not expired yet: the loop has not looked
+    assert sessions.visible(1000)[0].lease == 0.0
+
+
+def test_the_count_of_sessions_is_reported_as_it_changes(
+    method: FakeMethod, clock: FakeClock
+) -> None:
+    counts: list[int] = []
+    sessions = Sessions(
+        {"nat": method, "nft": method},
+        6.0,
+        listeners_of_port=lambda port: LISTENERS.get(port, []),
+        clock=clock,
+        on_change=counts.append,
+    )
+    first = open_one(sessions)
+    open_one(sessions)
+    method.fail_apply = RequestError("no")
+    with pytest.raises(RequestError):
+        open_one(sessions)
+    session = sessions.owned(first, 1000)
+    sessions.close(session, "closed")
+    sessions.close(session, "closed again")  # not open any more: no change
+    clock.now += 7
+    sessions.expire()
+    assert counts == [1, 2, 1, 0]
+
+
+def test_a_report_that_fails_changes_nothing(
+    method: FakeMethod, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(count: int) -> None:
+        raise OSError("no")
+
+    sessions = Sessions(
+        {"nat": method},
+        6.0,
+        listeners_of_port=lambda port: LISTENERS.get(port, []),
+        clock=clock,
+        on_change=broken,
+    )
+    session_id = open_one(sessions)
+    sessions.close(sessions.owned(session_id, 1000), "closed")
+    assert len(sessions) == 0
+    assert [session.id for session in method.removed] == [session_id]
+    assert caplog.text.count("reporting the number of sessions failed") == 2
+
+
+def test_sessions_are_capped_in_all(method: FakeMethod, clock: FakeClock) -> None:
+    # Each uid u listens on port 20000 + u.
+    sessions = Sessions(
+        {"nat": method},
+        6.0,
+        listeners_of_port=lambda port: listening(port, port - 20000, "127.0.0.1"),
+        clock=clock,
+    )
+    for uid in range(1, MAX_SESSIONS // MAX_SESSIONS_PER_UID + 1):
+        for _ in range(MAX_SESSIONS_PER_UID):
+            open_one(sessions, uid=uid, port=20000 + uid)
+    assert len(sessions) == MAX_SESSIONS
+    with pytest.raises(RequestError, match=r"^this firewalld has 1024 sessions open already$"):
+        open_one(sessions, uid=999, port=20999)
+    assert len(sessions.visible(0)) == MAX_SESSIONS
+    ListSessionsAnswer(sessions.visible(0))  # the answer holds them all
+
+
+def update(sessions: Sessions, session: Session, subnets: Any, excludes: Any = ()) -> int:
+    return sessions.update(session, tuple(map(target, subnets)), tuple(map(target, excludes)))
+
+
+def test_an_update_replaces_subnets_and_excludes(sessions: Sessions, method: FakeMethod) -> None:
+    session = sessions.owned(open_one(sessions), 1000)
+    assert update(sessions, session, ["192.0.2.0/24", "10.0.0.0/8"], ["192.0.2.7/32"]) == 3
+    [(updated, subnets, excludes)] = method.updated
+    assert updated is session
+    assert [str(item) for item in subnets] == ["192.0.2.0/24", "10.0.0.0/8"]
+    assert (session.subnets, session.excludes) == (subnets, excludes)
+    assert session.rules == 3
+    assert [str(item) for item in excludes] == ["192.0.2.7/32"]
+    assert sessions.visible(1000)[0][4:8] == (2, 1, 0, 3)
+
+
+def test_a_new_ip_version_needs_the_callers_listener_there(
+    sessions: Sessions, method: FakeMethod
+) -> None:
+    session = sessions.owned(open_one(sessions, port=12303), 1000)  # 127.0.0.1 only
+    before = (session.subnets, session.excludes, session.rules)
+    with pytest.raises(
+        RequestError, match=r"^no listening socket of uid 1000 on port 12303 at ::1 "
+    ):
+        update(sessions, session, ["10.0.0.0/8", "fd00::/8"])
+    assert method.updated == []
+    assert (session.subnets, session.excludes, session.rules) == before
+    # The versions it has need no new check: another IPv4 subnet is fine.
+    update(sessions, session, ["192.0.2.0/24"])
+    assert len(method.updated) == 1
+
+
+def test_a_failed_update_changes_nothing(sessions: Sessions, method: FakeMethod) -> None:
+    session = sessions.owned(open_one(sessions), 1000)
+    before = (session.subnets, session.excludes, session.rules)
+    method.fail_update = RequestError("nft failed (exit 1): File exists")
+    with pytest.raises(RequestError, match="File exists"):
+        update(sessions, session, ["192.0.2.0/24"])
+    assert (session.subnets, session.excludes, session.rules) == before
+
+
+def test_a_tproxy_update_needs_no_listener_of_the_callers(
+    tproxy_sessions: Sessions, tproxy: FakeTproxy
+) -> None:
+    session = tproxy_sessions.open(1000, open_request(method="tproxy", port=1))
+    update(tproxy_sessions, session, ["10.0.0.0/8", "fd00::/8"])  # the method decides
+    assert len(tproxy.updated) == 1
+
+
+def test_an_update_asks_the_policy_again(sessions: Sessions, method: FakeMethod) -> None:
+    session = sessions.owned(open_one(sessions), 1000)
+    session.uid = 1001  # as if the policy had allowed it at open, and no longer does
+    with pytest.raises(RequestError, match=r"^capturing other users' traffic needs root"):
+        update(sessions, session, ["192.0.2.0/24"])
+    assert method.updated == []
 
 
 # --- real daemon ---------------------------------------------------------------------

@@ -1,11 +1,22 @@
-"""The interface every firewall method implements: apply and remove one session's rules."""
+"""The interface every firewall method implements: apply, update and remove one session's
+rules."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:  # sessions.py imports this module, so only the type checker follows back
     from shuttle_firewalld.sessions import Session
+    from shuttle_firewalld.targets import Target
+
+
+def with_targets(
+    session: Session, subnets: tuple[Target, ...], excludes: tuple[Target, ...]
+) -> Session:
+    """A copy of the session with other subnets and excludes, for update() to write the new
+    rules from while the session itself keeps the old ones."""
+    return dataclasses.replace(session, subnets=subnets, excludes=excludes)
 
 
 class Method(Protocol):
@@ -22,6 +33,17 @@ class Method(Protocol):
 
         Raises RequestError, with nothing installed, when the session asks for something
         this method cannot do or the firewall tool fails.
+        """
+        ...
+
+    def update(
+        self, session: Session, subnets: tuple[Target, ...], excludes: tuple[Target, ...]
+    ) -> int:
+        """Replace the session's subnets and excludes in its rules, atomically, and return
+        how many rules there are now; the session itself still holds the old ones (the
+        caller sets the new ones on success).
+
+        Raises RequestError, with the old rules still in force, when the new ones cannot be.
         """
         ...
 

@@ -8,7 +8,10 @@ PREROUTING (forward) it rewrites to the address of the interface the packet came
 forwarding session needs a wildcard listener.
 
 Each version is one iptables-restore --noflush call: one commit, all of it or nothing. A
-session with both versions is two commits; if the second fails, the first is undone.
+session with both versions is two commits; if the second fails, the first is undone. An
+update refills each version's chain in one commit (declaring a chain empties it), adds or
+drops a version's chain and jumps where the IP versions change, and undoes what it did if a
+later version fails.
 
 A session's nameservers: TCP and UDP to their port 53 are redirected to the same port by
 rules at the top of the chain (the caller's UDP socket takes the datagrams; conntrack turns
@@ -29,6 +32,7 @@ from shuttle_protocol.firewall_messages import ANY_OWNER
 from shuttle_firewalld.errors import RequestError
 from shuttle_firewalld.targets import DNS_PORT, LOOPBACK, Target
 
+from .base import with_targets
 from .tools import Runner, run_tool
 
 if TYPE_CHECKING:
@@ -119,14 +123,14 @@ def _match(target: Target, protocol: bool = False) -> str:
     return f"-d {target.network} -p tcp -m tcp --dport {ports}"
 
 
-def apply_text(session: Session, version: int) -> str:
-    """The iptables-restore input that installs one IP version of the session in one commit."""
+def chain_lines(session: Session, version: int) -> list[str]:
+    """The session's chain of one IP version, as iptables-restore lines: its declaration
+    and its rules."""
     chain = chain_name(session)
     # Excludes of the other version are dropped: they exclude from nothing here.
     excludes = [target for target in session.excludes if target.version == version]
     subnets = [target for target in session.subnets if target.version == version]
-    lines = [
-        "*nat",
+    return [
         f":{chain} - [0:0]",
         *(f"-A {chain} {rule}" for rule in dns_rules(session, version)),
         # The host's own addresses are never captured: a connection to this host is not for
@@ -140,10 +144,30 @@ def apply_text(session: Session, version: int) -> str:
             f"-A {chain} {_match(target, protocol=True)} -j REDIRECT --to-ports {session.port}"
             for target in subnets
         ),
+    ]
+
+
+def apply_text(session: Session, version: int) -> str:
+    """The iptables-restore input that installs one IP version of the session in one commit."""
+    lines = [
+        "*nat",
+        *chain_lines(session, version),
         *(f"-A {rule}" for rule in jump_rules(session, version)),
         "COMMIT",
     ]
     return "\n".join(lines) + "\n"
+
+
+def refill_text(session: Session, version: int) -> str:
+    """The iptables-restore input that replaces the rules of the session's chain of one IP
+    version with the session's, in one commit.
+
+    With --noflush, iptables-restore still empties every chain the input declares (tried
+    here with iptables 1.8.9, nf_tables backend): declaring the session's chain is
+    what removes its old rules, in the same commit that adds the new ones. The jumps into
+    the chain stay: they follow the session's scope and nameservers, which do not change.
+    """
+    return "\n".join(["*nat", *chain_lines(session, version), "COMMIT"]) + "\n"
 
 
 def removal_text(jumps: list[str], chains: list[str]) -> str:
@@ -199,6 +223,36 @@ class NatMethod:
             done.append(version)
             rules += text.count("\n-A ")
         return rules
+
+    def update(
+        self, session: Session, subnets: tuple[Target, ...], excludes: tuple[Target, ...]
+    ) -> int:
+        new = with_targets(session, subnets, excludes)
+        chain = [chain_name(session)]
+        undo: list[tuple[int, str]] = []  # (version, the input that puts it back), in order
+        try:
+            for version in sorted({*session.versions, *new.versions}):
+                if version in session.versions and version in new.versions:
+                    text, back = refill_text(new, version), refill_text(session, version)
+                elif version in new.versions:  # a version the session did not capture
+                    text = apply_text(new, version)
+                    back = removal_text(jump_rules(new, version), chain)
+                else:  # one it no longer captures: its chain and jumps go
+                    text = removal_text(jump_rules(session, version), chain)
+                    back = apply_text(session, version)
+                self._run(TOOLS[version].restore, text)
+                undo.append((version, back))
+        except RequestError:
+            # Two versions are two tools, two commits: the one done goes back as it was.
+            for version, back in reversed(undo):
+                try:
+                    self._run(TOOLS[version].restore, back)
+                except RequestError as exc:
+                    log.warning(
+                        "undoing the IPv%d update of session %s: %s", version, session.short_id, exc
+                    )
+            raise
+        return sum(apply_text(new, version).count("\n-A ") for version in new.versions)
 
     def remove(self, session: Session) -> None:
         for version in session.versions:

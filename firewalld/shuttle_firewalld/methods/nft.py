@@ -1,6 +1,6 @@
 """The nft method: one nftables table per session, its subnets in sets, so a constant number
-of rules whatever the number of subnets. Applied with one `nft -f -` (one kernel transaction)
-and removed with one `delete table`.
+of rules whatever the number of subnets. Applied with one `nft -f -` (one kernel transaction),
+updated with another that deletes and recreates the table, and removed with one `delete table`.
 
 Each IP version captured gets two sets, exclude4/include4 (exclude6/include6), typed as the
 concatenation `ipv4_addr . inet_service` with the interval flag: one lookup matches address
@@ -27,8 +27,9 @@ from typing import TYPE_CHECKING
 from shuttle_protocol.firewall_messages import ANY_OWNER
 
 from shuttle_firewalld.errors import RequestError
-from shuttle_firewalld.targets import DNS_PORT, LOOPBACK, Box, disjoint
+from shuttle_firewalld.targets import DNS_PORT, LOOPBACK, Box, Target, disjoint
 
+from .base import with_targets
 from .tools import Runner, run_tool
 
 if TYPE_CHECKING:
@@ -191,6 +192,18 @@ def table_text(session: Session, table_chains: list[Chain]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def replace_text(session: Session, table_chains: list[Chain]) -> str:
+    """The `nft -f` script that swaps the session's table for one with its sets as they are
+    now and these chains, in one transaction: a packet meets the old rules or the new ones,
+    never neither, and if any part fails the old table stays as it was.
+
+    The whole table, not only the sets' elements: an IP version that comes or goes brings or
+    takes its sets and rules, and one script serves every case. Connections already
+    redirected keep their NAT mapping in conntrack, whatever the chains say from now on.
+    """
+    return f"delete table inet {table_name(session)}\n" + table_text(session, table_chains)
+
+
 def ruleset(session: Session) -> str:
     """The `nft -f` script of an nft session."""
     return table_text(session, chains(session))
@@ -257,6 +270,13 @@ class NftMethod:
     def apply(self, session: Session) -> int:
         self._run(NFT, ruleset(session))
         return sum(len(rules) for _, _, rules in chains(session))
+
+    def update(
+        self, session: Session, subnets: tuple[Target, ...], excludes: tuple[Target, ...]
+    ) -> int:
+        new = with_targets(session, subnets, excludes)
+        self._run(NFT, replace_text(new, chains(new)))
+        return sum(len(rules) for _, _, rules in chains(new))
 
     def remove(self, session: Session) -> None:
         delete_table(self._run, session)

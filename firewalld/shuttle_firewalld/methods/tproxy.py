@@ -27,6 +27,11 @@ Why each odd part is there, for a packet a local program sends to a captured des
 
 The ids: session slot N has fwmark and routing table MARK_BASE + N, a range this firewalld
 treats as its own (docs/firewalld.md), and removes at start if an earlier run left any.
+
+An update swaps the table for a new one in one transaction (as the nft method does); the
+sockets, rules and routes stay as they were made at open, for the IP versions captured then.
+A version the session had no sockets for cannot be added: the client holds the sockets, and
+new ones would need a new handover it is not waiting for.
 """
 
 from __future__ import annotations
@@ -39,9 +44,10 @@ from collections.abc import Callable, Collection, Iterator
 from typing import TYPE_CHECKING, Any
 
 from shuttle_firewalld.errors import RequestError
-from shuttle_firewalld.targets import LOOPBACK, Address
+from shuttle_firewalld.targets import LOOPBACK, Address, Target
 from shuttle_firewalld.transparent import LISTEN_ADDRESS, is_local, listeners
 
+from .base import with_targets
 from .nft import (
     L4,
     LOCAL_RETURN,
@@ -52,6 +58,7 @@ from .nft import (
     dns_rules,
     include_match,
     owner_match,
+    replace_text,
     skip_rules,
     table_text,
 )
@@ -125,11 +132,12 @@ def ruleset(session: Session, mark: int) -> str:
     return table_text(session, chains(session, mark))
 
 
-def route_commands(session: Session, mark: int, action: str) -> list[list[str]]:
-    """The ip commands that add (action "add") or delete ("del") the session's local routes
-    and fwmark rules, in the order to run them: a rule never points at a missing route."""
+def route_commands(versions: Collection[int], mark: int, action: str) -> list[list[str]]:
+    """The ip commands that add (action "add") or delete ("del") a session's local routes
+    and fwmark rules for these IP versions, in the order to run them: a rule never points
+    at a missing route."""
     commands = []
-    for version in session.versions:
+    for version in versions:
         route = ["ip", f"-{version}", "route", action, "local", DEFAULT_ROUTE[version]]
         route += ["dev", "lo", "table", str(mark)]
         rule = ["ip", f"-{version}", "rule", action, "fwmark", f"{mark:#x}", "lookup", str(mark)]
@@ -208,7 +216,9 @@ class TproxyMethod:
         self._run = run
         self._make_listeners = make_listeners
         self._local = local
-        self._slots: dict[str, int] = {}  # session id -> slot, while its rules are in
+        # Session id -> (slot, the IP versions it has sockets, rules and routes for), while
+        # its rules are in.
+        self._slots: dict[str, tuple[int, tuple[int, ...]]] = {}
 
     def probe(self) -> str | None:
         """Why this method cannot work here, or None if it can: a throwaway table with a
@@ -243,7 +253,7 @@ class TproxyMethod:
                     "users' queries could reach it; use --ns-hosts with a nameserver that is "
                     "not on this host (not loopback), or the nft or nat method"
                 )
-        used = set(self._slots.values())
+        used = {slot for slot, _ in self._slots.values()}
         slot = next((slot for slot in range(1, SLOTS + 1) if slot not in used), None)
         if slot is None:
             raise RequestError(f"all {SLOTS} tproxy sessions of this host are in use")
@@ -252,7 +262,7 @@ class TproxyMethod:
         session.port, session.sockets = self._make_listeners(session.versions)
         done: list[list[str]] = []
         try:
-            for argv in route_commands(session, mark, "add"):
+            for argv in route_commands(session.versions, mark, "add"):
                 self._run(argv, "")
                 done.append(argv)
             self._run(NFT, ruleset(session, mark))
@@ -261,16 +271,35 @@ class TproxyMethod:
                 self._delete([*argv[:3], "del", *argv[4:]])  # the same, as "del"
             self._close_sockets(session)
             raise
-        self._slots[session.id] = slot
+        self._slots[session.id] = (slot, session.versions)
         return sum(len(rules) for _, _, rules in chains(session, mark)) + len(done)
+
+    def update(
+        self, session: Session, subnets: tuple[Target, ...], excludes: tuple[Target, ...]
+    ) -> int:
+        slot, made = self._slots[session.id]
+        new = with_targets(session, subnets, excludes)
+        for version in new.versions:
+            if version not in made:
+                raise RequestError(
+                    f"this tproxy session has no IPv{version} sockets (it was opened without "
+                    f"IPv{version} subnets): capturing IPv{version} needs a new session"
+                )
+        mark = mark_of(slot)
+        self._run(NFT, replace_text(new, chains(new, mark)))
+        # The routes and rules of a version no longer captured stay: only packets the table
+        # marks take them, and it marks none of that version now.
+        routes = len(route_commands(made, mark, "add"))
+        return sum(len(rules) for _, _, rules in chains(new, mark)) + routes
 
     def remove(self, session: Session) -> None:
         self._close_sockets(session)  # those not handed over
-        slot = self._slots.pop(session.id, None)
-        if slot is None:
+        found = self._slots.pop(session.id, None)
+        if found is None:
             return
+        slot, made = found
         delete_table(self._run, session)
-        for argv in route_commands(session, mark_of(slot), "del"):
+        for argv in route_commands(made, mark_of(slot), "del"):
             self._delete(argv)
 
     def remove_stale(self) -> int:

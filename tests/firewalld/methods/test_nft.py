@@ -11,6 +11,8 @@ from shuttle_firewalld.methods.nft import (
     NFT,
     PROBE,
     NftMethod,
+    chains,
+    replace_text,
     ruleset,
     stale_tables,
     table_name,
@@ -22,13 +24,16 @@ from firewalld.conftest import (
     Listener,
     check_capture,
     check_dns_capture,
+    check_update,
     close_session,
     make_session,
+    make_target,
     nft,
     nft_set_sizes,
     nothing_of_shuttle,
     open_session,
     shuttle_tables,
+    update_session,
 )
 
 TABLE = "shuttle-0123456789ab"
@@ -255,6 +260,36 @@ def test_apply_failure_is_the_callers_error() -> None:
         NftMethod(FakeNft(fail=["create table"])).apply(make_session())
 
 
+def test_replace_text_deletes_and_recreates_the_table_in_one_script() -> None:
+    session = make_session(["10.0.0.0/8", "fd00::/8"])
+    assert replace_text(session, chains(session)) == (
+        f"delete table inet {TABLE}\n" + ruleset(session)
+    )
+
+
+def test_update_is_one_nft_run_with_the_new_targets() -> None:
+    nft_runs = FakeNft()
+    session = make_session(["10.0.0.0/8"], ["10.1.0.0/16"])
+    subnets = tuple(map(make_target, ["192.0.2.0/24", "fd00::/8"]))
+    assert NftMethod(nft_runs).update(session, subnets, ()) == 7  # one IPv6 chain's worth more
+    [(argv, script)] = nft_runs.runs
+    assert argv == list(NFT)
+    assert script == f"delete table inet {TABLE}\n" + ruleset(
+        make_session(["192.0.2.0/24", "fd00::/8"])
+    )
+    assert set_elements(script, "include4") == ["192.0.2.0/24 . 1-65535"]
+    assert set_elements(script, "exclude4") == []
+    # The session keeps its old targets: Sessions sets the new ones once this succeeded.
+    assert [str(target) for target in session.subnets] == ["10.0.0.0/8"]
+
+
+def test_update_failure_is_the_callers_error() -> None:
+    with pytest.raises(RequestError, match="nft failed"):
+        NftMethod(FakeNft(fail=["delete table"])).update(
+            make_session(), (make_target("192.0.2.0/24"),), ()
+        )
+
+
 def test_remove_deletes_the_table_and_never_raises() -> None:
     nft_runs = FakeNft(fail=["delete"])
     NftMethod(nft_runs).remove(make_session())
@@ -431,3 +466,53 @@ def test_dns_to_the_nameservers_is_captured(
     dns_net: str, start_firewalld: Callable[..., Daemon], listen: Callable[..., Listener]
 ) -> None:
     check_dns_capture(dns_net, start_firewalld(), listen, "nft")
+
+
+@pytest.mark.integration
+def test_an_update_swaps_the_sets_and_close_removes_the_table(
+    netns: str, start_firewalld: Callable[..., Daemon], listen: Callable[..., Listener]
+) -> None:
+    daemon = start_firewalld(lease=30)
+    listen(12300, addresses=("127.0.0.1", "::1"))
+    client, _ = open_session(daemon, "nft", 12300, [("10.0.0.0/8", 1, 65535)], [])
+    try:
+        assert client.session is not None
+        table = "shuttle-" + client.session[:12]
+        assert nft_set_sizes(netns, table) == {"exclude4": 0, "include4": 1}
+        # A new IP version brings its sets and rules; the old subnet goes.
+        subnets = [
+            ("192.0.2.0/24", 80, 90),
+            ("198.18.0.0/15", 1, 65535),
+            ("fd00:5e::/32", 443, 443),
+        ]
+        excludes = [("192.0.2.7/32", 1, 65535), ("fd00:5e:1::/48", 1, 65535)]
+        assert update_session(client, subnets, excludes) == 7
+        assert shuttle_tables(netns) == [table]
+        assert nft_set_sizes(netns, table) == {
+            "exclude4": 1,
+            "include4": 2,
+            "exclude6": 1,
+            "include6": 1,
+        }
+        listing = nft(netns, "list", "table", "inet", table)
+        assert "10.0.0.0/8" not in listing
+        for line in [
+            "elements = { 192.0.2.0/24 . 80-90,",
+            "elements = { fd00:5e::/32 . 443 }",
+            "meta skuid 0 ip6 daddr . tcp dport @include6 redirect to :12300",
+        ]:
+            assert line in listing, listing
+        # And goes again.
+        assert update_session(client, [("10.0.0.0/8", 1, 65535)], []) == 4
+        assert nft_set_sizes(netns, table) == {"exclude4": 0, "include4": 1}
+        assert "updated: 1 subnets, 0 excludes, 4 nft rules" in daemon.log
+    finally:
+        close_session(client)
+    assert shuttle_tables(netns) == []
+
+
+@pytest.mark.integration
+def test_traffic_follows_an_update(
+    routed: str, start_firewalld: Callable[..., Daemon], listen: Callable[..., Listener]
+) -> None:
+    check_update(routed, start_firewalld(lease=30), listen, "nft")

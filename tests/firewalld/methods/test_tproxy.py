@@ -143,14 +143,14 @@ def test_every_uid_means_no_owner_match() -> None:
 
 def test_route_commands_ipv4_and_ipv6() -> None:
     session = make_session(["10.0.0.0/8", "fd00:5e::/32"], method="tproxy")
-    assert route_commands(session, MARK, "add") == [
+    assert route_commands(session.versions, MARK, "add") == [
         ["ip", "-4", "route", "add", "local", "0.0.0.0/0", "dev", "lo", "table", TABLE_ID],
         ["ip", "-4", "rule", "add", "fwmark", "0x53480001", "lookup", TABLE_ID],
         ["ip", "-6", "route", "add", "local", "::/0", "dev", "lo", "table", TABLE_ID],
         ["ip", "-6", "rule", "add", "fwmark", "0x53480001", "lookup", TABLE_ID],
     ]
     # Deleting: each rule before the route it points at.
-    assert route_commands(session, MARK, "del") == [
+    assert route_commands(session.versions, MARK, "del") == [
         ["ip", "-4", "rule", "del", "fwmark", "0x53480001", "lookup", TABLE_ID],
         ["ip", "-4", "route", "del", "local", "0.0.0.0/0", "dev", "lo", "table", TABLE_ID],
         ["ip", "-6", "rule", "del", "fwmark", "0x53480001", "lookup", TABLE_ID],
@@ -160,7 +160,7 @@ def test_route_commands_ipv4_and_ipv6() -> None:
 
 def test_route_commands_ipv6_only() -> None:
     session = make_session(["fd00:5e::/32"], ["10.0.0.0/8"], method="tproxy")
-    assert [argv[1] for argv in route_commands(session, MARK, "add")] == ["-6", "-6"]
+    assert [argv[1] for argv in route_commands(session.versions, MARK, "add")] == ["-6", "-6"]
 
 
 class FakeRun:
@@ -212,7 +212,7 @@ def test_apply_makes_sockets_then_routes_and_rules_then_the_table(
     assert session.port == 41000
     assert sorted(session.sockets) == ["tcp4", "tcp6", "udp4", "udp6"]
     assert run.runs == [
-        *((argv, "") for argv in route_commands(session, MARK, "add")),
+        *((argv, "") for argv in route_commands(session.versions, MARK, "add")),
         (list(NFT), ruleset(session, MARK)),
     ]
 
@@ -326,7 +326,7 @@ def test_remove_deletes_everything_and_closes_the_sockets(listeners: FakeListene
     method.remove(session)
     assert run.runs == [
         (list(NFT), f"delete table inet {TABLE}\n"),
-        *((argv, "") for argv in route_commands(session, MARK, "del")),
+        *((argv, "") for argv in route_commands(session.versions, MARK, "del")),
     ]
     assert all(sock.fileno() == -1 for sock in listeners.made)
     run.runs.clear()
