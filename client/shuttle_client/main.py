@@ -11,6 +11,7 @@ from typing import Any, Awaitable, List, Optional, Sequence, TypeVar
 from shuttle_agent.limits import raise_open_files
 from shuttle_protocol.firewall_messages import ALL_PORTS, Target
 
+from . import ctl
 from .capture import TPROXY_ANY_PORT, Capture
 from .cli import Options, UsageError, parse_args
 from .discovery import DiscoveryError
@@ -159,9 +160,12 @@ def _set_once(future: "asyncio.Future[str]", value: str) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    """Console script: shuttle-client."""
+    """Console script: shuttle-client, and `shuttle-client ctl ...` (ctl.py)."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args[:1] == ["ctl"]:
+        sys.exit(ctl.main(args[1:]))
     try:
-        options = parse_args(sys.argv[1:] if argv is None else argv)
+        options = parse_args(args)
     except UsageError as exc:
         print(f"shuttle-client: error: {exc}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
