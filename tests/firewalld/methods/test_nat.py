@@ -3,10 +3,13 @@ then real chains in a namespace."""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import pytest
+from shuttle_client.firewall_session import FirewallError
 from shuttle_firewalld.errors import RequestError
 from shuttle_firewalld.methods.nat import (
     TOOLS,
@@ -14,6 +17,7 @@ from shuttle_firewalld.methods.nat import (
     apply_text,
     chain_name,
     jump_rules,
+    refill_text,
     removal_text,
     stale_rules,
 )
@@ -23,13 +27,17 @@ from firewalld.conftest import (
     Listener,
     check_capture,
     check_dns_capture,
+    check_update,
     close_session,
+    in_netns,
     make_session,
+    make_target,
     nat6_rules,
     nat_rules,
     nothing_of_shuttle,
     open_session,
     shuttle_rules,
+    update_session,
 )
 
 CHAIN = "SHUTTLE-0123456789ab"
@@ -241,6 +249,60 @@ def test_a_failed_second_version_undoes_the_first() -> None:
     assert tools.runs[-1] == (list(RESTORE4), removal_text(jump_rules(MIXED, 4), [CHAIN]))
 
 
+def test_refill_text_declares_the_chain_and_leaves_the_jumps() -> None:
+    # Declared, the chain is emptied first, in the same commit.
+    assert refill_text(MIXED, 4).splitlines() == [
+        "*nat",
+        *apply_text(MIXED, 4).splitlines()[1:-2],
+        "COMMIT",
+    ]
+    assert "OUTPUT" not in refill_text(MIXED, 6)
+
+
+def targets(*items: str) -> tuple[Any, ...]:
+    return tuple(map(make_target, items))
+
+
+def test_an_update_of_the_same_versions_refills_each_chain() -> None:
+    tools = FakeTools()
+    new = make_session(["192.0.2.0/24", "fd00::/8"], ["192.0.2.7/32"])
+    assert NatMethod(tools).update(MIXED, new.subnets, new.excludes) == 5 + 4
+    assert tools.runs == [
+        (list(RESTORE4), refill_text(new, 4)),
+        (list(RESTORE6), refill_text(new, 6)),
+    ]
+
+
+def test_an_update_adds_and_drops_ip_versions() -> None:
+    tools = FakeTools()
+    ipv4 = make_session(["10.0.0.0/8"])
+    NatMethod(tools).update(ipv4, targets("10.0.0.0/8", "fd00::/8"), ())
+    both = make_session(["10.0.0.0/8", "fd00::/8"])
+    assert tools.runs == [
+        (list(RESTORE4), refill_text(both, 4)),
+        (list(RESTORE6), apply_text(both, 6)),
+    ]
+    tools.runs.clear()
+    assert NatMethod(tools).update(both, targets("fd00::/8"), ()) == 4
+    only6 = make_session(["fd00::/8"])
+    assert tools.runs == [
+        (list(RESTORE4), removal_text(jump_rules(both, 4), [CHAIN])),
+        (list(RESTORE6), refill_text(only6, 6)),
+    ]
+
+
+def test_a_failed_update_of_the_second_version_puts_the_first_back() -> None:
+    tools = FakeTools(fail=["ip6tables-restore"])
+    new = make_session(["192.0.2.0/24", "fd00::/8"])
+    with pytest.raises(RequestError, match="ip6tables-restore failed"):
+        NatMethod(tools).update(MIXED, new.subnets, new.excludes)
+    assert tools.runs == [
+        (list(RESTORE4), refill_text(new, 4)),
+        (list(RESTORE6), refill_text(new, 6)),
+        (list(RESTORE4), refill_text(MIXED, 4)),  # as it was
+    ]
+
+
 def test_remove_is_one_restore_per_version() -> None:
     tools = FakeTools()
     NatMethod(tools).remove(MIXED)
@@ -400,3 +462,94 @@ def test_dns_to_the_nameservers_is_captured(
     dns_net: str, start_firewalld: Callable[..., Daemon], listen: Callable[..., Listener]
 ) -> None:
     check_dns_capture(dns_net, start_firewalld(), listen, "nat")
+
+
+@pytest.mark.integration
+def test_an_update_rebuilds_exactly_the_sessions_chains(
+    netns: str, start_firewalld: Callable[..., Daemon], listen: Callable[..., Listener]
+) -> None:
+    daemon = start_firewalld(lease=30)
+    listen(12300, addresses=("127.0.0.1", "::1"))
+    other, _ = open_session(daemon, "nat", 12300, [("198.51.100.0/24", 1, 65535)], [])
+    client, _ = open_session(daemon, "nat", 12300, [("10.0.0.0/8", 1, 65535)], [])
+    try:
+        assert other.session is not None and client.session is not None
+        chain = "SHUTTLE-" + client.session[:12]
+        theirs = [line for line in shuttle_rules(netns) if chain not in line]
+        rules = update_session(
+            client,
+            [("192.0.2.0/24", 80, 90), ("fd00:5e::/32", 443, 443)],
+            [("192.0.2.7/32", 1, 65535)],
+        )
+        assert rules == 5 + 4
+        ours = [line for line in shuttle_rules(netns) if chain in line]
+        assert ours == [
+            f":{chain} - [0:0]",
+            f"-A OUTPUT -p tcp -m owner --uid-owner 0 -j {chain}",
+            f"-A {chain} -m addrtype --dst-type LOCAL -j RETURN",
+            f"-A {chain} -d 127.0.0.0/8 -j RETURN",
+            f"-A {chain} -d 192.0.2.7/32 -j RETURN",
+            f"-A {chain} -d 192.0.2.0/24 -p tcp -m tcp --dport 80:90 -j REDIRECT --to-ports 12300",
+            f":{chain} - [0:0]",
+            f"-A OUTPUT -p tcp -m owner --uid-owner 0 -j {chain}",
+            f"-A {chain} -m addrtype --dst-type LOCAL -j RETURN",
+            f"-A {chain} -d ::1/128 -j RETURN",
+            f"-A {chain} -d fd00:5e::/32 -p tcp -m tcp --dport 443 -j REDIRECT --to-ports 12300",
+        ]
+        # The other session's chain is untouched.
+        assert [line for line in shuttle_rules(netns) if chain not in line] == theirs
+        # Back to IPv4 only: the IPv6 chain and its jump go.
+        assert update_session(client, [("10.0.0.0/8", 1, 65535)], []) == 4
+        assert [line for line in nat6_rules(netns) if chain in line] == []
+        assert f"-A {chain} -d 10.0.0.0/8 -p tcp -j REDIRECT --to-ports 12300" in nat_rules(netns)
+    finally:
+        close_session(client)
+        close_session(other)
+    assert nothing_of_shuttle(netns)
+
+
+@pytest.mark.integration
+def test_an_update_that_fails_halfway_leaves_the_rules_as_they_were(
+    netns: str, start_firewalld: Callable[..., Daemon], listen: Callable[..., Listener]
+) -> None:
+    daemon = start_firewalld(lease=30)
+    listen(12300, addresses=("127.0.0.1", "::1"))
+    subnets = [("10.0.0.0/8", 1, 65535), ("fd00:5e::/32", 1, 65535)]
+    client, _ = open_session(daemon, "nat", 12300, subnets, [])
+    try:
+        assert client.session is not None
+        chain = "SHUTTLE-" + client.session[:12]
+        # Someone removes the IPv6 jump: dropping IPv6 now fails, after IPv4 was refilled.
+        in_netns(
+            netns,
+            "ip6tables",
+            "-w",
+            "-t",
+            "nat",
+            "-D",
+            "OUTPUT",
+            "-p",
+            "tcp",
+            "-m",
+            "owner",
+            "--uid-owner",
+            "0",
+            "-j",
+            chain,
+        )
+        before = shuttle_rules(netns)
+        with pytest.raises(FirewallError, match=r"^shuttle-firewalld: ip6tables-restore failed"):
+            update_session(client, [("192.0.2.0/24", 1, 65535)], [])
+        assert shuttle_rules(netns) == before
+        [entry] = asyncio.run(client.list_sessions())
+        assert entry.subnets == 2
+    finally:
+        close_session(client)
+    assert nothing_of_shuttle(netns)
+
+
+@pytest.mark.integration
+def test_traffic_follows_an_update(
+    routed: str, start_firewalld: Callable[..., Daemon], listen: Callable[..., Listener]
+) -> None:
+    check_update(routed, start_firewalld(lease=30), listen, "nat")

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from shuttle_client.firewall_session import FirewallError
 from shuttle_firewalld.errors import RequestError
-from shuttle_firewalld.methods.nft import NFT
+from shuttle_firewalld.methods.nft import NFT, replace_text
 from shuttle_firewalld.methods.tools import run_tool
 from shuttle_firewalld.methods.tproxy import (
     MARK_BASE,
@@ -39,11 +39,14 @@ from firewalld.conftest import (
     close_session,
     connect,
     make_session,
+    make_target,
     nft,
+    nft_set_sizes,
     open_session,
     query,
     query_argv,
     shuttle_tables,
+    update_session,
 )
 
 TABLE = "shuttle-0123456789ab"
@@ -332,6 +335,42 @@ def test_remove_deletes_everything_and_closes_the_sockets(listeners: FakeListene
     run.runs.clear()
     method.remove(session)  # a second time: nothing left to do
     assert run.runs == []
+
+
+def test_an_update_swaps_the_table_and_keeps_routes_and_sockets(listeners: FakeListeners) -> None:
+    run = FakeRun()
+    method = TproxyMethod(run, listeners)
+    session = make_session(["10.0.0.0/8", "fd00:5e::/32"], method="tproxy")
+    method.apply(session)
+    sockets = dict(session.sockets)
+    run.runs.clear()
+    subnets = (make_target("192.0.2.0/24"),)
+    new = make_session(["192.0.2.0/24"], method="tproxy", port=41000)
+    # IPv4 only now: 9 rules in the table, and the 4 rules and routes of both versions.
+    assert method.update(session, subnets, ()) == 9 + 4
+    assert run.runs == [(list(NFT), replace_text(new, chains(new, MARK)))]
+    assert session.sockets == sockets
+    # Removal still deletes the IPv6 rule and route made at open.
+    run.runs.clear()
+    session.subnets = subnets
+    method.remove(session)
+    assert run.runs[1:] == [(argv, "") for argv in route_commands((4, 6), MARK, "del")]
+
+
+def test_an_update_cannot_add_an_ip_version_without_sockets(listeners: FakeListeners) -> None:
+    run = FakeRun()
+    method = TproxyMethod(run, listeners)
+    session = make_session(["10.0.0.0/8"], method="tproxy")
+    method.apply(session)
+    run.runs.clear()
+    with pytest.raises(RequestError) as refused:
+        method.update(session, (make_target("10.0.0.0/8"), make_target("fd00::/8")), ())
+    assert str(refused.value) == (
+        "this tproxy session has no IPv6 sockets (it was opened without IPv6 subnets): "
+        "capturing IPv6 needs a new session"
+    )
+    assert run.runs == []
+    method.remove(session)
 
 
 # `ip -j rule show` and `ip -j route show table all`, as iproute2 6.1 prints them.
@@ -813,3 +852,65 @@ def test_dns_to_the_nameservers_is_diverted_with_its_original_destination(
     assert (shuttle_tables(netns), ip_state(netns)) == ([], [])
     assert query(netns, probes) == ["blocked"] * len(probes)
     assert connect(netns, probes) == ["refused"] * len(probes)
+
+
+@pytest.mark.integration
+def test_an_update_diverts_the_new_targets_to_the_same_sockets(
+    tproxy_net: str, start_firewalld: Callable[..., Daemon]
+) -> None:
+    netns = tproxy_net
+    daemon = start_firewalld(lease=30)
+    subnets = [("198.18.0.0/15", 80, 80), ("fd00:5e::/32", 80, 80)]
+    client, _ = open_session(daemon, "tproxy", 1, subnets, [])
+    try:
+        assert client.session is not None
+        table = "shuttle-" + client.session[:12]
+        routes = ip_state(netns)
+        assert len(routes) == 4
+        _, sockets = asyncio.run(client.tproxy_sockets())
+        try:
+            # IPv4 port 443 only: IPv6 leaves the table, its sockets, rule and route stay.
+            assert update_session(client, [("198.18.0.0/15", 443, 443)], []) == 9 + 4
+            assert nft_set_sizes(netns, table) == {"exclude4": 0, "include4": 1}
+            assert "198.18.0.0/15 . 443" in nft(netns, "list", "set", "inet", table, "include4")
+            assert ip_state(netns) == routes
+            # And comes back, on port 443: the sockets the client has take it.
+            subnets = [("198.18.0.0/15", 443, 443), ("fd00:5e::/32", 443, 443)]
+            assert update_session(client, subnets, []) == 15 + 4
+            assert connect(netns, [("198.18.0.5", 443), ("fd00:5e::5", 443)]) == ["connected"] * 2
+            accepted = []
+            for version in (4, 6):
+                sockets[f"tcp{version}"].settimeout(WAIT)
+                connection, _ = sockets[f"tcp{version}"].accept()
+                with connection:
+                    accepted.append(connection.getsockname()[:2])
+            assert accepted == [("198.18.0.5", 443), ("fd00:5e::5", 443)]
+        finally:
+            for sock in sockets.values():
+                sock.close()
+    finally:
+        close_session(client)
+    assert (shuttle_tables(netns), ip_state(netns)) == ([], [])
+
+
+@pytest.mark.integration
+def test_an_update_to_an_ip_version_without_sockets_is_refused(
+    tproxy_net: str, start_firewalld: Callable[..., Daemon]
+) -> None:
+    netns = tproxy_net
+    daemon = start_firewalld(lease=30)
+    client, _ = open_session(daemon, "tproxy", 1, [("198.18.0.0/15", 1, 65535)], [])
+    try:
+        assert client.session is not None
+        table = "shuttle-" + client.session[:12]
+        before = nft(netns, "list", "table", "inet", table)
+        with pytest.raises(FirewallError) as refused:
+            update_session(client, [("198.18.0.0/15", 1, 65535), ("fd00:5e::/32", 1, 65535)], [])
+        assert str(refused.value) == (
+            "shuttle-firewalld: this tproxy session has no IPv6 sockets (it was opened without "
+            "IPv6 subnets): capturing IPv6 needs a new session"
+        )
+        assert nft(netns, "list", "table", "inet", table) == before
+    finally:
+        close_session(client)
+    assert (shuttle_tables(netns), ip_state(netns)) == ([], [])
