@@ -27,6 +27,8 @@ from shuttle_protocol.firewall_messages import (
     CloseSessionAnswer,
     CloseSessionRequest,
     ErrorAnswer,
+    ListSessionsAnswer,
+    ListSessionsRequest,
     OpenSessionAnswer,
 )
 from shuttle_protocol.frames import MAX_FRAME, decode_frame, encode_frame
@@ -98,6 +100,17 @@ BAD_FRAMES = [
     (b"\xdd\xff\xff\xff\xff", 0),  # an array header claiming 4 billion items
     (b"\x91" * 100_000, 0),  # arrays nested 100,000 deep
     (pack([15, 64, "nat", 80, [ALL] * 60_000, [], 0, -1, False]), 15),  # too many subnets
+    (pack([16, 77, 0]), 16),  # ListSessions for uid 0: the kernel says whose
+    (pack([16, 77, "a" * 32]), 16),
+    (pack([17, 79, "a" * 32, [], []]), 17),  # UpdateSession without a subnet
+    (pack([17, 79, "a" * 32, [ALL]]), 17),  # no excludes
+    (pack([17, 79, "a" * 33, [ALL], []]), 17),
+    (pack([17, 79, None, [ALL], []]), 17),
+    (pack([18, 79, "a" * 32, [["10.0.0.1/8", 1, 65535]], []]), 18),  # host bits
+    (pack([18, 79, "a" * 32, [ALL], [["10.0.0.0/8", 0, 65535]]]), 18),  # port 0
+    (pack([18, 79, "a" * 32, ["10.0.0.0/8"], []]), 18),  # the old form
+    (pack([18, 79, "a" * 32, [ALL] * 60_000, []]), 18),  # too many subnets
+    (pack([19, 79, "a" * 32, [ALL], [], 1]), 19),  # a field too many
     (b"\x00" * (MAX_FRAME + 1), 0),
 ]
 
@@ -168,7 +181,7 @@ wire_values = st.recursive(
 @settings(max_examples=300, deadline=None)
 @given(
     request_id=st.integers(min_value=0, max_value=2**63 - 1),
-    tag=st.sampled_from([64, 65, 66, 67, 68, 69, 70, 71, 72, 73, 74, 127, 1, 200]),
+    tag=st.sampled_from([*range(64, 81), 127, 1, 200]),
     fields=st.lists(wire_values, max_size=8),
 )
 def test_any_fields_under_any_tag_get_an_answer_with_the_id(
@@ -176,7 +189,11 @@ def test_any_fields_under_any_tag_get_an_answer_with_the_id(
 ) -> None:
     got_id, reply = answer_to(any_port_sessions(), pack([request_id, tag, *fields]))
     assert got_id == request_id
-    assert isinstance(reply, (ErrorAnswer, OpenSessionAnswer))
+    assert isinstance(reply, (ErrorAnswer, OpenSessionAnswer, ListSessionsAnswer))
+
+
+def test_list_sessions_with_no_fields_is_answered(sessions: Sessions) -> None:
+    assert answer_to(sessions, pack([4, 77])) == (4, ListSessionsAnswer(()))
 
 
 # --- real daemon ---------------------------------------------------------------------
@@ -261,6 +278,10 @@ def test_garbage_gets_error_answers_and_serving_goes_on(
     assert request_id == 77
     assert isinstance(reply, OpenSessionAnswer)
     assert len(shuttle_rules(netns)) == 6
+    request_id, reply = ask(daemon.socket_path, encode_frame(78, ListSessionsRequest()))
+    assert request_id == 78
+    assert isinstance(reply, ListSessionsAnswer)
+    assert [entry.rules for entry in reply.sessions] == [6]
     assert daemon.proc.poll() is None
 
 
