@@ -52,6 +52,11 @@ Options:
                            anyone in it).
   --all-users              capture the traffic of every local user.
   --firewalld=PATH         firewalld's socket [default: /run/shuttle/firewalld.sock].
+  -D, --daemon             go to the background once ready (implies --syslog; the
+                           working directory becomes /).
+  --pidfile=PATH           write the client's pid to PATH while it runs (with -D, the
+                           default is shuttle-client.pid in the current directory).
+  --syslog                 also log to syslog (/dev/log).
   -N, --auto-nets          also capture the networks the server routes (its routing
                            table, less default, loopback and link-local routes).
   --dns                    capture DNS queries (UDP and TCP) to this host's resolvers
@@ -84,6 +89,7 @@ METHODS = ("auto", "nft", "nat", "tproxy")
 LOOPBACKS = ("127.0.0.1", "::1")
 WILDCARDS = ("0.0.0.0", "::")  # noqa: S104 (listening there is the router use case)
 MAX_STREAMS = 16
+DEFAULT_PIDFILE = "shuttle-client.pid"  # with -D, in the current directory (as sshuttle)
 
 
 @dataclass(frozen=True)
@@ -109,6 +115,9 @@ class Options:
     to_ns: Optional[Tuple[str, int]] = None  # None: the server's first nameserver
     auto_hosts: bool = False
     seed_hosts: Tuple[str, ...] = ()
+    daemon: bool = False
+    pidfile: Optional[str] = None  # absolute
+    syslog: bool = False
 
     @property
     def forward(self) -> bool:
@@ -234,6 +243,15 @@ def parse_dns(
         raise UsageError(f"invalid --to-ns: {exc}") from None
 
 
+def parse_pidfile(text: Optional[str], daemon: bool) -> Optional[str]:
+    """--pidfile as an absolute path (a daemon works in /); with -D, a default."""
+    if text is None and not daemon:
+        return None
+    if text == "":
+        raise UsageError("--pidfile is empty")
+    return os.path.abspath(text or DEFAULT_PIDFILE)
+
+
 def parse_seed_hosts(text: Optional[str]) -> Tuple[str, ...]:
     """--seed-hosts: comma-separated host names, each valid."""
     names = tuple(dict.fromkeys(filter(None, (n.strip() for n in (text or "").split(",")))))
@@ -280,7 +298,7 @@ def parse_args(argv: Sequence[str]) -> Options:
     if not ssh_cmd:
         raise UsageError("--ssh-cmd is empty")
     if args["--method"] not in METHODS:
-        raise UsageError(f"unknown --method {args['--method']!r}: choose {', '.join(METHODS)}")
+        raise UsageError(f"invalid --method {args['--method']!r}: choose {', '.join(METHODS)}")
     uid, gid = parse_owner(args["--user"], args["--group"], args["--all-users"])
     try:
         subnets = parse_targets(_with_files(args["SUBNET"], args["--subnets"]))
@@ -312,6 +330,9 @@ def parse_args(argv: Sequence[str]) -> Options:
         to_ns=to_ns,
         auto_hosts=bool(args["--auto-hosts"]),
         seed_hosts=parse_seed_hosts(args["--seed-hosts"]),
+        daemon=bool(args["--daemon"]),
+        pidfile=parse_pidfile(args["--pidfile"], bool(args["--daemon"])),
+        syslog=bool(args["--syslog"] or args["--daemon"]),
     )
 
 

@@ -1,0 +1,61 @@
+"""Where shuttle-client's log goes: stderr, and with --syslog (or -D) syslog too, through
+/dev/log with the ident shuttle-client[PID]."""
+
+import logging
+import logging.handlers
+import os
+import socket
+import sys
+from typing import Optional
+
+DEV_LOG = "/dev/log"
+IDENT = "shuttle-client"
+
+log = logging.getLogger("shuttle")
+
+
+class QuietSysLogHandler(logging.handlers.SysLogHandler):
+    """A syslog handler that loses a record when syslog has gone away, as C's syslog()
+    does, instead of printing a traceback on stderr (which is /dev/null for a daemon)."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        pass
+
+
+def configure(verbose: bool, syslog: bool, address: str = DEV_LOG) -> logging.Handler:
+    """Log to stderr, and with syslog to the syslog socket at address (a warning, and
+    stderr only, if nothing listens there); the stderr handler, for a daemon to remove."""
+    root = logging.getLogger()
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    stderr = logging.StreamHandler(sys.stderr)
+    stderr.setFormatter(logging.Formatter(f"{IDENT}: %(message)s"))
+    root.addHandler(stderr)
+    if syslog:
+        handler = syslog_handler(address)
+        if handler is not None:
+            root.addHandler(handler)
+    return stderr
+
+
+def syslog_handler(address: str) -> Optional[logging.Handler]:
+    """A handler for the syslog socket at address; None, with a warning, if none listens.
+
+    SysLogHandler itself would accept a missing socket and fail at every record, so the
+    socket is tried first, as a datagram socket and then as a stream (as the handler does).
+    """
+    problem: Optional[OSError] = None
+    for socktype in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+        with socket.socket(socket.AF_UNIX, socktype) as probe:
+            try:
+                probe.connect(address)
+            except OSError as exc:
+                problem = problem or exc
+                continue
+        handler = QuietSysLogHandler(address=address, socktype=socktype)
+        # Made after a -D fork, so the pid is the daemon's.
+        handler.ident = f"{IDENT}[{os.getpid()}]: "
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        return handler
+    reason = problem.strerror if problem and problem.strerror else problem
+    log.warning("cannot log to syslog at %s: %s; logging to stderr only", address, reason)
+    return None
