@@ -9,7 +9,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, TextIO
 
@@ -209,7 +209,7 @@ def format_status(status: StatusAnswer) -> str:
         ("open", f"{plural(status.channels, 'connection')}, {plural(status.flows, 'UDP flow')}"),
         ("bytes", f"{human_bytes(status.bytes_up)} up, {human_bytes(status.bytes_down)} down"),
     ]  # fmt: skip
-    return "\n".join(f"{name:<8}{value}" for name, value in rows) + "\n"
+    return "".join(f"{name:<9}{value}\n" for name, value in rows)
 
 
 CONNECTION_HEADER = ("CHANNEL", "STREAM", "PROTO", "SOURCE", "DESTINATION", "UP", "DOWN", "AGE")
@@ -310,23 +310,29 @@ def format_event(event: Message, clock: float) -> str:
     return f"{time.strftime('%H:%M:%S', time.localtime(clock))}  {EVENT_TEXT[type(event)](event)}"
 
 
-def run_events(client: ControlClient, command: Command, out: TextIO) -> int:
-    """Print events as they come, noting any missed (a gap in the sequence numbers)."""
+def event_lines(
+    pairs: Iterable[tuple[int, Message]], as_json: bool, count: Optional[int] = None
+) -> Iterator[str]:
+    """A line per event (JSON, or the time and what happened), up to count events; a gap
+    in the sequence numbers is a line that says how many were missed."""
     expected: Optional[int] = None
-    seen = 0
-    for sequence, event in client.events(command.timeout):
-        if command.json:
-            out.write(json.dumps(event_json(sequence, event)) + "\n")
+    for seen, (sequence, event) in enumerate(pairs, 1):
+        if as_json:
+            yield json.dumps(event_json(sequence, event))
         else:
-            if expected is not None and sequence != expected:
-                missed = sequence - expected
-                out.write(f"({plural(missed, 'event')} missed)\n" if missed > 0 else "")
-            out.write(format_event(event, time.time()) + "\n")
-        out.flush()
+            if expected is not None and sequence > expected:
+                yield f"({plural(sequence - expected, 'event')} missed)"
+            yield format_event(event, time.time())
         expected = sequence + 1
-        seen += 1
-        if seen == command.count:
-            break
+        if seen == count:
+            return
+
+
+def run_events(client: ControlClient, command: Command, out: TextIO) -> int:
+    """Print events as they come."""
+    for line in event_lines(client.events(command.timeout), command.json, command.count):
+        out.write(line + "\n")
+        out.flush()
     return EXIT_OK
 
 
