@@ -1,4 +1,5 @@
-"""The shuttle-firewalld command: options, start-up checks, logging, signals, clean exit."""
+"""The shuttle-firewalld command: options, start-up checks, logging, signals, the service
+manager's reports, clean exit; and `ctl`, which asks a running firewalld."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from types import FrameType
 
 from docopt import DocoptExit, docopt
 
+from .ctl import sessions_command
 from .errors import RequestError, StartupError
 from .hosts_file import DEFAULT_PATH as HOSTS_PATH
 from .hosts_file import HostsFile
@@ -23,6 +25,7 @@ from .methods.base import Method
 from .methods.nat import NatMethod
 from .methods.nft import NftMethod
 from .methods.tproxy import TproxyMethod
+from .notify import notify
 from .policy import DEFAULT_PATH, load_policy
 from .server import FDS_SUFFIX, Server
 from .sessions import Sessions
@@ -33,6 +36,7 @@ shuttle-firewalld: shuttle's root daemon; applies firewall rules for shuttle cli
 Usage:
   shuttle-firewalld [--socket=PATH] [--group=GROUP] [--lease=SECONDS] [--policy=PATH]
                     [--hosts-file=PATH] [-v]
+  shuttle-firewalld ctl sessions [--socket=PATH] [--json]
   shuttle-firewalld -h | --help
   shuttle-firewalld --version
 
@@ -47,6 +51,10 @@ Options:
   --hosts-file=PATH  where sessions' host names go, each session's in its own
                      marked block [default: /etc/hosts]
   -v, --verbose      log debug messages too
+  --json             ctl: print JSON, for scripts, instead of a table
+
+ctl sessions lists the sessions of a running shuttle-firewalld that the caller may
+see: its own, and every session for root.
   -h, --help         show this help
   --version          show the version
 """
@@ -63,6 +71,14 @@ class UsageError(Exception):
 
 
 @dataclass(frozen=True)
+class CtlOptions:
+    """`ctl sessions`: ask the firewalld on this socket for the sessions we may see."""
+
+    socket: str
+    json: bool
+
+
+@dataclass(frozen=True)
 class Options:
     socket: str
     group: str
@@ -72,19 +88,25 @@ class Options:
     hosts_file: str = HOSTS_PATH
 
 
-def parse_args(argv: Sequence[str]) -> Options:
+def parse_args(argv: Sequence[str]) -> Options | CtlOptions:
     """Options from the command line, every value checked; UsageError if one is bad."""
     try:
         args = docopt(USAGE, list(argv), version=importlib.metadata.version("shuttle-firewalld"))
     except DocoptExit as exc:
         # docopt's own text is the whole usage, or a "Warning: ..." with its internals.
         first = str(exc).splitlines()[0] if str(exc) else ""
-        if not first or first.startswith(("Warning", "Usage")):
+        words = list(argv)
+        if words[:1] == ["ctl"] and words[1:2] != ["sessions"]:
+            command = f"unknown ctl command {words[1]!r}" if words[1:] else "ctl needs a command"
+            first = f"{command} (known: sessions)"
+        elif not first or first.startswith(("Warning", "Usage")):
             first = "unexpected arguments: " + " ".join(argv)
         raise UsageError(f"{first} (see shuttle-firewalld --help)") from None
     path = args["--socket"]
     if not os.path.isabs(path) or len(os.fsencode(path)) > MAX_SOCKET_PATH:
         raise UsageError(f"--socket must be an absolute path of at most {MAX_SOCKET_PATH} bytes")
+    if args["ctl"]:
+        return CtlOptions(socket=path, json=args["--json"])
     try:
         lease = float(args["--lease"])
     except ValueError:
@@ -141,6 +163,22 @@ def raise_file_limit() -> None:
             log.warning("cannot raise the open file limit from %d: %s", soft, exc)
 
 
+def plural(count: int) -> str:
+    return f"{count} session" + ("" if count == 1 else "s")
+
+
+def status_line(path: str, count: int) -> str:
+    """What the service manager shows for us (systemctl status): where, and how busy."""
+    return f"listening on ipc://{path}; {plural(count)} open"
+
+
+def report(path: str, count: int, stop: Stop) -> None:
+    """Tell the service manager the number of sessions now (not while stopping: each close
+    at exit would say the daemon listens)."""
+    if not stop.requested:
+        notify(status=status_line(path, count))
+
+
 def run(options: Options) -> int:
     """Start, serve until a signal, and undo everything; the exit status."""
     if os.geteuid() != 0:
@@ -159,6 +197,7 @@ def run(options: Options) -> int:
         policy=scope_policy,
         fd_path=options.socket + FDS_SUFFIX,
         hosts=hosts,
+        on_change=lambda count: report(options.socket, count, stop),
     )
     try:
         # First, since it refuses to start beside a running firewalld, whose rules are live.
@@ -191,11 +230,14 @@ def run(options: Options) -> int:
             options.group,
             options.lease,
         )
+        notify(ready="1", status=status_line(options.socket, len(sessions)))
         server.run(stopping=lambda: stop.requested)
     except Exception:
         log.exception("the loop failed")
         status = 1
     finally:
+        stop.requested = True  # also after a failed loop: no more "listening" reports
+        notify(stopping="1", status=f"stopping: removing {plural(len(sessions))}")
         # Each undo step on its own, so one failure cannot skip the others.
         try:
             sessions.close_all("closed at exit")
@@ -211,6 +253,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     except UsageError as exc:
         print(f"shuttle-firewalld: {exc}", file=sys.stderr)
         sys.exit(2)
+    if isinstance(options, CtlOptions):  # a client of the daemon: no root, no logging set-up
+        sys.exit(sessions_command(options.socket, options.json, sys.stdout, sys.stderr))
     logging.basicConfig(
         format="shuttle-firewalld: %(message)s",
         level=logging.DEBUG if options.verbose else logging.INFO,

@@ -6,17 +6,19 @@ import asyncio
 import os
 import secrets
 import shutil
+import socket
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from shuttle_client.firewall_session import FirewallError, FirewallSession
-from shuttle_firewalld.main import Options, UsageError, main, parse_args
+from shuttle_firewalld.main import CtlOptions, Options, UsageError, main, parse_args
 
 from .conftest import (
     FIREWALLD,
     NOBODY,
+    WAIT,
     Daemon,
     Listener,
     close_session,
@@ -66,6 +68,13 @@ def test_bad_arguments(argv: list[str], complaint: str) -> None:
         parse_args(argv)
     assert str(refused.value).startswith(complaint)
     assert "\n" not in str(refused.value)
+
+
+def test_ctl_sessions() -> None:
+    assert parse_args(["ctl", "sessions"]) == CtlOptions("/run/shuttle/firewalld.sock", False)
+    assert parse_args(["ctl", "sessions", "--json", "--socket=/tmp/x.sock"]) == CtlOptions(
+        "/tmp/x.sock", True
+    )
 
 
 def test_the_longest_socket_path() -> None:
@@ -229,3 +238,50 @@ def test_after_a_crash_the_socket_files_are_replaced(
     again = start_firewalld()
     assert again.proc.poll() is None
     assert fds.is_socket()
+
+
+@pytest.mark.integration
+def test_the_service_manager_hears_ready_the_sessions_and_stopping(
+    netns: str,
+    socket_dir: Path,
+    start_firewalld: Callable[..., Daemon],
+    listen: Callable[..., Listener],
+) -> None:
+    path = socket_dir / "notify"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as manager:
+        manager.bind(str(path))
+        manager.settimeout(WAIT)
+        daemon = start_firewalld(env={**os.environ, "NOTIFY_SOCKET": str(path)})
+        listening = f"STATUS=listening on ipc://{daemon.socket_path};"
+        assert manager.recv(4096).decode() == f"READY=1\n{listening} 0 sessions open\n"
+        listen(12300)
+        client, _ = open_session(daemon, "nat", 12300, ["10.0.0.0/8"], [])
+        try:
+            assert manager.recv(4096).decode() == f"{listening} 1 session open\n"
+        finally:
+            close_session(client)
+        assert manager.recv(4096).decode() == f"{listening} 0 sessions open\n"
+        client, _ = open_session(daemon, "nat", 12300, ["10.0.0.0/8"], [])
+        try:
+            assert manager.recv(4096).decode() == f"{listening} 1 session open\n"
+            assert daemon.stop() == 0
+        finally:
+            close_session(client)
+        # Stopping is said before the sessions go, and nothing after it says "listening".
+        assert manager.recv(4096).decode() == "STOPPING=1\nSTATUS=stopping: removing 1 session\n"
+        manager.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            manager.recv(4096)
+    assert nothing_of_shuttle(netns)
+
+
+@pytest.mark.integration
+def test_a_service_manager_that_is_gone_stops_nothing(
+    netns: str, socket_dir: Path, start_firewalld: Callable[..., Daemon]
+) -> None:
+    daemon = start_firewalld(env={**os.environ, "NOTIFY_SOCKET": str(socket_dir / "gone")})
+    daemon.wait_for_line(
+        f"shuttle-firewalld: cannot notify the service manager at {socket_dir}/gone: "
+    )
+    assert daemon.proc.poll() is None
+    assert daemon.stop() == 0
