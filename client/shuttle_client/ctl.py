@@ -341,11 +341,13 @@ def run_events(client: ControlClient, command: Command, out: TextIO) -> int:
 
 @dataclass(frozen=True)
 class Sample:
-    """What one refresh asked, and when (time.monotonic())."""
+    """What one refresh asked, and when: at for rates (time.monotonic()), clock to show
+    (time.time())."""
 
     at: float
     status: StatusAnswer
     connections: ConnectionsAnswer
+    clock: float
 
 
 @dataclass(frozen=True)
@@ -410,6 +412,7 @@ def format_watch(
     rated = rate_connections(previous, current)
     up, down = total_rates(previous, current)
     title = (
+        f"{time.strftime('%H:%M:%S', time.localtime(current.clock))}  "
         f"shuttle-client pid {status.pid}: {status.state}, {status.remote}"
         f" ({status.method or '-'}), {plural(answer.total, 'connection')}"
         f"{', every ' + format(interval, 'g') + ' s' if previous is None else ''}"
@@ -447,7 +450,7 @@ def watch_json(previous: Optional[Sample], current: Sample) -> dict[str, Any]:
 def take_sample(client: ControlClient) -> Sample:
     # Status second: its totals then include every byte the connections show.
     connections = client.connections()
-    return Sample(time.monotonic(), client.status(), connections)
+    return Sample(time.monotonic(), client.status(), connections, time.time())
 
 
 def run_watch(client: ControlClient, command: Command, out: TextIO) -> int:

@@ -270,7 +270,7 @@ def conn(channel: int, up: int, down: int, age: float, source: str = "127.0.0.1:
 
 def sample(at: float, connections: list[Connection], up: int = 0, down: int = 0) -> Sample:
     status = StatusAnswer("up", "gw", "nft", 1, 100.0, 0, 1, 1, len(connections), 0, up, down)
-    return Sample(at, status, ConnectionsAnswer(tuple(connections), len(connections)))
+    return Sample(at, status, ConnectionsAnswer(tuple(connections), len(connections)), at)
 
 
 def test_rates_since_the_previous_sample_or_since_opened() -> None:
@@ -307,7 +307,9 @@ def test_total_rates_come_from_the_status_totals() -> None:
 def test_watch_table_and_its_height() -> None:
     now = sample(0.0, [conn(n, n * 1000, 0, 10.0) for n in range(1, 6)], up=15000, down=0)
     lines = format_watch(None, now, 1.0)
-    assert lines[0] == "shuttle-client pid 1: up, gw (nft), 5 connections, every 1 s"
+    assert (
+        lines[0].split("  ", 1)[1] == "shuttle-client pid 1: up, gw (nft), 5 connections, every 1 s"
+    )
     assert lines[1].split() == [
         "CHANNEL", "STREAM", "PROTO", "SOURCE", "DESTINATION", "UP", "DOWN", "UP/S", "DOWN/S",
         "AGE",
@@ -413,7 +415,7 @@ def test_watch_prints_successive_tables_when_not_a_terminal() -> None:
     assert tables[2:] == [""]  # two tables, each ending in a blank line
     for table in tables[:2]:
         lines = table.splitlines()
-        assert lines[0].startswith("shuttle-client pid 4242: up, alice@gw.example (nft)")
+        assert "  shuttle-client pid 4242: up, alice@gw.example (nft)" in lines[0]
         assert [line.split()[0] for line in lines[1:]] == ["CHANNEL", "7", "9", "total"]
     assert "every 0.1 s" in tables[0] and "every" not in tables[1]
 
