@@ -257,6 +257,8 @@ class Relay(asyncio.Protocol):
         "_reading",
         "_undelivered",
         "_write_paused",
+        "bytes_in",
+        "bytes_out",
         "channel",
         "link",
         "transport",
@@ -275,6 +277,13 @@ class Relay(asyncio.Protocol):
         self._eof_sent = False
         self._peer_eof = False
         self._closed = False
+        self.bytes_out = 0  # read from the local socket, for the peer
+        self.bytes_in = 0  # from the peer, for the local socket
+
+    @property
+    def reading(self) -> bool:
+        """Whether the local socket should be read (no credit or a full pipe stop it)."""
+        return self._reading
 
     # -- the local socket ------------------------------------------------------------------
 
@@ -291,6 +300,7 @@ class Relay(asyncio.Protocol):
             self._shut_write()
 
     def data_received(self, data: bytes) -> None:
+        self.bytes_out += len(data)
         mux = self.link.mux
         credit = mux.credit(self.channel)
         if len(data) <= credit and not self._held:
@@ -333,6 +343,7 @@ class Relay(asyncio.Protocol):
     # -- messages from the peer ------------------------------------------------------------
 
     def on_data(self, msg: Data) -> None:
+        self.bytes_in += len(msg.payload)
         if self.transport is None:
             self._early.append(msg.payload)
         else:

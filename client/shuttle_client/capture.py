@@ -4,13 +4,11 @@ transparent TCP and UDP sockets that firewalld hands over (tproxy)."""
 import asyncio
 import logging
 import socket
-from typing import Callable, List, Optional, Sequence
-
-from shuttle_agent.relay import Link
+from typing import List, Optional, Sequence
 
 from .dns import DnsRelay, Nameserver
 from .firewall_session import FirewallSession
-from .proxy import Destination, local_address, original_destination, serve
+from .proxy import Destination, Tunnels, local_address, original_destination, serve
 from .udp import UdpRelay
 
 log = logging.getLogger("shuttle")
@@ -24,11 +22,14 @@ class Capture:
 
     def __init__(
         self,
-        pick: Callable[[], Link],
+        tunnels: Tunnels,
         firewall: FirewallSession,
         listeners: Sequence[socket.socket],
+        wait: float,
     ) -> None:
-        self.pick = pick  # the tunnel for a new connection or flow
+        """wait: how long a connection may wait for a tunnel while none is up."""
+        self.tunnels = tunnels  # the tunnel for a new connection or flow
+        self.wait = wait
         self.firewall = firewall
         self.listeners = list(listeners)
         self.nameserver: Optional[Nameserver] = None
@@ -41,7 +42,7 @@ class Capture:
         nft redirect queries to (none with tproxy, whose sockets firewalld makes)."""
         self.nameserver = nameserver
         if sockets:
-            self.dns = DnsRelay(self.pick, list(sockets), nameserver.server)
+            self.dns = DnsRelay(self.tunnels.pick, list(sockets), nameserver.server)
 
     def _rewritten(self, destination: Destination) -> Destination:
         nameserver = self.nameserver
@@ -55,16 +56,18 @@ class Capture:
             self.dns.start()
         if method != "tproxy":
             destination = self._rewritten(original_destination)
-            self.servers = await serve(self.pick, self.listeners, destination)
+            self.servers = await serve(self.tunnels, self.listeners, destination, self.wait)
             return int(self.listeners[0].getsockname()[1])
         port, sockets = await self.firewall.tproxy_sockets()
         self.listeners = [sock for kind, sock in sockets.items() if kind.startswith("tcp")]
         # TPROXY does not rewrite the destination: the accepted socket's own address is it.
-        self.servers = await serve(self.pick, self.listeners, self._rewritten(local_address))
+        self.servers = await serve(
+            self.tunnels, self.listeners, self._rewritten(local_address), self.wait
+        )
         udp = [sock for kind, sock in sockets.items() if kind.startswith("udp")]
         if "udp" in agent_capabilities:
             rewrite = self.nameserver.rewrite if self.nameserver else lambda address: address
-            self.udp = UdpRelay(self.pick, self.firewall, udp, rewrite)
+            self.udp = UdpRelay(self.tunnels.pick, self.firewall, udp, rewrite)
             self.udp.start()
         else:
             log.warning("the agent cannot relay UDP: captured datagrams are dropped")

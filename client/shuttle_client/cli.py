@@ -2,6 +2,7 @@
 
 import grp
 import ipaddress
+import math
 import os
 import pwd
 import shlex
@@ -73,6 +74,14 @@ Options:
   --streams=N              spread connections over N ssh sessions to the server, each
                            with its own agent, for links where one ssh channel's window
                            limits throughput (1-16) [default: 1].
+  --no-reconnect           exit (status 1) when the tunnel is lost, instead of
+                           reconnecting with backoff while the rules stay.
+  --keepalive=SECONDS      ping the agent this often; a tunnel whose agent does not
+                           answer within three pings is lost [default: 10].
+  --wait-tunnel=SECONDS    while the tunnel is down, hold new connections this long,
+                           then reset them [default: 30].
+  --control=PATH           the control socket for scripts and `shuttle-client ctl`
+                           (default: $XDG_RUNTIME_DIR/shuttle/control.sock).
   -v, --verbose            say more (also the agent's debug lines).
   -h, --help               show this text.
   --version                show the version.
@@ -90,6 +99,8 @@ LOOPBACKS = ("127.0.0.1", "::1")
 WILDCARDS = ("0.0.0.0", "::")  # noqa: S104 (listening there is the router use case)
 MAX_STREAMS = 16
 DEFAULT_PIDFILE = "shuttle-client.pid"  # with -D, in the current directory (as sshuttle)
+# sun_path holds 108 bytes, the last one a NUL; the events socket's path adds ".events".
+MAX_CONTROL_PATH = 107 - len(".events")
 
 
 @dataclass(frozen=True)
@@ -109,6 +120,10 @@ class Options:
     firewalld: str
     verbose: bool
     streams: int = 1
+    reconnect: bool = True
+    keepalive: float = 10.0
+    wait_tunnel: float = 30.0
+    control: Optional[str] = None  # None: control_paths.default_control_path()
     auto_nets: bool = False
     dns: bool = False
     ns_hosts: Tuple[str, ...] = ()  # () with dns: this host's resolvers
@@ -220,6 +235,26 @@ def parse_streams(text: str) -> int:
     return int(text)
 
 
+def parse_seconds(name: str, text: str, low: float, high: float) -> float:
+    """A number of seconds in [low, high] for option name; UsageError if it is not one."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not low <= value <= high:  # also false for nan
+        raise UsageError(f"invalid {name} {text!r}: expected seconds from {low:g} to {high:g}")
+    return value
+
+
+def parse_control(text: Optional[str]) -> Optional[str]:
+    """--control: an absolute path that fits a unix socket address (with ".events" added)."""
+    if text is None:
+        return None
+    if not os.path.isabs(text) or len(os.fsencode(text)) > MAX_CONTROL_PATH:
+        raise UsageError(f"--control must be an absolute path of at most {MAX_CONTROL_PATH} bytes")
+    return text
+
+
 def parse_dns(
     dns: bool, ns_hosts: Optional[str], to_ns: Optional[str]
 ) -> Tuple[bool, Tuple[str, ...], Optional[Tuple[str, int]]]:
@@ -324,6 +359,10 @@ def parse_args(argv: Sequence[str]) -> Options:
         firewalld=args["--firewalld"],
         verbose=bool(args["--verbose"]),
         streams=parse_streams(args["--streams"]),
+        reconnect=not args["--no-reconnect"],
+        keepalive=parse_seconds("--keepalive", args["--keepalive"], 0.1, 3600),
+        wait_tunnel=parse_seconds("--wait-tunnel", args["--wait-tunnel"], 0, 3600),
+        control=parse_control(args["--control"]),
         auto_nets=bool(args["--auto-nets"]),
         dns=dns,
         ns_hosts=ns_hosts,

@@ -17,8 +17,10 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 from shuttle_agent.relay import Link
+from shuttle_protocol.control_messages import Connection
 from shuttle_protocol.stream_messages import Close, Datagram
 
+from .proxy import endpoint
 from .resolvers import DNS_PORT
 from .tunnel import printable
 
@@ -81,10 +83,29 @@ class DnsFlow:
         self.channel = channel
         self.sock = sock  # the socket the queries came to: answers leave from it
         self.source = source
-        self.last_active = time.monotonic()
+        self.last_active = self.opened_at = time.monotonic()
+        self.bytes_out = 0  # queries' bytes
+        self.bytes_in = 0  # answers' bytes
+
+    def describe(self, stream: int, now: float) -> Connection:
+        """The flow as the control socket lists it."""
+        host, port = self.relay.server
+        age = max(0.0, now - self.opened_at)
+        return (
+            self.channel,
+            stream,
+            "udp",
+            endpoint(self.source),
+            host,
+            port,
+            self.bytes_out,
+            self.bytes_in,
+            age,
+        )
 
     def on_datagram(self, msg: Datagram) -> None:
         self.last_active = time.monotonic()
+        self.bytes_in += len(msg.payload)
         try:
             self.sock.sendto(msg.payload, self.source)
         except OSError as exc:  # a full buffer or a program that went away: UDP may drop
@@ -102,7 +123,7 @@ class DnsRelay:
     """Our UDP sockets for redirected queries (nat, nft), and the flows they start."""
 
     def __init__(
-        self, pick: Callable[[], Link], sockets: List[socket.socket], server: Address
+        self, pick: Callable[[], Optional[Link]], sockets: List[socket.socket], server: Address
     ) -> None:
         self.pick = pick  # the tunnel for a new flow
         self.sockets = sockets
@@ -150,11 +171,12 @@ class DnsRelay:
             if flow is None or not flow.link.send_datagram(flow.channel, payload):
                 self.dropped += 1
                 continue
+            flow.bytes_out += len(payload)
             flow.last_active = time.monotonic()
 
     def _open(self, sock: socket.socket, source: Address) -> Optional[DnsFlow]:
         link = self.pick()
-        if len(self.flows) >= MAX_FLOWS or link.closed.done():
+        if link is None or len(self.flows) >= MAX_FLOWS:  # no stream up: dropped, not sent
             return None
         channel = link.mux.open_udp(*self.server)
         flow = DnsFlow(self, link, channel, sock, source)

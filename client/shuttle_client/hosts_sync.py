@@ -23,6 +23,7 @@ class HostsSync:
         self._latest: Optional[Entries] = None
         self._task: Optional[asyncio.Task[None]] = None
         self._refused = False
+        self.written: Entries = ()  # what the last request that firewalld took asked for
 
     def update(self, entries: Entries) -> None:
         """Every name found so far (the agent's Hosts messages add up)."""
@@ -40,4 +41,5 @@ class HostsSync:
                 log.warning("cannot add host names to the hosts file: %s", exc)
                 self._refused = True
                 return
+            self.written = entries
             log.info("hosts file: %d of %d names from the server's side", count, len(entries))

@@ -2,26 +2,34 @@
 then relay until a signal, a lost tunnel or a lost firewall session ends it."""
 
 import asyncio
+import functools
 import logging
+import os
 import signal
 import socket
 import sys
 from typing import Any, Awaitable, List, Optional, Sequence, TypeVar
 
 from shuttle_agent.limits import raise_open_files
-from shuttle_protocol.firewall_messages import ALL_PORTS, Target
 
-from . import ctl
+from . import ctl, logs
+from .argfiles import parse_command_line
 from .capture import TPROXY_ANY_PORT, Capture
-from .cli import Options, UsageError, parse_args
+from .cli import Options, UsageError
+from .control import ControlServer, ControlSetupError
+from .control_paths import default_control_path
+from .control_requests import Running, handler
+from .daemon import PidFile, PidFileError, daemonize
 from .discovery import DiscoveryError
 from .dns import make_udp_sockets
 from .firewall_session import FirewallError, FirewallSession
 from .hosts_sync import HostsSync
 from .plan import PlanError, make_plan
 from .proxy import make_listeners
-from .ssh_server import server_targets
+from .readiness import Readiness
+from .ssh_server import find_server
 from .streams import Streams
+from .targets import describe
 from .tunnel import TunnelError
 
 log = logging.getLogger("shuttle")
@@ -37,8 +45,9 @@ class Stopped(Exception):
     """A signal asked us to stop."""
 
 
-async def run(options: Options) -> int:
-    """Run one tunnel until told to stop; the exit status."""
+async def run(options: Options, readiness: Optional[Readiness] = None) -> int:
+    """Run one tunnel until told to stop; the exit status. readiness hears of ready and stopping."""
+    readiness = readiness or Readiness()
     loop = asyncio.get_running_loop()
     stop: asyncio.Future[str] = loop.create_future()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -50,71 +59,104 @@ async def run(options: Options) -> int:
         where = ", ".join(f"{host}:{port}" for host, port in options.listen)
         log.error("cannot listen on %s: %s", where, exc.strerror)
         return EXIT_FAILED
-    streams = Streams(options)
+    control: Optional[ControlServer] = None
+    streams = Streams(options, lambda event: control.publish(event) if control else None)
     firewall = FirewallSession(options.firewalld)
-    capture = Capture(streams.pick, firewall, listeners)
+    capture = Capture(streams, firewall, listeners, options.wait_tunnel)
+    client = Running(options, streams, firewall, lambda why: _set_once(stop, why))
     try:
-        server_excludes = await server_targets(
-            options.ssh_cmd, options.ssh_destination, options.ssh_port
-        )
-        await _unless_stopped(stop, streams.start())
-        discovery = streams.tunnels[0].discovery
-        plan = await _unless_stopped(stop, make_plan(options, discovery))
-        # tproxy: firewalld makes the listeners, and the port given here does not matter.
-        port = listeners[0].getsockname()[1] if listeners else TPROXY_ANY_PORT
-        if plan.nameserver is not None:
-            capture.add_dns(plan.nameserver, dns_sockets(listeners))
-        method = await _unless_stopped(
-            stop,
-            firewall.open(
-                options.method,
-                port,
-                plan.subnets,
-                tuple(dict.fromkeys(options.excludes + server_excludes)),
-                options.uid,
-                options.gid,
-                options.forward,
-                dns=plan.dns,
-            ),
-        )
-        port = await _unless_stopped(stop, capture.start(method, streams.agent_capabilities))
-        if options.auto_hosts:
-            discovery.watch_hosts(options.seed_hosts, HostsSync(firewall).update)
-        log.info(
-            "ready: capturing %s%s%s through %s (method %s, agent on python %s, port %d%s)",
-            " ".join(describe(target) for target in plan.subnets),
-            "".join(f" -{describe(target)}" for target in options.excludes),
-            f" and DNS to {' '.join(plan.dns)}" if plan.dns else "",
-            options.ssh_destination,
-            method,
-            streams.agent_python,
-            port,
-            f", {options.streams} streams" if options.streams > 1 else "",
-        )
+        control = ControlServer(options.control or default_control_path(), handler(client))
+        await control.start()
+        await _bring_up(client, capture, listeners, stop)
+        client.ready = True
+        readiness.ready(f"capturing through {options.ssh_destination} (method {client.method})")
         heartbeats = loop.create_task(firewall.run_heartbeats())
-        waiting: List[asyncio.Future[Any]] = [stop, *streams.closed, heartbeats]
+        waiting: List[asyncio.Future[Any]] = [stop, streams.lost, heartbeats]
         done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
         if stop in done:
             log.info("stopping on %s", stop.result())
             return EXIT_OK
-        lost = [closed for closed in streams.closed if closed in done]
-        if lost:
-            log.error("lost the tunnel: %s", lost[0].result())
+        if streams.lost in done:
+            log.error("lost the tunnel: %s (and --no-reconnect)", streams.lost.result())
         else:
             heartbeats.result()  # raises the FirewallError that ended it
         return EXIT_FAILED
     except Stopped:
         log.info("stopping on %s", stop.result())
         return EXIT_OK
-    except (TunnelError, FirewallError, DiscoveryError, PlanError) as exc:
+    except (TunnelError, FirewallError, DiscoveryError, PlanError, ControlSetupError) as exc:
         log.error("%s", exc)
         return EXIT_FAILED
     finally:
+        client.stopping = True
+        readiness.stopping()
         # Rules first: once they are gone, nothing new is captured into a closing tunnel.
         await firewall.close()
         capture.close()
         await streams.stop()
+        if control is not None:
+            control.close()
         await _cancel_the_rest()
+
+
+async def _bring_up(
+    client: Running,
+    capture: Capture,
+    listeners: Sequence[socket.socket],
+    stop: "asyncio.Future[str]",
+) -> None:
+    """Tunnel, plan, firewall session, capture: everything up to the ready line."""
+    options, streams, firewall = client.options, client.streams, client.firewall
+    server = await find_server(options.ssh_cmd, options.ssh_destination, options.ssh_port)
+    await _unless_stopped(stop, streams.start())
+    discovery = streams.tunnels[0].discovery
+    plan = await _unless_stopped(stop, make_plan(options, discovery))
+    # tproxy: firewalld makes the listeners, and the port given here does not matter.
+    port = listeners[0].getsockname()[1] if listeners else TPROXY_ANY_PORT
+    if plan.nameserver is not None:
+        capture.add_dns(plan.nameserver, dns_sockets(listeners))
+        streams.reconnect_ssh = server.pinned()
+    client.subnets, client.excludes = plan.subnets, options.excludes
+    client.fixed_excludes, client.dns = server.excludes, plan.dns
+    client.method = await _unless_stopped(
+        stop,
+        firewall.open(
+            options.method,
+            port,
+            plan.subnets,
+            client.all_excludes,
+            options.uid,
+            options.gid,
+            options.forward,
+            dns=plan.dns,
+        ),
+    )
+    port = await _unless_stopped(stop, capture.start(client.method, streams.agent_capabilities))
+    if options.auto_hosts:
+        client.hosts = _watch_hosts(streams, options, HostsSync(firewall))
+    log.info(
+        "ready: capturing %s%s%s through %s (method %s, agent on python %s, port %d%s)",
+        " ".join(describe(target) for target in plan.subnets),
+        "".join(f" -{describe(target)}" for target in options.excludes),
+        f" and DNS to {' '.join(plan.dns)}" if plan.dns else "",
+        options.ssh_destination,
+        client.method,
+        streams.agent_python,
+        port,
+        f", {options.streams} streams" if options.streams > 1 else "",
+    )
+
+
+def _watch_hosts(streams: Streams, options: Options, sync: HostsSync) -> HostsSync:
+    """-H: the first stream's agent looks for host names, again each time it comes back."""
+
+    def watch(index: int) -> None:
+        if index == 0:
+            streams.tunnels[0].discovery.watch_hosts(options.seed_hosts, sync.update)
+
+    watch(0)
+    streams.on_reconnected = watch
+    return sync
 
 
 async def _unless_stopped(stop: "asyncio.Future[str]", step: Awaitable[T]) -> T:
@@ -138,15 +180,6 @@ def dns_sockets(listeners: Sequence[socket.socket]) -> List[socket.socket]:
         raise PlanError(f"cannot listen for DNS: {exc.strerror}") from None
 
 
-def describe(target: Target) -> str:
-    """A target as the user writes it."""
-    network, first, last = target
-    if (first, last) == ALL_PORTS:
-        return network
-    ports = str(first) if first == last else f"{first}-{last}"
-    return f"[{network}]:{ports}" if ":" in network else f"{network}:{ports}"
-
-
 async def _cancel_the_rest() -> None:
     pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
     for task in pending:
@@ -165,12 +198,23 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if args[:1] == ["ctl"]:
         sys.exit(ctl.main(args[1:]))
     try:
-        options = parse_args(args)
+        options = parse_command_line(args, os.environ)
     except UsageError as exc:
         print(f"shuttle-client: error: {exc}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
-    logging.basicConfig(
-        format="shuttle-client: %(message)s",
-        level=logging.DEBUG if options.verbose else logging.INFO,
-    )
-    sys.exit(asyncio.run(run(options)))
+    # -D forks here, before asyncio and zmq exist; only the child returns.
+    daemon = daemonize() if options.daemon else None
+    stderr_log = logs.configure(options.verbose, options.syslog)
+    detach = functools.partial(logging.getLogger().removeHandler, stderr_log)
+    readiness = Readiness([detach, daemon.ready] if daemon else [])
+    try:
+        pidfile = PidFile.create(options.pidfile) if options.pidfile else None
+    except PidFileError as exc:
+        log.error("%s", exc)
+        sys.exit(EXIT_FAILED)
+    try:
+        status = asyncio.run(run(options, readiness))
+    finally:
+        if pidfile is not None:
+            pidfile.remove()
+    sys.exit(status)

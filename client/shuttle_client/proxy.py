@@ -5,9 +5,11 @@ import errno
 import logging
 import socket
 import struct
-from typing import Callable, List, Sequence, Tuple
+import time
+from typing import Callable, List, Optional, Protocol, Sequence, Tuple
 
 from shuttle_agent.relay import Link, Relay
+from shuttle_protocol.control_messages import Connection
 
 log = logging.getLogger("shuttle")
 
@@ -85,17 +87,66 @@ def local_address(sock: socket.socket) -> Tuple[str, int]:
 Destination = Callable[[socket.socket], Tuple[str, int]]
 
 
+class Tunnels(Protocol):
+    """What captured connections need from the client's streams (streams.Streams)."""
+
+    def pick(self) -> Optional[Link]:
+        """The link for a new channel; None while no stream is up."""
+
+    def hold(self, waiting: "Waiting") -> bool:
+        """Keep a connection until a stream is up; False if it cannot wait."""
+
+    def release(self, waiting: "Waiting") -> None:
+        """A held connection is done waiting."""
+
+    def on_channel_opened(self, relay: "Incoming") -> None: ...
+
+    def on_channel_closed(self, relay: "Incoming") -> None: ...
+
+
+def endpoint(address: Tuple[str, int]) -> str:
+    """host:port as users write it, IPv6 in brackets."""
+    host, port = address[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _abort(transport: asyncio.BaseTransport) -> None:
+    """Close with a RST, so the local program sees a reset, not an EOF."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        # Linger with a zero timeout makes close() send RST instead of FIN.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()  # type: ignore[attr-defined]
+
+
 class Incoming(Relay):
     """A captured connection: find its destination, open a channel, then relay."""
 
-    __slots__ = ("_destination", "_listen_address")
+    __slots__ = (
+        "_destination",
+        "_listen_address",
+        "host",
+        "opened_at",
+        "port",
+        "source",
+        "tunnels",
+    )
 
     def __init__(
-        self, link: Link, listen_address: Tuple[str, int], destination: Destination
+        self,
+        link: Link,
+        listen_address: Tuple[str, int],
+        destination: Destination,
+        tunnels: Tunnels,
     ) -> None:
         super().__init__(link, 0)
         self._listen_address = listen_address
         self._destination = destination
+        self.tunnels = tunnels
+        self.source = ""
+        self.host = ""
+        self.port = 0
+        self.opened_at = time.monotonic()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         sock = transport.get_extra_info("socket")
@@ -109,25 +160,124 @@ class Incoming(Relay):
             # A direct connection to the listener would open a channel back to ourselves.
             transport.close()
             return
+        self.host, self.port = host, port
+        self.source = endpoint(transport.get_extra_info("peername") or ("?", 0))
         self.channel = self.link.mux.open(host, port)
         log.debug("channel %d: %s:%d", self.channel, host, port)
         super().connection_made(transport)
         self.link.schedule_flush()
+        self.tunnels.on_channel_opened(self)
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        super().connection_lost(exc)
+        if self.channel:
+            self.tunnels.on_channel_closed(self)
+
+    def describe(self, stream: int, now: float) -> Connection:
+        """The connection as the control socket lists it."""
+        age = max(0.0, now - self.opened_at)
+        return (
+            self.channel,
+            stream,
+            "tcp",
+            self.source,
+            self.host,
+            self.port,
+            self.bytes_out,
+            self.bytes_in,
+            age,
+        )
+
+
+class Waiting(asyncio.Protocol):
+    """A captured connection that came while no stream was up: not read, and not let go
+    anywhere else, until a stream is up (then it becomes an Incoming) or wait seconds
+    pass (then it is reset)."""
+
+    def __init__(
+        self,
+        tunnels: Tunnels,
+        listen_address: Tuple[str, int],
+        destination: Destination,
+        wait: float,
+    ) -> None:
+        self.tunnels = tunnels
+        self._listen_address = listen_address
+        self._destination = destination
+        self._wait = wait
+        self._transport: Optional[asyncio.Transport] = None
+        self._timer: Optional[asyncio.TimerHandle] = None
+        self._early = b""  # what was read before reading stopped
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+        if not self.tunnels.hold(self):
+            _abort(transport)
+            return
+        # Not read while held: its bytes stay in the kernel's buffers, bounded by the window.
+        self._transport.pause_reading()  # type: ignore[union-attr]
+        self._timer = asyncio.get_running_loop().call_later(
+            self._wait, self.give_up, f"no tunnel within {self._wait:g} s"
+        )
+
+    def data_received(self, data: bytes) -> None:
+        # Pausing in connection_made does not stop the first read on some Pythons (3.11.2
+        # adds the reader after connection_made whatever it did): keep that one read.
+        self._early += data
+        if self._transport is not None:
+            self._transport.pause_reading()
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        self._done()
+
+    def attach(self, link: Link) -> None:
+        """A stream is up: relay this connection through link."""
+        self._done()
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        incoming = Incoming(link, self._listen_address, self._destination, self.tunnels)
+        transport.set_protocol(incoming)
+        incoming.connection_made(transport)
+        if transport.is_closing():
+            return
+        if self._early:
+            incoming.data_received(self._early)
+        if incoming.reading:
+            transport.resume_reading()
+
+    def give_up(self, why: str) -> None:
+        """Reset the connection: the program sees the connection fail."""
+        self._done()
+        if self._transport is not None and not self._transport.is_closing():
+            log.info("resetting a captured connection: %s", why)
+            _abort(self._transport)
+
+    def _done(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.tunnels.release(self)
 
 
 async def serve(
-    pick: Callable[[], Link], listeners: Sequence[socket.socket], destination: Destination
+    tunnels: Tunnels,
+    listeners: Sequence[socket.socket],
+    destination: Destination,
+    wait: float,
 ) -> List[asyncio.Server]:
     """Accept captured connections on the listeners for as long as the servers are open;
-    pick chooses the tunnel of each."""
+    each goes through the link tunnels pick, or waits up to wait seconds for one."""
     loop = asyncio.get_running_loop()
     servers = []
     for listener in listeners:
         address = listener.getsockname()[:2]
-        servers.append(
-            await loop.create_server(
-                lambda address=address: Incoming(pick(), address, destination),  # type: ignore[misc]
-                sock=listener,
-            )
-        )
+
+        def accept(address: Tuple[str, int] = address) -> asyncio.Protocol:
+            link = tunnels.pick()
+            if link is None:
+                return Waiting(tunnels, address, destination, wait)
+            return Incoming(link, address, destination, tunnels)
+
+        servers.append(await loop.create_server(accept, sock=listener))
     return servers

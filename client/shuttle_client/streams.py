@@ -1,32 +1,78 @@
-"""--streams N: several ssh sessions to the same server, each with its own agent, and the
-choice of one for each new connection or UDP flow.
+"""The client's ssh sessions to the server: --streams N of them, each with its own agent; the
+choice of one for each new connection or UDP flow; and bringing a lost one back.
 
 One ssh channel carries at most its window (2 MiB in OpenSSH) per round trip, so on a
 long, fast link a single session caps throughput whatever the kernel's TCP could do; N
 sessions carry N windows. They share one firewall session: capture does not change.
+
+A stream is lost when ssh ends or its agent stops answering pings. Its connections are
+reset, and it is started again with backoff under the same firewall session: the rules
+stay, so captured traffic still comes to us and cannot leave by another path (the kill
+switch). A connection that arrives while no stream is up waits for one (proxy.Waiting) up
+to --wait-tunnel seconds, then is reset; a datagram is dropped.
 """
 
 import asyncio
 import itertools
-from typing import Any, List, Tuple
+import logging
+import time
+from typing import Any, Callable, List, Optional, Set, Tuple
 
 from shuttle_agent.relay import Link
+from shuttle_protocol.control_messages import (
+    ChannelClosed,
+    ChannelOpened,
+    Connected,
+    Disconnected,
+    Reconnecting,
+)
+from shuttle_protocol.schema import Message
 
 from .cli import Options
-from .tunnel import Tunnel
+from .dns import DnsFlow
+from .proxy import Incoming, Waiting
+from .tunnel import Tunnel, TunnelError
+from .udp import UdpFlow
+
+log = logging.getLogger("shuttle")
+
+BACKOFF_FIRST = 1.0  # seconds before the first attempt to bring a stream back
+BACKOFF_MAX = 30.0  # the delay doubles after each failed attempt, up to this
+MAX_WAITING = 10_000  # connections held while no stream is up; more are reset at once
+
+
+def no_events(event: Message) -> None:
+    """Where events go without a control socket."""
 
 
 class Streams:
-    """The tunnels of one client; all of them must start, and losing one ends the client."""
+    """The tunnels of one client: all of them must start; each is brought back when lost,
+    unless reconnecting is off, when losing one ends the client."""
 
-    def __init__(self, options: Options) -> None:
+    def __init__(self, options: Options, publish: Callable[[Message], None] = no_events) -> None:
+        self.options = options
+        self.publish = publish
         count = options.streams
-        names = ["agent"] if count == 1 else [f"agent {i}/{count}" for i in range(1, count + 1)]
-        self.tunnels = [Tunnel(options, name) for name in names]
+        self.names = (
+            ["agent"] if count == 1 else [f"agent {i}/{count}" for i in range(1, count + 1)]
+        )
+        self.tunnels = [Tunnel(options, name) for name in self.names]
+        self.reconnects = 0
+        # Done, with the reason, when a stream is lost for good (reconnecting is off).
+        self.lost: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        # ssh options for reconnecting (main sets them: with --dns, ssh must not need DNS).
+        self.reconnect_ssh: Tuple[str, ...] = ()
+        # Called with the stream's index each time a stream comes back.
+        self.on_reconnected: Callable[[int], None] = lambda index: None
+        self.closed_bytes = [0, 0]  # up, down: of the channels closed so far
+        self._waiting: Set[Waiting] = set()
         self._turn = itertools.count()
+        self._tasks: Set[asyncio.Task[Any]] = set()
+        self._stopping = False
 
     async def start(self) -> None:
-        """Start every tunnel at once; if one fails, stop them all and raise its error."""
+        """Start every tunnel at once; if one fails, stop them all and raise its error.
+        Then keep each one up."""
         results = await asyncio.gather(
             *(tunnel.start() for tunnel in self.tunnels), return_exceptions=True
         )
@@ -34,18 +80,75 @@ class Streams:
         if failures:
             await self.stop()
             raise failures[0]
+        for index in range(len(self.tunnels)):
+            self.publish(Connected(index, self.options.ssh_destination))
+            self._spawn(self._keep(index))
 
     async def stop(self) -> None:
+        self._stopping = True
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for waiting in list(self._waiting):
+            waiting.give_up("the client is stopping")
         await asyncio.gather(*(tunnel.stop() for tunnel in self.tunnels))
+
+    # -- keeping them up -------------------------------------------------------------------
+
+    async def _keep(self, index: int) -> None:
+        while True:
+            tunnel = self.tunnels[index]
+            keepalive = asyncio.ensure_future(tunnel.keepalive(self.options.keepalive))
+            try:
+                reason = await tunnel.link.closed or "closed"
+            finally:
+                keepalive.cancel()
+            await tunnel.stop()
+            log.warning("lost the tunnel (%s): %s", tunnel.link.peer, reason)
+            self.publish(Disconnected(index, reason[:1000]))
+            if not self.options.reconnect:
+                if not self.lost.done():
+                    self.lost.set_result(reason)
+                return
+            await self._reconnect(index)
+
+    async def _reconnect(self, index: int) -> None:
+        name = self.names[index]
+        delay = BACKOFF_FIRST
+        for attempt in itertools.count(1):
+            log.info("reconnecting %s in %g s (attempt %d)", name, delay, attempt)
+            self.publish(Reconnecting(index, attempt, delay))
+            await asyncio.sleep(delay)
+            tunnel = Tunnel(self.options, name, self.reconnect_ssh)
+            try:
+                await tunnel.start()
+            except TunnelError as exc:
+                log.warning("reconnecting %s failed: %s", name, exc)
+                delay = min(delay * 2, BACKOFF_MAX)
+                continue
+            self.tunnels[index] = tunnel
+            self.reconnects += 1
+            log.info("reconnected %s (agent on python %s)", name, tunnel.agent_python)
+            self.publish(Connected(index, self.options.ssh_destination))
+            self.on_reconnected(index)
+            self._release_waiting()
+            return
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- what the capture side asks --------------------------------------------------------
 
     @property
     def links(self) -> List[Link]:
         return [tunnel.link for tunnel in self.tunnels]
 
     @property
-    def closed(self) -> List["asyncio.Future[Any]"]:
-        """One future per tunnel, done when that tunnel's session is over."""
-        return [link.closed for link in self.links]
+    def up(self) -> int:
+        """How many streams are up."""
+        return sum(1 for tunnel in self.tunnels if tunnel.up)
 
     @property
     def agent_python(self) -> str:
@@ -59,10 +162,82 @@ class Streams:
             c for c in first.agent_capabilities if all(c in t.agent_capabilities for t in others)
         )
 
-    def pick(self) -> Link:
-        """The link for a new channel: the one with the fewest open channels, taking turns
-        between equals so that a burst of new connections spreads out."""
-        links = self.links
+    def pick(self) -> Optional[Link]:
+        """The link for a new channel, None while no stream is up: the one with the fewest
+        open channels, taking turns between equals so that a burst of connections spreads."""
+        links = [tunnel.link for tunnel in self.tunnels if tunnel.up]
+        if not links:
+            return None
         start = next(self._turn) % len(links)
         rotated = links[start:] + links[:start]
         return min(rotated, key=lambda link: len(link.mux.channels) + len(link.flows))
+
+    def index(self, link: Link) -> int:
+        """The stream a link belongs to (0 for one no longer in use)."""
+        for index, tunnel in enumerate(self.tunnels):
+            if tunnel.link is link:
+                return index
+        return 0
+
+    def hold(self, waiting: Waiting) -> bool:
+        """Keep a connection until a stream is up; False if too many wait already."""
+        if self._stopping or len(self._waiting) >= MAX_WAITING:
+            return False
+        self._waiting.add(waiting)
+        return True
+
+    def release(self, waiting: Waiting) -> None:
+        """A held connection is done waiting (attached, or given up)."""
+        self._waiting.discard(waiting)
+
+    def _release_waiting(self) -> None:
+        for waiting in list(self._waiting):
+            link = self.pick()
+            if link is None:
+                return
+            waiting.attach(link)
+
+    def on_channel_opened(self, relay: Incoming) -> None:
+        self.publish(
+            ChannelOpened(
+                relay.channel, self.index(relay.link), "tcp", relay.source, relay.host, relay.port
+            )
+        )
+
+    def on_channel_closed(self, relay: Incoming) -> None:
+        self.closed_bytes[0] += relay.bytes_out
+        self.closed_bytes[1] += relay.bytes_in
+        event = ChannelClosed(
+            relay.channel, self.index(relay.link), relay.bytes_out, relay.bytes_in
+        )
+        self.publish(event)
+
+    # -- what the control socket asks ------------------------------------------------------
+
+    def connections(self) -> List[Tuple[int, int, str, str, str, int, int, int, float]]:
+        """Every open connection and flow: (channel, stream, proto, source, host, port,
+        bytes up, bytes down, seconds open), oldest first."""
+        now = time.monotonic()
+        found = []
+        for index, link in enumerate(self.links):
+            for relay in link.channels.values():
+                if isinstance(relay, Incoming):
+                    found.append(relay.describe(index, now))
+            for flow in link.flows.values():
+                if isinstance(flow, (UdpFlow, DnsFlow)):
+                    found.append(flow.describe(index, now))
+        found.sort(key=lambda item: -item[8])
+        return found
+
+    def totals(self) -> Tuple[int, int, int, int]:
+        """(channels, flows, bytes up, bytes down): open TCP channels and UDP flows, and the
+        bytes of every TCP channel so far."""
+        channels = flows = 0
+        up, down = self.closed_bytes
+        for link in self.links:
+            channels += len(link.channels)
+            flows += len(link.flows)
+            for relay in link.channels.values():
+                up += relay.bytes_out
+                down += relay.bytes_in
+        return channels, flows, up, down

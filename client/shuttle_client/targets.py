@@ -54,6 +54,15 @@ def parse_targets(texts: Iterable[str]) -> Tuple[Target, ...]:
     return tuple(dict.fromkeys(found))
 
 
+def describe(target: Target) -> str:
+    """A target as the user writes it."""
+    network, first, last = target
+    if (first, last) == ALL_PORTS:
+        return network
+    ports = str(first) if first == last else f"{first}-{last}"
+    return f"[{network}]:{ports}" if ":" in network else f"{network}:{ports}"
+
+
 def read_target_file(path: str) -> List[str]:
     """Whitespace-separated subnets from a file; # starts a comment."""
     try:

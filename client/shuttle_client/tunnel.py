@@ -1,10 +1,11 @@
 """The ssh side: start ssh, upload the agent, check its greeting, keep the Link running."""
 
 import asyncio
+import itertools
 import logging
 import os
 import subprocess
-from typing import Any, List, Optional, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 from shuttle_agent.relay import Link, WriterProtocol, widen_pipe
 from shuttle_protocol import PROTOCOL_VERSION
@@ -30,6 +31,9 @@ CAPABILITIES = ("tcp",)
 # ssh may ask for a password or a host key confirmation on the terminal first.
 GREETING_TIMEOUT = 120.0
 EXIT_NOT_FOUND = 127  # the server's shell: command not found
+# A tunnel is dead when this many keepalive intervals pass without the Pong to a Ping: a
+# Pong may wait behind a window of bulk data on a slow link, so one interval is too short.
+PONG_WAIT = 3
 
 
 def printable(text: str) -> str:
@@ -44,14 +48,26 @@ class TunnelError(Exception):
 class Tunnel:
     """One ssh process running the agent, and the multiplexed Link over its pipes."""
 
-    def __init__(self, options: Options, name: str = "agent") -> None:
+    def __init__(
+        self, options: Options, name: str = "agent", ssh_options: Sequence[str] = ()
+    ) -> None:
+        """ssh_options: added to the user's ssh command (when reconnecting)."""
         self.options = options
+        self.ssh_options = tuple(ssh_options)
         self.link = Link(Mux(CLIENT), self._on_message, name)
         self.discovery = Discovery(self.link)
         self.agent_python = ""
         self.agent_capabilities: Tuple[str, ...] = ()
+        self.greeted = False
         self._process: Optional[subprocess.Popen[bytes]] = None
         self._greeted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._cookies = itertools.count(1)
+        self._pong: Optional[Tuple[int, asyncio.Future[None]]] = None  # (cookie, its answer)
+
+    @property
+    def up(self) -> bool:
+        """Whether the agent greeted us and the session still runs."""
+        return self.greeted and not self.link.closed.done()
 
     async def start(self) -> None:
         """Start ssh and wait for the agent's greeting; TunnelError if that fails."""
@@ -64,7 +80,7 @@ class Tunnel:
     async def _start(self) -> None:
         options = self.options
         argv = ssh_argv(
-            options.ssh_cmd,
+            (*options.ssh_cmd, *self.ssh_options),
             options.ssh_destination,
             options.ssh_port,
             remote_command(options.python, options.verbose),
@@ -135,6 +151,32 @@ class Tunnel:
                 self._process.kill()
                 await self.wait_exit(2.0)
 
+    async def keepalive(self, interval: float) -> None:
+        """Ping the agent every interval seconds until the session ends; end it when a Pong
+        is PONG_WAIT intervals late. ssh alone may take many minutes to notice a dead
+        network (TCP retries), or never notice an agent that is stopped."""
+        loop = asyncio.get_running_loop()
+        while not self.link.closed.done():
+            await asyncio.sleep(interval)
+            answered: asyncio.Future[None] = loop.create_future()
+            cookie = next(self._cookies)
+            self._pong = (cookie, answered)
+            self.link.send(Ping(cookie))
+            waiting: List[asyncio.Future[Any]] = [answered, self.link.closed]
+            done, _ = await asyncio.wait(waiting, timeout=interval * PONG_WAIT)
+            if not done:
+                self.link.finish(f"the agent did not answer a ping in {interval * PONG_WAIT:g} s")
+                self._kill()
+
+    def _kill(self) -> None:
+        if self._process is not None and self._process.poll() is None:
+            self._process.kill()
+
+    def _on_pong(self, msg: Pong) -> None:
+        if self._pong is not None and self._pong[0] == msg.cookie:
+            self._pong[1].set_result(None)
+            self._pong = None
+
     def _on_message(self, msg: Message) -> None:
         if isinstance(msg, Hello):
             self._on_hello(msg)
@@ -156,7 +198,9 @@ class Tunnel:
                 flow.reset()
         elif isinstance(msg, Ping):
             self.link.send(Pong(msg.cookie))
-        elif not isinstance(msg, (Opened, Pong)) and not self.discovery.on_message(msg):
+        elif isinstance(msg, Pong):
+            self._on_pong(msg)
+        elif not isinstance(msg, Opened) and not self.discovery.on_message(msg):
             self.link.fail(f"unexpected {type(msg).__name__} from the agent")
 
     def _on_hello(self, msg: Hello) -> None:
@@ -174,4 +218,5 @@ class Tunnel:
         self.agent_python = msg.python
         self.agent_capabilities = msg.capabilities
         self.link.send(Welcome(PROTOCOL_VERSION, CAPABILITIES))
+        self.greeted = True
         self._greeted.set_result(None)

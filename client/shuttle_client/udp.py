@@ -16,9 +16,11 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from shuttle_agent.relay import Link
+from shuttle_protocol.control_messages import Connection
 from shuttle_protocol.stream_messages import Close, Datagram
 
 from .firewall_session import FirewallError, FirewallSession
+from .proxy import endpoint
 from .tunnel import printable
 
 log = logging.getLogger("shuttle")
@@ -59,13 +61,32 @@ class UdpFlow:
         self.channel = channel
         self.source = source
         self.destination = destination
-        self.last_active = time.monotonic()
+        self.last_active = self.opened_at = time.monotonic()
+        self.bytes_out = 0  # datagrams' bytes from the program
+        self.bytes_in = 0  # and to it
         self.reply_socket: Optional[socket.socket] = None
         self._held: List[bytes] = []
         self._closed = False
 
+    def describe(self, stream: int, now: float) -> Connection:
+        """The flow as the control socket lists it."""
+        host, port = self.destination
+        age = max(0.0, now - self.opened_at)
+        return (
+            self.channel,
+            stream,
+            "udp",
+            endpoint(self.source),
+            host,
+            port,
+            self.bytes_out,
+            self.bytes_in,
+            age,
+        )
+
     def on_datagram(self, msg: Datagram) -> None:
         self.last_active = time.monotonic()
+        self.bytes_in += len(msg.payload)
         if self.reply_socket is None:
             if len(self._held) < MAX_HELD:
                 self._held.append(msg.payload)
@@ -111,7 +132,7 @@ class UdpRelay:
 
     def __init__(
         self,
-        pick: Callable[[], Link],
+        pick: Callable[[], Optional[Link]],
         firewall: FirewallSession,
         sockets: List[socket.socket],
         rewrite: Callable[[Address], Address] = lambda destination: destination,
@@ -166,12 +187,14 @@ class UdpRelay:
                 self.dropped += 1
                 continue
             flow.last_active = time.monotonic()
-            if not flow.link.send_datagram(flow.channel, payload):
+            if flow.link.send_datagram(flow.channel, payload):
+                flow.bytes_out += len(payload)
+            else:
                 self.dropped += 1
 
     def _open(self, source: Address, destination: Address) -> Optional[UdpFlow]:
         link = self.pick()
-        if len(self.flows) >= MAX_FLOWS or link.closed.done():
+        if link is None or len(self.flows) >= MAX_FLOWS:  # no stream up: dropped, not sent
             return None
         channel = link.mux.open_udp(*self.rewrite(destination))
         flow = UdpFlow(self, link, channel, source, destination)
