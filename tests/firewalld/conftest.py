@@ -377,7 +377,9 @@ class Daemon:
         *,
         env: dict[str, str] | None = None,
         hosts_file: Path,
+        wrap: Sequence[str] = (),
     ) -> None:
+        """wrap: a command that runs firewalld's (setpriv with its options, say)."""
         self.socket_path = socket_path
         self.hosts_file = hosts_file
         argv = [
@@ -389,7 +391,7 @@ class Daemon:
             f"--hosts-file={hosts_file}",
         ]
         self.proc = subprocess.Popen(
-            [IP, "netns", "exec", netns, *argv, "-v"],  # IP: env may have another PATH
+            [IP, "netns", "exec", netns, *wrap, *argv, "-v"],  # IP: env may have another PATH
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -437,7 +439,12 @@ def start_firewalld(netns: str, socket_dir: Path) -> Iterator[Callable[..., Daem
     """
     daemons: list[Daemon] = []
 
-    def start(group: str = "root", lease: float = 2, env: dict[str, str] | None = None) -> Daemon:
+    def start(
+        group: str = "root",
+        lease: float = 2,
+        env: dict[str, str] | None = None,
+        wrap: Sequence[str] = (),
+    ) -> Daemon:
         policy = socket_dir / "firewalld.policy"
         daemon = Daemon(
             netns,
@@ -447,6 +454,7 @@ def start_firewalld(netns: str, socket_dir: Path) -> Iterator[Callable[..., Daem
             policy,
             env=env,
             hosts_file=socket_dir / "hosts",
+            wrap=wrap,
         )
         daemons.append(daemon)
         daemon.wait_for_line(f"shuttle-firewalld: listening on ipc://{daemon.socket_path}")

@@ -1,0 +1,125 @@
+"""systemd/shuttle-firewalld.service: systemd's own check of it, the directives that matter,
+and the real daemon doing a session's work with no more capabilities than the unit leaves."""
+
+from __future__ import annotations
+
+import asyncio
+import configparser
+import importlib.metadata
+import shlex
+import shutil
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from .conftest import (
+    FIREWALLD,
+    Daemon,
+    Listener,
+    close_session,
+    connect,
+    nothing_of_shuttle,
+    open_session,
+    shuttle_tables,
+)
+
+ROOT = Path(__file__).parents[2]
+UNIT = ROOT / "systemd" / "shuttle-firewalld.service"
+
+
+def service() -> configparser.SectionProxy:
+    """The unit's [Service] section (each directive appears once there)."""
+    parser = configparser.ConfigParser(interpolation=None, strict=True)
+    parser.optionxform = str  # type: ignore[assignment,method-assign]  # keep the case
+    parser.read_string(UNIT.read_text())
+    return parser["Service"]
+
+
+def test_systemd_finds_nothing_wrong(tmp_path: Path) -> None:
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed")
+    # verify checks that the command exists: point it at the one installed here.
+    unit = tmp_path / UNIT.name
+    exec_start = shlex.split(service()["ExecStart"])[0]
+    unit.write_text(UNIT.read_text().replace(exec_start, FIREWALLD))
+    done = subprocess.run(
+        [analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert (done.returncode, done.stderr) == (0, "")
+
+
+def test_it_runs_the_console_script_as_a_notify_service() -> None:
+    unit = service()
+    assert unit["Type"] == "notify"
+    command = shlex.split(unit["ExecStart"])
+    [script] = importlib.metadata.entry_points(group="console_scripts", name=Path(command[0]).name)
+    assert script.value == "shuttle_firewalld.main:main"
+    # The socket is where clients look for it by default, with the group RuntimeDirectory's
+    # mode lets reach it.
+    assert command[1:] == ["--socket=/run/shuttle/firewalld.sock", "--group=shuttle"]
+    assert (unit["RuntimeDirectory"], unit["RuntimeDirectoryMode"]) == ("shuttle", "0755")
+    assert "User" not in unit  # root
+    # SIGTERM to firewalld only, so the tools it runs while removing rules are not killed.
+    assert (unit["KillMode"], unit["KillSignal"]) == ("mixed", "SIGTERM")
+    assert 10 <= int(unit["TimeoutStopSec"]) <= 90
+    # The hosts file is replaced by a rename in its directory.
+    assert unit["ProtectSystem"] == "strict"
+    assert "/etc" in unit["ReadWritePaths"].split()
+
+
+def bounding_set() -> str:
+    """The unit's CapabilityBoundingSet, as setpriv's --bounding-set takes it."""
+    names = [
+        name.removeprefix("CAP_").lower() for name in service()["CapabilityBoundingSet"].split()
+    ]
+    return ",".join(["-all", *(f"+{name}" for name in names)])
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("method", ["nft", "nat"])
+def test_the_unit_leaves_enough_capabilities_for_a_session(
+    routed: str,
+    start_firewalld: Callable[..., Daemon],
+    listen: Callable[..., Listener],
+    method: str,
+) -> None:
+    netns = routed
+    # As systemd would start it: only these capabilities, no new privileges; the socket's
+    # group is not root's own (it takes CAP_CHOWN to give it).
+    wrap = ["setpriv", f"--bounding-set={bounding_set()}", "--no-new-privs"]
+    daemon = start_firewalld(group="nogroup", wrap=wrap)
+    listen(12300)
+    client, applied = open_session(daemon, method, 12300, [("198.18.0.0/15", 80, 80)], [])
+    try:
+        assert applied == method
+        assert connect(netns, [("198.18.0.5", 80)]) == ["connected"]
+        asyncio.run(client.set_hosts([("db1", "198.18.0.7")]))
+        assert "198.18.0.7 db1\n" in daemon.hosts_file.read_text()
+    finally:
+        close_session(client)
+    assert nothing_of_shuttle(netns)
+    assert "db1" not in daemon.hosts_file.read_text()
+
+
+@pytest.mark.integration
+def test_the_unit_leaves_enough_capabilities_for_tproxy(
+    routed: str, start_firewalld: Callable[..., Daemon]
+) -> None:
+    netns = routed
+    wrap = ["setpriv", f"--bounding-set={bounding_set()}", "--no-new-privs"]
+    daemon = start_firewalld(wrap=wrap)
+    client, _ = open_session(daemon, "tproxy", 1, [("198.18.0.0/15", 1, 65535)], [])
+    try:
+        assert shuttle_tables(netns) != []
+        _, sockets = asyncio.run(client.tproxy_sockets())
+        # A reply socket at port 53: below 1024, so it takes CAP_NET_BIND_SERVICE.
+        with asyncio.run(client.reply_socket("198.18.0.5", 53)) as reply:
+            assert reply.getsockname()[:2] == ("198.18.0.5", 53)
+        for sock in sockets.values():
+            sock.close()
+    finally:
+        close_session(client)
+    assert shuttle_tables(netns) == []
