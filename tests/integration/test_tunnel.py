@@ -133,8 +133,10 @@ def test_streams_carry_connections_over_several_ssh_sessions(shuttle: Shuttle) -
     assert page.returncode == 0 and shuttle.topo.marker in page.stdout, page.stderr
 
 
-def test_losing_one_of_several_streams_ends_the_client(shuttle: Shuttle) -> None:
-    client = shuttle.start_client(extra=["--streams=2"])
+def test_without_reconnect_losing_one_of_several_streams_ends_the_client(
+    shuttle: Shuttle,
+) -> None:
+    client = shuttle.start_client(extra=["--streams=2", "--no-reconnect"])
     os.kill(ssh_children(client.pid)[1], signal.SIGKILL)
     assert client.wait(15) == 1, shuttle.outputs()
     shuttle.clients.remove(client)  # its exit code is checked: the teardown must not
