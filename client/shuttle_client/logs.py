@@ -1,6 +1,7 @@
 """Where shuttle-client's log goes: stderr, and with --syslog (or -D) syslog too, through
 /dev/log with the ident shuttle-client[PID]."""
 
+import errno
 import logging
 import logging.handlers
 import os
@@ -38,24 +39,24 @@ def configure(verbose: bool, syslog: bool, address: str = DEV_LOG) -> logging.Ha
 
 
 def syslog_handler(address: str) -> Optional[logging.Handler]:
-    """A handler for the syslog socket at address; None, with a warning, if none listens.
+    """A handler for the syslog socket at address; None, with a warning, if none is there.
 
     SysLogHandler itself would accept a missing socket and fail at every record, so the
-    socket is tried first, as a datagram socket and then as a stream (as the handler does).
+    socket is tried first: as a datagram socket (as /dev/log is), which costs the listener
+    nothing; a stream socket refuses that with EPROTOTYPE, and the handler connects to it.
     """
-    problem: Optional[OSError] = None
-    for socktype in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
-        with socket.socket(socket.AF_UNIX, socktype) as probe:
-            try:
-                probe.connect(address)
-            except OSError as exc:
-                problem = problem or exc
-                continue
-        handler = QuietSysLogHandler(address=address, socktype=socktype)
-        # Made after a -D fork, so the pid is the daemon's.
-        handler.ident = f"{IDENT}[{os.getpid()}]: "
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        return handler
-    reason = problem.strerror if problem and problem.strerror else problem
-    log.warning("cannot log to syslog at %s: %s; logging to stderr only", address, reason)
-    return None
+    socktype = socket.SOCK_DGRAM
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(address)
+        except OSError as exc:
+            if exc.errno != errno.EPROTOTYPE:
+                why = exc.strerror or exc
+                log.warning("cannot log to syslog at %s: %s; logging to stderr only", address, why)
+                return None
+            socktype = socket.SOCK_STREAM
+    handler = QuietSysLogHandler(address=address, socktype=socktype)
+    # Made after a -D fork, so the pid is the daemon's.
+    handler.ident = f"{IDENT}[{os.getpid()}]: "
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    return handler
