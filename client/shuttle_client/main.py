@@ -8,9 +8,11 @@ import os
 import signal
 import socket
 import sys
-from typing import Any, Awaitable, List, Optional, Sequence, TypeVar
+from typing import Any, Awaitable, Callable, List, Optional, Sequence, TypeVar
 
 from shuttle_agent.limits import raise_open_files
+from shuttle_protocol.control_messages import Connected, Disconnected
+from shuttle_protocol.schema import Message
 
 from . import ctl, logs
 from .argfiles import parse_command_line
@@ -59,13 +61,13 @@ async def run(options: Options, readiness: Optional[Readiness] = None) -> int:
         where = ", ".join(f"{host}:{port}" for host, port in options.listen)
         log.error("cannot listen on %s: %s", where, exc.strerror)
         return EXIT_FAILED
-    control: Optional[ControlServer] = None
-    streams = Streams(options, lambda event: control.publish(event) if control else None)
+    streams = Streams(options)
     firewall = FirewallSession(options.firewalld)
     capture = Capture(streams, firewall, listeners, options.wait_tunnel)
     client = Running(options, streams, firewall, lambda why: _set_once(stop, why))
+    control = ControlServer(options.control or default_control_path(), handler(client))
+    streams.publish = _publisher(control, readiness)
     try:
-        control = ControlServer(options.control or default_control_path(), handler(client))
         await control.start()
         await _bring_up(client, capture, listeners, stop)
         client.ready = True
@@ -94,8 +96,7 @@ async def run(options: Options, readiness: Optional[Readiness] = None) -> int:
         await firewall.close()
         capture.close()
         await streams.stop()
-        if control is not None:
-            control.close()
+        control.close()
         await _cancel_the_rest()
 
 
@@ -145,6 +146,20 @@ async def _bring_up(
         port,
         f", {options.streams} streams" if options.streams > 1 else "",
     )
+
+
+def _publisher(control: ControlServer, readiness: Readiness) -> Callable[[Message], None]:
+    """Where events go: to the control socket's subscribers, and what the tunnel's state
+    is now to the service manager."""
+
+    def publish(event: Message) -> None:
+        control.publish(event)
+        if isinstance(event, Disconnected):
+            readiness.status(f"tunnel lost, reconnecting: {event.reason}")
+        elif isinstance(event, Connected):
+            readiness.status(f"connected to {event.remote}")
+
+    return publish
 
 
 def _watch_hosts(streams: Streams, options: Options, sync: HostsSync) -> HostsSync:

@@ -20,6 +20,10 @@ class Readiness:
         for callback in callbacks:
             callback()
 
+    def status(self, text: str) -> None:
+        """What the client is doing now (the tunnel was lost, or is back)."""
+        notify(status=text)
+
     def stopping(self) -> None:
         """The client begins to stop (its rules go first)."""
         notify(stopping="1")
