@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 import signal
 from pathlib import Path
-from typing import Any, Dict, FrozenSet, List, NamedTuple, Optional, Sequence
+from typing import Any, Dict, FrozenSet, List, Mapping, NamedTuple, Optional, Sequence
 
 from testbed.config import S_ADDR_C, SYSTEM_PYTHON, TARGET_NET, url_host
 from testbed.procs import Proc, wait_until
@@ -235,16 +235,23 @@ class Shuttle:
             raise StartupError(f"shuttle-firewalld not ready within {timeout}s\n{self.outputs()}")
         return proc
 
-    def start_client(self, *, timeout: float = READY_TIMEOUT, **options: Any) -> Proc:
+    def start_client(
+        self,
+        *,
+        timeout: float = READY_TIMEOUT,
+        env: Optional[Mapping[str, str]] = None,
+        **options: Any,
+    ) -> Proc:
         """Start shuttle-client as user (default the first test user); wait for ready.
 
-        options are client_args' keywords. With method given, the ready line must name it
-        ("method nft"), else StartupError.
+        options are client_args' keywords; env, more environment variables (NOTIFY_SOCKET,
+        say). With method given, the ready line must name it ("method nft"), else
+        StartupError.
         """
         args = self.client_args(**options)
         user: Optional[LocalUser] = options.get("user")
         method: Optional[str] = options.get("method")
-        env = self.topo.user_env([str(self.venv.bin)], user=user)
+        env = {**self.topo.user_env([str(self.venv.bin)], user=user), **(env or {})}
         argv = self.topo.user_argv(args, env, user=user)
         proc = self.topo.start(f"client{len(self.clients)}", argv, user=user)
         self.clients.append(proc)
