@@ -120,6 +120,11 @@ FORKER = textwrap.dedent(
         os.rename(report + ".tmp", report)
     elif how == "kill":
         os.kill(os.getpid(), 9)
+    elif how == "wait":
+        with open(report + ".tmp", "w") as out:
+            out.write(str(os.getpid()))
+        os.rename(report + ".tmp", report)
+        time.sleep(60)
     else:
         sys.exit(int(how))
     """
@@ -157,6 +162,24 @@ def test_a_child_that_fails_before_ready_gives_the_parent_its_status(tmp_path: P
     result = forker(tmp_path, "kill")
     assert result.returncode == 128 + signal.SIGKILL
     assert result.stderr.endswith("shuttle-client: error: the daemon was killed by SIGKILL\n")
+
+
+def test_a_signal_to_the_waiting_parent_stops_the_child(tmp_path: Path) -> None:
+    """^C on the terminal reaches only the parent: the child has its own session."""
+    report = tmp_path / "report"
+    argv = [sys.executable, "-c", FORKER, str(report), "wait"]
+    with subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, cwd=tmp_path) as parent:
+        try:
+            assert wait_for(report), "the child did not start"
+            child = int(report.read_text())
+            parent.send_signal(signal.SIGINT)
+            _, stderr = parent.communicate(timeout=WAIT)
+        finally:
+            parent.kill()
+    assert parent.returncode == 128 + signal.SIGTERM
+    assert stderr.endswith("shuttle-client: error: the daemon was killed by SIGTERM\n")
+    with pytest.raises(ProcessLookupError):
+        os.kill(child, 0)  # gone, and reaped by the parent
 
 
 def run_client(args: Sequence[str], cwd: Path) -> "subprocess.CompletedProcess[str]":
