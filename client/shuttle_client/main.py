@@ -17,7 +17,7 @@ from shuttle_protocol.schema import Message
 from . import ctl, logs
 from .argfiles import parse_command_line
 from .capture import TPROXY_ANY_PORT, Capture
-from .cli import Options, UsageError
+from .cli import DocoptExit, Options, UsageError
 from .control import ControlServer, ControlSetupError
 from .control_paths import default_control_path
 from .control_requests import Running, handler
@@ -214,6 +214,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         sys.exit(ctl.main(args[1:]))
     try:
         options = parse_command_line(args, os.environ)
+    except DocoptExit as exc:  # docopt's usage text; exit 2 tells systemd not to retry
+        print(exc, file=sys.stderr)
+        sys.exit(EXIT_USAGE)
     except UsageError as exc:
         print(f"shuttle-client: error: {exc}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
