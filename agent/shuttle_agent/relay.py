@@ -133,6 +133,8 @@ class Link(asyncio.Protocol):
         try:
             messages = self.mux.receive(data)
             for msg in messages:
+                if self.closed.done():  # an Error or a failure ended the session: no more
+                    break
                 self._dispatch(msg)
         except RemoteProtocolError as exc:
             self.fail(f"{self.peer} broke the protocol: {exc}")
@@ -206,6 +208,7 @@ class Link(asyncio.Protocol):
         log.error("%s", text)
         if self.failed is None:
             self.failed = text
+        self.flush()  # what is queued (credit grants come last) goes before: Error is the last
         self.mux.send(Error(text[:1000]))
         self.flush()
         self.finish(text)

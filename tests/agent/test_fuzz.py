@@ -14,8 +14,10 @@ any resolver outside, nor can any connection. (test_main.py has the fixed cases:
 Open before Welcome, Data on a UDP channel; tests/protocol/test_mux.py the Mux's rules.)
 """
 
+import asyncio
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -28,11 +30,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from shuttle_agent.main import EXIT_PROTOCOL
+from shuttle_agent.relay import Link
 from shuttle_agent.udp import IDLE_ENV, MAX_FLOWS_ENV
 from shuttle_protocol import PROTOCOL_VERSION
-from shuttle_protocol.mux import WINDOW
+from shuttle_protocol.mux import AGENT, WINDOW, Mux
 from shuttle_protocol.schema import Message
-from shuttle_protocol.stream import MAX_MESSAGE, encode
+from shuttle_protocol.stream import MAX_MESSAGE, StreamDecoder, encode
 from shuttle_protocol.stream_messages import (
     MAX_CREDIT,
     MAX_DATA,
@@ -485,3 +488,68 @@ def test_a_hostile_client_is_served_or_told_why_never_a_traceback(
     print(f"outcomes: {sorted(outcomes.items(), key=lambda item: -item[1])}; peak {peaks[0]}")
     assert outcomes
     assert peaks[0] < MAX_RSS
+
+
+def test_nothing_after_the_clients_error_is_acted_on(agent: AgentProcess) -> None:
+    """Found by the fuzzer: the messages behind an Error in the same read were still
+    dispatched, so an Open there made a connection after the session had ended."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.settimeout(0)
+        port = listener.getsockname()[1]
+        hello = agent.receive()
+        assert isinstance(hello, Hello)
+        # One write, well under PIPE_BUF: the agent reads it all at once.
+        agent.send_raw(
+            encode(Welcome(PROTOCOL_VERSION, ("tcp",)))
+            + encode(Error("the client gives up"))
+            + encode(Open(1, "127.0.0.1", port))
+            + encode(Ping(5))
+        )
+        status, stderr = agent.finish()
+        assert status == EXIT_PROTOCOL
+        assert "Traceback" not in stderr
+        try:
+            connection, _ = listener.accept()
+        except BlockingIOError:
+            return  # nobody connected
+        connection.close()
+        pytest.fail("the agent connected after the session had ended")
+
+
+class Writer:
+    """A pipe's write end as the Link uses it, keeping what is written."""
+
+    def __init__(self) -> None:
+        self.written = b""
+        self.closed = False
+
+    def set_write_buffer_limits(self, high: int, low: int) -> None:
+        pass
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_the_error_is_the_last_message_even_with_credit_to_grant() -> None:
+    """Found by the fuzzer: a failure with credit still to grant sent the Error first and
+    the Credit after it, though nothing may follow an Error."""
+
+    async def scenario() -> None:
+        link = Link(Mux(AGENT), lambda msg: None, "client")
+        writer = Writer()
+        link.attach_writer(writer)  # type: ignore[arg-type]
+        link.data_received(encode(Open(1, "127.0.0.1", 9)) + encode(Data(1, b"x" * 10)))
+        link.mux.delivered(1, 10)  # the socket took it: a Credit is due
+        link.fail("boom")
+        assert StreamDecoder().feed(writer.written) == [Credit(1, 10), Error("boom")]
+        assert writer.closed
+
+    asyncio.run(asyncio.wait_for(scenario(), WAIT))
