@@ -100,7 +100,9 @@ class Streams:
             tunnel = self.tunnels[index]
             keepalive = asyncio.ensure_future(tunnel.keepalive(self.options.keepalive))
             try:
-                reason = await tunnel.link.closed or "closed"
+                # Shielded: cancelling this task (stop) must not cancel the link's own future,
+                # or the link's finish() would take it as done and skip closing the pipe.
+                reason = await asyncio.shield(tunnel.link.closed) or "closed"
             finally:
                 keepalive.cancel()
             await tunnel.stop()
