@@ -18,7 +18,7 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Coroutine, Dict, Iterator, List, Optional, Tuple
 
 import msgpack
 import pytest
@@ -294,6 +294,29 @@ def check_reason(
     return "closed"
 
 
+Scenario = Callable[[Tuple[bytes, ...]], Coroutine[Any, Any, None]]
+
+
+def attack(
+    scenario: Scenario, garbage_file: Path, watch: Watch, examples: int, seconds: float
+) -> None:
+    """Run scenario for hypothesis's garbage (the hostile agent sends it), within a wall-clock
+    bound: the examples after it do nothing."""
+    deadline = time.monotonic() + seconds
+
+    @settings(max_examples=examples, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(pieces=garbage())
+    def one(pieces: Tuple[bytes, ...]) -> None:
+        if time.monotonic() > deadline:
+            return
+        garbage_file.write_bytes(b"".join(pieces))
+        watch.records.clear()
+        asyncio.run(asyncio.wait_for(scenario(pieces), 3 * WAIT))
+        watch.check_clean()
+
+    one()
+
+
 @pytest.mark.parametrize(
     ("examples", "seconds"),
     [(60, 10.0), pytest.param(1000, 600.0, marks=pytest.mark.slow)],
@@ -304,7 +327,6 @@ def test_a_hostile_agent_ends_the_session_with_one_clear_line(
 ) -> None:
     ssh, agent, garbage_file = hostile
     kinds: Dict[str, int] = {}
-    deadline = time.monotonic() + seconds
 
     async def scenario(pieces: Tuple[bytes, ...]) -> None:
         asyncio.get_running_loop().set_exception_handler(watch.on_loop_error)
@@ -324,17 +346,7 @@ def test_a_hostile_agent_ends_the_session_with_one_clear_line(
         await asyncio.sleep(0)  # the loop goes on
         assert await tunnel.wait_exit(5) is not None
 
-    @settings(max_examples=examples, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-    @given(pieces=garbage())
-    def attack(pieces: Tuple[bytes, ...]) -> None:
-        if time.monotonic() > deadline:
-            return  # the wall-clock bound
-        garbage_file.write_bytes(b"".join(pieces))
-        watch.records.clear()
-        asyncio.run(asyncio.wait_for(scenario(pieces), 3 * WAIT))
-        watch.check_clean()
-
-    attack()
+    attack(scenario, garbage_file, watch, examples, seconds)
     print(f"ends: {kinds}")
     assert kinds
 
@@ -355,9 +367,9 @@ def test_a_stream_lost_to_a_hostile_agent_comes_back_and_serves(
     monkeypatch.setattr(streams_module, "BACKOFF_FIRST", 0.05)  # no need to wait a second
     once = garbage_file.with_name("attacked")
     monkeypatch.setenv(ONCE_ENV, str(once))
-    deadline = time.monotonic() + seconds
 
     async def scenario(pieces: Tuple[bytes, ...]) -> None:
+        once.unlink(missing_ok=True)  # hostile first, then the real agent
         asyncio.get_running_loop().set_exception_handler(watch.on_loop_error)
         server = await echo_server()
         streams = Streams(options(ssh, agent))
@@ -383,18 +395,7 @@ def test_a_stream_lost_to_a_hostile_agent_comes_back_and_serves(
             await streams.stop()
             server.close()
 
-    @settings(max_examples=examples, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-    @given(pieces=garbage())
-    def attack(pieces: Tuple[bytes, ...]) -> None:
-        if time.monotonic() > deadline:
-            return  # the wall-clock bound
-        garbage_file.write_bytes(b"".join(pieces))
-        once.unlink(missing_ok=True)
-        watch.records.clear()
-        asyncio.run(asyncio.wait_for(scenario(pieces), 3 * WAIT))
-        watch.check_clean()
-
-    attack()
+    attack(scenario, garbage_file, watch, examples, seconds)
 
 
 def test_stopping_the_streams_closes_each_link_and_its_channels(fake_ssh: str) -> None:
