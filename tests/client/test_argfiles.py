@@ -2,8 +2,10 @@
 named by file and line."""
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Dict, Mapping, Sequence
 
@@ -186,12 +188,26 @@ def test_unreadable_files(tmp_path: Path) -> None:
         parse([f"@{outer}"])
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads every file")
-def test_a_file_without_read_permission(tmp_path: Path) -> None:
-    conf = write(tmp_path / "c", "-r gw")
-    conf.chmod(0)
-    with pytest.raises(UsageError, match="Permission denied"):
-        parse([f"@{conf}"])
+def test_a_file_without_read_permission() -> None:
+    """As a user who may not read it: root may read any file, so as root, as nobody."""
+    directory = Path(tempfile.mkdtemp(prefix="shuttle-argfiles-", dir="/tmp"))
+    try:
+        directory.chmod(0o755)
+        conf = write(directory / "c", "-r gw", "10.0.0.0/8")
+        conf.chmod(0o600 if os.geteuid() == 0 else 0)
+        nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        program = str(Path(sys.executable).parent / "shuttle-client")
+        done = subprocess.run(
+            [*(nobody if os.geteuid() == 0 else []), program, f"@{conf}"],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert done.returncode == 2, done.stderr
+        assert done.stderr == f"shuttle-client: error: cannot read {conf}: Permission denied\n"
+    finally:
+        shutil.rmtree(directory)
 
 
 def test_a_lone_at_or_dash_is_a_subnet_and_double_dash_is_refused(tmp_path: Path) -> None:
