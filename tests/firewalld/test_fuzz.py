@@ -545,8 +545,20 @@ def run_fuzz(
     assert nat_chains(netns) == chains
     if not tracked.hosts_written:
         assert (socket_dir / "hosts").read_bytes() == HOSTS
-    # Each is closed by its owner; the daemon serves valid requests of both callers still.
+    # Nobody reaches another uid's session, whatever the request.
     by_uid = {caller.uid: caller for caller in callers}
+    for session, (owner, _) in tracked.sessions.items():
+        other = by_uid[ROOT if owner == NOBODY_UID else NOBODY_UID]
+        others: tuple[Message, ...] = (
+            HeartbeatRequest(session),
+            SetHostsRequest(session, (("db1", "10.2.0.7"),)),
+            UpdateSessionRequest(session, (("10.0.0.0/8", 1, 65535),), ()),
+            CloseSessionRequest(session),
+        )
+        for attempt in others:
+            reply = other.ask([encode_frame(3, attempt)])
+            assert reply is not None and decode_frame(reply) == (3, ErrorAnswer("no such session"))
+    # Each is closed by its owner; the daemon serves valid requests of both callers still.
     close_all(by_uid, tracked)
     for caller, port in zip(callers, (ROOT_PORT, NOBODY_PORT)):
         open_valid(caller, port, tracked)
