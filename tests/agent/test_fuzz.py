@@ -211,8 +211,10 @@ class Session:
         return [msg for msg in self.received if isinstance(msg, Error)]
 
     def stop(self) -> None:
+        self.agent.process.kill()
+        self.agent.process.wait(WAIT)
+        self._reader.join(WAIT)  # it reads the end first: its fd is closed only after
         stop(self.agent)
-        self._reader.join(10)
 
 
 def rss(pid: int) -> int:
