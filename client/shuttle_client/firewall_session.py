@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import array
 import asyncio
+import grp
 import ipaddress
 import os
+import pwd
 import socket
 import struct
 from collections.abc import Sequence
@@ -270,8 +272,10 @@ class FirewallSession:
         if self._socket is not None:
             return self._socket
         # libzmq connects in the background and retries quietly, so check what it cannot say.
-        if not os.path.exists(self._path) or not os.access(self._path, os.R_OK | os.W_OK):
+        if not os.path.exists(self._path):
             raise FirewallError(self._unreachable())
+        if not os.access(self._path, os.R_OK | os.W_OK):
+            raise FirewallError(self._not_allowed())
         socket = zmq.asyncio.Context.instance().socket(zmq.DEALER)
         socket.linger = 0
         try:
@@ -282,11 +286,30 @@ class FirewallSession:
         self._socket = socket
         return socket
 
+    def _not_allowed(self) -> str:
+        try:
+            group = grp.getgrgid(os.stat(self._path).st_gid).gr_name
+        except (OSError, KeyError):
+            group = "its group"
+        return (
+            f"no permission to use shuttle-firewalld at {self._path}: only root and the "
+            f"members of {group} may (an admin adds you with: usermod -aG {group} "
+            f"{_user_name()}, then log in again)"
+        )
+
     def _unreachable(self) -> str:
         return (
             f"cannot reach shuttle-firewalld at {self._path}: is it running? "
             "(start it as root: shuttle-firewalld)"
         )
+
+
+def _user_name() -> str:
+    """Our user's name (the uid if it has none)."""
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return str(os.getuid())
 
 
 async def fetch_sockets(path: str, token: str, timeout: float) -> list[tuple[str, socket.socket]]:
