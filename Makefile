@@ -6,7 +6,7 @@ PYTHON ?= /usr/bin/python3
 PY := $(VENV)/bin/python
 APT_PACKAGES := iproute2 iptables nftables openssh-server openssh-client curl iperf3 \
 	dnsutils dnsmasq-base procps util-linux strace python3 python3-venv
-TOOLS := pytest hypothesis ruff mypy
+TOOLS := pytest hypothesis ruff mypy atheris
 PACKAGES := protocol agent firewalld client
 
 .PHONY: install apt test lint unit integration demo bench clean

@@ -58,9 +58,7 @@ class Agent:
 
     def on_message(self, msg: Message) -> None:
         if isinstance(msg, Welcome):
-            if msg.version != PROTOCOL_VERSION:
-                self.link.fail(f"client speaks protocol {msg.version}, agent {PROTOCOL_VERSION}")
-            self.welcomed = True
+            self._on_welcome(msg)
         elif isinstance(msg, Error):
             self.error = msg.text
             self.link.finish(f"client: {msg.text}")
@@ -85,6 +83,13 @@ class Agent:
             self.hosts.request(msg.seeds)
         elif not isinstance(msg, Pong):
             self.link.fail(f"unexpected {type(msg).__name__} from the client")
+
+    def _on_welcome(self, msg: Welcome) -> None:
+        if self.welcomed:
+            self.link.fail("Welcome twice")
+        elif msg.version != PROTOCOL_VERSION:
+            self.link.fail(f"client speaks protocol {msg.version}, agent {PROTOCOL_VERSION}")
+        self.welcomed = True
 
     async def connect(self, msg: Open, relay: Relay) -> None:
         try:

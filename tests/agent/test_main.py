@@ -62,6 +62,16 @@ def test_open_before_welcome_is_refused(agent: AgentProcess) -> None:
     assert "before Welcome" in error.text
 
 
+def test_welcome_twice_is_refused(agent: AgentProcess) -> None:
+    welcomed(agent).send(Welcome(PROTOCOL_VERSION, ()))
+    error = agent.receive()
+    assert isinstance(error, Error)
+    assert error.text == "Welcome twice"
+    status, stderr = agent.finish()
+    assert status == EXIT_PROTOCOL
+    assert "Traceback" not in stderr
+
+
 def test_garbage_closes_the_session_with_a_clear_message(agent: AgentProcess) -> None:
     welcomed(agent).send_raw(b"\xc1\xc1\xc1")
     error = agent.receive()
