@@ -87,6 +87,7 @@ Options:
   --version                show the version.
 
 Capturing other users' or routed traffic needs root or shuttle-firewalld's policy file.
+A running client is driven with `shuttle-client ctl` (see shuttle-client ctl --help).
 """
 
 
