@@ -141,6 +141,38 @@ def fetch_page(report: Report, topo: Topology) -> None:
         )
 
 
+def show_control(report: Report, shuttle: Shuttle) -> None:
+    topo = shuttle.topo
+    report.step("Ask the running client how it is, on its control socket (this user only)")
+    for command in (["status"], ["connections"]):
+        argv = [shuttle.venv.program("shuttle-client"), "ctl", *command]
+        report.command(f"C, as {topo.user.name}", argv)
+        result = topo.run_as_user(argv)
+        report.say(textwrap.indent(result.stdout.strip() or result.stderr.strip(), "| "))
+        report.check(result.returncode == 0, f"ctl {command[0]} answered", "ctl failed")
+
+
+def cut_the_tunnel(report: Report, shuttle: Shuttle) -> None:
+    topo = shuttle.topo
+    client = shuttle.clients[-1]
+    report.step(
+        "Cut the tunnel: kill sshd's session in S; the client keeps its rules and reconnects"
+    )
+    sessions = topo.processes_of(topo.s, topo.user, "sshd")
+    report.command("S, root", ["kill", "-KILL", *map(str, sessions)])
+    for pid in sessions:
+        os.kill(pid, signal.SIGKILL)
+    back = client.wait_for_line("shuttle-client: reconnected", 30)
+    report.say("\n".join(line for line in client.output().splitlines() if "connect" in line))
+    report.check(back, "the client reconnected", "the client did not reconnect")
+    result = topo.curl(T_ADDR, HTTP_PORT, max_time=20)
+    report.check(
+        result.returncode == 0 and topo.marker in result.stdout,
+        "the page comes through the new tunnel",
+        f"no page after reconnecting: {result.stderr.strip()}",
+    )
+
+
 def stop_shuttle(report: Report, shuttle: Shuttle) -> None:
     report.step("Stop shuttle-client with SIGTERM")
     client = shuttle.clients[-1]
@@ -183,6 +215,8 @@ def run_demo(report: Report) -> None:
                 try:
                     if start_shuttle(report, shuttle):
                         fetch_page(report, topo)
+                        show_control(report, shuttle)
+                        cut_the_tunnel(report, shuttle)
                     stop_shuttle(report, shuttle)
                 finally:
                     shuttle.stop()

@@ -323,6 +323,21 @@ class Topology:
         argv = ["ssh", *self.ssh_options(user), f"{login}@{check_ours(host)}", "--", remote]
         return self.run_as_user(argv, timeout=timeout, user=user)
 
+    def processes_of(self, ns: Namespace, user: LocalUser, comm_prefix: str) -> List[int]:
+        """The processes in ns that user runs whose name starts with comm_prefix: on S,
+        "sshd" finds the sshd processes that serve user's sessions (privilege separation runs
+        them as the user), "python" the agents."""
+        found = []
+        for pid in ns.pids():
+            try:
+                comm = Path(f"/proc/{pid}/comm").read_text().strip()
+                owner = Path(f"/proc/{pid}").stat().st_uid
+            except OSError:
+                continue  # gone meanwhile
+            if comm.startswith(comm_prefix) and owner == user.uid:
+                found.append(pid)
+        return found
+
     def write_user_file(self, name: str, text: str, user: Optional[LocalUser] = None) -> Path:
         """A file only user can read, in its directory (for -s FILE / -X FILE, say)."""
         return self.home(user).write(name, text)

@@ -41,20 +41,6 @@ def children_named(pid: int, name: str) -> List[int]:
     return [c for c in children if Path(f"/proc/{c}/comm").read_text().strip() == name]
 
 
-def agent_processes(shuttle: Shuttle) -> List[int]:
-    """The agents on S: python processes of the test user there."""
-    found = []
-    for pid in shuttle.topo.s.pids():
-        try:
-            comm = Path(f"/proc/{pid}/comm").read_text().strip()
-            owner = Path(f"/proc/{pid}").stat().st_uid
-        except OSError:
-            continue
-        if comm.startswith("python") and owner == shuttle.topo.user.uid:
-            found.append(pid)
-    return found
-
-
 def hosts_block(shuttle: Shuttle) -> bool:
     return shuttle.hosts_file.exists() and MARKER in shuttle.hosts_file.read_text()
 
@@ -72,7 +58,11 @@ def kill(shuttle: Shuttle, victim: str, client: Proc) -> None:
         assert shuttle.firewalld is not None
         shuttle.firewalld.send(signal.SIGKILL)
     else:
-        pids = agent_processes(shuttle) if victim == "agent" else children_named(client.pid, "ssh")
+        topo = shuttle.topo
+        if victim == "agent":
+            pids = topo.processes_of(topo.s, topo.user, "python")
+        else:
+            pids = children_named(client.pid, "ssh")
         assert pids, f"no {victim} process to kill\n{shuttle.outputs()}"
         for pid in pids:
             os.kill(pid, signal.SIGKILL)

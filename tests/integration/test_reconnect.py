@@ -6,8 +6,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-from pathlib import Path
-from typing import List
 
 import pytest
 
@@ -27,24 +25,8 @@ BLOCK_SSH = (
 )
 
 
-def session_processes(topo: Topology) -> List[int]:
-    """The sshd processes in S that serve the test user's sessions (privilege separation
-    runs them as the user: "sshd: user@notty")."""
-    uid = topo.user.uid
-    found = []
-    for pid in topo.s.pids():
-        try:
-            comm = Path(f"/proc/{pid}/comm").read_text().strip()
-            owner = Path(f"/proc/{pid}").stat().st_uid
-        except OSError:
-            continue
-        if comm.startswith("sshd") and owner == uid:
-            found.append(pid)
-    return found
-
-
 def kill_sessions(topo: Topology) -> None:
-    pids = session_processes(topo)
+    pids = topo.processes_of(topo.s, topo.user, "sshd")
     assert pids, "no sshd session process in S"
     for pid in pids:
         os.kill(pid, signal.SIGKILL)
