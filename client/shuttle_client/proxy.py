@@ -3,10 +3,11 @@
 import asyncio
 import errno
 import logging
+import resource
 import socket
 import struct
 import time
-from typing import Callable, List, Optional, Protocol, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Protocol, Sequence, Tuple, cast
 
 from shuttle_agent.relay import Link, Relay
 from shuttle_protocol.control_messages import Connection
@@ -21,6 +22,11 @@ LISTEN_BACKLOG = 4096
 BIND_ATTEMPTS = 20
 # What binding ::1 says on a host without IPv6.
 UNSUPPORTED_FAMILY = (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT)
+# Descriptors kept free of captured connections, below the open-file limit, for the ssh
+# pipes of reconnects, zmq, the control socket, DNS and UDP sockets (see GuardedListener).
+SPARE_FDS = 64
+# At most one "too many connections" line per this many seconds, with a count.
+LIMIT_LOG_INTERVAL = 10.0
 
 
 def make_listener(host: str, port: int) -> socket.socket:
@@ -117,6 +123,68 @@ def _abort(transport: asyncio.BaseTransport) -> None:
         # Linger with a zero timeout makes close() send RST instead of FIN.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     transport.abort()  # type: ignore[attr-defined]
+
+
+def connection_cap() -> int:
+    """Captured connections get descriptors below this number (see GuardedListener)."""
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]  # one cheap system call
+    if limit == resource.RLIM_INFINITY:
+        limit = 1 << 20
+    return max(limit - SPARE_FDS, limit // 2)
+
+
+class GuardedListener:
+    """A listener (it wraps one) that resets, within accept() itself, each connection whose
+    descriptor would come from the reserve below the open-file limit.
+
+    Past the limit accept() fails with EMFILE, and asyncio then logs a traceback, stops
+    accepting for a second and does it again, while every connection behind it hangs in
+    the backlog. Checking later, in connection_made, would be too late: asyncio accepts a
+    burst of up to 100 per wakeup, and a socket it accepted is closed only iterations
+    after. Here the excess socket is reset and closed before the next accept(), so the
+    program sees a reset at once, connections already relayed go on, and accept() keeps
+    working. The kernel hands out the lowest free descriptor, so a socket numbered n means
+    0..n-1 are all open: every connection admitted has a number below the cap, which bounds
+    them without counting. asyncio's selector loop calls accept() on the object given to
+    create_server, and everything else it calls goes to the socket inside, which the server
+    closes as before (tests/integration/test_limits.py floods a client to hold it to that).
+    """
+
+    refused = 0  # since the last log line, all listeners together
+    logged_at = float("-inf")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sock, name)
+
+    def accept(self) -> Tuple[socket.socket, Any]:
+        cap = connection_cap()
+        for _ in range(LISTEN_BACKLOG):  # bounded; what is left waits for the next wakeup
+            conn, address = self.sock.accept()
+            if conn.fileno() < cap:
+                return conn, address
+            self._note_refused(conn.fileno() + 1)
+            # Linger with a zero timeout makes close() send RST instead of FIN.
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()
+        raise BlockingIOError(errno.EAGAIN, "more connections wait: the next wakeup")
+
+    @classmethod
+    def _note_refused(cls, open_fds: int) -> None:
+        cls.refused += 1
+        now = time.monotonic()
+        if now - cls.logged_at >= LIMIT_LOG_INTERVAL:
+            log.warning(
+                "too many connections: reset %d new one(s); %d descriptors are open, near "
+                "the open-file limit of %d (ulimit -n)",
+                cls.refused,
+                open_fds,
+                resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+            )
+            cls.refused = 0
+            cls.logged_at = now
 
 
 class Incoming(Relay):
@@ -279,5 +347,6 @@ async def serve(
                 return Waiting(tunnels, address, destination, wait)
             return Incoming(link, address, destination, tunnels)
 
-        servers.append(await loop.create_server(accept, sock=listener))
+        guarded = cast(socket.socket, GuardedListener(listener))
+        servers.append(await loop.create_server(accept, sock=guarded))
     return servers

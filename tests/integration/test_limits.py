@@ -1,0 +1,93 @@
+"""Resource limits in the test network: a flood of connections beyond the client's open-file
+limit, and a remote (or local) program that stops reading while the other end sends.
+
+What must hold: the client stays up and keeps serving the connections it has; what it
+cannot take is refused with a reset (the program sees it at once) and one clear log line,
+not a traceback; and a stalled reader costs the client and the agent a bounded amount of
+memory (the channel's credit window, the in-flight cap), while its sender simply blocks and
+other connections through the same tunnel go on.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, Sequence
+
+import pytest
+
+from testbed import ECHO_PORT, SYSTEM_PYTHON, T_ADDR, Shuttle
+from testbed.procs import Proc
+from testbed.shuttle import CLIENT_READY, READY_TIMEOUT
+
+from .procwatch import HERE, install_tool
+
+pytestmark = pytest.mark.integration
+
+NOFILE = 256  # the client's open-file limit in the flood test, soft and hard
+FLOOD = 600  # connections at once: more than the client has descriptors
+SINK_PORT = 7011  # limitstool's sink on T: accepts, never reads
+# What a stalled channel may cost each process, in KiB. The flow control bounds it: a
+# 1 MiB credit window per direction and channel, 512 KiB in flight, 512 KiB in the pipe's
+# write buffer; beyond those the reader's kernel buffers hold the rest, not our processes.
+# 16 MiB leaves room for the allocator, and a buffer that grew without bound (the test
+# offers hundreds of megabytes) would be far past it.
+STALL_RSS_GROWTH_KIB = 16 * 1024
+# What the stalled sender may get into the tunnel before its send blocks: the kernel's
+# buffers on four sockets (autotuned, up to tcp_wmem/tcp_rmem's maxima here: 4 + 32 MiB
+# per socket pair), the windows and the pipes. Far less than the gigabyte it offers.
+STALL_SENT_MAX = 160 * 1024 * 1024
+STALL_DOWN_BYTES = 256 * 1024 * 1024  # what the remote offers a reader that does not read
+SIDE_BULK = 8 * 1024 * 1024  # another connection's transfer, each way, during a stall
+
+
+def start_client_under(shuttle: Shuttle, prefix: Sequence[str], **options: Any) -> Proc:
+    """shuttle-client as the test user, its command line behind prefix (prlimit ...)."""
+    topo = shuttle.topo
+    env = topo.user_env([str(shuttle.venv.bin)])
+    argv = topo.user_argv([*prefix, *shuttle.client_args(**options)], env)
+    proc = topo.start(f"client{len(shuttle.clients)}", argv)
+    shuttle.clients.append(proc)
+    if not proc.wait_for_line(CLIENT_READY, READY_TIMEOUT):
+        pytest.fail(f"shuttle-client not ready within {READY_TIMEOUT}s\n{shuttle.outputs()}")
+    return proc
+
+
+def limitstool(shuttle: Shuttle) -> Path:
+    install_tool(shuttle.topo, HERE / "limitstool.py")
+    return shuttle.topo.tcptool_path.parent / "limitstool.py"
+
+
+def nofile(pid: int) -> int:
+    """The soft open-file limit of pid, from /proc/PID/limits."""
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            return int(line.split()[3])
+    raise AssertionError(f"no open-file limit in /proc/{pid}/limits")
+
+
+def test_flood_beyond_the_fd_limit_is_refused_and_existing_connections_go_on(
+    shuttle: Shuttle,
+) -> None:
+    topo = shuttle.topo
+    tool = limitstool(shuttle)
+    client = start_client_under(shuttle, ["prlimit", f"--nofile={NOFILE}:{NOFILE}"])
+    assert nofile(client.pid) == NOFILE, "the client is not under the low limit"
+    argv = [SYSTEM_PYTHON, str(tool), "flood", T_ADDR, str(ECHO_PORT), str(FLOOD), "--wait", "60"]
+    result = topo.run_as_user(argv, timeout=120)
+    lines = result.stdout.strip().splitlines()
+    outcome: Dict[str, Any] = {"ok": False, "stdout": result.stdout, "stderr": result.stderr}
+    if lines:
+        outcome = json.loads(lines[-1])
+    output = client.output()
+    assert client.alive(), f"the client died in the flood\n{shuttle.outputs()}"
+    assert outcome["ok"], f"{outcome}\n{output}"
+    fates = outcome["fates"]
+    assert set(fates) <= {"echoed", "reset"}, f"{fates}: not all echoed or were reset\n{output}"
+    assert fates.get("reset", 0) > 0, f"the flood did not reach the limit: {fates}"
+    assert "Traceback" not in output, output
+    assert "out of system resource" not in output, output
+    assert "shuttle-client: too many connections" in output, output
+    # And the client still serves new connections normally once the flood is gone.
+    echo = topo.tcptool("echo", T_ADDR, str(ECHO_PORT), "20", timeout=60)
+    assert echo["ok"], f"{echo}\n{shuttle.outputs()}"
