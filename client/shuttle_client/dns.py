@@ -17,10 +17,8 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 from shuttle_agent.relay import Link
-from shuttle_protocol.control_messages import Connection
 from shuttle_protocol.stream_messages import Close, Datagram
 
-from .proxy import endpoint
 from .resolvers import DNS_PORT
 from .tunnel import printable
 
@@ -87,21 +85,10 @@ class DnsFlow:
         self.bytes_out = 0  # queries' bytes
         self.bytes_in = 0  # answers' bytes
 
-    def describe(self, stream: int, now: float) -> Connection:
-        """The flow as the control socket lists it."""
-        host, port = self.relay.server
-        age = max(0.0, now - self.opened_at)
-        return (
-            self.channel,
-            stream,
-            "udp",
-            endpoint(self.source),
-            host,
-            port,
-            self.bytes_out,
-            self.bytes_in,
-            age,
-        )
+    @property
+    def destination(self) -> Address:
+        """Where the queries go: the server's resolver."""
+        return self.relay.server
 
     def on_datagram(self, msg: Datagram) -> None:
         self.last_active = time.monotonic()

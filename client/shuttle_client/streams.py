@@ -23,6 +23,7 @@ from shuttle_protocol.control_messages import (
     ChannelClosed,
     ChannelOpened,
     Connected,
+    Connection,
     Disconnected,
     Reconnecting,
 )
@@ -30,7 +31,7 @@ from shuttle_protocol.schema import Message
 
 from .cli import Options
 from .dns import DnsFlow
-from .proxy import Incoming, Waiting
+from .proxy import Incoming, Waiting, endpoint
 from .tunnel import Tunnel, TunnelError
 from .udp import UdpFlow
 
@@ -216,18 +217,33 @@ class Streams:
 
     # -- what the control socket asks ------------------------------------------------------
 
-    def connections(self) -> List[Tuple[int, int, str, str, str, int, int, int, float]]:
+    def connections(self) -> List[Connection]:
         """Every open connection and flow: (channel, stream, proto, source, host, port,
         bytes up, bytes down, seconds open), oldest first."""
         now = time.monotonic()
-        found = []
+        found: List[Connection] = []
         for index, link in enumerate(self.links):
             for relay in link.channels.values():
                 if isinstance(relay, Incoming):
                     found.append(relay.describe(index, now))
             for flow in link.flows.values():
                 if isinstance(flow, (UdpFlow, DnsFlow)):
-                    found.append(flow.describe(index, now))
+                    host, port = flow.destination
+                    age = max(0.0, now - flow.opened_at)
+                    source = endpoint(flow.source)
+                    found.append(
+                        (
+                            flow.channel,
+                            index,
+                            "udp",
+                            source,
+                            host,
+                            port,
+                            flow.bytes_out,
+                            flow.bytes_in,
+                            age,
+                        )
+                    )
         found.sort(key=lambda item: -item[8])
         return found
 

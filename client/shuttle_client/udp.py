@@ -16,11 +16,9 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from shuttle_agent.relay import Link
-from shuttle_protocol.control_messages import Connection
 from shuttle_protocol.stream_messages import Close, Datagram
 
 from .firewall_session import FirewallError, FirewallSession
-from .proxy import endpoint
 from .tunnel import printable
 
 log = logging.getLogger("shuttle")
@@ -67,22 +65,6 @@ class UdpFlow:
         self.reply_socket: Optional[socket.socket] = None
         self._held: List[bytes] = []
         self._closed = False
-
-    def describe(self, stream: int, now: float) -> Connection:
-        """The flow as the control socket lists it."""
-        host, port = self.destination
-        age = max(0.0, now - self.opened_at)
-        return (
-            self.channel,
-            stream,
-            "udp",
-            endpoint(self.source),
-            host,
-            port,
-            self.bytes_out,
-            self.bytes_in,
-            age,
-        )
 
     def on_datagram(self, msg: Datagram) -> None:
         self.last_active = time.monotonic()

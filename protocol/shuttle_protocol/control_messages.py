@@ -172,10 +172,9 @@ class RoutesAnswer(Message):
         check_addresses(self.dns, "dns", MAX_NAMESERVERS)
 
 
-@message(134)
 @dataclass(frozen=True)
-class AddRoutesRequest(Message):
-    """Capture these subnets too, and exclude these, from now on (no restart)."""
+class _RoutesChange(Message):
+    """Subnets and excludes to add or remove: at least one of either."""
 
     __slots__ = ("subnets", "excludes")
     subnets: Tuple[Target, ...]
@@ -183,47 +182,51 @@ class AddRoutesRequest(Message):
 
     def __post_init__(self) -> None:
         check_changes(self.subnets, self.excludes)
+
+
+@dataclass(frozen=True)
+class _RoutesNow(Message):
+    """What is captured after a change: the subnets, and the excludes."""
+
+    __slots__ = ("subnets", "excludes")
+    subnets: Tuple[Target, ...]
+    excludes: Tuple[Target, ...]
+
+    def __post_init__(self) -> None:
+        check_targets(self.subnets, "subnets")
+        check_targets(self.excludes, "excludes")
+
+
+@message(134)
+@dataclass(frozen=True)
+class AddRoutesRequest(_RoutesChange):
+    """Capture these subnets too, and exclude these, from now on (no restart)."""
+
+    __slots__ = ()
 
 
 @message(135)
 @dataclass(frozen=True)
-class AddRoutesAnswer(Message):
+class AddRoutesAnswer(_RoutesNow):
     """The rules are in force; what is captured now."""
 
-    __slots__ = ("subnets", "excludes")
-    subnets: Tuple[Target, ...]
-    excludes: Tuple[Target, ...]
-
-    def __post_init__(self) -> None:
-        check_targets(self.subnets, "subnets")
-        check_targets(self.excludes, "excludes")
+    __slots__ = ()
 
 
 @message(136)
 @dataclass(frozen=True)
-class RemoveRoutesRequest(Message):
+class RemoveRoutesRequest(_RoutesChange):
     """Stop capturing these subnets, and stop excluding these (each as it was added)."""
 
-    __slots__ = ("subnets", "excludes")
-    subnets: Tuple[Target, ...]
-    excludes: Tuple[Target, ...]
-
-    def __post_init__(self) -> None:
-        check_changes(self.subnets, self.excludes)
+    __slots__ = ()
 
 
 @message(137)
 @dataclass(frozen=True)
-class RemoveRoutesAnswer(Message):
+class RemoveRoutesAnswer(_RoutesNow):
     """The rules are in force; what is captured now."""
 
-    __slots__ = ("subnets", "excludes")
-    subnets: Tuple[Target, ...]
-    excludes: Tuple[Target, ...]
-
-    def __post_init__(self) -> None:
-        check_targets(self.subnets, "subnets")
-        check_targets(self.excludes, "excludes")
+    __slots__ = ()
 
 
 @message(138)

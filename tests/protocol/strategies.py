@@ -13,6 +13,7 @@ from unittest import mock
 import msgpack
 import msgpack.fallback
 from hypothesis import strategies as st
+from shuttle_protocol import control_messages as cm
 from shuttle_protocol import firewall_messages as fw
 from shuttle_protocol import stream_messages as sm
 from shuttle_protocol.checks import MAX_ADDRESS, MAX_NAMESERVERS
@@ -128,6 +129,24 @@ session_entries = st.builds(
     _seconds,
     st.integers(0, fw.MAX_HOSTS),
 )
+counts = st.integers(0, cm.MAX_COUNT)
+streams = st.integers(0, cm.MAX_STREAMS - 1)
+_endpoints = st.builds(
+    lambda address, port: f"[{address}]:{port}" if ":" in address else f"{address}:{port}",
+    addresses,
+    ports,
+)
+connections = st.tuples(
+    channels,
+    streams,
+    st.sampled_from(cm.PROTOS),
+    _endpoints,
+    st.one_of(addresses, hostnames),
+    ports,
+    counts,
+    counts,
+    _seconds,
+)
 kind_tuples = st.lists(st.sampled_from(fw.SOCKET_KINDS), min_size=1, max_size=4, unique=True).map(
     tuple
 )
@@ -198,6 +217,57 @@ STRATEGIES: Dict[Type[Message], st.SearchStrategy[Message]] = {
     ),
     fw.UpdateSessionAnswer: st.builds(fw.UpdateSessionAnswer, st.integers(0, fw.MAX_RULES)),
     fw.ErrorAnswer: st.builds(fw.ErrorAnswer, st.text(max_size=2000)),
+    cm.StatusRequest: st.builds(cm.StatusRequest),
+    cm.StatusAnswer: st.integers(1, cm.MAX_STREAMS).flatmap(
+        lambda streams: st.builds(
+            cm.StatusAnswer,
+            st.sampled_from(cm.STATES),
+            st.text(max_size=100),
+            st.sampled_from(("", *fw.APPLIED_METHODS)),
+            st.integers(1, 2**31 - 1),
+            _seconds,
+            counts,
+            st.integers(0, streams),
+            st.just(streams),
+            counts,
+            counts,
+            counts,
+            counts,
+        )
+    ),
+    cm.ConnectionsRequest: st.builds(cm.ConnectionsRequest),
+    cm.ConnectionsAnswer: st.lists(connections, max_size=8).flatmap(
+        lambda found: st.builds(
+            cm.ConnectionsAnswer, st.just(tuple(found)), st.integers(len(found), 10**6)
+        )
+    ),
+    cm.RoutesRequest: st.builds(cm.RoutesRequest),
+    cm.RoutesAnswer: st.builds(
+        cm.RoutesAnswer,
+        target_tuples,
+        target_tuples,
+        st.lists(addresses, max_size=MAX_NAMESERVERS).map(tuple),
+    ),
+    cm.AddRoutesRequest: st.builds(
+        cm.AddRoutesRequest, st.lists(targets, min_size=1, max_size=8).map(tuple), target_tuples
+    ),
+    cm.AddRoutesAnswer: st.builds(cm.AddRoutesAnswer, target_tuples, target_tuples),
+    cm.RemoveRoutesRequest: st.builds(
+        cm.RemoveRoutesRequest, target_tuples, st.lists(targets, min_size=1, max_size=8).map(tuple)
+    ),
+    cm.RemoveRoutesAnswer: st.builds(cm.RemoveRoutesAnswer, target_tuples, target_tuples),
+    cm.HostsRequest: st.builds(cm.HostsRequest),
+    cm.HostsAnswer: st.builds(cm.HostsAnswer, host_entries),
+    cm.StopRequest: st.builds(cm.StopRequest),
+    cm.StopAnswer: st.builds(cm.StopAnswer),
+    cm.ControlError: st.builds(cm.ControlError, st.text(max_size=2000)),
+    cm.Connected: st.builds(cm.Connected, streams, st.text(max_size=100)),
+    cm.Disconnected: st.builds(cm.Disconnected, streams, st.text(max_size=cm.MAX_REASON)),
+    cm.Reconnecting: st.builds(
+        cm.Reconnecting, streams, st.integers(1, 10**6), st.floats(0, 3600, allow_nan=False)
+    ),
+    cm.ChannelOpened: st.builds(lambda entry: cm.ChannelOpened(*entry[:6]), connections),
+    cm.ChannelClosed: st.builds(cm.ChannelClosed, channels, streams, counts, counts),
 }
 
 
@@ -235,6 +305,8 @@ SESSION = "a" * 16 + "Z" * 8 + "0123456789"[:8]
 SESSION_ENTRY = fw.SessionEntry(
     "0123456789ab", 1000, "nft", 12300, 2, 1, 0, 7, 1000, fw.ANY_OWNER, False, 12.5, 4.0, 3
 )
+
+CONNECTION = (7, 0, "tcp", "127.0.0.1:50000", "10.2.0.7", 443, 1200, 53_000, 3.5)
 
 EXAMPLES: Dict[Type[Message], Message] = {
     sm.Hello: sm.Hello(1, ("tcp", "dns"), "3.11.2"),
@@ -286,6 +358,30 @@ EXAMPLES: Dict[Type[Message], Message] = {
     ),
     fw.UpdateSessionAnswer: fw.UpdateSessionAnswer(7),
     fw.ErrorAnswer: fw.ErrorAnswer("no"),
+    cm.StatusRequest: cm.StatusRequest(),
+    cm.StatusAnswer: cm.StatusAnswer(
+        "up", "alice@gw", "nft", 4242, 61.5, 1, 2, 2, 3, 1, 10_000, 2_000_000
+    ),
+    cm.ConnectionsRequest: cm.ConnectionsRequest(),
+    cm.ConnectionsAnswer: cm.ConnectionsAnswer((CONNECTION,), 1),
+    cm.RoutesRequest: cm.RoutesRequest(),
+    cm.RoutesAnswer: cm.RoutesAnswer(
+        (("10.0.0.0/8", *fw.ALL_PORTS),), (("10.9.0.0/16", *fw.ALL_PORTS),), ("10.0.0.53",)
+    ),
+    cm.AddRoutesRequest: cm.AddRoutesRequest((("10.30.0.0/16", *fw.ALL_PORTS),), ()),
+    cm.AddRoutesAnswer: cm.AddRoutesAnswer((("10.30.0.0/16", *fw.ALL_PORTS),), ()),
+    cm.RemoveRoutesRequest: cm.RemoveRoutesRequest((), (("10.9.0.0/16", 22, 22),)),
+    cm.RemoveRoutesAnswer: cm.RemoveRoutesAnswer((("10.30.0.0/16", *fw.ALL_PORTS),), ()),
+    cm.HostsRequest: cm.HostsRequest(),
+    cm.HostsAnswer: cm.HostsAnswer((("db1", "10.2.0.7"),)),
+    cm.StopRequest: cm.StopRequest(),
+    cm.StopAnswer: cm.StopAnswer(),
+    cm.ControlError: cm.ControlError("not in the routes"),
+    cm.Connected: cm.Connected(0, "alice@gw"),
+    cm.Disconnected: cm.Disconnected(1, "agent closed the connection"),
+    cm.Reconnecting: cm.Reconnecting(1, 3, 4.0),
+    cm.ChannelOpened: cm.ChannelOpened(7, 0, "tcp", "127.0.0.1:50000", "10.2.0.7", 443),
+    cm.ChannelClosed: cm.ChannelClosed(7, 0, 1200, 53_000),
 }
 
 WRONG_TYPES: List[Any] = [None, 1.5, b"x", "x", (), [], {}]
@@ -540,6 +636,38 @@ BAD_ENTRIES: List[Any] = [
     ),
 ]
 
+BAD_STREAMS = bad_ints(0, cm.MAX_STREAMS - 1)
+BAD_SECONDS: List[Any] = [-0.5, math.nan, math.inf, cm.MAX_SECONDS * 2, True, "1", None]
+
+
+def _connection_with(index: int, value: Any) -> Tuple[Any, ...]:
+    return (*CONNECTION[:index], value, *CONNECTION[index + 1 :])
+
+
+# A connection entry is refused for one bad field, a wrong length or a wrong type.
+BAD_CONNECTIONS: List[Any] = [
+    CONNECTION[:8],
+    (*CONNECTION, 0),
+    list(CONNECTION),
+    *(
+        _connection_with(index, value)
+        for index, values in enumerate(
+            [
+                bad_ints(1, cm.MAX_COUNT),
+                BAD_STREAMS,
+                ["TCP", "", None],
+                bad_texts(cm.MAX_ENDPOINT),
+                bad_texts(cm.MAX_HOST),
+                bad_ints(1, 65535),
+                bad_ints(0, cm.MAX_COUNT),
+                bad_ints(0, cm.MAX_COUNT),
+                BAD_SECONDS,
+            ]
+        )
+        for value in values
+    ),
+]
+
 BAD_VALUES: Dict[Type[Message], Dict[str, List[Any]]] = {
     sm.Hello: {
         "version": bad_ints(0, 2**31),
@@ -635,6 +763,62 @@ BAD_VALUES: Dict[Type[Message], Dict[str, List[Any]]] = {
     },
     fw.UpdateSessionAnswer: {"rules": bad_ints(0, fw.MAX_RULES)},
     fw.ErrorAnswer: {"text": bad_texts(2000)},
+    cm.StatusRequest: {},
+    cm.StatusAnswer: {
+        "state": ["UP", "down", "", None, 1, ("up",)],
+        "remote": bad_texts(1000),
+        "method": bad_texts(16),
+        "pid": bad_ints(1, 2**31 - 1),
+        "uptime": BAD_SECONDS,
+        "reconnects": bad_ints(0, cm.MAX_COUNT),
+        "streams_up": bad_ints(0, 2),  # the example has 2 streams
+        "streams": bad_ints(2, cm.MAX_STREAMS),  # fewer than the 2 up is bad too
+        "channels": bad_ints(0, cm.MAX_COUNT),
+        "flows": bad_ints(0, cm.MAX_COUNT),
+        "bytes_up": bad_ints(0, cm.MAX_COUNT),
+        "bytes_down": bad_ints(0, cm.MAX_COUNT),
+    },
+    cm.ConnectionsRequest: {},
+    cm.ConnectionsAnswer: {
+        "connections": bad_lists(CONNECTION, BAD_CONNECTIONS, cm.MAX_CONNECTIONS),
+        "total": bad_ints(1, cm.MAX_COUNT),  # at least as many as listed
+    },
+    cm.RoutesRequest: {},
+    cm.RoutesAnswer: {
+        "subnets": BAD_TARGETS,
+        "excludes": BAD_TARGETS,
+        "dns": bad_lists("10.0.0.53", BAD_ADDRESS_TEXTS, MAX_NAMESERVERS),
+    },
+    cm.AddRoutesRequest: {"subnets": BAD_TARGETS, "excludes": BAD_TARGETS},
+    cm.AddRoutesAnswer: {"subnets": BAD_TARGETS, "excludes": BAD_TARGETS},
+    cm.RemoveRoutesRequest: {"subnets": BAD_TARGETS, "excludes": [*BAD_TARGETS, ()]},
+    cm.RemoveRoutesAnswer: {"subnets": BAD_TARGETS, "excludes": BAD_TARGETS},
+    cm.HostsRequest: {},
+    cm.HostsAnswer: {"hosts": bad_lists(("db1", "10.0.0.7"), BAD_HOST_ITEMS, fw.MAX_HOSTS)},
+    cm.StopRequest: {},
+    cm.StopAnswer: {},
+    cm.ControlError: {"text": bad_texts(2000)},
+    cm.Connected: {"stream": BAD_STREAMS, "remote": bad_texts(1000)},
+    cm.Disconnected: {"stream": BAD_STREAMS, "reason": bad_texts(cm.MAX_REASON)},
+    cm.Reconnecting: {
+        "stream": BAD_STREAMS,
+        "attempt": bad_ints(1, cm.MAX_COUNT),
+        "delay": [-0.5, math.nan, math.inf, 3600.5, True, "1", None],
+    },
+    cm.ChannelOpened: {
+        "channel": bad_ints(1, cm.MAX_COUNT),
+        "stream": BAD_STREAMS,
+        "proto": ["TCP", "sctp", "", None, 1],
+        "source": bad_texts(cm.MAX_ENDPOINT),
+        "host": bad_texts(cm.MAX_HOST),
+        "port": bad_ints(1, 65535),
+    },
+    cm.ChannelClosed: {
+        "channel": bad_ints(1, cm.MAX_COUNT),
+        "stream": BAD_STREAMS,
+        "bytes_up": bad_ints(0, cm.MAX_COUNT),
+        "bytes_down": bad_ints(0, cm.MAX_COUNT),
+    },
 }
 
 

@@ -6,6 +6,7 @@ from typing import Any, Type
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from shuttle_protocol import control_messages as cm
 from shuttle_protocol import firewall_messages as fw
 from shuttle_protocol import stream_messages as sm
 from shuttle_protocol.errors import LocalProtocolError, RemoteProtocolError
@@ -37,7 +38,7 @@ def test_registry_maps_each_tag_to_its_class() -> None:
         assert issubclass(cls, Message)
 
 
-@pytest.mark.parametrize("module, low, high", [(sm, 1, 63), (fw, 64, 127)])
+@pytest.mark.parametrize("module, low, high", [(sm, 1, 63), (fw, 64, 127), (cm, 128, 191)])
 def test_tags_lie_in_their_carriers_range(module: Any, low: int, high: int) -> None:
     classes = [cls for cls in CLASSES if cls.__module__ == module.__name__]
     assert classes
@@ -46,13 +47,17 @@ def test_tags_lie_in_their_carriers_range(module: Any, low: int, high: int) -> N
 
 
 def test_all_registered_classes_come_from_the_message_modules() -> None:
-    assert {cls.__module__ for cls in CLASSES} == {sm.__name__, fw.__name__}
+    assert {cls.__module__ for cls in CLASSES} == {sm.__name__, fw.__name__, cm.__name__}
 
 
 @pytest.mark.parametrize("cls", CLASSES, ids=lambda cls: cls.__name__)
 def test_slots_are_the_dataclass_fields_in_order(cls: Type[Message]) -> None:
     names = tuple(field.name for field in dataclasses.fields(cls))  # type: ignore[arg-type]
-    assert cls.__slots__ == names
+    # A message may take its fields from a base (the route changes share theirs).
+    slots = tuple(
+        name for klass in reversed(cls.__mro__) for name in vars(klass).get("__slots__", ())
+    )
+    assert slots == names
     assert cls.FIELDS == names
     assert not hasattr(EXAMPLES[cls], "__dict__")
 
