@@ -106,23 +106,36 @@ class Link(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.paused = False
-        self._unstall()
+        self._unstall(each=True)
         self.schedule_flush()
 
     @property
     def congested(self) -> bool:
-        """Whether channels must stop reading: the pipe is full, or enough is in flight."""
+        """Whether the link is congested: the pipe is full, or enough is in flight."""
         return self.paused or self.mux.in_flight >= IN_FLIGHT_LIMIT
+
+    def congested_for(self, channel: int) -> bool:
+        """Whether a channel must stop reading: the pipe is full, or enough is in flight
+        and some of it is this channel's. A channel with nothing in flight may always send
+        a read: bytes in flight may be parked at the peer, behind a socket whose program
+        stopped reading, and counted against every channel they would stop all of them
+        for as long as that program does not read."""
+        if self.paused:
+            return True
+        return self.mux.in_flight >= IN_FLIGHT_LIMIT and self.mux.in_flight_on(channel) > 0
 
     def stall(self, relay: "Relay") -> None:
         """A channel stops reading until the pipe drains and credit comes back."""
         self._stalled.add(relay)
 
-    def _unstall(self) -> None:
-        if self._stalled and not self.congested:
+    def _unstall(self, each: bool = False) -> None:
+        """Stalled channels read again: all of them once the link is not congested; with
+        each (the pipe has drained), every one that congested_for lets go, such as one
+        stalled by the full pipe with nothing in flight, which no Credit would wake."""
+        if self._stalled and (each or not self.congested):
             stalled, self._stalled = self._stalled, set()
             for relay in stalled:
-                relay.maybe_resume()
+                relay.maybe_resume()  # stalls it again if it must wait still
 
     # -- the pipe reader (this object is its protocol) -------------------------------------
 
@@ -313,7 +326,7 @@ class Relay(asyncio.Protocol):
             self._send_held()
         if self._held or mux.credit(self.channel) == 0:
             self._pause_reading()
-        elif self.link.congested:
+        elif self.link.congested_for(self.channel):
             self._pause_reading()
             self.link.stall(self)
         self.link.schedule_flush()
@@ -373,7 +386,7 @@ class Relay(asyncio.Protocol):
             return
         if not self.link.mux.credit(self.channel) or self.transport is None:
             return
-        if self.link.congested:
+        if self.link.congested_for(self.channel):
             self.link.stall(self)
         else:
             self._reading = True

@@ -146,6 +146,14 @@ class Mux:
         state = self.channels.get(channel)
         return state.send_credit if state is not None and not state.eof_sent else 0
 
+    def in_flight_on(self, channel: int) -> int:
+        """The channel's part of in_flight: its Data sent and not granted back (0 once its
+        Eof went, or for a channel that is gone)."""
+        state = self.channels.get(channel)
+        if state is None or state.eof_sent:
+            return 0
+        return max(0, self.window - state.send_credit)
+
     def delivered(self, channel: int, n: int) -> None:
         """n bytes of the channel's data left our buffers; grant the peer credit for them."""
         state = self.channels.get(channel)
