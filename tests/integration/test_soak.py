@@ -126,7 +126,8 @@ def churn(topo: Topology, tool: Path, deadline: float, load: Load) -> None:
 
 def bulk(topo: Topology, deadline: float, load: Load) -> None:
     """BULK_BYTES up, then down, each checked by sha256, until the deadline."""
-    for turn in range(int(SOAK_SECONDS) + 4):  # bounded in count: a transfer takes > 1 s
+    # Bounded in count too: a transfer (a python start, a connection) takes over 10 ms.
+    for turn in range(int(SOAK_SECONDS * 100) + 4):
         if time.monotonic() >= deadline or load.errors:
             return
         direction = ("up", "down")[turn % 2]
