@@ -13,7 +13,7 @@ import logging
 import os
 import socket
 import stat
-from typing import Any, Awaitable, Callable, Optional, Set
+from typing import Any, Awaitable, Callable, List, Optional, Set, Tuple
 
 import zmq
 import zmq.asyncio
@@ -39,6 +39,10 @@ class ControlSetupError(Exception):
     """The control sockets cannot be set up; the text is for the user."""
 
 
+class ControlInUse(ControlSetupError):
+    """Another live client listens on the path."""
+
+
 class RequestRefused(Exception):
     """A handler's refusal; the text goes back to the caller as ControlError."""
 
@@ -59,15 +63,21 @@ class ControlServer:
         self._handle = handle
         self._context: Optional[zmq.asyncio.Context] = None
         self._router: Optional[zmq.asyncio.Socket] = None
-        self._xpub: Optional[zmq.asyncio.Socket] = None
+        self._xpub: Optional[zmq.Socket[bytes]] = None  # a plain shadow: publish() never waits
+        self._bound: List[Tuple[str, int]] = []  # the socket files we made: (path, inode)
         self._tasks: Set[asyncio.Task[Any]] = set()
         self._busy = 0
         self._topics: Set[bytes] = set()  # what subscribers subscribed to; empty: no one
         self._sequence = 0
 
+    def move(self, path: str) -> None:
+        """Listen at path instead (before start)."""
+        self.path = path
+        self.events_path = events_path(path)
+
     async def start(self) -> None:
-        """Bind both sockets; ControlSetupError if another client has them, or the
-        directory is not ours."""
+        """Bind both sockets; ControlInUse if another client has them, ControlSetupError if
+        the directory is not ours."""
         _private_directory(os.path.dirname(self.path))
         for path in (self.path, self.events_path):
             _claim(path)
@@ -77,20 +87,24 @@ class ControlServer:
         zap.bind(ZAP_ENDPOINT)
         self._spawn(self._serve_zap(zap))
         router = self._router = context.socket(zmq.ROUTER)
-        xpub = self._xpub = context.socket(zmq.XPUB)
+        xpub = context.socket(zmq.XPUB)
         for sock in (router, xpub):
             sock.linger = CLOSE_LINGER_MS
             sock.zap_domain = DOMAIN  # so that libzmq asks ZAP even with the NULL mechanism
             sock.maxmsgsize = MAX_FRAME
         old_umask = os.umask(0o077)
         try:
-            router.bind("ipc://" + self.path)
-            xpub.bind("ipc://" + self.events_path)
-        except zmq.ZMQError as exc:
+            for sock, path in ((router, self.path), (xpub, self.events_path)):
+                sock.bind("ipc://" + path)
+                self._bound.append((path, os.stat(path).st_ino))
+        except (zmq.ZMQError, OSError) as exc:
             self.close()
             raise ControlSetupError(f"cannot listen on {self.path}: {exc}") from None
         finally:
             os.umask(old_umask)
+        # The asyncio socket's send returns a future; a plain one on the same libzmq socket
+        # drops an event at once when a subscriber's queue is full, which is what we want.
+        self._xpub = zmq.Socket.shadow(xpub.underlying)
         self._spawn(self._serve_requests(router))
         self._spawn(self._watch_subscriptions(xpub))
 
@@ -114,9 +128,13 @@ class ControlServer:
             self._context.destroy(linger=CLOSE_LINGER_MS)
             self._context = None
             self._router = self._xpub = None
-        for path in (self.path, self.events_path):
+        # Only the files we made, and only if they are still those: after a failed start,
+        # the path may be another client's socket, or not a socket at all.
+        bound, self._bound = self._bound, []
+        for path, inode in bound:
             try:
-                os.unlink(path)
+                if os.lstat(path).st_ino == inode:
+                    os.unlink(path)
             except OSError:
                 pass
 
@@ -150,14 +168,14 @@ class ControlServer:
             if len(frames) != 2:
                 reply = _error(0, f"a request is one frame, not {len(frames) - 1}")
             elif self._busy >= MAX_BUSY:
-                reply = _error(0, f"busy: {MAX_BUSY} requests are being handled")
+                reply = _error(_request_id(frames[1].bytes), f"busy: {MAX_BUSY} requests at once")
             else:
+                self._busy += 1  # now: the task may not run before the next request is read
                 self._spawn(self._answer(router, identity, frames[1].bytes))
                 continue
             await router.send_multipart([identity, reply])
 
     async def _answer(self, router: zmq.asyncio.Socket, identity: bytes, payload: bytes) -> None:
-        self._busy += 1
         try:
             reply = await self._reply(payload)
         finally:
@@ -180,6 +198,14 @@ class ControlServer:
         except LocalProtocolError as exc:  # an answer too big, or a value out of range
             log.exception("control socket: cannot answer %s", type(request).__name__)
             return _error(request_id, f"internal error: {exc}")
+
+
+def _request_id(payload: bytes) -> int:
+    """The id of a request, so that even a refusal is matched to it; 0 if it has none."""
+    try:
+        return decode_frame(payload)[0]
+    except RemoteProtocolError:
+        return 0
 
 
 def _error(request_id: int, text: str) -> bytes:
@@ -227,6 +253,4 @@ def _claim(path: str) -> None:
         return
     finally:
         probe.close()
-    raise ControlSetupError(
-        f"another shuttle-client listens on {path}: give this one another --control"
-    )
+    raise ControlInUse(f"another shuttle-client listens on {path}: give this one another --control")

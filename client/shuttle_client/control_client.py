@@ -52,6 +52,9 @@ A = TypeVar("A", bound=Message)
 Subnets = Union[str, Iterable[Union[str, Target]]]
 Changes = Callable[[tuple[Target, ...], tuple[Target, ...]], A]  # Add- or RemoveRoutesRequest
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+# A change of the routes waits for firewalld (the client gives it 10 s, after a heartbeat
+# that may hold the line for a lease): the answer may take longer than the others.
+CHANGE_TIMEOUT = 30.0
 
 
 class ControlClientError(Exception):
@@ -105,12 +108,12 @@ class ControlClient:
         """Capture these subnets too, and exclude these, from now on; what is captured now.
         Text as on the command line, or Target tuples (see to_targets)."""
         request = self._build(AddRoutesRequest, subnets, excludes)
-        return self._ask(request, AddRoutesAnswer)
+        return self._ask(request, AddRoutesAnswer, CHANGE_TIMEOUT)
 
     def remove(self, subnets: Subnets = (), excludes: Subnets = ()) -> RemoveRoutesAnswer:
         """Stop capturing these subnets, and stop excluding these (each as it was added)."""
         request = self._build(RemoveRoutesRequest, subnets, excludes)
-        return self._ask(request, RemoveRoutesAnswer)
+        return self._ask(request, RemoveRoutesAnswer, CHANGE_TIMEOUT)
 
     def hosts(self) -> HostsAnswer:
         """The (name, address) pairs -H put into the hosts file."""
@@ -158,19 +161,21 @@ class ControlClient:
         except ProtocolError as exc:
             raise ControlClientError(str(exc)) from None
 
-    def _ask(self, request: Message, answer_type: type[A]) -> A:
-        """Send one request and wait for the answer with its id."""
+    def _ask(self, request: Message, answer_type: type[A], at_least: float = 0.0) -> A:
+        """Send one request and wait for the answer with its id (timeout seconds, or
+        at_least if that is longer)."""
         if self._requests is None:
             self._requests = self._open(zmq.DEALER, self.path)
         sock = self._requests
         request_id = self._next_id
         self._next_id += 1
-        deadline = time.monotonic() + self.timeout
+        timeout = max(self.timeout, at_least)
+        deadline = time.monotonic() + timeout
         try:
             # A connecting DEALER queues at once (its pipe exists before the peer does).
             sock.send(encode_frame(request_id, request), zmq.NOBLOCK)
         except zmq.Again:
-            raise ControlClientError(self._no_answer()) from None
+            raise ControlClientError(self._no_answer(timeout)) from None
         while (remaining := deadline - time.monotonic()) > 0:
             if not sock.poll(max(1, round(remaining * 1000)), zmq.POLLIN):
                 break
@@ -189,7 +194,7 @@ class ControlClient:
                     f"the client answered {type(request).__name__} with {type(answer).__name__}"
                 )
             return answer
-        raise ControlClientError(self._no_answer())
+        raise ControlClientError(self._no_answer(timeout))
 
     def _event_stream(
         self, sock: zmq.Socket[bytes], timeout: float | None
@@ -218,11 +223,11 @@ class ControlClient:
             raise ControlClientError(f"cannot connect to {path}: {exc}") from None
         return sock
 
-    def _no_answer(self) -> str:
+    def _no_answer(self, timeout: float) -> str:
         if not os.path.exists(self.path):
             return f"the client at {self.path} has gone (its socket is no more)"
         return (
-            f"no answer from the client at {self.path} within {self.timeout:g} s: it is busy "
+            f"no answer from the client at {self.path} within {timeout:g} s: it is busy "
             "or hung, or it refused us (only the uid that runs it may connect)"
         )
 

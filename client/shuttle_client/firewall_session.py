@@ -249,7 +249,7 @@ class FirewallSession:
                 # Sending only queues, unless the queue is full: bounded all the same.
                 await asyncio.wait_for(socket.send(encode_frame(request_id, request)), timeout)
             except asyncio.TimeoutError:
-                raise FirewallError(self._unreachable()) from None
+                raise FirewallError(self._no_answer(timeout)) from None
             while (remaining := deadline - loop.time()) > 0:
                 try:
                     data = await asyncio.wait_for(socket.recv(), remaining)
@@ -266,7 +266,7 @@ class FirewallSession:
                 if isinstance(answer, ErrorAnswer):
                     raise FirewallError(f"shuttle-firewalld: {answer.text}")
                 return answer
-            raise FirewallError(self._unreachable())
+            raise FirewallError(self._no_answer(timeout))
 
     def _connect(self) -> zmq.asyncio.Socket:
         if self._socket is not None:
@@ -295,6 +295,12 @@ class FirewallSession:
             f"no permission to use shuttle-firewalld at {self._path}: only root and the "
             f"members of {group} may (an admin adds you with: usermod -aG {group} "
             f"{_user_name()}, then log in again)"
+        )
+
+    def _no_answer(self, timeout: float) -> str:
+        return (
+            f"cannot reach shuttle-firewalld at {self._path}: no answer within {timeout:g} s "
+            "(is it running? start it as root: shuttle-firewalld)"
         )
 
     def _unreachable(self) -> str:

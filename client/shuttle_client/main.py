@@ -18,7 +18,7 @@ from . import ctl, logs
 from .argfiles import parse_command_line
 from .capture import TPROXY_ANY_PORT, Capture
 from .cli import DocoptExit, Options, UsageError
-from .control import ControlServer, ControlSetupError
+from .control import ControlInUse, ControlServer, ControlSetupError
 from .control_paths import default_control_path
 from .control_requests import Running, handler
 from .daemon import PidFile, PidFileError, daemonize
@@ -66,9 +66,10 @@ async def run(options: Options, readiness: Optional[Readiness] = None) -> int:
     capture = Capture(streams, firewall, listeners, options.wait_tunnel)
     client = Running(options, streams, firewall, lambda why: _set_once(stop, why))
     control = ControlServer(options.control or default_control_path(), handler(client))
-    streams.publish = _publisher(control, readiness)
+    heartbeats: Optional[asyncio.Task[None]] = None
+    streams.publish = _publisher(control, streams, readiness)
     try:
-        await control.start()
+        await _start_control(control, chosen=options.control is not None)
         await _bring_up(client, capture, listeners, stop)
         client.ready = True
         readiness.ready(f"capturing through {options.ssh_destination} (method {client.method})")
@@ -92,6 +93,9 @@ async def run(options: Options, readiness: Optional[Readiness] = None) -> int:
     finally:
         client.stopping = True
         readiness.stopping()
+        if heartbeats is not None:  # a heartbeat waiting on firewalld must not delay the close
+            heartbeats.cancel()
+            await asyncio.gather(heartbeats, return_exceptions=True)
         # Rules first: once they are gone, nothing new is captured into a closing tunnel.
         await firewall.close()
         capture.close()
@@ -148,15 +152,38 @@ async def _bring_up(
     )
 
 
-def _publisher(control: ControlServer, readiness: Readiness) -> Callable[[Message], None]:
-    """Where events go: to the control socket's subscribers, and what the tunnel's state
-    is now to the service manager."""
+async def _start_control(control: ControlServer, chosen: bool) -> None:
+    """Listen on the control socket. A second client of the same user finds the default
+    taken: it listens beside it, on a path of its own, and says where."""
+    try:
+        await control.start()
+    except ControlInUse:
+        if chosen:
+            raise
+        taken = control.path
+        control.move(os.path.join(os.path.dirname(taken), f"control-{os.getpid()}.sock"))
+        await control.start()
+        log.warning(
+            "%s is another client's control socket; this one's is %s "
+            "(shuttle-client ctl --control=%s)",
+            taken,
+            control.path,
+            control.path,
+        )
+
+
+def _publisher(
+    control: ControlServer, streams: Streams, readiness: Readiness
+) -> Callable[[Message], None]:
+    """Where events go: to the control socket's subscribers, and how the tunnel is now to
+    the service manager."""
 
     def publish(event: Message) -> None:
         control.publish(event)
         if isinstance(event, Disconnected):
-            readiness.status(f"tunnel lost, reconnecting: {event.reason}")
-        elif isinstance(event, Connected):
+            again = ", reconnecting" if streams.options.reconnect else ""
+            readiness.status(f"tunnel lost{again}: {event.reason}")
+        elif isinstance(event, Connected) and streams.up == len(streams.tunnels):
             readiness.status(f"connected to {event.remote}")
 
     return publish

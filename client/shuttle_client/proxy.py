@@ -105,6 +105,9 @@ class Tunnels(Protocol):
     def release(self, waiting: "Waiting") -> None:
         """A held connection is done waiting."""
 
+    def index(self, link: Link) -> int:
+        """The stream a link belongs to."""
+
     def on_channel_opened(self, relay: "Incoming") -> None: ...
 
     def on_channel_closed(self, relay: "Incoming") -> None: ...
@@ -197,6 +200,7 @@ class Incoming(Relay):
         "opened_at",
         "port",
         "source",
+        "stream",
         "tunnels",
     )
 
@@ -211,6 +215,7 @@ class Incoming(Relay):
         self._listen_address = listen_address
         self._destination = destination
         self.tunnels = tunnels
+        self.stream = tunnels.index(link)  # now: the link may be replaced by a reconnect
         self.source = ""
         self.host = ""
         self.port = 0
@@ -241,12 +246,12 @@ class Incoming(Relay):
         if self.channel:
             self.tunnels.on_channel_closed(self)
 
-    def describe(self, stream: int, now: float) -> Connection:
+    def describe(self, now: float) -> Connection:
         """The connection as the control socket lists it."""
         age = max(0.0, now - self.opened_at)
         return (
             self.channel,
-            stream,
+            self.stream,
             "tcp",
             self.source,
             self.host,
@@ -318,7 +323,7 @@ class Waiting(asyncio.Protocol):
         """Reset the connection: the program sees the connection fail."""
         self._done()
         if self._transport is not None and not self._transport.is_closing():
-            log.info("resetting a captured connection: %s", why)
+            log.debug("resetting a captured connection: %s", why)
             _abort(self._transport)
 
     def _done(self) -> None:

@@ -16,7 +16,7 @@ import asyncio
 import itertools
 import logging
 import time
-from typing import Any, Callable, List, Optional, Set, Tuple
+from typing import Any, Callable, Coroutine, List, Optional, Set, Tuple
 
 from shuttle_agent.relay import Link
 from shuttle_protocol.control_messages import (
@@ -83,13 +83,15 @@ class Streams:
             raise failures[0]
         for index in range(len(self.tunnels)):
             self.publish(Connected(index, self.options.ssh_destination))
-            self._spawn(self._keep(index))
+            self._spawn(self._keep(index)).add_done_callback(self._kept)
 
     async def stop(self) -> None:
         self._stopping = True
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._waiting:
+            log.info("resetting %d connections that waited for the tunnel", len(self._waiting))
         for waiting in list(self._waiting):
             waiting.give_up("the client is stopping")
         await asyncio.gather(*(tunnel.stop() for tunnel in self.tunnels))
@@ -129,6 +131,10 @@ class Streams:
                 log.warning("reconnecting %s failed: %s", name, exc)
                 delay = min(delay * 2, BACKOFF_MAX)
                 continue
+            except OSError as exc:  # out of file descriptors for the pipes, say: try again
+                log.warning("reconnecting %s failed: %s", name, exc.strerror or exc)
+                delay = min(delay * 2, BACKOFF_MAX)
+                continue
             self.tunnels[index] = tunnel
             self.reconnects += 1
             log.info("reconnected %s (agent on python %s)", name, tunnel.agent_python)
@@ -137,10 +143,20 @@ class Streams:
             self._release_waiting()
             return
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> "asyncio.Task[Any]":
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _kept(self, task: "asyncio.Task[Any]") -> None:
+        """A stream's keeper ended: by stop(), by a loss for good, or by our bug, which
+        must not leave the client waiting for a stream that never comes back."""
+        if task.cancelled() or task.exception() is None:
+            return
+        log.error("keeping the tunnel up failed", exc_info=task.exception())
+        if not self.lost.done():
+            self.lost.set_result(f"internal error: {task.exception()!r:.200}")
 
     # -- what the capture side asks --------------------------------------------------------
 
@@ -202,18 +218,13 @@ class Streams:
 
     def on_channel_opened(self, relay: Incoming) -> None:
         self.publish(
-            ChannelOpened(
-                relay.channel, self.index(relay.link), "tcp", relay.source, relay.host, relay.port
-            )
+            ChannelOpened(relay.channel, relay.stream, "tcp", relay.source, relay.host, relay.port)
         )
 
     def on_channel_closed(self, relay: Incoming) -> None:
         self.closed_bytes[0] += relay.bytes_out
         self.closed_bytes[1] += relay.bytes_in
-        event = ChannelClosed(
-            relay.channel, self.index(relay.link), relay.bytes_out, relay.bytes_in
-        )
-        self.publish(event)
+        self.publish(ChannelClosed(relay.channel, relay.stream, relay.bytes_out, relay.bytes_in))
 
     # -- what the control socket asks ------------------------------------------------------
 
@@ -225,7 +236,7 @@ class Streams:
         for index, link in enumerate(self.links):
             for relay in link.channels.values():
                 if isinstance(relay, Incoming):
-                    found.append(relay.describe(index, now))
+                    found.append(relay.describe(now))
             for flow in link.flows.values():
                 if isinstance(flow, (UdpFlow, DnsFlow)):
                     host, port = flow.destination

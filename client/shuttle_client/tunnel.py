@@ -34,11 +34,40 @@ EXIT_NOT_FOUND = 127  # the server's shell: command not found
 # A tunnel is dead when this many keepalive intervals pass without the Pong to a Ping: a
 # Pong may wait behind a window of bulk data on a slow link, so one interval is too short.
 PONG_WAIT = 3
+MAX_LINE = 4096  # of ssh's stderr, before it is logged without its end
 
 
 def printable(text: str) -> str:
     """The agent's text made safe for a terminal: it could carry escape sequences."""
     return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
+
+
+class LineLogger(asyncio.Protocol):
+    """A pipe's lines (ssh's stderr), each logged as it comes, made safe for a terminal."""
+
+    def __init__(self) -> None:
+        self._partial = b""
+        self.ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def data_received(self, data: bytes) -> None:
+        *lines, self._partial = (self._partial + data).split(b"\n")
+        if len(self._partial) > MAX_LINE:  # no newline in sight: a line of its own
+            lines.append(self._partial)
+            self._partial = b""
+        for line in lines:
+            self._log(line)
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        if self._partial:
+            self._log(self._partial)
+        if not self.ended.done():
+            self.ended.set_result(None)
+
+    @staticmethod
+    def _log(line: bytes) -> None:
+        text = line.decode("utf-8", "replace").rstrip("\r")
+        if text:
+            log.info("%s", printable(text))
 
 
 class TunnelError(Exception):
@@ -61,6 +90,7 @@ class Tunnel:
         self.greeted = False
         self._process: Optional[subprocess.Popen[bytes]] = None
         self._greeted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._stderr = LineLogger()
         self._cookies = itertools.count(1)
         self._pong: Optional[Tuple[int, asyncio.Future[None]]] = None  # (cookie, its answer)
 
@@ -88,14 +118,20 @@ class Tunnel:
         log.debug("running %s", " ".join(argv))
         to_ssh_read, to_ssh_write = os.pipe()
         from_ssh_read, from_ssh_write = os.pipe()
+        # ssh's stderr (its own messages, and the agent's) comes to our log: a daemon has no
+        # terminal for it, and the lines must come before ours that refer to them.
+        err_read, err_write = os.pipe()
         try:
-            self._process = subprocess.Popen(argv, stdin=to_ssh_read, stdout=from_ssh_write)
+            self._process = subprocess.Popen(
+                argv, stdin=to_ssh_read, stdout=from_ssh_write, stderr=err_write
+            )
         except OSError as exc:
-            for fd in (to_ssh_read, to_ssh_write, from_ssh_read, from_ssh_write):
+            for fd in (to_ssh_read, to_ssh_write, from_ssh_read, from_ssh_write, err_read):
                 os.close(fd)
+            os.close(err_write)
             raise TunnelError(f"cannot run {argv[0]}: {exc.strerror}") from None
-        os.close(to_ssh_read)
-        os.close(from_ssh_write)
+        for fd in (to_ssh_read, from_ssh_write, err_write):
+            os.close(fd)
         for fd in (to_ssh_write, from_ssh_read):
             widen_pipe(fd)
         loop = asyncio.get_running_loop()
@@ -105,6 +141,7 @@ class Tunnel:
         self.link.attach_writer(writer)
         writer.write(build_payload())
         await loop.connect_read_pipe(lambda: self.link, os.fdopen(from_ssh_read, "rb", buffering=0))
+        await loop.connect_read_pipe(lambda: self._stderr, os.fdopen(err_read, "rb", buffering=0))
         waiting: List[asyncio.Future[Any]] = [self._greeted, self.link.closed]
         done, _ = await asyncio.wait(
             waiting,
@@ -121,6 +158,8 @@ class Tunnel:
 
     async def _why_it_ended(self) -> str:
         status = await self.wait_exit(5.0)
+        # ssh's last words first: the text below may point at them.
+        await asyncio.wait([self._stderr.ended], timeout=2.0)
         python = self.options.python
         if status == EXIT_NOT_FOUND:
             return f"{python} was not found on the server (choose another with --python)"
@@ -163,7 +202,9 @@ class Tunnel:
             self._pong = (cookie, answered)
             self.link.send(Ping(cookie))
             waiting: List[asyncio.Future[Any]] = [answered, self.link.closed]
-            done, _ = await asyncio.wait(waiting, timeout=interval * PONG_WAIT)
+            done, _ = await asyncio.wait(
+                waiting, timeout=interval * PONG_WAIT, return_when=asyncio.FIRST_COMPLETED
+            )
             if not done:
                 self.link.finish(f"the agent did not answer a ping in {interval * PONG_WAIT:g} s")
                 self._kill()

@@ -6,6 +6,7 @@ to boot() with every module the agent imports: the shuttle_agent and shuttle_pro
 packages and msgpack's pure-Python modules, named here one by one.
 """
 
+import functools
 import importlib.util
 import shlex
 import zlib
@@ -54,8 +55,11 @@ def bundle_modules() -> Dict[str, Tuple[bool, str]]:
     }
 
 
+@functools.lru_cache(maxsize=1)
 def build_payload() -> bytes:
-    """The bytes written to ssh's stdin before the protocol starts."""
+    """The bytes written to ssh's stdin before the protocol starts. Built once: every
+    stream, and every reconnect, uploads the agent this client started with, even if the
+    installed files change meanwhile."""
     bootstrap = Path(shuttle_agent.__file__).with_name("bootstrap.py").read_text("utf-8")
     stage2 = f"{bootstrap}\nboot({bundle_modules()!r})\n".encode()
     compressed = zlib.compress(stage2, 9)

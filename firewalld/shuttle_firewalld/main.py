@@ -52,11 +52,11 @@ Options:
                      marked block [default: /etc/hosts]
   -v, --verbose      log debug messages too
   --json             ctl: print JSON, for scripts, instead of a table
+  -h, --help         show this help
+  --version          show the version
 
 ctl sessions lists the sessions of a running shuttle-firewalld that the caller may
 see: its own, and every session for root.
-  -h, --help         show this help
-  --version          show the version
 """
 
 MIN_LEASE, MAX_LEASE = 1.0, 3600.0

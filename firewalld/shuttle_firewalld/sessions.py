@@ -239,21 +239,23 @@ class Sessions:
         dns_versions = {address.version for address in session.dns}
         versions = {target.version for target in new_subnets} | dns_versions
         method = self._methods[session.method]
-        newly = versions - set(session.versions)
-        # The port was the caller's for the versions it captured at open; a version it did
-        # not capture needs the same check now (for TCP: the nameservers stay as they are).
-        if newly and not method.makes_sockets:
+        # The port must still be the caller's, for every version captured from now on: the
+        # caller may have closed its listener since open, and another uid taken the port.
+        if not method.makes_sockets:
             problem = port_problem(
                 self._listeners_of_port(session.port),
                 session.port,
                 session.caller,
-                newly,
+                versions,
                 session.forward,
+                dns_versions=dns_versions,
             )
             if problem is not None:
                 raise RequestError(problem)
         rules = method.update(session, new_subnets, new_excludes)
         session.subnets, session.excludes, session.rules = new_subnets, new_excludes, rules
+        # As after open: applying many rules takes a while, and the caller's heartbeat waits.
+        self.renew(session)
         log.info(
             "session %s of uid %d updated: %d subnets, %d excludes, %d %s rules",
             session.short_id,

@@ -55,7 +55,8 @@ def test_a_notify_service_in_the_foreground_with_one_config_file() -> None:
     command = shlex.split(unit["ExecStart"])
     [script] = importlib.metadata.entry_points(group="console_scripts", name=Path(command[0]).name)
     assert script.value == "shuttle_client.main:main"
-    assert command[1:] == ["@%h/.config/shuttle/%i.conf"]  # and so no -D
+    # Each instance its own control socket, then the config file (so no -D).
+    assert command[1:] == ["--control=%t/shuttle/%i.sock", "@%h/.config/shuttle/%i.conf"]
     assert "User" not in unit  # a user unit runs as its user
 
 

@@ -344,6 +344,27 @@ def test_a_new_ip_version_needs_the_callers_listener_there(
     assert len(method.updated) == 1
 
 
+def test_an_update_needs_the_port_to_be_the_callers_still(
+    sessions: Sessions, method: FakeMethod, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    session = sessions.owned(open_one(sessions, port=12303), 1000)
+    # The caller closed its listener, and uid 0 took the port: no more traffic goes there.
+    monkeypatch.setitem(LISTENERS, 12303, listening(12303, 0, "127.0.0.1"))
+    with pytest.raises(RequestError, match=r"^no listening socket of uid 1000 on port 12303 "):
+        update(sessions, session, ["10.0.0.0/8", "192.0.2.0/24"])
+    assert method.updated == []
+
+
+def test_an_update_renews_the_lease(
+    sessions: Sessions, method: FakeMethod, clock: FakeClock
+) -> None:
+    session = sessions.owned(open_one(sessions), 1000)
+    clock.now += 5.0  # of a 6 s lease: the update itself may have taken this long
+    update(sessions, session, ["192.0.2.0/24"])
+    clock.now += 5.0
+    assert sessions.expire() == 0
+
+
 def test_a_failed_update_changes_nothing(sessions: Sessions, method: FakeMethod) -> None:
     session = sessions.owned(open_one(sessions), 1000)
     before = (session.subnets, session.excludes, session.rules)
