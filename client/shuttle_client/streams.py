@@ -99,8 +99,11 @@ class Streams:
     # -- keeping them up -------------------------------------------------------------------
 
     async def _keep(self, index: int) -> None:
+        loop = asyncio.get_running_loop()
+        delay = BACKOFF_FIRST / 2  # doubled below: the first loss waits BACKOFF_FIRST
         while True:
             tunnel = self.tunnels[index]
+            up_since = loop.time()
             keepalive = asyncio.ensure_future(tunnel.keepalive(self.options.keepalive))
             try:
                 # Shielded: cancelling this task (stop) must not cancel the link's own future,
@@ -115,12 +118,19 @@ class Streams:
                 if not self.lost.done():
                     self.lost.set_result(reason)
                 return
-            await self._reconnect(index)
+            # A stream that breaks soon after it came back (an agent that keeps failing, say)
+            # goes on backing off where it was; one that stayed up starts afresh.
+            stayed_up = loop.time() - up_since >= BACKOFF_MAX
+            delay = BACKOFF_FIRST if stayed_up else min(delay * 2, BACKOFF_MAX)
+            delay = await self._reconnect(index, delay)
 
-    async def _reconnect(self, index: int) -> None:
+    async def _reconnect(self, index: int, delay: float) -> float:
+        """Bring the stream back, after delay seconds, doubling it after each failed
+        attempt; the delay of the attempt that worked."""
         name = self.names[index]
-        delay = BACKOFF_FIRST
-        for attempt in itertools.count(1):
+        attempt = 0
+        while True:
+            attempt += 1
             log.info("reconnecting %s in %g s (attempt %d)", name, delay, attempt)
             self.publish(Reconnecting(index, attempt, delay))
             await asyncio.sleep(delay)
@@ -141,7 +151,7 @@ class Streams:
             self.publish(Connected(index, self.options.ssh_destination))
             self.on_reconnected(index)
             self._release_waiting()
-            return
+            return delay
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> "asyncio.Task[Any]":
         task = asyncio.ensure_future(coro)

@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import socket
+import sys
 from pathlib import Path
 from typing import Any, Callable, List, Tuple
 
@@ -211,3 +212,36 @@ def test_without_reconnect_a_lost_stream_ends_the_client(fake_ssh: str) -> None:
 
     run(scenario())
     assert not any(isinstance(event, Reconnecting) for event in events)
+
+
+# An agent that greets and is gone at once: each reconnect "works", and the stream is lost
+# again straight away.
+FLEETING_AGENT = """
+import sys
+from shuttle_protocol import PROTOCOL_VERSION
+from shuttle_protocol.stream import encode
+from shuttle_protocol.stream_messages import Hello
+sys.stdout.buffer.write(encode(Hello(PROTOCOL_VERSION, ("tcp",), "fleeting")))
+sys.stdout.buffer.flush()
+"""
+
+
+def test_a_stream_that_keeps_breaking_backs_off_further(tmp_path: Path) -> None:
+    agent = tmp_path / "agent.py"
+    agent.write_text(FLEETING_AGENT)
+    ssh = tmp_path / "ssh"
+    ssh.write_text(f"#!/bin/sh\nexec {sys.executable} {agent}\n")
+    ssh.chmod(0o755)
+    events: List[Message] = []
+
+    async def scenario() -> None:
+        streams = streams_for(str(ssh), events=events)
+        await streams.start()
+        try:
+            await until(lambda: sum(isinstance(e, Reconnecting) for e in events) >= 3)
+        finally:
+            await streams.stop()
+
+    run(scenario())
+    delays = [e.delay for e in events if isinstance(e, Reconnecting)]
+    assert delays[:3] == [1.0, 2.0, 4.0]
