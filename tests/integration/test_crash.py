@@ -2,8 +2,9 @@
 afterwards no rule, table, ip rule, route or hosts block of shuttle's is left once the lease
 has passed (or firewalld has started again), and the next session works.
 
-The moments come from a seeded generator, so a failure can be replayed; the rounds are few
-(the suite's time is bounded), and each waits only as long as its bounded waits allow.
+The moments come from a seeded generator, so a failure can be replayed; the suite runs one
+round per case (its time is bounded), the slow run five, and each round waits only as long
+as its bounded waits allow.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from testbed.procs import Proc, wait_until
 
 pytestmark = pytest.mark.integration
 
-ROUNDS = 2
+# Rounds per case: one in the suite, more in the slow run (pytest -m slow).
+ROUNDS = (pytest.param(1, id="1-round"), pytest.param(5, id="5-rounds", marks=pytest.mark.slow))
 MARKER = "# shuttle session "  # firewalld's hosts block lines begin with it
 RECONNECTED = "shuttle-client: reconnected"
 CASES = [
@@ -73,14 +75,15 @@ def restart_firewalld(shuttle: Shuttle) -> None:
     shuttle.start_firewalld()
 
 
+@pytest.mark.parametrize("rounds", ROUNDS)
 @pytest.mark.parametrize(("victim", "method"), CASES, ids=[f"{v}-{m}" for v, m in CASES])
 def test_sigkill_at_any_moment_leaves_nothing_and_the_next_session_works(
-    shuttle: Shuttle, victim: str, method: str
+    shuttle: Shuttle, victim: str, method: str, rounds: int
 ) -> None:
     rng = random.Random(f"{victim}-{method}")
     shuttle.write_policy(f"allow {shuttle.topo.user.name} hosts\n")
     restart_firewalld(shuttle)
-    for round_no in range(ROUNDS):
+    for round_no in range(rounds):
         client = shuttle.start_client(method=method, extra=["-H", "--keepalive=1"])
         assert wait_until(lambda: hosts_block(shuttle), 20, interval=0.2), shuttle.outputs()
         transfer = start_transfer(shuttle, round_no)
