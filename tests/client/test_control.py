@@ -1,19 +1,49 @@
 """The control server's own rules, on real ipc sockets: it removes only the socket files it
-made, never takes a live client's path, and handles at most MAX_BUSY requests at once."""
+made, never takes a live client's path, handles at most MAX_BUSY requests at once, and
+answers whatever frames come (hypothesis) through the client's real request table."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 from pathlib import Path
+from typing import Awaitable, Callable, Dict, List, Optional
 
+import msgpack
 import pytest
 import zmq
 import zmq.asyncio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from shuttle_client.cli import parse_args
 from shuttle_client.control import MAX_BUSY, ControlInUse, ControlServer, ControlSetupError
-from shuttle_protocol.control_messages import ControlError, StatusRequest, StopAnswer
-from shuttle_protocol.frames import decode_frame, encode_frame
+from shuttle_client.control_requests import Running, handler
+from shuttle_client.firewall_session import FirewallSession
+from shuttle_client.streams import Streams
+from shuttle_protocol import control_messages as cm
+from shuttle_protocol.control_messages import (
+    REQUESTS,
+    ControlError,
+    StatusAnswer,
+    StatusRequest,
+    StopAnswer,
+)
+from shuttle_protocol.errors import RemoteProtocolError
+from shuttle_protocol.frames import MAX_REQUEST_ID, decode_frame, encode_frame
 from shuttle_protocol.schema import Message
+
+from .control_server import running_server
+
+# What each request is answered with when it is not refused.
+ANSWERS = {
+    cm.StatusRequest: cm.StatusAnswer,
+    cm.ConnectionsRequest: cm.ConnectionsAnswer,
+    cm.RoutesRequest: cm.RoutesAnswer,
+    cm.AddRoutesRequest: cm.AddRoutesAnswer,
+    cm.RemoveRoutesRequest: cm.RemoveRoutesAnswer,
+    cm.HostsRequest: cm.HostsAnswer,
+    cm.StopRequest: cm.StopAnswer,
+}
 
 WAIT = 10.0
 
@@ -100,3 +130,83 @@ def test_at_most_max_busy_requests_are_handled_at_once(tmp_path: Path) -> None:
 
     run(scenario())
     assert os.listdir(path.parent) == []
+
+
+class RealTable:
+    """The client's real request table, over a Running of a client that is not up yet (no
+    tunnel, no firewall session): as a script meets it during start-up. Built in the
+    server's loop at the first request (Streams needs a running loop)."""
+
+    def __init__(self) -> None:
+        self.held: Dict[type, asyncio.Event] = {}  # ServerThread.close() looks here
+        self.stops: List[str] = []
+        self._handle: Optional[Callable[[Message], Awaitable[Message]]] = None
+
+    async def handle(self, request: Message) -> Message:
+        if self._handle is None:
+            options = parse_args(["-r", "server", "10.0.0.0/8"])
+            client = Running(
+                options, Streams(options), FirewallSession("/nonexistent"), self.stops.append
+            )
+            self._handle = handler(client)
+        return await self._handle(request)
+
+
+_IDS = st.integers(0, MAX_REQUEST_ID)
+_FIELDS = st.recursive(
+    st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(-(2**63), 2**64 - 1),  # what msgpack can carry
+        st.text(max_size=20),
+        st.binary(max_size=20),
+    ),
+    lambda inner: st.lists(inner, max_size=4),
+    max_leaves=12,
+)
+_FRAMES = st.one_of(
+    st.binary(max_size=200),
+    st.builds(
+        lambda request_id, tag, fields: msgpack.packb([request_id, tag, *fields]),
+        _IDS,
+        st.one_of(st.integers(128, 191), st.integers(-5, 300)),
+        st.lists(_FIELDS, max_size=4),
+    ),
+    st.builds(
+        lambda request_id, cls: encode_frame(request_id, cls()),
+        _IDS,
+        st.sampled_from([cls for cls in REQUESTS if not cls.FIELDS]),
+    ),
+)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(frames=st.lists(_FRAMES, min_size=1, max_size=8))
+def test_any_frame_gets_its_answer_and_the_server_goes_on(frames: List[bytes]) -> None:
+    """Whatever the caller sends, each frame gets one answer (under its id, where it has
+    one): the request's answer or a ControlError, never silence or a crash."""
+    with running_server(RealTable()) as server:  # type: ignore[arg-type]
+        context = zmq.Context()
+        dealer = context.socket(zmq.DEALER)
+        dealer.linger = 0
+        try:
+            dealer.connect(f"ipc://{server.path}")
+            for frame in frames:
+                dealer.send(frame)
+                assert dealer.poll(int(WAIT * 1000)), f"no answer to {frame[:60]!r}"
+                answer_id, answer = decode_frame(dealer.recv())
+                try:
+                    request_id, request = decode_frame(frame)
+                except RemoteProtocolError:
+                    assert isinstance(answer, ControlError) and answer.text.startswith(
+                        "bad request"
+                    )
+                    continue
+                assert answer_id == request_id
+                assert isinstance(answer, (ControlError, ANSWERS.get(type(request), ControlError)))
+            dealer.send(encode_frame(1, StatusRequest()))
+            assert dealer.poll(int(WAIT * 1000))
+            assert isinstance(decode_frame(dealer.recv())[1], StatusAnswer)
+        finally:
+            dealer.close()
+            context.term()
