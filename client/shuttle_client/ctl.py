@@ -27,8 +27,9 @@ from shuttle_protocol.control_messages import (
 from shuttle_protocol.firewall_messages import Target
 from shuttle_protocol.schema import Message
 
+from .cli import UsageError, parse_seconds
 from .control_client import ControlClient, ControlClientError
-from .targets import TargetError, describe, parse_targets
+from .targets import TargetError, describe, endpoint, parse_targets
 
 OPTIONS = "[--control=PATH] [--json] [--timeout=SECONDS]"
 USAGE = f"""\
@@ -83,10 +84,6 @@ HOME, CLEAR_LINE, CLEAR_BELOW = "\x1b[H", "\x1b[K", "\x1b[J"
 HIDE_CURSOR, SHOW_CURSOR = "\x1b[?25l", "\x1b[?25h"
 
 
-class UsageError(Exception):
-    """A mistake on the ctl command line; the text says which and why."""
-
-
 @dataclass(frozen=True)
 class Command:
     """One ctl command line, checked."""
@@ -113,7 +110,7 @@ def parse_args(argv: Sequence[str]) -> Command:
         raise UsageError(str(exc)) from None
     if word in ("add", "remove") and not subnets and not excludes:
         raise UsageError(f"{word}: give a SUBNET or -x SUBNET")
-    timeout = args["--timeout"]
+    timeout_text = args["--timeout"]
     count = args["--count"]
     if count is not None and (not count.isdigit() or int(count) < 1):
         raise UsageError(f"invalid --count {count!r}: expected a whole number from 1")
@@ -121,23 +118,14 @@ def parse_args(argv: Sequence[str]) -> Command:
         word=word,
         path=args["--control"],
         json=bool(args["--json"]),
-        timeout=None if timeout is None else parse_seconds("--timeout", timeout, 0.001),
+        timeout=None
+        if timeout_text is None
+        else parse_seconds("--timeout", timeout_text, 0.001, MAX_SECONDS),
         subnets=subnets,
         excludes=excludes,
-        interval=parse_seconds("--interval", args["--interval"], MIN_INTERVAL),
+        interval=parse_seconds("--interval", args["--interval"], MIN_INTERVAL, MAX_SECONDS),
         count=None if count is None else int(count),
     )
-
-
-def parse_seconds(name: str, text: str, least: float) -> float:
-    """A number of seconds from least to MAX_SECONDS."""
-    try:
-        seconds = float(text)
-    except ValueError:
-        seconds = -1.0
-    if not least <= seconds <= MAX_SECONDS:  # also false for nan
-        raise UsageError(f"invalid {name} {text!r}: expected seconds, {least:g} to {MAX_SECONDS:g}")
-    return seconds
 
 
 # -- formatting ------------------------------------------------------------------------
@@ -172,11 +160,6 @@ def human_duration(seconds: float) -> str:
         return f"{hours}h{minutes:02d}m"
     days, hours = divmod(hours, 24)
     return f"{days}d{hours:02d}h"
-
-
-def endpoint(host: str, port: int) -> str:
-    """host:port, an IPv6 address in brackets."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def plural(count: int, word: str) -> str:
@@ -218,7 +201,7 @@ CONNECTION_HEADER = ("CHANNEL", "STREAM", "PROTO", "SOURCE", "DESTINATION", "UP"
 def connection_cells(connection: Connection) -> list[str]:
     channel, stream, proto, source, host, port, up, down, age = connection
     return [
-        str(channel), str(stream), proto, source, endpoint(host, port),
+        str(channel), str(stream), proto, source, endpoint((host, port)),
         human_bytes(up), human_bytes(down), human_duration(age),
     ]  # fmt: skip
 
@@ -295,7 +278,7 @@ EVENT_TEXT: Mapping[type[Message], Callable[[Any], str]] = {
         f"stream {e.stream} reconnecting in {e.delay:g} s (attempt {e.attempt})"
     ),
     ChannelOpened: lambda e: (
-        f"channel {e.channel} opened: {e.proto} {e.source} -> {endpoint(e.host, e.port)}"
+        f"channel {e.channel} opened: {e.proto} {e.source} -> {endpoint((e.host, e.port))}"
         f" (stream {e.stream})"
     ),
     ChannelClosed: lambda e: (

@@ -12,6 +12,8 @@ from typing import Any, Callable, List, Optional, Protocol, Sequence, Tuple, cas
 from shuttle_agent.relay import Link, Relay
 from shuttle_protocol.control_messages import Connection
 
+from .targets import endpoint
+
 log = logging.getLogger("shuttle")
 
 # SO_ORIGINAL_DST (linux/netfilter_ipv4.h) and IP6T_SO_ORIGINAL_DST (netfilter_ipv6/
@@ -111,12 +113,6 @@ class Tunnels(Protocol):
     def on_channel_opened(self, relay: "Incoming") -> None: ...
 
     def on_channel_closed(self, relay: "Incoming") -> None: ...
-
-
-def endpoint(address: Tuple[str, int]) -> str:
-    """host:port as users write it, IPv6 in brackets."""
-    host, port = address[:2]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _abort(transport: asyncio.BaseTransport) -> None:

@@ -45,13 +45,6 @@ async def find_server(ssh_cmd: Sequence[str], destination: str, port: Optional[i
     return Server(host, tuple(dict.fromkeys(str(info[4][0]).split("%")[0] for info in infos)))
 
 
-async def server_targets(
-    ssh_cmd: Sequence[str], destination: str, port: Optional[int]
-) -> Tuple[Target, ...]:
-    """Every address ssh connects to for destination, as whole-host excludes."""
-    return (await find_server(ssh_cmd, destination, port)).excludes
-
-
 async def _hostname(ssh_cmd: Sequence[str], destination: str, port: Optional[int]) -> str:
     """The host ssh really connects to (after ~/.ssh/config), from `ssh -G`."""
     fallback = destination.rpartition("@")[2]

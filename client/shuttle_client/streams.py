@@ -31,7 +31,8 @@ from shuttle_protocol.schema import Message
 
 from .cli import Options
 from .dns import DnsFlow
-from .proxy import Incoming, Waiting, endpoint
+from .proxy import Incoming, Waiting
+from .targets import endpoint
 from .tunnel import Tunnel, TunnelError
 from .udp import UdpFlow
 

@@ -63,6 +63,12 @@ def describe(target: Target) -> str:
     return f"[{network}]:{ports}" if ":" in network else f"{network}:{ports}"
 
 
+def endpoint(address: Tuple[str, int]) -> str:
+    """host:port as users write it, IPv6 in brackets."""
+    host, port = address[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def read_target_file(path: str) -> List[str]:
     """Whitespace-separated subnets from a file; # starts a comment."""
     try:
