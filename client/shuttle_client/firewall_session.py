@@ -141,13 +141,17 @@ class FirewallSession:
         return answer.port, dict(sockets)
 
     async def reply_socket(
-        self, address: Address, port: int, timeout: float = 5.0
+        self, address: Address, port: int, program: tuple[str, int], timeout: float = 5.0
     ) -> socket.socket:
         """A transparent UDP socket bound to (address, port), an original destination inside
-        this (tproxy) session's subnets: answers sent from it reach the local program as
-        coming from there. Keep it while the flow lives; the caller owns it."""
+        this (tproxy) session's subnets, for the flow from program (its address and port, the
+        captured datagrams' source): answers sent from it reach that program as coming from
+        there, and firewalld lets it send nothing else. Keep it while the flow lives; the
+        caller owns it."""
         try:
-            request = ReplySocketRequest(self._open_session(), str(address), port)
+            request = ReplySocketRequest(
+                self._open_session(), str(address), port, program[0], program[1]
+            )
         except ProtocolError as exc:
             raise FirewallError(f"cannot ask for a reply socket: {exc}") from None
         answer = await self._request(request, timeout)

@@ -5,7 +5,8 @@ firewalld hands over transparent UDP sockets; each datagram on them carries its 
 destination in IP_RECVORIGDSTADDR / IPV6_RECVORIGDSTADDR ancillary data. One flow (one
 channel) per (program address, original destination). A reply must come from the original
 destination's address *and port*, which only a transparent socket bound there can do, and
-only firewalld may make one: it does so per flow, on request, inside the session's subnets.
+only firewalld may make one: it does so per flow, on request, inside the session's subnets,
+and fences it to send only to the flow's program (whose address and port it is told).
 """
 
 import asyncio
@@ -188,7 +189,7 @@ class UdpRelay:
 
     async def _fetch_reply_socket(self, flow: UdpFlow) -> None:
         try:
-            reply_socket = await self.firewall.reply_socket(*flow.destination)
+            reply_socket = await self.firewall.reply_socket(*flow.destination, flow.source)
         except FirewallError as exc:
             log.warning("no reply socket for %s:%d: %s", *flow.destination, exc)
             flow.link.mux.close(flow.channel, "no reply socket")

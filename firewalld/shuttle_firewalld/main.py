@@ -196,6 +196,7 @@ def run(options: Options) -> int:
         options.lease,
         policy=scope_policy,
         fd_path=options.socket + FDS_SUFFIX,
+        fence=tproxy,
         hosts=hosts,
         on_change=lambda count: report(options.socket, count, stop),
     )

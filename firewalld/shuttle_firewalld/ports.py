@@ -13,7 +13,10 @@ import sys
 from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 
+from shuttle_protocol.firewall_messages import ANY_OWNER
+
 from .targets import Address
+from .transparent import show
 
 TCP_TABLES = ("/proc/net/tcp", "/proc/net/tcp6")
 UDP_TABLES = ("/proc/net/udp", "/proc/net/udp6")
@@ -71,10 +74,8 @@ def parse_listeners(text: str, protocol: str = "tcp") -> Iterator[Listener]:
             continue
 
 
-def listeners_on(
-    port: int, tables: Iterable[str] = TCP_TABLES, protocol: str = "tcp"
-) -> list[Listener]:
-    """The sockets of one protocol listening on port, in this network namespace."""
+def all_listeners(tables: Iterable[str] = TCP_TABLES, protocol: str = "tcp") -> list[Listener]:
+    """The sockets of one protocol listening on any port, in this network namespace."""
     found: list[Listener] = []
     for path in tables:
         try:
@@ -82,13 +83,64 @@ def listeners_on(
                 text = table.read()
         except FileNotFoundError:  # no tcp6 or udp6 table when IPv6 is disabled
             continue
-        found.extend(item for item in parse_listeners(text, protocol) if item.port == port)
+        found.extend(parse_listeners(text, protocol))
     return found
+
+
+def listeners_on(
+    port: int, tables: Iterable[str] = TCP_TABLES, protocol: str = "tcp"
+) -> list[Listener]:
+    """The sockets of one protocol listening on port, in this network namespace."""
+    return [item for item in all_listeners(tables, protocol) if item.port == port]
 
 
 def sockets_on(port: int) -> list[Listener]:
     """The TCP sockets listening on port and the UDP sockets bound to it."""
     return listeners_on(port) + listeners_on(port, UDP_TABLES, "udp")
+
+
+def udp_sockets() -> list[Listener]:
+    """Every UDP socket of this network namespace, bound or connected, with its owner."""
+    return all_listeners(UDP_TABLES, "udp")
+
+
+def _takes(bound: Address, address: Address) -> bool:
+    """Whether a UDP socket bound to this address may be given datagrams to address."""
+    if isinstance(address, ipaddress.IPv4Address):
+        return _v4_of(bound) in (address, V4_ANY)
+    return bound in (address, V6_ANY)
+
+
+def program_problem(
+    sockets: Iterable[Listener], address: Address, port: int, uid: int
+) -> str | None:
+    """Why (address, port) is not where a program of a session capturing uid's traffic
+    (ANY_OWNER: everybody's) sends from, or None if it is: a UDP socket of uid takes what is
+    sent there, and no other uid's socket does (two may share a port with SO_REUSEADDR).
+    A reply socket sends only there, so what it sends reaches the session's own user only.
+    """
+    where = show(address, port)
+    reached = [
+        item
+        for item in sockets
+        if item.protocol == "udp" and item.port == port and _takes(item.address, address)
+    ]
+    if not reached:
+        return f"no UDP socket takes datagrams at {where}, where the flow's program would be"
+    if uid == ANY_OWNER:
+        return None
+    other = _other_uid(reached, uid)
+    if other is not None:
+        return (
+            f"the program's socket at {where} is uid {other}'s, whose traffic this "
+            f"session does not capture (only uid {uid}'s)"
+        )
+    return None
+
+
+def _other_uid(sockets: Iterable[Listener], uid: int) -> int | None:
+    """The lowest uid but uid that owns one of these sockets, if any."""
+    return min((item.uid for item in sockets if item.uid != uid), default=None)
 
 
 def _v4_of(address: Address) -> ipaddress.IPv4Address | None:
@@ -184,10 +236,10 @@ def _problem(
                 loopback = V4_LOOPBACK if version == 4 else V6_LOOPBACK
                 where = f"{loopback} or a wildcard address, where {traffic} land"
             return f"no {_SOCKETS[protocol]} of uid {uid} on port {port} at {where}"
-        others = sorted({listener.uid for listener in reached if listener.uid != uid})
-        if others:
+        other = _other_uid(reached, uid)
+        if other is not None:
             return (
-                f"port {port} has {_OTHERS[protocol]} of other users too (uid {others[0]}) "
+                f"port {port} has {_OTHERS[protocol]} of other users too (uid {other}) "
                 f"where {traffic} would land"
             )
     return None

@@ -44,7 +44,7 @@ def _open(sessions: Sessions, uid: int, request: OpenSessionRequest, session: No
 def _heartbeat(
     sessions: Sessions, uid: int, request: HeartbeatRequest, session: Session
 ) -> Message:
-    sessions.renew(session)
+    sessions.heartbeat(session)
     return HeartbeatAnswer()
 
 
@@ -61,7 +61,9 @@ def _sockets(sessions: Sessions, uid: int, request: SocketsRequest, session: Ses
 def _reply_socket(
     sessions: Sessions, uid: int, request: ReplySocketRequest, session: Session
 ) -> Message:
-    token = sessions.reply_socket(session, request.address, request.port)
+    token = sessions.reply_socket(
+        session, request.address, request.port, request.program_address, request.program_port
+    )
     return ReplySocketAnswer(token, sessions.grants.path)
 
 

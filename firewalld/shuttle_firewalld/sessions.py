@@ -2,8 +2,9 @@
 
 Every check that depends on the caller rather than on the message's form is made here:
 the method works here, the scope policy allows the request, the redirect port is the
-caller's, the caller has not too many sessions, a reply socket lies inside its session,
-the caller may write host names, the caller may see a session.
+caller's, the caller has not too many sessions, a reply socket lies inside its session and
+answers a program of a user the session captures, the caller may write host names, the
+caller may see a session.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ import logging
 import secrets
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections import defaultdict
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from shuttle_protocol.firewall_messages import (
     ANY_OWNER,
@@ -30,9 +33,9 @@ from .hosts_file import HostsFile
 from .methods.base import Method
 from .methods.choice import choose
 from .policy import DEFAULT_PATH, Policy
-from .ports import Listener, port_problem, sockets_on
+from .ports import Listener, port_problem, program_problem, sockets_on, udp_sockets
 from .targets import Address, Target
-from .transparent import is_local, reply_problem, reply_socket
+from .transparent import Flow, reply_problem
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +63,8 @@ class Session:
     # The listening sockets firewalld made for the session (tproxy), by kind ("tcp4", ...),
     # until they are handed over to the caller; then firewalld's copies are closed.
     sockets: dict[str, socket.socket] = field(default_factory=dict)
+    # The flows its reply sockets answer (tproxy), oldest first: each may send only there.
+    flows: dict[Flow, None] = field(default_factory=dict)
 
     @property
     def short_id(self) -> str:
@@ -81,6 +86,19 @@ class Session:
         return text + (", and forwarded traffic" if self.forward else "")
 
 
+class Fence(Protocol):
+    """What makes reply sockets (the tproxy method): each fenced to answer one flow only."""
+
+    def reply_socket(self, session: Session, flow: Flow) -> socket.socket:
+        """A reply socket for the flow, which is in session.flows from now on; RequestError
+        if no reply may come from there."""
+        ...
+
+    def forget_flows(self, session: Session, flows: Collection[Flow]) -> None:
+        """Take these flows out of session.flows: their reply sockets send nothing more."""
+        ...
+
+
 class Sessions:
     """The registry of open sessions, and the only place that applies or removes them."""
 
@@ -93,18 +111,19 @@ class Sessions:
         listeners_of_port: Callable[[int], list[Listener]] = sockets_on,
         clock: Callable[[], float] = time.monotonic,
         fd_path: str = "",
-        make_reply_socket: Callable[[Address, int], socket.socket] = reply_socket,
-        local: Callable[[Address], bool] = is_local,
+        fence: Fence | None = None,
+        udp_sockets_now: Callable[[], list[Listener]] = udp_sockets,
         hosts: HostsFile | None = None,
         on_change: Callable[[int], None] = lambda count: None,
     ) -> None:
         """methods: every method this firewalld has (see disable); fd_path: the fd socket,
         where tokens are redeemed (server.FdServer listens there); on_change: told the
-        number of open sessions whenever one opens or closes."""
+        number of open sessions whenever one opens or closes; fence: makes the reply sockets
+        of tproxy sessions (None: there are none); udp_sockets_now: every UDP socket here."""
         self.lease = lease
         self.grants = Grants(fd_path, clock)
-        self._make_reply_socket = make_reply_socket
-        self._local = local
+        self._fence = fence
+        self._udp_sockets = udp_sockets_now
         self._methods = methods
         self._policy = policy if policy is not None else Policy(DEFAULT_PATH)
         self._broken: dict[str, str] = {}
@@ -254,6 +273,16 @@ class Sessions:
                 raise RequestError(problem)
         rules = method.update(session, new_subnets, new_excludes)
         session.subnets, session.excludes, session.rules = new_subnets, new_excludes, rules
+        # A reply socket answers only from a destination the session still captures.
+        uncaptured = [
+            flow
+            for flow in session.flows
+            if reply_problem(
+                new_subnets, new_excludes, flow.destination, flow.port, dns=session.dns
+            )
+        ]
+        if uncaptured and self._fence is not None:
+            self._fence.forget_flows(session, uncaptured)
         # As after open: applying many rules takes a while, and the caller's heartbeat waits.
         self.renew(session)
         log.info(
@@ -270,16 +299,52 @@ class Sessions:
     def renew(self, session: Session) -> None:
         session.deadline = self._clock() + self.lease
 
-    def reply_socket(self, session: Session, address: str, port: int) -> str:
-        """A token for a reply socket at (address, port), inside what session captures."""
-        parsed = ipaddress.ip_address(address)  # the protocol checked its form
-        problem = reply_problem(
-            session.subnets, session.excludes, parsed, port, self._local, dns=session.dns
+    def reply_socket(
+        self, session: Session, address: str, port: int, program: str, program_port: int
+    ) -> str:
+        """A token for a reply socket at (address, port), inside what session captures, that
+        answers the program at (program, program_port): a UDP socket here of a uid the
+        session captures (the protocol checked the addresses' form and version)."""
+        flow = Flow(
+            ipaddress.ip_address(program), program_port, ipaddress.ip_address(address), port
         )
+        if self._fence is None:
+            raise RequestError("this firewalld makes no reply sockets")
+        sockets = self._udp_sockets()
+        self._end_flows(session, sockets)
+        problem = reply_problem(
+            session.subnets, session.excludes, flow.destination, port, dns=session.dns
+        ) or program_problem(sockets, flow.program, program_port, session.uid)
         if problem is not None:
             raise RequestError(problem)
         self.grants.room(session)  # before the socket is made, not after
-        return self.grants.issue(session, self._make_reply_socket(parsed, port))
+        return self.grants.issue(session, self._fence.reply_socket(session, flow))
+
+    def heartbeat(self, session: Session) -> None:
+        """The session's owner is still there: renew the lease, and end the flows whose
+        program is gone."""
+        self.renew(session)
+        if session.flows:
+            self._end_flows(session, self._udp_sockets())
+
+    def _end_flows(self, session: Session, sockets: list[Listener]) -> None:
+        """Unfence the flows whose program no longer has its socket (sockets: every UDP
+        socket here, now): the port may go to someone else, whom their replies must not
+        reach."""
+        if self._fence is None or not session.flows:
+            return
+        by_port: defaultdict[int, list[Listener]] = defaultdict(list)
+        for item in sockets:
+            by_port[item.port].append(item)
+        ended = [
+            flow
+            for flow in session.flows
+            if program_problem(
+                by_port[flow.program_port], flow.program, flow.program_port, session.uid
+            )
+        ]
+        if ended:
+            self._fence.forget_flows(session, ended)
 
     def set_hosts(self, session: Session, hosts: tuple[tuple[str, str], ...]) -> int:
         """Make the session's hosts block hold these entries, if policy lets its owner;

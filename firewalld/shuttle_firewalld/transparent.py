@@ -1,4 +1,5 @@
-"""Transparent sockets for the tproxy method, and the checks on where a reply socket may sit.
+"""Transparent sockets for the tproxy method, the checks on where a reply socket may sit and
+whom it answers, and the fences that keep it to that one flow.
 
 TPROXY hands a packet to a socket without rewriting its destination, so the socket has to
 accept (TCP) or receive (UDP) for addresses that are not this host's, and a UDP answer has
@@ -9,10 +10,14 @@ So firewalld makes these sockets and hands them to the client, which never runs 
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import ipaddress
+import json
 import socket
-from collections.abc import Callable, Collection, Iterable
+import struct
+from collections.abc import Collection, Iterable
+from typing import Any, NamedTuple, Union
 
 from .errors import RequestError
 from .targets import DNS_PORT, LOOPBACK, Address, Target
@@ -95,17 +100,53 @@ def listeners(versions: Collection[int]) -> tuple[int, dict[str, socket.socket]]
     raise RequestError(f"found no port free for TCP and UDP in {PORT_ATTEMPTS} tries")
 
 
-def reply_socket(address: Address, port: int) -> socket.socket:
-    """A transparent UDP socket bound to (address, port), for answers from there.
+class Flow(NamedTuple):
+    """One captured flow that a reply socket answers: datagrams from the program at
+    (program, program_port) to the original destination (destination, port)."""
+
+    program: Address
+    program_port: int
+    destination: Address
+    port: int
+
+
+# A classic BPF program of one instruction, `ret #0`: keep no byte of any datagram.
+_DROP_ALL = struct.pack("HBBI", 0x06, 0, 0, 0)  # BPF_RET | BPF_K, k = 0
+SO_ATTACH_FILTER = 26  # <asm-generic/socket.h>; the socket module does not name them
+SO_LOCK_FILTER = 44
+
+
+def reply_socket(flow: Flow, mark: int, device: str) -> socket.socket:
+    """A transparent UDP socket bound to the flow's original destination, for answers from
+    there, and fenced so that it can do nothing else (docs/firewalld.md, "Reply sockets"):
+
+    - SO_MARK mark: nft lets a packet with this mark leave only towards a program of one
+      of the session's flows, from exactly that flow's destination (tproxy.py). Changing
+      the mark needs CAP_NET_ADMIN, which the client has not.
+    - SO_BINDTODEVICE to the device of the program's address: the kernel matches the socket
+      only to datagrams that arrive on that device, never to the captured ones that loop back
+      on lo, so connect() cannot make it win another user's flow from the tproxy listener
+      (tried here: without it, a reply socket connected to a victim's source took the
+      victim's datagrams). Unbinding needs CAP_NET_RAW.
+    - A filter that drops every datagram, locked (SO_LOCK_FILTER, which cannot be undone):
+      whatever reaches the socket, its owner reads nothing.
 
     SO_REUSEADDR: two sessions, or two flows, may answer from the same original destination.
-    The address is not local (reply_problem saw to it), so no ordinary socket can share it.
+    The address is not local (the route check saw to it), so no ordinary socket can share it.
     """
+    address, port = flow.destination, flow.port
     try:
         sock = transparent_socket(address.version, "reply", reuse=True)
     except OSError as exc:
         raise RequestError(f"cannot make a reply socket: {exc.strerror}") from None
     try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, device.encode())
+        program = ctypes.create_string_buffer(_DROP_ALL)
+        # struct sock_fprog: the instruction count, then a pointer to the instructions.
+        fprog = struct.pack("HL", 1, ctypes.addressof(program))
+        sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+        sock.setsockopt(socket.SOL_SOCKET, SO_LOCK_FILTER, 1)
         sock.bind((str(address), port))
     except OSError as exc:
         sock.close()
@@ -145,7 +186,6 @@ def reply_problem(
     excludes: Iterable[Target],
     address: Address,
     port: int,
-    local: Callable[[Address], bool] = is_local,
     *,
     dns: Collection[Address] = (),
 ) -> str | None:
@@ -155,9 +195,8 @@ def reply_problem(
 
     A reply socket sends from an address that is not this host's; limiting it to what the
     session captures keeps the client from speaking for anyone else. Addresses the rules
-    never capture are refused too: loopback, this host's own addresses (a reply socket
-    there, with SO_REUSEADDR, could take datagrams from a local service), and addresses
-    that are no unicast destination at all.
+    never capture are refused too: loopback, and addresses that are no unicast destination
+    at all (destination_problem asks the routing about the rest).
     """
     where = show(address, port)
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
@@ -172,6 +211,83 @@ def reply_problem(
     nameserver = port == DNS_PORT and address in dns  # captured whatever the excludes say
     if not nameserver and (not _covers(subnets, address, port) or _covers(excludes, address, port)):
         return f"{where} is not inside the session's subnets (or is excluded)"
-    if local(address):
-        return f"{where} is this host's own address, which is never captured"
     return None
+
+
+# A route in `ip -j route get` that names no type is a plain unicast one.
+UNICAST = "unicast"
+# The device and the address (with its prefix) of each of this host's addresses.
+Interface = Union[ipaddress.IPv4Interface, ipaddress.IPv6Interface]
+HostAddress = tuple[str, Interface]
+
+
+def route_type(listing: str) -> str:
+    """The type of the route in `ip -j route get` output: "unicast", "local", "broadcast",
+    "multicast", "anycast", ... ValueError if it is no such output."""
+    routes = json.loads(listing)
+    if type(routes) is not list or len(routes) != 1 or type(routes[0]) is not dict:
+        raise ValueError("not one route")
+    kind = routes[0].get("type", UNICAST)
+    if type(kind) is not str:
+        raise ValueError("a route type that is no text")
+    return kind
+
+
+def host_addresses(listing: str) -> list[HostAddress]:
+    """From `ip -j addr show`: (device, address/prefix) for each of this host's addresses;
+    entries that are not such, skipped. ValueError if it is no JSON list."""
+    links = json.loads(listing) if listing.strip() else []
+    if type(links) is not list:
+        raise ValueError("not a JSON list")
+    found: list[HostAddress] = []
+    for link in links:
+        if type(link) is not dict or type(link.get("ifname")) is not str:
+            continue
+        for item in link.get("addr_info") or ():
+            try:
+                found.append((link["ifname"], _interface(item)))
+            except (TypeError, ValueError):
+                continue
+    return found
+
+
+def _interface(item: Any) -> Interface:
+    if type(item) is not dict or type(item.get("prefixlen")) is not int:
+        raise ValueError("no address")
+    return ipaddress.ip_interface(f"{item['local']}/{item['prefixlen']}")
+
+
+def destination_problem(flow: Flow, kind: str, found: Iterable[HostAddress]) -> str | None:
+    """Why no reply may come from the flow's destination, whose route is of this kind, on a
+    host with these addresses; None if one may. Only a unicast destination that is not this
+    host's: a reply from a broadcast or network address would speak for a whole subnet, and
+    the routing says which they are (a network address of an on-link subnet routes as
+    unicast on Linux 5.x and later, so the host's own prefixes say that one)."""
+    address = flow.destination
+    where = show(address, flow.port)
+    if kind == "local":
+        return f"{where} is this host's own address, which is never captured"
+    if kind != UNICAST:
+        return f"{where} is a {kind} address, not one a reply may come from"
+    for _, interface in found:
+        network = interface.network
+        if network.version != address.version or network.prefixlen >= network.max_prefixlen - 1:
+            continue  # /31 and /32 (/127, /128) have no network or broadcast address
+        if address == network.network_address:
+            return f"{where} is the network address of {network}, a subnet of this host"
+        if isinstance(network, ipaddress.IPv4Network) and address == network.broadcast_address:
+            return f"{where} is the broadcast address of {network}, a subnet of this host"
+    return None
+
+
+def program_device(flow: Flow, found: Iterable[HostAddress]) -> str:
+    """The device of the flow's program address, which must be one of this host's (found);
+    RequestError if it is not, or lies on loopback (whose captured datagrams to elsewhere
+    the kernel refuses to send anyway)."""
+    where = show(flow.program, flow.program_port)
+    device = next((name for name, item in found if item.ip == flow.program), None)
+    if device is None:
+        raise RequestError(f"the program at {where} has no address of this host")
+    if device == "lo":
+        raise RequestError(f"the program at {where} is on loopback, whence no flow is captured")
+    return device

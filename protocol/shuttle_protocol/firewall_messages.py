@@ -224,17 +224,25 @@ class SocketsAnswer(Message):
 @dataclass(frozen=True)
 class ReplySocketRequest(Message):
     """A transparent UDP socket bound to (address, port), an original destination inside
-    the tproxy session's subnets: answers to a captured datagram leave from it."""
+    the tproxy session's subnets, for the answers to one captured flow: they leave from it,
+    and only towards the program that sent the flow, at (program_address, program_port),
+    the captured datagrams' source. The two addresses are of one IP version."""
 
-    __slots__ = ("session", "address", "port")
+    __slots__ = ("session", "address", "port", "program_address", "program_port")
     session: str
     address: str
     port: int
+    program_address: str
+    program_port: int
 
     def __post_init__(self) -> None:
         check_session_id(self.session)
         check_address(self.address, "address")
         check_int(self.port, "port", 1, 65535)
+        check_address(self.program_address, "program_address")
+        check_int(self.program_port, "program_port", 1, 65535)
+        if (":" in self.address) != (":" in self.program_address):
+            raise LocalProtocolError("address and program_address must be of one IP version")
 
 
 @message(73)

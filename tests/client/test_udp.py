@@ -3,7 +3,7 @@
 import asyncio
 import socket
 import struct
-from typing import List
+from typing import List, Tuple
 
 import pytest
 from shuttle_agent.relay import Link
@@ -79,7 +79,9 @@ class FakeFirewall:
     def __init__(self) -> None:
         self.handed: List[socket.socket] = []
 
-    async def reply_socket(self, address: str, port: int) -> socket.socket:
+    async def reply_socket(
+        self, address: str, port: int, program: Tuple[str, int]
+    ) -> socket.socket:
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         sock.bind(("127.0.0.1", 0))
         self.handed.append(sock)

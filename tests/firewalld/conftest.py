@@ -20,7 +20,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from shuttle_firewalld.policy import Policy
 from shuttle_firewalld.ports import Listener as ListeningSocket
 from shuttle_firewalld.sessions import Session, Sessions
 from shuttle_firewalld.targets import Target as Targeted
+from shuttle_firewalld.transparent import Flow
 from shuttle_protocol.firewall_messages import ALL_PORTS, ANY_OWNER, OpenSessionRequest, Target
 from shuttle_protocol.frames import decode_frame
 from shuttle_protocol.schema import Message
@@ -143,6 +144,20 @@ POLICY_PATH = "/etc/shuttle/test.policy"
 FD_PATH = "/run/shuttle/test.sock.fds"
 SESSION_ID = "0123456789abcdef0123456789abcdef"
 LOCAL_ADDRESSES = ("198.18.0.1", "fd00:5e::1")  # what the unit tests' host has
+# The UDP sockets of the unit tests' host: programs of uid 1000 on port 40000 (a wildcard
+# IPv4 socket, and one at fd00:5e::1), uid 1001's on port 40001, and both uids' on 40002.
+PROGRAM_PORT = 40000
+UDP_SOCKETS = (
+    listening(PROGRAM_PORT, 1000, "0.0.0.0", "fd00:5e::1", protocol="udp")
+    + listening(40001, 1001, "198.18.0.1", "fd00:5e::1", protocol="udp")
+    + listening(40002, 1000, "0.0.0.0", protocol="udp")
+    + listening(40002, 1001, "198.18.0.1", protocol="udp")
+)
+
+
+def program_of(address: str) -> str:
+    """The address of the unit tests' program that sends to address (of its IP version)."""
+    return LOCAL_ADDRESSES[":" in address]
 
 
 def make_target(item: str | Target) -> Targeted:
@@ -218,19 +233,26 @@ def clock() -> FakeClock:
 
 
 class ReplySockets:
-    """Makes ordinary UDP sockets where firewalld would make reply sockets; records each."""
+    """The fence of a tproxy method that makes ordinary UDP sockets where firewalld would
+    make reply sockets; records each, and the flows it was told to forget."""
 
     def __init__(self) -> None:
         self.made: list[tuple[str, int, socket.socket]] = []
+        self.forgotten: list[Flow] = []
 
-    def __call__(
-        self, address: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int
-    ) -> socket.socket:
+    def reply_socket(self, session: Session, flow: Flow) -> socket.socket:
+        address = flow.destination
         sock = socket.socket(
             socket.AF_INET if address.version == 4 else socket.AF_INET6, socket.SOCK_DGRAM
         )
-        self.made.append((str(address), port, sock))
+        self.made.append((str(address), flow.port, sock))
+        session.flows[flow] = None
         return sock
+
+    def forget_flows(self, session: Session, flows: Collection[Flow]) -> None:
+        for flow in flows:
+            del session.flows[flow]
+        self.forgotten += flows
 
 
 @pytest.fixture
@@ -268,8 +290,8 @@ def tproxy_sessions(
         listeners_of_port=lambda port: LISTENERS.get(port, []),
         clock=clock,
         fd_path=FD_PATH,
-        make_reply_socket=reply_sockets,
-        local=lambda address: str(address) in LOCAL_ADDRESSES,
+        fence=reply_sockets,
+        udp_sockets_now=lambda: UDP_SOCKETS,
     )
     try:
         yield sessions

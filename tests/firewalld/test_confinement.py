@@ -163,7 +163,8 @@ def test_firewalld_runs_only_the_firewall_tools_and_writes_only_its_own_files(
         _, sockets = asyncio.run(client.tproxy_sockets())
         for sock in sockets.values():
             sock.close()
-        asyncio.run(client.reply_socket("198.18.0.5", 85)).close()
+        listen(40000, addresses=("0.0.0.0",), protocol="udp")  # the flow's program
+        asyncio.run(client.reply_socket("198.18.0.5", 85, ("198.18.0.1", 40000))).close()
     finally:
         close_session(client)
     for frame in hostile_frames():

@@ -30,7 +30,7 @@ from shuttle_firewalld.sessions import Session, Sessions
 from shuttle_protocol.firewall_messages import SocketsHandover
 from shuttle_protocol.frames import decode_frame
 
-from .conftest import NOBODY, FakeClock, make_session
+from .conftest import NOBODY, PROGRAM_PORT, FakeClock, make_session
 
 OWNER = 1000  # make_session's caller
 
@@ -167,7 +167,7 @@ def test_closing_a_session_revokes_its_tokens(tproxy_sessions: Sessions) -> None
     from .test_requests import TPROXY
 
     session = tproxy_sessions.open(OWNER, TPROXY)
-    token = tproxy_sessions.reply_socket(session, "198.18.0.5", 53)
+    token = tproxy_sessions.reply_socket(session, "198.18.0.5", 53, "198.18.0.1", PROGRAM_PORT)
     tproxy_sessions.close(session, "closed by test")
     assert len(tproxy_sessions.grants) == 0
     with pytest.raises(HandoverRefused, match="no such token"):
@@ -178,7 +178,7 @@ def test_expire_expires_tokens_too(tproxy_sessions: Sessions, clock: FakeClock) 
     from .test_requests import TPROXY
 
     session = tproxy_sessions.open(OWNER, TPROXY)
-    tproxy_sessions.reply_socket(session, "fd00:5e::5", 53)
+    tproxy_sessions.reply_socket(session, "fd00:5e::5", 53, "fd00:5e::1", PROGRAM_PORT)
     clock.now += TOKEN_LIFETIME
     tproxy_sessions.renew(session)
     assert tproxy_sessions.expire() == 0

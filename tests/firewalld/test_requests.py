@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,9 @@ from shuttle_firewalld.hosts_file import HostsFile
 from shuttle_firewalld.policy import HOSTS, Entry, Policy
 from shuttle_firewalld.requests import TABLE, handle
 from shuttle_firewalld.sessions import Sessions
+from shuttle_firewalld.transparent import Flow
 from shuttle_protocol.firewall_messages import (
+    ANY_OWNER,
     CloseSessionAnswer,
     CloseSessionRequest,
     ErrorAnswer,
@@ -39,10 +42,12 @@ from .conftest import (
     FD_PATH,
     LISTENERS,
     POLICY_PATH,
+    PROGRAM_PORT,
     FakeClock,
     FakeMethod,
     ReplySockets,
     open_request,
+    program_of,
     target,
 )
 
@@ -210,10 +215,15 @@ def test_reply_socket_request_answers_a_token(
     tproxy_sessions: Sessions, reply_sockets: ReplySockets
 ) -> None:
     session_id = tproxy_session(tproxy_sessions)
-    answer = handle(tproxy_sessions, 1000, ReplySocketRequest(session_id, "198.18.0.5", 53))
+    request = ReplySocketRequest(session_id, "198.18.0.5", 53, "198.18.0.1", PROGRAM_PORT)
+    answer = handle(tproxy_sessions, 1000, request)
     assert isinstance(answer, ReplySocketAnswer)
     assert answer.path == FD_PATH
     assert [(address, port) for address, port, _ in reply_sockets.made] == [("198.18.0.5", 53)]
+    session = tproxy_sessions.owned(session_id, 1000)
+    assert [tuple(map(str, flow)) for flow in session.flows] == [
+        ("198.18.0.1", str(PROGRAM_PORT), "198.18.0.5", "53")
+    ]
 
 
 @pytest.mark.parametrize(
@@ -221,7 +231,6 @@ def test_reply_socket_request_answers_a_token(
     [
         ("192.0.2.1", 53, r"^192\.0\.2\.1:53 is not inside the session's subnets"),
         ("2001:db8::1", 53, r"^\[2001:db8::1\]:53 is not inside the session's subnets"),
-        ("198.18.0.1", 53, r"^198\.18\.0\.1:53 is this host's own address, which is never"),
         ("127.0.0.1", 53, "is not an address this session captures"),
     ],
 )
@@ -229,13 +238,58 @@ def test_a_reply_socket_outside_the_capture_is_refused(
     tproxy_sessions: Sessions, reply_sockets: ReplySockets, address: str, port: int, why: str
 ) -> None:
     session_id = tproxy_session(tproxy_sessions)
+    request = ReplySocketRequest(session_id, address, port, program_of(address), PROGRAM_PORT)
     with pytest.raises(RequestError, match=why):
-        handle(tproxy_sessions, 1000, ReplySocketRequest(session_id, address, port))
+        handle(tproxy_sessions, 1000, request)
     assert reply_sockets.made == []
 
 
 @pytest.mark.parametrize(
-    "request_type", [SocketsRequest, lambda session: ReplySocketRequest(session, "10.1.2.3", 53)]
+    ("program", "port", "why"),
+    [
+        ("198.18.0.1", 40001, r"^the program's socket at 198\.18\.0\.1:40001 is uid 1001's, "),
+        ("fd00:5e::1", 40001, r"^the program's socket at \[fd00:5e::1\]:40001 is uid 1001's"),
+        # uid 1000's wildcard socket, and uid 1001's at the address itself, which wins.
+        ("198.18.0.1", 40002, r"^the program's socket at 198\.18\.0\.1:40002 is uid 1001's, "),
+        ("198.18.0.1", 40003, r"^no UDP socket takes datagrams at 198\.18\.0\.1:40003, where "),
+        ("fd00:5e::2", PROGRAM_PORT, r"^no UDP socket takes datagrams at \[fd00:5e::2\]:40000"),
+    ],
+)
+def test_a_reply_socket_for_a_program_of_another_uid_is_refused(
+    tproxy_sessions: Sessions, reply_sockets: ReplySockets, program: str, port: int, why: str
+) -> None:
+    session_id = tproxy_session(tproxy_sessions)
+    address = "fd00:5e::5" if ":" in program else "198.18.0.5"
+    with pytest.raises(RequestError, match=why):
+        handle(tproxy_sessions, 1000, ReplySocketRequest(session_id, address, 53, program, port))
+    assert reply_sockets.made == []
+
+
+def test_a_session_of_every_uid_answers_any_uids_program(
+    tproxy_sessions: Sessions, reply_sockets: ReplySockets
+) -> None:
+    session = tproxy_sessions.open(
+        0, open_request(method="tproxy", subnets=("198.18.0.0/15",), uid=ANY_OWNER)
+    )
+    tproxy_sessions.reply_socket(session, "198.18.0.5", 53, "198.18.0.1", 40001)
+    assert len(reply_sockets.made) == 1
+
+
+def test_flows_whose_program_is_gone_end_at_the_heartbeat(
+    tproxy_sessions: Sessions, reply_sockets: ReplySockets
+) -> None:
+    session = tproxy_sessions.open(1000, TPROXY)
+    tproxy_sessions.reply_socket(session, "198.18.0.5", 53, "198.18.0.1", PROGRAM_PORT)
+    gone = Flow(ipaddress.ip_address("198.18.0.1"), 40009, ipaddress.ip_address("198.18.0.6"), 53)
+    session.flows[gone] = None  # as if its program had closed the socket since
+    handle(tproxy_sessions, 1000, HeartbeatRequest(session.id))
+    assert reply_sockets.forgotten == [gone]
+    assert [flow.program_port for flow in session.flows] == [PROGRAM_PORT]
+
+
+@pytest.mark.parametrize(
+    "request_type",
+    [SocketsRequest, lambda session: ReplySocketRequest(session, "10.1.2.3", 53, "10.0.0.1", 9)],
 )
 def test_socket_requests_are_only_for_tproxy_sessions(
     tproxy_sessions: Sessions, request_type: Any
@@ -246,7 +300,11 @@ def test_socket_requests_are_only_for_tproxy_sessions(
 
 
 @pytest.mark.parametrize(
-    "request_type", [SocketsRequest, lambda session: ReplySocketRequest(session, "198.18.0.5", 53)]
+    "request_type",
+    [
+        SocketsRequest,
+        lambda session: ReplySocketRequest(session, "198.18.0.5", 53, "198.18.0.1", PROGRAM_PORT),
+    ],
 )
 def test_socket_requests_in_another_uids_session(
     tproxy_sessions: Sessions, reply_sockets: ReplySockets, request_type: Any

@@ -23,6 +23,7 @@ from shuttle_protocol.frames import encode_frame
 from .conftest import (
     LISTENERS,
     POLICY_PATH,
+    PROGRAM_PORT,
     WAIT,
     Daemon,
     FakeClock,
@@ -202,11 +203,11 @@ def test_a_reply_socket_at_a_nameservers_port_53_even_if_excluded(
         method="tproxy", subnets=("198.18.0.0/15",), excludes=("10.53.0.0/16",), dns=("10.53.0.53",)
     )
     session = tproxy_sessions.open(1000, request)
-    tproxy_sessions.reply_socket(session, "10.53.0.53", 53)
+    tproxy_sessions.reply_socket(session, "10.53.0.53", 53, "198.18.0.1", PROGRAM_PORT)
     assert [(address, port) for address, port, _ in reply_sockets.made] == [("10.53.0.53", 53)]
     for address, port in (("10.53.0.53", 54), ("10.53.0.54", 53)):
         with pytest.raises(RequestError, match="is not inside the session's subnets"):
-            tproxy_sessions.reply_socket(session, address, port)
+            tproxy_sessions.reply_socket(session, address, port, "198.18.0.1", PROGRAM_PORT)
 
 
 # --- what callers see, and updates ---------------------------------------------------

@@ -105,7 +105,7 @@ def test_the_unit_leaves_enough_capabilities_for_a_session(
 
 @pytest.mark.integration
 def test_the_unit_leaves_enough_capabilities_for_tproxy(
-    routed: str, start_firewalld: Callable[..., Daemon]
+    routed: str, start_firewalld: Callable[..., Daemon], listen: Callable[..., Listener]
 ) -> None:
     netns = routed
     wrap = ["setpriv", f"--bounding-set={bounding_set()}", "--no-new-privs"]
@@ -115,7 +115,8 @@ def test_the_unit_leaves_enough_capabilities_for_tproxy(
         assert shuttle_tables(netns) != []
         _, sockets = asyncio.run(client.tproxy_sockets())
         # A reply socket at port 53: below 1024, so it takes CAP_NET_BIND_SERVICE.
-        with asyncio.run(client.reply_socket("198.18.0.5", 53)) as reply:
+        listen(40000, addresses=("0.0.0.0",), protocol="udp")  # the flow's program
+        with asyncio.run(client.reply_socket("198.18.0.5", 53, ("198.18.0.1", 40000))) as reply:
             assert reply.getsockname()[:2] == ("198.18.0.5", 53)
         for sock in sockets.values():
             sock.close()

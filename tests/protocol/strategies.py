@@ -101,7 +101,9 @@ session_ids = st.text(string.ascii_letters + string.digits, min_size=32, max_siz
 leases = st.one_of(
     st.floats(0.1, 3600, allow_nan=False, allow_infinity=False), st.integers(1, 3600)
 )
-addresses = st.one_of(st.ip_addresses(v=4), st.ip_addresses(v=6)).map(str).filter(_not_mapped)
+v4_addresses = st.ip_addresses(v=4).map(str)
+v6_addresses = st.ip_addresses(v=6).map(str).filter(_not_mapped)
+addresses = st.one_of(v4_addresses, v6_addresses)
 socket_paths = st.text(string.ascii_letters + string.digits + "._-/", max_size=fw.MAX_PATH - 1).map(
     lambda tail: "/" + tail
 )
@@ -200,7 +202,10 @@ STRATEGIES: Dict[Type[Message], st.SearchStrategy[Message]] = {
     fw.CloseSessionAnswer: st.builds(fw.CloseSessionAnswer),
     fw.SocketsRequest: st.builds(fw.SocketsRequest, session_ids),
     fw.SocketsAnswer: st.builds(fw.SocketsAnswer, session_ids, socket_paths, ports),
-    fw.ReplySocketRequest: st.builds(fw.ReplySocketRequest, session_ids, addresses, ports),
+    fw.ReplySocketRequest: st.one_of(
+        st.builds(fw.ReplySocketRequest, session_ids, v4_addresses, ports, v4_addresses, ports),
+        st.builds(fw.ReplySocketRequest, session_ids, v6_addresses, ports, v6_addresses, ports),
+    ),
     fw.ReplySocketAnswer: st.builds(fw.ReplySocketAnswer, session_ids, socket_paths),
     fw.SocketsHandover: st.builds(fw.SocketsHandover, kind_tuples),
     fw.SetHostsRequest: st.builds(fw.SetHostsRequest, session_ids, host_entries),
@@ -346,7 +351,7 @@ EXAMPLES: Dict[Type[Message], Message] = {
     fw.CloseSessionAnswer: fw.CloseSessionAnswer(),
     fw.SocketsRequest: fw.SocketsRequest(SESSION),
     fw.SocketsAnswer: fw.SocketsAnswer(SESSION[::-1], "/run/shuttle/firewalld.sock.fds", 41000),
-    fw.ReplySocketRequest: fw.ReplySocketRequest(SESSION, "198.18.0.5", 53),
+    fw.ReplySocketRequest: fw.ReplySocketRequest(SESSION, "198.18.0.5", 53, "198.18.0.1", 40000),
     fw.ReplySocketAnswer: fw.ReplySocketAnswer(SESSION[::-1], "/run/shuttle/firewalld.sock.fds"),
     fw.SocketsHandover: fw.SocketsHandover(("tcp4", "udp4", "tcp6", "udp6")),
     fw.SetHostsRequest: fw.SetHostsRequest(SESSION, (("db1", "10.2.0.7"), ("db1", "2001:db8::7"))),
@@ -742,8 +747,10 @@ BAD_VALUES: Dict[Type[Message], Dict[str, List[Any]]] = {
     fw.SocketsAnswer: {"token": BAD_SESSIONS, "path": BAD_PATHS, "port": bad_ints(1, 65535)},
     fw.ReplySocketRequest: {
         "session": BAD_SESSIONS,
-        "address": BAD_ADDRESS_TEXTS,
+        "address": [*BAD_ADDRESS_TEXTS, "fd00:5e::5"],  # not the program's IP version
         "port": bad_ints(1, 65535),
+        "program_address": [*BAD_ADDRESS_TEXTS, "fd00:5e::1"],
+        "program_port": bad_ints(1, 65535),
     },
     fw.ReplySocketAnswer: {"token": BAD_SESSIONS, "path": BAD_PATHS},
     fw.SocketsHandover: {"kinds": BAD_KINDS},

@@ -415,9 +415,16 @@ def test_leases_in_range_round_trip_with_their_type(lease: float) -> None:
     "text", ["10.0.0.1", "0.0.0.0", "255.255.255.255", "2001:db8::7", "::", "::1", "fd00:5e::5"]
 )
 def test_canonical_addresses_are_accepted(text: str) -> None:
-    back = round_trip(ReplySocketRequest(SESSION, text, 53))
+    program = "::1" if ":" in text else "127.0.0.1"
+    back = round_trip(ReplySocketRequest(SESSION, text, 53, program, 40000))
     assert isinstance(back, ReplySocketRequest)
     assert back.address == text
+
+
+@pytest.mark.parametrize(("address", "program"), [("10.0.0.1", "::1"), ("fd00:5e::5", "10.0.0.2")])
+def test_a_reply_socket_and_its_program_are_of_one_ip_version(address: str, program: str) -> None:
+    with pytest.raises(LocalProtocolError, match="must be of one IP version"):
+        ReplySocketRequest(SESSION, address, 53, program, 40000)
 
 
 @given(st.text(alphabet="0123456789abcdefABCDEF:./% \n\u0661", max_size=46))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from shuttle_protocol.firewall_messages import ANY_OWNER
@@ -168,9 +169,9 @@ def chains(session: Session) -> list[Chain]:
     return found
 
 
-def table_text(session: Session, table_chains: list[Chain]) -> str:
-    """The `nft -f` script that creates the session's table with its sets and these chains,
-    all of it in one transaction."""
+def table_text(session: Session, table_chains: list[Chain], sets: Iterable[str] = ()) -> str:
+    """The `nft -f` script that creates the session's table with its sets, these other sets'
+    lines, and these chains, all of it in one transaction."""
     table = table_name(session)
     lines = [
         # `create` fails if a table of that name exists: never merge into someone else's.
@@ -181,6 +182,7 @@ def table_text(session: Session, table_chains: list[Chain]) -> str:
         # Only the versions captured: excludes of another version exclude from nothing.
         lines += set_text(f"exclude{version}", version, disjoint(session.excludes, version))
         lines += set_text(f"include{version}", version, disjoint(session.subnets, version))
+    lines += sets
     for name, kind, rules in table_chains:
         lines += [
             f"\tchain {name} {{",
@@ -192,7 +194,7 @@ def table_text(session: Session, table_chains: list[Chain]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def replace_text(session: Session, table_chains: list[Chain]) -> str:
+def replace_text(session: Session, table_chains: list[Chain], sets: Iterable[str] = ()) -> str:
     """The `nft -f` script that swaps the session's table for one with its sets as they are
     now and these chains, in one transaction: a packet meets the old rules or the new ones,
     never neither, and if any part fails the old table stays as it was.
@@ -201,7 +203,7 @@ def replace_text(session: Session, table_chains: list[Chain]) -> str:
     takes its sets and rules, and one script serves every case. Connections already
     redirected keep their NAT mapping in conntrack, whatever the chains say from now on.
     """
-    return f"delete table inet {table_name(session)}\n" + table_text(session, table_chains)
+    return f"delete table inet {table_name(session)}\n" + table_text(session, table_chains, sets)
 
 
 def ruleset(session: Session) -> str:

@@ -25,6 +25,14 @@ Why each odd part is there, for a packet a local program sends to a captured des
   the client would need a reply socket there, beside the local resolver, where it could
   take other users' queries (transparent.reply_problem refuses it).
 
+A UDP answer leaves from a reply socket per flow (transparent.reply_socket), which carries
+the session's reply mark: the capture mark plus REPLY_OFFSET, named by no ip rule. The
+table's replies chain, before any session's output chain, drops every packet with that mark
+that does not go to the program of one of the session's flows from that flow's original
+destination (the sets flows4 and flows6, one element per flow, added as firewalld makes the
+socket and deleted when the flow ends); so the client, which cannot change the mark, cannot
+speak for any address to anyone else.
+
 The ids: session slot N has fwmark and routing table MARK_BASE + N, a range this firewalld
 treats as its own (docs/firewalld.md), and removes at start if an earlier run left any.
 
@@ -43,14 +51,17 @@ import socket
 from collections.abc import Callable, Collection, Iterator
 from typing import TYPE_CHECKING, Any
 
+from shuttle_firewalld import transparent
 from shuttle_firewalld.errors import RequestError
 from shuttle_firewalld.targets import LOOPBACK, Address, Target
-from shuttle_firewalld.transparent import LISTEN_ADDRESS, is_local, listeners
+from shuttle_firewalld.transparent import LISTEN_ADDRESS, Flow, is_local, listeners, show
 
 from .base import with_targets
 from .nft import (
+    ADDRESS_TYPE,
     L4,
     LOCAL_RETURN,
+    MATCH,
     NFT,
     PROBE_TABLE,
     Chain,
@@ -60,6 +71,7 @@ from .nft import (
     owner_match,
     replace_text,
     skip_rules,
+    table_name,
     table_text,
 )
 from .tools import Runner, run_tool
@@ -80,11 +92,56 @@ TPROXY_TO = {4: f"ip to {LISTEN_ADDRESS[4]}", 6: f"ip6 to [{LISTEN_ADDRESS[6]}]"
 # rules match TCP and UDP only.
 DPORT = "th dport"
 
+# A session's reply sockets carry a mark of their own (SO_MARK): its capture mark plus this,
+# which no ip rule names, so their packets are routed as any other (to the program they
+# answer), and the table's replies chain knows them by it.
+REPLY_OFFSET = 0x8000
+# The flows fenced per session (their reply sockets may be out): the client's own cap on
+# UDP flows. Beyond it the oldest flow's element goes, and its reply socket sends nothing.
+MAX_FLOWS = 4096
+SOURCE = {4: "ip saddr", 6: "ip6 saddr"}
+
 MakeListeners = Callable[[Collection[int]], tuple[int, dict[str, socket.socket]]]
+MakeReplySocket = Callable[[Flow, int, str], socket.socket]
 
 
 def mark_of(slot: int) -> int:
     return MARK_BASE + slot
+
+
+def flow_element(flow: Flow) -> str:
+    """The flow as an element of its version's flows set: the replies' destination and
+    destination port (the program's), then their source and source port."""
+    return f"{flow.program} . {flow.program_port} . {flow.destination} . {flow.port}"
+
+
+def flow_sets(session: Session) -> list[str]:
+    """The sets flows4 and flows6 of the session's table, with the flows it fences now.
+
+    Both, whatever the session captures: a flow stays (its reply socket is out) while an
+    update takes its IP version away and brings it back, and its element can go any time.
+    """
+    lines = []
+    for version in (4, 6):
+        kind = ADDRESS_TYPE[version]
+        elements = [flow_element(flow) for flow in session.flows if flow.program.version == version]
+        lines += [
+            f"\tset flows{version} {{",
+            f"\t\ttype {kind} . inet_service . {kind} . inet_service",
+        ]
+        if elements:
+            lines += ["\t\telements = {", ",\n".join(f"\t\t\t{item}" for item in elements), "\t\t}"]
+        lines.append("\t}")
+    return lines
+
+
+def flow_script(session: Session, action: str, flows: Collection[Flow]) -> str:
+    """The `nft -f` lines that add (action "add") or delete ("delete") these flows' elements."""
+    table = table_name(session)
+    return "".join(
+        f"{action} element inet {table} flows{flow.program.version} {{ {flow_element(flow)} }}\n"
+        for flow in flows
+    )
 
 
 def tproxy_to(session: Session, version: int) -> str:
@@ -120,7 +177,18 @@ def chains(session: Session, mark: int) -> list[Chain]:
         include = include_match(version, DPORT)
         output += [*skips, f"{L4} {owner}{include} meta mark set {mark:#x}"]
         prerouting += [*skips, f"{L4} {include} tproxy {tproxy_to(session, version)}"]
+    # The reply sockets' packets: each only from its flow's destination to its program.
+    replies = [
+        f"meta mark != {mark + REPLY_OFFSET:#x} return",
+        *(
+            f"{MATCH[version]} . udp dport . {SOURCE[version]} . udp sport @flows{version} accept"
+            for version in (4, 6)
+        ),
+        "drop",
+    ]
     return [
+        # Before every session's output chain (mangle, -150), which might mark a packet anew.
+        ("replies", "filter hook output priority mangle - 10", replies),
         # mangle (-150): before the nat and filter chains, as iptables' mangle table.
         ("output", "route hook output priority mangle", output),
         ("prerouting", "filter hook prerouting priority mangle", prerouting),
@@ -129,7 +197,7 @@ def chains(session: Session, mark: int) -> list[Chain]:
 
 def ruleset(session: Session, mark: int) -> str:
     """The `nft -f` script that creates the session's table, in one transaction."""
-    return table_text(session, chains(session, mark))
+    return table_text(session, chains(session, mark), flow_sets(session))
 
 
 def route_commands(versions: Collection[int], mark: int, action: str) -> list[list[str]]:
@@ -212,9 +280,11 @@ class TproxyMethod:
         run: Runner = run_tool,
         make_listeners: MakeListeners = listeners,
         local: Callable[[Address], bool] = is_local,
+        make_reply_socket: MakeReplySocket = transparent.reply_socket,
     ) -> None:
         self._run = run
         self._make_listeners = make_listeners
+        self._make_reply_socket = make_reply_socket
         self._local = local
         # Session id -> (slot, the IP versions it has sockets, rules and routes for), while
         # its rules are in.
@@ -286,11 +356,68 @@ class TproxyMethod:
                     f"IPv{version} subnets): capturing IPv{version} needs a new session"
                 )
         mark = mark_of(slot)
-        self._run(NFT, replace_text(new, chains(new, mark)))
+        self._run(NFT, replace_text(new, chains(new, mark), flow_sets(new)))
         # The routes and rules of a version no longer captured stay: only packets the table
         # marks take them, and it marks none of that version now.
         routes = len(route_commands(made, mark, "add"))
         return sum(len(rules) for _, _, rules in chains(new, mark)) + routes
+
+    def reply_socket(self, session: Session, flow: Flow) -> socket.socket:
+        """A fenced reply socket for one flow of the session (transparent.reply_socket), its
+        element in the session's flows set; RequestError if the routing says no reply may
+        come from the flow's destination, or the program's address is not this host's.
+
+        The caller checked the rest: the destination is captured, and the program's socket
+        is of a uid the session captures.
+        """
+        slot, _ = self._slots[session.id]
+        where = show(flow.destination, flow.port)
+        try:
+            route = self._run(["ip", "-j", "route", "get", str(flow.destination)], "")
+            kind = transparent.route_type(route)
+            version = f"-{flow.destination.version}"
+            found = transparent.host_addresses(self._run(["ip", "-j", version, "addr", "show"], ""))
+        except RequestError as exc:
+            raise RequestError(f"cannot check the route to {where}: {exc}") from None
+        except ValueError as exc:
+            raise RequestError(f"cannot read what ip says of {where}: {exc}") from None
+        problem = transparent.destination_problem(flow, kind, found)
+        if problem is not None:
+            raise RequestError(problem)
+        sock = self._make_reply_socket(
+            flow, mark_of(slot) + REPLY_OFFSET, transparent.program_device(flow, found)
+        )
+        oldest = (
+            []
+            if flow in session.flows or len(session.flows) < MAX_FLOWS
+            else [next(iter(session.flows))]
+        )
+        try:
+            # One transaction: the oldest flow's element goes as the new one comes.
+            self._run(
+                NFT, flow_script(session, "delete", oldest) + flow_script(session, "add", [flow])
+            )
+        except BaseException:
+            sock.close()
+            raise
+        for old in oldest:
+            del session.flows[old]
+        session.flows.pop(flow, None)  # now the newest
+        session.flows[flow] = None
+        return sock
+
+    def forget_flows(self, session: Session, flows: Collection[Flow]) -> None:
+        """Remove these flows' elements: their reply sockets send nothing from now on.
+        Never raises; logs a failure, and the elements go with the table at the latest."""
+        gone = [flow for flow in flows if flow in session.flows]
+        if not gone:
+            return
+        for flow in gone:
+            del session.flows[flow]
+        try:
+            self._run(NFT, flow_script(session, "delete", gone))
+        except RequestError as exc:
+            log.warning("removing %d flows of session %s: %s", len(gone), session.short_id, exc)
 
     def remove(self, session: Session) -> None:
         self._close_sockets(session)  # those not handed over

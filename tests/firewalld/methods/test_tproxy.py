@@ -4,6 +4,7 @@ leftovers; then for real, in a namespace, with a client of another uid."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import socket
 import subprocess
@@ -14,6 +15,7 @@ from typing import Any
 import pytest
 from shuttle_client.firewall_session import FirewallError
 from shuttle_firewalld.errors import RequestError
+from shuttle_firewalld.methods import tproxy
 from shuttle_firewalld.methods.nft import NFT, replace_text
 from shuttle_firewalld.methods.tools import run_tool
 from shuttle_firewalld.methods.tproxy import (
@@ -22,13 +24,15 @@ from shuttle_firewalld.methods.tproxy import (
     SLOTS,
     TproxyMethod,
     chains,
+    flow_sets,
     mark_of,
     route_commands,
     ruleset,
     stale_rules,
     stale_tables,
 )
-from shuttle_firewalld.transparent import IP_RECVORIGDSTADDR, IPV6_RECVORIGDSTADDR
+from shuttle_firewalld.sessions import Session
+from shuttle_firewalld.transparent import IP_RECVORIGDSTADDR, IPV6_RECVORIGDSTADDR, Flow
 
 from firewalld.conftest import (
     IP,
@@ -49,6 +53,13 @@ from firewalld.conftest import (
     update_session,
 )
 
+
+def flow(program: str, program_port: int, destination: str, port: int) -> Flow:
+    return Flow(
+        ipaddress.ip_address(program), program_port, ipaddress.ip_address(destination), port
+    )
+
+
 TABLE = "shuttle-0123456789ab"
 MARK = 0x53480001  # slot 1
 TABLE_ID = "1397227521"  # the same number, as ip writes a table
@@ -61,6 +72,8 @@ def test_marks_and_tables_are_our_range() -> None:
 
 def test_ruleset_ipv4_own_traffic() -> None:
     session = make_session(["10.0.0.0/8"], ["10.1.0.0/16"], method="tproxy", port=41000, uid=0)
+    for program_port in (40000, 40001):  # the flows its reply sockets answer
+        session.flows[flow("10.9.0.1", program_port, "10.0.0.5", 53)] = None
     assert (
         ruleset(session, MARK)
         == f"""\
@@ -79,6 +92,23 @@ table inet {TABLE} {{
 \t\telements = {{
 \t\t\t10.0.0.0/8 . 1-65535
 \t\t}}
+\t}}
+\tset flows4 {{
+\t\ttype ipv4_addr . inet_service . ipv4_addr . inet_service
+\t\telements = {{
+\t\t\t10.9.0.1 . 40000 . 10.0.0.5 . 53,
+\t\t\t10.9.0.1 . 40001 . 10.0.0.5 . 53
+\t\t}}
+\t}}
+\tset flows6 {{
+\t\ttype ipv6_addr . inet_service . ipv6_addr . inet_service
+\t}}
+\tchain replies {{
+\t\ttype filter hook output priority mangle - 10; policy accept;
+\t\tmeta mark != 0x53488001 return
+\t\tip daddr . udp dport . ip saddr . udp sport @flows4 accept
+\t\tip6 daddr . udp dport . ip6 saddr . udp sport @flows6 accept
+\t\tdrop
 \t}}
 \tchain output {{
 \t\ttype route hook output priority mangle; policy accept;
@@ -105,6 +135,16 @@ def test_chains_of_both_versions_with_an_owner_group() -> None:
         [("10.0.0.0/8", 53, 53), ("fd00:5e::/32", 443, 443)], method="tproxy", port=41000, gid=100
     )
     assert chains(session, MARK + 1) == [
+        (
+            "replies",
+            "filter hook output priority mangle - 10",
+            [
+                "meta mark != 0x53488002 return",
+                "ip daddr . udp dport . ip saddr . udp sport @flows4 accept",
+                "ip6 daddr . udp dport . ip6 saddr . udp sport @flows6 accept",
+                "drop",
+            ],
+        ),
         (
             "output",
             "route hook output priority mangle",
@@ -211,7 +251,7 @@ def test_apply_makes_sockets_then_routes_and_rules_then_the_table(
 ) -> None:
     run = FakeRun()
     session = make_session(["10.0.0.0/8", "fd00:5e::/32"], method="tproxy", port=1)
-    assert TproxyMethod(run, listeners).apply(session) == 15 + 4
+    assert TproxyMethod(run, listeners).apply(session) == 19 + 4
     assert session.port == 41000
     assert sorted(session.sockets) == ["tcp4", "tcp6", "udp4", "udp6"]
     assert run.runs == [
@@ -277,7 +317,7 @@ def test_nameservers_are_marked_and_diverted_before_any_return() -> None:
     session = make_session(
         ["10.0.0.0/8"], ["10.53.0.0/16"], method="tproxy", port=41000, dns=["10.53.0.53"]
     )
-    (_, _, output), (_, _, prerouting) = chains(session, MARK)
+    _, (_, _, output), (_, _, prerouting) = chains(session, MARK)
     assert output[:2] == [
         "meta l4proto { tcp, udp } meta skuid 1000 ip daddr { 10.53.0.53 } th dport 53 "
         "meta mark set 0x53480001",
@@ -345,10 +385,14 @@ def test_an_update_swaps_the_table_and_keeps_routes_and_sockets(listeners: FakeL
     sockets = dict(session.sockets)
     run.runs.clear()
     subnets = (make_target("192.0.2.0/24"),)
+    session.flows[flow("fd00:5e::1", 40000, "fd00:5e::5", 53)] = None  # a reply socket is out
     new = make_session(["192.0.2.0/24"], method="tproxy", port=41000)
-    # IPv4 only now: 9 rules in the table, and the 4 rules and routes of both versions.
-    assert method.update(session, subnets, ()) == 9 + 4
-    assert run.runs == [(list(NFT), replace_text(new, chains(new, MARK)))]
+    new.flows = session.flows
+    # IPv4 only now: 13 rules in the table, and the 4 rules and routes of both versions.
+    assert method.update(session, subnets, ()) == 13 + 4
+    assert run.runs == [(list(NFT), replace_text(new, chains(new, MARK), flow_sets(new)))]
+    # The flow's element stays, whatever the new table captures (Sessions decides on that).
+    assert "\t\t\tfd00:5e::1 . 40000 . fd00:5e::5 . 53\n" in run.runs[0][1]
     assert session.sockets == sockets
     # Removal still deletes the IPv6 rule and route made at open.
     run.runs.clear()
@@ -402,6 +446,133 @@ ROUTES = json.dumps(
         {"type": "local", "dst": "127.0.0.1", "dev": "lo", "table": "local"},
     ]
 )
+
+
+# --- reply sockets: the routing's word, the socket, the flow's element ---------------------
+
+ROUTE_GET = ["ip", "-j", "route", "get"]
+ADDRESSES4 = (
+    '[{"ifname":"fwt0","addr_info":[{"family":"inet","local":"198.18.0.1","prefixlen":15}]}]'
+)
+
+
+class FakeReplySockets:
+    """Ordinary sockets where the method would make fenced reply sockets; records how."""
+
+    def __init__(self) -> None:
+        self.made: list[tuple[Flow, int, str, socket.socket]] = []
+
+    def __call__(self, flow: Flow, mark: int, device: str) -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.made.append((flow, mark, device, sock))
+        return sock
+
+
+Fenced = tuple[TproxyMethod, FakeRun, FakeReplySockets, Session]
+
+
+@pytest.fixture
+def fenced() -> Iterator[Callable[..., Fenced]]:
+    """Makes a tproxy method with an applied IPv4 session, whose `ip` says what the test
+    gives (route: of every 198.18.0.x); closes every socket afterwards."""
+    made: list[Fenced] = []
+
+    def make(fail: Sequence[str] = (), route: str = '[{"dst":"198.18.0.5"}]') -> Fenced:
+        outputs = {"ip -j -4 addr show": ADDRESSES4}
+        outputs.update({" ".join([*ROUTE_GET, f"198.18.0.{n}"]): route for n in range(256)})
+        run = FakeRun(fail, outputs)
+        replies = FakeReplySockets()
+        method = TproxyMethod(run, FakeListeners(), make_reply_socket=replies)
+        session = make_session(["198.18.0.0/15"], method="tproxy")
+        method.apply(session)
+        run.runs.clear()
+        made.append((method, run, replies, session))
+        return made[-1]
+
+    yield make
+    for method, _, replies, session in made:
+        method.remove(session)
+        for *_, sock in replies.made:
+            sock.close()
+
+
+def test_a_reply_socket_is_marked_bound_to_the_programs_device_and_its_flow_fenced(
+    fenced: Callable[..., Fenced],
+) -> None:
+    method, run, replies, session = fenced()
+    answered = flow("198.18.0.1", 40000, "198.18.0.5", 53)
+    sock = method.reply_socket(session, answered)
+    assert replies.made == [(answered, 0x53488001, "fwt0", sock)]
+    assert run.runs == [
+        ([*ROUTE_GET, "198.18.0.5"], ""),
+        (["ip", "-j", "-4", "addr", "show"], ""),
+        (
+            list(NFT),
+            f"add element inet {TABLE} flows4 {{ 198.18.0.1 . 40000 . 198.18.0.5 . 53 }}\n",
+        ),
+    ]
+    assert list(session.flows) == [answered]
+    run.runs.clear()
+    method.forget_flows(session, [answered, flow("198.18.0.1", 1, "198.18.0.5", 53)])
+    assert run.runs == [
+        (
+            list(NFT),
+            f"delete element inet {TABLE} flows4 {{ 198.18.0.1 . 40000 . 198.18.0.5 . 53 }}\n",
+        )
+    ]
+    assert session.flows == {}
+
+
+@pytest.mark.parametrize(
+    ("route", "why"),
+    [
+        ('[{"type":"broadcast","dst":"198.18.0.5"}]', r"^198\.18\.0\.5:53 is a broadcast address"),
+        ('[{"type":"local","dst":"198.18.0.5"}]', r"^198\.18\.0\.5:53 is this host's own address"),
+        ("[]", r"^cannot read what ip says of 198\.18\.0\.5:53: not one route$"),
+    ],
+)
+def test_no_reply_socket_where_the_routing_says_no(
+    fenced: Callable[..., Fenced], route: str, why: str
+) -> None:
+    method, run, replies, session = fenced(route=route)
+    with pytest.raises(RequestError, match=why):
+        method.reply_socket(session, flow("198.18.0.1", 40000, "198.18.0.5", 53))
+    assert (replies.made, session.flows) == ([], {})
+    assert all(argv[0] == "ip" for argv, _ in run.runs)
+
+
+def test_no_route_no_reply_socket(fenced: Callable[..., Fenced]) -> None:
+    method, _, replies, session = fenced(fail=["route get"])
+    with pytest.raises(RequestError, match=r"^cannot check the route to 198\.18\.0\.5:53: ip fail"):
+        method.reply_socket(session, flow("198.18.0.1", 40000, "198.18.0.5", 53))
+    assert replies.made == []
+
+
+def test_a_flow_that_nft_refuses_gets_no_socket(fenced: Callable[..., Fenced]) -> None:
+    method, _, replies, session = fenced(fail=["add element"])
+    with pytest.raises(RequestError):
+        method.reply_socket(session, flow("198.18.0.1", 40000, "198.18.0.5", 53))
+    assert replies.made[0][3].fileno() == -1  # closed
+    assert session.flows == {}
+
+
+def test_the_oldest_flow_makes_room_for_a_new_one(
+    fenced: Callable[..., Fenced], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tproxy, "MAX_FLOWS", 2)
+    method, run, _, session = fenced()
+    flows = [flow("198.18.0.1", 40000 + n, "198.18.0.5", 53) for n in range(3)]
+    for item in flows[:2]:
+        method.reply_socket(session, item)
+    method.reply_socket(session, flows[0])  # asked again: the newest now, nothing goes
+    run.runs.clear()
+    method.reply_socket(session, flows[2])
+    assert run.runs[-1] == (
+        list(NFT),
+        f"delete element inet {TABLE} flows4 {{ 198.18.0.1 . 40001 . 198.18.0.5 . 53 }}\n"
+        f"add element inet {TABLE} flows4 {{ 198.18.0.1 . 40002 . 198.18.0.5 . 53 }}\n",
+    )
+    assert list(session.flows) == [flows[0], flows[2]]
 
 
 def test_stale_rules_are_ours_only() -> None:
@@ -586,7 +757,7 @@ async def main():
                 receiver.settimeout(5)
                 data, ancillary, _, source = receiver.recvmsg(2048, socket.CMSG_SPACE(64))
                 original = original_destination(ancillary)
-                with await client.reply_socket(*original) as reply:
+                with await client.reply_socket(*original, source[:2]) as reply:
                     reply.sendto(b"pong", source)
                 answer, replier = sender.recvfrom(2048)
                 results[f"udp{version}"] = {
@@ -598,12 +769,23 @@ async def main():
                     "from": replier[:2],
                 }
         refused = []
-        for address, port in (("192.0.2.1", 53), ("198.18.0.99", 53), ("198.18.0.1", 53)):
-            try:
-                (await client.reply_socket(address, port)).close()
-                refused.append("made")
-            except FirewallError as exc:
-                refused.append(str(exc))
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as program:
+            program.bind(("0.0.0.0", 0))
+            mine = ("198.18.0.1", program.getsockname()[1])
+            for address, port, sender in (
+                ("192.0.2.1", 53, mine),
+                ("198.18.0.99", 53, mine),
+                ("198.18.0.1", 53, mine),
+                ("198.19.255.255", 53, mine),
+                ("198.18.0.0", 53, mine),
+                ("198.18.0.5", 53, ("198.18.0.1", 1)),
+                ("198.18.0.5", 53, ("198.18.0.2", mine[1])),
+            ):
+                try:
+                    (await client.reply_socket(address, port, sender)).close()
+                    refused.append("made")
+                except FirewallError as exc:
+                    refused.append(str(exc).replace(str(mine[1]), "P"))
         results["refused"] = refused
         for sock in sockets.values():
             sock.close()
@@ -708,12 +890,20 @@ def test_a_client_of_another_uid_gets_working_transparent_sockets(
         "shuttle-firewalld: 192.0.2.1:53 is not inside the session's subnets (or is excluded)",
         "shuttle-firewalld: 198.18.0.99:53 is not inside the session's subnets (or is excluded)",
         "shuttle-firewalld: 198.18.0.1:53 is this host's own address, which is never captured",
+        "shuttle-firewalld: 198.19.255.255:53 is a broadcast address, not one a reply may come "
+        "from",
+        "shuttle-firewalld: 198.18.0.0:53 is the network address of 198.18.0.0/15, a subnet of "
+        "this host",
+        # No program there, nor at an address that is not this host's.
+        "shuttle-firewalld: no UDP socket takes datagrams at 198.18.0.1:1, where the flow's "
+        "program would be",
+        "shuttle-firewalld: the program at 198.18.0.2:P has no address of this host",
     ]
     # The client closed the session: nothing of it is left.
     assert shuttle_tables(netns) == []
     assert ip_state(netns) == []
     assert (
-        f"session {short} of uid 65534 closed by uid 65534: 19 tproxy rules removed" in daemon.log
+        f"session {short} of uid 65534 closed by uid 65534: 23 tproxy rules removed" in daemon.log
     )
 
 
@@ -830,7 +1020,7 @@ def test_dns_to_the_nameservers_is_diverted_with_its_original_destination(
                     )
                     original = original_destination(ancillary)
                     diverted.append((data, original))
-                    with asyncio.run(client.reply_socket(*original)) as reply:
+                    with asyncio.run(client.reply_socket(*original, source[:2])) as reply:
                         reply.sendto(b"echo " + data, source)
                 answers, _ = querier.communicate(timeout=60)
             finally:
@@ -843,7 +1033,7 @@ def test_dns_to_the_nameservers_is_diverted_with_its_original_destination(
             assert nothing_waits(sockets)
             # A reply socket at a nameserver's port 53 only.
             with pytest.raises(FirewallError, match=r"10\.53\.0\.53:54 is not inside the sess"):
-                asyncio.run(client.reply_socket("10.53.0.53", 54))
+                asyncio.run(client.reply_socket("10.53.0.53", 54, ("10.53.0.1", 1)))
         finally:
             for sock in sockets.values():
                 sock.close()
@@ -870,13 +1060,18 @@ def test_an_update_diverts_the_new_targets_to_the_same_sockets(
         _, sockets = asyncio.run(client.tproxy_sockets())
         try:
             # IPv4 port 443 only: IPv6 leaves the table, its sockets, rule and route stay.
-            assert update_session(client, [("198.18.0.0/15", 443, 443)], []) == 9 + 4
-            assert nft_set_sizes(netns, table) == {"exclude4": 0, "include4": 1}
+            assert update_session(client, [("198.18.0.0/15", 443, 443)], []) == 13 + 4
+            assert nft_set_sizes(netns, table) == {
+                "exclude4": 0,
+                "include4": 1,
+                "flows4": 0,
+                "flows6": 0,
+            }
             assert "198.18.0.0/15 . 443" in nft(netns, "list", "set", "inet", table, "include4")
             assert ip_state(netns) == routes
             # And comes back, on port 443: the sockets the client has take it.
             subnets = [("198.18.0.0/15", 443, 443), ("fd00:5e::/32", 443, 443)]
-            assert update_session(client, subnets, []) == 15 + 4
+            assert update_session(client, subnets, []) == 19 + 4
             assert connect(netns, [("198.18.0.5", 443), ("fd00:5e::5", 443)]) == ["connected"] * 2
             accepted = []
             for version in (4, 6):
