@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import shlex
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import IO, Callable, Optional, Sequence, cast
 
 POLL = 0.05
 
@@ -146,3 +148,65 @@ class Proc:
 
     def describe(self) -> str:
         return f"--- {self.name} ({shlex.join(self.argv)}) ---\n{self.output()}"
+
+
+class Dialogue:
+    """A process spoken to line by line: its stdin and stdout are pipes (a thread reads the
+    lines as they come), its stderr is kept for the error when it stops short. Every wait for
+    a line is bounded by timeout."""
+
+    def __init__(self, argv: Sequence[str], timeout: float = 30.0):
+        self.timeout = timeout
+        self.argv = list(argv)
+        self.popen = subprocess.Popen(
+            self.argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        # Pipes, as asked above (Popen's types allow None).
+        self._stdin, self._stdout, self._stderr = (
+            cast(IO[str], pipe) for pipe in (self.popen.stdin, self.popen.stdout, self.popen.stderr)
+        )
+        self._lines: queue.Queue[str] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self._stdout:
+            self._lines.put(line)
+        self._lines.put("")  # the end
+
+    def tell(self, line: str) -> None:
+        self._stdin.write(line + "\n")
+        self._stdin.flush()
+
+    def line(self) -> str:
+        """The next line the process prints; CommandError, with what it wrote to stderr, if
+        it ends first or prints nothing within timeout."""
+        try:
+            line = self._lines.get(timeout=self.timeout)
+        except queue.Empty:
+            line = ""
+        if not line:
+            raise CommandError(f"no line from {shlex.join(self.argv)}: {self.close()}")
+        return line
+
+    def close(self) -> str:
+        """Kill the process if it still runs, and close its pipes; what it wrote to stderr
+        (once: "" after that)."""
+        _kill_group(self.popen)  # type: ignore[arg-type]
+        if self._stderr.closed:
+            return ""
+        try:
+            self.popen.wait(10)
+            error = self._stderr.read()
+        except subprocess.TimeoutExpired:  # unkillable: leave its pipes be
+            return ""
+        self._reader.join(10)  # it ends at the end of stdout
+        for pipe in (self._stdin, self._stdout, self._stderr):
+            with contextlib.suppress(OSError):  # stdin: the process left unread bytes
+                pipe.close()
+        return error

@@ -8,6 +8,7 @@ routing table behind.
 
 from __future__ import annotations
 
+import json
 import signal
 from typing import Any, Dict, List
 
@@ -16,6 +17,8 @@ import pytest
 from testbed import (
     BULK_PORT,
     ECHO_PORT,
+    S_ADDR6_C,
+    S_ADDR_C,
     T_ADDR,
     T_ADDR2,
     T_ADDR6,
@@ -29,10 +32,11 @@ from testbed import (
     nft_tables,
     ready_line,
     ready_method,
+    reply_attacker,
     routing_leftovers,
 )
-from testbed.config import url_host
-from testbed.procs import Proc
+from testbed.config import C_ADDR, C_ADDR6, url_host
+from testbed.procs import Dialogue, Proc
 
 from .checks import assert_echo, assert_no_rules, assert_not_captured, assert_page
 
@@ -155,6 +159,94 @@ def test_other_users_udp_and_tcp_are_not_captured(shuttle: Shuttle) -> None:
     for host in (T_ADDR, T_ADDR6):
         assert_udp_echo(shuttle, host)
         assert_page(shuttle, host)
+
+
+# --- another member's reply sockets ---------------------------------------------------------
+
+# A program of the first user: on each line of stdin one datagram to T's UDP echo, then every
+# datagram that came back within a second, with its sender, as JSON.
+PROGRAM = f"""\
+import json, select, socket, sys
+program = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+program.bind(("0.0.0.0", 0))
+print(program.getsockname()[1], flush=True)
+for line in sys.stdin:
+    program.sendto(line.strip().encode(), ("{T_ADDR}", {UDP_ECHO_PORT}))
+    got = []
+    while select.select([program], [], [], 1.0)[0]:
+        answer, sender = program.recvfrom(65535)
+        got.append([answer.decode(), list(sender[:2])])
+    print(json.dumps(got), flush=True)
+"""
+
+
+def test_another_member_can_neither_spoof_nor_steal_the_users_udp(shuttle: Shuttle) -> None:
+    """The second user, in firewalld's group too, with a tproxy session of its own on
+    everything, tries testbed/reply_attacker.py's attacks on a flow of the first user's
+    program, which the first user's client carries: each fails, and the flow goes on."""
+    topo = shuttle.topo
+    start_tproxy(shuttle)
+    python = shuttle.venv.program("python")
+    program = Dialogue(topo.user_argv([python, "-c", PROGRAM]))
+    processes = [program]
+    try:
+        port = int(program.line())
+        program.tell("before")
+        before = json.loads(program.line())
+        attack = {
+            "socket": str(shuttle.socket),
+            "victim_uid": topo.user.uid,
+            "program": C_ADDR,
+            "program6": C_ADDR6,
+            "destination": T_ADDR,
+            "port": UDP_ECHO_PORT,
+            "broadcast": "198.18.1.255",
+            "network": "198.18.1.0",
+            "network6": "fd00:5e:1::",
+            "spoofed": T_ADDR2,
+            "spoofed6": T_ADDR6_2,
+            "outside": S_ADDR_C,
+            "outside6": S_ADDR6_C,
+        }
+        argv = [python, reply_attacker.__file__, json.dumps(attack)]
+        attacker = Dialogue(topo.user_argv(argv, user=topo.user2))
+        processes.append(attacker)
+        assert attacker.line() == "ready\n"
+        program.tell("during")
+        during = json.loads(program.line())
+        attacker.tell("go on")
+        results = json.loads(attacker.line())
+        program.tell("after")
+        after = json.loads(program.line())
+    finally:
+        for process in processes:
+            process.close()
+    # Each datagram echoed once, from T's echo, through the first user's client; no other.
+    echo = [f"{T_ADDR}", UDP_ECHO_PORT]
+    assert [before, during, after] == [[[word, echo]] for word in ("before", "during", "after")]
+    refused = "Operation not permitted"
+    assert results == {
+        "victims flow": f"shuttle-firewalld: the program's socket at {C_ADDR}:{port} is uid "
+        f"{topo.user.uid}'s, whose traffic this session does not capture (only uid "
+        f"{topo.user2.uid}'s)",
+        "broadcast": "shuttle-firewalld: 198.18.1.255:53 is a broadcast address, not one a "
+        "reply may come from",
+        "network": "shuttle-firewalld: 198.18.1.0:53 is the network address of 198.18.1.0/24, "
+        "a subnet of this host",
+        "network6": "shuttle-firewalld: [fd00:5e:1::]:53 is the network address of "
+        "fd00:5e:1::/64, a subnet of this host",
+        "sent": {
+            "outside": refused,
+            "victim": refused,
+            "outside6": refused,
+            "own": "sent",
+            "own6": "sent",
+        },
+        "own": [[T_ADDR2, 53], [T_ADDR6_2, 53]],
+        "fences": [refused] * 3,
+        "hijack": refused,
+        "stolen": "timed out",
+    }
 
 
 # --- leftovers -------------------------------------------------------------------------------

@@ -52,6 +52,8 @@ from firewalld.conftest import (
     shuttle_tables,
     update_session,
 )
+from testbed import reply_attacker
+from testbed.procs import Dialogue
 
 
 def flow(program: str, program_port: int, destination: str, port: int) -> Flow:
@@ -1109,3 +1111,174 @@ def test_an_update_to_an_ip_version_without_sockets_is_refused(
     finally:
         close_session(client)
     assert (shuttle_tables(netns), ip_state(netns)) == ([], [])
+
+
+# --- a second member's reply sockets: no spoofing, no stealing ------------------------------
+
+# The victim (uid 65534): a program's socket, and the victim's own client on its session,
+# which answers each captured datagram from a reply socket, as shuttle-client does. On each
+# line of stdin the program sends one datagram to 198.18.0.5:5000 and prints every datagram
+# it gets back.
+VICTIM = """\
+import asyncio, json, select, socket, sys
+from shuttle_client.firewall_session import FirewallSession
+
+IP_ORIGDSTADDR = 20
+
+
+async def main():
+    client = FirewallSession(sys.argv[1])
+    await client.open("tproxy", 1, ["198.18.0.0/15"], [])
+    _, sockets = await client.tproxy_sockets()
+    captured = sockets["udp4"]
+    captured.settimeout(5)
+    program = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    program.bind(("0.0.0.0", 0))
+    print(json.dumps({"port": program.getsockname()[1]}), flush=True)
+    replies = {}
+    for line in sys.stdin:
+        program.sendto(line.strip().encode(), ("198.18.0.5", 5000))
+        try:
+            data, ancillary, _, source = captured.recvmsg(2048, socket.CMSG_SPACE(64))
+        except TimeoutError:  # someone else's socket took it
+            print(json.dumps("lost"), flush=True)
+            continue
+        port = int.from_bytes(ancillary[0][2][2:4], "big")
+        original = (socket.inet_ntoa(ancillary[0][2][4:8]), port)
+        if original not in replies:
+            replies[original] = await client.reply_socket(*original, source[:2])
+        replies[original].sendto(b"echo " + data, source)
+        got = []
+        while select.select([program], [], [], 1.0)[0]:  # until nothing came for a second
+            answer, sender = program.recvfrom(2048)
+            got.append([answer.decode(), list(sender)])
+        print(json.dumps(got), flush=True)
+    await client.close()
+
+
+asyncio.run(main())
+"""
+
+# Another member: in nobody's group, which may use firewalld here; testbed/reply_attacker.py.
+ATTACKER_UID = ["setpriv", "--reuid=65533", "--regid=65534", "--clear-groups"]
+
+
+@pytest.fixture
+def outside(tproxy_net: str) -> Iterator[str]:
+    """The other end of tproxy_net's veth pair in a namespace of its own, the outside host
+    198.18.0.7 and fd00:5e::7: whatever it receives left the first namespace."""
+    name = tproxy_net + "-out"
+
+    def run(*argv: str) -> None:
+        subprocess.run(argv, check=True, timeout=10)
+
+    run(IP, "netns", "add", name)
+    try:
+        run(IP, "-n", tproxy_net, "link", "set", "fwt1", "netns", name)
+        run(IP, "-n", name, "link", "set", "fwt1", "up")
+        run(IP, "-n", name, "addr", "add", "198.18.0.7/15", "dev", "fwt1")
+        run(IP, "-n", name, "-6", "addr", "add", "fd00:5e::7/32", "dev", "fwt1", "nodad")
+        yield name
+    finally:
+        subprocess.run([IP, "netns", "del", name], check=False, timeout=10)
+
+
+# The outside host: a socket per family on port 7; it prints what arrived when told to stop.
+OUTSIDE = """\
+import json, select, socket, sys
+sockets = [socket.socket(family, socket.SOCK_DGRAM) for family in (socket.AF_INET, socket.AF_INET6)]
+sockets[0].bind(("198.18.0.7", 7))
+sockets[1].bind(("fd00:5e::7", 7))
+print("listening", flush=True)
+got = []
+for _ in range(100):
+    ready = select.select([*sockets, sys.stdin], [], [], 30)[0]
+    if not ready or sys.stdin in ready:
+        break
+    for sock in ready:
+        got.append(list(sock.recvfrom(100)[1][:2]))
+print(json.dumps(got), flush=True)
+"""
+
+
+@pytest.mark.integration
+def test_a_second_member_can_neither_spoof_nor_steal_with_reply_sockets(
+    tproxy_net: str, outside: str, start_firewalld: Callable[..., Daemon]
+) -> None:
+    netns = tproxy_net
+    daemon = start_firewalld(group="nogroup", lease=30)
+    path = str(daemon.socket_path)
+    victim = Dialogue(in_netns(netns, NOBODY, VICTIM, path))
+    processes = [victim]
+    try:
+        victims_port = json.loads(victim.line())["port"]
+        victim.tell("first")  # the victim's flow works before the attack
+        before = json.loads(victim.line())
+        receiver = Dialogue([IP, "netns", "exec", outside, sys.executable, "-c", OUTSIDE])
+        processes.append(receiver)
+        assert receiver.line() == "listening\n"
+        attack = {
+            "socket": path,
+            "victim_uid": 65534,
+            "program": "198.18.0.1",
+            "program6": "fd00:5e::1",
+            "destination": "198.18.0.5",
+            "port": 5000,
+            "broadcast": "198.19.255.255",
+            "network": "198.18.0.0",
+            "network6": "fd00:5e::",
+            "spoofed": "198.18.0.99",
+            "spoofed6": "fd00:5e::99",
+            "outside": "198.18.0.7",
+            "outside6": "fd00:5e::7",
+        }
+        argv = [sys.executable, reply_attacker.__file__, json.dumps(attack)]
+        attacker = Dialogue([IP, "netns", "exec", netns, *ATTACKER_UID, *argv])
+        processes.append(attacker)
+        assert attacker.line() == "ready\n"
+        victim.tell("second")  # and during it
+        during = json.loads(victim.line())
+        attacker.tell("go on")
+        results = json.loads(attacker.line())
+        receiver.tell("stop")
+        reached_outside = json.loads(receiver.line())
+        victim.tell("third")  # and after it
+        after = json.loads(victim.line())
+    finally:
+        for process in processes:
+            process.close()
+    echo = [f"echo {word}" for word in ("first", "second", "third")]
+    # The victim's flow: each datagram answered once, from its destination, and nothing else.
+    assert [before, during, after] == [[[text, ["198.18.0.5", 5000]]] for text in echo]
+    assert results["victims flow"] == (
+        f"shuttle-firewalld: the program's socket at 198.18.0.1:{victims_port} is uid 65534's, "
+        "whose traffic this session does not capture (only uid 65533's)"
+    )
+    assert results["broadcast"] == (
+        "shuttle-firewalld: 198.19.255.255:53 is a broadcast address, not one a reply may come from"
+    )
+    assert results["network"] == (
+        "shuttle-firewalld: 198.18.0.0:53 is the network address of 198.18.0.0/15, a subnet of "
+        "this host"
+    )
+    assert results["network6"] == (
+        "shuttle-firewalld: [fd00:5e::]:53 is the network address of fd00:5e::/32, a subnet of "
+        "this host"
+    )
+    # nft drops what is not a reply to its own flow (the socket hears EPERM), and nothing
+    # reached the outside host; its own programs got theirs, from the flows' destinations.
+    refused = "Operation not permitted"
+    assert results["sent"] == {
+        "outside": refused,
+        "victim": refused,
+        "outside6": refused,
+        "own": "sent",
+        "own6": "sent",
+    }
+    assert results["own"] == [["198.18.0.99", 53], ["fd00:5e::99", 53]]
+    assert reached_outside == []
+    # Connected to the victim's program, it neither reaches it nor takes its datagrams, and
+    # the client can take none of the fences off.
+    assert results["hijack"] == refused
+    assert results["stolen"] == "timed out"
+    assert results["fences"] == [refused] * 3
