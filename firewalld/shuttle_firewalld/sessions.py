@@ -13,7 +13,7 @@ import logging
 import secrets
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 
 from shuttle_protocol.firewall_messages import (
@@ -31,6 +31,7 @@ from .methods.base import Method
 from .methods.choice import choose
 from .policy import DEFAULT_PATH, Policy
 from .ports import Listener, port_problem, sockets_on
+from .sockdiag import SockDiagError
 from .targets import Address, Target
 from .transparent import is_local, reply_problem, reply_socket
 
@@ -139,16 +140,7 @@ class Sessions:
         # DNS over TCP to an IPv6 nameserver lands on the TCP listener's IPv6 side, too.
         versions = {target.version for target in subnets} | dns_versions
         if not self._methods[method].makes_sockets:  # else the request's port means nothing
-            problem = port_problem(
-                self._listeners_of_port(request.port),
-                request.port,
-                caller,
-                versions,
-                request.forward,
-                dns_versions=dns_versions,
-            )
-            if problem is not None:
-                raise RequestError(problem)
+            self._check_port(caller, request.port, versions, request.forward, dns_versions)
         owned = sum(1 for session in self._open.values() if session.caller == caller)
         if owned >= MAX_SESSIONS_PER_UID:
             raise RequestError(f"uid {caller} already has {MAX_SESSIONS_PER_UID} sessions open")
@@ -191,6 +183,25 @@ class Sessions:
             session.scope(),
         )
         return session
+
+    def _check_port(
+        self,
+        caller: int,
+        port: int,
+        versions: Collection[int],
+        forward: bool,
+        dns_versions: Collection[int],
+    ) -> None:
+        """RequestError unless port is a fit redirect target for caller (port_problem)."""
+        try:
+            listeners = self._listeners_of_port(port)
+        except SockDiagError as exc:  # without the kernel's word, the port is nobody's
+            raise RequestError(f"cannot tell who listens on port {port}: {exc}") from None
+        problem = port_problem(
+            listeners, port, caller, versions, forward, dns_versions=dns_versions
+        )
+        if problem is not None:
+            raise RequestError(problem)
 
     def owned(self, session_id: str, caller: int) -> Session:
         """The open session with this id if caller owns it; others' sessions stay invisible."""
@@ -242,16 +253,7 @@ class Sessions:
         # The port must still be the caller's, for every version captured from now on: the
         # caller may have closed its listener since open, and another uid taken the port.
         if not method.makes_sockets:
-            problem = port_problem(
-                self._listeners_of_port(session.port),
-                session.port,
-                session.caller,
-                versions,
-                session.forward,
-                dns_versions=dns_versions,
-            )
-            if problem is not None:
-                raise RequestError(problem)
+            self._check_port(session.caller, session.port, versions, session.forward, dns_versions)
         rules = method.update(session, new_subnets, new_excludes)
         session.subnets, session.excludes, session.rules = new_subnets, new_excludes, rules
         # As after open: applying many rules takes a while, and the caller's heartbeat waits.

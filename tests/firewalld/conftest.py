@@ -124,8 +124,14 @@ class FakeClock:
         return self.now
 
 
-def listening(port: int, uid: int, *addresses: str, protocol: str = "tcp") -> list[ListeningSocket]:
-    return [ListeningSocket(ipaddress.ip_address(a), port, uid, protocol) for a in addresses]
+def listening(
+    port: int, uid: int, *addresses: str, protocol: str = "tcp", v6only: bool = False
+) -> list[ListeningSocket]:
+    """Sockets as ports.sockets_on describes them; v6only: the IPv6 ones are IPV6_V6ONLY."""
+    return [
+        ListeningSocket(ipaddress.ip_address(a), port, uid, protocol, v6only and ":" in a)
+        for a in addresses
+    ]
 
 
 # Port 12300: uid 1000 on both loopbacks; 12301: uid 0 on 127.0.0.1; 12302: uid 1000 on the

@@ -10,7 +10,10 @@ from typing import Any
 import pytest
 from shuttle_client.firewall_session import FirewallError, FirewallSession
 from shuttle_firewalld.errors import RequestError
+from shuttle_firewalld.policy import Policy
+from shuttle_firewalld.ports import Listener as ListeningSocket
 from shuttle_firewalld.sessions import MAX_SESSIONS_PER_UID, Session, Sessions
+from shuttle_firewalld.sockdiag import SockDiagError
 from shuttle_protocol.firewall_messages import (
     MAX_SESSIONS,
     CloseSessionAnswer,
@@ -532,3 +535,19 @@ def first_chain(lines: list[str], other: str) -> str:
         for line in lines
         if line.startswith(":SHUTTLE-") and not line.startswith(f":{other}")
     )
+
+
+def test_a_socket_table_that_cannot_be_read_refuses_the_port(
+    method: FakeMethod, clock: FakeClock
+) -> None:
+    def unreadable(port: int) -> list[ListeningSocket]:
+        raise SockDiagError("sock_diag: [Errno 111] no")
+
+    sessions = Sessions(
+        {"nat": method}, 6.0, policy=Policy(POLICY_PATH), listeners_of_port=unreadable, clock=clock
+    )
+    with pytest.raises(
+        RequestError, match=r"^cannot tell who listens on port 12300: sock_diag: \[Errno 111\] no$"
+    ):
+        sessions.open(1000, open_request(port=12300))
+    assert (len(sessions), method.applied) == (0, [])
