@@ -25,6 +25,7 @@ from shuttle_protocol.firewall_messages import (
 from shuttle_protocol.firewall_messages import Target as WireTarget
 
 from .errors import RequestError
+from .exits import Exits, ProcessGone
 from .handover import Grants
 from .hosts_file import HostsFile
 from .methods.base import Method
@@ -55,6 +56,7 @@ class Session:
     gid: int = ANY_OWNER  # and of which group; ANY_OWNER: any
     forward: bool = False  # also traffic routed through this host
     dns: tuple[Address, ...] = ()  # nameservers: TCP and UDP to their port 53 captured too
+    pid: int | None = None  # the process that opened it: the session ends when it does
     rules: int = 0
     opened: float = 0.0  # when its rules went in (the clock of Sessions)
     hosts: int = 0  # entries its last SetHosts wrote into the hosts file
@@ -98,10 +100,12 @@ class Sessions:
         local: Callable[[Address], bool] = is_local,
         hosts: HostsFile | None = None,
         on_change: Callable[[int], None] = lambda count: None,
+        exits: Exits | None = None,
     ) -> None:
         """methods: every method this firewalld has (see disable); fd_path: the fd socket,
         where tokens are redeemed (server.FdServer listens there); on_change: told the
-        number of open sessions whenever one opens or closes."""
+        number of open sessions whenever one opens or closes; exits: the watch on the
+        processes that opened sessions (its fileno() belongs in the daemon's poller)."""
         self.lease = lease
         self.grants = Grants(fd_path, clock)
         self._make_reply_socket = make_reply_socket
@@ -115,6 +119,7 @@ class Sessions:
         self._hosts = hosts if hosts is not None else HostsFile()
         self._with_hosts: set[str] = set()  # ids of sessions that may have a hosts block
         self._on_change = on_change
+        self.exits = exits if exits is not None else Exits()
 
     def __len__(self) -> int:
         return len(self._open)
@@ -127,8 +132,13 @@ class Sessions:
         """The method a session asking for this gets; RequestError if it does not work."""
         return choose(requested, self._methods, self._broken)
 
-    def open(self, caller: int, request: OpenSessionRequest) -> Session:
-        """Check the caller's request against policy, apply it, and register the session."""
+    def open(self, caller: int, request: OpenSessionRequest, pid: int | None = None) -> Session:
+        """Check the caller's request against policy, apply it, and register the session.
+
+        pid: the calling process (the kernel's word, as for caller): the session ends when
+        it exits, as well as when its lease runs out. None (callers inside firewalld's own
+        process only): the lease alone.
+        """
         method = self.choose(request.method)
         refusal = self._policy.check(caller, request.uid, request.forward)
         if refusal is not None:
@@ -162,18 +172,29 @@ class Sessions:
             gid=request.gid,
             forward=request.forward,
             dns=dns,
+            pid=pid,
         )
-        session.rules = self._methods[method].apply(session)
+        if pid is not None:
+            try:
+                self.exits.watch(session_id, pid, caller)
+            except (ProcessGone, OSError) as exc:  # OSError: out of descriptors, say
+                raise RequestError(f"cannot watch the calling process: {exc}") from None
+        try:
+            session.rules = self._methods[method].apply(session)
+        except BaseException:
+            self.exits.forget(session_id)
+            raise
         # The lease starts once the rules are in: applying 10,000 of them takes a while.
         session.opened = self._clock()
         session.deadline = session.opened + self.lease
         self._open[session_id] = session
         self._changed()
         log.info(
-            "session %s opened by uid %d: %s to port %d, %d subnets, %d excludes, "
+            "session %s opened by uid %d (pid %s): %s to port %d, %d subnets, %d excludes, "
             "%d nameservers, %d rules, capturing %s",
             session.short_id,
             caller,
+            pid,
             method,
             session.port,
             len(session.subnets),
@@ -298,6 +319,7 @@ class Sessions:
         """Forget the session and remove its rules; never raises."""
         if self._open.pop(session.id, None) is not None:
             self._changed()
+        self.exits.forget(session.id)
         try:
             self.grants.revoke(session)  # closes the reply sockets not fetched yet
         except Exception:
@@ -328,13 +350,18 @@ class Sessions:
             log.exception("reporting the number of sessions failed")
 
     def expire(self) -> int:
-        """Close every session whose lease has run out; return how many."""
+        """Close every session whose lease has run out or whose opener has exited; return
+        how many."""
+        # A session still being applied is not open yet: it is closed once it is.
+        ended = [self._open[key] for key in self.exits.exited() if key in self._open]
+        for session in ended:
+            self.close(session, f"ended: its process (pid {session.pid}) exited")
         now = self._clock()
         expired = [session for session in self._open.values() if session.deadline <= now]
         for session in expired:
             self.close(session, f"expired (no heartbeat for {self.lease:g} s)")
         self.grants.expire()
-        return len(expired)
+        return len(ended) + len(expired)
 
     def close_all(self, why: str) -> None:
         for session in list(self._open.values()):
