@@ -48,6 +48,8 @@ class Exits:
         """
         if key in self._pidfds:
             raise ValueError(f"{key} is watched already")
+        if pid <= 0:  # SO_PEERCRED's pid of a process that our pid namespace cannot see
+            raise ProcessGone("the calling process is in another pid namespace: not watchable")
         try:
             pidfd = os.pidfd_open(pid)
         except ProcessLookupError:
@@ -72,7 +74,8 @@ class Exits:
         del self._keys[pidfd]
         with contextlib.suppress(OSError):
             self._epoll.unregister(pidfd)
-        os.close(pidfd)
+        with contextlib.suppress(OSError):
+            os.close(pidfd)
 
     def exited(self) -> list[str]:
         """The keys whose process has exited (still watched until forgotten). Never waits."""

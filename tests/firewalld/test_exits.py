@@ -78,6 +78,14 @@ def test_a_process_that_is_gone_is_refused(sleepers: list[subprocess.Popen[bytes
     assert len(exits) == 0
 
 
+def test_a_pid_from_another_pid_namespace_is_refused() -> None:
+    """The kernel gives pid 0 for a peer that firewalld's pid namespace cannot see."""
+    exits = Exits()
+    with pytest.raises(ProcessGone, match=r"^the calling process is in another pid namespace"):
+        exits.watch("a", 0, os.getuid())
+    assert len(exits) == 0
+
+
 def test_another_uids_process_is_refused(sleepers: list[subprocess.Popen[bytes]]) -> None:
     """A pid taken by another user's process (the caller's having exited) is not watched."""
     if os.geteuid() != 0:

@@ -672,3 +672,26 @@ async def main():
 asyncio.run(main())
 time.sleep(120)
 """
+
+
+@pytest.mark.integration
+def test_the_real_daemon_refuses_ipv4_into_an_ipv6_only_wildcard_listener(
+    netns: str, start_firewalld: Callable[..., Daemon], listen: Callable[..., Listener]
+) -> None:
+    """The review's case: an IPv4 session into an IPV6_V6ONLY [::]:P (as the client's own
+    listeners are) was accepted, and anyone could then bind 0.0.0.0:P and take the
+    connections."""
+    daemon = start_firewalld(lease=60)
+    listen(12300, addresses=("::",), v6only=True)
+    with pytest.raises(FirewallError) as refused:
+        open_session(daemon, "nft", 12300, ["10.0.0.0/8"], [])
+    assert str(refused.value) == (
+        "shuttle-firewalld: no listening socket of uid 0 on port 12300 at 127.0.0.1 or a "
+        "wildcard address, where IPv4 connections land"
+    )
+    assert shuttle_tables(netns) == []
+    client, _ = open_session(daemon, "nft", 12300, ["fd00::/8"], [])  # IPv6 lands there
+    try:
+        assert len(shuttle_tables(netns)) == 1
+    finally:
+        close_session(client)
