@@ -43,7 +43,8 @@ Options:
   -s, --subnets=FILE       read SUBNETs from FILE (same format).
   -l, --listen=ADDR        the local redirect listener, [ip:]port; default: port 0 (any
                            free port) on 127.0.0.1 and ::1. A wildcard ip (0.0.0.0, ::)
-                           also captures traffic routed through this host (router use).
+                           also captures traffic routed through this host (router use);
+                           an IPv6 one takes IPv6 only: 0.0.0.0 for IPv4.
   -e, --ssh-cmd=CMD        the ssh command, with its options [default: ssh].
   --python=PATH            python on the server [default: python3].
   --method=METHOD          firewall method: auto, nft, nat or tproxy (TCP and UDP)
@@ -229,6 +230,30 @@ def parse_listen(text: Optional[str]) -> Tuple[Tuple[str, int], ...]:
     return tuple((ip, int(port_text)) for ip in ((host,) if host else LOOPBACKS))
 
 
+def check_listen_families(
+    listen: Sequence[Tuple[str, int]], subnets: Sequence[Target], nameservers: Sequence[str]
+) -> None:
+    """UsageError if something captured is of an IP version no listen address takes.
+
+    The client's IPv6 listeners are IPV6_V6ONLY (proxy.make_listener), so -l [::]:P takes
+    no IPv4: firewalld would refuse the session, as anyone could bind 0.0.0.0:P beside it.
+    """
+    versions = {ipaddress.ip_network(network).version: network for network, _, _ in subnets}
+    for address in nameservers:
+        versions.setdefault(ipaddress.ip_address(address).version, address)
+    listening = {ipaddress.ip_address(host).version for host, _ in listen}
+    for version in sorted(versions.keys() - listening):
+        host, port = listen[0]
+        given = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        other = "0.0.0.0" if version == 4 else "[::]"  # noqa: S104 (an example, not bound)
+        raise UsageError(
+            f"-l {given} listens for IPv{6 if version == 4 else 4} only (the client's IPv6 "
+            f"listeners are IPV6_V6ONLY), but IPv{version} is captured "
+            f"({versions[version]}): use -l {other}:{port} for IPv{version}, or no -l for both "
+            "on the loopback addresses"
+        )
+
+
 def parse_streams(text: str) -> int:
     """--streams: how many ssh sessions, 1 to MAX_STREAMS."""
     if not text.isdigit() or not 1 <= int(text) <= MAX_STREAMS:
@@ -346,12 +371,15 @@ def parse_args(argv: Sequence[str]) -> Options:
     dns, ns_hosts, to_ns = parse_dns(args["--dns"], args["--ns-hosts"], args["--to-ns"])
     if args["--seed-hosts"] is not None and not args["--auto-hosts"]:
         raise UsageError("--seed-hosts needs -H (--auto-hosts)")
+    listen = parse_listen(args["--listen"])
+    if args["--method"] != "tproxy":  # tproxy: firewalld makes the listeners
+        check_listen_families(listen, subnets, ns_hosts)
     return Options(
         ssh_destination=destination,
         ssh_port=port,
         subnets=subnets,
         excludes=excludes,
-        listen=parse_listen(args["--listen"]),
+        listen=listen,
         ssh_cmd=ssh_cmd,
         python=args["--python"],
         method=args["--method"],

@@ -1,26 +1,22 @@
-"""Who listens on a port, and where, from the kernel's socket tables /proc/net/{tcp,udp}{,6}.
+"""Who listens on a port, and where, from the kernel's socket table (sock_diag).
 
 A session may redirect traffic only into a port its caller listens on, on an address the
 redirected connections land on (and with nameservers, DNS datagrams too: then the caller's
-UDP socket must be there as well); the uid column of these tables is the socket owner's, as
-the kernel recorded it.
+UDP socket must be there as well); the uid sock_diag reports is the socket owner's, as the
+kernel recorded it, and it says which IPv6 sockets are IPV6_V6ONLY.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import sys
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 from shuttle_protocol.firewall_messages import ANY_OWNER
 
+from .sockdiag import dump
 from .targets import Address
 from .transparent import show
-
-TCP_TABLES = ("/proc/net/tcp", "/proc/net/tcp6")
-UDP_TABLES = ("/proc/net/udp", "/proc/net/udp6")
-TCP_LISTEN = "0A"  # include/net/tcp_states.h: TCP_LISTEN = 10
 
 V4_ANY = ipaddress.IPv4Address("0.0.0.0")  # noqa: S104  (recognised, not bound)
 V6_ANY = ipaddress.IPv6Address("::")
@@ -32,83 +28,43 @@ FAMILY = {4: "IPv4", 6: "IPv6"}
 @dataclass(frozen=True)
 class Listener:
     """One socket that takes what is redirected to its port: a listening TCP socket, or a
-    bound UDP socket (protocol "udp"); its local address and port, and its owner's uid."""
+    bound UDP socket (protocol "udp"); its local address and port, its owner's uid, and
+    for IPv6 whether it is IPV6_V6ONLY (then it takes no IPv4, even on ::)."""
 
     address: Address
     port: int
     uid: int
     protocol: str = "tcp"
+    v6only: bool = False
 
 
-def parse_address(text: str) -> Address:
-    """A local_address column's address: 8 or 32 hex digits.
-
-    The kernel prints each 32-bit word of the (network order) address as a host-order
-    integer, so on a little-endian host 127.0.0.1 reads "0100007F": undo that per word.
-    """
-    if len(text) not in (8, 32):
-        raise ValueError(f"address of {len(text)} hex digits")
-    raw = b"".join(
-        int(text[i : i + 8], 16).to_bytes(4, sys.byteorder) for i in range(0, len(text), 8)
-    )
-    return ipaddress.ip_address(raw)
-
-
-def parse_listeners(text: str, protocol: str = "tcp") -> Iterator[Listener]:
-    """Each listening socket in one table; other lines, and lines that do not parse, skipped.
-
-    protocol "udp": every socket of a UDP table counts, connected or not. A connected one
-    takes datagrams from its peer only, but it holds the address and port all the same, and
-    another user's could take the caller's datagrams from that peer.
-    """
-    for line in text.splitlines()[1:]:  # the first line is the column header
-        fields = line.split()
-        # sl local_address rem_address st tx:rx tr:tm retrnsmt uid timeout inode ...
-        if len(fields) < 10 or (protocol == "tcp" and fields[3] != TCP_LISTEN):
-            continue
-        address_hex, _, port_hex = fields[1].rpartition(":")
-        try:
-            address, port = parse_address(address_hex), int(port_hex, 16)
-            yield Listener(address, port, int(fields[7]), protocol)
-        except ValueError:
-            continue
-
-
-def all_listeners(tables: Iterable[str] = TCP_TABLES, protocol: str = "tcp") -> list[Listener]:
-    """The sockets of one protocol listening on any port, in this network namespace."""
-    found: list[Listener] = []
-    for path in tables:
-        try:
-            with open(path, encoding="ascii") as table:
-                text = table.read()
-        except FileNotFoundError:  # no tcp6 or udp6 table when IPv6 is disabled
-            continue
-        found.extend(parse_listeners(text, protocol))
-    return found
-
-
-def listeners_on(
-    port: int, tables: Iterable[str] = TCP_TABLES, protocol: str = "tcp"
-) -> list[Listener]:
-    """The sockets of one protocol listening on port, in this network namespace."""
-    return [item for item in all_listeners(tables, protocol) if item.port == port]
+def listeners_on(port: int | None, protocol: str = "tcp") -> list[Listener]:
+    """The sockets of one protocol on port, or on any port if None (TCP: listening ones;
+    UDP: every one, connected or not: a connected one takes datagrams from its peer only,
+    but it holds the address and port all the same), in this network namespace.
+    SockDiagError if the kernel's table cannot be read."""
+    return [
+        Listener(item.address, item.port, item.uid, protocol, item.v6only)
+        for version in (4, 6)
+        for item in dump(version, protocol, port)
+    ]
 
 
 def sockets_on(port: int) -> list[Listener]:
     """The TCP sockets listening on port and the UDP sockets bound to it."""
-    return listeners_on(port) + listeners_on(port, UDP_TABLES, "udp")
+    return listeners_on(port) + listeners_on(port, "udp")
 
 
 def udp_sockets() -> list[Listener]:
     """Every UDP socket of this network namespace, bound or connected, with its owner."""
-    return all_listeners(UDP_TABLES, "udp")
+    return listeners_on(None, "udp")
 
 
-def _takes(bound: Address, address: Address) -> bool:
-    """Whether a UDP socket bound to this address may be given datagrams to address."""
+def _takes(bound: Listener, address: Address) -> bool:
+    """Whether this UDP socket may be given datagrams to address."""
     if isinstance(address, ipaddress.IPv4Address):
         return _v4_of(bound) in (address, V4_ANY)
-    return bound in (address, V6_ANY)
+    return bound.address in (address, V6_ANY)
 
 
 def program_problem(
@@ -123,7 +79,7 @@ def program_problem(
     reached = [
         item
         for item in sockets
-        if item.protocol == "udp" and item.port == port and _takes(item.address, address)
+        if item.protocol == "udp" and item.port == port and _takes(item, address)
     ]
     if not reached:
         return f"no UDP socket takes datagrams at {where}, where the flow's program would be"
@@ -143,14 +99,17 @@ def _other_uid(sockets: Iterable[Listener], uid: int) -> int | None:
     return min((item.uid for item in sockets if item.uid != uid), default=None)
 
 
-def _v4_of(address: Address) -> ipaddress.IPv4Address | None:
+def _v4_of(listener: Listener) -> ipaddress.IPv4Address | None:
     """The IPv4 address a socket bound to this address would accept connections for, if any.
 
-    An IPv6 socket bound to :: (unless IPV6_V6ONLY, which /proc does not show) or to an
-    IPv4-mapped address accepts IPv4 connections too.
+    An IPv6 socket bound to :: or to an IPv4-mapped address accepts IPv4 connections too,
+    unless it is IPV6_V6ONLY.
     """
+    address = listener.address
     if isinstance(address, ipaddress.IPv4Address):
         return address
+    if listener.v6only:
+        return None
     if address == V6_ANY:
         return V4_ANY
     return address.ipv4_mapped
@@ -164,7 +123,7 @@ def reaches(listener: Listener, version: int, forward: bool) -> bool:
     (PREROUTING), on the address of the interface it came in on: any local address.
     """
     if version == 4:
-        v4 = _v4_of(listener.address)
+        v4 = _v4_of(listener)
         return v4 is not None and (forward or v4 in (V4_ANY, V4_LOOPBACK))
     address = listener.address
     if not isinstance(address, ipaddress.IPv6Address) or address.ipv4_mapped is not None:
@@ -177,7 +136,7 @@ def covers(listener: Listener, version: int, forward: bool) -> bool:
     if not forward:
         return reaches(listener, version, forward)
     if version == 4:
-        return _v4_of(listener.address) == V4_ANY
+        return _v4_of(listener) == V4_ANY
     return listener.address == V6_ANY
 
 

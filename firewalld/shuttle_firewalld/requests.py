@@ -36,30 +36,45 @@ from .errors import RequestError
 from .sessions import Session, Sessions
 
 
-def _open(sessions: Sessions, uid: int, request: OpenSessionRequest, session: None) -> Message:
-    opened = sessions.open(uid, request)
+@dataclass(frozen=True)
+class Caller:
+    """Who sent a request, as the kernel says: its uid, and its pid (None: a caller inside
+    firewalld's own process, whose sessions only their lease ends)."""
+
+    uid: int
+    pid: int | None = None
+
+
+def _open(
+    sessions: Sessions, caller: Caller, request: OpenSessionRequest, session: None
+) -> Message:
+    opened = sessions.open(caller.uid, request, caller.pid)
     return OpenSessionAnswer(opened.id, sessions.lease, opened.method)
 
 
 def _heartbeat(
-    sessions: Sessions, uid: int, request: HeartbeatRequest, session: Session
+    sessions: Sessions, caller: Caller, request: HeartbeatRequest, session: Session
 ) -> Message:
     sessions.heartbeat(session)
     return HeartbeatAnswer()
 
 
-def _close(sessions: Sessions, uid: int, request: CloseSessionRequest, session: Session) -> Message:
-    sessions.close(session, f"closed by uid {uid}")
+def _close(
+    sessions: Sessions, caller: Caller, request: CloseSessionRequest, session: Session
+) -> Message:
+    sessions.close(session, f"closed by uid {caller.uid}")
     return CloseSessionAnswer()
 
 
-def _sockets(sessions: Sessions, uid: int, request: SocketsRequest, session: Session) -> Message:
+def _sockets(
+    sessions: Sessions, caller: Caller, request: SocketsRequest, session: Session
+) -> Message:
     token = sessions.grants.issue(session)
     return SocketsAnswer(token, sessions.grants.path, session.port)
 
 
 def _reply_socket(
-    sessions: Sessions, uid: int, request: ReplySocketRequest, session: Session
+    sessions: Sessions, caller: Caller, request: ReplySocketRequest, session: Session
 ) -> Message:
     token = sessions.reply_socket(
         session, request.address, request.port, request.program_address, request.program_port
@@ -67,16 +82,20 @@ def _reply_socket(
     return ReplySocketAnswer(token, sessions.grants.path)
 
 
-def _set_hosts(sessions: Sessions, uid: int, request: SetHostsRequest, session: Session) -> Message:
+def _set_hosts(
+    sessions: Sessions, caller: Caller, request: SetHostsRequest, session: Session
+) -> Message:
     return SetHostsAnswer(sessions.set_hosts(session, request.hosts))
 
 
-def _list(sessions: Sessions, uid: int, request: ListSessionsRequest, session: None) -> Message:
-    return ListSessionsAnswer(sessions.visible(uid))
+def _list(
+    sessions: Sessions, caller: Caller, request: ListSessionsRequest, session: None
+) -> Message:
+    return ListSessionsAnswer(sessions.visible(caller.uid))
 
 
 def _update(
-    sessions: Sessions, uid: int, request: UpdateSessionRequest, session: Session
+    sessions: Sessions, caller: Caller, request: UpdateSessionRequest, session: Session
 ) -> Message:
     return UpdateSessionAnswer(sessions.update(session, request.subnets, request.excludes))
 
@@ -105,8 +124,9 @@ TABLE: Mapping[type[Message], Allowed] = {
 }
 
 
-def handle(sessions: Sessions, uid: int, request: Message) -> Message:
-    """The answer to one decoded request from uid; RequestError if it is refused."""
+def handle(sessions: Sessions, uid: int, request: Message, pid: int | None = None) -> Message:
+    """The answer to one decoded request from uid (and its process pid); RequestError if it
+    is refused."""
     allowed = TABLE.get(type(request))
     if allowed is None:
         raise RequestError(f"{type(request).__name__} is not a request firewalld serves")
@@ -118,4 +138,4 @@ def handle(sessions: Sessions, uid: int, request: Message) -> Message:
                 f"{type(request).__name__} is only for {allowed.method} sessions, "
                 f"this one is {session.method}"
             )
-    return allowed.handler(sessions, uid, request, session)
+    return allowed.handler(sessions, Caller(uid, pid), request, session)

@@ -1,5 +1,5 @@
 """The daemon's loop: the ROUTER socket for requests, our ZAP handler, the fd socket that
-hands transparent sockets over, and lease expiry.
+hands transparent sockets over, and the end of sessions (lease expiry, exited openers).
 
 One thread and one zmq.Poller. Whatever bytes arrive, each gets an answer and the loop goes
 on; only a signal ends it.
@@ -21,7 +21,7 @@ from shuttle_protocol.errors import RemoteProtocolError
 from shuttle_protocol.firewall_messages import TOKEN_LEN, ErrorAnswer, SocketsHandover
 from shuttle_protocol.frames import MAX_FRAME, MAX_ITEMS, MAX_REQUEST_ID, decode_frame, encode_frame
 from shuttle_protocol.stream import new_unpacker, unpack_errors
-from shuttle_protocol.zap import ZAP_ENDPOINT, zap_reply
+from shuttle_protocol.zap import PID_PROPERTY, ZAP_ENDPOINT, zap_reply
 
 from . import requests
 from .errors import RequestError, StartupError
@@ -41,15 +41,15 @@ _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 DOMAIN = b"shuttle"  # our ZAP domain
 
 
-def answer(sessions: Sessions, uid: int, payload: bytes) -> bytes:
-    """The answer frame to one request frame from uid. Never raises."""
+def answer(sessions: Sessions, uid: int, payload: bytes, pid: int | None = None) -> bytes:
+    """The answer frame to one request frame from uid (process pid). Never raises."""
     try:
         request_id, request = decode_frame(payload)
     except RemoteProtocolError as exc:
         log.info("bad request from uid %d: %s", uid, exc)
         return error_frame(request_id_of(payload), f"bad request: {exc}")
     try:
-        return encode_frame(request_id, requests.handle(sessions, uid, request))
+        return encode_frame(request_id, requests.handle(sessions, uid, request, pid))
     except RequestError as exc:
         log.info("refused %s from uid %d: %s", type(request).__name__, uid, exc)
         return error_frame(request_id, str(exc))
@@ -82,8 +82,17 @@ def request_id_of(payload: bytes) -> int:
 
 def caller_uid(frame: zmq.Frame) -> int | None:
     """The uid our ZAP handler gave this connection (from the kernel), or None."""
+    return _property(frame, "User-Id")
+
+
+def caller_pid(frame: zmq.Frame) -> int | None:
+    """The pid our ZAP handler gave this connection (from the kernel), or None."""
+    return _property(frame, PID_PROPERTY)
+
+
+def _property(frame: zmq.Frame, name: str) -> int | None:
     try:
-        return int(frame.get("User-Id"))
+        return int(frame.get(name))
     except (zmq.ZMQError, ValueError):
         return None
 
@@ -131,6 +140,8 @@ class Server:
         poller = zmq.Poller()
         poller.register(self._zap, zmq.POLLIN)
         poller.register(self._router, zmq.POLLIN)
+        # Readable when a session's process has exited: expire() below ends the session.
+        poller.register(self._sessions.exits.fileno(), zmq.POLLIN)
         if self._fds is not None:
             self._fds.register(poller)
         while not stopping():
@@ -178,15 +189,15 @@ class Server:
             except zmq.Again:
                 return
             identity = frames[0].bytes
-            uid = caller_uid(frames[-1])
+            uid, pid = caller_uid(frames[-1]), caller_pid(frames[-1])
             if len(frames) != 2:
                 log.info("bad request from uid %s: %d frames", uid, len(frames) - 1)
                 reply = error_frame(0, f"a request is one frame, not {len(frames) - 1}")
-            elif uid is None:
-                log.warning("a request without the caller's uid")  # ZAP runs for everyone
+            elif uid is None or pid is None:
+                log.warning("a request without the caller's uid or pid")  # ZAP runs for everyone
                 reply = error_frame(0, "who are you? no peer credentials")
             else:
-                reply = answer(self._sessions, uid, frames[1].bytes)
+                reply = answer(self._sessions, uid, frames[1].bytes, pid)
             try:
                 # A ROUTER drops what it cannot deliver (peer gone, queue full): never blocks.
                 self._router.send_multipart([identity, reply], zmq.NOBLOCK)

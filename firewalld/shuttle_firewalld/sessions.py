@@ -28,12 +28,14 @@ from shuttle_protocol.firewall_messages import (
 from shuttle_protocol.firewall_messages import Target as WireTarget
 
 from .errors import RequestError
+from .exits import Exits, ProcessGone
 from .handover import Grants
 from .hosts_file import HostsFile
 from .methods.base import Method
 from .methods.choice import choose
 from .policy import DEFAULT_PATH, Policy
 from .ports import Listener, port_problem, program_problem, sockets_on, udp_sockets
+from .sockdiag import SockDiagError
 from .targets import Address, Target
 from .transparent import Flow, reply_problem
 
@@ -57,6 +59,7 @@ class Session:
     gid: int = ANY_OWNER  # and of which group; ANY_OWNER: any
     forward: bool = False  # also traffic routed through this host
     dns: tuple[Address, ...] = ()  # nameservers: TCP and UDP to their port 53 captured too
+    pid: int | None = None  # the process that opened it: the session ends when it does
     rules: int = 0
     opened: float = 0.0  # when its rules went in (the clock of Sessions)
     hosts: int = 0  # entries its last SetHosts wrote into the hosts file
@@ -115,11 +118,14 @@ class Sessions:
         udp_sockets_now: Callable[[], list[Listener]] = udp_sockets,
         hosts: HostsFile | None = None,
         on_change: Callable[[int], None] = lambda count: None,
+        exits: Exits | None = None,
     ) -> None:
         """methods: every method this firewalld has (see disable); fd_path: the fd socket,
         where tokens are redeemed (server.FdServer listens there); on_change: told the
         number of open sessions whenever one opens or closes; fence: makes the reply sockets
-        of tproxy sessions (None: there are none); udp_sockets_now: every UDP socket here."""
+        of tproxy sessions (None: there are none); udp_sockets_now: every UDP socket here;
+        exits: the watch on the processes that opened sessions (its fileno() belongs in the
+        daemon's poller)."""
         self.lease = lease
         self.grants = Grants(fd_path, clock)
         self._fence = fence
@@ -133,6 +139,7 @@ class Sessions:
         self._hosts = hosts if hosts is not None else HostsFile()
         self._with_hosts: set[str] = set()  # ids of sessions that may have a hosts block
         self._on_change = on_change
+        self.exits = exits if exits is not None else Exits()
 
     def __len__(self) -> int:
         return len(self._open)
@@ -145,8 +152,13 @@ class Sessions:
         """The method a session asking for this gets; RequestError if it does not work."""
         return choose(requested, self._methods, self._broken)
 
-    def open(self, caller: int, request: OpenSessionRequest) -> Session:
-        """Check the caller's request against policy, apply it, and register the session."""
+    def open(self, caller: int, request: OpenSessionRequest, pid: int | None = None) -> Session:
+        """Check the caller's request against policy, apply it, and register the session.
+
+        pid: the calling process (the kernel's word, as for caller): the session ends when
+        it exits, as well as when its lease runs out. None (callers inside firewalld's own
+        process only): the lease alone.
+        """
         method = self.choose(request.method)
         refusal = self._policy.check(caller, request.uid, request.forward)
         if refusal is not None:
@@ -158,16 +170,7 @@ class Sessions:
         # DNS over TCP to an IPv6 nameserver lands on the TCP listener's IPv6 side, too.
         versions = {target.version for target in subnets} | dns_versions
         if not self._methods[method].makes_sockets:  # else the request's port means nothing
-            problem = port_problem(
-                self._listeners_of_port(request.port),
-                request.port,
-                caller,
-                versions,
-                request.forward,
-                dns_versions=dns_versions,
-            )
-            if problem is not None:
-                raise RequestError(problem)
+            self._check_port(caller, request.port, versions, request.forward, dns_versions)
         owned = sum(1 for session in self._open.values() if session.caller == caller)
         if owned >= MAX_SESSIONS_PER_UID:
             raise RequestError(f"uid {caller} already has {MAX_SESSIONS_PER_UID} sessions open")
@@ -189,18 +192,29 @@ class Sessions:
             gid=request.gid,
             forward=request.forward,
             dns=dns,
+            pid=pid,
         )
-        session.rules = self._methods[method].apply(session)
+        if pid is not None:
+            try:
+                self.exits.watch(session_id, pid, caller)
+            except (ProcessGone, OSError) as exc:  # OSError: out of descriptors, say
+                raise RequestError(f"cannot watch the calling process: {exc}") from None
+        try:
+            session.rules = self._methods[method].apply(session)
+        except BaseException:
+            self.exits.forget(session_id)
+            raise
         # The lease starts once the rules are in: applying 10,000 of them takes a while.
         session.opened = self._clock()
         session.deadline = session.opened + self.lease
         self._open[session_id] = session
         self._changed()
         log.info(
-            "session %s opened by uid %d: %s to port %d, %d subnets, %d excludes, "
+            "session %s opened by uid %d (pid %s): %s to port %d, %d subnets, %d excludes, "
             "%d nameservers, %d rules, capturing %s",
             session.short_id,
             caller,
+            pid,
             method,
             session.port,
             len(session.subnets),
@@ -210,6 +224,25 @@ class Sessions:
             session.scope(),
         )
         return session
+
+    def _check_port(
+        self,
+        caller: int,
+        port: int,
+        versions: Collection[int],
+        forward: bool,
+        dns_versions: Collection[int],
+    ) -> None:
+        """RequestError unless port is a fit redirect target for caller (port_problem)."""
+        try:
+            listeners = self._listeners_of_port(port)
+        except SockDiagError as exc:  # without the kernel's word, the port is nobody's
+            raise RequestError(f"cannot tell who listens on port {port}: {exc}") from None
+        problem = port_problem(
+            listeners, port, caller, versions, forward, dns_versions=dns_versions
+        )
+        if problem is not None:
+            raise RequestError(problem)
 
     def owned(self, session_id: str, caller: int) -> Session:
         """The open session with this id if caller owns it; others' sessions stay invisible."""
@@ -261,16 +294,7 @@ class Sessions:
         # The port must still be the caller's, for every version captured from now on: the
         # caller may have closed its listener since open, and another uid taken the port.
         if not method.makes_sockets:
-            problem = port_problem(
-                self._listeners_of_port(session.port),
-                session.port,
-                session.caller,
-                versions,
-                session.forward,
-                dns_versions=dns_versions,
-            )
-            if problem is not None:
-                raise RequestError(problem)
+            self._check_port(session.caller, session.port, versions, session.forward, dns_versions)
         rules = method.update(session, new_subnets, new_excludes)
         session.subnets, session.excludes, session.rules = new_subnets, new_excludes, rules
         # A reply socket answers only from a destination the session still captures.
@@ -310,7 +334,10 @@ class Sessions:
         )
         if self._fence is None:
             raise RequestError("this firewalld makes no reply sockets")
-        sockets = self._udp_sockets()
+        try:
+            sockets = self._udp_sockets()
+        except SockDiagError as exc:  # without the kernel's word, the program is nobody's
+            raise RequestError(f"cannot tell whose UDP socket {program_port} is: {exc}") from None
         self._end_flows(session, sockets)
         problem = reply_problem(
             session.subnets, session.excludes, flow.destination, port, dns=session.dns
@@ -325,7 +352,12 @@ class Sessions:
         program is gone."""
         self.renew(session)
         if session.flows:
-            self._end_flows(session, self._udp_sockets())
+            try:
+                sockets = self._udp_sockets()
+            except SockDiagError as exc:  # the next heartbeat looks again
+                log.warning("session %s: cannot check its flows: %s", session.short_id, exc)
+                return
+            self._end_flows(session, sockets)
 
     def _end_flows(self, session: Session, sockets: list[Listener]) -> None:
         """Unfence the flows whose program no longer has its socket (sockets: every UDP
@@ -361,6 +393,7 @@ class Sessions:
         """Forget the session and remove its rules; never raises."""
         if self._open.pop(session.id, None) is not None:
             self._changed()
+        self.exits.forget(session.id)
         try:
             self.grants.revoke(session)  # closes the reply sockets not fetched yet
         except Exception:
@@ -391,13 +424,18 @@ class Sessions:
             log.exception("reporting the number of sessions failed")
 
     def expire(self) -> int:
-        """Close every session whose lease has run out; return how many."""
+        """Close every session whose lease has run out or whose opener has exited; return
+        how many."""
+        # A session still being applied is not open yet: it is closed once it is.
+        ended = [self._open[key] for key in self.exits.exited() if key in self._open]
+        for session in ended:
+            self.close(session, f"ended: its process (pid {session.pid}) exited")
         now = self._clock()
         expired = [session for session in self._open.values() if session.deadline <= now]
         for session in expired:
             self.close(session, f"expired (no heartbeat for {self.lease:g} s)")
         self.grants.expire()
-        return len(expired)
+        return len(ended) + len(expired)
 
     def close_all(self, why: str) -> None:
         for session in list(self._open.values()):

@@ -11,6 +11,9 @@ from dataclasses import dataclass
 from typing import Callable, List, Optional
 
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
+# The metadata property that carries the caller's pid: libzmq makes each property of a ZAP
+# reply a property of every frame received on that connection, as it does the User-Id.
+PID_PROPERTY = "X-Pid"
 # libzmq's stream_engine_base get_peer_address() appends ":uid:gid:pid" for unix sockets.
 _PEER_ADDRESS = re.compile(rb"(?s).*:(\d{1,10}):(\d{1,10}):(\d{1,10})")
 
@@ -41,8 +44,9 @@ def anyone(peer: Peer) -> Optional[str]:
 def zap_reply(
     frames: List[bytes], domain: bytes, admit: Callable[[Peer], Optional[str]] = anyone
 ) -> List[bytes]:
-    """The reply to one ZAP request: 200 with the uid as user id if admit(peer) says nothing
-    against it, else 400 with admit's reason. Only our domain and the NULL mechanism."""
+    """The reply to one ZAP request: 200 with the uid as user id and the pid as the
+    PID_PROPERTY metadata if admit(peer) says nothing against it, else 400 with admit's
+    reason. Only our domain and the NULL mechanism."""
     # A REP socket must answer every request, so even a malformed one gets a reply.
     request_id = frames[1] if len(frames) > 1 else b""
     if len(frames) < 6 or frames[0] != b"1.0":
@@ -57,8 +61,17 @@ def zap_reply(
     refusal = admit(peer)
     if refusal is not None:
         return _reply(request_id, b"400", refusal.encode("utf-8", "replace")[:200], b"")
-    return _reply(request_id, b"200", b"OK", str(peer.uid).encode("ascii"))
+    pid = _property(PID_PROPERTY, str(peer.pid).encode("ascii"))
+    return _reply(request_id, b"200", b"OK", str(peer.uid).encode("ascii"), pid)
 
 
-def _reply(request_id: bytes, status: bytes, text: bytes, user_id: bytes) -> List[bytes]:
-    return [b"1.0", request_id, status, text, user_id, b""]
+def _property(name: str, value: bytes) -> bytes:
+    """One metadata property as ZMTP encodes it: name length, name, value length, value."""
+    encoded = name.encode("ascii")
+    return bytes([len(encoded)]) + encoded + len(value).to_bytes(4, "big") + value
+
+
+def _reply(
+    request_id: bytes, status: bytes, text: bytes, user_id: bytes, metadata: bytes = b""
+) -> List[bytes]:
+    return [b"1.0", request_id, status, text, user_id, metadata]

@@ -116,6 +116,55 @@ def test_bad_remote(bad: str) -> None:
         parse_remote(bad)
 
 
+@pytest.mark.parametrize(
+    ("args", "problem"),
+    [
+        (
+            ["-l", "[::]:12300", "10.0.0.0/8"],
+            "-l [::]:12300 listens for IPv6 only (the client's IPv6 listeners are IPV6_V6ONLY), "
+            "but IPv4 is captured (10.0.0.0/8): use -l 0.0.0.0:12300 for IPv4, or no -l for "
+            "both on the loopback addresses",
+        ),
+        (
+            ["-l", "[::1]:0", "fd00::/8", "10.1.0.0/16:80"],
+            "-l [::1]:0 listens for IPv6 only (the client's IPv6 listeners are IPV6_V6ONLY), "
+            "but IPv4 is captured (10.1.0.0/16): use -l 0.0.0.0:0 for IPv4, or no -l for "
+            "both on the loopback addresses",
+        ),
+        (
+            ["-l", "[::]:12300", "--ns-hosts", "192.0.2.53", "fd00::/8"],
+            "-l [::]:12300 listens for IPv6 only (the client's IPv6 listeners are IPV6_V6ONLY), "
+            "but IPv4 is captured (192.0.2.53): use -l 0.0.0.0:12300 for IPv4, or no -l for "
+            "both on the loopback addresses",
+        ),
+        (
+            ["-l", "0.0.0.0:12300", "10.0.0.0/8", "2001:db8::/32"],
+            "-l 0.0.0.0:12300 listens for IPv4 only (the client's IPv6 listeners are "
+            "IPV6_V6ONLY), but IPv6 is captured (2001:db8::/32): use -l [::]:12300 for IPv6, "
+            "or no -l for both on the loopback addresses",
+        ),
+    ],
+)
+def test_a_listen_address_must_take_each_family_captured(args: list[str], problem: str) -> None:
+    with pytest.raises(UsageError) as refused:
+        parse_args(["-r", "gw", *args])
+    assert str(refused.value) == problem
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["-l", "[::]:12300", "fd00::/8"],
+        ["-l", "0.0.0.0:12300", "10.0.0.0/8"],
+        ["-l", "12300", "10.0.0.0/8", "fd00::/8"],
+        ["-l", "[::]:12300", "--method", "tproxy", "10.0.0.0/8"],  # firewalld's listeners
+        ["-l", "[::]:12300", "-N"],  # the routes are not known yet: firewalld checks them
+    ],
+)
+def test_listen_addresses_that_take_each_family_captured(args: list[str]) -> None:
+    assert parse_args(["-r", "gw", *args]).listen
+
+
 def test_listen_forms() -> None:
     assert parse_listen("12300") == (("127.0.0.1", 12300), ("::1", 12300))
     assert parse_listen("[::1]:0") == (("::1", 0),)

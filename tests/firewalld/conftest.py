@@ -125,8 +125,14 @@ class FakeClock:
         return self.now
 
 
-def listening(port: int, uid: int, *addresses: str, protocol: str = "tcp") -> list[ListeningSocket]:
-    return [ListeningSocket(ipaddress.ip_address(a), port, uid, protocol) for a in addresses]
+def listening(
+    port: int, uid: int, *addresses: str, protocol: str = "tcp", v6only: bool = False
+) -> list[ListeningSocket]:
+    """Sockets as ports.sockets_on describes them; v6only: the IPv6 ones are IPV6_V6ONLY."""
+    return [
+        ListeningSocket(ipaddress.ip_address(a), port, uid, protocol, v6only and ":" in a)
+        for a in addresses
+    ]
 
 
 # Port 12300: uid 1000 on both loopbacks; 12301: uid 0 on 127.0.0.1; 12302: uid 1000 on the
@@ -491,14 +497,15 @@ def start_firewalld(netns: str, socket_dir: Path) -> Iterator[Callable[..., Daem
 
 LISTENER = """\
 import select, socket, sys
-port, protocol, addresses = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
+port, protocol, v6only, addresses = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4:]
 has_v4 = any(":" not in address for address in addresses)
 kind = socket.SOCK_DGRAM if protocol == "udp" else socket.SOCK_STREAM
 sockets = []
 for address in addresses:
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
     sock = socket.socket(family, kind)
-    if family == socket.AF_INET6 and has_v4:  # beside an IPv4 socket, :: must be IPv6 only
+    # Beside an IPv4 socket, :: must be IPv6 only; or when asked.
+    if family == socket.AF_INET6 and (has_v4 or v6only == "v6only"):
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
     sock.bind((address, port))
     if protocol == "tcp":
@@ -519,6 +526,7 @@ while True:
 class Listener:
     """TCP listeners on port inside the namespace (127.0.0.1 unless told), as root or nobody;
     or with protocol "udp", UDP sockets that echo each datagram back, prefixed with "echo ".
+    v6only: the IPv6 ones are IPV6_V6ONLY even without an IPv4 one beside them.
 
     Nothing accepts TCP: the kernel completes connections into the backlog, which is all a
     connecting test needs to see.
@@ -531,9 +539,12 @@ class Listener:
         as_nobody: bool,
         addresses: tuple[str, ...] = ("127.0.0.1",),
         protocol: str = "tcp",
+        *,
+        v6only: bool = False,
     ) -> None:
         user = NOBODY if as_nobody else []
-        argv = [sys.executable, "-c", LISTENER, str(port), protocol, *addresses]
+        only = "v6only" if v6only else "dual"
+        argv = [sys.executable, "-c", LISTENER, str(port), protocol, only, *addresses]
         self.proc = subprocess.Popen(
             ["ip", "netns", "exec", netns, *user, *argv],
             stdin=subprocess.PIPE,
@@ -566,8 +577,9 @@ def listen(netns: str) -> Iterator[Callable[..., Listener]]:
         as_nobody: bool = False,
         addresses: tuple[str, ...] = ("127.0.0.1",),
         protocol: str = "tcp",
+        v6only: bool = False,
     ) -> Listener:
-        listener = Listener(netns, port, as_nobody, addresses, protocol)
+        listener = Listener(netns, port, as_nobody, addresses, protocol, v6only=v6only)
         listeners.append(listener)
         return listener
 

@@ -5,6 +5,7 @@ test_hosts_file.)"""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -258,7 +259,7 @@ def test_capture_others_needs_a_policy_entry(
     write(socket_dir / "firewalld.policy", b"allow nobody capture-others\n")
     daemon = start_firewalld(group="nogroup")
     assert as_nobody(socket, **asked, uid=-1) == "opened nft"
-    assert "opened by uid 65534: nft to port 12301" in daemon.log
+    assert re.search(r"opened by uid 65534 \(pid \d+\): nft to port 12301", daemon.log)
     assert "capturing every uid" in daemon.log
     assert shuttle_tables(netns) == []
 

@@ -4,13 +4,18 @@ once for real."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 from shuttle_client.firewall_session import FirewallError, FirewallSession
 from shuttle_firewalld.errors import RequestError
+from shuttle_firewalld.policy import Policy
+from shuttle_firewalld.ports import Listener as ListeningSocket
 from shuttle_firewalld.sessions import MAX_SESSIONS_PER_UID, Session, Sessions
+from shuttle_firewalld.sockdiag import SockDiagError
 from shuttle_protocol.firewall_messages import (
     MAX_SESSIONS,
     CloseSessionAnswer,
@@ -533,3 +538,161 @@ def first_chain(lines: list[str], other: str) -> str:
         for line in lines
         if line.startswith(":SHUTTLE-") and not line.startswith(f":{other}")
     )
+
+
+def test_a_socket_table_that_cannot_be_read_refuses_the_port(
+    method: FakeMethod, clock: FakeClock
+) -> None:
+    def unreadable(port: int) -> list[ListeningSocket]:
+        raise SockDiagError("sock_diag: [Errno 111] no")
+
+    sessions = Sessions(
+        {"nat": method}, 6.0, policy=Policy(POLICY_PATH), listeners_of_port=unreadable, clock=clock
+    )
+    with pytest.raises(
+        RequestError, match=r"^cannot tell who listens on port 12300: sock_diag: \[Errno 111\] no$"
+    ):
+        sessions.open(1000, open_request(port=12300))
+    assert (len(sessions), method.applied) == (0, [])
+
+
+# --- the session ends with the process that opened it ----------------------------------
+
+
+@pytest.fixture
+def opener() -> Iterator[subprocess.Popen[bytes]]:
+    """A process of ours (root's) to open sessions as; killed and reaped afterwards."""
+    proc = subprocess.Popen(["sleep", "60"])
+    try:
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait(WAIT)
+
+
+def open_as(sessions: Sessions, pid: int) -> Session:
+    return sessions.open(0, open_request(port=12301, uid=0), pid)
+
+
+def test_a_session_ends_when_its_opener_exits(
+    sessions: Sessions, method: FakeMethod, opener: subprocess.Popen[bytes]
+) -> None:
+    session = open_as(sessions, opener.pid)
+    assert (session.pid, len(sessions.exits), sessions.expire()) == (opener.pid, 1, 0)
+    opener.kill()
+    opener.wait(WAIT)
+    # The clock stands still: no lease runs out, the exit alone ends the session.
+    assert wait_until(lambda: sessions.expire() == 1)
+    assert (method.removed, len(sessions), len(sessions.exits)) == ([session], 0, 0)
+    with pytest.raises(RequestError, match="no such session"):
+        sessions.owned(session.id, 0)
+
+
+def test_closing_a_session_stops_watching_its_opener(
+    sessions: Sessions, opener: subprocess.Popen[bytes]
+) -> None:
+    sessions.close(open_as(sessions, opener.pid), "closed by uid 0")
+    assert len(sessions.exits) == 0
+
+
+def test_a_session_of_an_opener_that_is_gone_is_refused(
+    sessions: Sessions, method: FakeMethod, opener: subprocess.Popen[bytes]
+) -> None:
+    opener.kill()
+    opener.wait(WAIT)
+    with pytest.raises(
+        RequestError,
+        match=rf"^cannot watch the calling process: the calling process \(pid {opener.pid}\) "
+        "has exited$",
+    ):
+        open_as(sessions, opener.pid)
+    assert (method.applied, len(sessions), len(sessions.exits)) == ([], 0, 0)
+
+
+def test_a_session_that_fails_to_apply_leaves_no_watch(
+    sessions: Sessions, method: FakeMethod, opener: subprocess.Popen[bytes]
+) -> None:
+    method.fail_apply = RequestError("nft failed (exit 1): no")
+    with pytest.raises(RequestError, match="nft failed"):
+        open_as(sessions, opener.pid)
+    assert (len(sessions), len(sessions.exits)) == (0, 0)
+
+
+def test_the_watched_openers_are_bounded_by_the_session_cap(
+    sessions: Sessions, opener: subprocess.Popen[bytes]
+) -> None:
+    for _ in range(MAX_SESSIONS_PER_UID):
+        open_as(sessions, opener.pid)
+    with pytest.raises(RequestError, match="already has"):
+        open_as(sessions, opener.pid)
+    assert len(sessions.exits) == MAX_SESSIONS_PER_UID
+    sessions.close_all("test over")
+    assert len(sessions.exits) == 0
+
+
+@pytest.mark.integration
+def test_the_real_daemon_ends_a_session_when_its_client_is_killed(
+    netns: str, start_firewalld: Callable[..., Daemon], listen: Callable[..., Listener]
+) -> None:
+    """A client killed with SIGKILL sends no CloseSession; the lease (a minute here) would
+    keep its rules, and its freed port open to anyone, that long."""
+    daemon = start_firewalld(lease=60)
+    listen(12300)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(daemon.socket_path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None
+        session_id = holder.stdout.readline().split()[-1]
+        assert shuttle_tables(netns) == [f"shuttle-{session_id[:12]}"]
+        holder.kill()
+        holder.wait(WAIT)
+        assert wait_until(lambda: shuttle_tables(netns) == [])
+        daemon.wait_for_line(
+            f"shuttle-firewalld: session {session_id[:12]} of uid 0 ended: its process "
+            f"(pid {holder.pid}) exited: "
+        )
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait(WAIT)
+        if holder.stdout is not None:
+            holder.stdout.close()
+
+
+# Opens a session into port 12300 and holds it, without heartbeats; prints its id.
+HOLDER = """
+import asyncio, sys, time
+from shuttle_client.firewall_session import FirewallSession
+
+async def main():
+    client = FirewallSession(sys.argv[1])
+    await client.open("nft", 12300, ["10.0.0.0/8"], [])
+    print("session", client.session, flush=True)
+
+asyncio.run(main())
+time.sleep(120)
+"""
+
+
+@pytest.mark.integration
+def test_the_real_daemon_refuses_ipv4_into_an_ipv6_only_wildcard_listener(
+    netns: str, start_firewalld: Callable[..., Daemon], listen: Callable[..., Listener]
+) -> None:
+    """The review's case: an IPv4 session into an IPV6_V6ONLY [::]:P (as the client's own
+    listeners are) was accepted, and anyone could then bind 0.0.0.0:P and take the
+    connections."""
+    daemon = start_firewalld(lease=60)
+    listen(12300, addresses=("::",), v6only=True)
+    with pytest.raises(FirewallError) as refused:
+        open_session(daemon, "nft", 12300, ["10.0.0.0/8"], [])
+    assert str(refused.value) == (
+        "shuttle-firewalld: no listening socket of uid 0 on port 12300 at 127.0.0.1 or a "
+        "wildcard address, where IPv4 connections land"
+    )
+    assert shuttle_tables(netns) == []
+    client, _ = open_session(daemon, "nft", 12300, ["fd00::/8"], [])  # IPv6 lands there
+    try:
+        assert len(shuttle_tables(netns)) == 1
+    finally:
+        close_session(client)

@@ -85,9 +85,12 @@ def method(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def shuttle(topo: Topology, user_venv: UserVenv) -> Iterator[Shuttle]:
-    """shuttle-firewalld running in the client host; tests start clients with it."""
-    runner = Shuttle(topo, user_venv, lease=3)
+def shuttle(
+    topo: Topology, user_venv: UserVenv, request: pytest.FixtureRequest
+) -> Iterator[Shuttle]:
+    """shuttle-firewalld running in the client host; tests start clients with it. Its lease
+    is 3 s, or what the test gives (parametrize "shuttle" with indirect=True)."""
+    runner = Shuttle(topo, user_venv, lease=getattr(request, "param", 3))
     left_by_clients: list[str] = []
     left_by_firewalld: list[str] = []
     try:

@@ -5,11 +5,12 @@ another user's traffic without policy, nor touch or see another user's session."
 from __future__ import annotations
 
 import re
+import signal
 from typing import List
 
 import pytest
 
-from testbed import TARGET_NET, Shuttle, nft_tables, ready_line
+from testbed import TARGET_NET, Shuttle, nft_tables, ready_line, shuttle_rules
 
 pytestmark = pytest.mark.integration
 
@@ -140,3 +141,52 @@ def test_a_member_cannot_touch_or_see_another_users_session(shuttle: Shuttle) ->
     assert "lost" not in holder.output()
     holder.stop()
     assert shuttle.wait_rules_gone(timeout=shuttle.lease + 5) == []  # its lease ends them
+
+
+# Run by a user outside the group: bind the port a killed client freed, and report whether a
+# connection comes.
+TAKER = """
+import signal, socket, sys
+
+def stop(signum, frame):
+    raise KeyboardInterrupt
+
+signal.signal(signal.SIGTERM, stop)  # the test is done: say what came
+sock = socket.socket()
+sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past the client's TIME_WAITs
+try:
+    sock.bind(("127.0.0.1", int(sys.argv[1])))
+except OSError as exc:
+    print("cannot bind:", exc.strerror, flush=True)
+    sys.exit()
+sock.listen(16)
+print("bound", flush=True)
+try:
+    print("received a connection from", sock.accept()[1], flush=True)
+except KeyboardInterrupt:
+    print("received nothing", flush=True)
+"""
+LONG_LEASE = 60  # as a member may ask (--lease allows up to 3600 s)
+
+
+@pytest.mark.parametrize("shuttle", [LONG_LEASE], indirect=True)
+def test_a_killed_clients_port_takes_none_of_its_connections(shuttle: Shuttle) -> None:
+    """Once a member's client is killed, anyone may bind its port; the session's rules must
+    not outlive the client (its lease would keep them a minute here) and hand the member's
+    connections to whoever did."""
+    topo = shuttle.topo
+    client = shuttle.start_client()
+    port = listening_port(shuttle)
+    assert topo.curl().returncode == 0, shuttle.outputs()  # captured, through the tunnel
+    client.send(signal.SIGKILL)
+    assert client.wait(10) == -signal.SIGKILL
+    python = shuttle.venv.program("python")
+    taker = topo.start("taker", topo.c.argv([*NOBODY, python, "-c", TAKER, str(port)]))
+    assert taker.wait_for_line("bound", 20), taker.output()  # the port is free: anyone's
+    # The rules go with the client, long before its lease would have run out.
+    assert shuttle.wait_rules_gone(timeout=LONG_LEASE / 4) == []
+    topo.curl()  # the member's program, as if nothing happened: no longer captured
+    taker.send(signal.SIGTERM)
+    assert taker.wait(10) == 0, taker.output()
+    assert taker.output().splitlines()[-1] == "received nothing"
+    assert shuttle_rules(topo) == []

@@ -12,7 +12,13 @@ from pathlib import Path
 
 import pytest
 import zmq
-from shuttle_protocol.zap import ZAP_ENDPOINT, Peer, parse_peer_address, zap_reply
+from shuttle_protocol.zap import (
+    PID_PROPERTY,
+    ZAP_ENDPOINT,
+    Peer,
+    parse_peer_address,
+    zap_reply,
+)
 
 DOMAIN = b"shuttle"
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
@@ -65,14 +71,14 @@ def request(address: bytes, domain: bytes = DOMAIN, mechanism: bytes = b"NULL") 
     return [b"1.0", b"7", domain, address, b"", mechanism]
 
 
-def test_reply_names_the_uid() -> None:
+def test_reply_names_the_uid_and_the_pid() -> None:
     assert zap_reply(request(b"localhost:1000:100:42"), DOMAIN) == [
         b"1.0",
         b"7",
         b"200",
         b"OK",
         b"1000",
-        b"",
+        b"\x05X-Pid\x00\x00\x00\x0242",  # ZMTP metadata: name and value, each with its length
     ]
 
 
@@ -143,6 +149,7 @@ def test_libzmq_hands_the_kernel_uid_to_zap(socket_dir: Path) -> None:
         identity, payload = router.recv_multipart(copy=False)
         assert payload.bytes == b"hello"
         assert payload.get("User-Id") == "65534"
+        assert payload.get(PID_PROPERTY) == str(client.pid)  # setpriv execs: the same pid
         router.send_multipart([identity.bytes, b"65534"])
         out, _ = client.communicate(timeout=10)
         assert out.strip() == "65534"
