@@ -5,7 +5,8 @@ Run on S in place of the server's python (`--python=COPY`, a copy with a shebang
 python that has shuttle_protocol): it reads and ignores the uploaded bundle, says Hello, and
 for GetHosts sends, by the copy's name: "...-invalid": raw msgpack the Hosts constructor
 would refuse (a newline and a second entry inside a name); "...-shadowing": valid names that
-other lines of the client's hosts file already hold, and one new name. (Its arguments are
+other lines of the client's hosts file already hold or that no session may set (loopback
+and wpad names), and one new name. (Its arguments are
 stage 1's `-c CODE`, and sshd passes no environment: the name is what can choose.)
 """
 
@@ -21,6 +22,10 @@ INVALID = [["evil\n198.18.2.9 bank.shuttle.test", "198.18.2.2"], ["a b#c", "198.
 SHADOWING = Hosts(
     (
         ("localhost", "198.18.2.2"),
+        ("localhost.localdomain", "198.18.2.2"),
+        ("ip6-loopback", "198.18.2.2"),
+        ("wpad", "198.18.2.2"),
+        ("wpad.shuttle.test", "198.18.2.2"),
         ("bank.shuttle.test", "198.18.2.2"),
         ("new.shuttle.test", "198.18.2.2"),
     )
