@@ -10,7 +10,7 @@ import pytest
 
 import testbed
 from testbed import HTTP_PORT, T_ADDR, T_ADDR6, TARGET_NET, TARGET_NET6, Shuttle, ready_line
-from testbed.config import S_HOSTS
+from testbed.config import CLIENT_NET, S_HOSTS
 from testbed.procs import wait_until
 
 pytestmark = pytest.mark.integration
@@ -25,6 +25,20 @@ def test_auto_nets_captures_the_servers_routes(shuttle: Shuttle) -> None:
         result = topo.curl(host, HTTP_PORT, max_time=20)
         assert result.returncode == 0, f"{result.stderr}\n{shuttle.outputs()}"
         assert topo.marker in result.stdout
+
+
+def test_a_hostile_agents_routes_over_everything_are_not_captured(shuttle: Shuttle) -> None:
+    agent = install_hostile_agent(shuttle, "routes")
+    client = shuttle.start_client(python=str(agent), subnets=(), extra=["-N"])
+    # Only the target network: not the halves of each family (which would capture all),
+    # nor the /16 over C's own link to S (198.18.1.0/24).
+    assert ready_line(client).startswith(f"shuttle-client: ready: capturing {TARGET_NET} through")
+    skipped = (
+        "not capturing 3 of the server's routes: 128.0.0.0/1 (shorter than /8), 8000::/1 "
+        f"(shorter than /16), 198.18.0.0/16 (overlaps this host's {CLIENT_NET})"
+    )
+    assert skipped in client.output(), client.output()
+    assert shuttle.stop_client(client) == 0
 
 
 def hosts_block(shuttle: Shuttle) -> list[str]:
