@@ -63,8 +63,8 @@ async def run(options: Options, readiness: Optional[Readiness] = None) -> int:
         return EXIT_FAILED
     streams = Streams(options)
     firewall = FirewallSession(options.firewalld)
-    capture = Capture(streams, firewall, listeners, options.wait_tunnel)
     client = Running(options, streams, firewall, lambda why: _set_once(stop, why))
+    capture = Capture(streams, firewall, listeners, options.wait_tunnel, client.captures)
     control = ControlServer(options.control or default_control_path(), handler(client))
     heartbeats: Optional[asyncio.Task[None]] = None
     streams.publish = _publisher(control, streams, readiness)
