@@ -3,12 +3,12 @@ that must never reach a hosts file, and GetRoutes with routes that must not be c
 
 Run on S in place of the server's python (`--python=COPY`, a copy with a shebang naming a
 python that has shuttle_protocol): it reads and ignores the uploaded bundle, says Hello, and
-for GetHosts sends, by the copy's name: "...-invalid": raw msgpack the Hosts constructor
-would refuse (a newline and a second entry inside a name); "...-shadowing": valid names that
-other lines of the client's hosts file already hold or that no session may set (loopback
-and wpad names), and one new name; "...-routes": routes that together cover everything
-(ROUTES), one over the client's own link, and one worth capturing. (Its arguments are
-stage 1's `-c CODE`, and sshd passes no environment: the name is what can choose.)
+answers by the copy's name: "...-invalid": raw msgpack the Hosts constructor would refuse (a
+newline and a second entry inside a name); "...-shadowing": valid names that other lines of
+the client's hosts file already hold or that no session may set (loopback and wpad names,
+the ssh server's name), and one new name; "...-routes": routes that together cover
+everything (ROUTES), one over the client's own link, and one worth capturing. (Its arguments
+are stage 1's `-c CODE`, and sshd passes no environment: the name is what can choose.)
 """
 
 import os
@@ -28,6 +28,7 @@ SHADOWING = Hosts(
         ("wpad", "198.18.2.2"),
         ("wpad.shuttle.test", "198.18.2.2"),
         ("bank.shuttle.test", "198.18.2.2"),
+        ("SSH-Server.shuttle.test", "198.18.2.2"),  # the name the client connects to
         ("new.shuttle.test", "198.18.2.2"),
     )
 )

@@ -138,7 +138,8 @@ async def _bring_up(
     )
     port = await _unless_stopped(stop, capture.start(client.method, streams.agent_capabilities))
     if options.auto_hosts:
-        client.hosts = _watch_hosts(streams, options, HostsSync(firewall))
+        names = (options.ssh_destination.rpartition("@")[2], server.hostname)
+        client.hosts = _watch_hosts(streams, options, HostsSync(firewall, names))
     log.info(
         "ready: capturing %s%s%s through %s (method %s, agent on python %s, port %d%s)",
         " ".join(describe(target) for target in plan.subnets),

@@ -9,7 +9,16 @@ from pathlib import Path
 import pytest
 
 import testbed
-from testbed import HTTP_PORT, T_ADDR, T_ADDR6, TARGET_NET, TARGET_NET6, Shuttle, ready_line
+from testbed import (
+    HTTP_PORT,
+    S_ADDR_C,
+    T_ADDR,
+    T_ADDR6,
+    TARGET_NET,
+    TARGET_NET6,
+    Shuttle,
+    ready_line,
+)
 from testbed.config import CLIENT_NET, S_HOSTS
 from testbed.procs import wait_until
 
@@ -83,6 +92,7 @@ def test_auto_hosts_without_permission_is_refused_and_the_tunnel_still_works(
 
 
 ADMIN_LINES = "127.0.0.1 localhost\n198.18.9.9 bank.shuttle.test\n"
+SSH_SERVER_NAME = "ssh-server.shuttle.test"
 
 
 def install_hostile_agent(shuttle: Shuttle, mode: str) -> Path:
@@ -101,7 +111,9 @@ def test_a_hostile_agent_gets_no_bad_name_into_the_hosts_file(shuttle: Shuttle, 
     shuttle.hosts_file.write_text(ADMIN_LINES)
     shuttle.start_firewalld()
     agent = install_hostile_agent(shuttle, mode)
-    client = shuttle.start_client(python=str(agent), extra=["-H"])
+    # The client connects to S by a name, which the agent then claims too.
+    shuttle.topo.c.write_etc("hosts", f"127.0.0.1 localhost\n{S_ADDR_C} {SSH_SERVER_NAME}\n")
+    client = shuttle.start_client(python=str(agent), remote_name=SSH_SERVER_NAME, extra=["-H"])
     if mode == "invalid":
         # The client refuses the message and ends that session: nothing reaches firewalld.
         # It reconnects (the agent may have been struck by a passing fault), and as the new
@@ -120,6 +132,9 @@ def test_a_hostile_agent_gets_no_bad_name_into_the_hosts_file(shuttle: Shuttle, 
         )
         assert names_in(hosts_block(shuttle)) - names_in(ADMIN_LINES.splitlines()) == wanted
         assert shuttle.hosts_file.read_text().startswith(ADMIN_LINES)
+        assert "the server gave an address for its own name SSH-Server.shuttle.test" in (
+            client.output()
+        )
         assert shuttle.stop_client(client) == 0
     assert wait_until(lambda: shuttle.hosts_file.read_text() == ADMIN_LINES, 10, interval=0.2)
     assert shuttle.firewalld is not None and shuttle.firewalld.alive()
