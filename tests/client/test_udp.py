@@ -4,7 +4,7 @@ import asyncio
 import logging
 import socket
 import struct
-from typing import List
+from typing import Callable, List, Tuple
 
 import pytest
 from shuttle_agent.relay import Link
@@ -90,20 +90,29 @@ class FakeFirewall:
         return sock
 
 
+def relay_on_loopback(
+    captures: Callable[[Tuple[str, int]], bool],
+) -> Tuple[Link, RecordingPipe, socket.socket, FakeFirewall, UdpRelay]:
+    """A started UdpRelay whose one socket is a plain one on loopback (which a program may
+    send to directly, as a tproxy socket), its link's pipe recording."""
+    link = Link(Mux(CLIENT), lambda msg: None, "agent")
+    pipe = RecordingPipe()
+    link.attach_writer(pipe)  # type: ignore[arg-type]
+    captured = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    captured.setsockopt(socket.SOL_IP, IP_RECVORIGDSTADDR, 1)
+    captured.bind(("127.0.0.1", 0))
+    firewall = FakeFirewall()
+    relay = UdpRelay(lambda: link, firewall, [captured], captures)  # type: ignore[arg-type]
+    relay.start()
+    return link, pipe, captured, firewall, relay
+
+
 def test_idle_flows_expire_with_their_reply_sockets(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(udp, "IDLE_TIMEOUT", 0.2)
 
     async def scenario() -> None:
-        link = Link(Mux(CLIENT), lambda msg: None, "agent")
-        pipe = RecordingPipe()
-        link.attach_writer(pipe)  # type: ignore[arg-type]
-        captured = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        captured.setsockopt(socket.SOL_IP, IP_RECVORIGDSTADDR, 1)
-        captured.bind(("127.0.0.1", 0))
-        firewall = FakeFirewall()
         # Sent to the socket directly, which only this test may: the scope lets it through.
-        relay = UdpRelay(lambda: link, firewall, [captured], lambda destination: True)  # type: ignore[arg-type]
-        relay.start()
+        link, pipe, captured, firewall, relay = relay_on_loopback(lambda destination: True)
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as program:
             program.sendto(b"query", captured.getsockname())
             for _ in range(100):  # the flow opens and gets its reply socket
@@ -133,16 +142,8 @@ def test_a_datagram_sent_to_the_socket_itself_is_dropped(
     # A tproxy UDP socket is on loopback, where any local user can send to it: the original
     # destination is then the socket's own address, which the session does not capture.
     async def scenario() -> None:
-        link = Link(Mux(CLIENT), lambda msg: None, "agent")
-        pipe = RecordingPipe()
-        link.attach_writer(pipe)  # type: ignore[arg-type]
-        captured = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        captured.setsockopt(socket.SOL_IP, IP_RECVORIGDSTADDR, 1)
-        captured.bind(("127.0.0.1", 0))
-        firewall = FakeFirewall()
         scope = Scope([("0.0.0.0/0", *ALL_PORTS)], [], ())
-        relay = UdpRelay(lambda: link, firewall, [captured], scope.captures)  # type: ignore[arg-type]
-        relay.start()
+        link, pipe, captured, firewall, relay = relay_on_loopback(scope.captures)
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as program:
             for _ in range(3):
                 program.sendto(b"query", captured.getsockname())
