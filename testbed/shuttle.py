@@ -190,20 +190,22 @@ class Shuttle:
         extra: Sequence[str] = (),
         method: Optional[str] = None,
         remote: str = S_ADDR_C,
+        remote_name: Optional[str] = None,
         user: Optional[LocalUser] = None,
         include_files: Sequence[Path] = (),
         exclude_files: Sequence[Path] = (),
     ) -> List[str]:
         """shuttle-client's command line (run as user, default the first test user).
 
-        remote is S's address to ssh to (IPv4 or IPv6); method None leaves --method out
+        remote is S's address to ssh to (IPv4 or IPv6), remote_name a name to ssh to
+        instead (the test gives C an /etc/hosts with it); method None leaves --method out
         (the client's default); the files become -s FILE and -X FILE.
         """
         user = user or self.topo.user
         args = [
             self.venv.program("shuttle-client"),
             "-r",
-            f"{login or user.name}@{url_host(remote)}",
+            f"{login or user.name}@{remote_name or url_host(remote)}",
             "-e",
             self.topo.ssh_command(user),
             "--python",

@@ -14,7 +14,7 @@ import ipaddress
 import logging
 import re
 import sys
-from typing import Dict, Iterable, Iterator, List, Literal, Optional, Sequence
+from typing import Callable, Dict, Iterable, Iterator, List, Literal, Optional, Sequence, Tuple
 
 from shuttle_protocol.stream_messages import MAX_LIST, MAX_ROUTES, Routes
 
@@ -25,6 +25,7 @@ IPV6_ROUTE_FILE = "/proc/net/ipv6_route"
 
 # Route flags, from linux/route.h (the same values in both files).
 RTF_UP = 0x0001
+RTF_GATEWAY = 0x0002
 RTF_REJECT = 0x0200
 
 _HEX8 = re.compile(r"[0-9A-Fa-f]{8}")
@@ -35,11 +36,14 @@ _HEX = re.compile(r"[0-9A-Fa-f]{1,8}")
 ByteOrder = Literal["little", "big"]
 
 
-def _routes_something(flags_text: str) -> bool:
-    """Whether a route with these flags (hex) takes packets somewhere."""
+def _routes_something(flags_text: str, direct: bool = False) -> bool:
+    """Whether a route with these flags (hex) takes packets somewhere; direct: somewhere on
+    a link of this host's, without a gateway."""
     if not _HEX.fullmatch(flags_text):
         return False
     flags = int(flags_text, 16)
+    if direct and flags & RTF_GATEWAY:
+        return False
     return bool(flags & RTF_UP) and not flags & RTF_REJECT
 
 
@@ -51,8 +55,11 @@ def _ipv4_prefix(mask: int) -> Optional[int]:
     return length
 
 
-def parse_ipv4_routes(lines: Iterable[str], byteorder: ByteOrder = sys.byteorder) -> Iterator[str]:
-    """The networks of /proc/net/route, in its order; the header and malformed lines skipped.
+def parse_ipv4_routes(
+    lines: Iterable[str], byteorder: ByteOrder = sys.byteorder, direct: bool = False
+) -> Iterator[str]:
+    """The networks of /proc/net/route, in its order; the header and malformed lines skipped;
+    direct: only those of routes without a gateway (the networks of this host's links).
 
     Columns: Iface Destination Gateway Flags RefCnt Use Metric Mask MTU Window IRTT. The
     kernel prints each address's network-order bytes as one native integer in hex, so on
@@ -64,7 +71,7 @@ def parse_ipv4_routes(lines: Iterable[str], byteorder: ByteOrder = sys.byteorder
             continue
         # An IPv4 route without a device ("*") delivers nothing: blackhole and throw routes
         # have neither a device nor RTF_REJECT here (IPv6 marks them with RTF_REJECT).
-        if fields[0] == "*" or not _routes_something(fields[3]):
+        if fields[0] == "*" or not _routes_something(fields[3], direct):
             continue
         destination = int.from_bytes(bytes.fromhex(fields[1]), byteorder)
         prefix = _ipv4_prefix(int.from_bytes(bytes.fromhex(fields[7]), byteorder))
@@ -77,8 +84,9 @@ def parse_ipv4_routes(lines: Iterable[str], byteorder: ByteOrder = sys.byteorder
         yield str(network)
 
 
-def parse_ipv6_routes(lines: Iterable[str]) -> Iterator[str]:
-    """The destination networks of /proc/net/ipv6_route, in its order; malformed lines skipped.
+def parse_ipv6_routes(lines: Iterable[str], direct: bool = False) -> Iterator[str]:
+    """The destination networks of /proc/net/ipv6_route, in its order; malformed lines
+    skipped; direct: as for parse_ipv4_routes.
 
     Columns (no header): destination, its prefix length, source, its prefix length, next
     hop, metric, reference count, use count, flags, device. Addresses are 32 hex digits in
@@ -89,7 +97,7 @@ def parse_ipv6_routes(lines: Iterable[str]) -> Iterator[str]:
         fields = line.split()
         if len(fields) != 10 or not _HEX32.fullmatch(fields[0]):
             continue
-        if not _HEX2.fullmatch(fields[1]) or not _routes_something(fields[8]):
+        if not _HEX2.fullmatch(fields[1]) or not _routes_something(fields[8], direct):
             continue
         try:
             network = ipaddress.IPv6Network((int(fields[0], 16), int(fields[1], 16)))
@@ -104,15 +112,22 @@ def parse_ipv6_routes(lines: Iterable[str]) -> Iterator[str]:
 
 
 def read_routes(
-    route_file: str = ROUTE_FILE, ipv6_route_file: str = IPV6_ROUTE_FILE, limit: int = MAX_ROUTES
+    route_file: str = ROUTE_FILE,
+    ipv6_route_file: str = IPV6_ROUTE_FILE,
+    limit: int = MAX_ROUTES,
+    direct: bool = False,
 ) -> List[str]:
-    """The server's routed networks, IPv4 then IPv6, each once, at most limit of them.
+    """The server's routed networks, IPv4 then IPv6, each once, at most limit of them;
+    direct: only those reached without a gateway (the client asks this of its own host).
 
     A file that cannot be read (not Linux, or IPv6 disabled) is logged and contributes none.
     The files are read line by line and no further than needed, however big the table.
     """
     found: Dict[str, None] = {}
-    sources = ((route_file, parse_ipv4_routes), (ipv6_route_file, parse_ipv6_routes))
+    sources: Sequence[Tuple[str, Callable[[Iterable[str]], Iterator[str]]]] = (
+        (route_file, lambda lines: parse_ipv4_routes(lines, direct=direct)),
+        (ipv6_route_file, lambda lines: parse_ipv6_routes(lines, direct)),
+    )
     for path, parse in sources:
         try:
             # Device names may be any bytes but a slash and whitespace; they are not used.

@@ -4,11 +4,19 @@ transparent TCP and UDP sockets that firewalld hands over (tproxy)."""
 import asyncio
 import logging
 import socket
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 from .dns import DnsRelay, Nameserver
 from .firewall_session import FirewallSession
-from .proxy import Destination, Tunnels, local_address, original_destination, serve
+from .proxy import (
+    Destination,
+    NotCaptured,
+    Tunnels,
+    local_address,
+    original_destination,
+    serve,
+)
+from .targets import endpoint
 from .udp import UdpRelay
 
 log = logging.getLogger("shuttle")
@@ -26,9 +34,13 @@ class Capture:
         firewall: FirewallSession,
         listeners: Sequence[socket.socket],
         wait: float,
+        captures: Callable[[Tuple[str, int]], bool],
     ) -> None:
-        """wait: how long a connection may wait for a tunnel while none is up."""
+        """wait: how long a connection may wait for a tunnel while none is up; captures:
+        whether an original destination is one the session captures (targets.Scope), as
+        it is now: anything else reached the listener without the firewall."""
         self.tunnels = tunnels  # the tunnel for a new connection or flow
+        self.captures = captures
         self.wait = wait
         self.firewall = firewall
         self.listeners = list(listeners)
@@ -45,10 +57,16 @@ class Capture:
             self.dns = DnsRelay(self.tunnels.pick, list(sockets), nameserver.server)
 
     def _rewritten(self, destination: Destination) -> Destination:
+        """destination, checked (NotCaptured), and rewritten for --dns."""
         nameserver = self.nameserver
-        if nameserver is None:
-            return destination
-        return lambda sock: nameserver.rewrite(destination(sock))
+
+        def checked(sock: socket.socket) -> Tuple[str, int]:
+            found = destination(sock)
+            if not self.captures(found):
+                raise NotCaptured(endpoint(found))
+            return nameserver.rewrite(found) if nameserver is not None else found
+
+        return checked
 
     async def start(self, method: str, agent_capabilities: Sequence[str]) -> int:
         """Start accepting; returns the port the rules divert to."""
@@ -67,7 +85,7 @@ class Capture:
         udp = [sock for kind, sock in sockets.items() if kind.startswith("udp")]
         if "udp" in agent_capabilities:
             rewrite = self.nameserver.rewrite if self.nameserver else lambda address: address
-            self.udp = UdpRelay(self.tunnels.pick, self.firewall, udp, rewrite)
+            self.udp = UdpRelay(self.tunnels.pick, self.firewall, udp, self.captures, rewrite)
             self.udp.start()
         else:
             log.warning("the agent cannot relay UDP: captured datagrams are dropped")

@@ -6,7 +6,7 @@ import asyncio
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Dict, Optional, Tuple, Type
+from typing import Any, Awaitable, Callable, Dict, Optional, Tuple, Type
 
 from shuttle_protocol.control_messages import (
     MAX_CONNECTIONS,
@@ -33,7 +33,7 @@ from .control import RequestRefused
 from .firewall_session import FirewallError, FirewallSession
 from .hosts_sync import HostsSync
 from .streams import Streams
-from .targets import describe
+from .targets import Scope, describe
 
 
 @dataclass
@@ -64,9 +64,22 @@ class Running:
             return "starting"
         return "up" if self.streams.up == len(self.streams.tunnels) else "reconnecting"
 
+    # The Scope of the routes, and the routes it was made of (compared by identity: every
+    # change of them is a new tuple, and comparing 10,000 targets is not free).
+    _scope: Optional[Scope] = field(default=None, init=False, repr=False)
+    _scope_of: Tuple[Tuple[Any, ...], ...] = field(default=(), init=False, repr=False)
+
     @property
     def all_excludes(self) -> Tuple[Target, ...]:
         return tuple(dict.fromkeys(self.excludes + self.fixed_excludes))
+
+    def captures(self, destination: Tuple[str, int]) -> bool:
+        """Whether the session captures connections to destination, as its routes are now."""
+        routes = (self.subnets, self.excludes, self.fixed_excludes, self.dns)
+        if self._scope is None or any(a is not b for a, b in zip(self._scope_of, routes)):
+            self._scope = Scope(self.subnets, self.all_excludes, self.dns)
+            self._scope_of = routes
+        return self._scope.captures(destination)
 
 
 async def _status(client: Running, request: StatusRequest) -> Message:

@@ -4,9 +4,10 @@ its routes (--auto-nets), its resolvers (--dns) and host names (--auto-hosts).""
 import asyncio
 import ipaddress
 import logging
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from shuttle_agent.relay import Link
+from shuttle_agent.routes import read_routes
 from shuttle_protocol.firewall_messages import ALL_PORTS, Target
 from shuttle_protocol.schema import Message
 from shuttle_protocol.stream_messages import (
@@ -25,16 +26,39 @@ log = logging.getLogger("shuttle")
 ANSWER_TIMEOUT = 15.0
 
 HostsCallback = Callable[[Tuple[Tuple[str, str], ...]], None]
+Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 
 class DiscoveryError(Exception):
     """The agent did not answer a question in time, or answered too much; text for the user."""
 
 
-def routed_targets(networks: Sequence[str]) -> Tuple[Target, ...]:
-    """The server's routes worth capturing: not default, loopback, link-local, multicast or
-    unspecified, each network once, for all ports."""
+# -N takes no route shorter than this from the server, unless the same network is given
+# on the command line: a hostile server's 0.0.0.0/1 and 128.0.0.0/1 (or ::/1 and 8000::/1)
+# would capture everything, as a default route does. /8 is the largest block one
+# organisation holds (10.0.0.0/8 among them); an IPv6 /16 is more than any site or
+# provider network (a site gets a /48, a provider a /32 or so), while shorter IPv6 routes
+# are aggregates such as 2000::/3, the default route by another name.
+MIN_PREFIX = {4: 8, 6: 16}
+SHOWN_SKIPPED = 10  # skipped routes named in the log line; the count says how many in all
+
+
+def own_networks() -> Tuple[Network, ...]:
+    """The networks on this host's own links (routes without a gateway), as the kernel has
+    them: a server's route over one would take the host's neighbours into the tunnel."""
+    return tuple(ipaddress.ip_network(text) for text in read_routes(direct=True))
+
+
+def routed_targets(
+    networks: Sequence[str], own: Sequence[Network] = (), given: Sequence[Target] = ()
+) -> Tuple[Target, ...]:
+    """The server's routes worth capturing, each network once, for all ports. Never: the
+    default, loopback, link-local, multicast or unspecified. Not unless the command line
+    gives the same network (given): a route shorter than MIN_PREFIX, or one overlapping
+    a network of this host's own links (own); each of those is logged."""
+    asked = {target[0] for target in given}
     found: Dict[str, None] = {}
+    skipped: Dict[str, str] = {}
     for text in networks:
         network = ipaddress.ip_network(text)
         address = network.network_address
@@ -46,7 +70,25 @@ def routed_targets(networks: Sequence[str]) -> Tuple[Target, ...]:
             or address.is_unspecified
         ):
             continue
+        if str(network) not in asked:
+            shortest = MIN_PREFIX[network.version]
+            local = [net for net in own if net.version == network.version and net.overlaps(network)]
+            if network.prefixlen < shortest:
+                skipped[str(network)] = f"shorter than /{shortest}"
+                continue
+            if local:
+                skipped[str(network)] = f"overlaps this host's {local[0]}"
+                continue
         found[str(network)] = None
+    if skipped:
+        shown = [f"{net} ({why})" for net, why in list(skipped.items())[:SHOWN_SKIPPED]]
+        log.info(
+            "not capturing %d of the server's routes: %s%s; a network given on the command "
+            "line is captured",
+            len(skipped),
+            ", ".join(shown),
+            ", ..." if len(skipped) > SHOWN_SKIPPED else "",
+        )
     return tuple((network, *ALL_PORTS) for network in found)
 
 

@@ -1,8 +1,9 @@
-"""-H: keep firewalld's hosts block equal to the host names the agent has found so far."""
+"""-H: keep firewalld's hosts block equal to the host names the agent has found so far,
+but the ssh server's own names."""
 
 import asyncio
 import logging
-from typing import Optional, Tuple
+from typing import Collection, Optional, Set, Tuple
 
 from .firewall_session import FirewallError, FirewallSession
 
@@ -16,10 +17,18 @@ Entries = Tuple[Tuple[str, str], ...]
 
 
 class HostsSync:
-    """Sends the latest set of names, one request at a time; a refusal is logged once."""
+    """Sends the latest set of names, one request at a time; a refusal is logged once.
 
-    def __init__(self, firewall: FirewallSession) -> None:
+    The ssh server's own names (server_names) are left out, and that is logged once: the
+    server says where its name points, and an entry there would send the next ssh (and any
+    other program) to the address it chose. firewalld cannot know these names, and needs
+    not: only the user's own client is fooled by them, and it is this one that drops them.
+    """
+
+    def __init__(self, firewall: FirewallSession, server_names: Collection[str] = ()) -> None:
         self.firewall = firewall
+        self._server_names = frozenset(name.lower() for name in server_names)
+        self._dropped: Set[str] = set()
         self._latest: Optional[Entries] = None
         self._task: Optional[asyncio.Task[None]] = None
         self._refused = False
@@ -27,7 +36,14 @@ class HostsSync:
 
     def update(self, entries: Entries) -> None:
         """Every name found so far (the agent's Hosts messages add up)."""
-        self._latest = entries
+        dropped = {name for name, _ in entries if name.lower() in self._server_names}
+        if dropped - self._dropped:
+            self._dropped |= dropped
+            log.warning(
+                "the server gave an address for its own name %s: not written to the hosts file",
+                ", ".join(sorted(dropped)),
+            )
+        self._latest = tuple(entry for entry in entries if entry[0] not in dropped)
         if not self._refused and (self._task is None or self._task.done()):
             self._task = asyncio.get_running_loop().create_task(self._send())
 

@@ -1,5 +1,6 @@
 """Where shuttle-client's log goes: stderr, and with --syslog (or -D) syslog too, through
-/dev/log with the ident shuttle-client[PID]."""
+/dev/log with the ident shuttle-client[PID]; and Throttle, for events that may come by the
+thousand."""
 
 import errno
 import logging
@@ -7,12 +8,32 @@ import logging.handlers
 import os
 import socket
 import sys
+import time
 from typing import Optional
 
 DEV_LOG = "/dev/log"
 IDENT = "shuttle-client"
 
 log = logging.getLogger("shuttle")
+
+
+class Throttle:
+    """Counts an event that anyone may cause at any rate, so that it is logged at most once
+    per interval seconds, with how many came since the last line."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.count = 0
+        self.logged_at = float("-inf")
+
+    def due(self) -> int:
+        """Count one event; how many to report if a line is due now, else 0."""
+        self.count += 1
+        now = time.monotonic()
+        if now - self.logged_at < self.interval:
+            return 0
+        count, self.count, self.logged_at = self.count, 0, now
+        return count
 
 
 class QuietSysLogHandler(logging.handlers.SysLogHandler):

@@ -63,8 +63,8 @@ async def run(options: Options, readiness: Optional[Readiness] = None) -> int:
         return EXIT_FAILED
     streams = Streams(options)
     firewall = FirewallSession(options.firewalld)
-    capture = Capture(streams, firewall, listeners, options.wait_tunnel)
     client = Running(options, streams, firewall, lambda why: _set_once(stop, why))
+    capture = Capture(streams, firewall, listeners, options.wait_tunnel, client.captures)
     control = ControlServer(options.control or default_control_path(), handler(client))
     heartbeats: Optional[asyncio.Task[None]] = None
     streams.publish = _publisher(control, streams, readiness)
@@ -138,7 +138,8 @@ async def _bring_up(
     )
     port = await _unless_stopped(stop, capture.start(client.method, streams.agent_capabilities))
     if options.auto_hosts:
-        client.hosts = _watch_hosts(streams, options, HostsSync(firewall))
+        names = (options.ssh_destination.rpartition("@")[2], server.hostname)
+        client.hosts = _watch_hosts(streams, options, HostsSync(firewall, names))
     log.info(
         "ready: capturing %s%s%s through %s (method %s, agent on python %s, port %d%s)",
         " ".join(describe(target) for target in plan.subnets),

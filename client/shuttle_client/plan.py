@@ -8,7 +8,7 @@ from typing import Optional, Tuple
 from shuttle_protocol.firewall_messages import Target
 
 from .cli import Options
-from .discovery import Discovery, routed_targets
+from .discovery import Discovery, own_networks, routed_targets
 from .dns import Nameserver
 from .resolvers import DNS_PORT, local_resolvers
 
@@ -30,7 +30,7 @@ async def make_plan(options: Options, discovery: Discovery) -> Plan:
     """Ask the agent what the options need to know about the server's side."""
     subnets = options.subnets
     if options.auto_nets:
-        routed = routed_targets(await discovery.routes())
+        routed = routed_targets(await discovery.routes(), own_networks(), subnets)
         log.info(
             "the server routes %s", " ".join(net for net, _, _ in routed) if routed else "nothing"
         )

@@ -12,6 +12,7 @@ from typing import Any, Callable, List, Optional, Protocol, Sequence, Tuple, cas
 from shuttle_agent.relay import Link, Relay
 from shuttle_protocol.control_messages import Connection
 
+from .logs import Throttle
 from .targets import endpoint
 
 log = logging.getLogger("shuttle")
@@ -149,8 +150,7 @@ class GuardedListener:
     closes as before (tests/integration/test_limits.py floods a client to hold it to that).
     """
 
-    refused = 0  # since the last log line, all listeners together
-    logged_at = float("-inf")
+    refused = Throttle(LIMIT_LOG_INTERVAL)  # all listeners together
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -164,26 +164,27 @@ class GuardedListener:
             conn, address = self.sock.accept()
             if conn.fileno() < cap:
                 return conn, address
-            self._note_refused(conn.fileno() + 1)
+            count = self.refused.due()
+            if count:
+                log.warning(
+                    "too many connections: reset %d new one(s); %d descriptors are open, "
+                    "near the open-file limit of %d (ulimit -n)",
+                    count,
+                    conn.fileno() + 1,
+                    resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+                )
             # Linger with a zero timeout makes close() send RST instead of FIN.
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             conn.close()
         raise BlockingIOError(errno.EAGAIN, "more connections wait: the next wakeup")
 
-    @classmethod
-    def _note_refused(cls, open_fds: int) -> None:
-        cls.refused += 1
-        now = time.monotonic()
-        if now - cls.logged_at >= LIMIT_LOG_INTERVAL:
-            log.warning(
-                "too many connections: reset %d new one(s); %d descriptors are open, near "
-                "the open-file limit of %d (ulimit -n)",
-                cls.refused,
-                open_fds,
-                resource.getrlimit(resource.RLIMIT_NOFILE)[0],
-            )
-            cls.refused = 0
-            cls.logged_at = now
+
+class NotCaptured(Exception):
+    """A connection's original destination is none its session captures (str: why)."""
+
+
+# Connections refused as NotCaptured, for their log line.
+NOT_CAPTURED = Throttle(LIMIT_LOG_INTERVAL)
 
 
 class Incoming(Relay):
@@ -191,7 +192,6 @@ class Incoming(Relay):
 
     __slots__ = (
         "_destination",
-        "_listen_address",
         "host",
         "opened_at",
         "port",
@@ -200,15 +200,8 @@ class Incoming(Relay):
         "tunnels",
     )
 
-    def __init__(
-        self,
-        link: Link,
-        listen_address: Tuple[str, int],
-        destination: Destination,
-        tunnels: Tunnels,
-    ) -> None:
+    def __init__(self, link: Link, destination: Destination, tunnels: Tunnels) -> None:
         super().__init__(link, 0)
-        self._listen_address = listen_address
         self._destination = destination
         self.tunnels = tunnels
         self.stream = tunnels.index(link)  # now: the link may be replaced by a reconnect
@@ -219,18 +212,26 @@ class Incoming(Relay):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         sock = transport.get_extra_info("socket")
+        self.source = endpoint(transport.get_extra_info("peername") or ("?", 0))
         try:
             host, port = self._destination(sock)
         except OSError as exc:
             log.warning("dropping a connection that was not redirected: %s", exc)
             transport.close()
             return
-        if (host, port) == self._listen_address:
-            # A direct connection to the listener would open a channel back to ourselves.
-            transport.close()
+        except NotCaptured as exc:
+            count = NOT_CAPTURED.due()
+            if count:
+                log.warning(
+                    "reset %d connection(s) the firewall did not capture (the last: from %s "
+                    "to %s), sent to the listener itself",
+                    count,
+                    self.source,
+                    exc,
+                )
+            _abort(transport)
             return
         self.host, self.port = host, port
-        self.source = endpoint(transport.get_extra_info("peername") or ("?", 0))
         self.channel = self.link.mux.open(host, port)
         log.debug("channel %d: %s:%d", self.channel, host, port)
         super().connection_made(transport)
@@ -263,15 +264,8 @@ class Waiting(asyncio.Protocol):
     anywhere else, until a stream is up (then it becomes an Incoming) or wait seconds
     pass (then it is reset)."""
 
-    def __init__(
-        self,
-        tunnels: Tunnels,
-        listen_address: Tuple[str, int],
-        destination: Destination,
-        wait: float,
-    ) -> None:
+    def __init__(self, tunnels: Tunnels, destination: Destination, wait: float) -> None:
         self.tunnels = tunnels
-        self._listen_address = listen_address
         self._destination = destination
         self._wait = wait
         self._transport: Optional[asyncio.Transport] = None
@@ -305,7 +299,7 @@ class Waiting(asyncio.Protocol):
         transport = self._transport
         if transport is None or transport.is_closing():
             return
-        incoming = Incoming(link, self._listen_address, self._destination, self.tunnels)
+        incoming = Incoming(link, self._destination, self.tunnels)
         transport.set_protocol(incoming)
         incoming.connection_made(transport)
         if transport.is_closing():
@@ -339,15 +333,14 @@ async def serve(
     each goes through the link tunnels pick, or waits up to wait seconds for one."""
     loop = asyncio.get_running_loop()
     servers = []
+
+    def accept() -> asyncio.Protocol:
+        link = tunnels.pick()
+        if link is None:
+            return Waiting(tunnels, destination, wait)
+        return Incoming(link, destination, tunnels)
+
     for listener in listeners:
-        address = listener.getsockname()[:2]
-
-        def accept(address: Tuple[str, int] = address) -> asyncio.Protocol:
-            link = tunnels.pick()
-            if link is None:
-                return Waiting(tunnels, address, destination, wait)
-            return Incoming(link, address, destination, tunnels)
-
         guarded = cast(socket.socket, GuardedListener(listener))
         servers.append(await loop.create_server(accept, sock=guarded))
     return servers

@@ -11,9 +11,11 @@ import ipaddress
 import re
 import socket
 from pathlib import Path
-from typing import Iterable, List, Optional, Tuple
+from typing import Collection, Dict, Iterable, List, Optional, Tuple
 
 from shuttle_protocol.firewall_messages import ALL_PORTS, Target
+
+from .resolvers import DNS_PORT
 
 _PORTS = r"(?::(?P<first>\d+)(?:-(?P<last>\d+))?)?"
 _BRACKETED = re.compile(r"\[(?P<addr>[^\]]+)\](?P<width>/\d+)?" + _PORTS)
@@ -67,6 +69,81 @@ def endpoint(address: Tuple[str, int]) -> str:
     """host:port as users write it, IPv6 in brackets."""
     host, port = address[:2]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def is_local(host: str) -> bool:
+    """Whether host is this host's own address (loopback included), as its routing says.
+
+    Connecting a UDP socket sends nothing; it only looks up the route, whose source for a
+    local destination is that address itself (firewalld asks the same way). Unlike a test
+    bind(), this does not depend on net.ipv4.ip_nonlocal_bind. Loopback is asked apart:
+    the route to 127.0.0.5 has the source 127.0.0.1.
+    """
+    if ipaddress.ip_address(host).is_loopback:
+        return True
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect((host, 9))
+        except OSError:  # no route at all (or a broadcast address): not this host's
+            return False
+        return bool(probe.getsockname()[0] == host)
+
+
+class _Networks:
+    """Targets as a table for quick lookups: by IP version and prefix length, the network
+    numbers and their port ranges (a few dict lookups per address, however many targets)."""
+
+    def __init__(self, targets: Iterable[Target]) -> None:
+        self.table: Dict[Tuple[int, int], Dict[int, List[Tuple[int, int]]]] = {}
+        for network, first, last in targets:
+            parsed = ipaddress.ip_network(network)
+            key = int(parsed.network_address) >> (parsed.max_prefixlen - parsed.prefixlen)
+            by_length = self.table.setdefault((parsed.version, parsed.prefixlen), {})
+            by_length.setdefault(key, []).append((first, last))
+
+    def covers(self, address: "ipaddress.IPv4Address | ipaddress.IPv6Address", port: int) -> bool:
+        number, bits = int(address), address.max_prefixlen
+        for (version, length), networks in self.table.items():
+            if version == address.version:
+                for first, last in networks.get(number >> (bits - length), ()):
+                    if first <= port <= last:
+                        return True
+        return False
+
+
+class Scope:
+    """What a session captures, decided as its firewall rules decide it: port 53 of its
+    nameservers; else, never this host's own addresses; else its subnets but the excludes.
+
+    A connection or datagram that reaches the client with any other original destination
+    was not captured: a program (or a host on the LAN, with a wildcard listener) sent it to
+    the client's port itself, and relaying it would open that destination on the server's
+    side for whoever asked.
+    """
+
+    def __init__(
+        self, subnets: Iterable[Target], excludes: Iterable[Target], dns: Collection[str]
+    ) -> None:
+        self.subnets = _Networks(subnets)
+        self.excludes = _Networks(excludes)
+        self.dns = frozenset(dns)
+
+    def captures(self, destination: Tuple[str, int]) -> bool:
+        host, port = destination
+        if port == DNS_PORT and host in self.dns:
+            return True
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            return False  # the kernel never gives those for a captured packet (V6ONLY)
+        return (
+            self.subnets.covers(address, port)
+            and not self.excludes.covers(address, port)
+            and not is_local(host)
+        )
 
 
 def read_target_file(path: str) -> List[str]:

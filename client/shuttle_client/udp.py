@@ -20,6 +20,9 @@ from shuttle_agent.relay import Link
 from shuttle_protocol.stream_messages import Close, Datagram
 
 from .firewall_session import FirewallError, FirewallSession
+from .logs import Throttle
+from .proxy import LIMIT_LOG_INTERVAL
+from .targets import endpoint
 from .tunnel import printable
 
 log = logging.getLogger("shuttle")
@@ -35,6 +38,8 @@ MAX_FLOWS = 4096
 MAX_HELD = 64  # replies kept while the flow's reply socket is on its way
 
 Address = Tuple[str, int]
+# Datagrams dropped as not captured, for their log line.
+NOT_CAPTURED = Throttle(LIMIT_LOG_INTERVAL)
 
 
 def original_destination(ancillary: List[Tuple[int, int, bytes]]) -> Optional[Address]:
@@ -118,10 +123,15 @@ class UdpRelay:
         pick: Callable[[], Optional[Link]],
         firewall: FirewallSession,
         sockets: List[socket.socket],
+        captures: Callable[[Address], bool],
         rewrite: Callable[[Address], Address] = lambda destination: destination,
     ):
         self.pick = pick  # the tunnel for a new flow
         self.firewall = firewall
+        # Whether an original destination is one the session captures: a datagram sent to
+        # the socket's own address (127.0.0.1:port) was not, and must not leave through the
+        # tunnel towards that address on the server's side.
+        self.captures = captures
         # Where a flow goes on the server's side (--dns: the server's resolver); its reply
         # socket stays at the original destination, where the program expects answers from.
         self.rewrite = rewrite
@@ -176,6 +186,17 @@ class UdpRelay:
                 self.dropped += 1
 
     def _open(self, source: Address, destination: Address) -> Optional[UdpFlow]:
+        if not self.captures(destination):
+            count = NOT_CAPTURED.due()
+            if count:
+                log.warning(
+                    "dropped %d datagram(s) the firewall did not capture (the last: from %s "
+                    "to %s), sent to the UDP socket itself",
+                    count,
+                    endpoint(source),
+                    endpoint(destination),
+                )
+            return None
         link = self.pick()
         if link is None or len(self.flows) >= MAX_FLOWS:  # no stream up: dropped, not sent
             return None

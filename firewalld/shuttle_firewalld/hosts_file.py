@@ -16,7 +16,7 @@ import re
 import socket
 import stat
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 
 from shuttle_protocol.checks import check_hosts
@@ -134,20 +134,70 @@ def joined(parts: list[bytes | Block], short_id: str, block: Block | None) -> by
 
 
 # Names no session may set, even where the file lacks them, since other name services
-# answer for them then (glibc itself, systemd's nss-myhostname) and the file, asked first,
-# would take them over: localhost and its subdomains (RFC 6761: loopback, always), and
-# this host's own name (own_names).
+# answer for them then (glibc itself, systemd's nss-myhostname) or programs look them up on
+# their own, and the file, asked first, would take them over: localhost, its subdomains
+# (RFC 6761: loopback, always) and the other names distributions give loopback; `wpad` as
+# the first label (browsers and the system's proxy settings fetch a proxy configuration
+# from wpad.DOMAIN: a name there hands every such user's web traffic to its address); and
+# this host's own names (own_names).
+LOOPBACK_NAMES = frozenset(
+    {
+        b"localhost",
+        b"localhost.localdomain",
+        b"localhost4",
+        b"localhost4.localdomain4",
+        b"localhost6",
+        b"localhost6.localdomain6",
+        b"ip6-localhost",
+        b"ip6-loopback",
+        b"ip6-localnet",
+        b"ip6-mcastprefix",
+        b"ip6-allnodes",
+        b"ip6-allrouters",
+        b"ip6-allhosts",
+        b"broadcasthost",
+    }
+)
 
 
 def reserved(name: bytes) -> bool:
-    """Whether a (lower case) name is localhost or under it."""
-    return name == b"localhost" or name.endswith(b".localhost")
+    """Whether a (lower case) name is a loopback name, under .localhost, or a wpad name."""
+    return (
+        name in LOOPBACK_NAMES or name.endswith(b".localhost") or name.split(b".", 1)[0] == b"wpad"
+    )
+
+
+def _with_first_labels(names: Iterable[str]) -> set[bytes]:
+    """The names in lower case, and the first label of each."""
+    found: set[bytes] = set()
+    for name in names:
+        own = name.lower().encode("ascii", "replace")
+        found.update((own, own.split(b".", 1)[0]))
+    return found
+
+
+def system_names() -> set[bytes]:
+    """This host's names as its resolver gives them (its FQDN and aliases, from /etc/hosts
+    or DNS), and their first labels: asked once, when firewalld starts, since a lookup may
+    wait on DNS."""
+    hostname = socket.gethostname()
+    try:
+        canonical, aliases, _ = socket.gethostbyname_ex(hostname)
+    except (OSError, UnicodeError):  # not resolvable: only gethostname() then
+        return set()
+    return _with_first_labels([canonical, *aliases, socket.getfqdn(hostname)])
 
 
 def own_names() -> set[bytes]:
-    """This host's name as gethostname() says, and its first label, in lower case."""
-    own = socket.gethostname().lower().encode("ascii", "replace")
-    return {own, own.split(b".", 1)[0]}
+    """This host's name as gethostname() says now, and its first label, in lower case."""
+    return _with_first_labels([socket.gethostname()])
+
+
+def within(name: bytes, domains: Collection[bytes] | None) -> bool:
+    """Whether a (lower case) name is one of domains or under one; None allows any name."""
+    if domains is None:
+        return True
+    return any(name == domain or name.endswith(b"." + domain) for domain in domains)
 
 
 def _check_short_id(short_id: str) -> None:
@@ -165,13 +215,21 @@ class HostsFile:
 
     def __init__(self, path: str = DEFAULT_PATH) -> None:
         self.path = path
+        self.system_names = system_names()
 
-    def set(self, short_id: str, entries: Sequence[tuple[str, str]]) -> int:
+    def set(
+        self,
+        short_id: str,
+        entries: Sequence[tuple[str, str]],
+        domains: Collection[bytes] | None = None,
+    ) -> int:
         """Make the session's block hold these (name, address) entries; how many it holds.
 
-        A name the file gives outside this block (root's entry, another session's), and a
-        reserved() one, is skipped and logged: a caller cannot redirect a name somebody else
-        set. Repeated entries are written once; no entries left means no block.
+        A name the file gives outside this block (root's entry, another session's), a
+        reserved() one, one of this host's own names, and one not within() domains (those
+        the policy allows the caller, lower case; None: any) is skipped and logged: a caller
+        cannot redirect a name somebody else set. Repeated entries are written once; no
+        entries left means no block.
         """
         _check_short_id(short_id)
         entries = tuple(entries)
@@ -182,7 +240,7 @@ class HostsFile:
             raise RequestError(str(exc)) from None
         data, info = self._read()
         parts = parse(data)
-        taken = own_names()
+        taken = own_names() | self.system_names
         for part in parts:
             if isinstance(part, bytes):
                 taken.update(names_in(part))
@@ -194,7 +252,7 @@ class HostsFile:
         skipped: dict[bytes, str] = {}
         for name, address in entries:
             key = name.lower().encode("ascii")  # the check let only ASCII through
-            if key in taken or reserved(key):
+            if key in taken or reserved(key) or not within(key, domains):
                 skipped.setdefault(key, name)
             else:
                 lines.setdefault((key, address), f"{address} {name}\n".encode("ascii"))
@@ -207,7 +265,7 @@ class HostsFile:
         if skipped:
             shown = ", ".join(list(skipped.values())[:SHOWN_SKIPPED])
             log.info(
-                "session %s: %d host names skipped, taken in %s or reserved: %s%s",
+                "session %s: %d host names skipped, taken in %s, reserved or not allowed: %s%s",
                 short_id,
                 len(skipped),
                 self.path,

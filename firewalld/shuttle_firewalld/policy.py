@@ -15,6 +15,9 @@ import stat
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
+from shuttle_protocol.checks import check_hostname
+from shuttle_protocol.errors import LocalProtocolError
+
 from .errors import StartupError
 
 DEFAULT_PATH = "/etc/shuttle/firewalld.policy"
@@ -28,6 +31,8 @@ WHAT = {
     HOSTS: "writing host names into the hosts file",
 }
 LINE_FORMAT = "a line is: allow USER|@GROUP PERMISSION..."
+# `hosts=corp.example,lab.example`: hosts, for names in (or under) these domains only.
+HOSTS_WITHIN = HOSTS + "="
 MAX_FILE = 1024 * 1024  # a policy file is a few lines; anything this big is a mistake
 
 # What a caller may do with no policy at all: its own traffic. The decision, as a table:
@@ -40,7 +45,8 @@ MAX_FILE = 1024 * 1024  # a policy file is a few lines; anything this big is a m
 #   U         another, or -1   true      capture-others and forward
 #
 # and, for setting host names in the hosts file (SetHostsRequest): root needs nothing, any
-# other caller `hosts`, whatever its session captures.
+# other caller `hosts`, whatever its session captures; `hosts=DOMAIN,...` grants it for
+# names in those domains only (suffixes()).
 
 
 def missing(
@@ -78,6 +84,8 @@ class Entry:
     uid: int | None
     gid: int | None
     permissions: frozenset[str]
+    # With `hosts=...`: the only domains its host names may be in (lower case); None: any.
+    domains: frozenset[bytes] | None = None
 
 
 def _groups_of(uid: int) -> set[int]:
@@ -97,19 +105,37 @@ class Policy:
     entries: tuple[Entry, ...] = ()
     groups_of: Callable[[int], set[int]] = _groups_of
 
-    def granted(self, uid: int) -> frozenset[str]:
-        """Everything the entries give uid, directly or through its groups."""
-        granted: set[str] = set()
+    def _entries_of(self, uid: int) -> list[Entry]:
+        """The entries that apply to uid, directly or through its groups."""
+        found = []
         groups: set[int] | None = None  # looked up only if a group entry needs it
         for entry in self.entries:
             if entry.uid is not None and entry.uid == uid:
-                granted |= entry.permissions
+                found.append(entry)
             elif entry.gid is not None:
                 if groups is None:
                     groups = self.groups_of(uid)
                 if entry.gid in groups:
-                    granted |= entry.permissions
-        return frozenset(granted)
+                    found.append(entry)
+        return found
+
+    def granted(self, uid: int) -> frozenset[str]:
+        """Everything the entries give uid, directly or through its groups."""
+        return frozenset().union(*(entry.permissions for entry in self._entries_of(uid)))
+
+    def domains(self, uid: int) -> frozenset[bytes] | None:
+        """The domains uid's host names must be in (lower case), None for any: what its
+        `hosts=...` entries list together, unless one entry grants `hosts` plainly (or uid
+        is root). Only asked once check_hosts() has let uid set names at all."""
+        if uid == 0:
+            return None
+        found: set[bytes] = set()
+        for entry in self._entries_of(uid):
+            if HOSTS in entry.permissions:
+                if entry.domains is None:
+                    return None
+                found |= entry.domains
+        return frozenset(found)
 
     def check(self, caller: int, uid: int, forward: bool) -> str | None:
         """The refusal text for this request, or None if the caller may make it."""
@@ -133,21 +159,44 @@ def parse_line(words: list[str]) -> Entry:
         raise ValueError(f"unknown keyword {words[0]!r:.40} ({LINE_FORMAT})")
     if len(words) < 3:
         raise ValueError(f"incomplete line ({LINE_FORMAT})")
-    subject, permissions = words[1], words[2:]
-    for permission in permissions:
+    subject, words = words[1], words[2:]
+    permissions: set[str] = set()
+    domains: set[bytes] | None = None
+    for word in words:
+        permission = word
+        if word.startswith(HOSTS_WITHIN):
+            domains = (domains or set()) | _domains(word[len(HOSTS_WITHIN) :])
+            permission = HOSTS
         if permission not in PERMISSIONS:
             raise ValueError(
-                f"unknown permission {permission!r:.40} (known: {', '.join(PERMISSIONS)})"
+                f"unknown permission {permission!r:.40} (known: {', '.join(PERMISSIONS)}, "
+                "hosts=DOMAIN,...)"
             )
+        permissions.add(permission)
+    if HOSTS in words:  # plain `hosts` beside `hosts=...` on one line: any name
+        domains = None
+    granted = frozenset(permissions), frozenset(domains) if domains is not None else None
     if subject.startswith("@"):
         try:
-            return Entry(None, grp.getgrnam(subject[1:]).gr_gid, frozenset(permissions))
+            return Entry(None, grp.getgrnam(subject[1:]).gr_gid, *granted)
         except KeyError:
             raise ValueError(f"no group {subject[1:]!r:.40}") from None
     try:
-        return Entry(pwd.getpwnam(subject).pw_uid, None, frozenset(permissions))
+        return Entry(pwd.getpwnam(subject).pw_uid, None, *granted)
     except KeyError:
         raise ValueError(f"no user {subject!r:.40}") from None
+
+
+def _domains(text: str) -> set[bytes]:
+    """The domains of `hosts=DOMAIN,...`, in lower case; ValueError if one is no host name."""
+    found = set()
+    for domain in text.split(","):
+        try:
+            check_hostname(domain, "hosts= domain")
+        except LocalProtocolError as exc:
+            raise ValueError(str(exc)) from None
+        found.add(domain.lower().encode("ascii"))
+    return found
 
 
 def parse(text: str, path: str) -> Policy:

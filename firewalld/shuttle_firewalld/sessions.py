@@ -42,6 +42,11 @@ from .transparent import Flow, reply_problem
 log = logging.getLogger(__name__)
 
 MAX_SESSIONS_PER_UID = 16
+# What one uid's sessions may ask for the hosts file together (root: no limit): every
+# user's lookups read the file whole, at each lookup. Entries and bytes as asked, skipped
+# ones included; one full SetHosts of short names fits.
+MAX_HOSTS_PER_UID = 10_000
+MAX_HOSTS_BYTES_PER_UID = 1024 * 1024
 
 
 @dataclass(eq=False)
@@ -63,6 +68,7 @@ class Session:
     rules: int = 0
     opened: float = 0.0  # when its rules went in (the clock of Sessions)
     hosts: int = 0  # entries its last SetHosts wrote into the hosts file
+    hosts_asked: tuple[int, int] = (0, 0)  # entries and bytes its last SetHosts asked for
     # The listening sockets firewalld made for the session (tproxy), by kind ("tcp4", ...),
     # until they are handed over to the caller; then firewalld's copies are closed.
     sockets: dict[str, socket.socket] = field(default_factory=dict)
@@ -384,10 +390,31 @@ class Sessions:
         refusal = self._policy.check_hosts(session.caller)
         if refusal is not None:
             raise RequestError(refusal)
+        asked = (len(hosts), sum(len(name) + len(address) + 2 for name, address in hosts))
+        if session.caller != 0:
+            self._check_hosts_room(session, asked)
         # Before writing: whatever happens next, close() looks for a block to remove.
         self._with_hosts.add(session.id)
-        session.hosts = self._hosts.set(session.short_id, hosts)
+        domains = self._policy.domains(session.caller)
+        session.hosts = self._hosts.set(session.short_id, hosts, domains)
+        session.hosts_asked = asked
         return session.hosts
+
+    def _check_hosts_room(self, session: Session, asked: tuple[int, int]) -> None:
+        """RequestError if the caller's sessions would ask for more of the hosts file than
+        MAX_HOSTS_PER_UID entries or MAX_HOSTS_BYTES_PER_UID bytes, this one's new request
+        replacing its last."""
+        entries, size = asked
+        for other in self._open.values():
+            if other.caller == session.caller and other is not session:
+                entries += other.hosts_asked[0]
+                size += other.hosts_asked[1]
+        if entries > MAX_HOSTS_PER_UID or size > MAX_HOSTS_BYTES_PER_UID:
+            raise RequestError(
+                f"uid {session.caller}'s sessions would have {entries} host names "
+                f"({size} bytes) in the hosts file, more than {MAX_HOSTS_PER_UID} names or "
+                f"{MAX_HOSTS_BYTES_PER_UID} bytes; the file is unchanged"
+            )
 
     def close(self, session: Session, why: str) -> None:
         """Forget the session and remove its rules; never raises."""

@@ -72,6 +72,24 @@ def test_ipv4_routes_that_deliver_nothing_are_left_out() -> None:
     assert "10.70.0.0/16" not in networks  # not up
 
 
+def test_direct_leaves_out_the_routes_through_a_gateway() -> None:
+    # The client's question about its own host: the networks on its links.
+    assert list(parse_ipv4_routes(PROC_NET_ROUTE.splitlines(), "little", direct=True)) == [
+        "192.0.2.0/24",
+        "10.30.0.7/32",
+        "192.0.2.0/24",
+    ]
+    assert list(parse_ipv6_routes(PROC_NET_IPV6_ROUTE.splitlines(), direct=True)) == [
+        "2001:db8:9::/64",
+        "fe80::/64",
+        "fe80::/64",
+        "::1/128",
+        "2001:db8:9::1/128",
+        "ff00::/8",
+        "ff00::/8",
+    ]
+
+
 def test_a_big_endian_machine_writes_the_bytes_the_other_way() -> None:
     text = "eth0\tC0000200\t00000000\t0001\t0\t0\t0\tFFFFFF00\t0\t0\t0\n"
     assert list(parse_ipv4_routes([text], "big")) == ["192.0.2.0/24"]

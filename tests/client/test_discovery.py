@@ -1,6 +1,8 @@
 """Questions to the agent: what the client makes of routes, and answers nobody asked for."""
 
 import asyncio
+import ipaddress
+import logging
 from typing import List, Tuple
 
 import pytest
@@ -34,6 +36,52 @@ def test_routed_targets_leave_out_what_is_never_remote() -> None:
         ("2001:db8:2::/48", *ALL_PORTS),
         ("192.0.2.7/32", *ALL_PORTS),
     )
+
+
+def test_short_routes_and_routes_over_this_hosts_links_are_not_captured(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="shuttle")
+    own = [ipaddress.ip_network("192.168.1.0/24"), ipaddress.ip_network("fd00:1::/64")]
+    networks = [
+        "0.0.0.0/1",
+        "128.0.0.0/1",
+        "::/1",
+        "8000::/1",
+        "2000::/3",
+        "10.0.0.0/8",  # as short as may be
+        "172.0.0.0/7",
+        "2001::/16",
+        "192.168.0.0/16",  # covers this host's network
+        "192.168.1.128/25",  # inside it
+        "fd00:1::/48",
+        "fd00:2::/48",
+    ]
+    assert routed_targets(networks, own) == (
+        ("10.0.0.0/8", *ALL_PORTS),
+        ("2001::/16", *ALL_PORTS),
+        ("fd00:2::/48", *ALL_PORTS),
+    )
+    (line,) = [r.getMessage() for r in caplog.records if "not capturing" in r.getMessage()]
+    # 0.0.0.0/1 and ::/1 go without a word, as "this network" (unspecified) always did.
+    assert line.startswith("not capturing 7 of the server's routes: 128.0.0.0/1 (shorter than /8)")
+    assert "8000::/1 (shorter than /16)" in line
+    assert "192.168.0.0/16 (overlaps this host's 192.168.1.0/24)" in line
+    assert "fd00:1::/48 (overlaps this host's fd00:1::/64)" in line
+    # A network the command line gives is captured, whatever the rules say.
+    given = [("128.0.0.0/1", *ALL_PORTS), ("192.168.1.128/25", 80, 80)]
+    assert routed_targets(["128.0.0.0/1", "192.168.1.128/25", "8000::/1"], own, given) == (
+        ("128.0.0.0/1", *ALL_PORTS),
+        ("192.168.1.128/25", *ALL_PORTS),
+    )
+
+
+def test_own_networks_are_this_hosts_links() -> None:
+    own = discovery.own_networks()
+    # This host's loopback is on a link of its own (the local table), and the default
+    # route, through a gateway, is on none.
+    assert ipaddress.ip_network("::1/128") in own
+    assert ipaddress.ip_network("0.0.0.0/0") not in own
 
 
 def new_discovery() -> Tuple[Discovery, List[str]]:

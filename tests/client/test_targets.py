@@ -1,9 +1,9 @@
-"""sshuttle's subnet syntax, as the client parses it."""
+"""sshuttle's subnet syntax, as the client parses it; and Scope, what a session captures."""
 
 import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
-from shuttle_client.targets import TargetError, parse_target, parse_targets
+from shuttle_client.targets import Scope, TargetError, is_local, parse_target, parse_targets
 
 ALL = (1, 65535)
 
@@ -83,3 +83,31 @@ def test_any_address_with_ports_round_trips(address: object, first: int, span: i
     assert rest == []
     assert network.split("/")[0] == text
     assert (low, high) == (first, last)
+
+
+def test_scope_captures_as_the_rules_do() -> None:
+    scope = Scope(
+        [("0.0.0.0/0", *ALL), ("2001:db8::/32", 443, 443), ("10.1.0.0/16", 80, 90)],
+        [("192.0.2.0/24", *ALL), ("0.0.0.0/0", 25, 25)],
+        ["127.0.0.53", "::1"],
+    )
+    assert scope.captures(("198.51.100.7", 22))
+    assert scope.captures(("10.1.2.3", 85))
+    assert not scope.captures(("192.0.2.9", 80))  # excluded
+    assert not scope.captures(("198.51.100.7", 25))  # an excluded port
+    assert scope.captures(("2001:db8::1", 443))
+    assert not scope.captures(("2001:db8::1", 80))  # outside the port range
+    assert not scope.captures(("2001:db9::1", 443))  # outside the subnets
+    # This host's own addresses, though inside 0/0: the rules never capture them.
+    assert not scope.captures(("127.0.0.1", 8080))
+    assert not scope.captures(("127.0.0.5", 8080))
+    assert not scope.captures(("::ffff:198.51.100.7", 22))
+    # Port 53 of a nameserver, local or not: DNS is captured before the local return.
+    assert scope.captures(("127.0.0.53", 53))
+    assert scope.captures(("::1", 53))
+    assert not scope.captures(("127.0.0.53", 54))
+
+
+def test_is_local_asks_the_routing() -> None:
+    assert is_local("127.0.0.1") and is_local("::1")
+    assert not is_local("192.0.2.1")  # TEST-NET-1: nobody's

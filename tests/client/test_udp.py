@@ -1,19 +1,23 @@
 """UDP through tproxy: original destinations from ancillary data, and the flows' lifetime."""
 
 import asyncio
+import logging
 import socket
 import struct
-from typing import List, Tuple
+from typing import Callable, List, Tuple
 
 import pytest
 from shuttle_agent.relay import Link
 from shuttle_client import udp
+from shuttle_client.logs import Throttle
+from shuttle_client.targets import Scope
 from shuttle_client.udp import (
     IP_RECVORIGDSTADDR,
     IPV6_RECVORIGDSTADDR,
     UdpRelay,
     original_destination,
 )
+from shuttle_protocol.firewall_messages import ALL_PORTS
 from shuttle_protocol.mux import CLIENT, Mux
 
 
@@ -88,19 +92,29 @@ class FakeFirewall:
         return sock
 
 
+def relay_on_loopback(
+    captures: Callable[[Tuple[str, int]], bool],
+) -> Tuple[Link, RecordingPipe, socket.socket, FakeFirewall, UdpRelay]:
+    """A started UdpRelay whose one socket is a plain one on loopback (which a program may
+    send to directly, as a tproxy socket), its link's pipe recording."""
+    link = Link(Mux(CLIENT), lambda msg: None, "agent")
+    pipe = RecordingPipe()
+    link.attach_writer(pipe)  # type: ignore[arg-type]
+    captured = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    captured.setsockopt(socket.SOL_IP, IP_RECVORIGDSTADDR, 1)
+    captured.bind(("127.0.0.1", 0))
+    firewall = FakeFirewall()
+    relay = UdpRelay(lambda: link, firewall, [captured], captures)  # type: ignore[arg-type]
+    relay.start()
+    return link, pipe, captured, firewall, relay
+
+
 def test_idle_flows_expire_with_their_reply_sockets(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(udp, "IDLE_TIMEOUT", 0.2)
 
     async def scenario() -> None:
-        link = Link(Mux(CLIENT), lambda msg: None, "agent")
-        pipe = RecordingPipe()
-        link.attach_writer(pipe)  # type: ignore[arg-type]
-        captured = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        captured.setsockopt(socket.SOL_IP, IP_RECVORIGDSTADDR, 1)
-        captured.bind(("127.0.0.1", 0))
-        firewall = FakeFirewall()
-        relay = UdpRelay(lambda: link, firewall, [captured])  # type: ignore[arg-type]
-        relay.start()
+        # Sent to the socket directly, which only this test may: the scope lets it through.
+        link, pipe, captured, firewall, relay = relay_on_loopback(lambda destination: True)
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as program:
             program.sendto(b"query", captured.getsockname())
             for _ in range(100):  # the flow opens and gets its reply socket
@@ -120,3 +134,33 @@ def test_idle_flows_expire_with_their_reply_sockets(monkeypatch: pytest.MonkeyPa
         relay.close()
 
     asyncio.run(scenario())
+
+
+def test_a_datagram_sent_to_the_socket_itself_is_dropped(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(udp, "NOT_CAPTURED", Throttle(60.0))  # none logged before
+
+    # A tproxy UDP socket is on loopback, where any local user can send to it: the original
+    # destination is then the socket's own address, which the session does not capture.
+    async def scenario() -> None:
+        scope = Scope([("0.0.0.0/0", *ALL_PORTS)], [], ())
+        link, pipe, captured, firewall, relay = relay_on_loopback(scope.captures)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as program:
+            for _ in range(3):
+                program.sendto(b"query", captured.getsockname())
+            for _ in range(100):  # bounded: until the relay has read them
+                await asyncio.sleep(0.01)
+                if relay.dropped == 3:
+                    break
+        assert relay.dropped == 3
+        assert link.flows == {} and relay.flows == {} and firewall.handed == []
+        assert b"query" not in pipe.data
+        relay.close()
+
+    caplog.set_level(logging.WARNING, logger="shuttle")
+    asyncio.run(scenario())
+    lines = [r.getMessage() for r in caplog.records if "did not capture" in r.getMessage()]
+    assert len(lines) == 1, lines  # one line, however many come
+    assert lines[0].startswith("dropped 1 datagram(s) the firewall did not capture (the last: ")
+    assert "to 127.0.0.1:" in lines[0] and "sent to the UDP socket itself" in lines[0]

@@ -19,6 +19,7 @@ import pytest
 from shuttle_firewalld import hosts_file
 from shuttle_firewalld.errors import RequestError
 from shuttle_firewalld.hosts_file import MAX_FILE, HostsFile, parse
+from shuttle_firewalld.sessions import MAX_HOSTS_BYTES_PER_UID, MAX_HOSTS_PER_UID
 from shuttle_protocol.firewall_messages import (
     MAX_HOSTS,
     ErrorAnswer,
@@ -159,7 +160,7 @@ def test_names_the_admin_gave_are_skipped(path: Path, caplog: pytest.LogCaptureF
         assert HostsFile(str(path)).set(A, entries) == 2
     assert path.read_bytes() == ADMIN + block(A, "10.6.6.6 comment", "10.1.2.3 mine")
     assert (
-        f"session {A}: 4 host names skipped, taken in {path} or reserved: "
+        f"session {A}: 4 host names skipped, taken in {path}, reserved or not allowed: "
         "localhost, admin-box, ALIAS1, crlf-box"
     ) in caplog.text
 
@@ -179,16 +180,43 @@ def test_another_sessions_names_are_skipped(path: Path) -> None:
 def test_reserved_names_are_skipped_even_where_the_file_lacks_them(tmp_path: Path) -> None:
     path = tmp_path / "hosts"
     own = socket.gethostname()
+    fqdn = socket.getfqdn()
     entries = [
         ("localhost", "10.6.6.6"),
         ("LocalHost", "10.6.6.6"),
         ("db.localhost", "10.6.6.6"),
+        ("localhost.localdomain", "10.6.6.6"),
+        ("localhost6", "10.6.6.6"),
+        ("ip6-localhost", "10.6.6.6"),
+        ("ip6-loopback", "10.6.6.6"),
+        ("wpad", "10.6.6.6"),
+        ("WPAD.corp.example", "10.6.6.6"),
         (own.upper(), "10.6.6.6"),
         (own.split(".")[0], "10.6.6.6"),
+        (fqdn, "10.6.6.6"),
         ("localhost.example", "10.1.2.3"),  # only under .localhost
+        ("corp.wpad.example", "10.1.2.4"),  # wpad only as the first label
     ]
-    assert HostsFile(str(path)).set(A, entries) == 1
-    assert path.read_bytes() == block(A, "10.1.2.3 localhost.example")
+    assert HostsFile(str(path)).set(A, entries) == 2
+    assert path.read_bytes() == block(A, "10.1.2.3 localhost.example", "10.1.2.4 corp.wpad.example")
+
+
+def test_names_outside_the_allowed_domains_are_skipped(path: Path) -> None:
+    hosts = HostsFile(str(path))
+    entries = [
+        ("db1.corp.example", "10.1.2.3"),
+        ("Corp.Example", "10.1.2.4"),
+        ("deb.debian.org", "10.6.6.6"),
+        ("evilcorp.example", "10.6.6.6"),  # not under corp.example: a label must end there
+        ("corp.example.evil", "10.6.6.6"),
+        ("db2.lab", "10.1.2.5"),
+    ]
+    assert hosts.set(A, entries, {b"corp.example", b"lab"}) == 3
+    assert path.read_bytes() == ADMIN + block(
+        A, "10.1.2.3 db1.corp.example", "10.1.2.4 Corp.Example", "10.1.2.5 db2.lab"
+    )
+    assert hosts.set(A, entries, set()) == 0  # no domain: no name
+    assert path.read_bytes() == ADMIN
 
 
 def test_when_every_name_is_skipped_there_is_no_block(path: Path) -> None:
@@ -436,6 +464,35 @@ def test_the_resolver_reads_what_is_written(path: Path) -> None:
     assert json.loads(done.stdout) == RESOLVED
 
 
+OWN_NAMES = """\
+import socket, subprocess, sys
+from shuttle_firewalld.hosts_file import HostsFile
+# In mount and UTS namespaces of its own: the system's /etc/hosts and name stay as they are.
+subprocess.run(["mount", "--bind", sys.argv[1], "/etc/hosts"], check=True)
+socket.sethostname("box")
+entries = [(name, "10.1.2.3") for name in sys.argv[3:]]
+print(HostsFile(sys.argv[2]).set("0123456789ab", entries))
+"""
+
+
+@pytest.mark.integration
+def test_this_hosts_names_from_its_resolver_are_skipped(tmp_path: Path) -> None:
+    system = tmp_path / "system-hosts"
+    system.write_text("127.0.0.1 localhost\n127.0.1.1 box.corp.example box box-alias\n")
+    path = tmp_path / "hosts"  # firewalld's file, another one than the resolver's
+    names = ["box.corp.example", "BOX-ALIAS", "box", "other.corp.example"]
+    done = subprocess.run(
+        ["unshare", "-m", "-u", sys.executable, "-c", OWN_NAMES, str(system), str(path), *names],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "1\n"
+    assert path.read_bytes() == block(A, "10.1.2.3 other.corp.example")
+
+
 # --- the real daemon ------------------------------------------------------------------------
 
 
@@ -570,7 +627,8 @@ from shuttle_protocol.firewall_messages import (
 )
 from shuttle_protocol.frames import decode_frame, encode_frame
 
-path, port, steps = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
+path, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+steps = json.load(sys.stdin)  # not an argument: it may be bigger than one may be
 context = zmq.Context()
 dealer = context.socket(zmq.DEALER)
 dealer.linger = 0
@@ -582,25 +640,34 @@ def ask(request):
         raise SystemExit("no answer")
     return decode_frame(dealer.recv())[1]
 
-opened = ask(OpenSessionRequest("nat", port, (("10.0.0.0/8", 1, 65535),), (), 65534, -1,
-                                False, ()))
-results = [opened.session]
+opened = [
+    ask(OpenSessionRequest("nat", port, (("10.0.0.0/8", 1, 65535),), (), 65534, -1, False, ()))
+    .session
+    for _ in range(count)
+]
+results = [opened[0]]
 for session, hosts in steps:
-    answer = ask(SetHostsRequest(session or opened.session, tuple(map(tuple, hosts))))
+    mine = opened[session] if isinstance(session, int) else session or opened[0]
+    answer = ask(SetHostsRequest(mine, tuple(map(tuple, hosts))))
     results.append(answer.text if isinstance(answer, ErrorAnswer) else answer.count)
-ask(CloseSessionRequest(opened.session))
+for session in opened:
+    ask(CloseSessionRequest(session))
 print(json.dumps(results))
 dealer.close()
 context.term()
 """
 
 
-def nobody_sets_hosts(daemon: Daemon, steps: list[tuple[str | None, list[Any]]]) -> list[Any]:
-    """As uid 65534: open a nat session on port 12301, ask SetHosts for each (session, hosts)
-    (None: its own session), close it; [its session id, then each count or error text]."""
+def nobody_sets_hosts(
+    daemon: Daemon, steps: list[tuple[str | int | None, list[Any]]], sessions: int = 1
+) -> list[Any]:
+    """As uid 65534: open nat sessions on port 12301, ask SetHosts for each (session, hosts)
+    (None: its first session; a number: its session of that index), close them; [its first
+    session's id, then each count or error text]."""
     script = [sys.executable, "-c", NOBODY_HOSTS, str(daemon.socket_path), "12301"]
     done = subprocess.run(
-        [*NOBODY, *script, json.dumps(steps)],
+        [*NOBODY, *script, str(sessions)],
+        input=json.dumps(steps),
         capture_output=True,
         text=True,
         timeout=60,
@@ -634,6 +701,40 @@ def test_setting_hosts_needs_the_hosts_permission(
     assert result[1:] == [1, 0]
     assert f"session {result[0][:12]}: 1 host entries in {daemon.hosts_file}" in daemon.log
     assert daemon.hosts_file.read_bytes() == admin_hosts  # emptied, then closed
+
+
+@pytest.mark.integration
+def test_a_grantee_may_be_held_to_domains_and_to_a_size(
+    netns: str,
+    socket_dir: Path,
+    start_firewalld: Callable[..., Daemon],
+    listen: Callable[..., Listener],
+    admin_hosts: bytes,
+) -> None:
+    write(socket_dir / "firewalld.policy", b"allow nobody hosts=corp.example\n")
+    listen(12301, as_nobody=True)
+    daemon = start_firewalld(group="nogroup", lease=30)
+    wanted = [("db1.corp.example", "10.1.2.3"), ("corp.example", "10.1.2.4")]
+    outside = [("deb.debian.org", "10.6.6.6"), ("wpad.corp.example", "10.6.6.6")]
+    # Two sessions, each asking for just under the per-uid entries: the second is refused.
+    half = [(f"h{i}.corp.example", "10.1.2.5") for i in range(MAX_HOSTS_PER_UID // 2 + 1)]
+    # Then fewer entries, but longer names than the per-uid bytes allow.
+    long_name = ".".join(["a" * 60] * 3) + ".corp.example"
+    many = MAX_HOSTS_BYTES_PER_UID // len(long_name) + 1
+    big = [(long_name, f"10.2.{i // 250}.{i % 250 + 1}") for i in range(many)]
+    result = nobody_sets_hosts(
+        daemon,
+        [(0, wanted + outside), (0, half), (1, half), (1, []), (0, big)],
+        sessions=2,
+    )
+    assert result[1] == 2
+    assert result[2] == len(half)
+    assert "uid 65534's sessions would have 10002 host names" in result[3]
+    assert result[4] == 0
+    assert f"more than {MAX_HOSTS_PER_UID} names or {MAX_HOSTS_BYTES_PER_UID} bytes" in result[5]
+    log = daemon.log
+    assert "2 host names skipped, taken in" in log and "deb.debian.org" in log
+    assert daemon.hosts_file.read_bytes() == admin_hosts  # all closed
 
 
 @pytest.mark.integration

@@ -123,6 +123,41 @@ def test_check_hosts_through_users_and_groups() -> None:
     assert Policy("p").check_hosts(1000) == refusal((HOSTS,), "p")
 
 
+def test_host_names_may_be_limited_to_domains() -> None:
+    groups = {1000: {1000, 27}, 1001: {1001, 28}, 1002: {1002, 27, 29}}
+    policy = Policy(
+        "p",
+        (
+            Entry(None, 27, frozenset({HOSTS}), frozenset({b"corp.example"})),
+            Entry(1000, None, frozenset({HOSTS}), frozenset({b"lab.example"})),
+            Entry(None, 28, frozenset({FORWARD}), frozenset({b"never.example"})),
+            Entry(None, 29, frozenset({HOSTS})),
+        ),
+        groups_of=lambda uid: groups.get(uid, set()),
+    )
+    assert policy.domains(1000) == {b"corp.example", b"lab.example"}  # entries add up
+    assert policy.domains(1001) == frozenset()  # only an entry that grants hosts counts
+    assert policy.domains(1002) is None  # a plain hosts entry allows any name
+    assert policy.domains(0) is None
+
+
+@pytest.mark.parametrize(
+    ("line", "domains"),
+    [
+        ("allow nobody hosts=Corp.Example", {b"corp.example"}),
+        (
+            "allow nobody hosts=corp.example,lab hosts=x.example",
+            {b"corp.example", b"lab", b"x.example"},
+        ),
+        ("allow nobody hosts=corp.example hosts", None),
+        ("allow nobody hosts", None),
+    ],
+)
+def test_parse_hosts_domains(line: str, domains: set[bytes] | None) -> None:
+    (entry,) = parse(line, "/p").entries
+    assert entry == Entry(65534, None, frozenset({HOSTS}), domains and frozenset(domains))
+
+
 GOOD = """\
 # who may ask for more than their own traffic
 allow root capture-others   # a comment after a line
@@ -149,7 +184,7 @@ def test_an_empty_file_allows_nothing() -> None:
 
 
 FORMAT = "(a line is: allow USER|@GROUP PERMISSION...)"
-KNOWN = "(known: capture-others, forward, hosts)"
+KNOWN = "(known: capture-others, forward, hosts, hosts=DOMAIN,...)"
 
 
 @pytest.mark.parametrize(
@@ -169,6 +204,13 @@ KNOWN = "(known: capture-others, forward, hosts)"
         ("allow no-such-user-x forward", "no user 'no-such-user-x'"),
         ("allow @no-such-group-x forward", "no group 'no-such-group-x'"),
         ("allow @ forward", "no group ''"),
+        ("allow nobody hosts=", "hosts= domain: '' is not a valid host name"),
+        ("allow nobody hosts=a,,b", "hosts= domain: '' is not a valid host name"),
+        (
+            "allow nobody hosts=.corp.example",
+            "hosts= domain: '.corp.example' is not a valid host name",
+        ),
+        ("allow nobody hosts=10.1.2.3", "hosts= domain: '10.1.2.3' is not a valid host name"),
         (
             "Allow nobody forward",
             f"unknown keyword 'Allow' {FORMAT}",
@@ -305,6 +347,6 @@ def test_a_bad_policy_file_stops_the_start(socket_dir: Path) -> None:
     assert (done.returncode, done.stdout) == (1, "")
     assert done.stderr == (
         f"shuttle-firewalld: {policy}:2: unknown permission 'fly' "
-        "(known: capture-others, forward, hosts)\n"
+        "(known: capture-others, forward, hosts, hosts=DOMAIN,...)\n"
     )
     assert not (socket_dir / "fw.sock").exists()

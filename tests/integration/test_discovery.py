@@ -9,8 +9,17 @@ from pathlib import Path
 import pytest
 
 import testbed
-from testbed import HTTP_PORT, T_ADDR, T_ADDR6, TARGET_NET, TARGET_NET6, Shuttle, ready_line
-from testbed.config import S_HOSTS
+from testbed import (
+    HTTP_PORT,
+    S_ADDR_C,
+    T_ADDR,
+    T_ADDR6,
+    TARGET_NET,
+    TARGET_NET6,
+    Shuttle,
+    ready_line,
+)
+from testbed.config import CLIENT_NET, S_HOSTS
 from testbed.procs import wait_until
 
 pytestmark = pytest.mark.integration
@@ -25,6 +34,20 @@ def test_auto_nets_captures_the_servers_routes(shuttle: Shuttle) -> None:
         result = topo.curl(host, HTTP_PORT, max_time=20)
         assert result.returncode == 0, f"{result.stderr}\n{shuttle.outputs()}"
         assert topo.marker in result.stdout
+
+
+def test_a_hostile_agents_routes_over_everything_are_not_captured(shuttle: Shuttle) -> None:
+    agent = install_hostile_agent(shuttle, "routes")
+    client = shuttle.start_client(python=str(agent), subnets=(), extra=["-N"])
+    # Only the target network: not the halves of each family (which would capture all),
+    # nor the /16 over C's own link to S (198.18.1.0/24).
+    assert ready_line(client).startswith(f"shuttle-client: ready: capturing {TARGET_NET} through")
+    skipped = (
+        "not capturing 3 of the server's routes: 128.0.0.0/1 (shorter than /8), 8000::/1 "
+        f"(shorter than /16), 198.18.0.0/16 (overlaps this host's {CLIENT_NET})"
+    )
+    assert skipped in client.output(), client.output()
+    assert shuttle.stop_client(client) == 0
 
 
 def hosts_block(shuttle: Shuttle) -> list[str]:
@@ -69,6 +92,7 @@ def test_auto_hosts_without_permission_is_refused_and_the_tunnel_still_works(
 
 
 ADMIN_LINES = "127.0.0.1 localhost\n198.18.9.9 bank.shuttle.test\n"
+SSH_SERVER_NAME = "ssh-server.shuttle.test"
 
 
 def install_hostile_agent(shuttle: Shuttle, mode: str) -> Path:
@@ -87,7 +111,9 @@ def test_a_hostile_agent_gets_no_bad_name_into_the_hosts_file(shuttle: Shuttle, 
     shuttle.hosts_file.write_text(ADMIN_LINES)
     shuttle.start_firewalld()
     agent = install_hostile_agent(shuttle, mode)
-    client = shuttle.start_client(python=str(agent), extra=["-H"])
+    # The client connects to S by a name, which the agent then claims too.
+    shuttle.topo.c.write_etc("hosts", f"127.0.0.1 localhost\n{S_ADDR_C} {SSH_SERVER_NAME}\n")
+    client = shuttle.start_client(python=str(agent), remote_name=SSH_SERVER_NAME, extra=["-H"])
     if mode == "invalid":
         # The client refuses the message and ends that session: nothing reaches firewalld.
         # It reconnects (the agent may have been struck by a passing fault), and as the new
@@ -106,6 +132,9 @@ def test_a_hostile_agent_gets_no_bad_name_into_the_hosts_file(shuttle: Shuttle, 
         )
         assert names_in(hosts_block(shuttle)) - names_in(ADMIN_LINES.splitlines()) == wanted
         assert shuttle.hosts_file.read_text().startswith(ADMIN_LINES)
+        assert "the server gave an address for its own name SSH-Server.shuttle.test" in (
+            client.output()
+        )
         assert shuttle.stop_client(client) == 0
     assert wait_until(lambda: shuttle.hosts_file.read_text() == ADMIN_LINES, 10, interval=0.2)
     assert shuttle.firewalld is not None and shuttle.firewalld.alive()

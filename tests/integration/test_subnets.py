@@ -12,6 +12,7 @@ from testbed import (
     HTTP_PORT,
     S_ADDR6_C,
     S_ADDR_C,
+    SYSTEM_PYTHON,
     T_ADDR,
     T_ADDR2,
     T_ADDR6,
@@ -20,8 +21,15 @@ from testbed import (
     TARGET_NET6,
     Shuttle,
 )
+from testbed.config import C_ADDR
 
-from .checks import assert_echo, assert_method_rules, assert_not_captured, assert_page
+from .checks import (
+    UNCAPTURED_WAIT,
+    assert_echo,
+    assert_method_rules,
+    assert_not_captured,
+    assert_page,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -144,3 +152,46 @@ def test_everything_captured_but_the_ssh_server(
         for argv in (["nft", "list", "ruleset"], ["ip6tables-save", "-t", "nat"])
     )
     assert remote in ruleset, f"{remote} (the ssh server) is not in the rules:\n{ruleset}"
+
+
+DIRECT_PORT = 18080  # the wildcard listener's port, and a loopback server's on S
+# The reset, as curl says it: at once (7, "Couldn't connect to server"), or once it has
+# sent its request (56, "Recv failure: Connection reset by peer").
+CURL_RESET = (7, 56)
+
+
+@pytest.mark.parametrize("method", ["nft", "nat"])  # tproxy's listeners are firewalld's
+def test_direct_connections_to_a_wildcard_listener_are_refused(
+    shuttle: Shuttle, method: str
+) -> None:
+    """-l 0.0.0.0:P: a connection straight to 127.0.0.1:P or to C's own address:P was never
+    captured, and becomes no channel (to S's 127.0.0.1:P, say); a captured one works. (With
+    tproxy, the UDP socket's case: tests/client/test_udp.py.)"""
+    topo = shuttle.topo
+    www = topo.run_dir / "s-loopback"
+    www.mkdir()
+    (www / "index.html").write_text("only on S's loopback\n")
+    server = topo.s.start(
+        "s-loopback",
+        [SYSTEM_PYTHON, "-m", "http.server", str(DIRECT_PORT), "--bind", "127.0.0.1"],
+        topo.logs / "s-loopback.log",
+        cwd=www,
+    )
+    topo.procs.append(server)
+    assert topo.s.wait_listening(DIRECT_PORT), server.describe()
+    # A wildcard listener captures routed traffic too, which needs the policy's forward.
+    shuttle.stop_firewalld()
+    shuttle.write_policy(f"allow {topo.user.name} forward\n")
+    shuttle.start_firewalld()
+    client = shuttle.start_client(method=method, extra=["-l", f"0.0.0.0:{DIRECT_PORT}"])
+    for host in ("127.0.0.1", C_ADDR):
+        result = topo.curl(host, DIRECT_PORT, max_time=UNCAPTURED_WAIT)
+        assert result.returncode in CURL_RESET, (
+            f"{host}: exit {result.returncode}: {result.stderr.strip()} "
+            f"{result.stdout[:200]!r}\n{shuttle.outputs()}"
+        )
+        assert "only on S's loopback" not in result.stdout
+    assert_page(shuttle, T_ADDR)
+    # One line (the second reset comes within its interval) names the first.
+    assert client.wait_for_line("shuttle-client: reset 1 connection(s) the firewall did not", 5)
+    assert f"to 127.0.0.1:{DIRECT_PORT}), sent to the listener itself" in client.output()
