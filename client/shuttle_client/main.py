@@ -1,5 +1,6 @@
 """shuttle-client's entry point: set up the tunnel, the firewall session and the listener,
-then relay until a signal, a lost tunnel or a lost firewall session ends it."""
+then relay until a signal ends it (or, with --no-reconnect, a lost tunnel or firewall
+session). A firewall session lost to a firewalld restart is opened again, the same."""
 
 import asyncio
 import functools
@@ -16,7 +17,7 @@ from shuttle_protocol.schema import Message
 
 from . import ctl, logs
 from .argfiles import parse_command_line
-from .capture import TPROXY_ANY_PORT, Capture
+from .capture import Capture
 from .cli import DocoptExit, Options, UsageError
 from .control import ControlInUse, ControlServer, ControlSetupError
 from .control_paths import default_control_path
@@ -24,7 +25,7 @@ from .control_requests import Running, handler
 from .daemon import PidFile, PidFileError, daemonize
 from .discovery import DiscoveryError
 from .dns import make_udp_sockets
-from .firewall_session import FirewallError, FirewallSession
+from .firewall_session import FirewallError, FirewallSession, FirewallUnavailable
 from .hosts_sync import HostsSync
 from .plan import PlanError, make_plan
 from .proxy import make_listeners
@@ -41,6 +42,8 @@ T = TypeVar("T")
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+REOPEN_FIRST = 0.5  # seconds before the first attempt to open a lost firewall session again
+REOPEN_MAX = 4.0  # the delay doubles after each failed attempt, up to this
 
 
 class Stopped(Exception):
@@ -66,15 +69,15 @@ async def run(options: Options, readiness: Optional[Readiness] = None) -> int:
     capture = Capture(streams, firewall, listeners, options.wait_tunnel)
     client = Running(options, streams, firewall, lambda why: _set_once(stop, why))
     control = ControlServer(options.control or default_control_path(), handler(client))
-    heartbeats: Optional[asyncio.Task[None]] = None
+    keeper: Optional[asyncio.Task[None]] = None
     streams.publish = _publisher(control, streams, readiness)
     try:
         await _start_control(control, chosen=options.control is not None)
         await _bring_up(client, capture, listeners, stop)
         client.ready = True
         readiness.ready(f"capturing through {options.ssh_destination} (method {client.method})")
-        heartbeats = loop.create_task(firewall.run_heartbeats())
-        waiting: List[asyncio.Future[Any]] = [stop, streams.lost, heartbeats]
+        keeper = loop.create_task(_keep_firewall(client, capture))
+        waiting: List[asyncio.Future[Any]] = [stop, streams.lost, keeper]
         done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
         if stop in done:
             log.info("stopping on %s", stop.result())
@@ -82,7 +85,7 @@ async def run(options: Options, readiness: Optional[Readiness] = None) -> int:
         if streams.lost in done:
             log.error("lost the tunnel: %s (and --no-reconnect)", streams.lost.result())
         else:
-            heartbeats.result()  # raises the FirewallError that ended it
+            keeper.result()  # raises the FirewallError that ended it
         return EXIT_FAILED
     except Stopped:
         log.info("stopping on %s", stop.result())
@@ -93,9 +96,9 @@ async def run(options: Options, readiness: Optional[Readiness] = None) -> int:
     finally:
         client.stopping = True
         readiness.stopping()
-        if heartbeats is not None:  # a heartbeat waiting on firewalld must not delay the close
-            heartbeats.cancel()
-            await asyncio.gather(heartbeats, return_exceptions=True)
+        if keeper is not None:  # a heartbeat waiting on firewalld must not delay the close
+            keeper.cancel()
+            await asyncio.gather(keeper, return_exceptions=True)
         # Rules first: once they are gone, nothing new is captured into a closing tunnel.
         await firewall.close()
         capture.close()
@@ -116,26 +119,12 @@ async def _bring_up(
     await _unless_stopped(stop, streams.start())
     discovery = streams.tunnels[0].discovery
     plan = await _unless_stopped(stop, make_plan(options, discovery))
-    # tproxy: firewalld makes the listeners, and the port given here does not matter.
-    port = listeners[0].getsockname()[1] if listeners else TPROXY_ANY_PORT
     if plan.nameserver is not None:
         capture.add_dns(plan.nameserver, dns_sockets(listeners))
         streams.reconnect_ssh = server.pinned()
     client.subnets, client.excludes = plan.subnets, options.excludes
     client.fixed_excludes, client.dns = server.excludes, plan.dns
-    client.method = await _unless_stopped(
-        stop,
-        firewall.open(
-            options.method,
-            port,
-            plan.subnets,
-            client.all_excludes,
-            options.uid,
-            options.gid,
-            options.forward,
-            dns=plan.dns,
-        ),
-    )
+    client.method = await _unless_stopped(stop, _open_firewall(client, capture, options.method))
     port = await _unless_stopped(stop, capture.start(client.method, streams.agent_capabilities))
     if options.auto_hosts:
         client.hosts = _watch_hosts(streams, options, HostsSync(firewall))
@@ -150,6 +139,64 @@ async def _bring_up(
         port,
         f", {options.streams} streams" if options.streams > 1 else "",
     )
+
+
+async def _open_firewall(client: Running, capture: Capture, method: str) -> str:
+    """Open the firewall session for what the client captures now; the method applied."""
+    options = client.options
+    return await client.firewall.open(
+        method,
+        capture.rules_port(),
+        client.subnets,
+        client.all_excludes,
+        options.uid,
+        options.gid,
+        options.forward,
+        dns=client.dns,
+    )
+
+
+async def _keep_firewall(client: Running, capture: Capture) -> None:
+    """Keep the firewall session for as long as the client runs. A lost one (firewalld
+    stopped, crashed or restarted) is opened again with the same method and what the
+    client captures now, backing off while firewalld cannot be reached; FirewallError when
+    it is lost for good: with --no-reconnect, or when firewalld refuses it now."""
+    while True:
+        try:
+            await client.firewall.run_heartbeats()
+        except FirewallError as exc:
+            if not client.options.reconnect:
+                raise FirewallError(f"{exc} (and --no-reconnect)") from None
+            lost = str(exc)
+        client.firewall_lost = True
+        log.warning(
+            "%s; opening it again (until then nothing is captured: new connections go "
+            "direct, not through the tunnel)",
+            lost,
+        )
+        port = await _reopen_firewall(client, capture)
+        client.firewall_lost = False
+        log.info("firewall session open again (method %s, port %d)", client.method, port)
+        if client.hosts is not None:
+            client.hosts.again()
+
+
+async def _reopen_firewall(client: Running, capture: Capture) -> int:
+    """Open the lost firewall session again, retrying while firewalld cannot be reached;
+    the port its rules divert to."""
+    delay = REOPEN_FIRST
+    attempt = 0
+    while True:
+        attempt += 1
+        await asyncio.sleep(delay)
+        try:
+            async with client.changing:  # no route change between the request and its answer
+                await _open_firewall(client, capture, client.method)
+                return await capture.reopened()
+        except FirewallUnavailable as exc:
+            log.debug("opening the firewall session again failed (attempt %d): %s", attempt, exc)
+            await client.firewall.close()  # if it opened before the sockets failed
+        delay = min(delay * 2, REOPEN_MAX)
 
 
 async def _start_control(control: ControlServer, chosen: bool) -> None:

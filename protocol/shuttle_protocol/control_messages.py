@@ -25,8 +25,10 @@ from .firewall_messages import MAX_HOSTS, Target, check_targets
 from .schema import Message, message
 
 # The tunnel's states: starting (before the first ready), up (every stream connected),
-# reconnecting (at least one stream lost; captured connections wait for it), stopping.
-STATES = ("starting", "up", "reconnecting", "stopping")
+# reconnecting (at least one stream lost; captured connections wait for it), firewall-lost
+# (firewalld lost the session, a restart say: nothing is captured until it is opened
+# again), stopping.
+STATES = ("starting", "up", "reconnecting", "firewall-lost", "stopping")
 PROTOS = ("tcp", "udp")
 MAX_CONNECTIONS = 20_000  # entries in one ConnectionsAnswer; `total` says how many there are
 MAX_COUNT = 2**63 - 1  # byte counters and the like
