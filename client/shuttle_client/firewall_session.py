@@ -230,10 +230,13 @@ class FirewallSession:
         the session may hold, and a heartbeat is sent again every third of the lease."""
         session = self._open_session()
         interval = self._lease / 3
+        beat: asyncio.Future[Message] | None = None
         while True:
-            await asyncio.sleep(interval)
-            beat = asyncio.ensure_future(self._request(HeartbeatRequest(session), None, interval))
             try:
+                await self._sleep_connected(interval)
+                beat = asyncio.ensure_future(
+                    self._request(HeartbeatRequest(session), None, interval)
+                )
                 done, _ = await asyncio.wait([beat], timeout=self._lease)
                 if not done:
                     log.warning(
@@ -244,9 +247,11 @@ class FirewallSession:
                 answer = await beat
             except FirewallError as exc:
                 self._session = None
-                raise FirewallError(f"lost the firewall session: {exc}") from None
+                # The same class: FirewallUnavailable says firewalld went away.
+                raise type(exc)(f"lost the firewall session: {exc}") from None
             finally:
-                beat.cancel()
+                if beat is not None:
+                    beat.cancel()
             if not done:
                 log.info("shuttle-firewalld answers heartbeats again")
             if not isinstance(answer, HeartbeatAnswer):
@@ -342,11 +347,18 @@ class FirewallSession:
         if receiving in done:
             return bytes(receiving.result())
         if gone is not None and gone.done():
-            raise FirewallUnavailable(
-                f"shuttle-firewalld at {self._path} dropped the connection (it stopped or "
-                "restarted)"
-            )
+            raise FirewallUnavailable(self._dropped())
         return None
+
+    async def _sleep_connected(self, seconds: float) -> None:
+        """Sleep, but FirewallUnavailable as soon as firewalld drops the connection."""
+        gone = self._gone
+        if gone is None:
+            await asyncio.sleep(seconds)
+            return
+        await asyncio.wait([gone], timeout=seconds)
+        if gone.done():
+            raise FirewallUnavailable(self._dropped())
 
     def _connect(self) -> zmq.asyncio.Socket:
         if self._gone is not None and self._gone.done():
@@ -383,6 +395,9 @@ class FirewallSession:
             f"members of {group} may (an admin adds you with: usermod -aG {group} "
             f"{_user_name()}, then log in again)"
         )
+
+    def _dropped(self) -> str:
+        return f"shuttle-firewalld at {self._path} dropped the connection (it stopped or restarted)"
 
     def _no_answer(self, timeout: float) -> str:
         return (
