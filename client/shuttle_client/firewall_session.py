@@ -18,6 +18,7 @@ import array
 import asyncio
 import grp
 import ipaddress
+import itertools
 import logging
 import math
 import os
@@ -64,6 +65,8 @@ MAX_UNANSWERED = 3
 MAX_HANDOVER = 4096  # bytes of the one frame on the fd socket; it is a few dozen
 MAX_FDS = 4  # descriptors in it: at most a TCP and a UDP socket per IP version
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+_MONITORS = itertools.count(1)
 
 Address = Union[str, ipaddress.IPv4Address, ipaddress.IPv6Address]
 
@@ -245,10 +248,9 @@ class FirewallSession:
                         self._lease,
                     )
                 answer = await beat
-            except FirewallError as exc:
+            except FirewallError:
                 self._session = None
-                # The same class: FirewallUnavailable says firewalld went away.
-                raise type(exc)(f"lost the firewall session: {exc}") from None
+                raise
             finally:
                 if beat is not None:
                     beat.cancel()
@@ -372,8 +374,11 @@ class FirewallSession:
             raise FirewallError(self._not_allowed())
         socket = zmq.asyncio.Context.instance().socket(zmq.DEALER)
         socket.linger = 0
-        # Before connect(), so that no drop of the connection goes unseen.
-        self._monitor = socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        # Before connect(), so that no drop of the connection goes unseen. A name of our
+        # own: pyzmq's default names it by a descriptor number, which a successor may reuse.
+        self._monitor = socket.get_monitor_socket(
+            zmq.EVENT_DISCONNECTED, f"inproc://firewalld-monitor-{next(_MONITORS)}"
+        )
         try:
             socket.connect("ipc://" + self._path)
         except zmq.ZMQError as exc:
@@ -430,11 +435,11 @@ async def fetch_sockets(path: str, token: str, timeout: float) -> list[tuple[str
     try:
         return await asyncio.wait_for(_fetch(path, token), timeout)
     except asyncio.TimeoutError:
-        raise FirewallError(
+        raise FirewallUnavailable(
             f"shuttle-firewalld did not hand the sockets over on {path} within {timeout:g} s"
         ) from None
-    except OSError as exc:
-        raise FirewallError(
+    except OSError as exc:  # not listening (any more): it stopped, say
+        raise FirewallUnavailable(
             f"cannot fetch the sockets from shuttle-firewalld on {path}: {exc.strerror or exc}"
         ) from None
 

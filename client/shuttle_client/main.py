@@ -12,7 +12,13 @@ import sys
 from typing import Any, Awaitable, Callable, List, Optional, Sequence, TypeVar
 
 from shuttle_agent.limits import raise_open_files
-from shuttle_protocol.control_messages import Connected, Disconnected
+from shuttle_protocol.control_messages import (
+    MAX_REASON,
+    Connected,
+    Disconnected,
+    FirewallBack,
+    FirewallLost,
+)
 from shuttle_protocol.schema import Message
 
 from . import ctl, logs
@@ -166,17 +172,21 @@ async def _keep_firewall(client: Running, capture: Capture) -> None:
             await client.firewall.run_heartbeats()
         except FirewallError as exc:
             if not client.options.reconnect:
-                raise FirewallError(f"{exc} (and --no-reconnect)") from None
-            lost = str(exc)
+                raise FirewallError(
+                    f"lost the firewall session: {exc} (and --no-reconnect)"
+                ) from None
+            why = str(exc)
         client.firewall_lost = True
         log.warning(
-            "%s; opening it again (until then nothing is captured: new connections go "
-            "direct, not through the tunnel)",
-            lost,
+            "lost the firewall session: %s; opening it again (until then nothing is captured: "
+            "new connections go direct, not through the tunnel)",
+            why,
         )
+        client.streams.publish(FirewallLost(why[:MAX_REASON]))
         port = await _reopen_firewall(client, capture)
         client.firewall_lost = False
         log.info("firewall session open again (method %s, port %d)", client.method, port)
+        client.streams.publish(FirewallBack(client.method, port))
         if client.hosts is not None:
             client.hosts.again()
 
@@ -222,8 +232,8 @@ async def _start_control(control: ControlServer, chosen: bool) -> None:
 def _publisher(
     control: ControlServer, streams: Streams, readiness: Readiness
 ) -> Callable[[Message], None]:
-    """Where events go: to the control socket's subscribers, and how the tunnel is now to
-    the service manager."""
+    """Where events go: to the control socket's subscribers, and how the tunnel and the
+    firewall session are now to the service manager."""
 
     def publish(event: Message) -> None:
         control.publish(event)
@@ -232,6 +242,10 @@ def _publisher(
             readiness.status(f"tunnel lost{again}: {event.reason}")
         elif isinstance(event, Connected) and streams.up == len(streams.tunnels):
             readiness.status(f"connected to {event.remote}")
+        elif isinstance(event, FirewallLost):
+            readiness.status(f"firewall session lost, opening it again: {event.reason}")
+        elif isinstance(event, FirewallBack):
+            readiness.status(f"firewall session open again (method {event.method})")
 
     return publish
 

@@ -21,7 +21,7 @@ from .checks import (
     check_text,
 )
 from .errors import LocalProtocolError
-from .firewall_messages import MAX_HOSTS, Target, check_targets
+from .firewall_messages import APPLIED_METHODS, MAX_HOSTS, Target, check_targets
 from .schema import Message, message
 
 # The tunnel's states: starting (before the first ready), up (every stream connected),
@@ -362,6 +362,33 @@ class ChannelClosed(Message):
         check_int(self.bytes_down, "bytes down", 0, MAX_COUNT)
 
 
+@message(165)
+@dataclass(frozen=True)
+class FirewallLost(Message):
+    """The firewall session is gone (firewalld stopped or restarted): nothing is captured
+    until FirewallBack."""
+
+    __slots__ = ("reason",)
+    reason: str
+
+    def __post_init__(self) -> None:
+        check_text(self.reason, "reason", MAX_REASON)
+
+
+@message(166)
+@dataclass(frozen=True)
+class FirewallBack(Message):
+    """The firewall session is open again, capturing as before, into port."""
+
+    __slots__ = ("method", "port")
+    method: str
+    port: int
+
+    def __post_init__(self) -> None:
+        check_choice(self.method, "method", APPLIED_METHODS)
+        check_int(self.port, "port", 1, 65535)
+
+
 REQUESTS = (
     StatusRequest,
     ConnectionsRequest,
@@ -371,4 +398,12 @@ REQUESTS = (
     HostsRequest,
     StopRequest,
 )
-EVENTS = (Connected, Disconnected, Reconnecting, ChannelOpened, ChannelClosed)
+EVENTS = (
+    Connected,
+    Disconnected,
+    Reconnecting,
+    ChannelOpened,
+    ChannelClosed,
+    FirewallLost,
+    FirewallBack,
+)

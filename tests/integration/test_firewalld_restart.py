@@ -1,8 +1,9 @@
 """firewalld restarts under a running client: stopped (SIGTERM, which removes the rules) or
 killed (SIGKILL, whose rules the next start removes), then started again. The client opens
-its session again, the same, by itself: a new curl goes through the tunnel, and -H names
-are back in the hosts file. A firewalld that another member's big request keeps busy for
-longer than the lease is slow, not gone: the client keeps its session."""
+its session again, the same, by itself: a new curl goes through the tunnel, -H names are
+back in the hosts file, and `ctl events` tells of the loss and the return. A firewalld that
+another member's big request keeps busy for longer than the lease is slow, not gone: the
+client keeps its session."""
 
 from __future__ import annotations
 
@@ -50,6 +51,19 @@ def start_download(shuttle: Shuttle) -> Proc:
     return transfer
 
 
+def subscribe(shuttle: Shuttle) -> Proc:
+    """`ctl events` running, its subscription known to have reached the client: it printed
+    the channel of a connection made after it started."""
+    topo = shuttle.topo
+    argv = [shuttle.venv.program("shuttle-client"), "ctl", "events"]
+    events = topo.start("events", topo.user_argv(argv))
+    for _ in range(20):  # when the subscription arrives is not knowable: connect until seen
+        assert_page(shuttle, T_ADDR)
+        if wait_until(lambda: "channel " in events.output(), 0.5):
+            return events
+    raise AssertionError(f"ctl events printed no channel\n{events.describe()}")
+
+
 def restart_firewalld(shuttle: Shuttle, sig: signal.Signals) -> None:
     assert shuttle.firewalld is not None
     shuttle.firewalld.send(sig)
@@ -66,6 +80,7 @@ def test_the_client_opens_its_session_again_after_firewalld_restarts(
     subnets = (TARGET_NET, TARGET_NET6) if method == TPROXY else (TARGET_NET,)
     client = shuttle.start_client(method=method, subnets=subnets, extra=["-H"])
     assert wait_until(lambda: hosts_names(shuttle), 20, interval=0.2), shuttle.outputs()
+    events = subscribe(shuttle)
     for round_no, sig in enumerate((signal.SIGTERM, signal.SIGKILL), 1):
         download = start_download(shuttle)
         restart_firewalld(shuttle, sig)
@@ -78,6 +93,9 @@ def test_the_client_opens_its_session_again_after_firewalld_restarts(
         assert wait_until(lambda: hosts_names(shuttle), 20, interval=0.2), shuttle.outputs()
         download.stop(timeout=10)
     assert shuttle.stop_client(client) == 0, shuttle.outputs()
+    text = events.output()
+    assert text.count("  firewall session lost: shuttle-firewalld at ") == 2, text
+    assert text.count(f"  firewall session open again (method {method}, port ") == 2, text
 
 
 # Run by the second user: a session into its own listener, then the largest update allowed,
