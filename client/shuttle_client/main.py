@@ -178,8 +178,8 @@ async def _keep_firewall(client: Running, capture: Capture) -> None:
             why = str(exc)
         client.firewall_lost = True
         log.warning(
-            "lost the firewall session: %s; opening it again (until then nothing is captured: "
-            "new connections go direct, not through the tunnel)",
+            "lost the firewall session: %s; opening it again (until then new connections may "
+            "go direct, not through the tunnel)",
             why,
         )
         client.streams.publish(FirewallLost(why[:MAX_REASON]))
