@@ -387,7 +387,7 @@ class FirewallSession:
             socket.close()
             raise FirewallUnavailable(f"{self._unreachable()}: {exc}") from None
         self._socket = socket
-        self._gone = asyncio.ensure_future(_dropped(self._monitor))
+        self._gone = asyncio.ensure_future(_until_dropped(self._monitor))
         return socket
 
     def _not_allowed(self) -> str:
@@ -417,7 +417,7 @@ class FirewallSession:
         )
 
 
-async def _dropped(monitor: zmq.asyncio.Socket) -> None:
+async def _until_dropped(monitor: zmq.asyncio.Socket) -> None:
     """Returns once the monitored socket's connection drops (the only event it reports)."""
     await monitor.recv_multipart()
 
