@@ -15,6 +15,7 @@ import pytest
 from testbed import BULK_PORT, METHODS, SYSTEM_PYTHON, T_ADDR, TARGET_NET6, TPROXY, Shuttle
 from testbed.config import TARGET_NET
 from testbed.procs import Proc, wait_until
+from testbed.shuttle import FIREWALLD_READY
 
 from .checks import assert_page, assert_udp_echo, received
 
@@ -96,6 +97,23 @@ def test_the_client_opens_its_session_again_after_firewalld_restarts(
     text = events.output()
     assert text.count("  firewall session lost: shuttle-firewalld at ") == 2, text
     assert text.count(f"  firewall session open again (method {method}, port ") == 2, text
+
+
+def test_a_refusal_after_the_restart_ends_the_client_with_its_reason(shuttle: Shuttle) -> None:
+    client = shuttle.start_client(method="nft")
+    assert shuttle.firewalld is not None
+    assert shuttle.firewalld.stop(timeout=15) == 0, shuttle.outputs()
+    # The new firewalld admits root's group only: waiting will not change that.
+    argv = shuttle.firewalld_argv()
+    argv[argv.index("--group") + 1] = "root"
+    shuttle.firewalld = shuttle.topo.start("firewalld-root-only", argv)
+    assert shuttle.firewalld.wait_for_line(FIREWALLD_READY, 20), shuttle.outputs()
+    assert client.wait(30) == 1, shuttle.outputs()
+    shuttle.clients.remove(client)
+    assert LOST in client.output(), client.output()
+    assert f"shuttle-client: no permission to use shuttle-firewalld at {shuttle.socket}: " in (
+        client.output()
+    )
 
 
 # Run by the second user: a session into its own listener, then the largest update allowed,
