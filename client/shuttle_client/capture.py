@@ -44,6 +44,8 @@ class Capture:
         self.wait = wait
         self.firewall = firewall
         self.listeners = list(listeners)
+        self.method = ""
+        self._capabilities: Sequence[str] = ()
         self.nameserver: Optional[Nameserver] = None
         self.servers: List[asyncio.Server] = []
         self.udp: Optional[UdpRelay] = None
@@ -68,14 +70,34 @@ class Capture:
 
         return checked
 
+    def rules_port(self) -> int:
+        """The port to ask firewalld to divert to: our listeners' (tproxy: none of ours,
+        firewalld makes the sockets and the port given does not matter)."""
+        if self.method == "tproxy" or not self.listeners:
+            return TPROXY_ANY_PORT
+        return int(self.listeners[0].getsockname()[1])
+
     async def start(self, method: str, agent_capabilities: Sequence[str]) -> int:
         """Start accepting; returns the port the rules divert to."""
+        self.method, self._capabilities = method, agent_capabilities
         if self.dns is not None:
             self.dns.start()
         if method != "tproxy":
             destination = self._rewritten(original_destination)
             self.servers = await serve(self.tunnels, self.listeners, destination, self.wait)
-            return int(self.listeners[0].getsockname()[1])
+            return self.rules_port()
+        return await self._take_tproxy_sockets()
+
+    async def reopened(self) -> int:
+        """The firewall session was opened anew; the port its rules divert to. Our own
+        listeners stay; a tproxy session's transparent sockets are its own, so the new
+        session's replace the old ones (connections accepted already go on)."""
+        if self.method != "tproxy":
+            return self.rules_port()
+        self._stop_accepting()
+        return await self._take_tproxy_sockets()
+
+    async def _take_tproxy_sockets(self) -> int:
         port, sockets = await self.firewall.tproxy_sockets()
         self.listeners = [sock for kind, sock in sockets.items() if kind.startswith("tcp")]
         # TPROXY does not rewrite the destination: the accepted socket's own address is it.
@@ -83,7 +105,7 @@ class Capture:
             self.tunnels, self.listeners, self._rewritten(local_address), self.wait
         )
         udp = [sock for kind, sock in sockets.items() if kind.startswith("udp")]
-        if "udp" in agent_capabilities:
+        if "udp" in self._capabilities:
             rewrite = self.nameserver.rewrite if self.nameserver else lambda address: address
             self.udp = UdpRelay(self.tunnels.pick, self.firewall, udp, self.captures, rewrite)
             self.udp.start()
@@ -93,12 +115,18 @@ class Capture:
                 sock.close()
         return port
 
-    def close(self) -> None:
+    def _stop_accepting(self) -> None:
         for server in self.servers:
             server.close()
+        self.servers = []
         if self.udp is not None:
             self.udp.close()
-        if self.dns is not None:
-            self.dns.close()
+            self.udp = None
         for listener in self.listeners:
             listener.close()
+        self.listeners = []
+
+    def close(self) -> None:
+        self._stop_accepting()
+        if self.dns is not None:
+            self.dns.close()

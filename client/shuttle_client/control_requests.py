@@ -53,6 +53,7 @@ class Running:
     fixed_excludes: Tuple[Target, ...] = ()
     dns: Tuple[str, ...] = ()
     hosts: Optional[HostsSync] = None
+    firewall_lost: bool = False  # firewalld lost the session; it is being opened again
     # One change of the routes at a time: each computes the next from the current ones.
     changing: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -62,6 +63,8 @@ class Running:
             return "stopping"
         if not self.ready:
             return "starting"
+        if self.firewall_lost:
+            return "firewall-lost"
         return "up" if self.streams.up == len(self.streams.tunnels) else "reconnecting"
 
     # The Scope of the routes, and the routes it was made of (compared by identity: every
@@ -147,6 +150,8 @@ async def _apply(
         raise RequestRefused("the client is not ready yet")
     if client.stopping:
         raise RequestRefused("the client is stopping")
+    if client.firewall_lost:
+        raise RequestRefused("the firewall session is lost and being opened again: try later")
     try:
         await client.firewall.update(
             subnets, tuple(dict.fromkeys(excludes + client.fixed_excludes))

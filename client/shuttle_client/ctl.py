@@ -21,6 +21,8 @@ from shuttle_protocol.control_messages import (
     Connection,
     ConnectionsAnswer,
     Disconnected,
+    FirewallBack,
+    FirewallLost,
     Reconnecting,
     StatusAnswer,
 )
@@ -285,6 +287,8 @@ EVENT_TEXT: Mapping[type[Message], Callable[[Any], str]] = {
         f"channel {e.channel} closed: {human_bytes(e.bytes_up)} up,"
         f" {human_bytes(e.bytes_down)} down (stream {e.stream})"
     ),
+    FirewallLost: lambda e: f"firewall session lost: {e.reason}",
+    FirewallBack: lambda e: f"firewall session open again (method {e.method}, port {e.port})",
 }
 
 

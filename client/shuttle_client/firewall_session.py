@@ -5,6 +5,11 @@ for it; list the sessions firewalld shows us.
 One zmq DEALER on firewalld's ipc socket, one request in flight at a time; answers are
 matched to requests by id, and stale answers (to a request that timed out) are dropped.
 Sockets come over a second, unix stream socket (the fd socket), for a one-time token.
+
+A session lives in firewalld's memory: when firewalld stops or crashes, its connection drops
+(a zmq monitor sees it at once) and the session is gone, whatever its lease said. While the
+connection stands, a heartbeat waits for its answer however late: firewalld ends sessions
+only in the loop that would answer, so a slow firewalld still holds our rules.
 """
 
 from __future__ import annotations
@@ -13,12 +18,15 @@ import array
 import asyncio
 import grp
 import ipaddress
+import itertools
+import logging
+import math
 import os
 import pwd
 import socket
 import struct
 from collections.abc import Sequence
-from typing import Union
+from typing import Any, Union
 
 import zmq
 import zmq.asyncio
@@ -49,10 +57,16 @@ from shuttle_protocol.firewall_messages import (
 from shuttle_protocol.frames import decode_frame, encode_frame
 from shuttle_protocol.schema import Message
 
+log = logging.getLogger("shuttle")
+
 CLOSE_TIMEOUT = 1.0
+# Heartbeats sent and not answered yet, at most: a stalled firewalld need not queue more.
+MAX_UNANSWERED = 3
 MAX_HANDOVER = 4096  # bytes of the one frame on the fd socket; it is a few dozen
 MAX_FDS = 4  # descriptors in it: at most a TCP and a UDP socket per IP version
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+_MONITORS = itertools.count(1)
 
 Address = Union[str, ipaddress.IPv4Address, ipaddress.IPv6Address]
 
@@ -68,12 +82,20 @@ class FirewallError(Exception):
     """firewalld refused or failed; str() is the user-facing text."""
 
 
+class FirewallUnavailable(FirewallError):
+    """firewalld cannot be reached, went away, did not answer, or we have no session with
+    it now: unlike a refusal, waiting may change that."""
+
+
 class FirewallSession:
     """One session with shuttle-firewalld: its rules stay while heartbeats keep coming."""
 
     def __init__(self, socket_path: str) -> None:
         self._path = socket_path
         self._socket: zmq.asyncio.Socket | None = None
+        self._monitor: zmq.asyncio.Socket | None = None
+        # Done once firewalld drops the connection of self._socket.
+        self._gone: asyncio.Future[None] | None = None
         self._lock: asyncio.Lock | None = None  # made in the loop that uses it (Python 3.9)
         self._next_id = 1
         self._session: str | None = None
@@ -205,22 +227,41 @@ class FirewallSession:
 
     def _open_session(self) -> str:
         if self._session is None:
-            raise FirewallError("no firewall session is open")
+            raise FirewallUnavailable("no firewall session is open")
         return self._session
 
     async def run_heartbeats(self) -> None:
-        """Renew the lease every third of it, until cancelled; FirewallError if it is lost."""
-        if self._session is None:
-            raise FirewallError("no firewall session is open")
+        """Renew the lease every third of it, until cancelled; FirewallError once the
+        session is lost: firewalld says it has no such session (a restart, or the lease ran
+        out), or it went away. An answer may come late: while firewalld's connection stands,
+        the session may hold, and a heartbeat is sent again every third of the lease."""
+        session = self._open_session()
         interval = self._lease / 3
+        beat: asyncio.Future[Message] | None = None
         while True:
-            await asyncio.sleep(interval)
             try:
-                # Waiting up to a whole lease: a late answer is fine as long as it comes.
-                answer = await self._request(HeartbeatRequest(self._session), self._lease)
-            except FirewallError as exc:
-                raise FirewallError(f"lost the firewall session: {exc}") from None
+                await self._sleep_connected(interval)
+                beat = asyncio.ensure_future(
+                    self._request(HeartbeatRequest(session), None, interval)
+                )
+                done, _ = await asyncio.wait([beat], timeout=self._lease)
+                if not done:
+                    log.warning(
+                        "shuttle-firewalld has not answered a heartbeat for %g s: slow, not "
+                        "gone (it is connected), so the session holds until it says otherwise",
+                        self._lease,
+                    )
+                answer = await beat
+            except FirewallError:
+                self._session = None
+                raise
+            finally:
+                if beat is not None:
+                    beat.cancel()
+            if not done:
+                log.info("shuttle-firewalld answers heartbeats again")
             if not isinstance(answer, HeartbeatAnswer):
+                self._session = None
                 raise FirewallError(f"shuttle-firewalld answered {type(answer).__name__}")
 
     async def close(self) -> None:
@@ -235,59 +276,122 @@ class FirewallSession:
             pass  # nothing to tell: the rules go when the lease runs out
         finally:
             self._session = None
-            if self._socket is not None:
-                self._socket.close(linger=0)
-                self._socket = None
+            self._drop_socket()
 
-    async def _request(self, request: Message, timeout: float) -> Message:
-        """Send one request and wait for its answer; an ErrorAnswer becomes FirewallError."""
+    def _drop_socket(self) -> None:
+        if self._gone is not None:
+            self._gone.cancel()  # before its monitor closes under it
+            self._gone = None
+        if self._monitor is not None:
+            self._monitor.close(linger=0)
+            self._monitor = None
+        if self._socket is not None:
+            self._socket.close(linger=0)
+            self._socket = None
+
+    async def _request(
+        self, request: Message, timeout: float | None, resend: float = 0.0
+    ) -> Message:
+        """Send one request and wait for its answer; an ErrorAnswer becomes FirewallError.
+        timeout None: as long as firewalld stays connected. resend: send the request again
+        (a new id) each time this many seconds pass without an answer, up to MAX_UNANSWERED
+        copies; the answer to any of them counts."""
         if self._lock is None:
             self._lock = asyncio.Lock()
         async with self._lock:
             socket = self._connect()
-            request_id = self._next_id
-            self._next_id += 1
             loop = asyncio.get_running_loop()
-            deadline = loop.time() + timeout
-            try:
-                # Sending only queues, unless the queue is full: bounded all the same.
-                await asyncio.wait_for(socket.send(encode_frame(request_id, request)), timeout)
-            except asyncio.TimeoutError:
-                raise FirewallError(self._no_answer(timeout)) from None
+            deadline = math.inf if timeout is None else loop.time() + timeout
+            sent: set[int] = set()
+            next_send = loop.time()
             while (remaining := deadline - loop.time()) > 0:
-                try:
-                    data = await asyncio.wait_for(socket.recv(), remaining)
-                except asyncio.TimeoutError:
-                    break
+                if loop.time() >= next_send:
+                    sent.add(await self._send(socket, request, min(remaining, resend or remaining)))
+                    more = resend and len(sent) < MAX_UNANSWERED
+                    next_send = loop.time() + resend if more else math.inf
+                data = await self._receive(socket, min(deadline, next_send) - loop.time())
+                if data is None:
+                    continue
                 try:
                     answer_id, answer = decode_frame(data)
                 except ProtocolError as exc:
                     raise FirewallError(
                         f"shuttle-firewalld sent a malformed answer: {exc}"
                     ) from None
-                if answer_id != request_id:
+                if answer_id not in sent:
                     continue  # the late answer to a request that timed out
                 if isinstance(answer, ErrorAnswer):
                     raise FirewallError(f"shuttle-firewalld: {answer.text}")
                 return answer
-            raise FirewallError(self._no_answer(timeout))
+            raise FirewallUnavailable(self._no_answer(timeout or 0.0))
+
+    async def _send(self, socket: zmq.asyncio.Socket, request: Message, timeout: float) -> int:
+        """Queue the request under a new id; the id."""
+        request_id = self._next_id
+        self._next_id += 1
+        try:
+            # Sending only queues, unless the queue is full: bounded all the same.
+            await asyncio.wait_for(socket.send(encode_frame(request_id, request)), timeout)
+        except asyncio.TimeoutError:
+            raise FirewallUnavailable(self._no_answer(timeout)) from None
+        return request_id
+
+    async def _receive(self, socket: zmq.asyncio.Socket, timeout: float) -> bytes | None:
+        """The next frame within timeout seconds (None if none came);
+        FirewallUnavailable if firewalld drops the connection meanwhile."""
+        gone = self._gone
+        receiving = asyncio.ensure_future(socket.recv())
+        waiting: list[asyncio.Future[Any]] = [receiving] if gone is None else [receiving, gone]
+        try:
+            done, _ = await asyncio.wait(
+                waiting,
+                timeout=None if math.isinf(timeout) else max(timeout, 0.0),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            receiving.cancel()  # not left to take the answer meant for the next request
+        if receiving in done:
+            return bytes(receiving.result())
+        if gone is not None and gone.done():
+            raise FirewallUnavailable(self._dropped())
+        return None
+
+    async def _sleep_connected(self, seconds: float) -> None:
+        """Sleep, but FirewallUnavailable as soon as firewalld drops the connection."""
+        gone = self._gone
+        if gone is None:
+            await asyncio.sleep(seconds)
+            return
+        await asyncio.wait([gone], timeout=seconds)
+        if gone.done():
+            raise FirewallUnavailable(self._dropped())
 
     def _connect(self) -> zmq.asyncio.Socket:
+        if self._gone is not None and self._gone.done():
+            self._drop_socket()  # that firewalld is gone: its successor needs a new connection
         if self._socket is not None:
             return self._socket
         # libzmq connects in the background and retries quietly, so check what it cannot say.
         if not os.path.exists(self._path):
-            raise FirewallError(self._unreachable())
+            raise FirewallUnavailable(self._unreachable())
         if not os.access(self._path, os.R_OK | os.W_OK):
             raise FirewallError(self._not_allowed())
         socket = zmq.asyncio.Context.instance().socket(zmq.DEALER)
         socket.linger = 0
+        # Before connect(), so that no drop of the connection goes unseen. A name of our
+        # own: pyzmq's default names it by a descriptor number, which a successor may reuse.
+        self._monitor = socket.get_monitor_socket(
+            zmq.EVENT_DISCONNECTED, f"inproc://firewalld-monitor-{next(_MONITORS)}"
+        )
         try:
             socket.connect("ipc://" + self._path)
         except zmq.ZMQError as exc:
+            self._monitor.close(linger=0)
+            self._monitor = None
             socket.close()
-            raise FirewallError(f"{self._unreachable()}: {exc}") from None
+            raise FirewallUnavailable(f"{self._unreachable()}: {exc}") from None
         self._socket = socket
+        self._gone = asyncio.ensure_future(_until_dropped(self._monitor))
         return socket
 
     def _not_allowed(self) -> str:
@@ -301,6 +405,9 @@ class FirewallSession:
             f"{_user_name()}, then log in again)"
         )
 
+    def _dropped(self) -> str:
+        return f"shuttle-firewalld at {self._path} dropped the connection (it stopped or restarted)"
+
     def _no_answer(self, timeout: float) -> str:
         return (
             f"cannot reach shuttle-firewalld at {self._path}: no answer within {timeout:g} s "
@@ -312,6 +419,11 @@ class FirewallSession:
             f"cannot reach shuttle-firewalld at {self._path}: is it running? "
             "(start it as root: shuttle-firewalld)"
         )
+
+
+async def _until_dropped(monitor: zmq.asyncio.Socket) -> None:
+    """Returns once the monitored socket's connection drops (the only event it reports)."""
+    await monitor.recv_multipart()
 
 
 def _user_name() -> str:
@@ -327,11 +439,11 @@ async def fetch_sockets(path: str, token: str, timeout: float) -> list[tuple[str
     try:
         return await asyncio.wait_for(_fetch(path, token), timeout)
     except asyncio.TimeoutError:
-        raise FirewallError(
+        raise FirewallUnavailable(
             f"shuttle-firewalld did not hand the sockets over on {path} within {timeout:g} s"
         ) from None
-    except OSError as exc:
-        raise FirewallError(
+    except OSError as exc:  # not listening (any more): it stopped, say
+        raise FirewallUnavailable(
             f"cannot fetch the sockets from shuttle-firewalld on {path}: {exc.strerror or exc}"
         ) from None
 

@@ -5,7 +5,7 @@ import asyncio
 import logging
 from typing import Collection, Optional, Set, Tuple
 
-from .firewall_session import FirewallError, FirewallSession
+from .firewall_session import FirewallError, FirewallSession, FirewallUnavailable
 
 log = logging.getLogger("shuttle")
 
@@ -33,6 +33,7 @@ class HostsSync:
         self._task: Optional[asyncio.Task[None]] = None
         self._refused = False
         self.written: Entries = ()  # what the last request that firewalld took asked for
+        self.found: Entries = ()  # the latest update's
 
     def update(self, entries: Entries) -> None:
         """Every name found so far (the agent's Hosts messages add up)."""
@@ -43,7 +44,7 @@ class HostsSync:
                 "the server gave an address for its own name %s: not written to the hosts file",
                 ", ".join(sorted(dropped)),
             )
-        self._latest = tuple(entry for entry in entries if entry[0] not in dropped)
+        self.found = self._latest = tuple(entry for entry in entries if entry[0] not in dropped)
         if not self._refused and (self._task is None or self._task.done()):
             self._task = asyncio.get_running_loop().create_task(self._send())
 
@@ -53,9 +54,18 @@ class HostsSync:
             entries, self._latest = self._latest, None
             try:
                 count = await self.firewall.set_hosts(entries)
+            except FirewallUnavailable:
+                return  # the session is being reopened: again() sends them to the next one
             except FirewallError as exc:
                 log.warning("cannot add host names to the hosts file: %s", exc)
                 self._refused = True
                 return
             self.written = entries
             log.info("hosts file: %d of %d names from the server's side", count, len(entries))
+
+    def again(self) -> None:
+        """The firewall session was opened anew (firewalld restarted): its hosts block is
+        empty, so send every name found so far once more."""
+        self.written = ()
+        if self.found:
+            self.update(self.found)

@@ -1,5 +1,6 @@
 """shuttle-client's entry point: set up the tunnel, the firewall session and the listener,
-then relay until a signal, a lost tunnel or a lost firewall session ends it."""
+then relay until a signal ends it (or, with --no-reconnect, a lost tunnel or firewall
+session). A firewall session lost to a firewalld restart is opened again, the same."""
 
 import asyncio
 import functools
@@ -11,12 +12,18 @@ import sys
 from typing import Any, Awaitable, Callable, List, Optional, Sequence, TypeVar
 
 from shuttle_agent.limits import raise_open_files
-from shuttle_protocol.control_messages import Connected, Disconnected
+from shuttle_protocol.control_messages import (
+    MAX_REASON,
+    Connected,
+    Disconnected,
+    FirewallBack,
+    FirewallLost,
+)
 from shuttle_protocol.schema import Message
 
 from . import ctl, logs
 from .argfiles import parse_command_line
-from .capture import TPROXY_ANY_PORT, Capture
+from .capture import Capture
 from .cli import DocoptExit, Options, UsageError
 from .control import ControlInUse, ControlServer, ControlSetupError
 from .control_paths import default_control_path
@@ -24,7 +31,7 @@ from .control_requests import Running, handler
 from .daemon import PidFile, PidFileError, daemonize
 from .discovery import DiscoveryError
 from .dns import make_udp_sockets
-from .firewall_session import FirewallError, FirewallSession
+from .firewall_session import FirewallError, FirewallSession, FirewallUnavailable
 from .hosts_sync import HostsSync
 from .plan import PlanError, make_plan
 from .proxy import make_listeners
@@ -41,6 +48,8 @@ T = TypeVar("T")
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+REOPEN_FIRST = 0.5  # seconds before the first attempt to open a lost firewall session again
+REOPEN_MAX = 4.0  # the delay doubles after each failed attempt, up to this
 
 
 class Stopped(Exception):
@@ -66,15 +75,15 @@ async def run(options: Options, readiness: Optional[Readiness] = None) -> int:
     client = Running(options, streams, firewall, lambda why: _set_once(stop, why))
     capture = Capture(streams, firewall, listeners, options.wait_tunnel, client.captures)
     control = ControlServer(options.control or default_control_path(), handler(client))
-    heartbeats: Optional[asyncio.Task[None]] = None
+    keeper: Optional[asyncio.Task[None]] = None
     streams.publish = _publisher(control, streams, readiness)
     try:
         await _start_control(control, chosen=options.control is not None)
         await _bring_up(client, capture, listeners, stop)
         client.ready = True
         readiness.ready(f"capturing through {options.ssh_destination} (method {client.method})")
-        heartbeats = loop.create_task(firewall.run_heartbeats())
-        waiting: List[asyncio.Future[Any]] = [stop, streams.lost, heartbeats]
+        keeper = loop.create_task(_keep_firewall(client, capture))
+        waiting: List[asyncio.Future[Any]] = [stop, streams.lost, keeper]
         done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
         if stop in done:
             log.info("stopping on %s", stop.result())
@@ -82,7 +91,7 @@ async def run(options: Options, readiness: Optional[Readiness] = None) -> int:
         if streams.lost in done:
             log.error("lost the tunnel: %s (and --no-reconnect)", streams.lost.result())
         else:
-            heartbeats.result()  # raises the FirewallError that ended it
+            keeper.result()  # raises the FirewallError that ended it
         return EXIT_FAILED
     except Stopped:
         log.info("stopping on %s", stop.result())
@@ -93,9 +102,9 @@ async def run(options: Options, readiness: Optional[Readiness] = None) -> int:
     finally:
         client.stopping = True
         readiness.stopping()
-        if heartbeats is not None:  # a heartbeat waiting on firewalld must not delay the close
-            heartbeats.cancel()
-            await asyncio.gather(heartbeats, return_exceptions=True)
+        if keeper is not None:  # a heartbeat waiting on firewalld must not delay the close
+            keeper.cancel()
+            await asyncio.gather(keeper, return_exceptions=True)
         # Rules first: once they are gone, nothing new is captured into a closing tunnel.
         await firewall.close()
         capture.close()
@@ -116,26 +125,12 @@ async def _bring_up(
     await _unless_stopped(stop, streams.start())
     discovery = streams.tunnels[0].discovery
     plan = await _unless_stopped(stop, make_plan(options, discovery))
-    # tproxy: firewalld makes the listeners, and the port given here does not matter.
-    port = listeners[0].getsockname()[1] if listeners else TPROXY_ANY_PORT
     if plan.nameserver is not None:
         capture.add_dns(plan.nameserver, dns_sockets(listeners))
         streams.reconnect_ssh = server.pinned()
     client.subnets, client.excludes = plan.subnets, options.excludes
     client.fixed_excludes, client.dns = server.excludes, plan.dns
-    client.method = await _unless_stopped(
-        stop,
-        firewall.open(
-            options.method,
-            port,
-            plan.subnets,
-            client.all_excludes,
-            options.uid,
-            options.gid,
-            options.forward,
-            dns=plan.dns,
-        ),
-    )
+    client.method = await _unless_stopped(stop, _open_firewall(client, capture, options.method))
     port = await _unless_stopped(stop, capture.start(client.method, streams.agent_capabilities))
     if options.auto_hosts:
         names = (options.ssh_destination.rpartition("@")[2], server.hostname)
@@ -151,6 +146,68 @@ async def _bring_up(
         port,
         f", {options.streams} streams" if options.streams > 1 else "",
     )
+
+
+async def _open_firewall(client: Running, capture: Capture, method: str) -> str:
+    """Open the firewall session for what the client captures now; the method applied."""
+    options = client.options
+    return await client.firewall.open(
+        method,
+        capture.rules_port(),
+        client.subnets,
+        client.all_excludes,
+        options.uid,
+        options.gid,
+        options.forward,
+        dns=client.dns,
+    )
+
+
+async def _keep_firewall(client: Running, capture: Capture) -> None:
+    """Keep the firewall session for as long as the client runs. A lost one (firewalld
+    stopped, crashed or restarted) is opened again with the same method and what the
+    client captures now, backing off while firewalld cannot be reached; FirewallError when
+    it is lost for good: with --no-reconnect, or when firewalld refuses it now."""
+    while True:
+        try:
+            await client.firewall.run_heartbeats()
+        except FirewallError as exc:
+            if not client.options.reconnect:
+                raise FirewallError(
+                    f"lost the firewall session: {exc} (and --no-reconnect)"
+                ) from None
+            why = str(exc)
+        client.firewall_lost = True
+        log.warning(
+            "lost the firewall session: %s; opening it again (until then new connections may "
+            "go direct, not through the tunnel)",
+            why,
+        )
+        client.streams.publish(FirewallLost(why[:MAX_REASON]))
+        port = await _reopen_firewall(client, capture)
+        client.firewall_lost = False
+        log.info("firewall session open again (method %s, port %d)", client.method, port)
+        client.streams.publish(FirewallBack(client.method, port))
+        if client.hosts is not None:
+            client.hosts.again()
+
+
+async def _reopen_firewall(client: Running, capture: Capture) -> int:
+    """Open the lost firewall session again, retrying while firewalld cannot be reached;
+    the port its rules divert to."""
+    delay = REOPEN_FIRST
+    attempt = 0
+    while True:
+        attempt += 1
+        await asyncio.sleep(delay)
+        try:
+            async with client.changing:  # no route change between the request and its answer
+                await _open_firewall(client, capture, client.method)
+                return await capture.reopened()
+        except FirewallUnavailable as exc:
+            log.debug("opening the firewall session again failed (attempt %d): %s", attempt, exc)
+            await client.firewall.close()  # if it opened before the sockets failed
+        delay = min(delay * 2, REOPEN_MAX)
 
 
 async def _start_control(control: ControlServer, chosen: bool) -> None:
@@ -176,8 +233,8 @@ async def _start_control(control: ControlServer, chosen: bool) -> None:
 def _publisher(
     control: ControlServer, streams: Streams, readiness: Readiness
 ) -> Callable[[Message], None]:
-    """Where events go: to the control socket's subscribers, and how the tunnel is now to
-    the service manager."""
+    """Where events go: to the control socket's subscribers, and how the tunnel and the
+    firewall session are now to the service manager."""
 
     def publish(event: Message) -> None:
         control.publish(event)
@@ -186,6 +243,10 @@ def _publisher(
             readiness.status(f"tunnel lost{again}: {event.reason}")
         elif isinstance(event, Connected) and streams.up == len(streams.tunnels):
             readiness.status(f"connected to {event.remote}")
+        elif isinstance(event, FirewallLost):
+            readiness.status(f"firewall session lost, opening it again: {event.reason}")
+        elif isinstance(event, FirewallBack):
+            readiness.status(f"firewall session open again (method {event.method})")
 
     return publish
 

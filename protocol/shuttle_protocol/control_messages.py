@@ -21,12 +21,14 @@ from .checks import (
     check_text,
 )
 from .errors import LocalProtocolError
-from .firewall_messages import MAX_HOSTS, Target, check_targets
+from .firewall_messages import APPLIED_METHODS, MAX_HOSTS, Target, check_targets
 from .schema import Message, message
 
 # The tunnel's states: starting (before the first ready), up (every stream connected),
-# reconnecting (at least one stream lost; captured connections wait for it), stopping.
-STATES = ("starting", "up", "reconnecting", "stopping")
+# reconnecting (at least one stream lost; captured connections wait for it), firewall-lost
+# (firewalld lost the session, a restart say: nothing is captured until it is opened
+# again), stopping.
+STATES = ("starting", "up", "reconnecting", "firewall-lost", "stopping")
 PROTOS = ("tcp", "udp")
 MAX_CONNECTIONS = 20_000  # entries in one ConnectionsAnswer; `total` says how many there are
 MAX_COUNT = 2**63 - 1  # byte counters and the like
@@ -360,6 +362,33 @@ class ChannelClosed(Message):
         check_int(self.bytes_down, "bytes down", 0, MAX_COUNT)
 
 
+@message(165)
+@dataclass(frozen=True)
+class FirewallLost(Message):
+    """The firewall session is gone (firewalld stopped or restarted): nothing is captured
+    until FirewallBack."""
+
+    __slots__ = ("reason",)
+    reason: str
+
+    def __post_init__(self) -> None:
+        check_text(self.reason, "reason", MAX_REASON)
+
+
+@message(166)
+@dataclass(frozen=True)
+class FirewallBack(Message):
+    """The firewall session is open again, capturing as before, into port."""
+
+    __slots__ = ("method", "port")
+    method: str
+    port: int
+
+    def __post_init__(self) -> None:
+        check_choice(self.method, "method", APPLIED_METHODS)
+        check_int(self.port, "port", 1, 65535)
+
+
 REQUESTS = (
     StatusRequest,
     ConnectionsRequest,
@@ -369,4 +398,12 @@ REQUESTS = (
     HostsRequest,
     StopRequest,
 )
-EVENTS = (Connected, Disconnected, Reconnecting, ChannelOpened, ChannelClosed)
+EVENTS = (
+    Connected,
+    Disconnected,
+    Reconnecting,
+    ChannelOpened,
+    ChannelClosed,
+    FirewallLost,
+    FirewallBack,
+)

@@ -38,6 +38,8 @@ from shuttle_protocol.control_messages import (
     Connection,
     ConnectionsAnswer,
     Disconnected,
+    FirewallBack,
+    FirewallLost,
     Reconnecting,
     StatusAnswer,
 )
@@ -222,6 +224,8 @@ def test_each_event_has_a_line() -> None:
             Reconnecting(1, 3, 2.5),
             ChannelOpened(7, 0, "tcp", "127.0.0.1:5000", "fd00::5", 80),
             ChannelClosed(7, 0, 1024, 0),
+            FirewallLost("shuttle-firewalld dropped the connection"),
+            FirewallBack("tproxy", 40213),
         )
     ]
     assert lines == [
@@ -230,6 +234,8 @@ def test_each_event_has_a_line() -> None:
         "stream 1 reconnecting in 2.5 s (attempt 3)",
         "channel 7 opened: tcp 127.0.0.1:5000 -> [fd00::5]:80 (stream 0)",
         "channel 7 closed: 1.0 KiB up, 0 B down (stream 0)",
+        "firewall session lost: shuttle-firewalld dropped the connection",
+        "firewall session open again (method tproxy, port 40213)",
     ]
 
 

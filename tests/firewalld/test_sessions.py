@@ -4,13 +4,15 @@ once for real."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
-from shuttle_client.firewall_session import FirewallError, FirewallSession
+from shuttle_client.firewall_session import FirewallError, FirewallSession, FirewallUnavailable
 from shuttle_firewalld.errors import RequestError
 from shuttle_firewalld.policy import Policy
 from shuttle_firewalld.ports import Listener as ListeningSocket
@@ -473,9 +475,49 @@ def test_heartbeats_say_when_the_session_is_gone(
         finally:
             await client.close()
 
-    assert asyncio.run(lose_the_session()) == (
-        "lost the firewall session: shuttle-firewalld: no such session"
+    assert asyncio.run(lose_the_session()) == "shuttle-firewalld: no such session"
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_heartbeats_see_firewalld_go_at_once_and_the_session_opens_again(
+    netns: str,
+    start_firewalld: Callable[..., Daemon],
+    listen: Callable[..., Listener],
+    sig: signal.Signals,
+) -> None:
+    # A long lease: losing the session must not wait for a heartbeat to go unanswered.
+    first = start_firewalld(lease=60)
+    listen(12300)
+    client = FirewallSession(str(first.socket_path))
+
+    async def restart_under_heartbeats() -> tuple[str, str | None]:
+        try:
+            await client.open("nft", 12300, ["10.0.0.0/8"], [])
+            beating = asyncio.ensure_future(client.run_heartbeats())
+            first.proc.send_signal(sig)
+            with pytest.raises(FirewallUnavailable) as lost:
+                await asyncio.wait_for(beating, WAIT)
+            assert client.session is None
+            start_firewalld(lease=60)  # on the same socket path
+            # The same object opens a new session, over a new connection.
+            await client.open("nft", 12300, ["10.0.0.0/8"], [], timeout=WAIT)
+            return str(lost.value), client.session
+        finally:
+            await client.close()
+
+    lost, session = asyncio.run(restart_under_heartbeats())
+    assert lost == (
+        f"shuttle-firewalld at {first.socket_path} dropped the connection (it stopped or restarted)"
     )
+    assert session is not None
+    assert shuttle_tables(netns) == []  # closed, and the killed one's table is gone as well
+
+
+def test_a_missing_firewalld_is_unavailable_not_refused(tmp_path: Path) -> None:
+    client = FirewallSession(str(tmp_path / "firewalld.sock"))
+    with pytest.raises(FirewallUnavailable, match="is it running"):
+        asyncio.run(client.open("nft", 12300, ["10.0.0.0/8"], []))
 
 
 @pytest.mark.integration

@@ -1,5 +1,6 @@
 """Assertions the integration tests share: a page arrives through the tunnel, a connection is
-not captured, and what each firewall method leaves in the client host's firewall.
+not captured, UDP echoes come back, what each firewall method leaves in the client host's
+firewall; and how much a transfer has received so far.
 
 "Not captured" is judged by what the program sees, as without shuttle: S does not forward,
 so an uncaptured connection to the target times out (curl exit 28). A captured one reaches
@@ -8,18 +9,23 @@ the target through the tunnel (the page, or an echo).
 
 from __future__ import annotations
 
-from typing import Optional, Set
+import re
+from typing import Any, Dict, Optional, Set
 
 from testbed import (
     ECHO_PORT,
     HTTP_PORT,
+    T_ADDR,
+    UDP_ECHO_PORT,
     LocalUser,
     Shuttle,
     Topology,
     nat_chains,
     nft_tables,
 )
+from testbed.config import url_host
 
+DATAGRAMS = 20  # tcptool's default: sizes 32 to 1400 bytes, and one of 8000
 CURL_TIMED_OUT = 28
 UNCAPTURED_WAIT = 2.0  # seconds curl waits for a connection that must not be made
 TUNNEL_WAIT = 20.0  # seconds curl may take through the tunnel (generous; not a timing check)
@@ -61,6 +67,21 @@ def assert_echo(
     """A few simultaneous echo connections as user to host:port come back byte-exact."""
     result = shuttle.topo.tcptool("echo", host, str(port), "5", timeout=30, user=user)
     assert result["ok"], f"echo to {host}:{port}: {result}\n{shuttle.outputs()}"
+
+
+def assert_udp_echo(shuttle: Shuttle, host: str, **kwargs: Any) -> Dict[str, Any]:
+    """Every datagram to host's UDP echo comes back byte-exact, from host and its port."""
+    result = shuttle.topo.udp_echo(host, **kwargs)
+    assert result["ok"], f"UDP echo to {host}: {result}\n{shuttle.outputs()}"
+    assert result["echoed"] == result["datagrams"] == kwargs.get("count", DATAGRAMS), result
+    assert result["sources"] == [f"{url_host(host)}:{UDP_ECHO_PORT}"], result
+    return result
+
+
+def received(topo: Topology, port: int) -> int:
+    """Bytes received so far by C's connections to T's port (ss -i: bytes_received)."""
+    out = topo.c.run(["ss", "-tin", "dst", f"{T_ADDR}:{port}"], timeout=10).stdout
+    return sum(int(m) for m in re.findall(r"bytes_received:(\d+)", out))
 
 
 def firewall_objects(topo: Topology) -> Set[str]:

@@ -4,7 +4,6 @@ down, captured traffic does not leave by any other path (the kill switch)."""
 from __future__ import annotations
 
 import os
-import re
 import signal
 
 import pytest
@@ -12,6 +11,8 @@ import pytest
 from testbed import BULK_PORT, HTTP_PORT, SYSTEM_PYTHON, T_ADDR, Shuttle, Topology, shuttle_rules
 from testbed.config import C_ADDR
 from testbed.procs import wait_until
+
+from .checks import received
 
 pytestmark = pytest.mark.integration
 
@@ -30,12 +31,6 @@ def kill_sessions(topo: Topology) -> None:
     assert pids, "no sshd session process in S"
     for pid in pids:
         os.kill(pid, signal.SIGKILL)
-
-
-def received(topo: Topology, port: int) -> int:
-    """Bytes received so far by C's connections to T's port (ss -i: bytes_received)."""
-    out = topo.c.run(["ss", "-tin", "dst", f"{T_ADDR}:{port}"], timeout=10).stdout
-    return sum(int(m) for m in re.findall(r"bytes_received:(\d+)", out))
 
 
 def http_requests_from(topo: Topology, address: str) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import signal
-from typing import Any, Dict, List
+from typing import Any, List
 
 import pytest
 
@@ -35,16 +35,21 @@ from testbed import (
     reply_attacker,
     routing_leftovers,
 )
-from testbed.config import C_ADDR, C_ADDR6, url_host
+from testbed.config import C_ADDR, C_ADDR6
 from testbed.procs import Dialogue, Proc
 
-from .checks import assert_echo, assert_no_rules, assert_not_captured, assert_page
+from .checks import (
+    assert_echo,
+    assert_no_rules,
+    assert_not_captured,
+    assert_page,
+    assert_udp_echo,
+)
 
 pytestmark = pytest.mark.integration
 
 SUBNETS = (TARGET_NET, TARGET_NET6)
 BULK_BYTES = 100 * 1024 * 1024
-DATAGRAMS = 20  # tcptool's default: sizes 32 to 1400 bytes, and one of 8000
 
 
 def start_tproxy(shuttle: Shuttle, **kwargs: Any) -> Proc:
@@ -53,15 +58,6 @@ def start_tproxy(shuttle: Shuttle, **kwargs: Any) -> Proc:
     client = shuttle.start_client(method=TPROXY, **kwargs)
     assert ready_method(client) == TPROXY, ready_line(client)
     return client
-
-
-def assert_udp_echo(shuttle: Shuttle, host: str, **kwargs: Any) -> Dict[str, Any]:
-    """Every datagram to host's UDP echo comes back byte-exact, from host and its port."""
-    result = shuttle.topo.udp_echo(host, **kwargs)
-    assert result["ok"], f"UDP echo to {host}: {result}\n{shuttle.outputs()}"
-    assert result["echoed"] == result["datagrams"] == kwargs.get("count", DATAGRAMS), result
-    assert result["sources"] == [f"{url_host(host)}:{UDP_ECHO_PORT}"], result
-    return result
 
 
 def assert_udp_silent(shuttle: Shuttle, host: str, **kwargs: Any) -> None:

@@ -273,6 +273,10 @@ STRATEGIES: Dict[Type[Message], st.SearchStrategy[Message]] = {
     ),
     cm.ChannelOpened: st.builds(lambda entry: cm.ChannelOpened(*entry[:6]), connections),
     cm.ChannelClosed: st.builds(cm.ChannelClosed, channels, streams, counts, counts),
+    cm.FirewallLost: st.builds(cm.FirewallLost, st.text(max_size=cm.MAX_REASON)),
+    cm.FirewallBack: st.builds(
+        cm.FirewallBack, st.sampled_from(fw.APPLIED_METHODS), st.integers(1, 65535)
+    ),
 }
 
 
@@ -387,6 +391,8 @@ EXAMPLES: Dict[Type[Message], Message] = {
     cm.Reconnecting: cm.Reconnecting(1, 3, 4.0),
     cm.ChannelOpened: cm.ChannelOpened(7, 0, "tcp", "127.0.0.1:50000", "10.2.0.7", 443),
     cm.ChannelClosed: cm.ChannelClosed(7, 0, 1200, 53_000),
+    cm.FirewallLost: cm.FirewallLost("shuttle-firewalld dropped the connection"),
+    cm.FirewallBack: cm.FirewallBack("nft", 40213),
 }
 
 WRONG_TYPES: List[Any] = [None, 1.5, b"x", "x", (), [], {}]
@@ -826,6 +832,8 @@ BAD_VALUES: Dict[Type[Message], Dict[str, List[Any]]] = {
         "bytes_up": bad_ints(0, cm.MAX_COUNT),
         "bytes_down": bad_ints(0, cm.MAX_COUNT),
     },
+    cm.FirewallLost: {"reason": bad_texts(cm.MAX_REASON)},
+    cm.FirewallBack: {"method": ["auto", "NFT", "", None, 1], "port": bad_ints(1, 65535)},
 }
 
 
