@@ -54,9 +54,7 @@ class Grant:
 class Grants:
     """The tokens that are out, and the fd socket's path to fetch them at."""
 
-    def __init__(
-        self, path: str, clock: Callable[[], float], max_tokens: int = MAX_TOKENS
-    ) -> None:
+    def __init__(self, path: str, clock: Callable[[], float], max_tokens: int = MAX_TOKENS) -> None:
         self.path = path
         self.max_tokens = max_tokens
         self._clock = clock

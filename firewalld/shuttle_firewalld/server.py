@@ -1,8 +1,11 @@
-"""The daemon's loop: the ROUTER socket for requests, our ZAP handler, the fd socket that
-hands transparent sockets over, and lease expiry.
+"""The daemon's loop: the ROUTER socket for requests, our ZAP handler, the count of
+connections, the fd socket that hands transparent sockets over; and the worker thread that
+applies rules and expires leases.
 
-One thread and one zmq.Poller. Whatever bytes arrive, each gets an answer and the loop goes
-on; only a signal ends it.
+One zmq.Poller in the main thread answers every quick request itself and hands those that
+change rules (and any big frame) to the worker (worker.py), whose answers it sends when they
+are ready: no request can hold up a heartbeat. Whatever bytes arrive, each gets an answer and
+the loop goes on; only a signal ends it.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import logging
 import os
 import socket
 import stat
-import struct
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,9 +27,11 @@ from shuttle_protocol.stream import new_unpacker, unpack_errors
 from shuttle_protocol.zap import ZAP_ENDPOINT, zap_reply
 
 from . import requests
+from .connections import MAX_CONNECTIONS, UCRED, Connections
 from .errors import RequestError, StartupError
 from .handover import Grants, HandoverRefused
 from .sessions import Sessions
+from .worker import Job, Worker
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +42,17 @@ FDS_SUFFIX = ".fds"  # the fd socket's path is the zmq socket's plus this
 MAX_WAITING = 64  # fd socket connections that have not sent their token yet
 MAX_WAITING_PER_UID = 8  # of which one uid's: it cannot crowd out the others
 WAIT_FOR_TOKEN = 5.0  # seconds a connection may take to send it
-_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 DOMAIN = b"shuttle"  # our ZAP domain
+# A member's frame is at most this long, root's MAX_FRAME: enough for the largest IPv4
+# request (50,000 subnets and 50,000 excludes, each a /32 on a port range: 2.6 MB), and it
+# bounds what one member's requests make firewalld decode and hold while they wait.
+MEMBER_MAX_FRAME = 3 * 1024 * 1024
+QUICK_FRAME = 64 * 1024  # a frame longer than this goes to the worker, whatever it is
+# Messages libzmq queues per connection before it stops reading from it (its default is
+# 1,000 of up to MAX_FRAME): a client sends one request at a time. Not 1: libzmq queues the
+# ZAP credentials of a connection as a message too, and with 1 no request ever comes in.
+RCVHWM = 2
+HANDSHAKE_MS = 5000  # a connection silent this long after connecting is dropped by libzmq
 
 
 def answer(sessions: Sessions, uid: int, payload: bytes) -> bytes:
@@ -80,6 +94,24 @@ def request_id_of(payload: bytes) -> int:
     return request_id
 
 
+def peek(payload: bytes) -> tuple[object, str | None]:
+    """(tag, session) of a request frame, read without decoding the rest: the session is the
+    first field if it is text (the session id of requests that name one). (None, None) if the
+    frame does not even start as [request id, tag, ...]."""
+    unpacker = new_unpacker(MAX_FRAME, MAX_ITEMS, MAX_FRAME)
+    try:
+        unpacker.feed(payload)
+        items = unpacker.read_array_header()
+        if items < 2:
+            return None, None
+        unpacker.skip()  # the request id
+        tag = unpacker.unpack()
+        first = unpacker.unpack() if items > 2 else None
+    except unpack_errors():
+        return None, None
+    return tag, first if type(first) is str else None
+
+
 def caller_uid(frame: zmq.Frame) -> int | None:
     """The uid our ZAP handler gave this connection (from the kernel), or None."""
     try:
@@ -91,9 +123,12 @@ def caller_uid(frame: zmq.Frame) -> int | None:
 class Server:
     """The listening socket file and the zmq sockets behind it, from bind to removal."""
 
-    def __init__(self, path: str, gid: int, sessions: Sessions) -> None:
+    def __init__(
+        self, path: str, gid: int, sessions: Sessions, max_connections: int = MAX_CONNECTIONS
+    ) -> None:
         self.path = path
         self._sessions = sessions
+        self._worker = Worker(sessions, lambda uid, payload: answer(sessions, uid, payload))
         _prepare_path(path)
         self._context = zmq.Context()
         # The ZAP handler must be bound before the ROUTER accepts anyone.
@@ -106,6 +141,9 @@ class Server:
         self._router.zap_domain = DOMAIN
         # Bigger messages cannot be valid; libzmq drops such a peer before buffering it.
         self._router.maxmsgsize = MAX_FRAME
+        self._router.rcvhwm = RCVHWM
+        self._router.handshake_ivl = HANDSHAKE_MS
+        self._connections = Connections(self._router, path, max_connections)
         # The socket file appears at bind; the umask keeps it private until chmod below.
         old_umask = os.umask(0o077)
         try:
@@ -121,30 +159,42 @@ class Server:
             os.chown(path, 0, gid)
             os.chmod(path, 0o660)
             if sessions.grants.path:
-                self._fds = FdServer(sessions.grants.path, gid, sessions.grants)
+                self._fds = FdServer(sessions.grants.path, gid, sessions.grants, lock=sessions.lock)
         except BaseException:
             self.close()
             raise
 
     def run(self, stopping: Callable[[], bool]) -> None:
-        """Serve until stopping() is true; close expired sessions on the way."""
+        """Serve until stopping() is true; the worker closes expired sessions meanwhile."""
         poller = zmq.Poller()
+        poller.register(self._connections.monitor, zmq.POLLIN)
         poller.register(self._zap, zmq.POLLIN)
         poller.register(self._router, zmq.POLLIN)
+        poller.register(self._worker.fileno(), zmq.POLLIN)
         if self._fds is not None:
             self._fds.register(poller)
-        while not stopping():
-            ready = dict(poller.poll(POLL_MS))
-            if self._zap in ready:
-                self._serve_zap()
-            if self._router in ready:
-                self._serve_requests()
-            if self._fds is not None:
-                for fd in ready:
-                    if isinstance(fd, int):  # zmq.Poller names other sockets by fd
-                        self._fds.serve(fd, poller)
-                self._fds.expire(poller)
-            self._sessions.expire()
+        self._worker.start()
+        try:
+            while not stopping():
+                ready = dict(poller.poll(POLL_MS))
+                # Connections first: a connection over a cap ends before it is served.
+                if self._connections.monitor in ready:
+                    self._connections.serve()
+                if self._zap in ready:
+                    self._serve_zap()
+                if self._router in ready:
+                    self._serve_requests()
+                if self._worker.fileno() in ready:
+                    for identity, reply in self._worker.answers():
+                        self._send(identity, reply)
+                if self._fds is not None:
+                    for fd in ready:
+                        # zmq.Poller names other sockets by fd
+                        if isinstance(fd, int) and fd != self._worker.fileno():
+                            self._fds.serve(fd, poller)
+                    self._fds.expire(poller)
+        finally:
+            self._worker.stop()
 
     def close(self) -> None:
         """Close the sockets and remove the socket files, if they are still ours."""
@@ -154,6 +204,7 @@ class Server:
         _remove_socket_file(self.path, self._inode)
 
     def _close_sockets(self) -> None:
+        self._connections.close()
         self._router.close()
         self._zap.close()
         self._context.term()
@@ -186,12 +237,37 @@ class Server:
                 log.warning("a request without the caller's uid")  # ZAP runs for everyone
                 reply = error_frame(0, "who are you? no peer credentials")
             else:
-                reply = answer(self._sessions, uid, frames[1].bytes)
-            try:
-                # A ROUTER drops what it cannot deliver (peer gone, queue full): never blocks.
-                self._router.send_multipart([identity, reply], zmq.NOBLOCK)
-            except zmq.ZMQError as exc:
-                log.debug("answer to uid %s not sent: %s", uid, exc)
+                payload = frames[1].bytes
+                found = self._route(identity, uid, payload)
+                if found is None:
+                    continue  # the worker answers
+                reply = found
+            self._send(identity, reply)
+
+    def _route(self, identity: bytes, uid: int, payload: bytes) -> bytes | None:
+        """The answer to a request frame, made here; or None: the worker makes it."""
+        if uid != 0 and len(payload) > MEMBER_MAX_FRAME:
+            log.info("refused a frame of %d bytes from uid %d", len(payload), uid)
+            return error_frame(
+                request_id_of(payload),
+                f"a request of a uid other than root's is at most {MEMBER_MAX_FRAME} bytes, "
+                f"this one is {len(payload)}",
+            )
+        tag, session = peek(payload)
+        if len(payload) <= QUICK_FRAME and not requests.is_slow(tag):
+            return answer(self._sessions, uid, payload)
+        refusal = self._worker.submit(Job(identity, uid, payload, session))
+        if refusal is None:
+            return None
+        log.info("refused a request of uid %d: %s", uid, refusal)
+        return error_frame(request_id_of(payload), refusal)
+
+    def _send(self, identity: bytes, reply: bytes) -> None:
+        try:
+            # A ROUTER drops what it cannot deliver (peer gone, queue full): never blocks.
+            self._router.send_multipart([identity, reply], zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            log.debug("an answer was not sent: %s", exc)
 
 
 @dataclass(eq=False)
@@ -217,10 +293,19 @@ class FdServer:
     """
 
     def __init__(
-        self, path: str, gid: int, grants: Grants, clock: Callable[[], float] = time.monotonic
+        self,
+        path: str,
+        gid: int,
+        grants: Grants,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        lock: threading.Lock | None = None,
     ) -> None:
+        """lock: Sessions.lock, held while a token is redeemed and its sockets sent, so that
+        the worker never closes a session's sockets under our feet."""
         self.path = path
         self._grants = grants
+        self._lock = lock if lock is not None else threading.Lock()
         self._clock = clock
         self._waiting: dict[int, Waiting] = {}  # by file descriptor, as the poller says
         _prepare_path(path)
@@ -288,8 +373,8 @@ class FdServer:
             try:
                 conn.setblocking(False)
                 # The kernel's word on who connected, as it was at connect().
-                pid, uid, _gid = _UCRED.unpack(
-                    conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+                pid, uid, _gid = UCRED.unpack(
+                    conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, UCRED.size)
                 )
             except OSError as exc:
                 log.warning("fd socket: no peer credentials: %s", exc)
@@ -329,7 +414,8 @@ class FdServer:
         if len(waiting.token) == TOKEN_LEN:
             self._drop(waiting, poller, close=False)
             try:
-                self._hand_over(conn, waiting)
+                with self._lock:
+                    self._hand_over(conn, waiting)
             finally:
                 conn.close()
 

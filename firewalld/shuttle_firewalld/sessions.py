@@ -4,6 +4,10 @@ Every check that depends on the caller rather than on the message's form is made
 the method works here, the scope policy allows the request, the redirect port is the
 caller's, the caller has not too many sessions, a reply socket lies inside its session,
 the caller may write host names, the caller may see a session.
+
+Two threads use it (server.py): the loop serves quick requests under `lock`; the worker
+thread applies, updates and removes rules, and takes `lock` only to change what the loop
+reads (the open sessions, a session's targets, the tokens), never while a tool runs.
 """
 
 from __future__ import annotations
@@ -12,8 +16,9 @@ import ipaddress
 import logging
 import secrets
 import socket
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 
 from shuttle_protocol.firewall_messages import (
@@ -102,6 +107,7 @@ class Sessions:
         where tokens are redeemed (server.FdServer listens there); on_change: told the
         number of open sessions whenever one opens or closes."""
         self.lease = lease
+        self.lock = threading.Lock()
         self.grants = Grants(fd_path, clock)
         self._make_reply_socket = make_reply_socket
         self._local = local
@@ -175,7 +181,8 @@ class Sessions:
         # The lease starts once the rules are in: applying 10,000 of them takes a while.
         session.opened = self._clock()
         session.deadline = session.opened + self.lease
-        self._open[session_id] = session
+        with self.lock:
+            self._open[session_id] = session
         self._changed()
         log.info(
             "session %s opened by uid %d: %s to port %d, %d subnets, %d excludes, "
@@ -253,9 +260,11 @@ class Sessions:
             if problem is not None:
                 raise RequestError(problem)
         rules = method.update(session, new_subnets, new_excludes)
-        session.subnets, session.excludes, session.rules = new_subnets, new_excludes, rules
-        # As after open: applying many rules takes a while, and the caller's heartbeat waits.
-        self.renew(session)
+        with self.lock:  # a reply socket's check reads subnets and excludes together
+            session.subnets, session.excludes, session.rules = new_subnets, new_excludes, rules
+            # As after open: applying many rules takes a while, and the caller's heartbeat
+            # waits.
+            self.renew(session)
         log.info(
             "session %s of uid %d updated: %d subnets, %d excludes, %d %s rules",
             session.short_id,
@@ -294,12 +303,21 @@ class Sessions:
 
     def close(self, session: Session, why: str) -> None:
         """Forget the session and remove its rules; never raises."""
+        with self.lock:
+            self._forget(session)
+        self._remove(session, why)
+
+    def _forget(self, session: Session) -> None:
+        """Under the lock: the loop no longer finds the session, nor hands its sockets over."""
         if self._open.pop(session.id, None) is not None:
             self._changed()
         try:
             self.grants.revoke(session)  # closes the reply sockets not fetched yet
         except Exception:
             log.exception("revoking the tokens of session %s failed", session.short_id)
+
+    def _remove(self, session: Session, why: str) -> None:
+        """Remove the rules and hosts block of a session forgotten already; never raises."""
         try:
             self._methods[session.method].remove(session)
         except Exception:  # a method must not raise here; if it does, the others still go
@@ -325,13 +343,22 @@ class Sessions:
         except Exception:  # only a report: whatever happened to the session stands
             log.exception("reporting the number of sessions failed")
 
-    def expire(self) -> int:
-        """Close every session whose lease has run out; return how many."""
-        now = self._clock()
-        expired = [session for session in self._open.values() if session.deadline <= now]
+    def expire(self, busy: Collection[str] = ()) -> int:
+        """Close every session whose lease has run out, except those with a request waiting
+        or being applied (ids in busy: the request ends by renewing the lease, or the session);
+        return how many."""
+        with self.lock:  # chosen and forgotten at once: a heartbeat comes before, or too late
+            now = self._clock()
+            expired = [
+                session
+                for session in self._open.values()
+                if session.deadline <= now and session.id not in busy
+            ]
+            for session in expired:
+                self._forget(session)
+            self.grants.expire()
         for session in expired:
-            self.close(session, f"expired (no heartbeat for {self.lease:g} s)")
-        self.grants.expire()
+            self._remove(session, f"expired (no heartbeat for {self.lease:g} s)")
         return len(expired)
 
     def close_all(self, why: str) -> None:

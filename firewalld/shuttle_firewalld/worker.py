@@ -1,0 +1,149 @@
+"""The worker thread: applies the requests that change rules, one at a time and off the loop,
+and closes the sessions whose lease ran out; the loop answers heartbeats, ListSessions, ZAP
+and the fd socket meanwhile.
+
+Requests wait in a queue per uid and are taken from each uid in turn: however much one member
+sends, another member's request waits for at most one request of each other uid. A uid may
+have MAX_PENDING_PER_UID requests waiting or being applied, everyone together MAX_PENDING;
+more are answered "busy" at once, so what waits here (frames of at most MEMBER_MAX_FRAME
+bytes for a member) is bounded.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .sessions import Sessions
+
+log = logging.getLogger(__name__)
+
+MAX_PENDING_PER_UID = 2  # a client sends one request at a time: two allow a second client
+MAX_PENDING = 32
+EXPIRE_EVERY = 0.5  # seconds between looks at the leases while no request comes
+
+
+@dataclass(frozen=True)
+class Job:
+    """One request frame for the worker, and where its answer goes."""
+
+    identity: bytes  # the ROUTER's name for the connection it came on
+    uid: int
+    payload: bytes
+    session: str | None  # the session it names, if it names one (see server.peek)
+
+
+class Worker:
+    """The thread, its queues, and the answers it has made, for the loop to send."""
+
+    def __init__(self, sessions: Sessions, work: Callable[[int, bytes], bytes]) -> None:
+        """work: the answer frame to a request frame of a uid (server.answer)."""
+        self._sessions = sessions
+        self._work = work
+        self._ready = threading.Condition()
+        self._queues: dict[int, deque[Job]] = {}  # by uid; the dict's order is the turn
+        self._pending: Counter[int] = Counter()  # per uid: waiting or being applied
+        self._busy: Counter[str] = Counter()  # session ids with a request waiting or applied
+        self._stopping = False
+        self._answers: deque[tuple[bytes, bytes]] = deque()  # (identity, answer frame)
+        # One byte per answer made wakes the loop's poller; the loop reads them all at once.
+        self._wake, self._woken = socket.socketpair()
+        self._wake.setblocking(False)
+        self._woken.setblocking(False)
+        self._thread = threading.Thread(target=self._run, name="shuttle-worker", daemon=True)
+
+    def fileno(self) -> int:
+        """Readable when answers are ready (for the loop's poller)."""
+        return self._woken.fileno()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Let the request being applied finish; drop those waiting (their callers time out)."""
+        with self._ready:
+            self._stopping = True
+            self._ready.notify()
+        if self._thread.is_alive():
+            self._thread.join()
+        self._wake.close()
+        self._woken.close()
+
+    def submit(self, job: Job) -> str | None:
+        """Queue the job; or, when its uid or everyone has too many, why not (the answer)."""
+        with self._ready:
+            if self._pending[job.uid] >= MAX_PENDING_PER_UID:
+                return (
+                    f"busy: uid {job.uid} has {MAX_PENDING_PER_UID} requests waiting or being "
+                    "applied; send this one again once one is answered"
+                )
+            if sum(self._pending.values()) >= MAX_PENDING:
+                return f"busy: {MAX_PENDING} requests wait already; send this one again soon"
+            self._queues.setdefault(job.uid, deque()).append(job)
+            self._pending[job.uid] += 1
+            if job.session is not None:
+                self._busy[job.session] += 1
+            self._ready.notify()
+        return None
+
+    def answers(self) -> list[tuple[bytes, bytes]]:
+        """The answers made since the last call, as (identity, frame), in order."""
+        try:
+            while self._woken.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+        done = []
+        while self._answers:
+            done.append(self._answers.popleft())
+        return done
+
+    def _next(self) -> Job | None:
+        """The next uid's oldest job, that uid going to the end of the turn; under _ready."""
+        for uid in list(self._queues):
+            queue = self._queues.pop(uid)
+            job = queue.popleft()
+            if queue:
+                self._queues[uid] = queue
+            return job
+        return None
+
+    def _run(self) -> None:
+        while True:
+            with self._ready:
+                job = self._next()
+                if job is None and not self._stopping:
+                    self._ready.wait(EXPIRE_EVERY)
+                    job = self._next()
+                if self._stopping:
+                    return
+            if job is not None:
+                self._apply(job)
+            with self._ready:
+                busy = set(self._busy)
+            try:
+                self._sessions.expire(busy)
+            except Exception:  # our bug: the worker must go on, or no rule changes any more
+                log.exception("expiring sessions failed")
+
+    def _apply(self, job: Job) -> None:
+        try:
+            reply = self._work(job.uid, job.payload)  # never raises
+        finally:
+            with self._ready:
+                self._pending[job.uid] -= 1
+                if self._pending[job.uid] <= 0:
+                    del self._pending[job.uid]
+                if job.session is not None:
+                    self._busy[job.session] -= 1
+                    if self._busy[job.session] <= 0:
+                        del self._busy[job.session]
+        self._answers.append((job.identity, reply))
+        try:
+            self._wake.send(b"\0")
+        except BlockingIOError:  # the loop has many wake-ups to read already: enough
+            pass
