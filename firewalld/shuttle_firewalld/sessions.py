@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from shuttle_protocol.firewall_messages import (
     ANY_OWNER,
     MAX_SESSIONS,
+    MAX_SUBNETS,
     OpenSessionRequest,
     SessionEntry,
 )
@@ -42,6 +43,10 @@ from .transparent import is_local, reply_problem, reply_socket
 log = logging.getLogger(__name__)
 
 MAX_SESSIONS_PER_UID = 16
+# Subnets and excludes of one member's sessions together: one session as big as the protocol
+# allows. Each target costs firewalld memory while its session lives (docs/firewalld.md,
+# "Limits"), and sixteen such sessions would cost sixteen times that.
+MAX_TARGETS_PER_UID = 2 * MAX_SUBNETS
 
 
 @dataclass(eq=False)
@@ -155,6 +160,7 @@ class Sessions:
             )
             if problem is not None:
                 raise RequestError(problem)
+        self._check_targets(caller, len(request.subnets) + len(request.excludes))
         owned = sum(1 for session in self._open.values() if session.caller == caller)
         if owned >= MAX_SESSIONS_PER_UID:
             raise RequestError(f"uid {caller} already has {MAX_SESSIONS_PER_UID} sessions open")
@@ -242,6 +248,7 @@ class Sessions:
         refusal = self._policy.check(session.caller, session.uid, session.forward)
         if refusal is not None:  # group membership counts as it is now, as for open()
             raise RequestError(refusal)
+        self._check_targets(session.caller, len(subnets) + len(excludes), session)
         new_subnets, new_excludes = _targets(subnets), _targets(excludes)
         dns_versions = {address.version for address in session.dns}
         versions = {target.version for target in new_subnets} | dns_versions
@@ -275,6 +282,20 @@ class Sessions:
             session.method,
         )
         return rules
+
+    def _check_targets(self, caller: int, count: int, replaced: Session | None = None) -> None:
+        """RequestError if a member's sessions would hold more than MAX_TARGETS_PER_UID
+        targets with count more (instead of those of replaced); root is not counted."""
+        held = sum(
+            len(other.subnets) + len(other.excludes)
+            for other in self._open.values()
+            if other.caller == caller and other is not replaced
+        )
+        if caller != 0 and held + count > MAX_TARGETS_PER_UID:
+            raise RequestError(
+                f"uid {caller}'s sessions would hold {held + count} subnets and excludes, "
+                f"over {MAX_TARGETS_PER_UID}"
+            )
 
     def renew(self, session: Session) -> None:
         session.deadline = self._clock() + self.lease
