@@ -18,11 +18,20 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import zmq
 from shuttle_protocol.errors import RemoteProtocolError
 from shuttle_protocol.firewall_messages import TOKEN_LEN, ErrorAnswer, SocketsHandover
-from shuttle_protocol.frames import MAX_FRAME, MAX_ITEMS, MAX_REQUEST_ID, decode_frame, encode_frame
+from shuttle_protocol.frames import (
+    MAX_FRAME,
+    MAX_ITEMS,
+    MAX_REQUEST_ID,
+    decode_frame,
+    encode_frame,
+    frame_message,
+)
+from shuttle_protocol.schema import Message
 from shuttle_protocol.stream import new_unpacker, unpack_errors
 from shuttle_protocol.zap import ZAP_ENDPOINT, zap_reply
 
@@ -53,12 +62,17 @@ QUICK_FRAME = 64 * 1024  # a frame longer than this goes to the worker, whatever
 # ZAP credentials of a connection as a message too, and with 1 no request ever comes in.
 RCVHWM = 2
 HANDSHAKE_MS = 5000  # a connection silent this long after connecting is dropped by libzmq
+# The first byte of a msgpack array: fixarray, array 16, array 32.
+ARRAY_MARKERS = frozenset(range(0x90, 0xA0)) | {0xDC, 0xDD}
 
 
 def answer(sessions: Sessions, uid: int, payload: bytes) -> bytes:
     """The answer frame to one request frame from uid. Never raises."""
     try:
-        request_id, request = decode_frame(payload)
+        if len(payload) > QUICK_FRAME:
+            request_id, request = decode_in_pieces(payload)
+        else:
+            request_id, request = decode_frame(payload)
     except RemoteProtocolError as exc:
         log.info("bad request from uid %d: %s", uid, exc)
         return error_frame(request_id_of(payload), f"bad request: {exc}")
@@ -72,11 +86,34 @@ def answer(sessions: Sessions, uid: int, payload: bytes) -> bytes:
         return error_frame(request_id, f"internal error: {type(exc).__name__}: {exc}")
 
 
+def decode_in_pieces(payload: bytes) -> tuple[int, Message]:
+    """decode_frame's answer for a long frame, read one array item at a time: msgpack holds
+    the GIL for a whole value, and a value of 100,000 targets held it long enough to stall
+    the loop's thread; between items the loop gets its turn."""
+    unpacker = new_unpacker(MAX_FRAME, MAX_ITEMS, MAX_FRAME)
+    try:
+        unpacker.feed(payload)
+        values = []
+        while unpacker.tell() < len(payload):
+            values.append(_read_in_pieces(unpacker, payload))
+    except (*unpack_errors(), IndexError) as exc:  # IndexError: an array cut short
+        raise RemoteProtocolError(f"malformed frame: {type(exc).__name__}: {exc}") from None
+    return frame_message(values)
+
+
+def _read_in_pieces(unpacker: Any, payload: bytes) -> Any:
+    if payload[unpacker.tell()] in ARRAY_MARKERS:
+        return tuple(
+            _read_in_pieces(unpacker, payload) for _ in range(unpacker.read_array_header())
+        )
+    return unpacker.unpack()
+
+
 def error_frame(request_id: int, text: str) -> bytes:
     return encode_frame(request_id, ErrorAnswer(text[:MAX_ERROR_TEXT]))
 
 
-def request_id_of(payload: bytes) -> int:
+def request_id_of(payload: bytes | memoryview) -> int:
     """The request id of a frame that failed to decode, so the caller can match the error.
 
     0 when the frame does not even start as [request id, ...].
@@ -237,22 +274,23 @@ class Server:
                 log.warning("a request without the caller's uid")  # ZAP runs for everyone
                 reply = error_frame(0, "who are you? no peer credentials")
             else:
-                payload = frames[1].bytes
-                found = self._route(identity, uid, payload)
+                found = self._route(identity, uid, frames[1])
                 if found is None:
                     continue  # the worker answers
                 reply = found
             self._send(identity, reply)
 
-    def _route(self, identity: bytes, uid: int, payload: bytes) -> bytes | None:
+    def _route(self, identity: bytes, uid: int, frame: zmq.Frame) -> bytes | None:
         """The answer to a request frame, made here; or None: the worker makes it."""
-        if uid != 0 and len(payload) > MEMBER_MAX_FRAME:
-            log.info("refused a frame of %d bytes from uid %d", len(payload), uid)
+        size = len(frame)
+        if uid != 0 and size > MEMBER_MAX_FRAME:  # refused without a copy of it
+            log.info("refused a frame of %d bytes from uid %d", size, uid)
             return error_frame(
-                request_id_of(payload),
+                request_id_of(frame.buffer),
                 f"a request of a uid other than root's is at most {MEMBER_MAX_FRAME} bytes, "
-                f"this one is {len(payload)}",
+                f"this one is {size}",
             )
+        payload = frame.bytes
         tag, session = peek(payload)
         if len(payload) <= QUICK_FRAME and not requests.is_slow(tag):
             return answer(self._sessions, uid, payload)

@@ -267,11 +267,14 @@ class Sessions:
             if problem is not None:
                 raise RequestError(problem)
         rules = method.update(session, new_subnets, new_excludes)
+        # Freed after the lock, not under it: 100,000 targets take a while to free.
+        old = session.subnets, session.excludes
         with self.lock:  # a reply socket's check reads subnets and excludes together
             session.subnets, session.excludes, session.rules = new_subnets, new_excludes, rules
             # As after open: applying many rules takes a while, and the caller's heartbeat
             # waits.
             self.renew(session)
+        del old
         log.info(
             "session %s of uid %d updated: %d subnets, %d excludes, %d %s rules",
             session.short_id,
