@@ -1,5 +1,6 @@
 """The connections to the zmq socket, counted per uid from libzmq's socket monitor; those over
-the caps are ended at once, before they hold a descriptor and a receive buffer for long.
+the caps are ended at once, before they hold a descriptor and a receive buffer for long, and
+are not counted: one member's refused connections take no room from another member's.
 
 libzmq accepts every connection itself and, out of descriptors, aborts in its ipc listener
 (an EMFILE assertion): so the count must stay well below the open file limit, whoever
@@ -81,18 +82,20 @@ class Connections:
             return
         with sock:
             uid = self._peer(sock)
-            self._count(fd, uid)
             too_many = ""
-            if uid != 0 and self._per_uid[uid] > MAX_CONNECTIONS_PER_UID:
+            if uid not in (0, UNKNOWN) and self._per_uid[uid] >= MAX_CONNECTIONS_PER_UID:
                 too_many = f"uid {uid} has {MAX_CONNECTIONS_PER_UID} connections already"
-            elif len(self._uid_of) > self.limit:
+            elif len(self._uid_of) >= self.limit and uid != UNKNOWN:
                 too_many = f"{self.limit} connections are open, the most this firewalld takes"
-            if too_many and uid != UNKNOWN:
-                log.warning("refused a connection of uid %d: %s", uid, too_many)
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:  # it ended meanwhile
-                    pass
+            if not too_many:
+                self._count(fd, uid)
+                return
+            # Not counted: it ends now, and must not crowd others out of the total meanwhile.
+            log.warning("refused a connection of uid %d: %s", uid, too_many)
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:  # it ended meanwhile
+                pass
 
     def _peer(self, sock: socket.socket) -> int:
         """The uid at the other end, if sock is a connection to our socket file (libzmq's

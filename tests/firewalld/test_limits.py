@@ -196,17 +196,30 @@ def test_a_members_flood_stalls_nobody_and_bloats_nothing(
     assert shuttle_tables(netns) != []  # the flooder's session, until its lease runs out
 
 
-# A member grabbing what descriptors it can: raw connections to the zmq socket that never
-# say a word, zmq connections that each ask something, connections to the fd socket; all
-# held. Prints how many of each it made.
+# A member grabbing what descriptors it can: reply sockets of a tproxy session of its own,
+# asked for and never fetched (firewalld holds each until its token expires), raw
+# connections to the zmq socket that never say a word, zmq connections that each ask
+# something, connections to the fd socket; all held. Prints how many of each it made, and
+# the answers to its reply socket requests.
 GRAB = """\
-import json, socket, sys, time
+import asyncio, json, socket, sys, time
 import zmq
-from shuttle_protocol.firewall_messages import ListSessionsRequest
-from shuttle_protocol.frames import encode_frame
+from shuttle_client.firewall_session import FirewallSession
+from shuttle_protocol.firewall_messages import ListSessionsRequest, ReplySocketRequest
+from shuttle_protocol.frames import decode_frame, encode_frame
 
 path, seconds = sys.argv[1], float(sys.argv[2])
-held, made = [], {"raw": 0, "fds": 0, "zmq": 0}
+held, made = [], {"raw": 0, "fds": 0, "zmq": 0, "replies": {}}
+client = FirewallSession(path)
+asyncio.run(client.open("tproxy", 1, [("198.18.0.0/15", 1, 65535)], []))
+context = zmq.Context()
+asker = context.socket(zmq.DEALER)
+asker.connect("ipc://" + path)
+for port in range(1000, 1300):
+    asker.send(encode_frame(port, ReplySocketRequest(client.session, "198.18.0.5", port)))
+    if asker.poll(5000):
+        kind = type(decode_frame(asker.recv())[1]).__name__
+        made["replies"][kind] = made["replies"].get(kind, 0) + 1
 for kind, where, count in (("raw", path, 600), ("fds", path + ".fds", 100)):
     for _ in range(count):
         sock = socket.socket(socket.AF_UNIX)
@@ -217,7 +230,6 @@ for kind, where, count in (("raw", path, 600), ("fds", path + ".fds", 100)):
         except OSError:
             pass
         held.append(sock)
-context = zmq.Context()
 for _ in range(300):
     dealer = context.socket(zmq.DEALER)
     dealer.linger = 0
@@ -257,6 +269,9 @@ def test_a_member_grabbing_descriptors_cannot_crash_firewalld(
     result, made = json.loads(victim_out), json.loads(grab_out)
     print(f"\nthe grab: {made}; the other member: {result['connected']} connections")
     assert made["raw"] + made["zmq"] > FILE_LIMIT  # more than firewalld could ever hold
+    tokens = FILE_LIMIT // 4
+    assert made["replies"] == {"ReplySocketAnswer": tokens, "ErrorAnswer": 300 - tokens}
+    assert f"{tokens} tokens are out, the most this firewalld holds" in daemon.log
     assert result["lost"] is None
     assert result["failed"] == []
     assert result["sessions"] == 1
