@@ -27,7 +27,7 @@ MAX_CONNECTIONS_PER_UID = 8  # a client holds one per session; ctl one more whil
 MAX_CONNECTIONS = 256  # in all; main.py scales it down to the open file limit
 UNKNOWN = -1  # the peer of a connection gone before we could ask the kernel
 UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
-BATCH = 100  # events taken per turn
+BATCH = 10  # events taken per call of serve(): the server looks at its descriptors between
 
 
 class Connections:
@@ -36,6 +36,9 @@ class Connections:
     def __init__(self, router: zmq.Socket[bytes], path: str, limit: int = MAX_CONNECTIONS) -> None:
         """Before router binds, so that no connection goes uncounted."""
         self.limit = limit
+        # The highest descriptor libzmq got for a connection since the last look: the kernel
+        # gives the lowest free one, so all below it were open then (see Server).
+        self.highest = 0
         self._router = router
         self._path = path
         self.monitor = router.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
@@ -49,19 +52,22 @@ class Connections:
         """How many connections uid has now."""
         return self._per_uid[uid]
 
-    def serve(self) -> None:
-        """Take the monitor's events: count, and end what is over a cap."""
+    def serve(self) -> bool:
+        """Take up to BATCH of the monitor's events: count, and end what is over a cap.
+        Whether there may be more."""
         for _ in range(BATCH):
             try:
                 event = recv_monitor_message(self.monitor, zmq.NOBLOCK)
             except zmq.Again:
-                return
+                return False
             fd = event["value"]
             if event["event"] == zmq.EVENT_ACCEPTED:
+                self.highest = max(self.highest, fd)
                 self._forget(fd)  # a descriptor reused before we read its disconnection
                 self._accepted(fd)
             elif event["event"] == zmq.EVENT_DISCONNECTED:
                 self._forget(fd)
+        return True
 
     def close(self) -> None:
         self._router.disable_monitor()

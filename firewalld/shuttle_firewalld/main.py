@@ -169,11 +169,11 @@ def raise_file_limit() -> int:
 
 
 def descriptor_budget(limit: int) -> tuple[int, int]:
-    """(zmq connections, reply-socket tokens) allowed in all under this open file limit: an
-    eighth and a quarter of it at most, so that with the fd socket's waiting connections,
+    """(zmq connections, reply-socket tokens) allowed in all under this open file limit: a
+    sixteenth and an eighth of it at most, so that with the fd socket's waiting connections,
     the tproxy sessions' listeners and the tools' pipes firewalld stays well below it
-    (libzmq aborts when it meets the limit)."""
-    return min(MAX_CONNECTIONS, limit // 8), min(MAX_TOKENS, limit // 4)
+    (libzmq aborts when it meets the limit; the server stops listening at three quarters)."""
+    return min(MAX_CONNECTIONS, limit // 16), min(MAX_TOKENS, limit // 8)
 
 
 def plural(count: int) -> str:
@@ -199,7 +199,8 @@ def run(options: Options) -> int:
     gid = group_id(options.group)
     scope_policy = load_policy(options.policy)
     stop = Stop()
-    max_connections, max_tokens = descriptor_budget(raise_file_limit())
+    file_limit = raise_file_limit()
+    max_connections, max_tokens = descriptor_budget(file_limit)
     nft = NftMethod()
     tproxy = TproxyMethod()
     methods: dict[str, Method] = {"nft": nft, "nat": NatMethod(), "tproxy": tproxy}
@@ -215,7 +216,7 @@ def run(options: Options) -> int:
     sessions.grants.max_tokens = max_tokens
     try:
         # First, since it refuses to start beside a running firewalld, whose rules are live.
-        server = Server(options.socket, gid, sessions, max_connections)
+        server = Server(options.socket, gid, sessions, max_connections, file_limit)
     except OSError as exc:
         raise StartupError(f"cannot listen on {options.socket}: {exc}") from None
     status = 0

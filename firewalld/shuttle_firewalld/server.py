@@ -161,10 +161,20 @@ class Server:
     """The listening socket file and the zmq sockets behind it, from bind to removal."""
 
     def __init__(
-        self, path: str, gid: int, sessions: Sessions, max_connections: int = MAX_CONNECTIONS
+        self,
+        path: str,
+        gid: int,
+        sessions: Sessions,
+        max_connections: int = MAX_CONNECTIONS,
+        file_limit: int = 1024,
     ) -> None:
+        """file_limit: the open file limit in force (see _watch_descriptors)."""
         self.path = path
+        self._gid = gid
         self._sessions = sessions
+        self._file_limit = file_limit
+        self._pause_at, self._resume_at = file_limit * 3 // 4, file_limit * 5 // 8
+        self._paused = False
         self._worker = Worker(sessions, lambda uid, payload: answer(sessions, uid, payload))
         _prepare_path(path)
         self._context = zmq.Context()
@@ -181,25 +191,70 @@ class Server:
         self._router.rcvhwm = RCVHWM
         self._router.handshake_ivl = HANDSHAKE_MS
         self._connections = Connections(self._router, path, max_connections)
-        # The socket file appears at bind; the umask keeps it private until chmod below.
-        old_umask = os.umask(0o077)
         try:
-            self._router.bind("ipc://" + path)
+            self._inode = self._listen()
         except zmq.ZMQError as exc:
             self._close_sockets()
             raise StartupError(f"cannot listen on ipc://{path}: {exc}") from None
-        finally:
-            os.umask(old_umask)
-        self._inode = os.stat(path).st_ino
         self._fds: FdServer | None = None
         try:
-            os.chown(path, 0, gid)
-            os.chmod(path, 0o660)
             if sessions.grants.path:
                 self._fds = FdServer(sessions.grants.path, gid, sessions.grants, lock=sessions.lock)
         except BaseException:
             self.close()
             raise
+
+    def _listen(self) -> int:
+        """Bind the ROUTER to the socket file, root's and the group's; the file's inode."""
+        # The socket file appears at bind; the umask keeps it private until chmod below.
+        old_umask = os.umask(0o077)
+        try:
+            self._router.bind("ipc://" + self.path)
+        finally:
+            os.umask(old_umask)
+        inode = os.stat(self.path).st_ino
+        os.chown(self.path, 0, self._gid)
+        os.chmod(self.path, 0o660)
+        return inode
+
+    def _watch_descriptors(self) -> None:
+        """Stop listening while three quarters of the open file limit are in use (the caps
+        of main.descriptor_budget keep well below that), and listen again below five eighths.
+        libzmq accepts every connection as it comes, faster than the monitor's news of them,
+        and aborts when accept() meets the limit: so a burst of connections must meet a closed
+        door first. Meanwhile the connections made go on being served."""
+        if not self._paused and self._connections.highest < self._pause_at:
+            return  # the quick answer: descriptors below it were in use, and no more
+        self._connections.highest = 0
+        used = len(os.listdir("/proc/self/fd"))
+        if not self._paused and used >= self._pause_at:
+            self._router.unbind("ipc://" + self.path)
+            self._paused = True
+            log.warning(
+                "%d open files, of %d allowed: not listening on ipc://%s until some "
+                "connections end",
+                used,
+                self._file_limit,
+                self.path,
+            )
+        elif self._paused and used < self._resume_at:
+            try:
+                _prepare_path(self.path)
+                self._inode = self._listen()
+            except (StartupError, zmq.ZMQError, OSError) as exc:
+                log.warning("cannot listen on ipc://%s again yet: %s", self.path, exc)
+                return
+            self._paused = False
+            log.warning("%d open files: listening on ipc://%s again", used, self.path)
+
+    def _serve_connections(self, ready: bool) -> None:
+        """The monitor's events if it has some (ready), with a look at the descriptors every
+        few events, so that a burst cannot outrun it; and one more while not listening."""
+        if ready:
+            while self._connections.serve():
+                self._watch_descriptors()
+        if ready or self._paused:
+            self._watch_descriptors()
 
     def run(self, stopping: Callable[[], bool]) -> None:
         """Serve until stopping() is true; the worker closes expired sessions meanwhile."""
@@ -215,8 +270,7 @@ class Server:
             while not stopping():
                 ready = dict(poller.poll(POLL_MS))
                 # Connections first: a connection over a cap ends before it is served.
-                if self._connections.monitor in ready:
-                    self._connections.serve()
+                self._serve_connections(self._connections.monitor in ready)
                 if self._zap in ready:
                     self._serve_zap()
                 if self._router in ready:
