@@ -341,8 +341,8 @@ class Server:
             log.info("refused a frame of %d bytes from uid %d", size, uid)
             return error_frame(
                 request_id_of(frame.buffer),
-                f"a request of a uid other than root's is at most {MEMBER_MAX_FRAME} bytes, "
-                f"this one is {size}",
+                f"bad request: a request of a uid other than root's is at most "
+                f"{MEMBER_MAX_FRAME} bytes, this one is {size}",
             )
         payload = frame.bytes
         tag, session = peek(payload)
