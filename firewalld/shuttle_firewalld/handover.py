@@ -24,9 +24,13 @@ if TYPE_CHECKING:  # sessions.py imports this module
 log = logging.getLogger(__name__)
 
 TOKEN_LIFETIME = 10.0  # seconds: the client fetches at once, so this is generous
-# Tokens not yet redeemed, per session. A reply token holds an open socket here, so this
-# also bounds the file descriptors a session can make firewalld hold.
-MAX_TOKENS_PER_SESSION = 1024
+# Tokens not yet redeemed, per session, per uid (over all its sessions) and in all. A reply
+# token holds an open socket here, so these also bound the file descriptors one session, one
+# member and everyone together can make firewalld hold; main.py scales the total down to the
+# open file limit.
+MAX_TOKENS_PER_SESSION = 256
+MAX_TOKENS_PER_UID = 1024
+MAX_TOKENS = 4096
 
 
 class HandoverRefused(Exception):
@@ -50,11 +54,13 @@ class Grant:
 class Grants:
     """The tokens that are out, and the fd socket's path to fetch them at."""
 
-    def __init__(self, path: str, clock: Callable[[], float]) -> None:
+    def __init__(self, path: str, clock: Callable[[], float], max_tokens: int = MAX_TOKENS) -> None:
         self.path = path
+        self.max_tokens = max_tokens
         self._clock = clock
         self._grants: dict[str, Grant] = {}
         self._per_session: Counter[str] = Counter()
+        self._per_uid: Counter[int] = Counter()
 
     def __len__(self) -> int:
         return len(self._grants)
@@ -65,6 +71,17 @@ class Grants:
             raise RequestError(
                 f"this session has {MAX_TOKENS_PER_SESSION} tokens that were not used yet; "
                 "fetch those sockets first"
+            )
+        if self._per_uid[session.caller] >= MAX_TOKENS_PER_UID:
+            raise RequestError(
+                f"uid {session.caller} has {MAX_TOKENS_PER_UID} tokens that were not used yet; "
+                "fetch those sockets first"
+            )
+        if len(self._grants) >= self.max_tokens:
+            log.warning("%d tokens are out, the most this firewalld holds", self.max_tokens)
+            raise RequestError(
+                f"firewalld holds {self.max_tokens} sockets for tokens not used yet; try again "
+                f"in {TOKEN_LIFETIME:g} s"
             )
 
     def issue(self, session: Session, reply: socket.socket | None = None) -> str:
@@ -81,6 +98,7 @@ class Grants:
         token = secrets.token_hex(16)
         self._grants[token] = Grant(session, self._clock() + TOKEN_LIFETIME, reply)
         self._per_session[session.id] += 1
+        self._per_uid[session.caller] += 1
         return token
 
     def redeem(self, token: str, uid: int) -> list[tuple[str, socket.socket]]:
@@ -149,6 +167,9 @@ class Grants:
             self._per_session[grant.session.id] -= 1
             if self._per_session[grant.session.id] <= 0:
                 del self._per_session[grant.session.id]
+            self._per_uid[grant.session.caller] -= 1
+            if self._per_uid[grant.session.caller] <= 0:
+                del self._per_uid[grant.session.caller]
         return grant
 
     def _close(self, token: str) -> None:

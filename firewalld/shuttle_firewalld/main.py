@@ -17,8 +17,10 @@ from types import FrameType
 
 from docopt import DocoptExit, docopt
 
+from .connections import MAX_CONNECTIONS
 from .ctl import sessions_command
 from .errors import RequestError, StartupError
+from .handover import MAX_TOKENS
 from .hosts_file import DEFAULT_PATH as HOSTS_PATH
 from .hosts_file import HostsFile
 from .methods.base import Method
@@ -152,15 +154,26 @@ class Stop:
         self.requested = True
 
 
-def raise_file_limit() -> None:
+def raise_file_limit() -> int:
     """Allow as many open files as the hard limit does: tproxy sessions hold sockets here
-    (reply sockets until they are fetched), and the soft limit is often only 1024."""
+    (reply sockets until they are fetched), and the soft limit is often only 1024. The
+    limit now in force."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         except (OSError, ValueError) as exc:
             log.warning("cannot raise the open file limit from %d: %s", soft, exc)
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return sys.maxsize if soft == resource.RLIM_INFINITY else soft
+
+
+def descriptor_budget(limit: int) -> tuple[int, int]:
+    """(zmq connections, reply-socket tokens) allowed in all under this open file limit: a
+    sixteenth and an eighth of it at most, so that with the fd socket's waiting connections,
+    the tproxy sessions' listeners and the tools' pipes firewalld stays well below it
+    (libzmq aborts when it meets the limit; the server stops listening at three quarters)."""
+    return min(MAX_CONNECTIONS, limit // 16), min(MAX_TOKENS, limit // 8)
 
 
 def plural(count: int) -> str:
@@ -186,7 +199,8 @@ def run(options: Options) -> int:
     gid = group_id(options.group)
     scope_policy = load_policy(options.policy)
     stop = Stop()
-    raise_file_limit()
+    file_limit = raise_file_limit()
+    max_connections, max_tokens = descriptor_budget(file_limit)
     nft = NftMethod()
     tproxy = TproxyMethod()
     methods: dict[str, Method] = {"nft": nft, "nat": NatMethod(), "tproxy": tproxy}
@@ -200,9 +214,10 @@ def run(options: Options) -> int:
         hosts=hosts,
         on_change=lambda count: report(options.socket, count, stop),
     )
+    sessions.grants.max_tokens = max_tokens
     try:
         # First, since it refuses to start beside a running firewalld, whose rules are live.
-        server = Server(options.socket, gid, sessions)
+        server = Server(options.socket, gid, sessions, max_connections, file_limit)
     except OSError as exc:
         raise StartupError(f"cannot listen on {options.socket}: {exc}") from None
     status = 0
@@ -226,10 +241,12 @@ def run(options: Options) -> int:
                 log.warning("the %s method does not work here: %s", name, problem)
         log.info("method auto means %s", sessions.choose("auto"))
         log.info(
-            "listening on ipc://%s (group %s, lease %g s)",
+            "listening on ipc://%s (group %s, lease %g s; at most %d connections, %d tokens)",
             options.socket,
             options.group,
             options.lease,
+            max_connections,
+            max_tokens,
         )
         notify(ready="1", status=status_line(options.socket, len(sessions)))
         server.run(stopping=lambda: stop.requested)

@@ -5,6 +5,10 @@ sees all), or names an open session that its caller must own (a session of anoth
 reported as missing, so callers cannot probe each other); some need a session of one
 method. Any other message, answers included, is refused. The table is unit-tested as it
 stands.
+
+It also says which requests change rules (run a tool, write the hosts file): the server
+hands those to its worker thread, off the loop, and answers the others on the loop, under
+Sessions.lock (see docs/firewalld.md, "One request at a time, off the loop").
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from shuttle_protocol.firewall_messages import (
     UpdateSessionAnswer,
     UpdateSessionRequest,
 )
-from shuttle_protocol.schema import Message
+from shuttle_protocol.schema import REGISTRY, Message
 
 from .errors import RequestError
 from .sessions import Session, Sessions
@@ -110,32 +114,51 @@ class Allowed:
     handler: Callable[..., Message]
     # Only for a session of this method (None: any method).
     method: str | None = None
+    # True: it changes rules, which takes a tool's time: the worker thread runs it, and
+    # Sessions takes its lock only where it changes what the loop reads. False: quick,
+    # served whole under Sessions.lock, by the loop.
+    slow: bool = False
 
 
 TABLE: Mapping[type[Message], Allowed] = {
-    OpenSessionRequest: Allowed(needs_own_session=False, handler=_open),
+    OpenSessionRequest: Allowed(needs_own_session=False, handler=_open, slow=True),
     HeartbeatRequest: Allowed(needs_own_session=True, handler=_heartbeat),
-    CloseSessionRequest: Allowed(needs_own_session=True, handler=_close),
+    CloseSessionRequest: Allowed(needs_own_session=True, handler=_close, slow=True),
     SocketsRequest: Allowed(needs_own_session=True, handler=_sockets, method="tproxy"),
     ReplySocketRequest: Allowed(needs_own_session=True, handler=_reply_socket, method="tproxy"),
-    SetHostsRequest: Allowed(needs_own_session=True, handler=_set_hosts),
+    SetHostsRequest: Allowed(needs_own_session=True, handler=_set_hosts, slow=True),
     ListSessionsRequest: Allowed(needs_own_session=False, handler=_list),
-    UpdateSessionRequest: Allowed(needs_own_session=True, handler=_update),
+    UpdateSessionRequest: Allowed(needs_own_session=True, handler=_update, slow=True),
 }
 
 
 def handle(sessions: Sessions, uid: int, request: Message, pid: int | None = None) -> Message:
     """The answer to one decoded request from uid (and its process pid); RequestError if it
-    is refused."""
+    is refused. Safe in the loop and in the worker thread alike."""
     allowed = TABLE.get(type(request))
     if allowed is None:
         raise RequestError(f"{type(request).__name__} is not a request firewalld serves")
+    caller = Caller(uid, pid)
+    if allowed.slow:
+        return _serve(sessions, caller, request, allowed)
+    with sessions.lock:
+        return _serve(sessions, caller, request, allowed)
+
+
+def is_slow(tag: object) -> bool:
+    """Whether the request of this wire tag changes rules (unknown tags are quick: refused)."""
+    cls = REGISTRY.get(tag) if type(tag) is int else None
+    allowed = TABLE.get(cls) if cls is not None else None
+    return allowed is not None and allowed.slow
+
+
+def _serve(sessions: Sessions, caller: Caller, request: Message, allowed: Allowed) -> Message:
     session = None
     if allowed.needs_own_session:
-        session = sessions.owned(request.session, uid)  # type: ignore[attr-defined]
+        session = sessions.owned(request.session, caller.uid)  # type: ignore[attr-defined]
         if allowed.method is not None and session.method != allowed.method:
             raise RequestError(
                 f"{type(request).__name__} is only for {allowed.method} sessions, "
                 f"this one is {session.method}"
             )
-    return allowed.handler(sessions, Caller(uid, pid), request, session)
+    return allowed.handler(sessions, caller, request, session)

@@ -1,32 +1,47 @@
-"""The daemon's loop: the ROUTER socket for requests, our ZAP handler, the fd socket that
-hands transparent sockets over, and the end of sessions (lease expiry, exited openers).
+"""The daemon's loop: the ROUTER socket for requests, our ZAP handler, the count of
+connections, the fd socket that hands transparent sockets over; and the worker thread that
+applies rules and ends sessions (lease expiry, exited openers).
 
-One thread and one zmq.Poller. Whatever bytes arrive, each gets an answer and the loop goes
-on; only a signal ends it.
+One zmq.Poller in the main thread answers every quick request itself and hands those that
+change rules (and any big frame) to the worker (worker.py), whose answers it sends when they
+are ready: no request can hold up a heartbeat. Whatever bytes arrive, each gets an answer and
+the loop goes on; only a signal ends it.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
 import stat
-import struct
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import zmq
 from shuttle_protocol.errors import RemoteProtocolError
 from shuttle_protocol.firewall_messages import TOKEN_LEN, ErrorAnswer, SocketsHandover
-from shuttle_protocol.frames import MAX_FRAME, MAX_ITEMS, MAX_REQUEST_ID, decode_frame, encode_frame
+from shuttle_protocol.frames import (
+    MAX_FRAME,
+    MAX_ITEMS,
+    MAX_REQUEST_ID,
+    decode_frame,
+    encode_frame,
+    frame_message,
+)
+from shuttle_protocol.schema import Message
 from shuttle_protocol.stream import new_unpacker, unpack_errors
 from shuttle_protocol.zap import PID_PROPERTY, ZAP_ENDPOINT, zap_reply
 
 from . import requests
+from .connections import MAX_CONNECTIONS, UCRED, Connections
 from .errors import RequestError, StartupError
 from .handover import Grants, HandoverRefused
 from .sessions import Sessions
+from .worker import Job, Worker
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +52,28 @@ FDS_SUFFIX = ".fds"  # the fd socket's path is the zmq socket's plus this
 MAX_WAITING = 64  # fd socket connections that have not sent their token yet
 MAX_WAITING_PER_UID = 8  # of which one uid's: it cannot crowd out the others
 WAIT_FOR_TOKEN = 5.0  # seconds a connection may take to send it
-_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 DOMAIN = b"shuttle"  # our ZAP domain
+# A member's frame is at most this long, root's MAX_FRAME: enough for the largest IPv4
+# request (50,000 subnets and 50,000 excludes, each a /32 on a port range: 2.6 MB), and it
+# bounds what one member's requests make firewalld decode and hold while they wait.
+MEMBER_MAX_FRAME = 3 * 1024 * 1024
+QUICK_FRAME = 64 * 1024  # a frame longer than this goes to the worker, whatever it is
+# Messages libzmq queues per connection before it stops reading from it (its default is
+# 1,000 of up to MAX_FRAME): a client sends one request at a time. Not 1: libzmq queues the
+# ZAP credentials of a connection as a message too, and with 1 no request ever comes in.
+RCVHWM = 2
+HANDSHAKE_MS = 5000  # a connection silent this long after connecting is dropped by libzmq
+# The first byte of a msgpack array: fixarray, array 16, array 32.
+ARRAY_MARKERS = frozenset(range(0x90, 0xA0)) | {0xDC, 0xDD}
 
 
 def answer(sessions: Sessions, uid: int, payload: bytes, pid: int | None = None) -> bytes:
     """The answer frame to one request frame from uid (process pid). Never raises."""
     try:
-        request_id, request = decode_frame(payload)
+        if len(payload) > QUICK_FRAME:
+            request_id, request = decode_in_pieces(payload)
+        else:
+            request_id, request = decode_frame(payload)
     except RemoteProtocolError as exc:
         log.info("bad request from uid %d: %s", uid, exc)
         return error_frame(request_id_of(payload), f"bad request: {exc}")
@@ -58,11 +87,34 @@ def answer(sessions: Sessions, uid: int, payload: bytes, pid: int | None = None)
         return error_frame(request_id, f"internal error: {type(exc).__name__}: {exc}")
 
 
+def decode_in_pieces(payload: bytes) -> tuple[int, Message]:
+    """decode_frame's answer for a long frame, read one array item at a time: msgpack holds
+    the GIL for a whole value, and a value of 100,000 targets held it long enough to stall
+    the loop's thread; between items the loop gets its turn."""
+    unpacker = new_unpacker(MAX_FRAME, MAX_ITEMS, MAX_FRAME)
+    try:
+        unpacker.feed(payload)
+        values = []
+        while unpacker.tell() < len(payload):
+            values.append(_read_in_pieces(unpacker, payload))
+    except (*unpack_errors(), IndexError) as exc:  # IndexError: an array cut short
+        raise RemoteProtocolError(f"malformed frame: {type(exc).__name__}: {exc}") from None
+    return frame_message(values)
+
+
+def _read_in_pieces(unpacker: Any, payload: bytes) -> Any:
+    if payload[unpacker.tell()] in ARRAY_MARKERS:
+        return tuple(
+            _read_in_pieces(unpacker, payload) for _ in range(unpacker.read_array_header())
+        )
+    return unpacker.unpack()
+
+
 def error_frame(request_id: int, text: str) -> bytes:
     return encode_frame(request_id, ErrorAnswer(text[:MAX_ERROR_TEXT]))
 
 
-def request_id_of(payload: bytes) -> int:
+def request_id_of(payload: bytes | memoryview) -> int:
     """The request id of a frame that failed to decode, so the caller can match the error.
 
     0 when the frame does not even start as [request id, ...].
@@ -78,6 +130,24 @@ def request_id_of(payload: bytes) -> int:
     if type(request_id) is not int or not 0 <= request_id <= MAX_REQUEST_ID:
         return 0
     return request_id
+
+
+def peek(payload: bytes) -> tuple[object, str | None]:
+    """(tag, session) of a request frame, read without decoding the rest: the session is the
+    first field if it is text (the session id of requests that name one). (None, None) if the
+    frame does not even start as [request id, tag, ...]."""
+    unpacker = new_unpacker(MAX_FRAME, MAX_ITEMS, MAX_FRAME)
+    try:
+        unpacker.feed(payload)
+        items = unpacker.read_array_header()
+        if items < 2:
+            return None, None
+        unpacker.skip()  # the request id
+        tag = unpacker.unpack()
+        first = unpacker.unpack() if items > 2 else None
+    except unpack_errors():
+        return None, None
+    return tag, first if type(first) is str else None
 
 
 def caller_uid(frame: zmq.Frame) -> int | None:
@@ -100,9 +170,22 @@ def _property(frame: zmq.Frame, name: str) -> int | None:
 class Server:
     """The listening socket file and the zmq sockets behind it, from bind to removal."""
 
-    def __init__(self, path: str, gid: int, sessions: Sessions) -> None:
+    def __init__(
+        self,
+        path: str,
+        gid: int,
+        sessions: Sessions,
+        max_connections: int = MAX_CONNECTIONS,
+        file_limit: int = 1024,
+    ) -> None:
+        """file_limit: the open file limit in force (see _watch_descriptors)."""
         self.path = path
+        self._gid = gid
         self._sessions = sessions
+        self._file_limit = file_limit
+        self._pause_at, self._resume_at = file_limit * 3 // 4, file_limit * 5 // 8
+        self._paused = False
+        self._worker = Worker(sessions, functools.partial(answer, sessions))
         _prepare_path(path)
         self._context = zmq.Context()
         # The ZAP handler must be bound before the ROUTER accepts anyone.
@@ -115,47 +198,104 @@ class Server:
         self._router.zap_domain = DOMAIN
         # Bigger messages cannot be valid; libzmq drops such a peer before buffering it.
         self._router.maxmsgsize = MAX_FRAME
-        # The socket file appears at bind; the umask keeps it private until chmod below.
-        old_umask = os.umask(0o077)
+        self._router.rcvhwm = RCVHWM
+        self._router.handshake_ivl = HANDSHAKE_MS
+        self._connections = Connections(self._router, path, max_connections)
         try:
-            self._router.bind("ipc://" + path)
+            self._inode = self._listen()
         except zmq.ZMQError as exc:
             self._close_sockets()
             raise StartupError(f"cannot listen on ipc://{path}: {exc}") from None
-        finally:
-            os.umask(old_umask)
-        self._inode = os.stat(path).st_ino
         self._fds: FdServer | None = None
         try:
-            os.chown(path, 0, gid)
-            os.chmod(path, 0o660)
             if sessions.grants.path:
-                self._fds = FdServer(sessions.grants.path, gid, sessions.grants)
+                self._fds = FdServer(sessions.grants.path, gid, sessions.grants, lock=sessions.lock)
         except BaseException:
             self.close()
             raise
 
+    def _listen(self) -> int:
+        """Bind the ROUTER to the socket file, root's and the group's; the file's inode."""
+        # The socket file appears at bind; the umask keeps it private until chmod below.
+        old_umask = os.umask(0o077)
+        try:
+            self._router.bind("ipc://" + self.path)
+        finally:
+            os.umask(old_umask)
+        inode = os.stat(self.path).st_ino
+        os.chown(self.path, 0, self._gid)
+        os.chmod(self.path, 0o660)
+        return inode
+
+    def _watch_descriptors(self) -> None:
+        """Stop listening while three quarters of the open file limit are in use (the caps
+        of main.descriptor_budget keep well below that), and listen again below five eighths.
+        libzmq accepts every connection as it comes, faster than the monitor's news of them,
+        and aborts when accept() meets the limit: so a burst of connections must meet a closed
+        door first. Meanwhile the connections made go on being served."""
+        if not self._paused and self._connections.highest < self._pause_at:
+            return  # the quick answer: descriptors below it were in use, and no more
+        self._connections.highest = 0
+        used = len(os.listdir("/proc/self/fd"))
+        if not self._paused and used >= self._pause_at:
+            self._router.unbind("ipc://" + self.path)
+            self._paused = True
+            log.warning(
+                "%d open files, of %d allowed: not listening on ipc://%s until some "
+                "connections end",
+                used,
+                self._file_limit,
+                self.path,
+            )
+        elif self._paused and used < self._resume_at:
+            try:
+                _prepare_path(self.path)
+                self._inode = self._listen()
+            except (StartupError, zmq.ZMQError, OSError) as exc:
+                log.warning("cannot listen on ipc://%s again yet: %s", self.path, exc)
+                return
+            self._paused = False
+            log.warning("%d open files: listening on ipc://%s again", used, self.path)
+
+    def _serve_connections(self, ready: bool) -> None:
+        """The monitor's events if it has some (ready), with a look at the descriptors every
+        few events, so that a burst cannot outrun it; and one more while not listening."""
+        if ready:
+            while self._connections.serve():
+                self._watch_descriptors()
+        if ready or self._paused:
+            self._watch_descriptors()
+
     def run(self, stopping: Callable[[], bool]) -> None:
-        """Serve until stopping() is true; close expired sessions on the way."""
+        """Serve until stopping() is true; the worker closes expired sessions meanwhile."""
         poller = zmq.Poller()
+        poller.register(self._connections.monitor, zmq.POLLIN)
         poller.register(self._zap, zmq.POLLIN)
         poller.register(self._router, zmq.POLLIN)
-        # Readable when a session's process has exited: expire() below ends the session.
-        poller.register(self._sessions.exits.fileno(), zmq.POLLIN)
+        poller.register(self._worker.fileno(), zmq.POLLIN)
         if self._fds is not None:
             self._fds.register(poller)
-        while not stopping():
-            ready = dict(poller.poll(POLL_MS))
-            if self._zap in ready:
-                self._serve_zap()
-            if self._router in ready:
-                self._serve_requests()
-            if self._fds is not None:
-                for fd in ready:
-                    if isinstance(fd, int):  # zmq.Poller names other sockets by fd
-                        self._fds.serve(fd, poller)
-                self._fds.expire(poller)
-            self._sessions.expire()
+        self._worker.start()
+        try:
+            while not stopping():
+                ready = dict(poller.poll(POLL_MS))
+                # Connections first: a connection over a cap ends before it is served.
+                self._serve_connections(self._connections.monitor in ready)
+                if self._zap in ready:
+                    self._serve_zap()
+                if self._router in ready:
+                    self._serve_requests()
+                if self._worker.fileno() in ready:
+                    for identity, reply in self._worker.answers():
+                        self._send(identity, reply)
+                if self._fds is not None:
+                    for fd in ready:
+                        # zmq.Poller names other sockets by fd
+                        if isinstance(fd, int) and fd != self._worker.fileno():
+                            self._fds.serve(fd, poller)
+                    self._fds.expire(poller)
+        finally:
+            self._worker.stop()
 
     def close(self) -> None:
         """Close the sockets and remove the socket files, if they are still ours."""
@@ -165,6 +305,7 @@ class Server:
         _remove_socket_file(self.path, self._inode)
 
     def _close_sockets(self) -> None:
+        self._connections.close()
         self._router.close()
         self._zap.close()
         self._context.term()
@@ -197,12 +338,38 @@ class Server:
                 log.warning("a request without the caller's uid or pid")  # ZAP runs for everyone
                 reply = error_frame(0, "who are you? no peer credentials")
             else:
-                reply = answer(self._sessions, uid, frames[1].bytes, pid)
-            try:
-                # A ROUTER drops what it cannot deliver (peer gone, queue full): never blocks.
-                self._router.send_multipart([identity, reply], zmq.NOBLOCK)
-            except zmq.ZMQError as exc:
-                log.debug("answer to uid %s not sent: %s", uid, exc)
+                found = self._route(identity, uid, pid, frames[1])
+                if found is None:
+                    continue  # the worker answers
+                reply = found
+            self._send(identity, reply)
+
+    def _route(self, identity: bytes, uid: int, pid: int, frame: zmq.Frame) -> bytes | None:
+        """The answer to a request frame, made here; or None: the worker makes it."""
+        size = len(frame)
+        if uid != 0 and size > MEMBER_MAX_FRAME:  # refused without a copy of it
+            log.info("refused a frame of %d bytes from uid %d", size, uid)
+            return error_frame(
+                request_id_of(frame.buffer),
+                f"bad request: a request of a uid other than root's is at most "
+                f"{MEMBER_MAX_FRAME} bytes, this one is {size}",
+            )
+        payload = frame.bytes
+        tag, session = peek(payload)
+        if len(payload) <= QUICK_FRAME and not requests.is_slow(tag):
+            return answer(self._sessions, uid, payload, pid)
+        refusal = self._worker.submit(Job(identity, uid, payload, session, pid))
+        if refusal is None:
+            return None
+        log.info("refused a request of uid %d: %s", uid, refusal)
+        return error_frame(request_id_of(payload), refusal)
+
+    def _send(self, identity: bytes, reply: bytes) -> None:
+        try:
+            # A ROUTER drops what it cannot deliver (peer gone, queue full): never blocks.
+            self._router.send_multipart([identity, reply], zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            log.debug("an answer was not sent: %s", exc)
 
 
 @dataclass(eq=False)
@@ -228,10 +395,19 @@ class FdServer:
     """
 
     def __init__(
-        self, path: str, gid: int, grants: Grants, clock: Callable[[], float] = time.monotonic
+        self,
+        path: str,
+        gid: int,
+        grants: Grants,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        lock: threading.Lock | None = None,
     ) -> None:
+        """lock: Sessions.lock, held while a token is redeemed and its sockets sent, so that
+        the worker never closes a session's sockets under our feet."""
         self.path = path
         self._grants = grants
+        self._lock = lock if lock is not None else threading.Lock()
         self._clock = clock
         self._waiting: dict[int, Waiting] = {}  # by file descriptor, as the poller says
         _prepare_path(path)
@@ -299,8 +475,8 @@ class FdServer:
             try:
                 conn.setblocking(False)
                 # The kernel's word on who connected, as it was at connect().
-                pid, uid, _gid = _UCRED.unpack(
-                    conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+                pid, uid, _gid = UCRED.unpack(
+                    conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, UCRED.size)
                 )
             except OSError as exc:
                 log.warning("fd socket: no peer credentials: %s", exc)
@@ -340,7 +516,8 @@ class FdServer:
         if len(waiting.token) == TOKEN_LEN:
             self._drop(waiting, poller, close=False)
             try:
-                self._hand_over(conn, waiting)
+                with self._lock:
+                    self._hand_over(conn, waiting)
             finally:
                 conn.close()
 

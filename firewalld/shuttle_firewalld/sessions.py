@@ -5,6 +5,10 @@ the method works here, the scope policy allows the request, the redirect port is
 caller's, the caller has not too many sessions, a reply socket lies inside its session and
 answers a program of a user the session captures, the caller may write host names, the
 caller may see a session.
+
+Two threads use it (server.py): the loop serves quick requests under `lock`; the worker
+thread applies, updates and removes rules, and takes `lock` only to change what the loop
+reads (the open sessions, a session's targets, the tokens), never while a tool runs.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import ipaddress
 import logging
 import secrets
 import socket
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Collection, Mapping
@@ -22,6 +27,7 @@ from typing import Protocol
 from shuttle_protocol.firewall_messages import (
     ANY_OWNER,
     MAX_SESSIONS,
+    MAX_SUBNETS,
     OpenSessionRequest,
     SessionEntry,
 )
@@ -47,6 +53,10 @@ MAX_SESSIONS_PER_UID = 16
 # ones included; one full SetHosts of short names fits.
 MAX_HOSTS_PER_UID = 10_000
 MAX_HOSTS_BYTES_PER_UID = 1024 * 1024
+# Subnets and excludes of one member's sessions together: one session as big as the protocol
+# allows. Each target costs firewalld memory while its session lives (docs/firewalld.md,
+# "Limits"), and sixteen such sessions would cost sixteen times that.
+MAX_TARGETS_PER_UID = 2 * MAX_SUBNETS
 
 
 @dataclass(eq=False)
@@ -133,6 +143,7 @@ class Sessions:
         exits: the watch on the processes that opened sessions (its fileno() belongs in the
         daemon's poller)."""
         self.lease = lease
+        self.lock = threading.Lock()
         self.grants = Grants(fd_path, clock)
         self._fence = fence
         self._udp_sockets = udp_sockets_now
@@ -177,6 +188,7 @@ class Sessions:
         versions = {target.version for target in subnets} | dns_versions
         if not self._methods[method].makes_sockets:  # else the request's port means nothing
             self._check_port(caller, request.port, versions, request.forward, dns_versions)
+        self._check_targets(caller, len(request.subnets) + len(request.excludes))
         owned = sum(1 for session in self._open.values() if session.caller == caller)
         if owned >= MAX_SESSIONS_PER_UID:
             raise RequestError(f"uid {caller} already has {MAX_SESSIONS_PER_UID} sessions open")
@@ -213,7 +225,8 @@ class Sessions:
         # The lease starts once the rules are in: applying 10,000 of them takes a while.
         session.opened = self._clock()
         session.deadline = session.opened + self.lease
-        self._open[session_id] = session
+        with self.lock:
+            self._open[session_id] = session
         self._changed()
         log.info(
             "session %s opened by uid %d (pid %s): %s to port %d, %d subnets, %d excludes, "
@@ -293,6 +306,7 @@ class Sessions:
         refusal = self._policy.check(session.caller, session.uid, session.forward)
         if refusal is not None:  # group membership counts as it is now, as for open()
             raise RequestError(refusal)
+        self._check_targets(session.caller, len(subnets) + len(excludes), session)
         new_subnets, new_excludes = _targets(subnets), _targets(excludes)
         dns_versions = {address.version for address in session.dns}
         versions = {target.version for target in new_subnets} | dns_versions
@@ -302,7 +316,14 @@ class Sessions:
         if not method.makes_sockets:
             self._check_port(session.caller, session.port, versions, session.forward, dns_versions)
         rules = method.update(session, new_subnets, new_excludes)
-        session.subnets, session.excludes, session.rules = new_subnets, new_excludes, rules
+        # Freed after the lock, not under it: 100,000 targets take a while to free.
+        old = session.subnets, session.excludes
+        with self.lock:  # a reply socket's check reads subnets and excludes together
+            session.subnets, session.excludes, session.rules = new_subnets, new_excludes, rules
+            # As after open: applying many rules takes a while, and the caller's heartbeat
+            # waits.
+            self.renew(session)
+        del old
         # A reply socket answers only from a destination the session still captures.
         uncaptured = [
             flow
@@ -313,8 +334,6 @@ class Sessions:
         ]
         if uncaptured and self._fence is not None:
             self._fence.forget_flows(session, uncaptured)
-        # As after open: applying many rules takes a while, and the caller's heartbeat waits.
-        self.renew(session)
         log.info(
             "session %s of uid %d updated: %d subnets, %d excludes, %d %s rules",
             session.short_id,
@@ -325,6 +344,20 @@ class Sessions:
             session.method,
         )
         return rules
+
+    def _check_targets(self, caller: int, count: int, replaced: Session | None = None) -> None:
+        """RequestError if a member's sessions would hold more than MAX_TARGETS_PER_UID
+        targets with count more (instead of those of replaced); root is not counted."""
+        held = sum(
+            len(other.subnets) + len(other.excludes)
+            for other in self._open.values()
+            if other.caller == caller and other is not replaced
+        )
+        if caller != 0 and held + count > MAX_TARGETS_PER_UID:
+            raise RequestError(
+                f"uid {caller}'s sessions would hold {held + count} subnets and excludes, "
+                f"over {MAX_TARGETS_PER_UID}"
+            )
 
     def renew(self, session: Session) -> None:
         session.deadline = self._clock() + self.lease
@@ -418,6 +451,12 @@ class Sessions:
 
     def close(self, session: Session, why: str) -> None:
         """Forget the session and remove its rules; never raises."""
+        with self.lock:
+            self._forget(session)
+        self._remove(session, why)
+
+    def _forget(self, session: Session) -> None:
+        """Under the lock: the loop no longer finds the session, nor hands its sockets over."""
         if self._open.pop(session.id, None) is not None:
             self._changed()
         self.exits.forget(session.id)
@@ -425,6 +464,9 @@ class Sessions:
             self.grants.revoke(session)  # closes the reply sockets not fetched yet
         except Exception:
             log.exception("revoking the tokens of session %s failed", session.short_id)
+
+    def _remove(self, session: Session, why: str) -> None:
+        """Remove the rules and hosts block of a session forgotten already; never raises."""
         try:
             self._methods[session.method].remove(session)
         except Exception:  # a method must not raise here; if it does, the others still go
@@ -450,19 +492,26 @@ class Sessions:
         except Exception:  # only a report: whatever happened to the session stands
             log.exception("reporting the number of sessions failed")
 
-    def expire(self) -> int:
-        """Close every session whose lease has run out or whose opener has exited; return
-        how many."""
-        # A session still being applied is not open yet: it is closed once it is.
-        ended = [self._open[key] for key in self.exits.exited() if key in self._open]
-        for session in ended:
-            self.close(session, f"ended: its process (pid {session.pid}) exited")
-        now = self._clock()
-        expired = [session for session in self._open.values() if session.deadline <= now]
-        for session in expired:
-            self.close(session, f"expired (no heartbeat for {self.lease:g} s)")
-        self.grants.expire()
-        return len(ended) + len(expired)
+    def expire(self, busy: Collection[str] = ()) -> int:
+        """Close every session whose lease has run out or whose opener has exited, except
+        those with a request waiting or being applied (ids in busy: the request ends by
+        renewing the lease, or the session); return how many."""
+        with self.lock:  # chosen and forgotten at once: a heartbeat comes before, or too late
+            exited = set(self.exits.exited())
+            now = self._clock()
+            ended = [
+                (session, f"ended: its process (pid {session.pid}) exited")
+                if session.id in exited
+                else (session, f"expired (no heartbeat for {self.lease:g} s)")
+                for session in self._open.values()
+                if session.id not in busy and (session.id in exited or session.deadline <= now)
+            ]
+            for session, _ in ended:
+                self._forget(session)
+            self.grants.expire()
+        for session, why in ended:
+            self._remove(session, why)
+        return len(ended)
 
     def close_all(self, why: str) -> None:
         for session in list(self._open.values()):

@@ -3,7 +3,7 @@
 Used between client and firewalld and on the control sockets. Answers echo the request's id.
 """
 
-from typing import Tuple
+from typing import Any, List, Tuple
 
 import msgpack
 
@@ -39,6 +39,12 @@ def decode_frame(data: bytes) -> Tuple[int, Message]:
         values = list(unpacker)
     except unpack_errors() as exc:
         raise RemoteProtocolError(f"malformed frame: {type(exc).__name__}: {exc}") from None
+    return frame_message(values)
+
+
+def frame_message(values: List[Any]) -> Tuple[int, Message]:
+    """(request id, message) from the values a frame decoded to (one, if it is well formed):
+    decode_frame's second half, for a caller that unpacks in its own way."""
     if len(values) != 1:
         raise RemoteProtocolError(f"a frame holds one value, this one {len(values)}")
     value = values[0]

@@ -21,6 +21,7 @@ from shuttle_firewalld import server
 from shuttle_firewalld.errors import RequestError
 from shuttle_firewalld.handover import (
     MAX_TOKENS_PER_SESSION,
+    MAX_TOKENS_PER_UID,
     TOKEN_LIFETIME,
     Grants,
     HandoverRefused,
@@ -160,6 +161,33 @@ def test_tokens_per_session_are_bounded(grants: Grants) -> None:
     grants.issue(session, udp())
     grants.revoke(session)
     grants.revoke(other)
+    assert len(grants) == 0
+
+
+def test_tokens_per_uid_and_in_all_are_bounded(clock: FakeClock) -> None:
+    """One member's sessions together, and all members together, hold a bounded number of
+    reply sockets here: each one is a file descriptor of firewalld's."""
+    grants = Grants("/run/x.fds", clock, max_tokens=MAX_TOKENS_PER_UID + 2)
+    sessions = [make_session() for _ in range(MAX_TOKENS_PER_UID // MAX_TOKENS_PER_SESSION + 1)]
+    for number, session in enumerate(sessions):
+        session.id = f"{number:032x}"
+    for session in sessions[:-1]:
+        for _ in range(MAX_TOKENS_PER_SESSION):
+            grants.issue(session, udp())
+    extra = udp()
+    with pytest.raises(RequestError, match=f"uid 1000 has {MAX_TOKENS_PER_UID} tokens"):
+        grants.issue(sessions[-1], extra)  # a session of its own, and still refused
+    assert extra.fileno() == -1
+    stranger = make_session()
+    stranger.id, stranger.caller = "e" * 32, 1001
+    grants.issue(stranger, udp())  # another uid has its own count
+    grants.issue(stranger, udp())
+    with pytest.raises(RequestError, match=f"firewalld holds {MAX_TOKENS_PER_UID + 2} sockets"):
+        grants.issue(stranger, udp())
+    grants.revoke(sessions[0])
+    grants.issue(sessions[-1], udp())  # room again, for both counts
+    for session in [*sessions, stranger]:
+        grants.revoke(session)
     assert len(grants) == 0
 
 

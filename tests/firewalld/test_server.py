@@ -22,8 +22,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from shuttle_client.firewall_session import FirewallError, FirewallSession
-from shuttle_firewalld.server import answer, request_id_of
+from shuttle_firewalld.server import QUICK_FRAME, answer, decode_in_pieces, peek, request_id_of
 from shuttle_firewalld.sessions import Sessions
+from shuttle_protocol.errors import RemoteProtocolError
 from shuttle_protocol.firewall_messages import (
     CloseSessionAnswer,
     CloseSessionRequest,
@@ -31,6 +32,7 @@ from shuttle_protocol.firewall_messages import (
     ListSessionsAnswer,
     ListSessionsRequest,
     OpenSessionAnswer,
+    UpdateSessionRequest,
 )
 from shuttle_protocol.frames import MAX_FRAME, decode_frame, encode_frame
 from shuttle_protocol.schema import Message
@@ -191,6 +193,46 @@ def test_any_fields_under_any_tag_get_an_answer_with_the_id(
     got_id, reply = answer_to(any_port_sessions(), pack([request_id, tag, *fields]))
     assert got_id == request_id
     assert isinstance(reply, (ErrorAnswer, OpenSessionAnswer, ListSessionsAnswer))
+
+
+def decoded(decode: Callable[[bytes], tuple[int, Message]], payload: bytes) -> object:
+    """What decode makes of payload: its result, or that it refused it."""
+    try:
+        return decode(payload)
+    except RemoteProtocolError:
+        return "refused"
+
+
+@settings(max_examples=300, deadline=None)
+@given(request_id=st.integers(min_value=0, max_value=2**63 - 1), fields=st.lists(wire_values))
+def test_a_long_frame_read_in_pieces_is_read_as_decode_frame_reads_it(
+    request_id: int, fields: list[Any]
+) -> None:
+    for tag in (66, 79):  # HeartbeatRequest, UpdateSessionRequest
+        payload = pack([request_id, tag, *fields])
+        assert decoded(decode_in_pieces, payload) == decoded(decode_frame, payload)
+
+
+def test_the_largest_update_is_read_in_pieces_alike() -> None:
+    subnets = tuple((f"10.{i // 256}.{i % 256}.0/24", 1, 65535) for i in range(50_000))
+    request = UpdateSessionRequest("a" * 32, subnets, subnets[:1])
+    payload = encode_frame(5, request)
+    assert len(payload) > QUICK_FRAME
+    assert decode_in_pieces(payload) == (5, request)
+    for bad, _ in BAD_FRAMES:  # and every bad frame is as bad
+        assert decoded(decode_in_pieces, bad) == decoded(decode_frame, bad) == "refused"
+
+
+def test_peek_reads_the_tag_and_session_only() -> None:
+    assert peek(encode_frame(5, UpdateSessionRequest("a" * 32, (tuple(ALL),), ()))) == (
+        79,
+        "a" * 32,
+    )
+    assert peek(encode_frame(6, ListSessionsRequest())) == (77, None)
+    assert peek(encode_frame(7, OPEN)) == (64, "nat")  # a first field, not a session
+    assert peek(pack([8, 66, 1234])) == (66, None)
+    for payload in (b"", b"\xc1", pack([5]), pack({"id": 1})):
+        assert peek(payload) == (None, None)
 
 
 def test_list_sessions_with_no_fields_is_answered(sessions: Sessions) -> None:

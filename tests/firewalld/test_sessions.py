@@ -16,7 +16,12 @@ from shuttle_client.firewall_session import FirewallError, FirewallSession, Fire
 from shuttle_firewalld.errors import RequestError
 from shuttle_firewalld.policy import Policy
 from shuttle_firewalld.ports import Listener as ListeningSocket
-from shuttle_firewalld.sessions import MAX_SESSIONS_PER_UID, Session, Sessions
+from shuttle_firewalld.sessions import (
+    MAX_SESSIONS_PER_UID,
+    MAX_TARGETS_PER_UID,
+    Session,
+    Sessions,
+)
 from shuttle_firewalld.sockdiag import SockDiagError
 from shuttle_protocol.firewall_messages import (
     MAX_SESSIONS,
@@ -144,6 +149,25 @@ def test_sessions_per_uid_are_capped(sessions: Sessions, method: FakeMethod) -> 
         open_one(sessions)
     open_one(sessions, uid=0, port=12301)  # another uid has its own count
     assert len(method.applied) == MAX_SESSIONS_PER_UID + 1
+
+
+def test_a_members_sessions_hold_a_bounded_number_of_targets(
+    sessions: Sessions, method: FakeMethod
+) -> None:
+    """Each target costs firewalld memory while its session lives: sixteen sessions of a
+    member hold together no more than one session of the protocol's largest."""
+    half = [f"10.{i // 256}.{i % 256}.0/24" for i in range(MAX_TARGETS_PER_UID // 2)]
+    first = sessions.open(1000, open_request(subnets=tuple(half)))
+    refused = f"uid 1000's sessions would hold {MAX_TARGETS_PER_UID + 1} subnets and excludes"
+    with pytest.raises(RequestError, match=refused):
+        sessions.open(1000, open_request(subnets=tuple(half), excludes=("10.0.0.0/24",)))
+    second = sessions.open(1000, open_request(subnets=tuple(half)))
+    update = tuple(map(target, ["10.0.0.0/8", "10.0.0.0/24"]))
+    with pytest.raises(RequestError, match=refused):
+        sessions.update(second, (*map(target, half), update[0]), ())
+    assert sessions.update(first, update[:1], update[1:]) == 2  # its own targets are replaced
+    sessions.open(0, open_request(port=12301, subnets=tuple(half)))  # root's are not counted
+    assert len(method.applied) == 3
 
 
 def test_a_failed_apply_registers_nothing(sessions: Sessions, method: FakeMethod) -> None:
