@@ -1,8 +1,8 @@
-"""Fixtures for the integration tests: the user venv (once per session), a fresh test network
-per test, and shuttle-firewalld running in it. Everything is torn down even when a test fails,
-and a test whose clients leave a shuttle table or chain behind fails, as does one that leaves
-an `ip rule` with a fwmark or a routing table that the client host did not have before
-(the tproxy method's policy routing).
+"""Fixtures for the integration tests: the user venv (once per run, shared by the parallel
+workers), a fresh test network per test, and shuttle-firewalld running in it. Everything is
+torn down even when a test fails, and a test whose clients leave a shuttle table or chain
+behind fails, as does one that leaves an `ip rule` with a fwmark or a routing table that the
+client host did not have before (the tproxy method's policy routing).
 """
 
 from __future__ import annotations
@@ -62,13 +62,10 @@ def second_user(local_user: LocalUser) -> LocalUser:
 
 
 @pytest.fixture(scope="session")
-def user_venv(local_user: LocalUser) -> Iterator[UserVenv]:
-    """The four packages, installed (not editable) where the test user can run them."""
-    venv = UserVenv.build()
-    try:
-        yield venv
-    finally:
-        venv.remove()
+def user_venv(local_user: LocalUser, shared_dir: Path) -> UserVenv:
+    """The four packages, installed (not editable) where the test user can run them; one venv
+    for all the run's workers, removed with the shared directory."""
+    return UserVenv.shared(shared_dir)
 
 
 @pytest.fixture
