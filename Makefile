@@ -6,8 +6,14 @@ PYTHON ?= /usr/bin/python3
 PY := $(VENV)/bin/python
 APT_PACKAGES := iproute2 iptables nftables openssh-server openssh-client curl iperf3 \
 	dnsutils dnsmasq-base procps util-linux strace systemd python3 python3-venv
-TOOLS := pytest hypothesis ruff mypy atheris
+TOOLS := pytest pytest-xdist hypothesis ruff mypy atheris
 PACKAGES := protocol agent firewalld client
+# The tests run in parallel workers (pytest-xdist). Most of their time is spent waiting on
+# processes and the network in namespaces, so more workers than cores pay off; worksteal
+# lets an idle worker take tests queued on a busy one (the integration tests come in a block).
+# PYTEST_JOBS=0 runs them in one process (for -s, --pdb or a single test).
+PYTEST_JOBS ?= 4
+PARALLEL := -n $(PYTEST_JOBS) --dist worksteal
 
 .PHONY: install apt test lint unit integration demo bench clean
 
@@ -20,7 +26,8 @@ apt:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
 
-$(VENV)/.installed: $(addsuffix /pyproject.toml,$(PACKAGES))
+# After the Makefile: a venv made before a tool was added to TOOLS gets it.
+$(VENV)/.installed: $(addsuffix /pyproject.toml,$(PACKAGES)) Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(addprefix -e ./,$(PACKAGES)) $(TOOLS)
@@ -33,13 +40,13 @@ lint: install
 		client/shuttle_client testbed bench
 
 unit: install
-	$(PY) -m pytest -m "not integration and not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not integration and not slow" $(PARALLEL) $(PYTEST_ARGS)
 
 integration: install
-	$(PY) -m pytest -m "integration and not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "integration and not slow" $(PARALLEL) $(PYTEST_ARGS)
 
 test: lint
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow" $(PARALLEL) $(PYTEST_ARGS)
 
 demo: install
 	$(PY) -m testbed.demo

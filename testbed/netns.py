@@ -74,6 +74,13 @@ class Namespace:
             return []
         return [int(word) for word in out.split() if word.isdigit()]
 
+    def has_link_local(self, dev: str) -> bool:
+        """Whether dev has its IPv6 link-local address, past duplicate address detection (the
+        kernel adds it, with its route in the local table, a while after the link is up)."""
+        argv = ["ip", "-n", self.name, "-6", "-o", "addr", "show", "dev", dev, "scope", "link"]
+        out = run(argv, timeout=10, check=True).stdout
+        return any("tentative" not in line for line in out.splitlines())
+
     def listeners(self, port: int, udp: bool = False) -> List[str]:
         """The local addresses (as ss shows them) of TCP sockets listening on port here, or
         with udp of UDP sockets bound to it."""

@@ -56,7 +56,7 @@ from testbed.config import (
     url_host,
 )
 from testbed.netns import Namespace, list_namespaces, remove_stale
-from testbed.procs import Proc, run
+from testbed.procs import Proc, run, wait_until
 from testbed.user import LocalUser, ensure_second_user, ensure_user
 
 _counter = itertools.count()
@@ -74,6 +74,22 @@ SSH_OPTIONS = (
     "BatchMode=yes",
 )
 
+
+FORWARDING = (
+    "net.ipv4.ip_forward",
+    "net.ipv4.conf.all.forwarding",
+    "net.ipv6.conf.all.forwarding",
+    "net.ipv6.conf.default.forwarding",
+)
+# What state() lists of each namespace, beside its processes and sysctls.
+STATE_COMMANDS = (
+    ("ip", "-o", "addr"),
+    ("ip", "-4", "route", "show", "table", "all"),
+    ("ip", "-6", "route", "show", "table", "all"),
+    ("ip", "-4", "rule"),
+    ("ip", "-6", "rule"),
+    ("nft", "list", "ruleset"),  # iptables here is iptables-nft: its tables are listed too
+)
 
 RUN_DIR_PREFIX = "shuttle-testbed-"
 STALE_DIR_RE = re.compile(r"^shuttle-(?:testbed|venv)-(\d+)-")
@@ -231,28 +247,33 @@ class Topology:
         self.s.ip(
             "link", "add", "to-t", "type", "veth", "peer", "name", "to-s", "netns", self.t.name
         )
-        for ns, dev, addr, addr6 in (
+        links = (
             (self.c, "to-s", C_ADDR, C_ADDR6),
             (self.s, "to-c", S_ADDR_C, S_ADDR6_C),
             (self.s, "to-t", S_ADDR_T, S_ADDR6_T),
             (self.t, "to-s", T_ADDR, T_ADDR6),
             (self.t, "to-s", T_ADDR2, T_ADDR6_2),
-        ):
+        )
+        for ns, dev, addr, addr6 in links:
             ns.ip("addr", "add", f"{addr}/{PREFIX_LEN}", "dev", dev)
             # nodad: no duplicate address detection, so the address is usable at once; no DAD
             # on the link either, so its link-local address (neighbour discovery's) is too.
             ns.ip("-6", "addr", "add", f"{addr6}/{PREFIX_LEN6}", "dev", dev, "nodad")
             ns.sysctl(f"net.ipv6.conf.{dev}.accept_dad", "0")
             ns.ip("link", "set", dev, "up")
+        # Complete when a test gets it: every link with its link-local address, which the
+        # kernel adds on its own once both ends are up (so two looks at it see the same).
+        if not wait_until(
+            lambda: all(ns.has_link_local(dev) for ns, dev, _, _ in links), 10, interval=0.05
+        ):
+            raise RuntimeError("the test network's links got no link-local address in 10 s")
         self.c.ip("route", "add", "default", "via", S_ADDR_C)
         self.t.ip("route", "add", "default", "via", S_ADDR_T)
         self.c.ip("-6", "route", "add", "default", "via", S_ADDR6_C)
         self.t.ip("-6", "route", "add", "default", "via", S_ADDR6_T)
         # The point of the topology: S must not route C's packets to T, in either family.
-        self.s.sysctl("net.ipv4.ip_forward", "0")
-        self.s.sysctl("net.ipv4.conf.all.forwarding", "0")
-        self.s.sysctl("net.ipv6.conf.all.forwarding", "0")
-        self.s.sysctl("net.ipv6.conf.default.forwarding", "0")
+        for key in FORWARDING:
+            self.s.sysctl(key, "0")
 
     # --- running things ------------------------------------------------------------------
 
@@ -410,6 +431,23 @@ class Topology:
         return self.tcptool(
             "udp-silent", host, str(port), "--wait", str(wait), timeout=wait, ns=ns, user=user
         )
+
+    def state(self) -> Dict[str, str]:
+        """What of this network a test could change and a later test would see, as text: each
+        namespace's processes, addresses, routes, policy rules, firewall, forwarding and own
+        /etc files, and the files in the users' directories. The same state as right after
+        build() means a test left the network as it found it."""
+        found: Dict[str, str] = {}
+        for ns in self.namespaces:
+            found[f"{ns.name} pids"] = " ".join(map(str, sorted(ns.pids())))
+            for argv in (*STATE_COMMANDS, ("sysctl", *FORWARDING)):
+                found[f"{ns.name} {' '.join(argv)}"] = ns.run(argv, timeout=15, check=True).stdout
+            for path in sorted(ns.etc.glob("*")):  # T has no such directory
+                found[f"{ns.name} {path}"] = path.read_text()
+        for files in self.files.values():
+            paths = sorted(str(path) for path in files.dir.rglob("*"))
+            found[f"files of {files.user.name}"] = "\n".join(paths)
+        return found
 
     # --- teardown ------------------------------------------------------------------------
 

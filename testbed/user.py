@@ -9,7 +9,14 @@ from pathlib import Path
 from typing import List, Mapping, Sequence
 
 from testbed.config import USER2_NAME, USER_NAME
+from testbed.locks import locked
 from testbed.procs import run
+
+# Held while an account is checked and changed: parallel test workers (pytest -n) and
+# concurrent runs all call ensure_user at once, and useradd/usermod racing each other fail on
+# the lock of /etc/passwd, or one sees the account before the other has set its password.
+# Under /run, which only root may write: no other user can plant the file.
+ACCOUNTS_LOCK = Path("/run/shuttle-testbed-accounts.lock")
 
 
 @dataclass(frozen=True)
@@ -55,6 +62,11 @@ def ensure_user(name: str = USER_NAME, groups: Sequence[str] = ()) -> LocalUser:
     The account's password is set to '*' (no password can match) rather than useradd's '!':
     with UsePAM no, sshd treats '!' as a locked account and refuses even key logins.
     """
+    with locked(ACCOUNTS_LOCK, timeout=120):
+        return _ensure_user(name, groups)
+
+
+def _ensure_user(name: str, groups: Sequence[str]) -> LocalUser:
     try:
         pwd.getpwnam(name)
     except KeyError:

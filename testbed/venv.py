@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from testbed.config import PACKAGES, SYSTEM_PYTHON
+from testbed.locks import locked
 from testbed.procs import run
 
 REPO = Path(__file__).resolve().parent.parent
@@ -43,29 +44,46 @@ class UserVenv:
         root = Path(tempfile.mkdtemp(prefix=f"shuttle-venv-{os.getpid()}-"))
         venv = cls(root)
         try:
-            root.chmod(0o755)
-            src = root / "src"
-            for package in PACKAGES:
-                shutil.copytree(repo / package, src / package, ignore=IGNORE)
-            run([SYSTEM_PYTHON, "-m", "venv", str(venv.path)], timeout=120, check=True)
-            run(
-                [
-                    str(venv.bin / "pip"),
-                    "install",
-                    "--quiet",
-                    "--no-input",
-                    *(str(src / package) for package in PACKAGES),
-                ],
-                timeout=timeout,
-                check=True,
-                cwd=root,
-            )
-            shutil.rmtree(src)
-            _open_up(root)
+            venv._install(repo, timeout)
         except BaseException:
             venv.remove()
             raise
         return venv
+
+    @classmethod
+    def shared(cls, root: Path, repo: Path = REPO, timeout: float = 900) -> UserVenv:
+        """The venv in root (a directory its owner removes), built by the first process that
+        asks; the parallel workers of a test run share one instead of each building its own.
+        """
+        with locked(root / "lock", timeout=timeout + 60):
+            venv = cls(root)
+            built = root / "built"
+            if not built.exists():
+                venv._install(repo, timeout)  # after a failed attempt: on its leftovers
+                built.touch()
+            return venv
+
+    def _install(self, repo: Path, timeout: float) -> None:
+        self.root.chmod(0o755)
+        src = self.root / "src"
+        shutil.rmtree(src, ignore_errors=True)
+        for package in PACKAGES:
+            shutil.copytree(repo / package, src / package, ignore=IGNORE)
+        run([SYSTEM_PYTHON, "-m", "venv", "--clear", str(self.path)], timeout=120, check=True)
+        run(
+            [
+                str(self.bin / "pip"),
+                "install",
+                "--quiet",
+                "--no-input",
+                *(str(src / package) for package in PACKAGES),
+            ],
+            timeout=timeout,
+            check=True,
+            cwd=self.root,
+        )
+        shutil.rmtree(src)
+        _open_up(self.root)
 
     def program(self, name: str) -> str:
         return str(self.bin / name)

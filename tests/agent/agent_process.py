@@ -6,6 +6,7 @@ import secrets
 import select
 import shutil
 import subprocess
+import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -117,6 +118,29 @@ class Namespace:
         subprocess.run(
             ["ip", "-n", self.name, *args], input=stdin, text=True, check=True, timeout=30
         )
+
+    def wait_link_locals(self, links: Sequence[str], timeout: float = STUCK) -> None:
+        """Wait until each of links has its IPv6 link-local address, past duplicate address
+        detection: the kernel adds it (and its route in the local table) a while after the
+        link comes up, so until then two reads of the routes may differ."""
+        deadline = time.monotonic() + timeout
+        for _ in range(int(timeout / 0.05) + 2):
+            if set(links) <= self._settled_link_locals() or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        if not set(links) <= self._settled_link_locals():
+            raise AssertionError(f"no settled link-local address on {links} in {self.name}")
+
+    def _settled_link_locals(self) -> "set[str]":
+        """The links that have a link-local address no longer tentative."""
+        out = subprocess.run(
+            ["ip", "-n", self.name, "-6", "-o", "addr", "show", "scope", "link"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout
+        return {line.split()[1] for line in out.splitlines() if "tentative" not in line}
 
     def read(self, path: str) -> str:
         """A file as processes in the namespace see it (/proc/net/route, say)."""

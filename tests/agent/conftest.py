@@ -49,6 +49,7 @@ def netns() -> Iterator[Namespace]:
         namespace.ip("link", "set", "v1", "up")
         namespace.ip("address", "add", "10.9.0.1/24", "dev", "v0")
         namespace.ip("-6", "address", "add", "2001:db8:9::1/64", "dev", "v0", "nodad")
+        namespace.wait_link_locals(["v0", "v1"])
         yield namespace
     finally:
         namespace.remove()

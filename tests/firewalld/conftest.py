@@ -12,6 +12,7 @@ import ipaddress
 import json
 import os
 import secrets
+import select
 import shutil
 import signal
 import socket
@@ -41,6 +42,7 @@ FIREWALLD = str(VENV_BIN / "shuttle-firewalld")
 IP = shutil.which("ip") or "/usr/sbin/ip"
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 WAIT = 10.0  # the longest any test waits for the daemon to do something
+LEASE = 60.0  # the daemon's lease unless a test asks for another
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = WAIT) -> bool:
@@ -423,17 +425,43 @@ class Daemon:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
-            text=True,
             env=env,
         )
-        self.lines: list[str] = []
+        assert self.proc.stderr is not None
+        self._stderr = self.proc.stderr.fileno()
+        os.set_blocking(self._stderr, False)
+        self._output = bytearray()
+        self._ended = False
+        self._lock = threading.Lock()
+        # Keeps the pipe drained while nobody looks, so a chatty daemon never blocks on it.
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
+    def _drain(self) -> None:
+        """Take in what the pipe holds now (with the lock held: chunks stay in order)."""
+        while not self._ended:
+            try:
+                chunk = os.read(self._stderr, 65536)
+            except BlockingIOError:
+                return
+            self._output += chunk
+            self._ended = not chunk
+
     def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.lines.append(line.rstrip("\n"))
+        poller = select.poll()
+        poller.register(self._stderr, select.POLLIN)
+        while not self._ended:
+            poller.poll()
+            with self._lock:
+                self._drain()
+
+    @property
+    def lines(self) -> list[str]:
+        """Every line the daemon wrote before this call: what it logged before it answered a
+        request is here once the answer is in, however far behind the reader thread is."""
+        with self._lock:
+            self._drain()
+            return self._output.decode(errors="replace").splitlines()
 
     @property
     def log(self) -> str:
@@ -463,13 +491,16 @@ def start_firewalld(netns: str, socket_dir: Path) -> Iterator[Callable[..., Daem
     """Start shuttle-firewalld in the namespace and wait until it listens.
 
     Its policy file is socket_dir/firewalld.policy, and its hosts file socket_dir/hosts
-    (never the system's /etc/hosts): each missing unless a test writes it.
+    (never the system's /etc/hosts): each missing unless a test writes it. The lease is long
+    unless a test asks for a short one (the tests of expiry do): on a loaded machine (the
+    suite runs in parallel workers) a session that nothing renews must not expire between
+    two steps of a test about something else.
     """
     daemons: list[Daemon] = []
 
     def start(
         group: str = "root",
-        lease: float = 2,
+        lease: float = LEASE,
         env: dict[str, str] | None = None,
         wrap: Sequence[str] = (),
     ) -> Daemon:

@@ -779,7 +779,8 @@ def test_lease_expiry_removes_the_block(
     try:
         # No heartbeats: the lease runs out, and the block goes with the session.
         assert wait_until(lambda: daemon.hosts_file.read_bytes() == admin_hosts, WAIT)
-        assert f"session {session[:12]} of uid 0 expired" in daemon.log
+        # Logged after the block went (close() logs last): waited for, not read at once.
+        daemon.wait_for_line(f"shuttle-firewalld: session {session[:12]} of uid 0 expired")
     finally:
         close_session(client)
 

@@ -1,17 +1,18 @@
-"""Fixtures for the integration tests: the user venv (once per session), a fresh test network
-per test, and shuttle-firewalld running in it. Everything is torn down even when a test fails,
-and a test whose clients leave a shuttle table or chain behind fails, as does one that leaves
-an `ip rule` with a fwmark or a routing table that the client host did not have before
-(the tproxy method's policy routing).
+"""Fixtures for the integration tests: the user venv (once per run, shared by the parallel
+workers), a fresh test network per test, and shuttle-firewalld running in it. Everything is
+torn down even when a test fails, and a test whose clients leave a shuttle table or chain
+behind fails, as does one that leaves an `ip rule` with a fwmark or a routing table that the
+client host did not have before (the tproxy method's policy routing).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Iterator
+from typing import Dict, Iterator, Optional
 
 import pytest
 
@@ -29,6 +30,7 @@ from testbed import (  # noqa: E402
     ensure_second_user,
     ensure_user,
 )
+from testbed.procs import wait_until  # noqa: E402
 
 TOOLS = (
     "ip",
@@ -62,20 +64,75 @@ def second_user(local_user: LocalUser) -> LocalUser:
 
 
 @pytest.fixture(scope="session")
-def user_venv(local_user: LocalUser) -> Iterator[UserVenv]:
-    """The four packages, installed (not editable) where the test user can run them."""
-    venv = UserVenv.build()
+def user_venv(local_user: LocalUser, shared_dir: Path) -> UserVenv:
+    """The four packages, installed (not editable) where the test user can run them; one venv
+    for all the run's workers, removed with the shared directory."""
+    return UserVenv.shared(shared_dir)
+
+
+class SharedNetwork:
+    """One test network that the tests of a module take in turn: each gets it as it was built.
+
+    A test that leaves it otherwise (Topology.state differs once its processes have had time
+    to end), or that fails, has it torn down after it; the next test gets a fresh one. So only
+    modules whose tests leave nothing gain: a shuttle client leaves its runtime directory, and
+    the nat method iptables' empty nat table, which cost a wait and a rebuild after each test.
+    """
+
+    def __init__(self, user: LocalUser, user2: LocalUser):
+        self.user = user
+        self.user2 = user2
+        self._stack = contextlib.ExitStack()
+        self._topology: Optional[Topology] = None
+        self._built: Dict[str, str] = {}
+
+    def take(self) -> Topology:
+        if self._topology is None:
+            self._topology = self._stack.enter_context(Topology.up(self.user, self.user2))
+            self._built = self._topology.state()
+        return self._topology
+
+    def give_back(self, passed: bool) -> None:
+        topology = self._topology
+        if topology is None:
+            return
+        if not passed or not wait_until(lambda: topology.state() == self._built, 5, 0.2):
+            self.close()
+
+    def close(self) -> None:
+        """Tear the network down (raises, as Topology.up does, if anything is left)."""
+        self._topology = None
+        stack, self._stack = self._stack, contextlib.ExitStack()
+        stack.close()
+
+
+@pytest.fixture(scope="module")
+def shared_network(local_user: LocalUser, second_user: LocalUser) -> Iterator[SharedNetwork]:
+    network = SharedNetwork(local_user, second_user)
     try:
-        yield venv
+        yield network
     finally:
-        venv.remove()
+        network.close()
 
 
 @pytest.fixture
-def topo(local_user: LocalUser, second_user: LocalUser) -> Iterator[Topology]:
-    """A fresh test network; its teardown fails the test if anything is left behind."""
-    with Topology.up(local_user, second_user) as topology:
-        yield topology
+def topo(
+    request: pytest.FixtureRequest, local_user: LocalUser, second_user: LocalUser
+) -> Iterator[Topology]:
+    """A fresh test network; its teardown fails the test if anything is left behind.
+
+    In a module marked shared_network, whose tests only look at the network, the tests take
+    turns on one network instead (SharedNetwork): each finds it as built, and building one per
+    test was most of such a test's time.
+    """
+    if request.node.get_closest_marker("shared_network") is None:
+        with Topology.up(local_user, second_user) as topology:
+            yield topology
+        return
+    network: SharedNetwork = request.getfixturevalue("shared_network")
+    failed = request.session.testsfailed
+    yield network.take()
+    network.give_back(passed=request.session.testsfailed == failed)
 
 
 @pytest.fixture(params=METHODS)

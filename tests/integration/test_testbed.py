@@ -27,7 +27,7 @@ from testbed.config import C_ADDR6, OWN_RANGE6, S_ADDR6_T, check_ours, url_host
 from testbed.netns import list_namespaces
 from testbed.topology import curl_argv
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.shared_network]
 
 TARGETS = [T_ADDR, T_ADDR2, T_ADDR6, T_ADDR6_2]
 

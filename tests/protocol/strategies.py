@@ -6,6 +6,7 @@ a new message type without a strategy, an example or bad values makes a test fai
 
 import ipaddress
 import math
+import re
 import string
 from typing import Any, Callable, Dict, List, Tuple, Type
 from unittest import mock
@@ -855,9 +856,10 @@ def replace_field(cls: Type[Message], field: str, value: Any) -> Tuple[Any, ...]
 
 
 def show(value: Any) -> str:
-    """A short test id for any value (repr of a huge int raises ValueError)."""
+    """A short test id for any value (repr of a huge int raises ValueError), the same in every
+    process: the parallel workers (pytest -n) must collect the same ids, so no address."""
     try:
-        shown = repr(value)
+        shown = re.sub(r" at 0x[0-9a-f]+", "", repr(value))
     except ValueError:
         return "huge-int"
     if len(shown) > 30:
