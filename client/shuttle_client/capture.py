@@ -8,7 +8,7 @@ from typing import List, Optional, Sequence
 
 from .dns import DnsRelay, Nameserver
 from .firewall_session import FirewallSession
-from .proxy import Destination, Tunnels, local_address, original_destination, serve
+from .proxy import Destination, Take, Tunnels, local_address, original_destination, serve
 from .udp import UdpRelay
 
 log = logging.getLogger("shuttle")
@@ -26,9 +26,12 @@ class Capture:
         firewall: FirewallSession,
         listeners: Sequence[socket.socket],
         wait: float,
+        take: Optional[Take] = None,
     ) -> None:
-        """wait: how long a connection may wait for a tunnel while none is up."""
+        """wait: how long a connection may wait for a tunnel while none is up; take: the
+        TCP fast path, which may take a connection before the agent's path sees it."""
         self.tunnels = tunnels  # the tunnel for a new connection or flow
+        self.take = take
         self.wait = wait
         self.firewall = firewall
         self.listeners = list(listeners)
@@ -56,13 +59,15 @@ class Capture:
             self.dns.start()
         if method != "tproxy":
             destination = self._rewritten(original_destination)
-            self.servers = await serve(self.tunnels, self.listeners, destination, self.wait)
+            self.servers = await serve(
+                self.tunnels, self.listeners, destination, self.wait, self.take
+            )
             return int(self.listeners[0].getsockname()[1])
         port, sockets = await self.firewall.tproxy_sockets()
         self.listeners = [sock for kind, sock in sockets.items() if kind.startswith("tcp")]
         # TPROXY does not rewrite the destination: the accepted socket's own address is it.
         self.servers = await serve(
-            self.tunnels, self.listeners, self._rewritten(local_address), self.wait
+            self.tunnels, self.listeners, self._rewritten(local_address), self.wait, self.take
         )
         udp = [sock for kind, sock in sockets.items() if kind.startswith("udp")]
         if "udp" in agent_capabilities:

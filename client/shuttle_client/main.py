@@ -63,7 +63,7 @@ async def run(options: Options, readiness: Optional[Readiness] = None) -> int:
         return EXIT_FAILED
     streams = Streams(options)
     firewall = FirewallSession(options.firewalld)
-    capture = Capture(streams, firewall, listeners, options.wait_tunnel)
+    capture = Capture(streams, firewall, listeners, options.wait_tunnel, streams.take)
     client = Running(options, streams, firewall, lambda why: _set_once(stop, why))
     control = ControlServer(options.control or default_control_path(), handler(client))
     heartbeats: Optional[asyncio.Task[None]] = None
@@ -140,7 +140,7 @@ async def _bring_up(
     if options.auto_hosts:
         client.hosts = _watch_hosts(streams, options, HostsSync(firewall))
     log.info(
-        "ready: capturing %s%s%s through %s (method %s, agent on python %s, port %d%s)",
+        "ready: capturing %s%s%s through %s (method %s, agent on python %s, port %d%s, TCP %s)",
         " ".join(describe(target) for target in plan.subnets),
         "".join(f" -{describe(target)}" for target in options.excludes),
         f" and DNS to {' '.join(plan.dns)}" if plan.dns else "",
@@ -149,6 +149,7 @@ async def _bring_up(
         streams.agent_python,
         port,
         f", {options.streams} streams" if options.streams > 1 else "",
+        f"through {streams.tcp_path}",
     )
 
 
