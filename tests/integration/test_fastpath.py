@@ -129,3 +129,27 @@ def test_tcp_ssh_fails_to_start_where_the_server_does_not_forward(shuttle: Shutt
     assert proc.wait(60) == 1, proc.output()
     assert "--tcp=ssh, but the server does not forward TCP for this user" in proc.output()
     assert "Traceback" not in proc.output()
+
+
+@pytest.mark.parametrize("tcp", ["agent", "auto"])
+def test_a_local_half_close_gets_the_whole_answer(shuttle: Shuttle, tcp: str) -> None:
+    """The program shuts down its sending side and reads the answer: both paths."""
+    shuttle.start_client(extra=[f"--tcp={tcp}"])
+    size = 2**20
+    result = shuttle.topo.tcptool("half-close-local", T_ADDR, str(ECHO_PORT), str(size), timeout=60)
+    assert result["ok"] and result["bytes"] == size, f"{result}\n{shuttle.outputs()}"
+
+
+# The fast path's one difference, stated: OpenSSH drains a stdio forward on the remote's EOF
+# and closes both directions, so what the program sends after the server's half-close never
+# arrives; the agent's path keeps the directions apart.
+@pytest.mark.parametrize(("tcp", "arrived"), [("agent", 100_000), ("auto", 0)])
+def test_after_the_servers_half_close(shuttle: Shuttle, tcp: str, arrived: int) -> None:
+    topo = shuttle.topo
+    shuttle.start_client(extra=[f"--tcp={tcp}"])
+    result = topo.tcptool("half-close-remote", T_ADDR, str(BULK_PORT), "100000", timeout=60)
+    assert result["ok"], f"{result}\n{shuttle.outputs()}"
+    log = topo.logs / "bulk.log"
+    line = "after its half-close, bulk read "
+    assert wait_until(lambda: line in log.read_text(errors="replace"), 30), shuttle.outputs()
+    assert f"{line}{arrived} bytes" in log.read_text(errors="replace")
