@@ -275,7 +275,7 @@ class Streams:
         """Hand a just-accepted connection to a master with room (the fast path); False
         leaves it to the agent's path: no master up (it waits there, as before), all full,
         or a connection that path turns away (not redirected, or to the listener itself)."""
-        master = self._pick_master()
+        master = None if self._stopping else self._pick_master()
         if master is None:
             return False
         try:
