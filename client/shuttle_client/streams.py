@@ -65,6 +65,8 @@ class Streams:
         # The TCP fast path: each ssh a ControlMaster on a socket in this private directory.
         self.control_dir = None if options.tcp == "agent" else control_dir()
         self._fast_channels = itertools.count(1)
+        # A socket name per ssh: an old master that exits late removes its own name only.
+        self._masters_started = itertools.count(1)
         self.tunnels = [self._tunnel(index) for index in range(count)]
         self.reconnects = 0
         # Done, with the reason, when a stream is lost for good (reconnecting is off).
@@ -110,7 +112,7 @@ class Streams:
         master = None
         if self.control_dir is not None:
             master = Master(
-                os.path.join(self.control_dir, f"m{index}"),
+                os.path.join(self.control_dir, f"m{index}.{next(self._masters_started)}"),
                 stream=index,
                 cap=self.options.tcp_cap,
                 channels=self._fast_channels,

@@ -122,8 +122,6 @@ class Tunnel:
     async def _start(self) -> None:
         options = self.options
         control = () if self.master is None else master_options(self.master.path)
-        if self.master is not None and os.path.lexists(self.master.path):
-            os.unlink(self.master.path)  # a killed master's: ssh would not listen beside it
         argv = ssh_argv(
             (*options.ssh_cmd, *self.ssh_options, *control),
             options.ssh_destination,
