@@ -107,6 +107,34 @@ def test_a_transfer_lists_as_tcp_ssh_and_a_killed_master_resets_it(shuttle: Shut
     assert ctl_json(shuttle, "status")["tcp"] == "ssh"
 
 
+def test_sigterm_leaves_no_ssh_and_no_directory(shuttle: Shuttle) -> None:
+    """Stopped with a connection that ssh carries: the client exits 0, its masters end, and
+    their directory goes. (The reset of that connection is sent after the rules are gone,
+    as on the agent's path, so the program does not see it: nft's NAT no longer rewrites
+    it back.)"""
+    topo = shuttle.topo
+    client = shuttle.start_client(extra=FAST)
+    assert list(topo.home().runtime_dir.glob("shuttle-ssh-*")), "no masters' directory"
+    argv = [str(topo.tcptool_path), "down", T_ADDR, str(BULK_PORT), str(2**34), "seed"]
+    transfer = topo.start("transfer", topo.user_argv([SYSTEM_PYTHON, *argv, "--timeout", "60"]))
+    assert wait_until(lambda: received(topo, BULK_PORT) > 2**20, 30), transfer.output()
+    client.send(signal.SIGTERM)
+    assert client.wait(15) == 0, shuttle.outputs()
+    assert wait_until(lambda: not ssh_processes(topo), 10), "ssh outlived the client"
+    left = list(topo.home().runtime_dir.glob("shuttle-ssh-*"))
+    assert not left, f"the masters' directory stayed: {left}"
+
+
+def test_two_streams_are_two_masters(shuttle: Shuttle) -> None:
+    shuttle.start_client(extra=[*FAST, "--streams=2"])
+    assert len(ssh_processes(shuttle.topo)) == 2
+    status = ctl_json(shuttle, "status")
+    assert (status["tcp"], status["streams_up"]) == ("ssh", 2)
+    result = shuttle.topo.tcptool("echo", T_ADDR, str(ECHO_PORT), "200", timeout=120)
+    assert result["ok"] and result["good"] == 200, f"{result}\n{shuttle.outputs()}"
+    curl_works(shuttle)
+
+
 def test_a_server_without_forwarding_gets_everything_over_the_agent(shuttle: Shuttle) -> None:
     shuttle.topo.start_sshd(tcp_forwarding=False)
     client = shuttle.start_client(extra=FAST)
