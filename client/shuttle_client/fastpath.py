@@ -93,7 +93,9 @@ def reset(sock: socket.socket) -> None:
 
 
 class MuxConnection:
-    """One connection to the master's socket, Hello exchanged."""
+    """One connection to the master's socket. Our Hello goes out with the first request,
+    not a round trip before it: the master reads packets one at a time, each exactly, and
+    takes the descriptors behind a request only when it handles that request."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -101,31 +103,40 @@ class MuxConnection:
         self._answers: List[ssh_mux.Answer] = []
 
     @classmethod
-    async def open(cls, path: str) -> "MuxConnection":
+    async def open(cls, path: str, request: Optional[ssh_mux.Request] = None) -> "MuxConnection":
+        """Connect and send Hello, and request if given, in one write; MuxError if that
+        fails. The master's Hello is read by hello()."""
         loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.setblocking(False)
+        packets = ssh_mux.encode(ssh_mux.Hello(ssh_mux.MUX_VERSION))
+        if request is not None:
+            packets += ssh_mux.encode(request)
         try:
             await loop.sock_connect(sock, path)
-            await loop.sock_sendall(sock, ssh_mux.encode(ssh_mux.Hello(ssh_mux.MUX_VERSION)))
-            connection = cls(sock)
-            hello = await connection.answer()
+            await loop.sock_sendall(sock, packets)
         except OSError as exc:
             sock.close()
             raise MuxError(f"cannot reach ssh's control socket: {exc.strerror or exc}") from None
         except BaseException:
             sock.close()
             raise
+        return cls(sock)
+
+    async def hello(self) -> None:
+        """The master's Hello; MuxError if it is not version 4."""
+        hello = await self.answer()
         if not isinstance(hello, ssh_mux.Hello) or hello.version != ssh_mux.MUX_VERSION:
-            sock.close()
             raise MuxError(f"ssh's control socket said {hello!r:.80}, not mux version 4")
-        return connection
 
     async def answer(self) -> ssh_mux.Answer:
         """The next answer; MuxError if the master closes or breaks the protocol."""
         loop = asyncio.get_running_loop()
         while not self._answers:
-            data = await loop.sock_recv(self.sock, RECV_SIZE)
+            try:
+                data = await loop.sock_recv(self.sock, RECV_SIZE)
+            except OSError as exc:
+                raise MuxError(f"ssh's control connection: {exc.strerror or exc}") from None
             if not data:
                 raise MuxError("ssh closed its control connection")
             try:
@@ -214,7 +225,13 @@ class Master:
 
     async def start(self) -> None:
         """Connect the watch connection (for AliveCheck); MuxError if there is no master."""
-        self._watch = await MuxConnection.open(self.path)
+        watch = await MuxConnection.open(self.path)
+        try:
+            await watch.hello()
+        except BaseException:
+            watch.close()
+            raise
+        self._watch = watch
         self._watcher = asyncio.ensure_future(self._watch_loop())
 
     async def open(self, sock: socket.socket, host: str, port: int, source: str) -> Optional[str]:
@@ -245,16 +262,14 @@ class Master:
     async def _request(
         self, sock: socket.socket, host: str, port: int
     ) -> Tuple[Optional[MuxConnection], str]:
-        try:
-            mux = await MuxConnection.open(self.path)
-        except MuxError as exc:
-            return None, str(exc)
         request = next(self._requests) & ssh_mux.UINT32
         try:
-            await asyncio.get_running_loop().sock_sendall(
-                mux.sock, ssh_mux.encode(ssh_mux.NewStdioFwd(request, host, port))
-            )
+            mux = await MuxConnection.open(self.path, ssh_mux.NewStdioFwd(request, host, port))
+        except MuxError as exc:
+            return None, str(exc)
+        try:
             mux.send_fds(sock.fileno(), 2)
+            await mux.hello()
             answer = await mux.answer()
         except (OSError, MuxError) as exc:
             mux.close()
