@@ -28,7 +28,7 @@ KbdInteractiveAuthentication no
 UsePAM no
 StrictModes no
 PermitRootLogin prohibit-password
-AllowTcpForwarding yes
+AllowTcpForwarding {tcp_forwarding}
 X11Forwarding no
 PrintMotd no
 PrintLastLog no
@@ -37,15 +37,16 @@ LogLevel VERBOSE
 """
 
 
-def write_config(directory: Path, authorized_keys: Path, users: Sequence[str]) -> Path:
-    """Generate a host key and sshd_config in directory; return the config's path."""
+def write_config(
+    directory: Path, authorized_keys: Path, users: Sequence[str], tcp_forwarding: bool = True
+) -> Path:
+    """Generate a host key (once) and sshd_config in directory; return the config's path.
+    tcp_forwarding False: AllowTcpForwarding no (the agent's path must do it all)."""
     host_key = directory / "ssh_host_ed25519_key"
-    run(
-        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "testbed-host", "-f", str(host_key)],
-        timeout=30,
-        check=True,
-    )
-    host_key.chmod(0o600)
+    if not host_key.exists():
+        keygen = ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "testbed-host"]
+        run([*keygen, "-f", str(host_key)], timeout=30, check=True)
+        host_key.chmod(0o600)
     config = directory / "sshd_config"
     config.write_text(
         CONFIG.format(
@@ -55,6 +56,7 @@ def write_config(directory: Path, authorized_keys: Path, users: Sequence[str]) -
             host_key=host_key,
             authorized_keys=authorized_keys,
             allow_users=" ".join(users),
+            tcp_forwarding="yes" if tcp_forwarding else "no",
         )
     )
     return config

@@ -7,7 +7,9 @@ on the target (servers) and as the test user on the client host (checks). Server
   echo:     sends back every byte it receives, until EOF.
   bulk:     reads one header line, then
             "UP n"        -> reads n bytes, answers the sha256 hex of them and a newline;
-            "DOWN n seed" -> sends n bytes of pattern(seed), then closes.
+            "DOWN n seed" -> sends n bytes of pattern(seed), then closes;
+            "SHUT"        -> sends "bye\n", shuts down its sending side (a half-close),
+                             reads until EOF and logs how many bytes came after it.
   udp-echo: sends every datagram back to its sender, from the address and port it was sent
             to (IP_PKTINFO: a wildcard socket would otherwise answer from whichever address
             the route prefers, and the target has two per family).
@@ -111,6 +113,21 @@ async def bulk_down(writer: asyncio.StreamWriter, size: int, seed: str) -> None:
         await writer.drain()
 
 
+async def half_close_then_read(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    writer.write(b"bye\n")
+    writer.write_eof()
+    await writer.drain()
+    count = 0
+    try:
+        while True:
+            data = await reader.read(READ_SIZE)
+            if not data:
+                break
+            count += len(data)
+    finally:
+        print(f"tcptool: after its half-close, bulk read {count} bytes", flush=True)
+
+
 async def handle_bulk(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     try:
         words = (await reader.readline())[:MAX_HEADER].decode(errors="replace").split()
@@ -118,6 +135,8 @@ async def handle_bulk(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
             await bulk_up(reader, writer, min(int(words[1]), MAX_BYTES))
         elif len(words) == 3 and words[0] == "DOWN" and words[1].isdigit():
             await bulk_down(writer, min(int(words[1]), MAX_BYTES), words[2])
+        elif words == ["SHUT"]:
+            await half_close_then_read(reader, writer)
         else:
             writer.write(b"ERR bad header\n")
         await writer.drain()
@@ -249,6 +268,39 @@ async def check_down(host: str, port: int, size: int, seed: str) -> Dict[str, An
     expected = pattern_sha256(seed, size)
     got = digest.hexdigest()
     return {"ok": got == expected, "bytes": received, "expected": expected, "got": got}
+
+
+async def check_local_half_close(host: str, port: int, size: int) -> Dict[str, Any]:
+    """Send size bytes to the echo server, shut down our sending side, read the echo."""
+    reader, writer = await asyncio.open_connection(host, port)
+    payload = echo_payload(0, size)
+    writer.write(payload)
+    writer.write_eof()
+    await writer.drain()
+    received = await reader.read(-1)  # until EOF
+    await close(writer)
+    return {"ok": received == payload, "bytes": len(received)}
+
+
+async def check_remote_half_close(host: str, port: int, size: int) -> Dict[str, Any]:
+    """Ask the bulk server to half-close (SHUT), read its greeting to EOF, then send size
+    bytes and shut down our side; whether the server got them is in its log."""
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(b"SHUT\n")
+    greeting = await reader.read(-1)
+    error = ""
+    try:
+        writer.write(echo_payload(0, size))
+        writer.write_eof()
+        await writer.drain()
+    except OSError as exc:
+        error = repr(exc)
+    await close(writer)
+    return {
+        "ok": greeting == b"bye\n",
+        "greeting": greeting.decode(errors="replace"),
+        "error": error,
+    }
 
 
 def echo_payload(index: int, size: int) -> bytes:
@@ -487,6 +539,12 @@ def parse(argv: Optional[List[str]]) -> argparse.Namespace:
     echo.add_argument("--size", type=int, default=4096)
     echo.add_argument("--open-batch", type=int, default=500)
     echo.add_argument("--timeout", type=float, default=60)
+    for name in ("half-close-local", "half-close-remote"):
+        half = sub.add_parser(name, help="half-close: ours (echo server) or the server's (bulk)")
+        half.add_argument("host")
+        half.add_argument("port", type=int)
+        half.add_argument("size", type=int)
+        half.add_argument("--timeout", type=float, default=60)
     udp = sub.add_parser("udp", help="UDP echo check: payloads and the answers' source")
     udp.add_argument("host")
     udp.add_argument("port", type=int)
@@ -535,6 +593,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         coro = check_up(args.host, args.port, args.size, args.seed)
     elif args.command == "down":
         coro = check_down(args.host, args.port, args.size, args.seed)
+    elif args.command == "half-close-local":
+        coro = check_local_half_close(args.host, args.port, args.size)
+    elif args.command == "half-close-remote":
+        coro = check_remote_half_close(args.host, args.port, args.size)
     else:
         coro = check_echo(args.host, args.port, args.count, args.size, args.open_batch)
     result = asyncio.run(with_deadline(coro, args.timeout))

@@ -174,6 +174,7 @@ class Topology:
         self.tcptool_path = run_dir / "tools" / "tcptool.py"
         self.marker = ""
         self.procs: List[Proc] = []
+        self.sshd: Optional[Proc] = None
 
     @property
     def namespaces(self) -> List[Namespace]:
@@ -223,12 +224,21 @@ class Topology:
             "".join(files.key.with_suffix(".pub").read_text() for files in self.files.values())
         )
         authorized.chmod(0o644)  # sshd reads it with the logging-in user's rights
-        logins = [user.name for user in self.users] + ["root"]
-        config = sshd.write_config(self.ssh_dir, authorized, logins)
-        self.procs.append(sshd.start(self.s, config, self.logs / "sshd.log"))
+        self.start_sshd()
         self.marker = servers.write_page(self.www_dir)
         servers.install_tcptool(self.tcptool_path.parent)
         self.procs.extend(servers.start(self.t, self.www_dir, self.tcptool_path, self.logs))
+
+    def start_sshd(self, tcp_forwarding: bool = True) -> None:
+        """sshd in S, a new one if it runs (tcp_forwarding False: AllowTcpForwarding no)."""
+        if self.sshd is not None:
+            self.sshd.stop()
+            self.procs.remove(self.sshd)
+        logins = [user.name for user in self.users] + ["root"]
+        authorized = self.ssh_dir / "authorized_keys"
+        config = sshd.write_config(self.ssh_dir, authorized, logins, tcp_forwarding)
+        self.sshd = sshd.start(self.s, config, self.logs / "sshd.log")
+        self.procs.append(self.sshd)
 
     def _make_network(self) -> None:
         for ns in self.namespaces:

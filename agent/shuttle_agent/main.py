@@ -6,7 +6,7 @@ import logging
 import os
 import signal
 import sys
-from typing import Optional, Set
+from typing import Any, Coroutine, Optional, Set
 
 from shuttle_protocol import PROTOCOL_VERSION
 from shuttle_protocol.mux import AGENT, Mux
@@ -22,6 +22,7 @@ from shuttle_protocol.stream_messages import (
     Opened,
     Ping,
     Pong,
+    ProbeListen,
     Refused,
     UdpOpen,
     Welcome,
@@ -29,6 +30,7 @@ from shuttle_protocol.stream_messages import (
 
 from .hosts import HostFinder
 from .limits import raise_open_files
+from .probe import listen_once
 from .relay import Link, Relay, WriterProtocol, refusal, widen_pipe
 from .resolv import read_nameservers
 from .routes import read_routes, routes_answer
@@ -36,7 +38,7 @@ from .udp import IDLE_TIMEOUT, MAX_FLOWS, UdpOpener, settings_from_env
 
 log = logging.getLogger("shuttle")
 
-CAPABILITIES = ("tcp", "udp")
+CAPABILITIES = ("tcp", "udp", "probe")
 # Longer than the kernel's own SYN retries would be pointless; shorter would cut slow links.
 CONNECT_TIMEOUT = 60.0
 EXIT_PROTOCOL = 3
@@ -81,6 +83,8 @@ class Agent:
             self.link.send(Nameservers(tuple(read_nameservers())))
         elif isinstance(msg, GetHosts):
             self.hosts.request(msg.seeds)
+        elif isinstance(msg, ProbeListen):
+            self._spawn(listen_once(self.link))
         elif not isinstance(msg, Pong):
             self.link.fail(f"unexpected {type(msg).__name__} from the client")
 
@@ -90,6 +94,11 @@ class Agent:
         elif msg.version != PROTOCOL_VERSION:
             self.link.fail(f"client speaks protocol {msg.version}, agent {PROTOCOL_VERSION}")
         self.welcomed = True
+
+    def _spawn(self, coro: "Coroutine[Any, Any, None]") -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def connect(self, msg: Open, relay: Relay) -> None:
         try:

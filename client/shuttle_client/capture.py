@@ -11,6 +11,7 @@ from .firewall_session import FirewallSession
 from .proxy import (
     Destination,
     NotCaptured,
+    Take,
     Tunnels,
     local_address,
     original_destination,
@@ -35,12 +36,16 @@ class Capture:
         listeners: Sequence[socket.socket],
         wait: float,
         captures: Callable[[Tuple[str, int]], bool],
+        *,
+        take: Optional[Take] = None,
     ) -> None:
         """wait: how long a connection may wait for a tunnel while none is up; captures:
         whether an original destination is one the session captures (targets.Scope), as
-        it is now: anything else reached the listener without the firewall."""
+        it is now: anything else reached the listener without the firewall; take: the TCP
+        fast path, which may take a connection before the agent's path sees it."""
         self.tunnels = tunnels  # the tunnel for a new connection or flow
         self.captures = captures
+        self.take = take
         self.wait = wait
         self.firewall = firewall
         self.listeners = list(listeners)
@@ -84,7 +89,9 @@ class Capture:
             self.dns.start()
         if method != "tproxy":
             destination = self._rewritten(original_destination)
-            self.servers = await serve(self.tunnels, self.listeners, destination, self.wait)
+            self.servers = await serve(
+                self.tunnels, self.listeners, destination, self.wait, self.take
+            )
             return self.rules_port()
         return await self._take_tproxy_sockets()
 
@@ -102,7 +109,7 @@ class Capture:
         self.listeners = [sock for kind, sock in sockets.items() if kind.startswith("tcp")]
         # TPROXY does not rewrite the destination: the accepted socket's own address is it.
         self.servers = await serve(
-            self.tunnels, self.listeners, self._rewritten(local_address), self.wait
+            self.tunnels, self.listeners, self._rewritten(local_address), self.wait, self.take
         )
         udp = [sock for kind, sock in sockets.items() if kind.startswith("udp")]
         if "udp" in self._capabilities:

@@ -16,6 +16,7 @@ from shuttle_protocol.firewall_messages import ANY_OWNER, Target
 from shuttle_protocol.stream_messages import MAX_LIST
 
 from . import __version__
+from .fastpath import DEFAULT_CAP, TCP_MODES
 from .resolvers import DNS_PORT, plain
 from .targets import TargetError, parse_targets, read_target_file
 
@@ -75,6 +76,15 @@ Options:
   --streams=N              spread connections over N ssh sessions to the server, each
                            with its own agent, for links where one ssh channel's window
                            limits throughput (1-16) [default: 1].
+  --tcp=PATH               how captured TCP travels: ssh (ssh's own forwarding, as
+                           ssh -L: the ssh running the agent is a ControlMaster; at
+                           start a probe checks that the server forwards TCP, and the
+                           client fails if not), agent (the agent's channels), or auto
+                           (ssh where the probe passed, else the agent). With ssh and
+                           auto, connections past --tcp-cap per stream, and any that
+                           ssh fails to open, go through the agent [default: agent].
+  --tcp-cap=N              open connections per stream that ssh carries itself
+                           (1-10000) [default: 200].
   --no-reconnect           exit (status 1) when the tunnel is lost, instead of
                            reconnecting with backoff while the rules stay.
   --keepalive=SECONDS      ping the agent this often; a tunnel whose agent does not
@@ -100,6 +110,7 @@ METHODS = ("auto", "nft", "nat", "tproxy")
 LOOPBACKS = ("127.0.0.1", "::1")
 WILDCARDS = ("0.0.0.0", "::")  # noqa: S104 (listening there is the router use case)
 MAX_STREAMS = 16
+MAX_TCP_CAP = 10_000
 DEFAULT_PIDFILE = "shuttle-client.pid"  # with -D, in the current directory (as sshuttle)
 # sun_path holds 108 bytes, the last one a NUL; the events socket's path adds ".events".
 MAX_CONTROL_PATH = 107 - len(".events")
@@ -135,6 +146,8 @@ class Options:
     daemon: bool = False
     pidfile: Optional[str] = None  # absolute
     syslog: bool = False
+    tcp: str = "agent"
+    tcp_cap: int = DEFAULT_CAP
 
     @property
     def forward(self) -> bool:
@@ -261,6 +274,15 @@ def parse_streams(text: str) -> int:
     return int(text)
 
 
+def parse_tcp(mode: str, cap: str) -> Tuple[str, int]:
+    """--tcp and --tcp-cap."""
+    if mode not in TCP_MODES:
+        raise UsageError(f"invalid --tcp {mode!r}: choose {', '.join(TCP_MODES)}")
+    if not cap.isdigit() or not 1 <= int(cap) <= MAX_TCP_CAP:
+        raise UsageError(f"invalid --tcp-cap {cap!r}: expected a number from 1 to {MAX_TCP_CAP}")
+    return mode, int(cap)
+
+
 def parse_seconds(name: str, text: str, low: float, high: float) -> float:
     """A number of seconds in [low, high] for option name; UsageError if it is not one."""
     try:
@@ -368,6 +390,7 @@ def parse_args(argv: Sequence[str]) -> Options:
         raise UsageError(str(exc)) from None
     if not subnets and not args["--auto-nets"]:
         raise UsageError("nothing to capture: give a SUBNET, -s FILE or -N")
+    tcp, tcp_cap = parse_tcp(args["--tcp"], args["--tcp-cap"])
     dns, ns_hosts, to_ns = parse_dns(args["--dns"], args["--ns-hosts"], args["--to-ns"])
     if args["--seed-hosts"] is not None and not args["--auto-hosts"]:
         raise UsageError("--seed-hosts needs -H (--auto-hosts)")
@@ -401,6 +424,8 @@ def parse_args(argv: Sequence[str]) -> Options:
         daemon=bool(args["--daemon"]),
         pidfile=parse_pidfile(args["--pidfile"], bool(args["--daemon"])),
         syslog=bool(args["--syslog"] or args["--daemon"]),
+        tcp=tcp,
+        tcp_cap=tcp_cap,
     )
 
 

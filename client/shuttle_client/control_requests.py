@@ -100,6 +100,7 @@ async def _status(client: Running, request: StatusRequest) -> Message:
         flows,
         up,
         down,
+        client.streams.tcp_path,
     )
 
 

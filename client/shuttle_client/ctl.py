@@ -80,6 +80,11 @@ EXIT_INTERRUPTED = 130  # the shell's 128 + SIGINT
 ANSWER_TIMEOUT = 5.0
 MAX_SECONDS = 3600.0
 MIN_INTERVAL = 0.1  # each table is two requests: no faster than this
+TCP_PATH_TEXT = {
+    "ssh": "through ssh's own forwarding (the agent past the cap)",
+    "agent": "through the agent",
+    "mixed": "through ssh on some streams, the agent on the others",
+}
 WORDS = ("status", "connections", "routes", "hosts", "stop", "add", "remove", "watch", "events")
 # A tty redraws in place: home, each line cleared to its end, the rest of the screen cleared.
 HOME, CLEAR_LINE, CLEAR_BELOW = "\x1b[H", "\x1b[K", "\x1b[J"
@@ -193,6 +198,7 @@ def format_status(status: StatusAnswer) -> str:
                     f"{plural(status.reconnects, 'reconnect')}"),
         ("open", f"{plural(status.channels, 'connection')}, {plural(status.flows, 'UDP flow')}"),
         ("bytes", f"{human_bytes(status.bytes_up)} up, {human_bytes(status.bytes_down)} down"),
+        ("tcp", TCP_PATH_TEXT[status.tcp]),
     ]  # fmt: skip
     return "".join(f"{name:<9}{value}\n" for name, value in rows)
 

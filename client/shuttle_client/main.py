@@ -73,7 +73,9 @@ async def run(options: Options, readiness: Optional[Readiness] = None) -> int:
     streams = Streams(options)
     firewall = FirewallSession(options.firewalld)
     client = Running(options, streams, firewall, lambda why: _set_once(stop, why))
-    capture = Capture(streams, firewall, listeners, options.wait_tunnel, client.captures)
+    capture = Capture(
+        streams, firewall, listeners, options.wait_tunnel, client.captures, take=streams.take
+    )
     control = ControlServer(options.control or default_control_path(), handler(client))
     keeper: Optional[asyncio.Task[None]] = None
     streams.publish = _publisher(control, streams, readiness)
@@ -136,7 +138,7 @@ async def _bring_up(
         names = (options.ssh_destination.rpartition("@")[2], server.hostname)
         client.hosts = _watch_hosts(streams, options, HostsSync(firewall, names))
     log.info(
-        "ready: capturing %s%s%s through %s (method %s, agent on python %s, port %d%s)",
+        "ready: capturing %s%s%s through %s (method %s, agent on python %s, port %d%s, TCP %s)",
         " ".join(describe(target) for target in plan.subnets),
         "".join(f" -{describe(target)}" for target in options.excludes),
         f" and DNS to {' '.join(plan.dns)}" if plan.dns else "",
@@ -145,6 +147,7 @@ async def _bring_up(
         streams.agent_python,
         port,
         f", {options.streams} streams" if options.streams > 1 else "",
+        f"through {streams.tcp_path}",
     )
 
 

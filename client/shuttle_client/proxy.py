@@ -94,6 +94,9 @@ def local_address(sock: socket.socket) -> Tuple[str, int]:
 
 
 Destination = Callable[[socket.socket], Tuple[str, int]]
+# Takes a just-accepted connection elsewhere (the fast path) given its listener's address and
+# how to find its destination; False leaves it to the agent's path here.
+Take = Callable[[socket.socket, Destination], bool]
 
 
 class Tunnels(Protocol):
@@ -152,8 +155,12 @@ class GuardedListener:
 
     refused = Throttle(LIMIT_LOG_INTERVAL)  # all listeners together
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(
+        self, sock: socket.socket, take: Optional[Callable[[socket.socket], bool]] = None
+    ) -> None:
+        """take: may take a connection elsewhere (True) before asyncio sees it."""
         self.sock = sock
+        self.take = take
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.sock, name)
@@ -163,6 +170,8 @@ class GuardedListener:
         for _ in range(LISTEN_BACKLOG):  # bounded; what is left waits for the next wakeup
             conn, address = self.sock.accept()
             if conn.fileno() < cap:
+                if self.take is not None and self.take(conn):
+                    continue  # asyncio never sees it, so nothing reads it before ssh does
                 return conn, address
             count = self.refused.due()
             if count:
@@ -323,24 +332,34 @@ class Waiting(asyncio.Protocol):
         self.tunnels.release(self)
 
 
+def relay_for(tunnels: Tunnels, destination: Destination, wait: float) -> asyncio.Protocol:
+    """The protocol of a connection on the agent's path: through the link tunnels pick, or
+    waiting up to wait seconds for one."""
+    link = tunnels.pick()
+    if link is None:
+        return Waiting(tunnels, destination, wait)
+    return Incoming(link, destination, tunnels)
+
+
 async def serve(
     tunnels: Tunnels,
     listeners: Sequence[socket.socket],
     destination: Destination,
     wait: float,
+    take: Optional[Take] = None,
 ) -> List[asyncio.Server]:
     """Accept captured connections on the listeners for as long as the servers are open;
-    each goes through the link tunnels pick, or waits up to wait seconds for one."""
+    each goes where take sends it, or else on the agent's path (relay_for)."""
     loop = asyncio.get_running_loop()
     servers = []
 
     def accept() -> asyncio.Protocol:
-        link = tunnels.pick()
-        if link is None:
-            return Waiting(tunnels, destination, wait)
-        return Incoming(link, destination, tunnels)
+        return relay_for(tunnels, destination, wait)
+
+    def divert(conn: socket.socket) -> bool:
+        return take is not None and take(conn, destination)
 
     for listener in listeners:
-        guarded = cast(socket.socket, GuardedListener(listener))
+        guarded = cast(socket.socket, GuardedListener(listener, divert if take else None))
         servers.append(await loop.create_server(accept, sock=guarded))
     return servers

@@ -15,6 +15,9 @@ to --wait-tunnel seconds, then is reset; a datagram is dropped.
 import asyncio
 import itertools
 import logging
+import os
+import shutil
+import socket
 import time
 from typing import Any, Callable, Coroutine, List, Optional, Set, Tuple
 
@@ -31,7 +34,8 @@ from shuttle_protocol.schema import Message
 
 from .cli import Options
 from .dns import DnsFlow
-from .proxy import Incoming, Waiting
+from .fastpath import Forward, Master, control_dir, reset
+from .proxy import Destination, Incoming, NotCaptured, Waiting, relay_for
 from .targets import endpoint
 from .tunnel import Tunnel, TunnelError
 from .udp import UdpFlow
@@ -58,7 +62,12 @@ class Streams:
         self.names = (
             ["agent"] if count == 1 else [f"agent {i}/{count}" for i in range(1, count + 1)]
         )
-        self.tunnels = [Tunnel(options, name) for name in self.names]
+        # The TCP fast path: each ssh a ControlMaster on a socket in this private directory.
+        self.control_dir = None if options.tcp == "agent" else control_dir()
+        self._fast_channels = itertools.count(1)
+        # A socket name per ssh: an old master that exits late removes its own name only.
+        self._masters_started = itertools.count(1)
+        self.tunnels = [self._tunnel(index) for index in range(count)]
         self.reconnects = 0
         # Done, with the reason, when a stream is lost for good (reconnecting is off).
         self.lost: asyncio.Future[str] = asyncio.get_running_loop().create_future()
@@ -96,6 +105,21 @@ class Streams:
         for waiting in list(self._waiting):
             waiting.give_up("the client is stopping")
         await asyncio.gather(*(tunnel.stop() for tunnel in self.tunnels))
+        if self.control_dir is not None:  # ssh removes its socket, a killed one does not
+            shutil.rmtree(self.control_dir, ignore_errors=True)
+
+    def _tunnel(self, index: int, ssh_options: Tuple[str, ...] = ()) -> Tunnel:
+        master = None
+        if self.control_dir is not None:
+            master = Master(
+                os.path.join(self.control_dir, f"m{index}.{next(self._masters_started)}"),
+                stream=index,
+                cap=self.options.tcp_cap,
+                channels=self._fast_channels,
+                on_open=self._forward_opened,
+                on_close=self._forward_closed,
+            )
+        return Tunnel(self.options, self.names[index], ssh_options, master)
 
     # -- keeping them up -------------------------------------------------------------------
 
@@ -135,7 +159,7 @@ class Streams:
             log.info("reconnecting %s in %g s (attempt %d)", name, delay, attempt)
             self.publish(Reconnecting(index, attempt, delay))
             await asyncio.sleep(delay)
-            tunnel = Tunnel(self.options, name, self.reconnect_ssh)
+            tunnel = self._tunnel(index, self.reconnect_ssh)
             try:
                 await tunnel.start()
             except TunnelError as exc:
@@ -227,6 +251,79 @@ class Streams:
                 return
             waiting.attach(link)
 
+    # -- the TCP fast path ------------------------------------------------------------------
+
+    @property
+    def tcp_path(self) -> str:
+        """Which path TCP takes: ssh (every stream's master), agent (none), or mixed."""
+        fast = [tunnel.master is not None for tunnel in self.tunnels]
+        return "ssh" if all(fast) else "mixed" if any(fast) else "agent"
+
+    def _pick_master(self) -> Optional[Master]:
+        masters = [
+            tunnel.master
+            for tunnel in self.tunnels
+            if tunnel.up and tunnel.master is not None and tunnel.master.room
+        ]
+        if not masters:
+            return None
+        start = next(self._turn) % len(masters)
+        rotated = masters[start:] + masters[:start]
+        return min(rotated, key=lambda master: len(master.forwards) + master.handing)
+
+    def take(self, conn: socket.socket, destination: Destination) -> bool:
+        """Hand a just-accepted connection to a master with room (the fast path); False
+        leaves it to the agent's path: no master up (it waits there, as before), all full,
+        or a connection that path turns away (NotCaptured: not redirected, to this host's
+        own address, or outside what the session captures)."""
+        master = None if self._stopping else self._pick_master()
+        if master is None:
+            return False
+        try:
+            host, port = destination(conn)
+            source = endpoint(conn.getpeername())
+        except (OSError, NotCaptured):
+            return False
+        wait = self.options.wait_tunnel
+        self._spawn(
+            self._hand_over(
+                master,
+                conn,
+                (host, port, source),
+                lambda: relay_for(self, destination, wait),
+            )
+        )
+        return True
+
+    async def _hand_over(
+        self,
+        master: Master,
+        conn: socket.socket,
+        where: Tuple[str, int, str],
+        agent_path: Callable[[], asyncio.Protocol],
+    ) -> None:
+        """Through master, or else (a failed open) on the agent's path."""
+        host, port, source = where
+        try:
+            why = await master.open(conn, host, port, source)
+            if why is None:
+                return
+            # The agent's answer decides: a refused connect is reset there, as always.
+            log.debug("ssh did not open %s (%s): through the agent", endpoint((host, port)), why)
+            await asyncio.get_running_loop().connect_accepted_socket(agent_path, sock=conn)
+        except BaseException:
+            reset(conn)
+            raise
+
+    def _forward_opened(self, forward: Forward) -> None:
+        event = (forward.channel, forward.stream, "tcp-ssh", forward.source)
+        self.publish(ChannelOpened(*event, forward.host, forward.port))
+
+    def _forward_closed(self, forward: Forward, up: int, down: int) -> None:
+        self.closed_bytes[0] += up
+        self.closed_bytes[1] += down
+        self.publish(ChannelClosed(forward.channel, forward.stream, up, down))
+
     def on_channel_opened(self, relay: Incoming) -> None:
         self.publish(
             ChannelOpened(relay.channel, relay.stream, "tcp", relay.source, relay.host, relay.port)
@@ -243,7 +340,12 @@ class Streams:
         """Every open connection and flow: (channel, stream, proto, source, host, port,
         bytes up, bytes down, seconds open), oldest first."""
         now = time.monotonic()
-        found: List[Connection] = []
+        found: List[Connection] = [
+            forward.describe(now)
+            for tunnel in self.tunnels
+            if tunnel.master is not None
+            for forward in tunnel.master.forwards.values()
+        ]
         for index, link in enumerate(self.links):
             for relay in link.channels.values():
                 if isinstance(relay, Incoming):
@@ -274,6 +376,12 @@ class Streams:
         bytes of every TCP channel so far."""
         channels = flows = 0
         up, down = self.closed_bytes
+        for tunnel in self.tunnels:
+            if tunnel.master is not None:
+                channels += len(tunnel.master.forwards)
+                fast_up, fast_down = tunnel.master.totals()
+                up += fast_up
+                down += fast_down
         for link in self.links:
             channels += len(link.channels)
             flows += len(link.flows)

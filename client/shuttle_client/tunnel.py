@@ -17,12 +17,15 @@ from shuttle_protocol.stream_messages import (
     Opened,
     Ping,
     Pong,
+    ProbeListen,
+    ProbeListening,
     Refused,
     Welcome,
 )
 
 from .cli import Options
 from .discovery import Discovery
+from .fastpath import Master, MuxError, master_options, probe
 from .upload import build_payload, remote_command, ssh_argv
 
 log = logging.getLogger("shuttle")
@@ -78,11 +81,20 @@ class Tunnel:
     """One ssh process running the agent, and the multiplexed Link over its pipes."""
 
     def __init__(
-        self, options: Options, name: str = "agent", ssh_options: Sequence[str] = ()
+        self,
+        options: Options,
+        name: str = "agent",
+        ssh_options: Sequence[str] = (),
+        master: Optional[Master] = None,
     ) -> None:
-        """ssh_options: added to the user's ssh command (when reconnecting)."""
+        """ssh_options: added to the user's ssh command (when reconnecting). master: make
+        ssh a ControlMaster there and, if the server forwards TCP, keep it (the fast path)."""
         self.options = options
         self.ssh_options = tuple(ssh_options)
+        self.master = master
+        # Why TCP does not go through the master ("" while it does).
+        self.fast_path_off = "" if master else "--tcp=agent"
+        self._probe_port: Optional[asyncio.Future[int]] = None
         self.link = Link(Mux(CLIENT), self._on_message, name)
         self.discovery = Discovery(self.link)
         self.agent_python = ""
@@ -109,8 +121,9 @@ class Tunnel:
 
     async def _start(self) -> None:
         options = self.options
+        control = () if self.master is None else master_options(self.master.path)
         argv = ssh_argv(
-            (*options.ssh_cmd, *self.ssh_options),
+            (*options.ssh_cmd, *self.ssh_options, *control),
             options.ssh_destination,
             options.ssh_port,
             remote_command(options.python, options.verbose),
@@ -149,12 +162,53 @@ class Tunnel:
             return_when=asyncio.FIRST_COMPLETED,
         )
         if self._greeted in done and self._greeted.exception() is None:
+            await self._start_master()
             return
         if self._greeted.done() and self._greeted.exception() is not None:
             raise self._greeted.exception()  # type: ignore[misc]
         if not done:
             raise TunnelError(f"the agent did not greet within {GREETING_TIMEOUT:.0f} s")
         raise TunnelError(await self._why_it_ended())
+
+    async def _start_master(self) -> None:
+        """Find out whether ssh is a ControlMaster and sshd forwards TCP for us: if both,
+        TCP goes through the master; if not, through the agent (--tcp=ssh: an error)."""
+        master = self.master
+        if master is None:
+            return
+        why = await self._probe(master)
+        if why is None:
+            log.debug("%s: TCP goes through ssh's own forwarding", self.link.peer)
+            return
+        self.master, self.fast_path_off = None, why
+        master.close()
+        if self.options.tcp == "ssh":
+            raise TunnelError(f"--tcp=ssh, but {why}")
+        log.info("TCP goes through the agent: %s", why)
+
+    async def _probe(self, master: Master) -> Optional[str]:
+        if "probe" not in self.agent_capabilities:
+            return "the agent cannot probe (an older shuttle-agent)"
+        try:
+            await master.start()
+        except MuxError as exc:
+            return f"ssh is not a ControlMaster ({exc})"
+        self._probe_port = asyncio.get_running_loop().create_future()
+        self.link.send(ProbeListen())
+        waiting: List[asyncio.Future[Any]] = [self._probe_port, self.link.closed]
+        done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        if self._probe_port not in done:
+            return "the session ended during the probe"
+        why = await probe(master, self._probe_port.result())
+        if why is None:
+            return None
+        return f"the server does not forward TCP for this user (ssh: {printable(why)})"
+
+    def _on_probe_listening(self, msg: ProbeListening) -> None:
+        if self._probe_port is None or self._probe_port.done():
+            self.link.fail("ProbeListening without ProbeListen")
+        else:
+            self._probe_port.set_result(msg.port)
 
     async def _why_it_ended(self) -> str:
         status = await self.wait_exit(5.0)
@@ -180,8 +234,11 @@ class Tunnel:
         return process.poll()
 
     async def stop(self) -> None:
-        """End ssh: close its stdin (the agent exits), then terminate it if it lingers."""
+        """End ssh: close its stdin (the agent exits), then terminate it if it lingers.
+        The forwards it carried are reset: the program must not take a cut for an end."""
         self.link.finish("stopping")
+        if self.master is not None:
+            self.master.close()
         if self._process is None:
             return
         if await self.wait_exit(2.0) is None:
@@ -241,6 +298,8 @@ class Tunnel:
             self.link.send(Pong(msg.cookie))
         elif isinstance(msg, Pong):
             self._on_pong(msg)
+        elif isinstance(msg, ProbeListening):
+            self._on_probe_listening(msg)
         elif not isinstance(msg, Opened) and not self.discovery.on_message(msg):
             self.link.fail(f"unexpected {type(msg).__name__} from the agent")
 

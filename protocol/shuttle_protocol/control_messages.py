@@ -29,7 +29,10 @@ from .schema import Message, message
 # (firewalld lost the session, a restart say: nothing is captured until it is opened
 # again), stopping.
 STATES = ("starting", "up", "reconnecting", "firewall-lost", "stopping")
-PROTOS = ("tcp", "udp")
+# tcp: over the agent's channels; tcp-ssh: carried by ssh's own forwarding (the fast path).
+PROTOS = ("tcp", "udp", "tcp-ssh")
+# Which path TCP takes: every stream's ssh (up to its cap), the agent, or some of each.
+TCP_PATHS = ("ssh", "agent", "mixed")
 MAX_CONNECTIONS = 20_000  # entries in one ConnectionsAnswer; `total` says how many there are
 MAX_COUNT = 2**63 - 1  # byte counters and the like
 MAX_SECONDS = 10.0**9
@@ -82,7 +85,8 @@ class StatusAnswer(Message):
     """The tunnel's state and totals. remote: the ssh destination; method: the firewall
     method in force ("" before the session opens); uptime: seconds since the client
     started; reconnects: streams reconnected so far; channels, flows: open TCP channels and
-    UDP flows; bytes up / down: every channel's bytes so far, sent / received."""
+    UDP flows; bytes up / down: every channel's bytes so far, sent / received; tcp: the
+    path TCP takes (TCP_PATHS)."""
 
     __slots__ = (
         "state",
@@ -97,6 +101,7 @@ class StatusAnswer(Message):
         "flows",
         "bytes_up",
         "bytes_down",
+        "tcp",
     )
     state: str
     remote: str
@@ -110,9 +115,11 @@ class StatusAnswer(Message):
     flows: int
     bytes_up: int
     bytes_down: int
+    tcp: str
 
     def __post_init__(self) -> None:
         check_choice(self.state, "state", STATES)
+        check_choice(self.tcp, "tcp", TCP_PATHS)
         check_text(self.remote, "remote", 1000)
         check_text(self.method, "method", 16)
         check_int(self.pid, "pid", 1, 2**31 - 1)

@@ -317,3 +317,24 @@ class Hosts(Message):
 
     def __post_init__(self) -> None:
         check_hosts(self.entries, "entries", MAX_LIST)
+
+
+@message(21)
+@dataclass(frozen=True)
+class ProbeListen(Message):
+    """Client → agent: listen on a loopback port of the server for one connection, which the
+    client opens through ssh's own forwarding to learn whether sshd forwards TCP for it."""
+
+    __slots__ = ()
+
+
+@message(22)
+@dataclass(frozen=True)
+class ProbeListening(Message):
+    """Agent → client, answering ProbeListen: the port on 127.0.0.1 (0: it could not listen)."""
+
+    __slots__ = ("port",)
+    port: int
+
+    def __post_init__(self) -> None:
+        check_int(self.port, "port", 0, 65535)

@@ -24,6 +24,8 @@ from shuttle_protocol.stream_messages import (
     Opened,
     Ping,
     Pong,
+    ProbeListen,
+    ProbeListening,
     Refused,
     UdpOpen,
     Welcome,
@@ -106,6 +108,20 @@ def test_open_connects(agent: AgentProcess) -> None:
         welcomed(agent).send(Open(1, "127.0.0.1", listener.getsockname()[1]))
         assert agent.receive() == Opened(1)
         listener.accept()[0].close()
+
+
+@pytest.mark.parametrize("python", PYTHONS)
+def test_the_probe_listener_takes_one_connection(start_agent: StartAgent, python: str) -> None:
+    agent = welcomed(start_agent(python))
+    agent.send(ProbeListen())
+    answer = agent.receive()
+    assert isinstance(answer, ProbeListening)
+    assert answer.port > 0
+    with socket.create_connection(("127.0.0.1", answer.port), timeout=STUCK) as probe:
+        probe.settimeout(STUCK)
+        assert probe.recv(1) == b""  # taken and closed
+    status, stderr = agent.finish()
+    assert status == 0, stderr
 
 
 @pytest.mark.parametrize("host", ["", "a" * 64 + ".example"], ids=["empty", "long-label"])

@@ -49,6 +49,7 @@ STATUS = StatusAnswer(
     flows=1,
     bytes_up=3 * 1024,
     bytes_down=5 * 1024 * 1024,
+    tcp="ssh",
 )
 CONNECTIONS = ConnectionsAnswer(
     (

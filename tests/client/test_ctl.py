@@ -190,6 +190,7 @@ def test_status_table() -> None:
         "streams  1 of 1 up, 1 reconnect\n"
         "open     2 connections, 1 UDP flow\n"
         "bytes    3.0 KiB up, 5.0 MiB down\n"
+        "tcp      through ssh's own forwarding (the agent past the cap)\n"
     )
 
 
@@ -275,7 +276,9 @@ def conn(channel: int, up: int, down: int, age: float, source: str = "127.0.0.1:
 
 
 def sample(at: float, connections: list[Connection], up: int = 0, down: int = 0) -> Sample:
-    status = StatusAnswer("up", "gw", "nft", 1, 100.0, 0, 1, 1, len(connections), 0, up, down)
+    status = StatusAnswer(
+        "up", "gw", "nft", 1, 100.0, 0, 1, 1, len(connections), 0, up, down, "agent"
+    )
     return Sample(at, status, ConnectionsAnswer(tuple(connections), len(connections)), at)
 
 

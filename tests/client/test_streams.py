@@ -31,7 +31,7 @@ def test_channels_spread_evenly_over_every_stream(fake_ssh: str) -> None:
         await streams.start()
         try:
             assert [link.peer for link in streams.links] == ["agent 1/3", "agent 2/3", "agent 3/3"]
-            assert streams.agent_capabilities == ("tcp", "udp")
+            assert streams.agent_capabilities == ("tcp", "udp", "probe")
             port = server.sockets[0].getsockname()[1]
             programs = [await open_on(streams, port) for _ in range(30)]
             assert [len(link.mux.channels) for link in streams.links] == [10, 10, 10]

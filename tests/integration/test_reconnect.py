@@ -57,7 +57,8 @@ def test_killing_the_ssh_session_mid_transfer_reconnects(shuttle: Shuttle) -> No
     )
 
 
-def test_while_the_tunnel_is_down_nothing_goes_another_way(shuttle: Shuttle) -> None:
+@pytest.mark.parametrize("tcp", ["agent", "auto"])
+def test_while_the_tunnel_is_down_nothing_goes_another_way(shuttle: Shuttle, tcp: str) -> None:
     topo = shuttle.topo
     # Give C a direct path to T: S forwards (T routes back through S already). Without the
     # kill switch, a captured connection during the outage would now reach T directly.
@@ -65,7 +66,7 @@ def test_while_the_tunnel_is_down_nothing_goes_another_way(shuttle: Shuttle) -> 
     direct = topo.curl(T_ADDR, HTTP_PORT, max_time=10)
     assert direct.returncode == 0, f"the direct path must work for this test: {direct.stderr}"
     assert http_requests_from(topo, C_ADDR) == 1
-    client = shuttle.start_client(extra=["--keepalive=1", "--wait-tunnel=3"])
+    client = shuttle.start_client(extra=["--keepalive=1", "--wait-tunnel=3", f"--tcp={tcp}"])
     topo.s.run(["nft", BLOCK_SSH], timeout=10, check=True)
     kill_sessions(topo)
     assert client.wait_for_line(LOST, 20), shuttle.outputs()

@@ -183,6 +183,8 @@ STRATEGIES: Dict[Type[Message], st.SearchStrategy[Message]] = {
     ),
     sm.GetHosts: st.builds(sm.GetHosts, st.lists(hostnames, max_size=20).map(tuple)),
     sm.Hosts: st.builds(sm.Hosts, host_entries),
+    sm.ProbeListen: st.just(sm.ProbeListen()),
+    sm.ProbeListening: st.builds(sm.ProbeListening, st.integers(0, 65535)),
     fw.OpenSessionRequest: st.builds(
         fw.OpenSessionRequest,
         st.sampled_from(fw.METHODS),
@@ -239,6 +241,7 @@ STRATEGIES: Dict[Type[Message], st.SearchStrategy[Message]] = {
             counts,
             counts,
             counts,
+            st.sampled_from(cm.TCP_PATHS),
         )
     ),
     cm.ConnectionsRequest: st.builds(cm.ConnectionsRequest),
@@ -339,6 +342,8 @@ EXAMPLES: Dict[Type[Message], Message] = {
     sm.Nameservers: sm.Nameservers(("10.2.0.53",)),
     sm.GetHosts: sm.GetHosts(("db1", "web.corp.example")),
     sm.Hosts: sm.Hosts((("db1", "10.2.0.7"), ("web.corp.example", "2001:db8:2::80"))),
+    sm.ProbeListen: sm.ProbeListen(),
+    sm.ProbeListening: sm.ProbeListening(40001),
     fw.OpenSessionRequest: fw.OpenSessionRequest(
         "auto",
         12300,
@@ -370,7 +375,7 @@ EXAMPLES: Dict[Type[Message], Message] = {
     fw.ErrorAnswer: fw.ErrorAnswer("no"),
     cm.StatusRequest: cm.StatusRequest(),
     cm.StatusAnswer: cm.StatusAnswer(
-        "up", "alice@gw", "nft", 4242, 61.5, 1, 2, 2, 3, 1, 10_000, 2_000_000
+        "up", "alice@gw", "nft", 4242, 61.5, 1, 2, 2, 3, 1, 10_000, 2_000_000, "ssh"
     ),
     cm.ConnectionsRequest: cm.ConnectionsRequest(),
     cm.ConnectionsAnswer: cm.ConnectionsAnswer((CONNECTION,), 1),
@@ -730,6 +735,8 @@ BAD_VALUES: Dict[Type[Message], Dict[str, List[Any]]] = {
     sm.Nameservers: {"addresses": bad_lists("10.0.0.53", BAD_ADDRESS_TEXTS, MAX_NAMESERVERS)},
     sm.GetHosts: {"seeds": bad_lists("db1", BAD_HOSTNAMES, sm.MAX_LIST)},
     sm.Hosts: {"entries": bad_lists(("db1", "10.0.0.7"), BAD_HOST_ITEMS, sm.MAX_LIST)},
+    sm.ProbeListen: {},
+    sm.ProbeListening: {"port": bad_ints(0, 65535)},
     fw.OpenSessionRequest: {
         "method": ["TPROXY", "NAT", "Auto", "nat ", "", b"nat", None, 1, True, ("nat",)],
         "port": bad_ints(1, 65535),
@@ -791,6 +798,7 @@ BAD_VALUES: Dict[Type[Message], Dict[str, List[Any]]] = {
         "flows": bad_ints(0, cm.MAX_COUNT),
         "bytes_up": bad_ints(0, cm.MAX_COUNT),
         "bytes_down": bad_ints(0, cm.MAX_COUNT),
+        "tcp": ["SSH", "", None, 1, ("ssh",)],
     },
     cm.ConnectionsRequest: {},
     cm.ConnectionsAnswer: {

@@ -1,0 +1,388 @@
+"""The TCP fast path: captured connections handed to the ssh that runs the agent, which is a
+ControlMaster on a private socket. For each one the client asks the master (ssh_mux.py) for
+a stdio forward to the original destination, passing the accepted socket as both of its
+descriptors; from then on ssh carries the bytes, as with ssh -L, and no Python touches them.
+
+What mux.c does decides the shape (docs/design.md): one stdio forward per mux connection,
+which must stay open while the forward lives (closing it closes the channel), and which the
+master closes when the channel ends. The client keeps its own copy of the accepted socket:
+for the byte counts (TCP_INFO) and so that a master that dies cannot hand the program a
+clean EOF. A closed mux connection is ambiguous (the forward ended, or the master died and
+the kernel closed its descriptors), so the forwards that ended are closed gracefully only
+after the master answers an AliveCheck sent after it closed them; otherwise they are reset.
+"""
+
+import asyncio
+import itertools
+import logging
+import os
+import socket
+import struct
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+from shuttle_protocol.control_messages import Connection
+from shuttle_protocol.errors import RemoteProtocolError
+
+from . import ssh_mux
+
+log = logging.getLogger("shuttle")
+
+TCP_MODES = ("auto", "ssh", "agent")
+# Open forwards per master. Each hand-over gets slower as the master holds more channels
+# (2 ms at 200, 4.4 ms at 400, 6.8 ms at 1,000 in issue 14's probe), and each forward costs
+# the master three descriptors and the client two; the agent takes the rest.
+DEFAULT_CAP = 200
+# Hand-overs in flight per master: below the master's listen backlog of 64.
+PARALLEL = 32
+# struct tcp_info (linux/tcp.h): tcpi_bytes_acked and tcpi_bytes_received, two u64 at 120.
+TCP_INFO_BYTES = struct.Struct("=QQ")
+TCP_INFO_OFFSET = 120
+TCP_INFO_SIZE = TCP_INFO_OFFSET + TCP_INFO_BYTES.size
+RECV_SIZE = 4096  # of the master's answers, a few dozen bytes each
+
+
+class MuxError(Exception):
+    """The master could not be reached or broke its protocol; the text says how."""
+
+
+def control_dir() -> str:
+    """A private (0700) directory for the masters' sockets: $XDG_RUNTIME_DIR, else /tmp.
+    Short, because ssh adds 17 characters to the path while it sets the socket up, and a
+    unix socket's path has 107 bytes."""
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    if not base or not os.path.isdir(base) or len(base) > 60:
+        base = None
+    return tempfile.mkdtemp(prefix="shuttle-ssh-", dir=base)
+
+
+def master_options(path: str) -> Tuple[str, ...]:
+    """ssh options that make it a ControlMaster on path; ControlPersist=no: it ends with the
+    agent's session. ssh takes an option's first value, so options the user gave in -e win."""
+    return (
+        "-o",
+        "ControlMaster=yes",
+        "-o",
+        f"ControlPath={path}",
+        "-o",
+        "ControlPersist=no",
+    )
+
+
+def tcp_bytes(sock: socket.socket) -> Tuple[int, int]:
+    """(bytes the program sent, bytes it was sent and acknowledged) on an accepted socket."""
+    try:
+        raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_SIZE)
+    except OSError:
+        return 0, 0
+    if len(raw) < TCP_INFO_SIZE:  # an old kernel: no byte counters
+        return 0, 0
+    acked, received = TCP_INFO_BYTES.unpack_from(raw, TCP_INFO_OFFSET)
+    return int(received), int(acked)
+
+
+def reset(sock: socket.socket) -> None:
+    """Close with a RST: once ssh's copies are gone too, the program sees a reset."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+    sock.close()
+
+
+class MuxConnection:
+    """One connection to the master's socket. Our Hello goes out with the first request,
+    not a round trip before it: the master reads packets one at a time, each exactly, and
+    takes the descriptors behind a request only when it handles that request."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.decoder = ssh_mux.MuxDecoder()
+        self._answers: List[ssh_mux.Answer] = []
+
+    @classmethod
+    async def open(cls, path: str, request: Optional[ssh_mux.Request] = None) -> "MuxConnection":
+        """Connect and send Hello, and request if given, in one write; MuxError if that
+        fails. The master's Hello is read by hello()."""
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        packets = ssh_mux.encode(ssh_mux.Hello(ssh_mux.MUX_VERSION))
+        if request is not None:
+            packets += ssh_mux.encode(request)
+        try:
+            await loop.sock_connect(sock, path)
+            await loop.sock_sendall(sock, packets)
+        except OSError as exc:
+            sock.close()
+            raise MuxError(f"cannot reach ssh's control socket: {exc.strerror or exc}") from None
+        except BaseException:
+            sock.close()
+            raise
+        return cls(sock)
+
+    async def hello(self) -> None:
+        """The master's Hello; MuxError if it is not version 4."""
+        hello = await self.answer()
+        if not isinstance(hello, ssh_mux.Hello) or hello.version != ssh_mux.MUX_VERSION:
+            raise MuxError(f"ssh's control socket said {hello!r:.80}, not mux version 4")
+
+    async def answer(self) -> ssh_mux.Answer:
+        """The next answer; MuxError if the master closes or breaks the protocol."""
+        loop = asyncio.get_running_loop()
+        while not self._answers:
+            try:
+                data = await loop.sock_recv(self.sock, RECV_SIZE)
+            except OSError as exc:
+                raise MuxError(f"ssh's control connection: {exc.strerror or exc}") from None
+            if not data:
+                raise MuxError("ssh closed its control connection")
+            try:
+                self._answers += self.decoder.feed(data)
+            except RemoteProtocolError as exc:
+                raise MuxError(f"ssh's control socket broke the protocol: {exc}") from None
+        return self._answers.pop(0)
+
+    def send_fds(self, fd: int, count: int) -> None:
+        """fd, count times, each in a sendmsg of its own with one byte: mux.c takes them
+        one by one with mm_receive_fd, which expects exactly one descriptor per message."""
+        for _ in range(count):
+            socket.send_fds(self.sock, [b"\0"], [fd])
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@dataclass
+class Forward:
+    """A captured connection that ssh carries."""
+
+    sock: socket.socket  # the client's copy of the accepted socket
+    mux: MuxConnection
+    stream: int
+    channel: int
+    source: str
+    host: str
+    port: int
+    opened_at: float = field(default_factory=time.monotonic)
+
+    def describe(self, now: float) -> Connection:
+        up, down = tcp_bytes(self.sock)
+        age = max(0.0, now - self.opened_at)
+        return (
+            self.channel,
+            self.stream,
+            "tcp-ssh",
+            self.source,
+            self.host,
+            self.port,
+            up,
+            down,
+            age,
+        )
+
+
+# Called with a forward that opened, and with one that closed, its byte counts beside.
+Hook = Callable[[Forward], None]
+CloseHook = Callable[[Forward, int, int], None]
+
+
+class Master:
+    """One ssh ControlMaster: hand-overs to it, the forwards it carries, and their end."""
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        stream: int,
+        cap: int,
+        channels: "itertools.count[int]",
+        on_open: Hook,
+        on_close: CloseHook,
+    ) -> None:
+        self.path = path
+        self.stream = stream
+        self.cap = cap
+        self.forwards: Dict[int, Forward] = {}
+        self.handing = 0  # hand-overs in flight
+        self.closed = False
+        self._channels = channels
+        self._on_open = on_open
+        self._on_close = on_close
+        self._requests = itertools.count(1)
+        self._slots = asyncio.Semaphore(PARALLEL)
+        self._watch: Optional[MuxConnection] = None
+        self._ended: List[Forward] = []  # mux connection closed; is the master alive?
+        self._wake = asyncio.Event()
+        self._watcher: Optional[asyncio.Task[None]] = None
+
+    @property
+    def room(self) -> bool:
+        """Whether a new connection may go through this master."""
+        return not self.closed and len(self.forwards) + self.handing < self.cap
+
+    async def start(self) -> None:
+        """Connect the watch connection (for AliveCheck); MuxError if there is no master."""
+        watch = await MuxConnection.open(self.path)
+        try:
+            await watch.hello()
+        except BaseException:
+            watch.close()
+            raise
+        self._watch = watch
+        self._watcher = asyncio.ensure_future(self._watch_loop())
+
+    async def open(self, sock: socket.socket, host: str, port: int, source: str) -> Optional[str]:
+        """Hand sock over for host:port: None once ssh carries it, else why not (then sock
+        is still the caller's, untouched: ssh never read from it)."""
+        mux, why = await self.request(sock, host, port)
+        if mux is None:
+            return why
+        if self.closed:  # lost while we waited: the caller sends it elsewhere
+            mux.close()
+            return "the master is gone"
+        self._carry(sock, mux, source, host, port)
+        return None
+
+    async def request(
+        self, sock: socket.socket, host: str, port: int
+    ) -> Tuple[Optional[MuxConnection], str]:
+        """A stdio forward of sock to host:port: its open mux connection, or None and why."""
+        self.handing += 1
+        try:
+            async with self._slots:
+                if self.closed:
+                    return None, "the master is gone"
+                return await self._request(sock, host, port)
+        finally:
+            self.handing -= 1
+
+    async def _request(
+        self, sock: socket.socket, host: str, port: int
+    ) -> Tuple[Optional[MuxConnection], str]:
+        request = next(self._requests) & ssh_mux.UINT32
+        try:
+            mux = await MuxConnection.open(self.path, ssh_mux.NewStdioFwd(request, host, port))
+        except MuxError as exc:
+            return None, str(exc)
+        try:
+            mux.send_fds(sock.fileno(), 2)
+            await mux.hello()
+            answer = await mux.answer()
+        except (OSError, MuxError) as exc:
+            mux.close()
+            return None, str(exc)
+        except BaseException:
+            mux.close()
+            raise
+        if isinstance(answer, ssh_mux.SessionOpened) and answer.request_id == request:
+            return mux, ""
+        mux.close()
+        if isinstance(answer, (ssh_mux.Failure, ssh_mux.PermissionDenied)):
+            return None, answer.reason
+        return None, f"unexpected answer {answer!r:.80}"
+
+    def _carry(
+        self, sock: socket.socket, mux: MuxConnection, source: str, host: str, port: int
+    ) -> None:
+        forward = Forward(sock, mux, self.stream, next(self._channels), source, host, port)
+        self.forwards[forward.channel] = forward
+        loop = asyncio.get_running_loop()
+        loop.add_reader(mux.sock.fileno(), self._mux_readable, forward)
+        self._on_open(forward)
+
+    def _mux_readable(self, forward: Forward) -> None:
+        """The master closed the forward's mux connection (or sent what it never should)."""
+        try:
+            data = forward.mux.sock.recv(RECV_SIZE)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:  # nothing is expected after SessionOpened: treat it as the end
+            log.debug("channel %d: ssh sent %d unexpected bytes", forward.channel, len(data))
+        asyncio.get_running_loop().remove_reader(forward.mux.sock.fileno())
+        self._ended.append(forward)
+        self._wake.set()
+
+    async def _watch_loop(self) -> None:
+        """Prove the master alive after forwards ended, then close them gracefully; reset
+        everything when the master is gone."""
+        watch = self._watch
+        if watch is None:
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            while not self.closed:
+                await self._wake.wait()
+                self._wake.clear()
+                batch, self._ended = self._ended, []
+                request = next(self._requests) & ssh_mux.UINT32
+                await loop.sock_sendall(watch.sock, ssh_mux.encode(ssh_mux.AliveCheck(request)))
+                answer = await watch.answer()
+                if not isinstance(answer, ssh_mux.Alive) or answer.request_id != request:
+                    raise MuxError(f"unexpected answer to AliveCheck: {answer!r:.80}")
+                for forward in batch:
+                    self._finish(forward, graceful=True)
+        except (OSError, MuxError) as exc:
+            if not self.closed:
+                log.debug("ssh's control socket: %s", exc)
+            self.close()
+
+    def _finish(self, forward: Forward, graceful: bool) -> None:
+        if self.forwards.pop(forward.channel, None) is None:
+            return
+        up, down = tcp_bytes(forward.sock)
+        if graceful:
+            forward.sock.close()
+        else:
+            reset(forward.sock)
+        try:
+            asyncio.get_running_loop().remove_reader(forward.mux.sock.fileno())
+        except (ValueError, RuntimeError):  # closed already, or the loop is gone
+            pass
+        forward.mux.close()
+        self._on_close(forward, up, down)
+
+    def totals(self) -> Tuple[int, int]:
+        """Bytes up and down of the open forwards."""
+        up = down = 0
+        for forward in self.forwards.values():
+            sent, received = tcp_bytes(forward.sock)
+            up += sent
+            down += received
+        return up, down
+
+    def close(self) -> None:
+        """The master is gone (or we stop): every forward it carried is reset."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.forwards:
+            log.info("resetting %d connections that ssh carried", len(self.forwards))
+        for forward in list(self.forwards.values()):
+            self._finish(forward, graceful=False)
+        if self._watch is not None:
+            self._watch.close()
+        if self._watcher is not None and self._watcher is not asyncio.current_task():
+            self._watcher.cancel()
+        self._wake.set()
+
+
+async def probe(master: Master, port: int) -> Optional[str]:
+    """Whether sshd forwards TCP for us: a forward to the agent's probe listener on the
+    server's 127.0.0.1:port. None if it opened (sshd confirms a direct-tcpip channel only
+    once its connect succeeded), else why not."""
+    if port == 0:
+        return "the agent could not listen for the probe"
+    ours, theirs = socket.socketpair()
+    try:
+        mux, why = await master.request(theirs, "127.0.0.1", port)
+        if mux is not None:
+            mux.close()  # which ends the forward
+        return None if mux is not None else why
+    finally:
+        ours.close()
+        theirs.close()

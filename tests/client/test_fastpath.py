@@ -1,0 +1,95 @@
+"""The fast path's parts that need no ssh (the rest runs against a real ControlMaster in
+tests/integration/test_fastpath.py): byte counts from TCP_INFO, the reset, the private
+directory, and a hand-over with no master there."""
+
+import asyncio
+import itertools
+import os
+import socket
+import stat
+import tempfile
+import time
+from pathlib import Path
+from typing import List, Tuple
+
+import pytest
+from shuttle_client.fastpath import Forward, Master, control_dir, master_options, reset, tcp_bytes
+
+STUCK = 10.0  # not a timing assertion: how long a broken part may hang the test
+
+
+def connected_pair() -> Tuple[socket.socket, socket.socket, socket.socket]:
+    listener = socket.create_server(("127.0.0.1", 0))
+    program = socket.create_connection(listener.getsockname(), timeout=STUCK)
+    accepted, _ = listener.accept()
+    return listener, program, accepted
+
+
+def test_tcp_bytes_counts_both_ways_on_the_accepted_socket() -> None:
+    listener, program, accepted = connected_pair()
+    with listener, program, accepted:
+        program.sendall(b"u" * 1000)
+        accepted.sendall(b"d" * 3000)
+        got = b""
+        while len(got) < 3000:
+            got += program.recv(4096)
+        deadline = time.monotonic() + STUCK
+        while tcp_bytes(accepted) != (1000, 3000) and time.monotonic() < deadline:
+            time.sleep(0.01)  # the last ACK may still be on its way
+        assert tcp_bytes(accepted) == (1000, 3000)
+
+
+def test_reset_reaches_the_program_as_a_reset() -> None:
+    listener, program, accepted = connected_pair()
+    with listener, program:
+        reset(accepted)
+        program.settimeout(STUCK)
+        with pytest.raises(ConnectionResetError):
+            program.recv(1)
+
+
+def test_the_control_directory_is_private_and_short(monkeypatch: pytest.MonkeyPatch) -> None:
+    runtime = tempfile.mkdtemp(prefix="run-", dir="/tmp")  # short, as /run/user/UID is
+    monkeypatch.setenv("XDG_RUNTIME_DIR", runtime)
+    path = control_dir()
+    try:
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o700
+        assert os.path.dirname(path) == runtime
+        # ssh adds 17 characters while it sets the socket up; sun_path holds 107 bytes.
+        assert len(os.path.join(path, "m15").encode()) + 17 <= 107
+    finally:
+        os.rmdir(path)
+        os.rmdir(runtime)
+    assert master_options(f"{path}/m0") == (
+        "-o",
+        "ControlMaster=yes",
+        "-o",
+        f"ControlPath={path}/m0",
+        "-o",
+        "ControlPersist=no",
+    )
+
+
+def test_with_no_master_the_socket_stays_the_callers(tmp_path: Path) -> None:
+    opened: List[Forward] = []
+
+    async def hand_over() -> str:
+        master = Master(
+            str(tmp_path / "m0"),
+            stream=0,
+            cap=2,
+            channels=itertools.count(1),
+            on_open=opened.append,
+            on_close=lambda forward, up, down: None,
+        )
+        listener, program, accepted = connected_pair()
+        with listener, program, accepted:
+            why = await master.open(accepted, "10.0.0.1", 80, "127.0.0.1:1")
+            program.sendall(b"still ours")
+            assert accepted.recv(100) == b"still ours"  # nothing read it, nothing closed it
+        assert master.room and not master.forwards and master.handing == 0
+        return why or ""
+
+    why = asyncio.run(hand_over())
+    assert "cannot reach ssh's control socket" in why
+    assert not opened

@@ -1,0 +1,183 @@
+"""The TCP fast path (--tcp=auto): captured connections carried by ssh's own forwarding
+through the ControlMaster, the agent taking the rest; and a server that forbids forwarding,
+where the same run puts everything on the agent's path."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from typing import Any, Dict, List
+
+import pytest
+
+from testbed import (
+    BULK_PORT,
+    CLOSED_PORT,
+    ECHO_PORT,
+    HTTP_PORT,
+    SYSTEM_PYTHON,
+    T_ADDR,
+    Shuttle,
+    Topology,
+    ready_line,
+)
+from testbed.procs import wait_until
+
+from .test_control import ctl_json
+from .test_reconnect import RECONNECTED, received
+
+pytestmark = pytest.mark.integration
+
+BULK_BYTES = 100 * 1024 * 1024
+FAST = ["--tcp=auto"]
+
+
+def curl_works(shuttle: Shuttle) -> None:
+    page = shuttle.topo.curl(T_ADDR, HTTP_PORT, max_time=20)
+    assert page.returncode == 0 and shuttle.topo.marker in page.stdout, (
+        f"{page.stderr}\n{shuttle.outputs()}"
+    )
+
+
+def ssh_processes(topo: Topology) -> List[int]:
+    """The client's ssh (the ControlMaster) in C."""
+    return topo.processes_of(topo.c, topo.user, "ssh")
+
+
+def last_json(output: str) -> Dict[str, Any]:
+    lines = [line for line in output.splitlines() if line.startswith("{")]
+    return json.loads(lines[-1]) if lines else {}
+
+
+def test_curl_goes_through_ssh_and_status_says_so(shuttle: Shuttle) -> None:
+    client = shuttle.start_client(extra=FAST)
+    assert "TCP through ssh" in ready_line(client), shuttle.outputs()
+    assert ctl_json(shuttle, "status")["tcp"] == "ssh"
+    curl_works(shuttle)
+
+
+@pytest.mark.parametrize("direction", ["up", "down"])
+def test_bulk_100mb_is_byte_exact(shuttle: Shuttle, direction: str) -> None:
+    shuttle.start_client(extra=FAST)
+    result = shuttle.topo.tcptool(
+        direction, T_ADDR, str(BULK_PORT), str(BULK_BYTES), f"bulk-{direction}", timeout=300
+    )
+    assert result["ok"], f"{result}\n{shuttle.outputs()}"
+    if direction == "down":
+        assert result["bytes"] == BULK_BYTES
+
+
+@pytest.mark.parametrize("cap", [None, 20], ids=["under-the-cap", "past-the-cap"])
+def test_200_simultaneous_echo_connections(shuttle: Shuttle, cap: Any) -> None:
+    shuttle.start_client(extra=FAST + ([f"--tcp-cap={cap}"] if cap else []))
+    result = shuttle.topo.tcptool("echo", T_ADDR, str(ECHO_PORT), "200", timeout=120)
+    assert result["ok"], f"{result}\n{shuttle.outputs()}"
+    assert result["good"] == 200
+
+
+def test_closed_port_is_refused_or_reset(shuttle: Shuttle) -> None:
+    shuttle.start_client(extra=FAST)
+    result = shuttle.topo.curl(T_ADDR, CLOSED_PORT, max_time=20)
+    # ssh fails the open; the agent's refusal decides: a reset, not an empty reply (52).
+    assert result.returncode in (7, 55, 56), f"exit {result.returncode}: {result.stderr}"
+    curl_works(shuttle)  # and the path still works after it
+
+
+def test_a_transfer_lists_as_tcp_ssh_and_a_killed_master_resets_it(shuttle: Shuttle) -> None:
+    topo = shuttle.topo
+    client = shuttle.start_client(extra=[*FAST, "--keepalive=1"])
+    argv = [str(topo.tcptool_path), "down", T_ADDR, str(BULK_PORT), str(2**34), "seed"]
+    transfer = topo.start("transfer", topo.user_argv([SYSTEM_PYTHON, *argv, "--timeout", "60"]))
+    assert wait_until(lambda: received(topo, BULK_PORT) > 2**20, 30), transfer.output()
+    listed = ctl_json(shuttle, "connections")
+    fast = [c for c in listed["connections"] if (c["proto"], c["port"]) == ("tcp-ssh", BULK_PORT)]
+    assert fast, f"{listed}\n{shuttle.outputs()}"
+    assert fast[0]["bytes_down"] > 2**20  # from TCP_INFO of the client's copy
+    masters = ssh_processes(topo)
+    assert masters, "no ssh in C"
+    for pid in masters:
+        os.kill(pid, signal.SIGKILL)
+    assert transfer.wait(30) not in (0, None), f"the transfer should break\n{transfer.output()}"
+    outcome = last_json(transfer.output())
+    # A reset, not a clean EOF that would look like a (short) complete transfer.
+    assert "ConnectionResetError" in outcome.get("error", ""), transfer.output()
+    assert client.wait_for_line(RECONNECTED, 30), shuttle.outputs()
+    curl_works(shuttle)
+    assert ctl_json(shuttle, "status")["tcp"] == "ssh"
+
+
+def test_sigterm_leaves_no_ssh_and_no_directory(shuttle: Shuttle) -> None:
+    """Stopped with a connection that ssh carries: the client exits 0, its masters end, and
+    their directory goes. (The reset of that connection is sent after the rules are gone,
+    as on the agent's path, so the program does not see it: nft's NAT no longer rewrites
+    it back.)"""
+    topo = shuttle.topo
+    client = shuttle.start_client(extra=FAST)
+    assert list(topo.home().runtime_dir.glob("shuttle-ssh-*")), "no masters' directory"
+    argv = [str(topo.tcptool_path), "down", T_ADDR, str(BULK_PORT), str(2**34), "seed"]
+    transfer = topo.start("transfer", topo.user_argv([SYSTEM_PYTHON, *argv, "--timeout", "60"]))
+    assert wait_until(lambda: received(topo, BULK_PORT) > 2**20, 30), transfer.output()
+    client.send(signal.SIGTERM)
+    assert client.wait(15) == 0, shuttle.outputs()
+    assert wait_until(lambda: not ssh_processes(topo), 10), "ssh outlived the client"
+    left = list(topo.home().runtime_dir.glob("shuttle-ssh-*"))
+    assert not left, f"the masters' directory stayed: {left}"
+
+
+def test_two_streams_are_two_masters(shuttle: Shuttle) -> None:
+    shuttle.start_client(extra=[*FAST, "--streams=2"])
+    assert len(ssh_processes(shuttle.topo)) == 2
+    status = ctl_json(shuttle, "status")
+    assert (status["tcp"], status["streams_up"]) == ("ssh", 2)
+    result = shuttle.topo.tcptool("echo", T_ADDR, str(ECHO_PORT), "200", timeout=120)
+    assert result["ok"] and result["good"] == 200, f"{result}\n{shuttle.outputs()}"
+    curl_works(shuttle)
+
+
+def test_a_server_without_forwarding_gets_everything_over_the_agent(shuttle: Shuttle) -> None:
+    shuttle.topo.start_sshd(tcp_forwarding=False)
+    client = shuttle.start_client(extra=FAST)
+    assert "TCP through agent" in ready_line(client), shuttle.outputs()
+    assert "the server does not forward TCP" in client.output()
+    assert ctl_json(shuttle, "status")["tcp"] == "agent"
+    curl_works(shuttle)
+    result = shuttle.topo.tcptool("echo", T_ADDR, str(ECHO_PORT), "200", timeout=120)
+    assert result["ok"] and result["good"] == 200, f"{result}\n{shuttle.outputs()}"
+    refused = shuttle.topo.curl(T_ADDR, CLOSED_PORT, max_time=20)
+    assert refused.returncode in (7, 55, 56), f"exit {refused.returncode}: {refused.stderr}"
+
+
+def test_tcp_ssh_fails_to_start_where_the_server_does_not_forward(shuttle: Shuttle) -> None:
+    shuttle.topo.start_sshd(tcp_forwarding=False)
+    topo = shuttle.topo
+    env = topo.user_env([str(shuttle.venv.bin)])
+    argv = topo.user_argv(shuttle.client_args(extra=["--tcp=ssh"]), env)
+    proc = topo.start("client-ssh-only", argv)
+    assert proc.wait(60) == 1, proc.output()
+    assert "--tcp=ssh, but the server does not forward TCP for this user" in proc.output()
+    assert "Traceback" not in proc.output()
+
+
+@pytest.mark.parametrize("tcp", ["agent", "auto"])
+def test_a_local_half_close_gets_the_whole_answer(shuttle: Shuttle, tcp: str) -> None:
+    """The program shuts down its sending side and reads the answer: both paths."""
+    shuttle.start_client(extra=[f"--tcp={tcp}"])
+    size = 2**20
+    result = shuttle.topo.tcptool("half-close-local", T_ADDR, str(ECHO_PORT), str(size), timeout=60)
+    assert result["ok"] and result["bytes"] == size, f"{result}\n{shuttle.outputs()}"
+
+
+# The fast path's one difference, stated: OpenSSH drains a stdio forward on the remote's EOF
+# and closes both directions, so what the program sends after the server's half-close never
+# arrives; the agent's path keeps the directions apart.
+@pytest.mark.parametrize(("tcp", "arrived"), [("agent", 100_000), ("auto", 0)])
+def test_after_the_servers_half_close(shuttle: Shuttle, tcp: str, arrived: int) -> None:
+    topo = shuttle.topo
+    shuttle.start_client(extra=[f"--tcp={tcp}"])
+    result = topo.tcptool("half-close-remote", T_ADDR, str(BULK_PORT), "100000", timeout=60)
+    assert result["ok"], f"{result}\n{shuttle.outputs()}"
+    log = topo.logs / "bulk.log"
+    line = "after its half-close, bulk read "
+    assert wait_until(lambda: line in log.read_text(errors="replace"), 30), shuttle.outputs()
+    assert f"{line}{arrived} bytes" in log.read_text(errors="replace")
