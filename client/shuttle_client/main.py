@@ -107,10 +107,12 @@ async def run(options: Options, readiness: Optional[Readiness] = None) -> int:
         if keeper is not None:  # a heartbeat waiting on firewalld must not delay the close
             keeper.cancel()
             await asyncio.gather(keeper, return_exceptions=True)
-        # Rules first: once they are gone, nothing new is captured into a closing tunnel.
-        await firewall.close()
+        # Listeners first: a new connection meets a closed port (a reset), not the direct
+        # path. Then the connections in flight are reset while the rules still stand: once
+        # they are gone, the NAT that would carry each reset back to its program is too.
         capture.close()
         await streams.stop()
+        await firewall.close()
         control.close()
         await _cancel_the_rest()
 

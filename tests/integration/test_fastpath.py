@@ -107,19 +107,24 @@ def test_a_transfer_lists_as_tcp_ssh_and_a_killed_master_resets_it(shuttle: Shut
     assert ctl_json(shuttle, "status")["tcp"] == "ssh"
 
 
-def test_sigterm_leaves_no_ssh_and_no_directory(shuttle: Shuttle) -> None:
-    """Stopped with a connection that ssh carries: the client exits 0, its masters end, and
-    their directory goes. (The reset of that connection is sent after the rules are gone,
-    as on the agent's path, so the program does not see it: nft's NAT no longer rewrites
-    it back.)"""
+@pytest.mark.parametrize("tcp", ["agent", "auto"])
+def test_sigterm_resets_connections_and_leaves_no_ssh_and_no_directory(
+    shuttle: Shuttle, tcp: str
+) -> None:
+    """Stopped with a connection in flight, on either path: the program sees a reset (not a
+    clean EOF that would look like a short complete transfer), the client exits 0, its
+    masters end, and their directory goes."""
     topo = shuttle.topo
-    client = shuttle.start_client(extra=FAST)
-    assert list(topo.home().runtime_dir.glob("shuttle-ssh-*")), "no masters' directory"
+    client = shuttle.start_client(extra=[f"--tcp={tcp}"])
     argv = [str(topo.tcptool_path), "down", T_ADDR, str(BULK_PORT), str(2**34), "seed"]
     transfer = topo.start("transfer", topo.user_argv([SYSTEM_PYTHON, *argv, "--timeout", "60"]))
     assert wait_until(lambda: received(topo, BULK_PORT) > 2**20, 30), transfer.output()
     client.send(signal.SIGTERM)
     assert client.wait(15) == 0, shuttle.outputs()
+    assert transfer.wait(30) not in (0, None), f"the transfer should break\n{transfer.output()}"
+    assert "ConnectionResetError" in last_json(transfer.output()).get("error", ""), (
+        transfer.output()
+    )
     assert wait_until(lambda: not ssh_processes(topo), 10), "ssh outlived the client"
     left = list(topo.home().runtime_dir.glob("shuttle-ssh-*"))
     assert not left, f"the masters' directory stayed: {left}"
