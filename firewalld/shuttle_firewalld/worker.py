@@ -84,7 +84,6 @@ class Worker:
         return self._woken.fileno()
 
     def start(self) -> None:
-        self._switch_interval = sys.getswitchinterval()
         sys.setswitchinterval(SWITCH_INTERVAL)
         gc.disable()
         self._thread.start()
