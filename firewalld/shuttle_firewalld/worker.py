@@ -18,6 +18,7 @@ counting frees everything else as before.
 from __future__ import annotations
 
 import gc
+import itertools
 import logging
 import select
 import socket
@@ -34,6 +35,9 @@ log = logging.getLogger(__name__)
 
 MAX_PENDING_PER_UID = 2  # a client sends one request at a time: two allow a second client
 MAX_PENDING = 32
+# uids whose last turn is remembered: one forgotten counts as never served, a small favour
+# that only uids beyond this many could get.
+MAX_SERVED = 1024
 EXPIRE_EVERY = 0.5  # seconds between looks at the leases while no request comes
 COLLECT_EVERY = 60.0  # seconds between garbage collections, at the least
 # How long the worker may hold the GIL while the loop waits for it (Python's default: 5 ms).
@@ -62,7 +66,11 @@ class Worker:
         self._sessions = sessions
         self._work = work
         self._ready = threading.Condition()
-        self._queues: dict[int, deque[Job]] = {}  # by uid; the dict's order is the turn
+        self._queues: dict[int, deque[Job]] = {}  # by uid, of those with jobs waiting
+        # The turn each uid was last served at: the uid served longest ago (or never) goes
+        # first, even if its queue ran empty in between and it sends again later.
+        self._served: dict[int, int] = {}
+        self._turns = itertools.count()
         self._pending: Counter[int] = Counter()  # per uid: waiting or being applied
         self._busy: Counter[str] = Counter()  # session ids with a request waiting or applied
         self._stopping = False
@@ -126,14 +134,19 @@ class Worker:
         return done
 
     def _next(self) -> Job | None:
-        """The next uid's oldest job, that uid going to the end of the turn; under _ready."""
-        for uid in list(self._queues):
-            queue = self._queues.pop(uid)
-            job = queue.popleft()
-            if queue:
-                self._queues[uid] = queue
-            return job
-        return None
+        """The oldest job of the uid served longest ago; under _ready."""
+        if not self._queues:
+            return None
+        uid = min(self._queues, key=lambda uid: self._served.get(uid, -1))
+        queue = self._queues[uid]
+        job = queue.popleft()
+        if not queue:
+            del self._queues[uid]
+        self._served[uid] = next(self._turns)
+        if len(self._served) > MAX_SERVED:  # forget the uids served longest ago
+            for old in sorted(self._served, key=self._served.__getitem__)[: MAX_SERVED // 2]:
+                del self._served[old]
+        return job
 
     def _run(self) -> None:
         collect_at = time.monotonic() + COLLECT_EVERY

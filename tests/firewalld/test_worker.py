@@ -74,6 +74,18 @@ def test_uids_take_turns_and_each_answer_goes_to_its_connection(worker: Worker, 
     ]
 
 
+def test_a_uid_just_served_waits_behind_one_that_was_not(worker: Worker, held: Held) -> None:
+    """uid 1000's queue runs empty when its first request is taken; its next one still
+    waits behind uid 1001's, which came later."""
+    assert worker.submit(job(1000, "a1")) is None
+    assert wait_until(lambda: held.started == [b"a1"])
+    for submitted in (job(1000, "a2"), job(1001, "b1")):
+        assert worker.submit(submitted) is None
+    for _ in range(3):
+        held.go.release()
+    assert [name for name, _ in answers(worker, 3)] == [b"a1", b"b1", b"a2"]
+
+
 def test_too_many_requests_are_answered_busy_at_once(worker: Worker, held: Held) -> None:
     for number in range(MAX_PENDING_PER_UID):
         assert worker.submit(job(1000, f"a{number}")) is None
