@@ -17,7 +17,7 @@ from typing import Any, Awaitable, Callable, List, Optional, Set, Tuple
 
 import zmq
 import zmq.asyncio
-from shuttle_protocol.control_messages import ControlError
+from shuttle_protocol.control_messages import PAIRS
 from shuttle_protocol.errors import LocalProtocolError, RemoteProtocolError
 from shuttle_protocol.frames import MAX_FRAME, decode_frame, encode_frame
 from shuttle_protocol.schema import Message
@@ -30,7 +30,6 @@ log = logging.getLogger("shuttle")
 DOMAIN = b"shuttle-control"
 MAX_BUSY = 16  # requests being handled at once; more are refused, not queued without bound
 CLOSE_LINGER_MS = 500  # an answer to StopRequest still goes out while the client closes
-MAX_ERROR_TEXT = 2000  # ControlError's own limit
 
 Handler = Callable[[Message], Awaitable[Message]]
 
@@ -166,9 +165,9 @@ class ControlServer:
             frames = await router.recv_multipart(copy=False)
             identity = frames[0].bytes
             if len(frames) != 2:
-                reply = _error(0, f"a request is one frame, not {len(frames) - 1}")
+                reply = PAIRS.refuse_frame(None, f"a request is one frame, not {len(frames) - 1}")
             elif self._busy >= MAX_BUSY:
-                reply = _error(_request_id(frames[1].bytes), f"busy: {MAX_BUSY} requests at once")
+                reply = PAIRS.refuse_frame(frames[1].buffer, f"busy: {MAX_BUSY} requests at once")
             else:
                 self._busy += 1  # now: the task may not run before the next request is read
                 self._spawn(self._answer(router, identity, frames[1].bytes))
@@ -190,26 +189,14 @@ class ControlServer:
             request_id, request = decode_frame(payload)
         except RemoteProtocolError as exc:
             log.info("control socket: bad request: %s", exc)
-            return _error(0, f"bad request: {exc}")
+            return PAIRS.refuse_frame(payload, f"bad request: {exc}")
         try:
-            return encode_frame(request_id, await self._handle(request))
+            return PAIRS.reply(request_id, request, await self._handle(request))
         except RequestRefused as exc:
-            return _error(request_id, str(exc))
-        except LocalProtocolError as exc:  # an answer too big, or a value out of range
+            return PAIRS.refuse(request_id, str(exc))
+        except LocalProtocolError as exc:  # an answer too big, a value out of range, a bug
             log.exception("control socket: cannot answer %s", type(request).__name__)
-            return _error(request_id, f"internal error: {exc}")
-
-
-def _request_id(payload: bytes) -> int:
-    """The id of a request, so that even a refusal is matched to it; 0 if it has none."""
-    try:
-        return decode_frame(payload)[0]
-    except RemoteProtocolError:
-        return 0
-
-
-def _error(request_id: int, text: str) -> bytes:
-    return encode_frame(request_id, ControlError(text[:MAX_ERROR_TEXT]))
+            return PAIRS.refuse(request_id, f"internal error: {exc}")
 
 
 def _private_directory(path: str) -> None:

@@ -24,11 +24,11 @@ from typing import TypeVar, Union
 import zmq
 from shuttle_protocol.control_messages import (
     EVENTS,
+    PAIRS,
     AddRoutesAnswer,
     AddRoutesRequest,
     ConnectionsAnswer,
     ConnectionsRequest,
-    ControlError,
     HostsAnswer,
     HostsRequest,
     RemoveRoutesAnswer,
@@ -42,7 +42,8 @@ from shuttle_protocol.control_messages import (
 )
 from shuttle_protocol.errors import ProtocolError
 from shuttle_protocol.firewall_messages import Target
-from shuttle_protocol.frames import decode_frame, encode_frame
+from shuttle_protocol.frames import decode_frame
+from shuttle_protocol.rpc import AnswerError, Caller
 from shuttle_protocol.schema import Message
 
 from .control_paths import default_control_path, events_path
@@ -90,7 +91,7 @@ class ControlClient:
         self.timeout = timeout
         self._requests: zmq.Socket[bytes] | None = None
         self._events: zmq.Socket[bytes] | None = None
-        self._next_id = 1
+        self._caller = Caller(PAIRS)
 
     def status(self) -> StatusAnswer:
         """The tunnel's state and totals."""
@@ -167,33 +168,25 @@ class ControlClient:
         if self._requests is None:
             self._requests = self._open(zmq.DEALER, self.path)
         sock = self._requests
-        request_id = self._next_id
-        self._next_id += 1
+        call = self._caller.call(request, answer_type)
         timeout = max(self.timeout, at_least)
         deadline = time.monotonic() + timeout
         try:
             # A connecting DEALER queues at once (its pipe exists before the peer does).
-            sock.send(encode_frame(request_id, request), zmq.NOBLOCK)
+            sock.send(call.frame(), zmq.NOBLOCK)
         except zmq.Again:
             raise ControlClientError(self._no_answer(timeout)) from None
         while (remaining := deadline - time.monotonic()) > 0:
             if not sock.poll(max(1, round(remaining * 1000)), zmq.POLLIN):
                 break
             try:
-                answer_id, answer = decode_frame(sock.recv(zmq.NOBLOCK))
+                answer = call.receive(sock.recv(zmq.NOBLOCK))
             except zmq.Again:
                 continue
-            except ProtocolError as exc:
-                raise ControlClientError(f"the client sent a malformed answer: {exc}") from None
-            if answer_id != request_id:
-                continue  # the late answer to a request that timed out
-            if isinstance(answer, ControlError):
-                raise ControlClientError(f"the client said: {answer.text}")
-            if not isinstance(answer, answer_type):
-                raise ControlClientError(
-                    f"the client answered {type(request).__name__} with {type(answer).__name__}"
-                )
-            return answer
+            except AnswerError as exc:
+                raise ControlClientError(exc.from_peer("the client", " said")) from None
+            if answer is not None:
+                return answer
         raise ControlClientError(self._no_answer(timeout))
 
     def _event_stream(

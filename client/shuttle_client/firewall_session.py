@@ -26,7 +26,7 @@ import pwd
 import socket
 import struct
 from collections.abc import Sequence
-from typing import Any, Union
+from typing import Any, TypeVar, Union
 
 import zmq
 import zmq.asyncio
@@ -34,8 +34,9 @@ from shuttle_protocol.errors import ProtocolError
 from shuttle_protocol.firewall_messages import (
     ALL_PORTS,
     ANY_OWNER,
+    PAIRS,
+    CloseSessionAnswer,
     CloseSessionRequest,
-    ErrorAnswer,
     HeartbeatAnswer,
     HeartbeatRequest,
     ListSessionsAnswer,
@@ -54,7 +55,8 @@ from shuttle_protocol.firewall_messages import (
     UpdateSessionAnswer,
     UpdateSessionRequest,
 )
-from shuttle_protocol.frames import decode_frame, encode_frame
+from shuttle_protocol.frames import decode_frame
+from shuttle_protocol.rpc import AnswerError, Caller
 from shuttle_protocol.schema import Message
 
 log = logging.getLogger("shuttle")
@@ -68,6 +70,7 @@ _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 _MONITORS = itertools.count(1)
 
+A = TypeVar("A", bound=Message)
 Address = Union[str, ipaddress.IPv4Address, ipaddress.IPv6Address]
 
 
@@ -97,7 +100,7 @@ class FirewallSession:
         # Done once firewalld drops the connection of self._socket.
         self._gone: asyncio.Future[None] | None = None
         self._lock: asyncio.Lock | None = None  # made in the loop that uses it (Python 3.9)
-        self._next_id = 1
+        self._caller = Caller(PAIRS)
         self._session: str | None = None
         self._lease = 0.0
 
@@ -138,9 +141,7 @@ class FirewallSession:
             forward,
             tuple(dns),
         )
-        answer = await self._request(request, timeout)
-        if not isinstance(answer, OpenSessionAnswer):
-            raise FirewallError(f"shuttle-firewalld answered {type(answer).__name__}")
+        answer = await self._request(request, OpenSessionAnswer, timeout)
         self._session, self._lease = answer.session, answer.lease
         return answer.method
 
@@ -153,9 +154,7 @@ class FirewallSession:
         IP_RECVORIGDSTADDR / IPV6_RECVORIGDSTADDR ancillary data. firewalld hands them over
         once per session; the caller owns them from now on.
         """
-        answer = await self._request(SocketsRequest(self._open_session()), timeout)
-        if not isinstance(answer, SocketsAnswer):
-            raise FirewallError(f"shuttle-firewalld answered {type(answer).__name__}")
+        answer = await self._request(SocketsRequest(self._open_session()), SocketsAnswer, timeout)
         sockets = await fetch_sockets(answer.path, answer.token, timeout)
         if any(kind == "reply" for kind, _ in sockets):
             _close_all(sockets)
@@ -176,9 +175,7 @@ class FirewallSession:
             )
         except ProtocolError as exc:
             raise FirewallError(f"cannot ask for a reply socket: {exc}") from None
-        answer = await self._request(request, timeout)
-        if not isinstance(answer, ReplySocketAnswer):
-            raise FirewallError(f"shuttle-firewalld answered {type(answer).__name__}")
+        answer = await self._request(request, ReplySocketAnswer, timeout)
         sockets = await fetch_sockets(answer.path, answer.token, timeout)
         if [kind for kind, _ in sockets] != ["reply"]:
             _close_all(sockets)
@@ -192,9 +189,7 @@ class FirewallSession:
             request = SetHostsRequest(self._open_session(), tuple(hosts))
         except ProtocolError as exc:
             raise FirewallError(f"cannot set hosts: {exc}") from None
-        answer = await self._request(request, timeout)
-        if not isinstance(answer, SetHostsAnswer):
-            raise FirewallError(f"shuttle-firewalld answered {type(answer).__name__}")
+        answer = await self._request(request, SetHostsAnswer, timeout)
         return answer.count
 
     async def update(
@@ -212,17 +207,13 @@ class FirewallSession:
             )
         except ProtocolError as exc:
             raise FirewallError(f"cannot update the firewall session: {exc}") from None
-        answer = await self._request(request, timeout)
-        if not isinstance(answer, UpdateSessionAnswer):
-            raise FirewallError(f"shuttle-firewalld answered {type(answer).__name__}")
+        answer = await self._request(request, UpdateSessionAnswer, timeout)
         return answer.rules
 
     async def list_sessions(self, timeout: float = 5.0) -> tuple[SessionEntry, ...]:
         """The sessions firewalld shows us: our uid's own (root's caller: every session).
         Needs no open session."""
-        answer = await self._request(ListSessionsRequest(), timeout)
-        if not isinstance(answer, ListSessionsAnswer):
-            raise FirewallError(f"shuttle-firewalld answered {type(answer).__name__}")
+        answer = await self._request(ListSessionsRequest(), ListSessionsAnswer, timeout)
         return answer.sessions
 
     def _open_session(self) -> str:
@@ -237,12 +228,12 @@ class FirewallSession:
         the session may hold, and a heartbeat is sent again every third of the lease."""
         session = self._open_session()
         interval = self._lease / 3
-        beat: asyncio.Future[Message] | None = None
+        beat: asyncio.Future[HeartbeatAnswer] | None = None
         while True:
             try:
                 await self._sleep_connected(interval)
                 beat = asyncio.ensure_future(
-                    self._request(HeartbeatRequest(session), None, interval)
+                    self._request(HeartbeatRequest(session), HeartbeatAnswer, None, interval)
                 )
                 done, _ = await asyncio.wait([beat], timeout=self._lease)
                 if not done:
@@ -251,7 +242,7 @@ class FirewallSession:
                         "gone (it is connected), so the session holds until it says otherwise",
                         self._lease,
                     )
-                answer = await beat
+                await beat
             except FirewallError:
                 self._session = None
                 raise
@@ -260,9 +251,6 @@ class FirewallSession:
                     beat.cancel()
             if not done:
                 log.info("shuttle-firewalld answers heartbeats again")
-            if not isinstance(answer, HeartbeatAnswer):
-                self._session = None
-                raise FirewallError(f"shuttle-firewalld answered {type(answer).__name__}")
 
     async def close(self) -> None:
         """Close the session (best effort: its lease ends it anyway) and the socket."""
@@ -270,7 +258,10 @@ class FirewallSession:
             if self._session is not None:
                 # The outer bound covers waiting for a heartbeat that holds the socket.
                 await asyncio.wait_for(
-                    self._request(CloseSessionRequest(self._session), CLOSE_TIMEOUT), CLOSE_TIMEOUT
+                    self._request(
+                        CloseSessionRequest(self._session), CloseSessionAnswer, CLOSE_TIMEOUT
+                    ),
+                    CLOSE_TIMEOUT,
                 )
         except (FirewallError, ProtocolError, zmq.ZMQError, OSError, asyncio.TimeoutError):
             pass  # nothing to tell: the rules go when the lease runs out
@@ -290,51 +281,43 @@ class FirewallSession:
             self._socket = None
 
     async def _request(
-        self, request: Message, timeout: float | None, resend: float = 0.0
-    ) -> Message:
-        """Send one request and wait for its answer; an ErrorAnswer becomes FirewallError.
-        timeout None: as long as firewalld stays connected. resend: send the request again
-        (a new id) each time this many seconds pass without an answer, up to MAX_UNANSWERED
-        copies; the answer to any of them counts."""
+        self, request: Message, kind: type[A], timeout: float | None, resend: float = 0.0
+    ) -> A:
+        """Send one request and wait for its answer, of kind; an ErrorAnswer (or another
+        answer) becomes FirewallError. timeout None: as long as firewalld stays connected.
+        resend: send the request again (a new id) each time this many seconds pass without an
+        answer, up to MAX_UNANSWERED copies; the answer to any of them counts."""
         if self._lock is None:
             self._lock = asyncio.Lock()
         async with self._lock:
             socket = self._connect()
+            call = self._caller.call(request, kind)
             loop = asyncio.get_running_loop()
             deadline = math.inf if timeout is None else loop.time() + timeout
-            sent: set[int] = set()
             next_send = loop.time()
             while (remaining := deadline - loop.time()) > 0:
                 if loop.time() >= next_send:
-                    sent.add(await self._send(socket, request, min(remaining, resend or remaining)))
-                    more = resend and len(sent) < MAX_UNANSWERED
+                    await self._send(socket, call.frame(), min(remaining, resend or remaining))
+                    more = resend and len(call.sent) < MAX_UNANSWERED
                     next_send = loop.time() + resend if more else math.inf
                 data = await self._receive(socket, min(deadline, next_send) - loop.time())
                 if data is None:
                     continue
                 try:
-                    answer_id, answer = decode_frame(data)
-                except ProtocolError as exc:
-                    raise FirewallError(
-                        f"shuttle-firewalld sent a malformed answer: {exc}"
-                    ) from None
-                if answer_id not in sent:
-                    continue  # the late answer to a request that timed out
-                if isinstance(answer, ErrorAnswer):
-                    raise FirewallError(f"shuttle-firewalld: {answer.text}")
-                return answer
+                    answer = call.receive(data)
+                except AnswerError as exc:
+                    raise FirewallError(exc.from_peer("shuttle-firewalld")) from None
+                if answer is not None:
+                    return answer
             raise FirewallUnavailable(self._no_answer(timeout or 0.0))
 
-    async def _send(self, socket: zmq.asyncio.Socket, request: Message, timeout: float) -> int:
-        """Queue the request under a new id; the id."""
-        request_id = self._next_id
-        self._next_id += 1
+    async def _send(self, socket: zmq.asyncio.Socket, frame: bytes, timeout: float) -> None:
+        """Queue a request's frame."""
         try:
             # Sending only queues, unless the queue is full: bounded all the same.
-            await asyncio.wait_for(socket.send(encode_frame(request_id, request)), timeout)
+            await asyncio.wait_for(socket.send(frame), timeout)
         except asyncio.TimeoutError:
             raise FirewallUnavailable(self._no_answer(timeout)) from None
-        return request_id
 
     async def _receive(self, socket: zmq.asyncio.Socket, timeout: float) -> bytes | None:
         """The next frame within timeout seconds (None if none came);

@@ -9,15 +9,14 @@ import os
 from typing import IO
 
 import zmq
-from shuttle_protocol.errors import ProtocolError
 from shuttle_protocol.firewall_messages import (
     ANY_OWNER,
-    ErrorAnswer,
+    PAIRS,
     ListSessionsAnswer,
     ListSessionsRequest,
     SessionEntry,
 )
-from shuttle_protocol.frames import decode_frame, encode_frame
+from shuttle_protocol.rpc import AnswerError, Caller
 
 TIMEOUT = 5.0  # seconds to wait for the answer: firewalld answers a list at once
 
@@ -29,13 +28,14 @@ class CtlError(Exception):
 def list_sessions(path: str, timeout: float = TIMEOUT) -> tuple[SessionEntry, ...]:
     """The sessions firewalld at path shows the calling uid; CtlError if it cannot say."""
     _check_reachable(path)
+    call = Caller(PAIRS).call(ListSessionsRequest(), ListSessionsAnswer)
     context = zmq.Context()
     dealer = context.socket(zmq.DEALER)
     dealer.linger = 0
     try:
         # libzmq connects in the background and never says it failed: the poll bounds it.
         dealer.connect("ipc://" + path)
-        dealer.send(encode_frame(1, ListSessionsRequest()))
+        dealer.send(call.frame())
         if not dealer.poll(int(timeout * 1000)):
             raise CtlError(
                 f"no answer from shuttle-firewalld at {path} within {timeout:g} s: is it running?"
@@ -47,13 +47,11 @@ def list_sessions(path: str, timeout: float = TIMEOUT) -> tuple[SessionEntry, ..
         dealer.close()
         context.term()
     try:
-        _, answer = decode_frame(data)
-    except ProtocolError as exc:
-        raise CtlError(f"shuttle-firewalld sent a malformed answer: {exc}") from None
-    if isinstance(answer, ErrorAnswer):
-        raise CtlError(f"shuttle-firewalld: {answer.text}")
-    if not isinstance(answer, ListSessionsAnswer):
-        raise CtlError(f"shuttle-firewalld answered {type(answer).__name__}")
+        answer = call.receive(data)
+    except AnswerError as exc:
+        raise CtlError(exc.from_peer("shuttle-firewalld")) from None
+    if answer is None:  # a fresh connection has no earlier request to answer
+        raise CtlError("shuttle-firewalld answered another request than ours")
     return answer.sessions
 
 

@@ -23,15 +23,8 @@ from typing import Any
 
 import zmq
 from shuttle_protocol.errors import RemoteProtocolError
-from shuttle_protocol.firewall_messages import TOKEN_LEN, ErrorAnswer, SocketsHandover
-from shuttle_protocol.frames import (
-    MAX_FRAME,
-    MAX_ITEMS,
-    MAX_REQUEST_ID,
-    decode_frame,
-    encode_frame,
-    frame_message,
-)
+from shuttle_protocol.firewall_messages import PAIRS, TOKEN_LEN, SocketsHandover
+from shuttle_protocol.frames import MAX_FRAME, MAX_ITEMS, decode_frame, encode_frame, frame_message
 from shuttle_protocol.schema import Message
 from shuttle_protocol.stream import new_unpacker, unpack_errors
 from shuttle_protocol.zap import PID_PROPERTY, ZAP_ENDPOINT, zap_reply
@@ -47,7 +40,6 @@ log = logging.getLogger(__name__)
 
 POLL_MS = 500  # the longest a signal or a run-out lease waits for the loop's attention
 BATCH = 100  # messages taken from one socket per turn, so expiry and signals get turns too
-MAX_ERROR_TEXT = 2000  # ErrorAnswer's own limit
 FDS_SUFFIX = ".fds"  # the fd socket's path is the zmq socket's plus this
 MAX_WAITING = 64  # fd socket connections that have not sent their token yet
 MAX_WAITING_PER_UID = 8  # of which one uid's: it cannot crowd out the others
@@ -76,15 +68,15 @@ def answer(sessions: Sessions, uid: int, payload: bytes, pid: int | None = None)
             request_id, request = decode_frame(payload)
     except RemoteProtocolError as exc:
         log.info("bad request from uid %d: %s", uid, exc)
-        return error_frame(request_id_of(payload), f"bad request: {exc}")
+        return PAIRS.refuse_frame(payload, f"bad request: {exc}")
     try:
-        return encode_frame(request_id, requests.handle(sessions, uid, request, pid))
+        return PAIRS.reply(request_id, request, requests.handle(sessions, uid, request, pid))
     except RequestError as exc:
         log.info("refused %s from uid %d: %s", type(request).__name__, uid, exc)
-        return error_frame(request_id, str(exc))
+        return PAIRS.refuse(request_id, str(exc))
     except Exception as exc:  # our bug: keep serving, and say so in the log with a traceback
         log.exception("internal error on %s from uid %d", type(request).__name__, uid)
-        return error_frame(request_id, f"internal error: {type(exc).__name__}: {exc}")
+        return PAIRS.refuse(request_id, f"internal error: {type(exc).__name__}: {exc}")
 
 
 def decode_in_pieces(payload: bytes) -> tuple[int, Message]:
@@ -108,28 +100,6 @@ def _read_in_pieces(unpacker: Any, payload: bytes) -> Any:
             _read_in_pieces(unpacker, payload) for _ in range(unpacker.read_array_header())
         )
     return unpacker.unpack()
-
-
-def error_frame(request_id: int, text: str) -> bytes:
-    return encode_frame(request_id, ErrorAnswer(text[:MAX_ERROR_TEXT]))
-
-
-def request_id_of(payload: bytes | memoryview) -> int:
-    """The request id of a frame that failed to decode, so the caller can match the error.
-
-    0 when the frame does not even start as [request id, ...].
-    """
-    unpacker = new_unpacker(MAX_FRAME, MAX_ITEMS, MAX_FRAME)
-    try:
-        unpacker.feed(payload)
-        if unpacker.read_array_header() < 1:
-            return 0
-        request_id = unpacker.unpack()
-    except unpack_errors():
-        return 0
-    if type(request_id) is not int or not 0 <= request_id <= MAX_REQUEST_ID:
-        return 0
-    return request_id
 
 
 def peek(payload: bytes) -> tuple[object, str | None]:
@@ -333,10 +303,10 @@ class Server:
             uid, pid = caller_uid(frames[-1]), caller_pid(frames[-1])
             if len(frames) != 2:
                 log.info("bad request from uid %s: %d frames", uid, len(frames) - 1)
-                reply = error_frame(0, f"a request is one frame, not {len(frames) - 1}")
+                reply = PAIRS.refuse_frame(None, f"a request is one frame, not {len(frames) - 1}")
             elif uid is None or pid is None:
                 log.warning("a request without the caller's uid or pid")  # ZAP runs for everyone
-                reply = error_frame(0, "who are you? no peer credentials")
+                reply = PAIRS.refuse_frame(frames[1].buffer, "who are you? no peer credentials")
             else:
                 found = self._route(identity, uid, pid, frames[1])
                 if found is None:
@@ -349,8 +319,8 @@ class Server:
         size = len(frame)
         if uid != 0 and size > MEMBER_MAX_FRAME:  # refused without a copy of it
             log.info("refused a frame of %d bytes from uid %d", size, uid)
-            return error_frame(
-                request_id_of(frame.buffer),
+            return PAIRS.refuse_frame(
+                frame.buffer,
                 f"bad request: a request of a uid other than root's is at most "
                 f"{MEMBER_MAX_FRAME} bytes, this one is {size}",
             )
@@ -362,7 +332,7 @@ class Server:
         if refusal is None:
             return None
         log.info("refused a request of uid %d: %s", uid, refusal)
-        return error_frame(request_id_of(payload), refusal)
+        return PAIRS.refuse_frame(payload, refusal)
 
     def _send(self, identity: bytes, reply: bytes) -> None:
         try:

@@ -22,6 +22,7 @@ from .checks import (
 )
 from .errors import LocalProtocolError
 from .firewall_messages import APPLIED_METHODS, MAX_HOSTS, Target, check_targets
+from .rpc import Pairs
 from .schema import Message, message
 
 # The tunnel's states: starting (before the first ready), up (every stream connected),
@@ -396,15 +397,6 @@ class FirewallBack(Message):
         check_int(self.port, "port", 1, 65535)
 
 
-REQUESTS = (
-    StatusRequest,
-    ConnectionsRequest,
-    RoutesRequest,
-    AddRoutesRequest,
-    RemoveRoutesRequest,
-    HostsRequest,
-    StopRequest,
-)
 EVENTS = (
     Connected,
     Disconnected,
@@ -414,3 +406,18 @@ EVENTS = (
     FirewallLost,
     FirewallBack,
 )
+
+# Which answer goes with which request; any request may get a ControlError instead.
+PAIRS = Pairs(
+    {
+        StatusRequest: StatusAnswer,
+        ConnectionsRequest: ConnectionsAnswer,
+        RoutesRequest: RoutesAnswer,
+        AddRoutesRequest: AddRoutesAnswer,
+        RemoveRoutesRequest: RemoveRoutesAnswer,
+        HostsRequest: HostsAnswer,
+        StopRequest: StopAnswer,
+    },
+    ControlError,
+)
+REQUESTS = tuple(PAIRS.answers)

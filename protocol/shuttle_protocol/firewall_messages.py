@@ -20,6 +20,7 @@ from .checks import (
     check_text,
 )
 from .errors import LocalProtocolError
+from .rpc import Pairs
 from .schema import Message, message
 
 # "auto" asks firewalld to choose (nft where it works, else nat; never tproxy, which the
@@ -406,3 +407,19 @@ class ErrorAnswer(Message):
 
     def __post_init__(self) -> None:
         check_text(self.text, "text", 2000)
+
+
+# Which answer goes with which request; any request may get an ErrorAnswer instead.
+PAIRS = Pairs(
+    {
+        OpenSessionRequest: OpenSessionAnswer,
+        HeartbeatRequest: HeartbeatAnswer,
+        CloseSessionRequest: CloseSessionAnswer,
+        SocketsRequest: SocketsAnswer,
+        ReplySocketRequest: ReplySocketAnswer,
+        SetHostsRequest: SetHostsAnswer,
+        ListSessionsRequest: ListSessionsAnswer,
+        UpdateSessionRequest: UpdateSessionAnswer,
+    },
+    ErrorAnswer,
+)

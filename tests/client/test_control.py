@@ -27,23 +27,14 @@ from shuttle_protocol.control_messages import (
     StatusAnswer,
     StatusRequest,
     StopAnswer,
+    StopRequest,
 )
 from shuttle_protocol.errors import RemoteProtocolError
 from shuttle_protocol.frames import MAX_REQUEST_ID, decode_frame, encode_frame
+from shuttle_protocol.rpc import request_id_of
 from shuttle_protocol.schema import Message
 
 from .control_server import running_server
-
-# What each request is answered with when it is not refused.
-ANSWERS = {
-    cm.StatusRequest: cm.StatusAnswer,
-    cm.ConnectionsRequest: cm.ConnectionsAnswer,
-    cm.RoutesRequest: cm.RoutesAnswer,
-    cm.AddRoutesRequest: cm.AddRoutesAnswer,
-    cm.RemoveRoutesRequest: cm.RemoveRoutesAnswer,
-    cm.HostsRequest: cm.HostsAnswer,
-    cm.StopRequest: cm.StopAnswer,
-}
 
 WAIT = 10.0
 
@@ -112,7 +103,7 @@ def test_at_most_max_busy_requests_are_handled_at_once(tmp_path: Path) -> None:
         try:
             dealer.connect(f"ipc://{path}")
             for number in range(1, MAX_BUSY + 6):  # all at once, before any is answered
-                await dealer.send(encode_frame(number, StatusRequest()))
+                await dealer.send(encode_frame(number, StopRequest()))
             busy = [decode_frame(await asyncio.wait_for(dealer.recv(), WAIT)) for _ in range(5)]
             assert sorted(number for number, _ in busy) == list(range(MAX_BUSY + 1, MAX_BUSY + 6))
             assert all(isinstance(answer, ControlError) for _, answer in busy)
@@ -201,9 +192,12 @@ def test_any_frame_gets_its_answer_and_the_server_goes_on(frames: List[bytes]) -
                     assert isinstance(answer, ControlError) and answer.text.startswith(
                         "bad request"
                     )
+                    assert answer_id == request_id_of(frame)  # under its id, if it has one
                     continue
                 assert answer_id == request_id
-                assert isinstance(answer, (ControlError, ANSWERS.get(type(request), ControlError)))
+                assert isinstance(
+                    answer, (ControlError, cm.PAIRS.answers.get(type(request), ControlError))
+                )
             dealer.send(encode_frame(1, StatusRequest()))
             assert dealer.poll(int(WAIT * 1000))
             assert isinstance(decode_frame(dealer.recv())[1], StatusAnswer)

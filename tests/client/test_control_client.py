@@ -21,6 +21,7 @@ from shuttle_protocol.control_messages import (
     ChannelOpened,
     Connected,
     HostsRequest,
+    StatusAnswer,
     StatusRequest,
 )
 from shuttle_protocol.frames import decode_frame, encode_frame
@@ -261,7 +262,8 @@ def test_requests_are_numbered_and_the_socket_is_reused() -> None:
     with running_server() as server, ControlClient(server.path, WAIT) as client:
         for _ in range(3):
             assert client.status() == STATUS
-        assert client._next_id == 4
+        next_call = client._caller.call(StatusRequest(), StatusAnswer)
+        assert decode_frame(next_call.frame())[0] == 4  # 1, 2, 3 went before
         client.close()
         assert client.status() == STATUS  # after close(), it connects again
 

@@ -32,10 +32,10 @@ import pytest
 import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from shuttle_firewalld.server import request_id_of
 from shuttle_protocol.errors import RemoteProtocolError
 from shuttle_protocol.firewall_messages import (
     ANY_OWNER,
+    PAIRS,
     CloseSessionAnswer,
     CloseSessionRequest,
     ErrorAnswer,
@@ -45,16 +45,13 @@ from shuttle_protocol.firewall_messages import (
     ListSessionsRequest,
     OpenSessionAnswer,
     OpenSessionRequest,
-    ReplySocketAnswer,
     ReplySocketRequest,
     SetHostsAnswer,
     SetHostsRequest,
-    SocketsAnswer,
-    SocketsRequest,
-    UpdateSessionAnswer,
     UpdateSessionRequest,
 )
 from shuttle_protocol.frames import MAX_FRAME, decode_frame, encode_frame
+from shuttle_protocol.rpc import request_id_of
 from shuttle_protocol.schema import FRAME_TAGS, REGISTRY, Message
 
 from .conftest import (
@@ -80,16 +77,7 @@ LEASE = 600  # no session expires during the run: what is open is what valid req
 HOSTS = b"127.0.0.1 localhost\n10.9.9.9 admin.example # the admin's own\n"
 
 # What each request is answered with when it is served.
-ANSWERS: dict[type[Message], type[Message]] = {
-    OpenSessionRequest: OpenSessionAnswer,
-    HeartbeatRequest: HeartbeatAnswer,
-    CloseSessionRequest: CloseSessionAnswer,
-    SocketsRequest: SocketsAnswer,
-    ReplySocketRequest: ReplySocketAnswer,
-    SetHostsRequest: SetHostsAnswer,
-    ListSessionsRequest: ListSessionsAnswer,
-    UpdateSessionRequest: UpdateSessionAnswer,
-}
+ANSWERS = PAIRS.answers
 FRAME_MESSAGE_TAGS = sorted(tag for tag in REGISTRY if tag in FRAME_TAGS)
 
 # A long-lived DEALER of another uid: length-prefixed messages in on stdin (a count of

@@ -22,7 +22,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from shuttle_client.firewall_session import FirewallError, FirewallSession
-from shuttle_firewalld.server import QUICK_FRAME, answer, decode_in_pieces, peek, request_id_of
+from shuttle_firewalld.server import QUICK_FRAME, answer, decode_in_pieces, peek
 from shuttle_firewalld.sessions import Sessions
 from shuttle_protocol.errors import RemoteProtocolError
 from shuttle_protocol.firewall_messages import (
@@ -127,10 +127,6 @@ def test_bad_frames_get_an_error_answer(
     assert isinstance(reply, ErrorAnswer)
     assert reply.text.startswith("bad request: ")
     assert method.applied == []
-
-
-def test_request_id_of_a_good_frame() -> None:
-    assert request_id_of(encode_frame(99, OPEN)) == 99
 
 
 def test_an_internal_error_is_answered_and_logged(

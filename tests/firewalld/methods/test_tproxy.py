@@ -705,7 +705,7 @@ def ip_state(netns: str) -> list[str]:
 CLIENT = """\
 import asyncio, json, socket, struct, sys
 from shuttle_client.firewall_session import FirewallError, FirewallSession, fetch_sockets
-from shuttle_protocol.firewall_messages import SocketsRequest
+from shuttle_protocol.firewall_messages import SocketsAnswer, SocketsRequest
 
 IP_ORIGDSTADDR, IPV6_ORIGDSTADDR = 20, 74
 
@@ -730,7 +730,7 @@ async def main():
         method = await client.open(
             "tproxy", 1, ["198.18.0.0/15", "fd00:5e::/32"], [("198.18.0.99/32", 1, 65535)]
         )
-        token = await client._request(SocketsRequest(client.session), 5)
+        token = await client._request(SocketsRequest(client.session), SocketsAnswer, 5)
         say(method=method, session=client.session, token=token.token, path=token.path)
         sys.stdin.readline()  # someone else tries the token meanwhile
         try:
