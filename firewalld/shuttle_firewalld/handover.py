@@ -14,12 +14,9 @@ import socket
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from .errors import RequestError
-
-if TYPE_CHECKING:  # sessions.py imports this module
-    from .sessions import Session
+from .session import Session
 
 log = logging.getLogger(__name__)
 

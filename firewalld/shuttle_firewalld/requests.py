@@ -6,6 +6,12 @@ reported as missing, so callers cannot probe each other); some need a session of
 method. Any other message, answers included, is refused. The table is unit-tested as it
 stands.
 
+The daemon has one other entry point, the fd socket (server.FdServer, beside the zmq
+socket): it serves no request, only the one-time tokens that SocketsRequest and
+ReplySocketRequest issue here, each redeemed once, by the uid it was issued to as the
+kernel names the connection's peer (handover.Grants.take), for one SocketsHandover frame
+with the sockets in SCM_RIGHTS.
+
 It also says which requests change rules (run a tool, write the hosts file): the server
 hands those to its worker thread, off the loop, and answers the others on the loop, under
 Sessions.lock (see docs/firewalld.md, "One request at a time, off the loop").
@@ -15,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any, ClassVar, Generic, TypeVar, Union
 
 from shuttle_protocol.firewall_messages import (
     CloseSessionAnswer,
@@ -37,7 +44,10 @@ from shuttle_protocol.firewall_messages import (
 from shuttle_protocol.schema import REGISTRY, Message
 
 from .errors import RequestError
-from .sessions import Session, Sessions
+from .session import Session
+from .sessions import Sessions
+
+R = TypeVar("R", bound=Message)
 
 
 @dataclass(frozen=True)
@@ -49,9 +59,7 @@ class Caller:
     pid: int | None = None
 
 
-def _open(
-    sessions: Sessions, caller: Caller, request: OpenSessionRequest, session: None
-) -> Message:
+def _open(sessions: Sessions, caller: Caller, request: OpenSessionRequest) -> Message:
     opened = sessions.open(caller.uid, request, caller.pid)
     return OpenSessionAnswer(opened.id, sessions.lease, opened.method)
 
@@ -92,9 +100,7 @@ def _set_hosts(
     return SetHostsAnswer(sessions.set_hosts(session, request.hosts))
 
 
-def _list(
-    sessions: Sessions, caller: Caller, request: ListSessionsRequest, session: None
-) -> Message:
+def _list(sessions: Sessions, caller: Caller, request: ListSessionsRequest) -> Message:
     return ListSessionsAnswer(sessions.visible(caller.uid))
 
 
@@ -105,30 +111,53 @@ def _update(
 
 
 @dataclass(frozen=True)
-class Allowed:
-    """How firewalld serves one request type."""
+class OnSession(Generic[R]):
+    """How firewalld serves a request whose `session` field must name an open session of
+    the caller: the handler receives that session."""
 
-    # True: the request's `session` field must name an open session of the caller, which
-    # the handler then receives; False: the request names no session (handler gets None).
-    needs_own_session: bool
-    handler: Callable[..., Message]
+    handler: Callable[[Sessions, Caller, R, Session], Message]
     # Only for a session of this method (None: any method).
     method: str | None = None
     # True: it changes rules, which takes a tool's time: the worker thread runs it, and
     # Sessions takes its lock only where it changes what the loop reads. False: quick,
     # served whole under Sessions.lock, by the loop.
     slow: bool = False
+    needs_own_session: ClassVar[bool] = True
 
+    def serve(self, sessions: Sessions, caller: Caller, request: R) -> Message:
+        session = sessions.owned(request.session, caller.uid)  # type: ignore[attr-defined]
+        if self.method is not None and session.method != self.method:
+            raise RequestError(
+                f"{type(request).__name__} is only for {self.method} sessions, "
+                f"this one is {session.method}"
+            )
+        return self.handler(sessions, caller, request, session)
+
+
+@dataclass(frozen=True)
+class Alone(Generic[R]):
+    """How firewalld serves a request that names no session."""
+
+    handler: Callable[[Sessions, Caller, R], Message]
+    slow: bool = False  # as OnSession.slow
+    method: ClassVar[None] = None
+    needs_own_session: ClassVar[bool] = False
+
+    def serve(self, sessions: Sessions, caller: Caller, request: R) -> Message:
+        return self.handler(sessions, caller, request)
+
+
+Allowed = Union[OnSession[Any], Alone[Any]]
 
 TABLE: Mapping[type[Message], Allowed] = {
-    OpenSessionRequest: Allowed(needs_own_session=False, handler=_open, slow=True),
-    HeartbeatRequest: Allowed(needs_own_session=True, handler=_heartbeat),
-    CloseSessionRequest: Allowed(needs_own_session=True, handler=_close, slow=True),
-    SocketsRequest: Allowed(needs_own_session=True, handler=_sockets, method="tproxy"),
-    ReplySocketRequest: Allowed(needs_own_session=True, handler=_reply_socket, method="tproxy"),
-    SetHostsRequest: Allowed(needs_own_session=True, handler=_set_hosts, slow=True),
-    ListSessionsRequest: Allowed(needs_own_session=False, handler=_list),
-    UpdateSessionRequest: Allowed(needs_own_session=True, handler=_update, slow=True),
+    OpenSessionRequest: Alone(_open, slow=True),
+    HeartbeatRequest: OnSession(_heartbeat),
+    CloseSessionRequest: OnSession(_close, slow=True),
+    SocketsRequest: OnSession(_sockets, method="tproxy"),
+    ReplySocketRequest: OnSession(_reply_socket, method="tproxy"),
+    SetHostsRequest: OnSession(_set_hosts, slow=True),
+    ListSessionsRequest: Alone(_list),
+    UpdateSessionRequest: OnSession(_update, slow=True),
 }
 
 
@@ -140,9 +169,9 @@ def handle(sessions: Sessions, uid: int, request: Message, pid: int | None = Non
         raise RequestError(f"{type(request).__name__} is not a request firewalld serves")
     caller = Caller(uid, pid)
     if allowed.slow:
-        return _serve(sessions, caller, request, allowed)
+        return allowed.serve(sessions, caller, request)
     with sessions.lock:
-        return _serve(sessions, caller, request, allowed)
+        return allowed.serve(sessions, caller, request)
 
 
 def is_slow(tag: object) -> bool:
@@ -150,15 +179,3 @@ def is_slow(tag: object) -> bool:
     cls = REGISTRY.get(tag) if type(tag) is int else None
     allowed = TABLE.get(cls) if cls is not None else None
     return allowed is not None and allowed.slow
-
-
-def _serve(sessions: Sessions, caller: Caller, request: Message, allowed: Allowed) -> Message:
-    session = None
-    if allowed.needs_own_session:
-        session = sessions.owned(request.session, caller.uid)  # type: ignore[attr-defined]
-        if allowed.method is not None and session.method != allowed.method:
-            raise RequestError(
-                f"{type(request).__name__} is only for {allowed.method} sessions, "
-                f"this one is {session.method}"
-            )
-    return allowed.handler(sessions, caller, request, session)

@@ -21,11 +21,9 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass, field
 from typing import Protocol
 
 from shuttle_protocol.firewall_messages import (
-    ANY_OWNER,
     MAX_SESSIONS,
     MAX_SUBNETS,
     OpenSessionRequest,
@@ -41,8 +39,9 @@ from .methods.base import Method
 from .methods.choice import choose
 from .policy import DEFAULT_PATH, Policy
 from .ports import Listener, port_problem, program_problem, sockets_on, udp_sockets
+from .session import Session
 from .sockdiag import SockDiagError
-from .targets import Address, Target
+from .targets import Target
 from .transparent import Flow, reply_problem
 
 log = logging.getLogger(__name__)
@@ -57,52 +56,6 @@ MAX_HOSTS_BYTES_PER_UID = 1024 * 1024
 # allows. Each target costs firewalld memory while its session lives (docs/firewalld.md,
 # "Limits"), and sixteen such sessions would cost sixteen times that.
 MAX_TARGETS_PER_UID = 2 * MAX_SUBNETS
-
-
-@dataclass(eq=False)
-class Session:
-    """One caller's capture: in force from apply() until remove(), as long as its lease."""
-
-    id: str
-    caller: int  # the uid that opened the session and owns it (the kernel said so)
-    method: str  # the method applied: "nat", "nft" or "tproxy"
-    port: int  # where captured traffic goes (tproxy: the port firewalld picked)
-    subnets: tuple[Target, ...]
-    excludes: tuple[Target, ...]
-    deadline: float
-    uid: int = ANY_OWNER  # whose traffic is captured; ANY_OWNER: everybody's
-    gid: int = ANY_OWNER  # and of which group; ANY_OWNER: any
-    forward: bool = False  # also traffic routed through this host
-    dns: tuple[Address, ...] = ()  # nameservers: TCP and UDP to their port 53 captured too
-    pid: int | None = None  # the process that opened it: the session ends when it does
-    rules: int = 0
-    opened: float = 0.0  # when its rules went in (the clock of Sessions)
-    hosts: int = 0  # entries its last SetHosts wrote into the hosts file
-    hosts_asked: tuple[int, int] = (0, 0)  # entries and bytes its last SetHosts asked for
-    # The listening sockets firewalld made for the session (tproxy), by kind ("tcp4", ...),
-    # until they are handed over to the caller; then firewalld's copies are closed.
-    sockets: dict[str, socket.socket] = field(default_factory=dict)
-    # The flows its reply sockets answer (tproxy), oldest first: each may send only there.
-    flows: dict[Flow, None] = field(default_factory=dict)
-
-    @property
-    def short_id(self) -> str:
-        """The id's first 12 characters: enough to be unique here, short enough for names."""
-        return self.id[:12]
-
-    @property
-    def versions(self) -> tuple[int, ...]:
-        """The IP versions the session captures: those of its subnets and of its
-        nameservers, 4 before 6."""
-        found = {target.version for target in self.subnets}
-        return tuple(sorted(found | {address.version for address in self.dns}))
-
-    def scope(self) -> str:
-        """Whose traffic, in words, for the log."""
-        text = "every uid" if self.uid == ANY_OWNER else f"uid {self.uid}"
-        if self.gid != ANY_OWNER:
-            text += f" in gid {self.gid}"
-        return text + (", and forwarded traffic" if self.forward else "")
 
 
 class Fence(Protocol):

@@ -30,7 +30,8 @@ import zmq
 from shuttle_client.firewall_session import FirewallError, FirewallSession
 from shuttle_firewalld.policy import Policy
 from shuttle_firewalld.ports import Listener as ListeningSocket
-from shuttle_firewalld.sessions import Session, Sessions
+from shuttle_firewalld.session import Session
+from shuttle_firewalld.sessions import Sessions
 from shuttle_firewalld.targets import Target as Targeted
 from shuttle_firewalld.transparent import Flow
 from shuttle_protocol.firewall_messages import ALL_PORTS, ANY_OWNER, OpenSessionRequest, Target

@@ -27,7 +27,8 @@ from shuttle_firewalld.handover import (
     HandoverRefused,
 )
 from shuttle_firewalld.server import MAX_WAITING, MAX_WAITING_PER_UID, WAIT_FOR_TOKEN, FdServer
-from shuttle_firewalld.sessions import Session, Sessions
+from shuttle_firewalld.session import Session
+from shuttle_firewalld.sessions import Sessions
 from shuttle_protocol.firewall_messages import SocketsHandover
 from shuttle_protocol.frames import decode_frame
 

@@ -4,11 +4,10 @@ rules."""
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
-if TYPE_CHECKING:  # sessions.py imports this module, so only the type checker follows back
-    from shuttle_firewalld.sessions import Session
-    from shuttle_firewalld.targets import Target
+from shuttle_firewalld.session import Session
+from shuttle_firewalld.targets import Target
 
 
 def with_targets(

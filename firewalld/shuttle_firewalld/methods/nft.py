@@ -23,18 +23,15 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
 
 from shuttle_protocol.firewall_messages import ANY_OWNER
 
 from shuttle_firewalld.errors import RequestError
+from shuttle_firewalld.session import Session
 from shuttle_firewalld.targets import DNS_PORT, LOOPBACK, Box, Target, disjoint
 
 from .base import with_targets
 from .tools import Runner, run_tool
-
-if TYPE_CHECKING:
-    from shuttle_firewalld.sessions import Session
 
 log = logging.getLogger(__name__)
 

@@ -49,10 +49,11 @@ import logging
 import re
 import socket
 from collections.abc import Callable, Collection, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from shuttle_firewalld import transparent
 from shuttle_firewalld.errors import RequestError
+from shuttle_firewalld.session import Session
 from shuttle_firewalld.targets import LOOPBACK, Address, Target
 from shuttle_firewalld.transparent import LISTEN_ADDRESS, Flow, is_local, listeners, show
 
@@ -75,9 +76,6 @@ from .nft import (
     table_text,
 )
 from .tools import Runner, run_tool
-
-if TYPE_CHECKING:
-    from shuttle_firewalld.sessions import Session
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from shuttle_firewalld.methods.tproxy import (
     stale_rules,
     stale_tables,
 )
-from shuttle_firewalld.sessions import Session
+from shuttle_firewalld.session import Session
 from shuttle_firewalld.transparent import IP_RECVORIGDSTADDR, IPV6_RECVORIGDSTADDR, Flow
 
 from firewalld.conftest import (
