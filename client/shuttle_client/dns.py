@@ -17,10 +17,12 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 from shuttle_agent.relay import Link
+from shuttle_protocol.control_messages import Connection
 from shuttle_protocol.stream_messages import Close, Datagram
 
+from .listing import udp_entry
+from .logs import printable
 from .resolvers import DNS_PORT
-from .tunnel import printable
 
 log = logging.getLogger("shuttle")
 
@@ -89,6 +91,10 @@ class DnsFlow:
     def destination(self) -> Address:
         """Where the queries go: the server's resolver."""
         return self.relay.server
+
+    def describe(self, now: float, stream: int) -> Connection:
+        """The flow as the control socket lists it."""
+        return udp_entry(self, now, stream)
 
     def on_datagram(self, msg: Datagram) -> None:
         self.last_active = time.monotonic()

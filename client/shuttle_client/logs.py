@@ -1,6 +1,6 @@
 """Where shuttle-client's log goes: stderr, and with --syslog (or -D) syslog too, through
-/dev/log with the ident shuttle-client[PID]; and Throttle, for events that may come by the
-thousand."""
+/dev/log with the ident shuttle-client[PID]; Throttle, for events that may come by the
+thousand; and printable, for the remote side's text in a log line or an error."""
 
 import errno
 import logging
@@ -15,6 +15,11 @@ DEV_LOG = "/dev/log"
 IDENT = "shuttle-client"
 
 log = logging.getLogger("shuttle")
+
+
+def printable(text: str) -> str:
+    """The agent's text made safe for a terminal: it could carry escape sequences."""
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
 
 
 class Throttle:

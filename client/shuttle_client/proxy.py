@@ -252,12 +252,12 @@ class Incoming(Relay):
         if self.channel:
             self.tunnels.on_channel_closed(self)
 
-    def describe(self, now: float) -> Connection:
+    def describe(self, now: float, stream: int) -> Connection:
         """The connection as the control socket lists it."""
         age = max(0.0, now - self.opened_at)
         return (
             self.channel,
-            self.stream,
+            stream,
             "tcp",
             self.source,
             self.host,

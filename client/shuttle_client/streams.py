@@ -33,12 +33,11 @@ from shuttle_protocol.control_messages import (
 from shuttle_protocol.schema import Message
 
 from .cli import Options
-from .dns import DnsFlow
 from .fastpath import Forward, Master, control_dir, reset
+from .listing import Listed
 from .proxy import Destination, Incoming, NotCaptured, Waiting, relay_for
 from .targets import endpoint
 from .tunnel import Tunnel, TunnelError
-from .udp import UdpFlow
 
 log = logging.getLogger("shuttle")
 
@@ -347,27 +346,10 @@ class Streams:
             for forward in tunnel.master.forwards.values()
         ]
         for index, link in enumerate(self.links):
-            for relay in link.channels.values():
-                if isinstance(relay, Incoming):
-                    found.append(relay.describe(now))
-            for flow in link.flows.values():
-                if isinstance(flow, (UdpFlow, DnsFlow)):
-                    host, port = flow.destination
-                    age = max(0.0, now - flow.opened_at)
-                    source = endpoint(flow.source)
-                    found.append(
-                        (
-                            flow.channel,
-                            index,
-                            "udp",
-                            source,
-                            host,
-                            port,
-                            flow.bytes_out,
-                            flow.bytes_in,
-                            age,
-                        )
-                    )
+            # The Link is the agent's too: its dicts name the agent's base classes.
+            for item in (*link.channels.values(), *link.flows.values()):
+                if isinstance(item, Listed):
+                    found.append(item.describe(now, index))
         found.sort(key=lambda item: -item[8])
         return found
 

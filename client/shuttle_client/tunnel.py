@@ -26,6 +26,7 @@ from shuttle_protocol.stream_messages import (
 from .cli import Options
 from .discovery import Discovery
 from .fastpath import Master, MuxError, master_options, probe
+from .logs import printable
 from .upload import build_payload, remote_command, ssh_argv
 
 log = logging.getLogger("shuttle")
@@ -38,11 +39,6 @@ EXIT_NOT_FOUND = 127  # the server's shell: command not found
 # Pong may wait behind a window of bulk data on a slow link, so one interval is too short.
 PONG_WAIT = 3
 MAX_LINE = 4096  # of ssh's stderr, before it is logged without its end
-
-
-def printable(text: str) -> str:
-    """The agent's text made safe for a terminal: it could carry escape sequences."""
-    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
 
 
 class LineLogger(asyncio.Protocol):

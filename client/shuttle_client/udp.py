@@ -17,13 +17,14 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from shuttle_agent.relay import Link
+from shuttle_protocol.control_messages import Connection
 from shuttle_protocol.stream_messages import Close, Datagram
 
 from .firewall_session import FirewallError, FirewallSession
-from .logs import Throttle
+from .listing import udp_entry
+from .logs import Throttle, printable
 from .proxy import LIMIT_LOG_INTERVAL
 from .targets import endpoint
-from .tunnel import printable
 
 log = logging.getLogger("shuttle")
 
@@ -71,6 +72,10 @@ class UdpFlow:
         self.reply_socket: Optional[socket.socket] = None
         self._held: List[bytes] = []
         self._closed = False
+
+    def describe(self, now: float, stream: int) -> Connection:
+        """The flow as the control socket lists it."""
+        return udp_entry(self, now, stream)
 
     def on_datagram(self, msg: Datagram) -> None:
         self.last_active = time.monotonic()

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-from shuttle_client.logs import configure
+from shuttle_client.logs import configure, printable
 
 WAIT = 5.0
 
@@ -75,3 +75,8 @@ def test_a_syslog_that_goes_away_costs_lines_not_tracebacks(
     os.unlink(path)
     logging.getLogger("shuttle").info("into the void")
     assert capsys.readouterr().err == "shuttle-client: into the void\n"
+
+
+def test_the_agents_text_cannot_drive_the_terminal() -> None:
+    assert printable("ok \x1b[2J\x07 done\n") == "ok \\x1b[2J\\x07 done\\x0a"
+    assert printable("café") == "café"

@@ -9,6 +9,7 @@ import pytest
 from shuttle_client.cli import parse_args
 from shuttle_client.streams import Streams
 from shuttle_client.tunnel import TunnelError
+from shuttle_protocol.control_messages import Connection
 
 from .test_tunnel import echo_server, exchange, open_on_link, run
 
@@ -82,5 +83,37 @@ def test_one_stream_that_cannot_start_stops_them_all(fake_ssh: str) -> None:
         with pytest.raises(TunnelError, match="not found on the server"):
             await streams.start()
         assert all(link.closed.done() for link in streams.links)
+
+    run(scenario())
+
+
+class Tally:
+    """A flow of a kind Streams has never heard of: it is listed as it describes itself."""
+
+    def __init__(self, channel: int, age: float) -> None:
+        self.channel, self.age = channel, age
+
+    def describe(self, now: float, stream: int) -> Connection:
+        return (self.channel, stream, "udp", "127.0.0.1:5000", "10.1.2.3", 53, 1, 2, self.age)
+
+
+def test_every_flow_describes_itself_under_its_stream(fake_ssh: str) -> None:
+    async def scenario() -> None:
+        server = await echo_server()
+        streams = Streams(options(fake_ssh, 2))  # type: ignore[arg-type]
+        await streams.start()
+        try:
+            first, second = streams.links
+            first.flows[101] = Tally(101, 1.0)  # type: ignore[assignment]
+            second.flows[102] = Tally(102, 5.0)  # type: ignore[assignment]
+            # A plain relay is no captured connection: not listed.
+            program = await open_on_link(first, server.sockets[0].getsockname()[1])
+            assert [item[:2] for item in streams.connections()] == [(102, 1), (101, 0)]
+            program.close()
+        finally:
+            first.flows.pop(101)  # before the Link resets its flows: a Tally has nothing to free
+            second.flows.pop(102)
+            await streams.stop()
+            server.close()
 
     run(scenario())

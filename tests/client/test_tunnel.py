@@ -17,7 +17,7 @@ from typing import Any, Coroutine, Optional
 import pytest
 from shuttle_agent.relay import Link, Relay
 from shuttle_client.cli import parse_args
-from shuttle_client.tunnel import Tunnel, TunnelError, printable
+from shuttle_client.tunnel import Tunnel, TunnelError
 from shuttle_protocol import PROTOCOL_VERSION
 
 
@@ -224,8 +224,3 @@ def test_version_mismatch_is_one_clear_error_on_the_client_side(
         "agent got: [Error(text='protocol version mismatch" in r.getMessage()
         for r in caplog.records
     )
-
-
-def test_the_agents_text_cannot_drive_the_terminal() -> None:
-    assert printable("ok \x1b[2J\x07 done\n") == "ok \\x1b[2J\\x07 done\\x0a"
-    assert printable("café") == "café"
