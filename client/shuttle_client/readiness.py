@@ -1,9 +1,13 @@
 """The one place where run() says it is ready, and that it stops: to systemd (sd_notify)
 and to whoever else waits for it (the -D parent, through the daemon's pipe)."""
 
+import logging
 from typing import Callable, List, Sequence
 
-from .notify import notify
+from shuttle_local.notify import Notifier
+
+# Without a service manager's answer there is nothing to do: a failure is for -v only.
+notify = Notifier(logging.getLogger("shuttle"), logging.DEBUG)
 
 
 class Readiness:
