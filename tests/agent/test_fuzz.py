@@ -453,12 +453,7 @@ def run_sequence(
     [
         (SERVER_PYTHON, 80, 12.0),
         # The oldest Python has no msgpack: the agent decodes with the pure-Python fallback.
-        pytest.param(
-            OLDEST_PYTHON,
-            40,
-            8.0,
-            marks=pytest.mark.skipif(not os.path.exists(OLDEST_PYTHON), reason="no python 3.8"),
-        ),
+        (OLDEST_PYTHON, 40, 8.0),
         pytest.param(SERVER_PYTHON, 1000, 600.0, marks=pytest.mark.slow),
         pytest.param(OLDEST_PYTHON, 1000, 600.0, marks=pytest.mark.slow),
     ],
