@@ -13,7 +13,7 @@ from shuttle_protocol.firewall_messages import ALL_PORTS
 from shuttle_protocol.mux import CLIENT, Mux
 from shuttle_protocol.stream_messages import Hosts, Nameservers, Routes
 
-from .test_udp import RecordingPipe
+from .agents import RecordingPipe
 
 
 def test_routed_targets_leave_out_what_is_never_remote() -> None:

@@ -9,7 +9,7 @@ import pytest
 from shuttle_client import dns
 from shuttle_client.dns import DnsRelay, Nameserver, make_udp_sockets
 
-from .test_tunnel import run, start
+from .agents import run, start
 
 
 def test_only_port_53_of_the_captured_resolvers_is_rewritten() -> None:

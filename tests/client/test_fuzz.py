@@ -58,7 +58,7 @@ from shuttle_protocol.stream_messages import (
     Welcome,
 )
 
-from .test_tunnel import echo_server, exchange, open_on_link
+from .agents import echo_server, exchange, open_on_link
 
 WAIT = 20.0  # the longest any step waits; never reached by a working client
 GARBAGE_ENV = "SHUTTLE_TEST_GARBAGE"  # the file of bytes the hostile agent sends

@@ -23,7 +23,7 @@ from shuttle_protocol.control_messages import (
 )
 from shuttle_protocol.schema import Message
 
-from .test_tunnel import run
+from .agents import run
 
 # Like conftest's stand-in, but it fails as ssh does when it cannot connect while the file
 # named by $SHUTTLE_TEST_BLOCK exists.

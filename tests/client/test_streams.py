@@ -11,7 +11,7 @@ from shuttle_client.streams import Streams
 from shuttle_client.tunnel import TunnelError
 from shuttle_protocol.control_messages import Connection
 
-from .test_tunnel import echo_server, exchange, open_on_link, run
+from .agents import echo_server, exchange, open_on_link, run
 
 
 def options(fake_ssh: str, streams: int, python: str = "/usr/bin/python3") -> object:

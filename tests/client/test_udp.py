@@ -20,6 +20,8 @@ from shuttle_client.udp import (
 from shuttle_protocol.firewall_messages import ALL_PORTS
 from shuttle_protocol.mux import CLIENT, Mux
 
+from .agents import RecordingPipe
+
 
 def sockaddr_in(host: str, port: int) -> bytes:
     return struct.pack("!HH4s8x", socket.AF_INET, port, socket.inet_aton(host))
@@ -56,25 +58,6 @@ def test_a_real_socket_reports_its_destination() -> None:
         payload, ancillary, _, _ = receiver.recvmsg(100, socket.CMSG_SPACE(28))
         assert payload == b"ping"
         assert original_destination(ancillary) == receiver.getsockname()
-
-
-class RecordingPipe:
-    """Stands in for the ssh pipe's write transport: keeps what the Link writes."""
-
-    def __init__(self) -> None:
-        self.data = b""
-
-    def set_write_buffer_limits(self, high: int, low: int) -> None:
-        pass
-
-    def write(self, data: bytes) -> None:
-        self.data += data
-
-    def is_closing(self) -> bool:
-        return False
-
-    def close(self) -> None:
-        pass
 
 
 class FakeFirewall:

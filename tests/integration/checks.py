@@ -30,6 +30,8 @@ CURL_TIMED_OUT = 28
 UNCAPTURED_WAIT = 2.0  # seconds curl waits for a connection that must not be made
 TUNNEL_WAIT = 20.0  # seconds curl may take through the tunnel (generous; not a timing check)
 
+RECONNECTED = "shuttle-client: reconnected agent"  # its log line once a stream is back
+
 
 def who(user: Optional[LocalUser], topo: Topology) -> str:
     return (user or topo.user).name

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, List
 
 import pytest
 import zmq
@@ -22,10 +21,10 @@ from testbed.procs import Proc, wait_until
 from testbed.user import LocalUser
 
 from .checks import TUNNEL_WAIT, assert_echo, assert_not_captured, assert_page
+from .ctl import WAIT, ctl, ctl_json
 
 pytestmark = pytest.mark.integration
 
-WAIT = 15.0  # bound on what should happen at once (the namespaces are slow at times)
 HELD_BYTES = 3000
 # Connects, has HELD_BYTES echoed, says so, and keeps the connection open until stopped.
 HOLDER = """\
@@ -43,23 +42,6 @@ with socket.create_connection((host, port), timeout=20) as sock:
     print("echoed" if got == payload else f"short echo: {len(got)} bytes", flush=True)
     time.sleep(60)
 """
-
-
-def ctl(
-    shuttle: Shuttle, *args: str, user: Optional[LocalUser] = None
-) -> subprocess.CompletedProcess[str]:
-    """`shuttle-client ctl ARGS` as user (default the first test user) in C."""
-    argv = [shuttle.venv.program("shuttle-client"), "ctl", *args]
-    return shuttle.topo.run_as_user(argv, timeout=WAIT + 30, user=user)
-
-
-def ctl_json(shuttle: Shuttle, *args: str) -> Any:
-    """What `ctl --json ARGS` prints, parsed; the command must succeed."""
-    result = ctl(shuttle, "--json", *args)
-    assert result.returncode == 0, (
-        f"ctl {' '.join(args)}: exit {result.returncode}: {result.stderr}\n{shuttle.outputs()}"
-    )
-    return json.loads(result.stdout)
 
 
 def control_path(shuttle: Shuttle) -> Path:

@@ -24,8 +24,8 @@ from testbed import (
 )
 from testbed.procs import wait_until
 
-from .test_control import ctl_json
-from .test_reconnect import RECONNECTED, received
+from .checks import RECONNECTED, received
+from .ctl import ctl_json
 
 pytestmark = pytest.mark.integration
 

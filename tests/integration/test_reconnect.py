@@ -12,11 +12,10 @@ from testbed import BULK_PORT, HTTP_PORT, SYSTEM_PYTHON, T_ADDR, Shuttle, Topolo
 from testbed.config import C_ADDR
 from testbed.procs import wait_until
 
-from .checks import received
+from .checks import RECONNECTED, received
 
 pytestmark = pytest.mark.integration
 
-RECONNECTED = "shuttle-client: reconnected agent"
 LOST = "shuttle-client: lost the tunnel"
 # In S: sshd's port answers new connections with a reset, so reconnecting fails fast.
 BLOCK_SSH = (

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from shuttle_protocol.mux import AGENT, CLIENT, Mux
 from shuttle_protocol.stream_messages import MAX_DATA, Close, Data
 
-from .test_mux import Pair
+from .pair import Pair
 
 WINDOW = 4 * MAX_DATA  # small, so that random sends reach it
 CHANNELS = 3
