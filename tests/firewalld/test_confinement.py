@@ -21,7 +21,8 @@ from shuttle_firewalld.main import USAGE
 from shuttle_protocol.firewall_messages import ErrorAnswer, ListSessionsRequest
 from shuttle_protocol.frames import encode_frame
 
-from .conftest import WAIT, Daemon, Listener, ask, close_session, open_session
+from .captures import close_session, open_session
+from .daemon import WAIT, Daemon, Listener, ask
 
 # Programs firewalld may run: the firewall tools its methods use (by name, on PATH).
 TOOLS = {

@@ -11,7 +11,7 @@ import pytest
 import zmq
 from shuttle_firewalld.connections import Connections
 
-from .conftest import wait_until
+from .daemon import wait_until
 
 
 @pytest.fixture

@@ -13,15 +13,8 @@ import pytest
 from shuttle_firewalld.ctl import as_json, duration, table
 from shuttle_protocol.firewall_messages import ANY_OWNER, SessionEntry
 
-from .conftest import (
-    FIREWALLD,
-    NOBODY,
-    WAIT,
-    Daemon,
-    Listener,
-    close_session,
-    open_session,
-)
+from .captures import close_session, open_session
+from .daemon import FIREWALLD, NOBODY, WAIT, Daemon, Listener
 
 ENTRY = SessionEntry(
     "0123456789ab", 1000, "nft", 12300, 3, 1, 2, 9, 1000, ANY_OWNER, False, 725.4, 4.25, 2

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 from shuttle_firewalld.exits import Exits, ProcessGone
 
-from .conftest import NOBODY, WAIT, wait_until
+from .daemon import NOBODY, WAIT, wait_until
 
 SLEEPER = ["sleep", "60"]
 

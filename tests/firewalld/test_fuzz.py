@@ -54,16 +54,8 @@ from shuttle_protocol.frames import MAX_FRAME, decode_frame, encode_frame
 from shuttle_protocol.rpc import request_id_of
 from shuttle_protocol.schema import FRAME_TAGS, REGISTRY, Message
 
-from .conftest import (
-    NOBODY,
-    WAIT,
-    Daemon,
-    Listener,
-    nft,
-    shuttle_rules,
-    shuttle_tables,
-)
-from .test_server import wire_values
+from .daemon import NOBODY, WAIT, Daemon, Listener, nft, shuttle_rules, shuttle_tables
+from .fakes import wire_values
 
 pytestmark = pytest.mark.integration
 

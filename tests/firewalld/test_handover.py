@@ -32,7 +32,8 @@ from shuttle_firewalld.sessions import Sessions
 from shuttle_protocol.firewall_messages import SocketsHandover
 from shuttle_protocol.frames import decode_frame
 
-from .conftest import NOBODY, PROGRAM_PORT, FakeClock, make_session
+from .daemon import NOBODY
+from .fakes import PROGRAM_PORT, FakeClock, make_session
 
 OWNER = 1000  # make_session's caller
 
@@ -193,7 +194,7 @@ def test_tokens_per_uid_and_in_all_are_bounded(clock: FakeClock) -> None:
 
 
 def test_closing_a_session_revokes_its_tokens(tproxy_sessions: Sessions) -> None:
-    from .test_requests import TPROXY
+    from .fakes import TPROXY
 
     session = tproxy_sessions.open(OWNER, TPROXY)
     token = tproxy_sessions.reply_socket(session, "198.18.0.5", 53, "198.18.0.1", PROGRAM_PORT)
@@ -204,7 +205,7 @@ def test_closing_a_session_revokes_its_tokens(tproxy_sessions: Sessions) -> None
 
 
 def test_expire_expires_tokens_too(tproxy_sessions: Sessions, clock: FakeClock) -> None:
-    from .test_requests import TPROXY
+    from .fakes import TPROXY
 
     session = tproxy_sessions.open(OWNER, TPROXY)
     tproxy_sessions.reply_socket(session, "fd00:5e::5", 53, "fd00:5e::1", PROGRAM_PORT)

@@ -30,17 +30,9 @@ from shuttle_protocol.firewall_messages import (
 )
 from shuttle_protocol.frames import encode_frame
 
-from .conftest import (
-    NOBODY,
-    WAIT,
-    Daemon,
-    Listener,
-    ask,
-    close_session,
-    open_session,
-    wait_until,
-    write,
-)
+from .captures import close_session, open_session
+from .daemon import NOBODY, WAIT, Daemon, Listener, ask, wait_until
+from .traffic import write
 
 A = "0123456789ab"  # short ids of two sessions
 B = "ba9876543210"

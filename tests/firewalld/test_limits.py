@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import NOBODY, Daemon, shuttle_tables
+from .daemon import NOBODY, Daemon, shuttle_tables
 
 pytestmark = pytest.mark.integration
 

@@ -15,15 +15,14 @@ import pytest
 from shuttle_client.firewall_session import FirewallError, FirewallSession
 from shuttle_firewalld.main import CtlOptions, Options, UsageError, main, parse_args
 
-from .conftest import (
+from .captures import close_session, open_session
+from .daemon import (
     FIREWALLD,
     NOBODY,
     WAIT,
     Daemon,
     Listener,
-    close_session,
     nothing_of_shuttle,
-    open_session,
     shuttle_rules,
     shuttle_tables,
 )

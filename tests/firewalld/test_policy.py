@@ -24,7 +24,8 @@ from shuttle_firewalld.policy import (
     refusal,
 )
 
-from .conftest import FIREWALLD, Daemon, Listener, as_nobody, shuttle_tables, write
+from .daemon import FIREWALLD, Daemon, Listener, shuttle_tables
+from .traffic import as_nobody, write
 
 ANY = -1
 BOTH = (CAPTURE_OTHERS, FORWARD)

@@ -10,7 +10,7 @@ import socket
 import pytest
 from shuttle_firewalld.ports import Listener, listeners_on, port_problem, sockets_on
 
-from .conftest import listening
+from .fakes import listening
 
 
 def ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:

@@ -38,11 +38,12 @@ from shuttle_protocol.firewall_messages import (
 from shuttle_protocol.schema import Message
 from shuttle_protocol.stream_messages import Ping
 
-from .conftest import (
+from .fakes import (
     FD_PATH,
     LISTENERS,
     POLICY_PATH,
     PROGRAM_PORT,
+    TPROXY,
     FakeClock,
     FakeMethod,
     ReplySockets,
@@ -178,8 +179,6 @@ def test_update_in_another_uids_session(sessions: Sessions, method: FakeMethod) 
 
 
 # --- tproxy sessions: their sockets and reply sockets ------------------------------------
-
-TPROXY = open_request(method="tproxy", port=1, subnets=("198.18.0.0/15", "fd00:5e::/32"))
 
 
 def tproxy_session(sessions: Sessions, uid: int = 1000) -> str:

@@ -11,17 +11,14 @@ import os
 import random
 import re
 import stat
-import subprocess
-import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import msgpack
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from shuttle_client.firewall_session import FirewallError, FirewallSession
+from shuttle_client.firewall_session import FirewallSession
 from shuttle_firewalld.server import QUICK_FRAME, answer, decode_in_pieces, peek
 from shuttle_firewalld.sessions import Sessions
 from shuttle_protocol.errors import RemoteProtocolError
@@ -37,17 +34,9 @@ from shuttle_protocol.firewall_messages import (
 from shuttle_protocol.frames import MAX_FRAME, decode_frame, encode_frame
 from shuttle_protocol.schema import Message
 
-from .conftest import (
-    Daemon,
-    FakeMethod,
-    Listener,
-    as_nobody,
-    ask,
-    listening,
-    nat_rules,
-    open_request,
-    shuttle_rules,
-)
+from .daemon import Daemon, Listener, ask, nat_rules, shuttle_rules
+from .fakes import FakeMethod, listening, open_request, wire_values
+from .traffic import as_nobody
 
 OPEN = open_request(excludes=("10.1.0.0/16",))
 ALL = ["10.0.0.0/8", 1, 65535]
@@ -164,17 +153,6 @@ def test_any_bytes_get_a_decodable_answer(payload: bytes) -> None:
     request_id, reply = answer_to(any_port_sessions(), payload)
     assert isinstance(reply, (ErrorAnswer, OpenSessionAnswer))
     assert 0 <= request_id < 2**63
-
-
-wire_values = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.integers(min_value=-(2**63), max_value=2**64 - 1)  # what msgpack can carry
-    | st.floats()
-    | st.text(max_size=40),
-    lambda inner: st.lists(inner, max_size=5),
-    max_leaves=20,
-)
 
 
 @settings(max_examples=300, deadline=None)
@@ -322,31 +300,3 @@ def test_garbage_gets_error_answers_and_serving_goes_on(
     assert isinstance(reply, ListSessionsAnswer)
     assert [entry.rules for entry in reply.sessions] == [5]  # the chain is no rule
     assert daemon.proc.poll() is None
-
-
-@pytest.mark.integration
-def test_the_client_says_when_firewalld_is_not_there(socket_dir: Path) -> None:
-    async def try_open(path: Path) -> str:
-        client = FirewallSession(str(path))
-        try:
-            await client.open("nat", 12300, ["10.0.0.0/8"], [], timeout=1)
-        except FirewallError as exc:
-            return str(exc)
-        finally:
-            await client.close()
-        return "opened"
-
-    missing = socket_dir / "missing.sock"
-    assert asyncio.run(try_open(missing)) == (
-        f"cannot reach shuttle-firewalld at {missing}: is it running? "
-        "(start it as root: shuttle-firewalld)"
-    )
-    # A socket file nobody listens on: the client waits out its timeout.
-    stale = socket_dir / "stale.sock"
-    bind = f"import socket; socket.socket(socket.AF_UNIX).bind({str(stale)!r})"
-    subprocess.run(
-        [sys.executable, "-c", bind],
-        check=True,
-        timeout=10,
-    )
-    assert asyncio.run(try_open(stale)).startswith("cannot reach shuttle-firewalld at")

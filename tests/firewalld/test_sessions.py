@@ -4,15 +4,13 @@ once for real."""
 from __future__ import annotations
 
 import asyncio
-import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-from shuttle_client.firewall_session import FirewallError, FirewallSession, FirewallUnavailable
+from shuttle_client.firewall_session import FirewallError, FirewallSession
 from shuttle_firewalld.errors import RequestError
 from shuttle_firewalld.policy import Policy
 from shuttle_firewalld.ports import Listener as ListeningSocket
@@ -25,37 +23,33 @@ from shuttle_firewalld.sessions import (
 from shuttle_firewalld.sockdiag import SockDiagError
 from shuttle_protocol.firewall_messages import (
     MAX_SESSIONS,
-    CloseSessionAnswer,
-    CloseSessionRequest,
     ListSessionsAnswer,
     SessionEntry,
 )
-from shuttle_protocol.frames import encode_frame
 
-from .conftest import (
-    LISTENERS,
-    POLICY_PATH,
-    PROGRAM_PORT,
+from .captures import close_session, open_session
+from .daemon import (
     WAIT,
     Daemon,
-    FakeClock,
-    FakeMethod,
-    FakeTproxy,
     Listener,
-    ReplySockets,
-    ask,
-    close_session,
-    listening,
     nat6_rules,
     nat_rules,
     nft,
     nothing_of_shuttle,
-    open_request,
-    open_session,
-    shuttle_rules,
     shuttle_tables,
-    target,
     wait_until,
+)
+from .fakes import (
+    LISTENERS,
+    POLICY_PATH,
+    PROGRAM_PORT,
+    FakeClock,
+    FakeMethod,
+    FakeTproxy,
+    ReplySockets,
+    listening,
+    open_request,
+    target,
 )
 
 
@@ -445,103 +439,6 @@ def test_without_heartbeat_the_rules_go(
         daemon.wait_for_line(f"shuttle-firewalld: session {session_id[:12]} of uid 0 expired")
     finally:
         asyncio.run(client.close())
-
-
-@pytest.mark.integration
-def test_heartbeats_keep_the_rules(
-    netns: str, start_firewalld: Callable[..., Daemon], listen: Callable[..., Listener]
-) -> None:
-    daemon = start_firewalld(lease=2)
-    listen(12300)
-
-    async def beat_through_leases() -> list[str]:
-        client = FirewallSession(str(daemon.socket_path))
-        try:
-            await client.open("nat", 12300, ["10.0.0.0/8"], [])
-            beating = asyncio.ensure_future(client.run_heartbeats())
-            await asyncio.sleep(5)  # two and a half leases
-            assert not beating.done()
-            rules = shuttle_rules(netns)
-            # As shuttle-client does: close first, then stop the heartbeats.
-            await client.close()
-            beating.cancel()
-            await asyncio.gather(beating, return_exceptions=True)
-            return rules
-        finally:
-            await client.close()
-
-    rules = asyncio.run(beat_through_leases())
-    assert len(rules) == 5  # the chain, its local, loopback RETURNs and REDIRECT, the jump
-    assert shuttle_rules(netns) == []
-    assert "expired" not in daemon.log
-
-
-@pytest.mark.integration
-def test_heartbeats_say_when_the_session_is_gone(
-    netns: str, start_firewalld: Callable[..., Daemon], listen: Callable[..., Listener]
-) -> None:
-    daemon = start_firewalld(lease=2)
-    listen(12300)
-
-    async def lose_the_session() -> str:
-        client = FirewallSession(str(daemon.socket_path))
-        try:
-            await client.open("auto", 12300, ["10.0.0.0/8"], [])
-            assert client.session is not None
-            # Someone else with the same uid closes it (shuttle-client ctl might).
-            assert (
-                ask(daemon.socket_path, encode_frame(1, CloseSessionRequest(client.session)))[1]
-                == CloseSessionAnswer()
-            )
-            with pytest.raises(FirewallError) as lost:
-                await asyncio.wait_for(client.run_heartbeats(), WAIT)
-            return str(lost.value)
-        finally:
-            await client.close()
-
-    assert asyncio.run(lose_the_session()) == "shuttle-firewalld: no such session"
-
-
-@pytest.mark.integration
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
-def test_heartbeats_see_firewalld_go_at_once_and_the_session_opens_again(
-    netns: str,
-    start_firewalld: Callable[..., Daemon],
-    listen: Callable[..., Listener],
-    sig: signal.Signals,
-) -> None:
-    # A long lease: losing the session must not wait for a heartbeat to go unanswered.
-    first = start_firewalld(lease=60)
-    listen(12300)
-    client = FirewallSession(str(first.socket_path))
-
-    async def restart_under_heartbeats() -> tuple[str, str | None]:
-        try:
-            await client.open("nft", 12300, ["10.0.0.0/8"], [])
-            beating = asyncio.ensure_future(client.run_heartbeats())
-            first.proc.send_signal(sig)
-            with pytest.raises(FirewallUnavailable) as lost:
-                await asyncio.wait_for(beating, WAIT)
-            assert client.session is None
-            start_firewalld(lease=60)  # on the same socket path
-            # The same object opens a new session, over a new connection.
-            await client.open("nft", 12300, ["10.0.0.0/8"], [], timeout=WAIT)
-            return str(lost.value), client.session
-        finally:
-            await client.close()
-
-    lost, session = asyncio.run(restart_under_heartbeats())
-    assert lost == (
-        f"shuttle-firewalld at {first.socket_path} dropped the connection (it stopped or restarted)"
-    )
-    assert session is not None
-    assert shuttle_tables(netns) == []  # closed, and the killed one's table is gone as well
-
-
-def test_a_missing_firewalld_is_unavailable_not_refused(tmp_path: Path) -> None:
-    client = FirewallSession(str(tmp_path / "firewalld.sock"))
-    with pytest.raises(FirewallUnavailable, match="is it running"):
-        asyncio.run(client.open("nft", 12300, ["10.0.0.0/8"], []))
 
 
 @pytest.mark.integration

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from shuttle_firewalld.errors import RequestError
 from shuttle_firewalld.targets import MAX_WORK, Box, Target, disjoint
 
-from .conftest import make_target
+from .fakes import make_target
 
 
 def boxes(*items: str | tuple[str, int, int], version: int = 4) -> list[str]:

@@ -28,7 +28,7 @@ from shuttle_firewalld.transparent import (
     route_type,
 )
 
-from .conftest import make_target
+from .fakes import make_target
 
 SUBNETS = [make_target(item) for item in ("198.18.0.0/15", ("fd00:5e::/32", 53, 53))]
 EXCLUDES = [make_target(item) for item in ("198.18.0.99/32", ("198.18.1.0/24", 22, 22))]

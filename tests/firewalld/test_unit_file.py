@@ -14,16 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import (
-    FIREWALLD,
-    Daemon,
-    Listener,
-    close_session,
-    connect,
-    nothing_of_shuttle,
-    open_session,
-    shuttle_tables,
-)
+from .captures import close_session, open_session
+from .daemon import FIREWALLD, Daemon, Listener, nothing_of_shuttle, shuttle_tables
+from .traffic import connect
 
 ROOT = Path(__file__).parents[2]
 UNIT = ROOT / "systemd" / "shuttle-firewalld.service"

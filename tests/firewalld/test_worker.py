@@ -11,7 +11,8 @@ import pytest
 from shuttle_firewalld.sessions import Sessions
 from shuttle_firewalld.worker import MAX_PENDING, MAX_PENDING_PER_UID, Job, Worker
 
-from .conftest import FakeClock, open_request, wait_until
+from .daemon import wait_until
+from .fakes import FakeClock, open_request
 
 
 class Held:

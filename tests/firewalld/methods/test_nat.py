@@ -22,23 +22,24 @@ from shuttle_firewalld.methods.nat import (
     stale_rules,
 )
 
-from firewalld.conftest import (
-    Daemon,
-    Listener,
+from firewalld.captures import (
     check_capture,
     check_dns_capture,
     check_update,
     close_session,
-    in_netns,
-    make_session,
-    make_target,
+    open_session,
+    update_session,
+)
+from firewalld.daemon import (
+    Daemon,
+    Listener,
     nat6_rules,
     nat_rules,
     nothing_of_shuttle,
-    open_session,
     shuttle_rules,
-    update_session,
 )
+from firewalld.fakes import make_session, make_target
+from firewalld.traffic import in_netns
 
 CHAIN = "SHUTTLE-0123456789ab"
 RESTORE4, RESTORE6 = TOOLS[4].restore, TOOLS[6].restore

@@ -19,22 +19,23 @@ from shuttle_firewalld.methods.nft import (
 )
 from shuttle_firewalld.methods.tools import run_tool
 
-from firewalld.conftest import (
-    Daemon,
-    Listener,
+from firewalld.captures import (
     check_capture,
     check_dns_capture,
     check_update,
     close_session,
-    make_session,
-    make_target,
+    open_session,
+    update_session,
+)
+from firewalld.daemon import (
+    Daemon,
+    Listener,
     nft,
     nft_set_sizes,
     nothing_of_shuttle,
-    open_session,
     shuttle_tables,
-    update_session,
 )
+from firewalld.fakes import make_session, make_target
 
 TABLE = "shuttle-0123456789ab"
 

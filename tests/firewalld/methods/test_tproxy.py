@@ -34,24 +34,10 @@ from shuttle_firewalld.methods.tproxy import (
 from shuttle_firewalld.session import Session
 from shuttle_firewalld.transparent import IP_RECVORIGDSTADDR, IPV6_RECVORIGDSTADDR, Flow
 
-from firewalld.conftest import (
-    IP,
-    NAMESERVERS,
-    NOBODY,
-    WAIT,
-    Daemon,
-    close_session,
-    connect,
-    make_session,
-    make_target,
-    nft,
-    nft_set_sizes,
-    open_session,
-    query,
-    query_argv,
-    shuttle_tables,
-    update_session,
-)
+from firewalld.captures import close_session, open_session, update_session
+from firewalld.daemon import IP, NOBODY, WAIT, Daemon, nft, nft_set_sizes, shuttle_tables
+from firewalld.fakes import make_session, make_target
+from firewalld.traffic import NAMESERVERS, connect, query, query_argv
 from testbed import reply_attacker
 from testbed.procs import Dialogue
 

@@ -1,0 +1,142 @@
+"""The client's side of the firewalld RPC (FirewallSession) against the real shuttle-firewalld
+in a network namespace: heartbeats, a session lost, a firewalld gone or not there."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from firewalld.daemon import WAIT, Daemon, Listener, ask, shuttle_rules, shuttle_tables
+from shuttle_client.firewall_session import FirewallError, FirewallSession, FirewallUnavailable
+from shuttle_protocol.firewall_messages import CloseSessionAnswer, CloseSessionRequest
+from shuttle_protocol.frames import encode_frame
+
+
+@pytest.mark.integration
+def test_heartbeats_keep_the_rules(
+    netns: str, start_firewalld: Callable[..., Daemon], listen: Callable[..., Listener]
+) -> None:
+    daemon = start_firewalld(lease=2)
+    listen(12300)
+
+    async def beat_through_leases() -> list[str]:
+        client = FirewallSession(str(daemon.socket_path))
+        try:
+            await client.open("nat", 12300, ["10.0.0.0/8"], [])
+            beating = asyncio.ensure_future(client.run_heartbeats())
+            await asyncio.sleep(5)  # two and a half leases
+            assert not beating.done()
+            rules = shuttle_rules(netns)
+            # As shuttle-client does: close first, then stop the heartbeats.
+            await client.close()
+            beating.cancel()
+            await asyncio.gather(beating, return_exceptions=True)
+            return rules
+        finally:
+            await client.close()
+
+    rules = asyncio.run(beat_through_leases())
+    assert len(rules) == 5  # the chain, its local, loopback RETURNs and REDIRECT, the jump
+    assert shuttle_rules(netns) == []
+    assert "expired" not in daemon.log
+
+
+@pytest.mark.integration
+def test_heartbeats_say_when_the_session_is_gone(
+    netns: str, start_firewalld: Callable[..., Daemon], listen: Callable[..., Listener]
+) -> None:
+    daemon = start_firewalld(lease=2)
+    listen(12300)
+
+    async def lose_the_session() -> str:
+        client = FirewallSession(str(daemon.socket_path))
+        try:
+            await client.open("auto", 12300, ["10.0.0.0/8"], [])
+            assert client.session is not None
+            # Someone else with the same uid closes it (shuttle-client ctl might).
+            assert (
+                ask(daemon.socket_path, encode_frame(1, CloseSessionRequest(client.session)))[1]
+                == CloseSessionAnswer()
+            )
+            with pytest.raises(FirewallError) as lost:
+                await asyncio.wait_for(client.run_heartbeats(), WAIT)
+            return str(lost.value)
+        finally:
+            await client.close()
+
+    assert asyncio.run(lose_the_session()) == "shuttle-firewalld: no such session"
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_heartbeats_see_firewalld_go_at_once_and_the_session_opens_again(
+    netns: str,
+    start_firewalld: Callable[..., Daemon],
+    listen: Callable[..., Listener],
+    sig: signal.Signals,
+) -> None:
+    # A long lease: losing the session must not wait for a heartbeat to go unanswered.
+    first = start_firewalld(lease=60)
+    listen(12300)
+    client = FirewallSession(str(first.socket_path))
+
+    async def restart_under_heartbeats() -> tuple[str, str | None]:
+        try:
+            await client.open("nft", 12300, ["10.0.0.0/8"], [])
+            beating = asyncio.ensure_future(client.run_heartbeats())
+            first.proc.send_signal(sig)
+            with pytest.raises(FirewallUnavailable) as lost:
+                await asyncio.wait_for(beating, WAIT)
+            assert client.session is None
+            start_firewalld(lease=60)  # on the same socket path
+            # The same object opens a new session, over a new connection.
+            await client.open("nft", 12300, ["10.0.0.0/8"], [], timeout=WAIT)
+            return str(lost.value), client.session
+        finally:
+            await client.close()
+
+    lost, session = asyncio.run(restart_under_heartbeats())
+    assert lost == (
+        f"shuttle-firewalld at {first.socket_path} dropped the connection (it stopped or restarted)"
+    )
+    assert session is not None
+    assert shuttle_tables(netns) == []  # closed, and the killed one's table is gone as well
+
+
+def test_a_missing_firewalld_is_unavailable_not_refused(tmp_path: Path) -> None:
+    client = FirewallSession(str(tmp_path / "firewalld.sock"))
+    with pytest.raises(FirewallUnavailable, match="is it running"):
+        asyncio.run(client.open("nft", 12300, ["10.0.0.0/8"], []))
+
+
+@pytest.mark.integration
+def test_the_client_says_when_firewalld_is_not_there(socket_dir: Path) -> None:
+    async def try_open(path: Path) -> str:
+        client = FirewallSession(str(path))
+        try:
+            await client.open("nat", 12300, ["10.0.0.0/8"], [], timeout=1)
+        except FirewallError as exc:
+            return str(exc)
+        finally:
+            await client.close()
+        return "opened"
+
+    missing = socket_dir / "missing.sock"
+    assert asyncio.run(try_open(missing)) == (
+        f"cannot reach shuttle-firewalld at {missing}: is it running? "
+        "(start it as root: shuttle-firewalld)"
+    )
+    # A socket file nobody listens on: the client waits out its timeout.
+    stale = socket_dir / "stale.sock"
+    bind = f"import socket; socket.socket(socket.AF_UNIX).bind({str(stale)!r})"
+    subprocess.run(
+        [sys.executable, "-c", bind],
+        check=True,
+        timeout=10,
+    )
+    assert asyncio.run(try_open(stale)).startswith("cannot reach shuttle-firewalld at")
