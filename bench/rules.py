@@ -33,14 +33,14 @@ from pathlib import Path
 import zmq
 from shuttle_protocol.firewall_messages import (
     ALL_PORTS,
+    PAIRS,
     CloseSessionAnswer,
     CloseSessionRequest,
-    ErrorAnswer,
     OpenSessionAnswer,
     OpenSessionRequest,
     Target,
 )
-from shuttle_protocol.frames import decode_frame, encode_frame
+from shuttle_protocol.rpc import AnswerError, Caller
 from shuttle_protocol.schema import Message
 
 FIREWALLD = str(Path(sys.executable).parent / "shuttle-firewalld")
@@ -182,18 +182,22 @@ class Client:
         self._socket = self._context.socket(zmq.DEALER)
         self._socket.linger = 0
         self._socket.connect(f"ipc://{path}")
-        self._next_id = 1
+        self._caller = Caller(PAIRS)
 
     def request(self, message: Message) -> tuple[float, Message]:
-        request_id, self._next_id = self._next_id, self._next_id + 1
+        call = self._caller.call(message, PAIRS.answer_type(message))
         started = time.perf_counter()
-        self._socket.send(encode_frame(request_id, message))
+        self._socket.send(call.frame())
         if not self._socket.poll(int(ANSWER_TIMEOUT * 1000)):
             raise RuntimeError(f"no answer to {type(message).__name__} in {ANSWER_TIMEOUT:g} s")
-        answer_id, answer = decode_frame(self._socket.recv())
+        data = self._socket.recv()
         elapsed = time.perf_counter() - started
-        if answer_id != request_id or isinstance(answer, ErrorAnswer):
-            raise RuntimeError(f"firewalld answered {answer!r:.300}")
+        try:
+            answer = call.receive(data)
+        except AnswerError as exc:
+            raise RuntimeError(exc.from_peer("firewalld")) from None
+        if answer is None:  # one request at a time on this socket: no other is answered
+            raise RuntimeError("firewalld answered another request")
         return elapsed, answer
 
     def close(self) -> None:
