@@ -40,7 +40,9 @@ class Pairs:
 
     __slots__ = ("answers", "error")
 
-    def __init__(self, answers: Mapping[Type[Message], Type[Message]], error: Type[Message]):
+    def __init__(
+        self, answers: Mapping[Type[Message], Type[Message]], error: Type[Message]
+    ) -> None:
         if error.FIELDS != ("text",):
             raise LocalProtocolError(f"{error.__name__} is not an error answer: no text field")
         if error in answers or error in answers.values():
@@ -97,7 +99,7 @@ class Call(Generic[A]):
 
     __slots__ = ("_pairs", "_ids", "request", "kind", "sent")
 
-    def __init__(self, pairs: Pairs, ids: Iterator[int], request: Message, kind: Type[A]):
+    def __init__(self, pairs: Pairs, ids: Iterator[int], request: Message, kind: Type[A]) -> None:
         if pairs.answer_type(request) is not kind:
             raise LocalProtocolError(f"{type(request).__name__} is not answered by {kind.__name__}")
         self._pairs = pairs
