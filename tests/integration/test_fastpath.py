@@ -158,7 +158,7 @@ def test_an_ssh_that_refuses_controlmaster_gets_everything_over_the_agent(
 ) -> None:
     # The user's own option comes first on ssh's command line, and ssh takes the first.
     ssh = f"{shuttle.topo.ssh_command(shuttle.topo.user)} -o ControlMaster=no"
-    client = shuttle.start_client(extra=FAST + [f"--ssh-cmd={ssh}"])
+    client = shuttle.start_client(extra=[*FAST, f"--ssh-cmd={ssh}"])
     assert "TCP through agent" in ready_line(client), shuttle.outputs()
     assert "TCP goes through the agent: ssh is not a ControlMaster" in client.output()
     assert ctl_json(shuttle, "status")["tcp"] == "agent"
