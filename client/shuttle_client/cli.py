@@ -82,7 +82,7 @@ Options:
                            client fails if not), agent (the agent's channels), or auto
                            (ssh where the probe passed, else the agent). With ssh and
                            auto, connections past --tcp-cap per stream, and any that
-                           ssh fails to open, go through the agent [default: agent].
+                           ssh fails to open, go through the agent [default: auto].
   --tcp-cap=N              open connections per stream that ssh carries itself
                            (1-10000) [default: 200].
   --no-reconnect           exit (status 1) when the tunnel is lost, instead of
@@ -146,7 +146,7 @@ class Options:
     daemon: bool = False
     pidfile: Optional[str] = None  # absolute
     syslog: bool = False
-    tcp: str = "agent"
+    tcp: str = "auto"
     tcp_cap: int = DEFAULT_CAP
 
     @property

@@ -112,7 +112,9 @@ def test_refused_changes_say_why_and_change_nothing(shuttle: Shuttle) -> None:
 
 def test_status_connections_and_watch_show_a_held_connection(shuttle: Shuttle) -> None:
     topo = shuttle.topo
-    shuttle.start_client(subnets=[TARGET_NET])
+    # The agent's path: its channels are what the listing and the events describe here
+    # (the fast path's rows, tcp-ssh, are test_fastpath's).
+    shuttle.start_client(subnets=[TARGET_NET], extra=["--tcp=agent"])
     status = ctl_json(shuttle, "status")
     assert status["state"] == "up"
     assert status["remote"] == f"{topo.user.name}@{S_ADDR_C}"
@@ -150,7 +152,7 @@ def test_status_connections_and_watch_show_a_held_connection(shuttle: Shuttle) -
 
 def test_events_report_channels_opened_and_closed(shuttle: Shuttle) -> None:
     topo = shuttle.topo
-    shuttle.start_client(subnets=[TARGET_NET])
+    shuttle.start_client(subnets=[TARGET_NET], extra=["--tcp=agent"])
     program = shuttle.venv.program("shuttle-client")
     argv = [program, "ctl", "--json", "events", "--count=2", f"--timeout={WAIT}"]
     events = topo.start("events", topo.user_argv(argv))

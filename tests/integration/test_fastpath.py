@@ -51,7 +51,7 @@ def last_json(output: str) -> Dict[str, Any]:
 
 
 def test_curl_goes_through_ssh_and_status_says_so(shuttle: Shuttle) -> None:
-    client = shuttle.start_client(extra=FAST)
+    client = shuttle.start_client()  # auto is the default
     assert "TCP through ssh" in ready_line(client), shuttle.outputs()
     assert ctl_json(shuttle, "status")["tcp"] == "ssh"
     curl_works(shuttle)
@@ -151,6 +151,18 @@ def test_a_server_without_forwarding_gets_everything_over_the_agent(shuttle: Shu
     assert result["ok"] and result["good"] == 200, f"{result}\n{shuttle.outputs()}"
     refused = shuttle.topo.curl(T_ADDR, CLOSED_PORT, max_time=20)
     assert refused.returncode in (7, 55, 56), f"exit {refused.returncode}: {refused.stderr}"
+
+
+def test_an_ssh_that_refuses_controlmaster_gets_everything_over_the_agent(
+    shuttle: Shuttle,
+) -> None:
+    # The user's own option comes first on ssh's command line, and ssh takes the first.
+    ssh = f"{shuttle.topo.ssh_command(shuttle.topo.user)} -o ControlMaster=no"
+    client = shuttle.start_client(extra=[*FAST, f"--ssh-cmd={ssh}"])
+    assert "TCP through agent" in ready_line(client), shuttle.outputs()
+    assert "TCP goes through the agent: ssh is not a ControlMaster" in client.output()
+    assert ctl_json(shuttle, "status")["tcp"] == "agent"
+    curl_works(shuttle)
 
 
 def test_tcp_ssh_fails_to_start_where_the_server_does_not_forward(shuttle: Shuttle) -> None:
