@@ -27,6 +27,7 @@ from shuttle_protocol.control_messages import Connection
 from shuttle_protocol.errors import RemoteProtocolError
 
 from . import ssh_mux
+from .proxy import connection_cap
 
 log = logging.getLogger("shuttle")
 
@@ -42,6 +43,13 @@ TCP_INFO_BYTES = struct.Struct("=QQ")
 TCP_INFO_OFFSET = 120
 TCP_INFO_SIZE = TCP_INFO_OFFSET + TCP_INFO_BYTES.size
 RECV_SIZE = 4096  # of the master's answers, a few dozen bytes each
+
+
+def cap_within_fd_limit(cap: int) -> int:
+    """cap, or fewer under a low open-file limit: ssh inherits the client's limit and each
+    forward costs it three descriptors, and a master out of them stops accepting hand-overs,
+    which then wait in its backlog for ever instead of going to the agent."""
+    return max(0, min(cap, connection_cap() // 3))
 
 
 class MuxError(Exception):
@@ -107,11 +115,15 @@ class MuxConnection:
         """Connect and send Hello, and request if given, in one write; MuxError if that
         fails. The master's Hello is read by hello()."""
         loop = asyncio.get_running_loop()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.setblocking(False)
         packets = ssh_mux.encode(ssh_mux.Hello(ssh_mux.MUX_VERSION))
         if request is not None:
             packets += ssh_mux.encode(request)
+        try:
+            # Out of descriptors (EMFILE) is a failed open too: the agent takes it.
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        except OSError as exc:
+            raise MuxError(f"cannot reach ssh's control socket: {exc.strerror or exc}") from None
+        sock.setblocking(False)
         try:
             await loop.sock_connect(sock, path)
             await loop.sock_sendall(sock, packets)

@@ -33,7 +33,7 @@ from shuttle_protocol.control_messages import (
 from shuttle_protocol.schema import Message
 
 from .cli import Options
-from .fastpath import Forward, Master, control_dir, reset
+from .fastpath import Forward, Master, cap_within_fd_limit, control_dir, reset
 from .listing import Listed
 from .proxy import Destination, Incoming, NotCaptured, Waiting, relay_for
 from .targets import endpoint
@@ -113,7 +113,7 @@ class Streams:
             master = Master(
                 os.path.join(self.control_dir, f"m{index}.{next(self._masters_started)}"),
                 stream=index,
-                cap=self.options.tcp_cap,
+                cap=cap_within_fd_limit(self.options.tcp_cap),
                 channels=self._fast_channels,
                 on_open=self._forward_opened,
                 on_close=self._forward_closed,
