@@ -276,6 +276,7 @@ class Master:
                 return await self._request(sock, host, port)
         finally:
             self.handing -= 1
+            self._refill.set()
 
     async def _request(
         self, sock: socket.socket, host: str, port: int
@@ -311,8 +312,8 @@ class Master:
         return None, f"unexpected answer {answer!r:.80}"
 
     def _take_ready(self) -> Optional[MuxConnection]:
-        """A ready mux connection, if the pool has one; the pool refills behind it."""
-        self._refill.set()
+        """A ready mux connection, if the pool has one (refilled once the hand-over is done:
+        the master, one process, would take the refill's Hello before our request)."""
         return self._ready.pop() if self._ready else None
 
     async def _fill_loop(self) -> None:
