@@ -34,10 +34,12 @@ from . import ssh_mux
 log = logging.getLogger("shuttle")
 
 TCP_MODES = ("auto", "ssh", "agent")
-# Open forwards per master. Each hand-over gets slower as the master holds more channels
-# (2 ms at 200, 4.4 ms at 400, 6.8 ms at 1,000 in issue 14's probe), and each forward costs
-# the master three descriptors and the client two; the agent takes the rest.
-DEFAULT_CAP = 200
+# Open forwards per master; the agent takes the rest. The master is one process that also
+# carries the agent's session, and it slows down as it holds more channels (a hand-over took
+# 2 ms at 200, 6.8 ms at 1,000 in issue 14's probe): 10,000 simultaneous echoes took 29.8 s
+# with a cap of 200 against 10.5 s with 50 (docs/performance.md). Each forward also costs
+# the master three descriptors and the client two.
+DEFAULT_CAP = 50
 # Hand-overs in flight per master: below the master's listen backlog of 64.
 PARALLEL = 32
 # Mux connections kept ready per master. Each idle one is a channel and a descriptor in
