@@ -16,10 +16,17 @@ from typing import Any
 from bench import servers
 from bench.cases import CASES, Figures, Subject, failed
 from bench.probes import EPHEMERAL_PORTS, CaseFailed, Probe
-from bench.report import SHUTTLE, SSH_L, SSHUTTLE, metrics_of
+from bench.report import SHUTTLE, SHUTTLE_AGENT, SSH_L, SSHUTTLE, metrics_of
 from bench.rules import hosts
 from bench.settings import Settings
-from bench.systems import ShuttleClient, SshForward, Sshuttle, SshuttleVenv, System
+from bench.systems import (
+    ShuttleAgentPath,
+    ShuttleClient,
+    SshForward,
+    Sshuttle,
+    SshuttleVenv,
+    System,
+)
 from testbed.procs import CommandError
 from testbed.shuttle import Shuttle, StartupError
 from testbed.topology import Topology
@@ -111,11 +118,13 @@ def systems(
 ) -> dict[str, System | str]:
     """The systems to measure, or why one cannot be."""
     found: dict[str, System | str] = {}
+    clients = {SHUTTLE: ShuttleClient, SHUTTLE_AGENT: ShuttleAgentPath}
     for name in settings.systems:
-        if name == SHUTTLE:
+        if name in clients:
             try:
-                shuttle.start_firewalld()
-                found[name] = ShuttleClient(topo, settings.cipher, shuttle, settings.method)
+                if shuttle.firewalld is None:  # one firewalld serves both of shuttle's paths
+                    shuttle.start_firewalld()
+                found[name] = clients[name](topo, settings.cipher, shuttle, settings.method)
             except StartupError as exc:
                 found[name] = f"shuttle-firewalld did not start: {str(exc)[:200]}"
         elif name == SSH_L:

@@ -1,5 +1,6 @@
-"""The comparison's table: one row per metric, a column per system, shuttle's ratios to ssh -L
-and to sshuttle, and the target with whether shuttle meets it; also the machine it ran on.
+"""The comparison's table: one row per metric, a column per system (shuttle with its default
+--tcp=auto, and with --tcp=agent), the ratios of shuttle's two paths to ssh -L and of auto to
+sshuttle, and the target with whether shuttle (auto) meets it; also the machine it ran on.
 
 A cell is a number, "n.a." (the metric does not apply to that system), "-" (not measured) or
 "failed [n]", footnote n giving the reason. Meeting a target is reported, never enforced.
@@ -18,8 +19,10 @@ from typing import Any
 
 from bench.settings import Settings
 
-SHUTTLE, SSH_L, SSHUTTLE = "shuttle", "ssh-L", "sshuttle"
-HEADINGS = {SHUTTLE: "shuttle", SSH_L: "ssh -L", SSHUTTLE: "sshuttle"}
+SHUTTLE, SHUTTLE_AGENT, SSH_L, SSHUTTLE = "shuttle", "shuttle-agent", "ssh-L", "sshuttle"
+HEADINGS = {SHUTTLE: "auto", SHUTTLE_AGENT: "agent", SSH_L: "ssh -L", SSHUTTLE: "sshuttle"}
+# Ratio columns, in the same run: shuttle's default, and its agent path forced, to the others.
+RATIOS = ((SHUTTLE, SSH_L), (SHUTTLE, SSHUTTLE), (SHUTTLE_AGENT, SSH_L))
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -128,12 +131,12 @@ def rows(
                     notes.append(note)
                 value = f"failed [{notes.index(note) + 1}]"
             row[heading] = value if isinstance(value, str) else f"{value:,.{metric.digits}f}"
-        for system in (SSH_L, SSHUTTLE):
+        for system, base in RATIOS:
             share = ratio(
-                figures.get(SHUTTLE, {}).get(metric.key), figures.get(system, {}).get(metric.key)
+                figures.get(system, {}).get(metric.key), figures.get(base, {}).get(metric.key)
             )
             shown = share is not None and metric.ratios
-            row[f"shuttle/{HEADINGS[system]}"] = f"{share:.3g}x" if shown else ""
+            row[f"{HEADINGS[system]}/{HEADINGS[base]}"] = f"{share:.3g}x" if shown else ""
         row["target"] = metric.target.text if metric.target else ""
         row["met"] = metric.target.met(figures, metric.key) if metric.target else ""
         table.append(row)

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-SYSTEMS = ("shuttle", "ssh-L", "sshuttle")
+# shuttle: --tcp=auto (the default, ssh carries TCP where it can); shuttle-agent: --tcp=agent.
+SYSTEMS = ("shuttle", "shuttle-agent", "ssh-L", "sshuttle")
 CASES = ("bulk", "rtt", "conns", "rate", "start", "rss", "relay")
 CIPHER = "chacha20-poly1305@openssh.com"  # OpenSSH's default, pinned for all three
-SSHUTTLE = "sshuttle==1.3.2"  # the current release when this bench was written
+SSHUTTLE = "sshuttle==2.0.0"  # the current release (PyPI, 2026-09)
 
 
 @dataclass(frozen=True)

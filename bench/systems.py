@@ -1,7 +1,10 @@
-"""The three tunnels the bench compares, started and stopped the same way.
+"""The tunnels the bench compares, started and stopped the same way.
 
   shuttle   shuttle-client as the test user (shuttle-firewalld runs as root), capturing the
             target network; the echo and iperf3 servers are reached at the target's address.
+            TCP goes as the default (--tcp=auto) sends it: through ssh's own forwarding.
+  shuttle-agent
+            the same with --tcp=agent: every byte through the agent's session.
   ssh-L     ssh -N -L as the test user, one forward per server, on C's loopback.
   sshuttle  sshuttle as root (its nat method captures every user's traffic, the test user's
             tools included), capturing the target network.
@@ -96,6 +99,7 @@ class System(ABC):
 class ShuttleClient(System):
     name = "shuttle"
     takes_streams = True
+    tcp: tuple[str, ...] = ()  # the default path
 
     def __init__(self, topo: Topology, cipher: str, shuttle: Shuttle, method: str) -> None:
         super().__init__(topo, cipher)
@@ -109,9 +113,15 @@ class ShuttleClient(System):
         args[args.index("-e") + 1] = shlex.join(self.ssh_argv(relay))
         if streams != 1:  # 1 is the default: leaving it out works with any client
             args.insert(1, f"--streams={streams}")
+        args[1:1] = self.tcp
         env = self.topo.user_env([str(self.shuttle.venv.bin)])
         proc = self.topo.start(self.log_name(), self.topo.user_argv(args, env))
         return Tunnel(proc, lambda: shuttle_rules(self.topo))
+
+
+class ShuttleAgentPath(ShuttleClient):
+    name = "shuttle-agent"
+    tcp = ("--tcp=agent",)
 
 
 class SshForward(System):

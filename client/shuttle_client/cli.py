@@ -84,7 +84,7 @@ Options:
                            auto, connections past --tcp-cap per stream, and any that
                            ssh fails to open, go through the agent [default: auto].
   --tcp-cap=N              open connections per stream that ssh carries itself
-                           (1-10000) [default: 200].
+                           (1-10000) [default: 50].
   --no-reconnect           exit (status 1) when the tunnel is lost, instead of
                            reconnecting with backoff while the rules stay.
   --keepalive=SECONDS      ping the agent this often; a tunnel whose agent does not

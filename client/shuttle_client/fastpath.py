@@ -5,11 +5,14 @@ descriptors; from then on ssh carries the bytes, as with ssh -L, and no Python t
 
 What mux.c does decides the shape (docs/design.md): one stdio forward per mux connection,
 which must stay open while the forward lives (closing it closes the channel), and which the
-master closes when the channel ends. The client keeps its own copy of the accepted socket:
-for the byte counts (TCP_INFO) and so that a master that dies cannot hand the program a
-clean EOF. A closed mux connection is ambiguous (the forward ended, or the master died and
-the kernel closed its descriptors), so the forwards that ended are closed gracefully only
-after the master answers an AliveCheck sent after it closed them; otherwise they are reset.
+master closes when the channel ends. So each master keeps a few mux connections ready
+(connected, Hellos exchanged), refilled in the background: a hand-over is then one
+NewStdioFwd, the two descriptors, and the answer. The client keeps its own copy of the
+accepted socket: for the byte counts (TCP_INFO) and so that a master that dies cannot hand
+the program a clean EOF. A closed mux connection is ambiguous (the forward ended, or the
+master died and the kernel closed its descriptors), so the forwards that ended are closed
+gracefully only after the master answers an AliveCheck sent after it closed them;
+otherwise they are reset.
 """
 
 import asyncio
@@ -32,12 +35,18 @@ from .proxy import connection_cap
 log = logging.getLogger("shuttle")
 
 TCP_MODES = ("auto", "ssh", "agent")
-# Open forwards per master. Each hand-over gets slower as the master holds more channels
-# (2 ms at 200, 4.4 ms at 400, 6.8 ms at 1,000 in issue 14's probe), and each forward costs
-# the master three descriptors and the client two; the agent takes the rest.
-DEFAULT_CAP = 200
+# Open forwards per master; the agent takes the rest. The master is one process that also
+# carries the agent's session, and it slows down as it holds more channels (a hand-over took
+# 2 ms at 200, 6.8 ms at 1,000 in issue 14's probe): 10,000 simultaneous echoes took 29.8 s
+# with a cap of 200 against 10.5 s with 50 (docs/performance.md). Each forward also costs
+# the master three descriptors and the client two.
+DEFAULT_CAP = 50
 # Hand-overs in flight per master: below the master's listen backlog of 64.
 PARALLEL = 32
+# Mux connections kept ready per master. Each idle one is a channel and a descriptor in
+# the master; a few cover a burst while the refill catches up (past them, a hand-over
+# connects its own, as without the pool).
+POOL = 8
 # struct tcp_info (linux/tcp.h): tcpi_bytes_acked and tcpi_bytes_received, two u64 at 120.
 TCP_INFO_BYTES = struct.Struct("=QQ")
 TCP_INFO_OFFSET = 120
@@ -135,6 +144,17 @@ class MuxConnection:
             raise
         return cls(sock)
 
+    @classmethod
+    async def ready(cls, path: str) -> "MuxConnection":
+        """Connected, and the Hellos exchanged; MuxError if that fails."""
+        mux = await cls.open(path)
+        try:
+            await mux.hello()
+        except BaseException:
+            mux.close()
+            raise
+        return mux
+
     async def hello(self) -> None:
         """The master's Hello; MuxError if it is not version 4."""
         hello = await self.answer()
@@ -229,6 +249,9 @@ class Master:
         self._ended: List[Forward] = []  # mux connection closed; is the master alive?
         self._wake = asyncio.Event()
         self._watcher: Optional[asyncio.Task[None]] = None
+        self._ready: List[MuxConnection] = []  # connected, Hellos exchanged, unused
+        self._refill = asyncio.Event()
+        self._filler: Optional[asyncio.Task[None]] = None
 
     @property
     def room(self) -> bool:
@@ -237,14 +260,11 @@ class Master:
 
     async def start(self) -> None:
         """Connect the watch connection (for AliveCheck); MuxError if there is no master."""
-        watch = await MuxConnection.open(self.path)
-        try:
-            await watch.hello()
-        except BaseException:
-            watch.close()
-            raise
+        watch = await MuxConnection.ready(self.path)
         self._watch = watch
         self._watcher = asyncio.ensure_future(self._watch_loop())
+        self._filler = asyncio.ensure_future(self._fill_loop())
+        self._refill.set()
 
     async def open(self, sock: socket.socket, host: str, port: int, source: str) -> Optional[str]:
         """Hand sock over for host:port: None once ssh carries it, else why not (then sock
@@ -270,18 +290,27 @@ class Master:
                 return await self._request(sock, host, port)
         finally:
             self.handing -= 1
+            self._refill.set()
 
     async def _request(
         self, sock: socket.socket, host: str, port: int
     ) -> Tuple[Optional[MuxConnection], str]:
-        request = next(self._requests) & ssh_mux.UINT32
+        request = ssh_mux.NewStdioFwd(next(self._requests) & ssh_mux.UINT32, host, port)
+        ready = self._take_ready()
         try:
-            mux = await MuxConnection.open(self.path, ssh_mux.NewStdioFwd(request, host, port))
-        except MuxError as exc:
+            if ready is None:  # the Hello goes with the request: no round trip before it
+                mux = await MuxConnection.open(self.path, request)
+            else:
+                mux = ready
+                await asyncio.get_running_loop().sock_sendall(mux.sock, ssh_mux.encode(request))
+        except (OSError, MuxError) as exc:
+            if ready is not None:
+                ready.close()
             return None, str(exc)
         try:
             mux.send_fds(sock.fileno(), 2)
-            await mux.hello()
+            if ready is None:
+                await mux.hello()
             answer = await mux.answer()
         except (OSError, MuxError) as exc:
             mux.close()
@@ -289,12 +318,37 @@ class Master:
         except BaseException:
             mux.close()
             raise
-        if isinstance(answer, ssh_mux.SessionOpened) and answer.request_id == request:
+        if isinstance(answer, ssh_mux.SessionOpened) and answer.request_id == request.request_id:
             return mux, ""
         mux.close()
         if isinstance(answer, (ssh_mux.Failure, ssh_mux.PermissionDenied)):
             return None, answer.reason
         return None, f"unexpected answer {answer!r:.80}"
+
+    def _take_ready(self) -> Optional[MuxConnection]:
+        """A ready mux connection, if the pool has one (refilled once the hand-over is done:
+        the master, one process, would take the refill's Hello before our request)."""
+        return self._ready.pop() if self._ready else None
+
+    async def _fill_loop(self) -> None:
+        """Keep POOL mux connections ready while the master has room for their forwards.
+        One that fails leaves the pool short until the next take: the hand-overs connect
+        their own meanwhile, and the watch connection is what finds a dead master."""
+        while not self.closed:
+            await self._refill.wait()
+            self._refill.clear()
+            while not self.closed and len(self._ready) < min(
+                POOL, self.cap - len(self.forwards) - self.handing
+            ):
+                try:
+                    mux = await MuxConnection.ready(self.path)
+                except MuxError as exc:
+                    log.debug("ssh's control socket, keeping connections ready: %s", exc)
+                    break
+                if self.closed:
+                    mux.close()
+                else:
+                    self._ready.append(mux)
 
     def _carry(
         self, sock: socket.socket, mux: MuxConnection, source: str, host: str, port: int
@@ -378,8 +432,12 @@ class Master:
             self._finish(forward, graceful=False)
         if self._watch is not None:
             self._watch.close()
-        if self._watcher is not None and self._watcher is not asyncio.current_task():
-            self._watcher.cancel()
+        for mux in self._ready:
+            mux.close()
+        self._ready.clear()
+        for task in (self._watcher, self._filler):
+            if task is not None and task is not asyncio.current_task():
+                task.cancel()
         self._wake.set()
 
 

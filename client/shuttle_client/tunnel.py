@@ -185,12 +185,13 @@ class Tunnel:
     async def _probe(self, master: Master) -> Optional[str]:
         if "probe" not in self.agent_capabilities:
             return "the agent cannot probe (an older shuttle-agent)"
+        # The agent's listener and the master's Hello at once: two round trips in parallel.
+        self._probe_port = asyncio.get_running_loop().create_future()
+        self.link.send(ProbeListen())
         try:
             await master.start()
         except MuxError as exc:
             return f"ssh is not a ControlMaster ({exc})"
-        self._probe_port = asyncio.get_running_loop().create_future()
-        self.link.send(ProbeListen())
         waiting: List[asyncio.Future[Any]] = [self._probe_port, self.link.closed]
         done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
         if self._probe_port not in done:
