@@ -34,6 +34,7 @@ from .dns import make_udp_sockets
 from .firewall_session import FirewallError, FirewallSession, FirewallUnavailable
 from .hosts_sync import HostsSync
 from .plan import PlanError, make_plan
+from .private_firewalld import PrivateFirewalld, has_terminal, nobody_answers
 from .proxy import make_listeners
 from .readiness import Readiness
 from .ssh_server import find_server
@@ -78,9 +79,11 @@ async def run(options: Options, readiness: Optional[Readiness] = None) -> int:
     )
     control = ControlServer(options.control or default_control_path(), handler(client))
     keeper: Optional[asyncio.Task[None]] = None
+    private: Optional[PrivateFirewalld] = None
     streams.publish = _publisher(control, streams, readiness)
     try:
         await _start_control(control, chosen=options.control is not None)
+        private = await _unless_stopped(stop, _private_firewalld(options, firewall))
         await _bring_up(client, capture, listeners, stop)
         client.ready = True
         readiness.ready(f"capturing through {options.ssh_destination} (method {client.method})")
@@ -107,14 +110,37 @@ async def run(options: Options, readiness: Optional[Readiness] = None) -> int:
         if keeper is not None:  # a heartbeat waiting on firewalld must not delay the close
             keeper.cancel()
             await asyncio.gather(keeper, return_exceptions=True)
-        # Listeners first: a new connection meets a closed port (a reset), not the direct
-        # path. Then the connections in flight are reset while the rules still stand: once
-        # they are gone, the NAT that would carry each reset back to its program is too.
-        capture.close()
-        await streams.stop()
-        await firewall.close()
+        await _close(capture, streams, firewall, private)
         control.close()
         await _cancel_the_rest()
+
+
+async def _close(
+    capture: Capture,
+    streams: Streams,
+    firewall: FirewallSession,
+    private: Optional[PrivateFirewalld],
+) -> None:
+    # Listeners first: a new connection meets a closed port (a reset), not the direct
+    # path. Then the connections in flight are reset while the rules still stand: once
+    # they are gone, the NAT that would carry each reset back to its program is too.
+    capture.close()
+    await streams.stop()
+    await firewall.close()
+    if private is not None:  # after the session's close: it then exits at once
+        await private.stop()
+
+
+async def _private_firewalld(
+    options: Options, firewall: FirewallSession
+) -> Optional[PrivateFirewalld]:
+    """A private firewalld, started for us if none was named and none answers at the
+    default socket; first, as sshuttle does, so that sudo's prompt comes before ssh's."""
+    if options.firewalld_named or not nobody_answers(options.firewalld):
+        return None
+    private = await PrivateFirewalld.start(interactive=not options.daemon and has_terminal())
+    firewall.move(private.path)
+    return private
 
 
 async def _bring_up(
