@@ -87,7 +87,7 @@ async def run(options: Options, readiness: Optional[Readiness] = None) -> int:
         await _bring_up(client, capture, listeners, stop)
         client.ready = True
         readiness.ready(f"capturing through {options.ssh_destination} (method {client.method})")
-        keeper = loop.create_task(_keep_firewall(client, capture))
+        keeper = loop.create_task(_keep_firewall(client, capture, private is not None))
         waiting: List[asyncio.Future[Any]] = [stop, streams.lost, keeper]
         done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
         if stop in done:
@@ -194,15 +194,21 @@ async def _open_firewall(client: Running, capture: Capture, method: str) -> str:
     )
 
 
-async def _keep_firewall(client: Running, capture: Capture) -> None:
+async def _keep_firewall(client: Running, capture: Capture, private: bool = False) -> None:
     """Keep the firewall session for as long as the client runs. A lost one (firewalld
     stopped, crashed or restarted) is opened again with the same method and what the
     client captures now, backing off while firewalld cannot be reached; FirewallError when
-    it is lost for good: with --no-reconnect, or when firewalld refuses it now."""
+    it is lost for good: with --no-reconnect, with a private firewalld (which exits with its
+    one session), or when firewalld refuses it now."""
     while True:
         try:
             await client.firewall.run_heartbeats()
         except FirewallError as exc:
+            if private:
+                raise FirewallError(
+                    f"lost the firewall session: {exc} (the private shuttle-firewalld exits "
+                    "with it: start shuttle-client again)"
+                ) from None
             if not client.options.reconnect:
                 raise FirewallError(
                     f"lost the firewall session: {exc} (and --no-reconnect)"

@@ -55,7 +55,9 @@ def prepare_directory(path: str = ONE_SHOT_DIR) -> None:
     """Make the sockets' directory if it is missing, and check that it is root's and
     writable by root only, and no link: StartupError if not."""
     try:
-        os.mkdir(path, 0o755)
+        os.mkdir(path, 0o700)
+        # Now, not through mkdir's mode, which the umask (sudo keeps the user's) may cut.
+        os.chmod(path, 0o755)  # noqa: S103  (everyone may look inside; the sockets are 0660)
     except FileExistsError:
         pass
     except OSError as exc:

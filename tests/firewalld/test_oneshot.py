@@ -175,7 +175,11 @@ def test_a_directory_anyone_may_change_is_refused(tmp_path: Path) -> None:
         with pytest.raises(StartupError, match="a directory of root's that only root may write"):
             oneshot.prepare_directory(str(path))
     made = tmp_path / "made"
-    oneshot.prepare_directory(str(made))
+    umask = os.umask(0o077)  # sudo keeps the user's umask: the directory must not inherit it
+    try:
+        oneshot.prepare_directory(str(made))
+    finally:
+        os.umask(umask)
     assert stat.S_IMODE(made.stat().st_mode) == 0o755
 
 

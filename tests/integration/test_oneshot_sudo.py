@@ -110,3 +110,19 @@ def test_one_command_through_sudo(topo: Topology, user_venv: UserVenv, sudoers: 
     client.send(signal.SIGKILL)
     assert client.wait(10) == -signal.SIGKILL
     assert_nothing_left(shuttle, socket)
+
+    # The private firewalld killed: the client cannot open its session again there, so it
+    # says so and exits rather than wait for it. The rules stay (the kill switch), until a
+    # firewalld that is not one-shot starts and removes them as a crashed run's.
+    client, socket = start_client(shuttle)
+    pid = int(PRIVATE.search(client.output()).group(2))  # type: ignore[union-attr]
+    os.kill(pid, signal.SIGKILL)
+    assert client.wait(20) == 1, shuttle.outputs()
+    assert "the private shuttle-firewalld exits with it" in client.output()
+    assert "Traceback" not in client.output()
+    assert leftovers(topo), "a killed firewalld cannot remove its rules"
+    shuttle.start_firewalld()
+    assert shuttle.stop_firewalld() == []
+    for path in (socket, socket + ".fds"):  # nor its socket files
+        os.unlink(path)
+    assert_nothing_left(shuttle, socket)
