@@ -172,8 +172,9 @@ def group_id(name: str) -> int:
 class Stop:
     """Set by SIGTERM or SIGINT; the loop looks at it at least every poll interval.
 
-    one_shot: SIGINT is ignored. A Ctrl-C on the client's terminal reaches us too (sudo
-    relays it), and the client, which then closes its session, is what we follow."""
+    one_shot (a one-shot firewalld that follows its client's pipe): SIGINT is ignored. A
+    Ctrl-C on the client's terminal reaches us too (sudo relays it), and the client, which
+    then closes its session, is what we follow."""
 
     def __init__(self, one_shot: bool = False) -> None:
         self.requested = False
@@ -250,8 +251,8 @@ def run(options: Options) -> int:
         raise StartupError("must run as root: it changes firewall rules")
     where = listening(options)
     scope_policy = load_policy(options.policy)
-    stop = Stop(options.one_shot)
     caller = oneshot.Caller() if options.one_shot else None
+    stop = Stop(one_shot=caller is not None and caller.follows_pipe)
     file_limit = raise_file_limit()
     max_connections, max_tokens = descriptor_budget(file_limit)
     nft = NftMethod()

@@ -11,6 +11,7 @@ import grp
 import os
 import pwd
 import re
+import socket
 import stat
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -67,6 +68,29 @@ def prepare_directory(path: str = ONE_SHOT_DIR) -> None:
         raise StartupError(
             f"{path} must be a directory of root's that only root may write; remove it"
         )
+    remove_dead_sockets(path)
+
+
+def remove_dead_sockets(path: str) -> int:
+    """Remove the socket files that killed one-shot firewalld left in path (nobody listens
+    on them); how many. A live one's stay."""
+    removed = 0
+    for name in os.listdir(path):
+        if not re.fullmatch(r"\d{1,10}\.sock(\.fds)?", name):
+            continue
+        socket_file = os.path.join(path, name)
+        try:
+            if not stat.S_ISSOCK(os.lstat(socket_file).st_mode):
+                continue
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                probe.settimeout(1.0)
+                probe.connect(socket_file)
+        except ConnectionRefusedError:
+            os.unlink(socket_file)
+            removed += 1
+        except OSError:  # gone meanwhile, or busy: not ours to judge
+            continue
+    return removed
 
 
 class Caller:
@@ -86,6 +110,11 @@ class Caller:
         self._fd = fd if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) else None
         if self._fd is not None:
             os.set_blocking(self._fd, False)
+
+    @property
+    def follows_pipe(self) -> bool:
+        """Whether our stdin is the client's pipe, whose end ends us."""
+        return self._fd is not None
 
     def sessions(self, count: int) -> None:
         """Sessions' on_change: the count of open sessions now."""

@@ -8,6 +8,7 @@ import asyncio
 import os
 import pwd
 import select
+import socket
 import stat
 import subprocess
 import tempfile
@@ -183,10 +184,23 @@ def test_a_directory_anyone_may_change_is_refused(tmp_path: Path) -> None:
     assert stat.S_IMODE(made.stat().st_mode) == 0o755
 
 
+def test_a_killed_one_shot_s_socket_files_go_a_live_one_s_stay(tmp_path: Path) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as dead, socket.socket(
+        socket.AF_UNIX, socket.SOCK_STREAM
+    ) as live:
+        dead.bind(str(tmp_path / "11.sock"))  # bound, nobody listening: a killed one's
+        live.bind(str(tmp_path / "12.sock"))
+        live.listen(1)
+        (tmp_path / "13.sock").write_text("")  # not a socket: not ours to remove
+        assert oneshot.remove_dead_sockets(str(tmp_path)) == 1
+        assert sorted(os.listdir(tmp_path)) == ["12.sock", "13.sock"]
+
+
 def test_caller_ends_with_its_session_or_its_pipe() -> None:
     read, write = os.pipe()
     try:
         caller = oneshot.Caller(read)
+        assert caller.follows_pipe
         assert not caller.finished()
         caller.sessions(0)  # no session yet: still waiting for the first
         assert not caller.finished()
@@ -202,6 +216,7 @@ def test_caller_ends_with_its_session_or_its_pipe() -> None:
             os.close(write)
     with open(os.devnull, "rb") as null:  # not a pipe: only the session counts
         caller = oneshot.Caller(null.fileno())
+        assert not caller.follows_pipe
         caller.sessions(1)
         assert not caller.finished()
         caller.sessions(0)
