@@ -5,7 +5,7 @@ VENV ?= .venv
 PYTHON ?= /usr/bin/python3
 PY := $(VENV)/bin/python
 APT_PACKAGES := iproute2 iptables nftables openssh-server openssh-client curl iperf3 \
-	dnsutils dnsmasq-base procps util-linux strace systemd python3 python3-venv
+	dnsutils dnsmasq-base procps util-linux strace systemd python3 python3-venv sudo
 TOOLS := pytest pytest-xdist hypothesis ruff mypy atheris
 PACKAGES := protocol local agent firewalld client
 # The tests run in parallel workers (pytest-xdist). Most of their time is spent waiting on

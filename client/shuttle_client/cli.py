@@ -54,7 +54,9 @@ Options:
   --group=GROUP            capture only traffic of this group (with no --user: of
                            anyone in it).
   --all-users              capture the traffic of every local user.
-  --firewalld=PATH         firewalld's socket [default: /run/shuttle/firewalld.sock].
+  --firewalld=PATH         firewalld's socket (default: /run/shuttle/firewalld.sock;
+                           if nothing answers there, a private one is started with
+                           sudo, which may ask for your password; -D: sudo -n).
   -D, --daemon             go to the background once ready (implies --syslog; the
                            working directory becomes /).
   --pidfile=PATH           write the client's pid to PATH while it runs (with -D, the
@@ -110,6 +112,7 @@ METHODS = ("auto", "nft", "nat", "tproxy")
 LOOPBACKS = ("127.0.0.1", "::1")
 WILDCARDS = ("0.0.0.0", "::")  # noqa: S104 (listening there is the router use case)
 MAX_STREAMS = 16
+DEFAULT_FIREWALLD = "/run/shuttle/firewalld.sock"
 MAX_TCP_CAP = 10_000
 DEFAULT_PIDFILE = "shuttle-client.pid"  # with -D, in the current directory (as sshuttle)
 # sun_path holds 108 bytes, the last one a NUL; the events socket's path adds ".events".
@@ -132,6 +135,7 @@ class Options:
     gid: int
     firewalld: str
     verbose: bool
+    firewalld_named: bool = False  # --firewalld given: never start a private one
     streams: int = 1
     reconnect: bool = True
     keepalive: float = 10.0
@@ -408,7 +412,8 @@ def parse_args(argv: Sequence[str]) -> Options:
         method=args["--method"],
         uid=uid,
         gid=gid,
-        firewalld=args["--firewalld"],
+        firewalld=args["--firewalld"] or DEFAULT_FIREWALLD,
+        firewalld_named=args["--firewalld"] is not None,
         verbose=bool(args["--verbose"]),
         streams=parse_streams(args["--streams"]),
         reconnect=not args["--no-reconnect"],

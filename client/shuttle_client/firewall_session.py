@@ -104,6 +104,11 @@ class FirewallSession:
         self._session: str | None = None
         self._lease = 0.0
 
+    def move(self, socket_path: str) -> None:
+        """Talk to the firewalld at socket_path from now on (one started for us)."""
+        self._drop_socket()
+        self._path = socket_path
+
     @property
     def session(self) -> str | None:
         """The session id while the session is open."""

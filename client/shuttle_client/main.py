@@ -34,6 +34,7 @@ from .dns import make_udp_sockets
 from .firewall_session import FirewallError, FirewallSession, FirewallUnavailable
 from .hosts_sync import HostsSync
 from .plan import PlanError, make_plan
+from .private_firewalld import PrivateFirewalld, has_terminal, nobody_answers
 from .proxy import make_listeners
 from .readiness import Readiness
 from .ssh_server import find_server
@@ -78,13 +79,15 @@ async def run(options: Options, readiness: Optional[Readiness] = None) -> int:
     )
     control = ControlServer(options.control or default_control_path(), handler(client))
     keeper: Optional[asyncio.Task[None]] = None
+    private: Optional[PrivateFirewalld] = None
     streams.publish = _publisher(control, streams, readiness)
     try:
         await _start_control(control, chosen=options.control is not None)
+        private = await _unless_stopped(stop, _private_firewalld(options, firewall))
         await _bring_up(client, capture, listeners, stop)
         client.ready = True
         readiness.ready(f"capturing through {options.ssh_destination} (method {client.method})")
-        keeper = loop.create_task(_keep_firewall(client, capture))
+        keeper = loop.create_task(_keep_firewall(client, capture, private is not None))
         waiting: List[asyncio.Future[Any]] = [stop, streams.lost, keeper]
         done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
         if stop in done:
@@ -107,14 +110,37 @@ async def run(options: Options, readiness: Optional[Readiness] = None) -> int:
         if keeper is not None:  # a heartbeat waiting on firewalld must not delay the close
             keeper.cancel()
             await asyncio.gather(keeper, return_exceptions=True)
-        # Listeners first: a new connection meets a closed port (a reset), not the direct
-        # path. Then the connections in flight are reset while the rules still stand: once
-        # they are gone, the NAT that would carry each reset back to its program is too.
-        capture.close()
-        await streams.stop()
-        await firewall.close()
+        await _close(capture, streams, firewall, private)
         control.close()
         await _cancel_the_rest()
+
+
+async def _close(
+    capture: Capture,
+    streams: Streams,
+    firewall: FirewallSession,
+    private: Optional[PrivateFirewalld],
+) -> None:
+    # Listeners first: a new connection meets a closed port (a reset), not the direct
+    # path. Then the connections in flight are reset while the rules still stand: once
+    # they are gone, the NAT that would carry each reset back to its program is too.
+    capture.close()
+    await streams.stop()
+    await firewall.close()
+    if private is not None:  # after the session's close: it then exits at once
+        await private.stop()
+
+
+async def _private_firewalld(
+    options: Options, firewall: FirewallSession
+) -> Optional[PrivateFirewalld]:
+    """A private firewalld, started for us if none was named and none answers at the
+    default socket; first, as sshuttle does, so that sudo's prompt comes before ssh's."""
+    if options.firewalld_named or not nobody_answers(options.firewalld):
+        return None
+    private = await PrivateFirewalld.start(interactive=not options.daemon and has_terminal())
+    firewall.move(private.path)
+    return private
 
 
 async def _bring_up(
@@ -168,15 +194,21 @@ async def _open_firewall(client: Running, capture: Capture, method: str) -> str:
     )
 
 
-async def _keep_firewall(client: Running, capture: Capture) -> None:
+async def _keep_firewall(client: Running, capture: Capture, private: bool = False) -> None:
     """Keep the firewall session for as long as the client runs. A lost one (firewalld
     stopped, crashed or restarted) is opened again with the same method and what the
     client captures now, backing off while firewalld cannot be reached; FirewallError when
-    it is lost for good: with --no-reconnect, or when firewalld refuses it now."""
+    it is lost for good: with --no-reconnect, with a private firewalld (which exits with its
+    one session), or when firewalld refuses it now."""
     while True:
         try:
             await client.firewall.run_heartbeats()
         except FirewallError as exc:
+            if private:
+                raise FirewallError(
+                    f"lost the firewall session: {exc} (the private shuttle-firewalld exits "
+                    "with it: start shuttle-client again)"
+                ) from None
             if not client.options.reconnect:
                 raise FirewallError(
                     f"lost the firewall session: {exc} (and --no-reconnect)"

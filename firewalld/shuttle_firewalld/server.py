@@ -27,7 +27,7 @@ from shuttle_protocol.firewall_messages import PAIRS, TOKEN_LEN, SocketsHandover
 from shuttle_protocol.frames import MAX_FRAME, MAX_ITEMS, decode_frame, encode_frame, frame_message
 from shuttle_protocol.schema import Message
 from shuttle_protocol.stream import new_unpacker, unpack_errors
-from shuttle_protocol.zap import PID_PROPERTY, ZAP_ENDPOINT, zap_reply
+from shuttle_protocol.zap import PID_PROPERTY, ZAP_ENDPOINT, Peer, anyone, zap_reply
 
 from . import requests
 from .connections import MAX_CONNECTIONS, UCRED, Connections
@@ -147,10 +147,17 @@ class Server:
         sessions: Sessions,
         max_connections: int = MAX_CONNECTIONS,
         file_limit: int = 1024,
+        *,
+        owner: int = 0,
+        admit: Callable[[Peer], str | None] = anyone,
     ) -> None:
-        """file_limit: the open file limit in force (see _watch_descriptors)."""
+        """file_limit: the open file limit in force (see _watch_descriptors); owner and
+        gid: the socket files' owner and group (mode 0660); admit: the ZAP handler's test
+        of each caller (zap_reply's)."""
         self.path = path
+        self._owner = owner
         self._gid = gid
+        self._admit = admit
         self._sessions = sessions
         self._file_limit = file_limit
         self._pause_at, self._resume_at = file_limit * 3 // 4, file_limit * 5 // 8
@@ -179,7 +186,9 @@ class Server:
         self._fds: FdServer | None = None
         try:
             if sessions.grants.path:
-                self._fds = FdServer(sessions.grants.path, gid, sessions.grants, lock=sessions.lock)
+                self._fds = FdServer(
+                    sessions.grants.path, gid, sessions.grants, lock=sessions.lock, owner=owner
+                )
         except BaseException:
             self.close()
             raise
@@ -193,7 +202,7 @@ class Server:
         finally:
             os.umask(old_umask)
         inode = os.stat(self.path).st_ino
-        os.chown(self.path, 0, self._gid)
+        os.chown(self.path, self._owner, self._gid)
         os.chmod(self.path, 0o660)
         return inode
 
@@ -286,7 +295,7 @@ class Server:
                 frames = self._zap.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            reply = zap_reply(frames, DOMAIN)
+            reply = zap_reply(frames, DOMAIN, self._admit)
             if reply[2] == b"200":
                 log.debug("connection from uid %s", reply[4].decode())
             else:
@@ -372,6 +381,7 @@ class FdServer:
         clock: Callable[[], float] = time.monotonic,
         *,
         lock: threading.Lock | None = None,
+        owner: int = 0,
     ) -> None:
         """lock: Sessions.lock, held while a token is redeemed and its sockets sent, so that
         the worker never closes a session's sockets under our feet."""
@@ -392,7 +402,7 @@ class FdServer:
             os.umask(old_umask)
         self._inode = os.stat(path).st_ino
         try:
-            os.chown(path, 0, gid)
+            os.chown(path, owner, gid)
             os.chmod(path, 0o660)
             self._listener.listen(MAX_WAITING)
             self._listener.setblocking(False)

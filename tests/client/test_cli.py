@@ -21,6 +21,8 @@ def test_minimal_command_line() -> None:
     assert options.python == "python3"
     assert options.method == "auto"
     assert (options.uid, options.gid) == (os.getuid(), ANY_OWNER)
+    # Not named: where nothing answers, the client starts a private one through sudo.
+    assert (options.firewalld, options.firewalld_named) == ("/run/shuttle/firewalld.sock", False)
 
 
 def test_all_options() -> None:
@@ -36,7 +38,7 @@ def test_all_options() -> None:
     assert options.forward
     assert options.ssh_cmd == ("ssh", "-i", "my key", "-o", "BatchMode=yes")
     assert options.python == "/usr/bin/python3.11"
-    assert options.firewalld == "/tmp/fw.sock"
+    assert (options.firewalld, options.firewalld_named) == ("/tmp/fw.sock", True)
     assert options.verbose
 
 
