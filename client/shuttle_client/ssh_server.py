@@ -66,6 +66,8 @@ async def find_server(ssh_cmd: Sequence[str], destination: str, port: Optional[i
         hop_host = hop_config.get("hostname") or hop[1].rpartition("@")[2]
         jumps += await _resolve(hop_host, "the jump host")
         hops += jump_hops(hop[0], hop_config)
+    if jumps:
+        log.info("not capturing the ssh jump hosts: %s", " ".join(dict.fromkeys(jumps)))
     return Server(host, addresses, tuple(dict.fromkeys(jumps)))
 
 
