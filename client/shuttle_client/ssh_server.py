@@ -6,7 +6,7 @@ import logging
 import os
 import shlex
 import socket
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Set, Tuple
 
 from shuttle_protocol.firewall_messages import ALL_PORTS, Target
 
@@ -56,7 +56,7 @@ async def find_server(ssh_cmd: Sequence[str], destination: str, port: Optional[i
     addresses = await _resolve(host, "the ssh server")
     jumps: List[str] = []
     hops = jump_hops(tuple(ssh_cmd), config)
-    seen = set()
+    seen: Set[Hop] = set()
     while hops and len(seen) < MAX_HOPS:
         hop = hops.pop(0)
         if hop in seen:

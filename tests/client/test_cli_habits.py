@@ -5,7 +5,7 @@ said in one line."""
 import subprocess
 import sys
 from pathlib import Path
-from typing import List
+from typing import Dict, List, Tuple
 
 import pytest
 from shuttle_client.cli import UsageError, parse_args, parse_remote
@@ -42,7 +42,7 @@ def test_version(flag: str) -> None:
         (["-vvvvvv"], ("ssh", "-vvv")),
     ],
 )
-def test_v_is_counted_and_vv_adds_ssh_debug(flags: List[str], ssh: tuple) -> None:
+def test_v_is_counted_and_vv_adds_ssh_debug(flags: List[str], ssh: Tuple[str, ...]) -> None:
     options = parse_args([*flags, "-r", "gw", "10.0.0.0/8"])
     assert options.verbose == bool(flags)
     assert options.ssh_cmd == ssh
@@ -96,7 +96,7 @@ def test_a_forgotten_remote_is_one_clear_line() -> None:
     assert wrong.stderr == "shuttle-client: error: unknown option --no-such-option\n"
 
 
-def fake_path(tmp_path: Path, pythons: dict) -> str:
+def fake_path(tmp_path: Path, pythons: Dict[str, str]) -> str:
     """A directory for PATH with sh and the given python names, symlinks to interpreters."""
     folder = tmp_path / "bin"
     folder.mkdir()
@@ -121,7 +121,11 @@ def version_of(python: str) -> str:
     ],
 )
 def test_without_python_option_python3_else_python(
-    fake_ssh: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pythons: dict, expected: str
+    fake_ssh: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    pythons: Dict[str, str],
+    expected: str,
 ) -> None:
     monkeypatch.setenv("PATH", fake_path(tmp_path, pythons))
 
