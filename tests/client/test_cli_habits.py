@@ -2,17 +2,23 @@
 several addresses, --python's fallback to python, no password in -r, and a forgotten -r
 said in one line."""
 
+import asyncio
 import subprocess
 import sys
 from pathlib import Path
 from typing import Dict, List, Tuple
 
 import pytest
+from shuttle_client import plan
 from shuttle_client.cli import UsageError, parse_args, parse_remote
+from shuttle_client.resolvers import local_resolvers
 from shuttle_client.tunnel import TunnelError
+from shuttle_protocol.firewall_messages import ALL_PORTS
+from shuttle_protocol.stream_messages import Routes
 
 from .agents import run
 from .agents import start as start_tunnel
+from .test_discovery import new_discovery
 
 CLIENT = str(Path(sys.executable).with_name("shuttle-client"))
 PYTHON3 = "/usr/bin/python3"
@@ -149,3 +155,27 @@ def test_neither_python3_nor_python_is_one_line(
             await start_tunnel(fake_ssh, None)
 
     run(scenario())
+
+
+def test_disable_ipv6_leaves_out_the_servers_ipv6_routes_and_resolvers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    resolv_conf = tmp_path / "resolv.conf"
+    resolv_conf.write_text("nameserver 2001:db8::53\nnameserver 192.0.2.53\n")
+    no_upstreams = str(tmp_path / "no-resolved")
+    monkeypatch.setattr(
+        plan, "local_resolvers", lambda: local_resolvers(str(resolv_conf), no_upstreams)
+    )
+    options = parse_args(["--disable-ipv6", "-r", "gw", "-N", "--dns", "--to-ns", "192.0.2.1"])
+
+    async def scenario() -> None:
+        discovery, failures = new_discovery()
+        planning = asyncio.ensure_future(plan.make_plan(options, discovery))
+        await asyncio.sleep(0)
+        discovery.on_message(Routes(("198.51.100.0/24", "2001:db8:5::/48"), False))
+        made = await asyncio.wait_for(planning, 10)
+        assert made.subnets == (("198.51.100.0/24", *ALL_PORTS),)
+        assert made.dns == ("192.0.2.53",)
+        assert failures == []
+
+    asyncio.run(scenario())
