@@ -28,7 +28,7 @@ carries them over one ssh session (or --streams of them) to the server, which ma
 from there. Firewall rules come from shuttle-firewalld.
 
 Usage:
-  shuttle-client [options] [-v...] -r HOST [-x SUBNET]... [-X FILE]... [-s FILE]...
+  shuttle-client [options] [-v]... -r HOST [-x SUBNET]... [-X FILE]... [-s FILE]...
                  [SUBNET...]
   shuttle-client -h | --help
   shuttle-client -V | --version

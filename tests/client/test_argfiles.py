@@ -221,7 +221,7 @@ def test_a_lone_at_or_dash_is_a_subnet_and_double_dash_is_refused(tmp_path: Path
 
 def test_every_repeatable_option_of_the_usage_is_known() -> None:
     repeatable = {spec.key for spec in SPECS.values() if spec.repeatable}
-    assert repeatable == {"--exclude", "--exclude-from", "--subnets"}
+    assert repeatable == {"--exclude", "--exclude-from", "--subnets", "--verbose"}  # -vv counts
     assert SPECS["-x"] is SPECS["--exclude"]
     assert SPECS["--method"].takes_value and not SPECS["--dns"].takes_value
 

@@ -10,6 +10,7 @@ from typing import Dict, List, Tuple
 
 import pytest
 from shuttle_client import plan
+from shuttle_client.argfiles import parse_command_line
 from shuttle_client.cli import UsageError, parse_args, parse_remote
 from shuttle_client.resolvers import local_resolvers
 from shuttle_client.tunnel import TunnelError
@@ -49,7 +50,8 @@ def test_version(flag: str) -> None:
     ],
 )
 def test_v_is_counted_and_vv_adds_ssh_debug(flags: List[str], ssh: Tuple[str, ...]) -> None:
-    options = parse_args([*flags, "-r", "gw", "10.0.0.0/8"])
+    # Through the @file layer, as main parses: it must not merge -v -v into one.
+    options = parse_command_line([*flags, "-r", "gw", "10.0.0.0/8"], {})
     assert options.verbose == bool(flags)
     assert options.ssh_cmd == ssh
 

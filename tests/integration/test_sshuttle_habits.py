@@ -1,4 +1,4 @@
-"""sshuttle's habits against the real test network: 0/0 through an ssh jump host.
+"""sshuttle's habits against the real test network: 0/0 through an ssh jump host, with -vv.
 
 A second sshd runs on the target T; the client in C reaches it with ProxyJump through S,
 from a real ssh config. S, the jump host, is excluded as the server is: otherwise 0/0
@@ -53,11 +53,13 @@ Host *
     args = shuttle.client_args(subnets=["0/0"], remote_name="target", python=SYSTEM_PYTHON)
     args[args.index("-e") + 1] = f"ssh -F {config}"
     env = topo.user_env([str(shuttle.venv.bin)])
-    client = topo.start("client-jump", topo.user_argv([*args, "--keepalive=1"], env))
+    # -vv: ssh's own debug lines come into the client's log too.
+    client = topo.start("client-jump", topo.user_argv([*args, "--keepalive=1", "-vv"], env))
     shuttle.clients.append(client)
     assert client.wait_for_line("shuttle-client: ready", 60), shuttle.outputs()
     assert f"not capturing the ssh jump hosts: {S_ADDR_C}\n" in client.output()
     assert_page(shuttle, T_ADDR2)
+    assert "shuttle-client: debug1: " in client.output(), "no ssh -v lines with -vv"
     # The session on T ends; the new ssh must reach S directly, not through the capture.
     sessions = topo.processes_of(topo.t, topo.user, "sshd")
     assert sessions, "no sshd session process in T"
