@@ -482,15 +482,20 @@ def _docopt(argv: Sequence[str]) -> Dict[str, Any]:
     version = f"shuttle-client {__version__}"
     try:
         return dict(docopt(USAGE, argv=list(argv), version=version))
-    except DocoptExit:
-        relaxed = USAGE.replace(" -r HOST ", " [-r HOST] ", 1)
+    except DocoptExit as exc:
+        mistake = exc
+    # The same usage with -r optional: if that parses, the one mistake is the missing -r.
+    relaxed = USAGE.replace(" -r HOST ", " [-r HOST] ", 1)
+    try:
         args = docopt(relaxed, argv=list(argv), version=version)
-        if args["--remote"] is None:
-            raise UsageError(
-                "no -r HOST: which ssh server to go through? e.g. shuttle-client -r "
-                "[user@]host[:port] 10.0.0.0/8"
-            ) from None
-        raise
+    except DocoptExit:
+        raise mistake from None  # another mistake: docopt's text, of the real usage
+    if args["--remote"] is None:
+        raise UsageError(
+            "no -r HOST: which ssh server to go through? e.g. shuttle-client -r "
+            "[user@]host[:port] 10.0.0.0/8"
+        )
+    raise mistake
 
 
 def _with_files(words: List[str], paths: List[str]) -> List[str]:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Dict, List, Tuple
 
 import pytest
+from docopt import DocoptExit
 from shuttle_client import plan
 from shuttle_client.argfiles import parse_command_line
 from shuttle_client.cli import UsageError, parse_args, parse_remote
@@ -100,6 +101,9 @@ def test_a_forgotten_remote_is_one_clear_line() -> None:
         "shuttle-client: error: no -r HOST: which ssh server to go through? e.g. "
         "shuttle-client -r [user@]host[:port] 10.0.0.0/8"
     ]
+    # Another mistake of docopt's gets docopt's text, with the real usage (-r not optional).
+    with pytest.raises(DocoptExit, match=r"\[options\] \[-v\]\.\.\. -r HOST"):
+        parse_args(["-r", "gw", "-r", "gw2", "10.0.0.0/8"])
     wrong = client("-r", "gw", "--no-such-option", "10.0.0.0/8")  # other mistakes: their own
     assert wrong.stderr == "shuttle-client: error: unknown option --no-such-option\n"
 
