@@ -7,7 +7,7 @@ import os
 import pwd
 import shlex
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from docopt import DocoptExit, docopt
 from shuttle_protocol.checks import MAX_NAMESERVERS, check_hostname
@@ -28,9 +28,10 @@ carries them over one ssh session (or --streams of them) to the server, which ma
 from there. Firewall rules come from shuttle-firewalld.
 
 Usage:
-  shuttle-client [options] -r HOST [-x SUBNET]... [-X FILE]... [-s FILE]... [SUBNET...]
+  shuttle-client [options] [-v]... -r HOST [-x SUBNET]... [-X FILE]... [-s FILE]...
+                 [SUBNET...]
   shuttle-client -h | --help
-  shuttle-client --version
+  shuttle-client -V | --version
 
 Arguments:
   SUBNET                   what to capture: a.b.c.d[/width][:port[-port]],
@@ -42,12 +43,16 @@ Options:
   -x, --exclude=SUBNET     do not capture this (same syntax; repeatable).
   -X, --exclude-from=FILE  read excludes from FILE (whitespace-separated, # comments).
   -s, --subnets=FILE       read SUBNETs from FILE (same format).
-  -l, --listen=ADDR        the local redirect listener, [ip:]port; default: port 0 (any
-                           free port) on 127.0.0.1 and ::1. A wildcard ip (0.0.0.0, ::)
-                           also captures traffic routed through this host (router use);
-                           an IPv6 one takes IPv6 only: 0.0.0.0 for IPv4.
+  -l, --listen=ADDR        the local redirect listeners, [ip:]port[,[ip:]port]... (all
+                           on one port); default: port 0 (any free port) on 127.0.0.1
+                           and ::1. A wildcard ip (0.0.0.0, ::) also captures traffic
+                           routed through this host (router use); an IPv6 one takes
+                           IPv6 only: -l 0.0.0.0:P,[::]:P for both.
+  --disable-ipv6           capture no IPv6: listen on 127.0.0.1 only and leave out the
+                           IPv6 addresses of host names and of -N's routes.
   -e, --ssh-cmd=CMD        the ssh command, with its options [default: ssh].
-  --python=PATH            python on the server [default: python3].
+  --python=PATH            python on the server (default: python3, or python where
+                           the server has no python3).
   --method=METHOD          firewall method: auto, nft, nat or tproxy (TCP and UDP)
                            [default: auto].
   --user=USER              capture the traffic of this user (default: yourself).
@@ -95,9 +100,10 @@ Options:
                            then reset them [default: 30].
   --control=PATH           the control socket for scripts and `shuttle-client ctl`
                            (default: $XDG_RUNTIME_DIR/shuttle/control.sock).
-  -v, --verbose            say more (also the agent's debug lines).
+  -v, --verbose            say more: the client's and the agent's debug lines; -vv
+                           also ssh's own (ssh -v), -vvv ssh -vv.
   -h, --help               show this text.
-  --version                show the version.
+  -V, --version            show the version.
 
 Capturing other users' or routed traffic needs root or shuttle-firewalld's policy file.
 A running client is driven with `shuttle-client ctl` (see shuttle-client ctl --help).
@@ -129,7 +135,7 @@ class Options:
     excludes: Tuple[Target, ...]
     listen: Tuple[Tuple[str, int], ...]
     ssh_cmd: Tuple[str, ...]
-    python: str
+    python: Optional[str]  # None: python3, else python (upload.remote_command)
     method: str
     uid: int
     gid: int
@@ -152,6 +158,7 @@ class Options:
     syslog: bool = False
     tcp: str = "auto"
     tcp_cap: int = DEFAULT_CAP
+    disable_ipv6: bool = False
 
     @property
     def forward(self) -> bool:
@@ -183,6 +190,12 @@ def parse_port(text: str) -> int:
 def parse_remote(text: str) -> Tuple[str, Optional[int]]:
     """'[user@]host[:port]' (IPv6 as [addr]:port) → (ssh destination, port or None)."""
     user, at, hostport = text.rpartition("@")
+    if ":" in user:
+        raise UsageError(
+            f"invalid remote {text[: text.index(':')]}:...@{hostport}: shuttle takes no "
+            "password on the command line (anyone on this host can read it there); "
+            "use an ssh key, or let ssh ask for the password"
+        )
     try:
         host, port_text = split_host_port(hostport)
     except ValueError:
@@ -233,18 +246,44 @@ def parse_addresses(words: Sequence[str]) -> Tuple[str, ...]:
     return tuple(found)
 
 
-def parse_listen(text: Optional[str]) -> Tuple[Tuple[str, int], ...]:
-    """'[ip:]port' → the listeners' (ip, port); without an ip, 127.0.0.1 and ::1."""
-    host, _, port_text = (text or "0").rpartition(":")
-    host = host.strip("[]")
-    if host:
-        try:
-            ipaddress.ip_address(host)
-        except ValueError:
-            raise UsageError(f"invalid listen address {text!r}: expected [ip:]port") from None
-    if not port_text.isdigit() or int(port_text) > 65535:
-        raise UsageError(f"invalid listen port in {text!r}")
-    return tuple((ip, int(port_text)) for ip in ((host,) if host else LOOPBACKS))
+def parse_listen(text: Optional[str], disable_ipv6: bool = False) -> Tuple[Tuple[str, int], ...]:
+    """'[ip:]port[,[ip:]port]...' (sshuttle's -l) → the listeners' (ip, port), once each;
+    an item without an ip stands for 127.0.0.1 and ::1 (127.0.0.1 alone with disable_ipv6).
+    All share one port: firewalld redirects to one."""
+    loopbacks = LOOPBACKS[:1] if disable_ipv6 else LOOPBACKS
+    listen: List[Tuple[str, int]] = []
+    for item in (text or "0").split(","):
+        host, _, port_text = item.strip().rpartition(":")
+        host = host.strip("[]")
+        if host:
+            try:
+                host = plain(host)
+            except ValueError:
+                raise UsageError(f"invalid listen address {item!r}: expected [ip:]port") from None
+        if not port_text.isdigit() or int(port_text) > 65535:
+            raise UsageError(f"invalid listen port in {item!r}")
+        if disable_ipv6 and ":" in host:
+            raise UsageError(f"-l {item}: an IPv6 address, but --disable-ipv6 is given")
+        for ip in (host,) if host else loopbacks:
+            if (ip, int(port_text)) not in listen:
+                listen.append((ip, int(port_text)))
+    if len({port for _, port in listen}) > 1:
+        raise UsageError(
+            f"-l {text}: every listen address takes the same port (the rules "
+            "redirect to one port); use one port, or 0 everywhere for any free one"
+        )
+    return tuple(listen)
+
+
+def drop_ipv6(targets: Sequence[Target]) -> Tuple[Target, ...]:
+    """The IPv4 ones of targets (--disable-ipv6)."""
+    return tuple(t for t in targets if ipaddress.ip_network(t[0]).version == 4)
+
+
+def verbose_ssh(ssh_cmd: Tuple[str, ...], count: int) -> Tuple[str, ...]:
+    """ssh_cmd with ssh's own -v for each -v past the first (-vv: ssh -v), at most -vvv."""
+    extra = min(count - 1, 3)
+    return (*ssh_cmd, "-" + "v" * extra) if extra > 0 else ssh_cmd
 
 
 def check_listen_families(
@@ -376,10 +415,10 @@ def _lookup(name: str, by_name: Callable[[str], Any], kind: str) -> int:
 
 def parse_args(argv: Sequence[str]) -> Options:
     """Options from the command line; UsageError for a bad value, DocoptExit for bad syntax."""
-    args = docopt(USAGE, argv=list(argv), version=f"shuttle-client {__version__}")
+    args = _docopt(argv)
     destination, port = parse_remote(args["--remote"])
     try:
-        ssh_cmd = tuple(shlex.split(args["--ssh-cmd"]))
+        ssh_cmd = verbose_ssh(tuple(shlex.split(args["--ssh-cmd"])), args["--verbose"])
     except ValueError as exc:
         raise UsageError(f"invalid --ssh-cmd: {exc}") from None
     if not ssh_cmd:
@@ -392,13 +431,21 @@ def parse_args(argv: Sequence[str]) -> Options:
         excludes = parse_targets(_with_files(args["--exclude"], args["--exclude-from"]))
     except TargetError as exc:
         raise UsageError(str(exc)) from None
+    disable_ipv6 = bool(args["--disable-ipv6"])
+    if disable_ipv6:
+        given = bool(subnets)
+        subnets, excludes = drop_ipv6(subnets), drop_ipv6(excludes)
+        if given and not subnets:
+            raise UsageError("nothing to capture: every SUBNET is IPv6 (--disable-ipv6)")
     if not subnets and not args["--auto-nets"]:
         raise UsageError("nothing to capture: give a SUBNET, -s FILE or -N")
     tcp, tcp_cap = parse_tcp(args["--tcp"], args["--tcp-cap"])
     dns, ns_hosts, to_ns = parse_dns(args["--dns"], args["--ns-hosts"], args["--to-ns"])
     if args["--seed-hosts"] is not None and not args["--auto-hosts"]:
         raise UsageError("--seed-hosts needs -H (--auto-hosts)")
-    listen = parse_listen(args["--listen"])
+    if disable_ipv6 and any(":" in address for address in ns_hosts):
+        raise UsageError("--ns-hosts has an IPv6 address, but --disable-ipv6 is given")
+    listen = parse_listen(args["--listen"], disable_ipv6)
     if args["--method"] != "tproxy":  # tproxy: firewalld makes the listeners
         check_listen_families(listen, subnets, ns_hosts)
     return Options(
@@ -414,7 +461,7 @@ def parse_args(argv: Sequence[str]) -> Options:
         gid=gid,
         firewalld=args["--firewalld"] or DEFAULT_FIREWALLD,
         firewalld_named=args["--firewalld"] is not None,
-        verbose=bool(args["--verbose"]),
+        verbose=args["--verbose"] > 0,
         streams=parse_streams(args["--streams"]),
         reconnect=not args["--no-reconnect"],
         keepalive=parse_seconds("--keepalive", args["--keepalive"], 0.1, 3600),
@@ -431,7 +478,29 @@ def parse_args(argv: Sequence[str]) -> Options:
         syslog=bool(args["--syslog"] or args["--daemon"]),
         tcp=tcp,
         tcp_cap=tcp_cap,
+        disable_ipv6=disable_ipv6,
     )
+
+
+def _docopt(argv: Sequence[str]) -> Dict[str, Any]:
+    """docopt's parse; a forgotten -r is one line, not docopt's "unmatched arguments"."""
+    version = f"shuttle-client {__version__}"
+    try:
+        return dict(docopt(USAGE, argv=list(argv), version=version))
+    except DocoptExit as exc:
+        mistake = exc
+    # The same usage with -r optional: if that parses, the one mistake is the missing -r.
+    relaxed = USAGE.replace(" -r HOST ", " [-r HOST] ", 1)
+    try:
+        args = docopt(relaxed, argv=list(argv), version=version)
+    except DocoptExit:
+        raise mistake from None  # another mistake: docopt's text, of the real usage
+    if args["--remote"] is None:
+        raise UsageError(
+            "no -r HOST: which ssh server to go through? e.g. shuttle-client -r "
+            "[user@]host[:port] 10.0.0.0/8"
+        )
+    raise mistake
 
 
 def _with_files(words: List[str], paths: List[str]) -> List[str]:

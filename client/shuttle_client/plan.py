@@ -7,7 +7,7 @@ from typing import Optional, Tuple
 
 from shuttle_protocol.firewall_messages import Target
 
-from .cli import Options
+from .cli import Options, drop_ipv6
 from .discovery import Discovery, own_networks, routed_targets
 from .dns import Nameserver
 from .resolvers import DNS_PORT, local_resolvers
@@ -31,6 +31,8 @@ async def make_plan(options: Options, discovery: Discovery) -> Plan:
     subnets = options.subnets
     if options.auto_nets:
         routed = routed_targets(await discovery.routes(), own_networks(), subnets)
+        if options.disable_ipv6:
+            routed = drop_ipv6(routed)
         log.info(
             "the server routes %s", " ".join(net for net, _, _ in routed) if routed else "nothing"
         )
@@ -40,6 +42,8 @@ async def make_plan(options: Options, discovery: Discovery) -> Plan:
     if not options.dns:
         return Plan(subnets, (), None)
     captured = options.ns_hosts or local_resolvers()
+    if options.disable_ipv6:
+        captured = tuple(address for address in captured if ":" not in address)
     if not captured:
         raise PlanError("--dns: this host has no nameserver in /etc/resolv.conf (use --ns-hosts)")
     server = options.to_ns

@@ -3,10 +3,14 @@ pinned for reconnecting when DNS is captured."""
 
 import asyncio
 import logging
+import os
+import shlex
 import socket
-from typing import List, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Set, Tuple
 
 from shuttle_protocol.firewall_messages import ALL_PORTS, Target
+
+from .cli import UsageError, parse_remote
 
 log = logging.getLogger("shuttle")
 
@@ -14,15 +18,19 @@ SSH_G_TIMEOUT = 10.0
 
 
 class Server(NamedTuple):
-    """The host ssh connects to (after ~/.ssh/config) and its addresses."""
+    """The host ssh connects to (after ~/.ssh/config) and its addresses, and the addresses
+    of the jump hosts on the way (ProxyJump, or the ssh of a ProxyCommand)."""
 
     hostname: str
     addresses: Tuple[str, ...]
+    jumps: Tuple[str, ...] = ()
 
     @property
     def excludes(self) -> Tuple[Target, ...]:
-        """Every address as a whole-host exclude."""
-        return tuple((f"{a}/{128 if ':' in a else 32}", *ALL_PORTS) for a in self.addresses)
+        """Every address, the jump hosts' too, as a whole-host exclude: otherwise 0/0
+        through a jump host captures ssh's own connection (and its reconnect)."""
+        addresses = dict.fromkeys(self.addresses + self.jumps)
+        return tuple((f"{a}/{128 if ':' in a else 32}", *ALL_PORTS) for a in addresses)
 
     def pinned(self) -> Tuple[str, ...]:
         """ssh options that connect to the address found now, without asking DNS: with
@@ -33,21 +41,84 @@ class Server(NamedTuple):
         return ("-o", f"HostName={self.addresses[0]}", "-o", f"HostKeyAlias={self.hostname}")
 
 
+Hop = Tuple[Tuple[str, ...], str, Optional[int]]  # (ssh command, destination, port)
+
+MAX_HOPS = 8  # jump hosts followed, a bound against a config whose hops form a loop
+# ssh's options that take an argument (OpenSSH 9), to find a ProxyCommand's destination.
+SSH_ARG_OPTIONS = "BbcDEeFIiJLlmOoPpQRSWw"
+
+
 async def find_server(ssh_cmd: Sequence[str], destination: str, port: Optional[int]) -> Server:
-    """Where ssh connects for destination; no addresses if the name does not resolve."""
-    host = await _hostname(ssh_cmd, destination, port)
+    """Where ssh connects for destination, and through which jump hosts; no addresses
+    for a name that does not resolve."""
+    config = await _ssh_config(tuple(ssh_cmd), destination, port)
+    host = config.get("hostname") or destination.rpartition("@")[2]
+    addresses = await _resolve(host, "the ssh server")
+    jumps: List[str] = []
+    hops = jump_hops(tuple(ssh_cmd), config)
+    seen: Set[Hop] = set()
+    while hops and len(seen) < MAX_HOPS:
+        hop = hops.pop(0)
+        if hop in seen:
+            continue
+        seen.add(hop)
+        hop_config = await _ssh_config(*hop)
+        hop_host = hop_config.get("hostname") or hop[1].rpartition("@")[2]
+        jumps += await _resolve(hop_host, "the jump host")
+        hops += jump_hops(hop[0], hop_config)
+    if jumps:
+        log.info("not capturing the ssh jump hosts: %s", " ".join(dict.fromkeys(jumps)))
+    return Server(host, addresses, tuple(dict.fromkeys(jumps)))
+
+
+def jump_hops(ssh_cmd: Tuple[str, ...], config: Dict[str, str]) -> List[Hop]:
+    """The jump hosts that `ssh -G`'s config names: each of a ProxyJump chain (the first
+    is where this host connects; excluding the later ones too costs nothing), or the
+    destination of a ProxyCommand that runs ssh. Any other ProxyCommand is opaque."""
+    jump = config.get("proxyjump", "none")
+    if jump != "none":
+        hops = []
+        for part in filter(None, (part.strip() for part in jump.split(","))):
+            item = part[len("ssh://") :] if part.startswith("ssh://") else part
+            try:
+                hops.append((ssh_cmd, *parse_remote(item)))
+            except UsageError as exc:
+                log.warning("ProxyJump %s: %s", item, exc)
+        return hops
+    command = config.get("proxycommand", "none")
+    try:
+        words = shlex.split(command) if command != "none" else []
+    except ValueError:
+        return []
+    if not words or os.path.basename(words[0]) != "ssh":
+        return []
+    command_line, index = [words[0]], 1
+    while index < len(words) and words[index].startswith("-"):
+        option = words[index]
+        step = 2 if option[-1] in SSH_ARG_OPTIONS and len(option) == 2 else 1
+        if option != "-W":  # -W %h:%p: ssh -G would refuse the unexpanded tokens
+            command_line += words[index : index + step]
+        index += step
+    if index >= len(words):
+        return []
+    return [(tuple(command_line), words[index], None)]
+
+
+async def _resolve(host: str, what: str) -> Tuple[str, ...]:
     loop = asyncio.get_running_loop()
     try:
         infos = await loop.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
     except (socket.gaierror, UnicodeError) as exc:
-        log.warning("cannot resolve the ssh server %r to exclude it: %s", host, exc)
-        return Server(host, ())
-    return Server(host, tuple(dict.fromkeys(str(info[4][0]).split("%")[0] for info in infos)))
+        log.warning("cannot resolve %s %r to exclude it: %s", what, host, exc)
+        return ()
+    return tuple(dict.fromkeys(str(info[4][0]).split("%")[0] for info in infos))
 
 
-async def _hostname(ssh_cmd: Sequence[str], destination: str, port: Optional[int]) -> str:
-    """The host ssh really connects to (after ~/.ssh/config), from `ssh -G`."""
-    fallback = destination.rpartition("@")[2]
+async def _ssh_config(
+    ssh_cmd: Tuple[str, ...], destination: str, port: Optional[int]
+) -> Dict[str, str]:
+    """ssh's configuration for destination (after ~/.ssh/config), from `ssh -G`; empty if
+    that fails."""
     port_args: List[str] = ["-p", str(port)] if port else []
     try:
         process = await asyncio.create_subprocess_exec(
@@ -60,9 +131,10 @@ async def _hostname(ssh_cmd: Sequence[str], destination: str, port: Optional[int
         )
         output, _ = await asyncio.wait_for(process.communicate(), SSH_G_TIMEOUT)
     except (OSError, asyncio.TimeoutError):
-        return fallback
+        return {}
+    config: Dict[str, str] = {}
     for line in output.decode(errors="replace").splitlines():
         key, _, value = line.partition(" ")
-        if key == "hostname" and value:
-            return value.strip()
-    return fallback
+        if value.strip():
+            config.setdefault(key.lower(), value.strip())
+    return config

@@ -211,7 +211,7 @@ class Tunnel:
         status = await self.wait_exit(5.0)
         # ssh's last words first: the text below may point at them.
         await asyncio.wait([self._stderr.ended], timeout=2.0)
-        python = self.options.python
+        python = self.options.python or "python3 or python"
         if status == EXIT_NOT_FOUND:
             return f"{python} was not found on the server (choose another with --python)"
         if status == 255:  # ssh's own failure; it said why on stderr

@@ -66,10 +66,19 @@ def build_payload() -> bytes:
     return b"%d\n" % len(compressed) + compressed
 
 
-def remote_command(python: str, debug: bool) -> str:
-    """The command line the server's shell runs: stage 1, with the chosen python."""
+def remote_command(python: Optional[str], debug: bool) -> str:
+    """The command line the server's shell runs: stage 1, with the chosen python; with
+    none chosen, python3, or python where there is no python3 (as sshuttle does). The
+    fallback goes through /bin/sh: the login shell may not be a POSIX one."""
     env = "SHUTTLE_AGENT_DEBUG=1 " if debug else ""
-    return f"{env}exec {shlex.quote(python)} -c {shlex.quote(STAGE1)}"
+    stage1 = shlex.quote(STAGE1)
+    if python is not None:
+        return f"{env}exec {shlex.quote(python)} -c {stage1}"
+    script = (
+        f"if command -v python3 >/dev/null 2>&1; then exec python3 -c {stage1}; fi; "
+        f"exec python -c {stage1}"
+    )
+    return f"{env}exec /bin/sh -c {shlex.quote(script)}"
 
 
 def ssh_argv(

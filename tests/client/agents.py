@@ -16,8 +16,10 @@ def oldest_python(pattern: str) -> Optional[str]:
     return found[0] if found else None
 
 
-async def start(fake_ssh: str, python: str = "/usr/bin/python3") -> Tunnel:
-    options = parse_args(["-r", "server", "-e", fake_ssh, "--python", python, "10.0.0.0/8"])
+async def start(fake_ssh: str, python: Optional[str] = "/usr/bin/python3") -> Tunnel:
+    """A tunnel through fake_ssh, on python (None: the command line's default)."""
+    chosen = [] if python is None else ["--python", python]
+    options = parse_args(["-r", "server", "-e", fake_ssh, *chosen, "10.0.0.0/8"])
     tunnel = Tunnel(options)
     await tunnel.start()
     return tunnel

@@ -4,7 +4,6 @@ import os
 from pathlib import Path
 
 import pytest
-from docopt import DocoptExit
 from shuttle_client.cli import UsageError, parse_args, parse_listen, parse_remote
 from shuttle_protocol.firewall_messages import ANY_OWNER
 
@@ -18,7 +17,7 @@ def test_minimal_command_line() -> None:
     assert options.listen == (("127.0.0.1", 0), ("::1", 0))
     assert not options.forward
     assert options.ssh_cmd == ("ssh",)
-    assert options.python == "python3"
+    assert options.python is None  # python3, else python (test_upload)
     assert options.method == "auto"
     assert (options.uid, options.gid) == (os.getuid(), ANY_OWNER)
     # Not named: where nothing answers, the client starts a private one through sudo.
@@ -192,7 +191,7 @@ def test_unknown_method_and_empty_ssh_cmd() -> None:
 
 
 def test_missing_remote_is_a_usage_error() -> None:
-    with pytest.raises(DocoptExit):
+    with pytest.raises(UsageError, match="no -r HOST"):
         parse_args(["10.0.0.0/8"])
 
 

@@ -48,3 +48,53 @@ def test_pinned_options_connect_to_the_address_and_check_the_name() -> None:
     assert server.pinned() == ("-o", "HostName=192.0.2.7", "-o", "HostKeyAlias=gw.example")
     assert Server("192.0.2.7", ("192.0.2.7",)).pinned() == ()  # an address needs no DNS
     assert Server("gw.example", ()).pinned() == ()  # did not resolve: let ssh try
+
+
+def write_config(tmp_path: Path) -> str:
+    path = tmp_path / "ssh_config"
+    path.write_text(
+        f"""\
+Host target
+  HostName 127.0.0.5
+  ProxyJump j1,alice@j2:2222
+Host j1
+  HostName 127.0.0.6
+  ProxyJump j0
+Host j0
+  HostName 127.0.0.7
+Host j2
+  HostName 127.0.0.8
+Host loop
+  HostName 127.0.0.9
+  ProxyJump loop
+Host pc
+  HostName 127.0.0.10
+  ProxyCommand ssh -F {path} -o ConnectTimeout=3 -W %h:%p j0
+Host nc
+  HostName 127.0.0.11
+  ProxyCommand nc 127.0.0.12 22
+"""
+    )
+    return str(path)
+
+
+def test_jump_hosts_are_excluded_through_real_ssh_g(tmp_path: Path) -> None:
+    # The real ssh -G reads the config; ProxyJump's hops are followed through their own
+    # config (j1 jumps through j0), and every one is excluded with the server.
+    ssh = ["ssh", "-F", write_config(tmp_path)]
+    server = asyncio.run(find_server(ssh, "target", None))
+    assert server.addresses == ("127.0.0.5",)
+    assert server.jumps == ("127.0.0.6", "127.0.0.8", "127.0.0.7")
+    assert server.excludes == tuple((f"127.0.0.{n}/32", *ALL) for n in (5, 6, 8, 7))
+
+
+def test_the_ssh_of_a_proxy_command_is_followed(tmp_path: Path) -> None:
+    ssh = ["ssh", "-F", write_config(tmp_path)]
+    assert asyncio.run(find_server(ssh, "pc", None)).jumps == ("127.0.0.7",)
+    # Another program's destination is not guessed at.
+    assert asyncio.run(find_server(ssh, "nc", None)).jumps == ()
+
+
+def test_a_jump_loop_ends(tmp_path: Path) -> None:
+    ssh = ["ssh", "-F", write_config(tmp_path)]
+    assert asyncio.run(find_server(ssh, "loop", None)).jumps == ("127.0.0.9",)
