@@ -8,6 +8,9 @@ import signal
 import sys
 from typing import Any, Coroutine, Optional, Set
 
+from shuttle_ends.limits import raise_open_files
+from shuttle_ends.relay import Link, Relay, WriterProtocol, refusal, widen_pipe
+from shuttle_ends.resolv import read_nameservers
 from shuttle_protocol import PROTOCOL_VERSION
 from shuttle_protocol.mux import AGENT, Mux
 from shuttle_protocol.schema import Message
@@ -29,10 +32,7 @@ from shuttle_protocol.stream_messages import (
 )
 
 from .hosts import HostFinder
-from .limits import raise_open_files
 from .probe import listen_once
-from .relay import Link, Relay, WriterProtocol, refusal, widen_pipe
-from .resolv import read_nameservers
 from .routes import read_routes, routes_answer
 from .udp import IDLE_TIMEOUT, MAX_FLOWS, UdpOpener, settings_from_env
 

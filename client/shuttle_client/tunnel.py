@@ -7,7 +7,7 @@ import os
 import subprocess
 from typing import Any, List, Optional, Sequence, Tuple
 
-from shuttle_agent.relay import Link, WriterProtocol, widen_pipe
+from shuttle_ends.relay import Link, WriterProtocol, widen_pipe
 from shuttle_protocol import PROTOCOL_VERSION
 from shuttle_protocol.mux import CLIENT, Mux
 from shuttle_protocol.schema import Message

@@ -1,8 +1,7 @@
 """The asyncio driver shared by both ends: TCP sockets ↔ channels of one Mux ↔ the pipe.
 
-The client imports this module too: once a channel is open, relaying is the same on both
-sides, and the agent must stay self-contained because it is uploaded. Only the way a
-channel starts differs (the client accepts redirected connections, the agent connects).
+Once a channel is open, relaying is the same on both sides. Only the way a channel starts
+differs (the client accepts redirected connections, the agent connects).
 
 Flow control: a socket's bytes go out only within its channel's credit; the rest is held
 and the socket stops reading. Credit goes back to the peer only once the local socket has
