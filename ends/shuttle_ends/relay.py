@@ -315,14 +315,14 @@ class Relay(asyncio.Protocol):
     def connection_lost(self, exc: Optional[Exception]) -> None:
         if self.link.channels.get(self.channel) is self:
             del self.link.channels[self.channel]
-        self.state.socket_lost(f"socket closed: {exc}" if exc else "socket closed")
+        self._carry_out(self.state.socket_lost(f"socket closed: {exc}" if exc else "socket closed"))
         self.link.schedule_flush()
 
     def pause_writing(self) -> None:
-        self.state.pause_writing()
+        self._carry_out(self.state.pause_writing())
 
     def resume_writing(self) -> None:
-        self.state.resume_writing()
+        self._carry_out(self.state.resume_writing())
         self.link.schedule_flush()
 
     # -- messages from the peer ------------------------------------------------------------

@@ -4,8 +4,9 @@ way, closing, connecting, credit.
 Everything that decides what happens to a channel lives here. Events come in as method calls
 (the local socket connected, read, said EOF, was lost, filled or drained its write buffer;
 the peer sent Data, Credit, Eof or Close); each returns the commands, in order, that the
-driver carries out on the socket (shuttle_ends.relay.Relay is that driver). Messages for the
-peer go into the Mux directly, as every sans-IO sender here queues them.
+driver carries out on the socket (shuttle_ends.relay.Relay is that driver; some events
+return none yet, but the driver need not know which). Messages for the peer go into the
+Mux directly, as every sans-IO sender here queues them.
 
 Credit: the channel sends only within the Mux's credit for it (one window per channel,
 given to the Mux at construction); what the credit does not cover is held, and the socket
@@ -120,11 +121,12 @@ class Channel:
         self.eof_read = True
         return self._send_held()
 
-    def socket_lost(self, reason: str) -> None:
+    def socket_lost(self, reason: str) -> List[Command]:
         """The socket is gone; the peer's socket is reset unless both EOFs went through."""
         self.closed = True
         if not (self.eof_sent and self.eof_received):
             self.mux.close(self.channel, reason)
+        return []
 
     def written(self, n: int) -> None:
         """The driver wrote n bytes (a Write): credit for them once the socket took them."""
@@ -133,16 +135,18 @@ class Channel:
         else:
             self.mux.delivered(self.channel, n)
 
-    def pause_writing(self) -> None:
+    def pause_writing(self) -> List[Command]:
         """The socket's write buffer is full: what is written now is not delivered yet."""
         self.write_paused = True
+        return []
 
-    def resume_writing(self) -> None:
+    def resume_writing(self) -> List[Command]:
         """The socket's write buffer drained: grant credit for what waited in it."""
         self.write_paused = False
         if self._undelivered:
             self.mux.delivered(self.channel, self._undelivered)
             self._undelivered = 0
+        return []
 
     # -- messages from the peer ------------------------------------------------------------
 
