@@ -27,7 +27,7 @@ from shuttle_protocol.stream_messages import (
     Refused,
     UdpOpen,
 )
-from shuttle_protocol.stream_session import SessionError, StreamSession
+from shuttle_protocol.stream_session import StreamSession
 
 from .hosts import HostFinder
 from .probe import listen_once
@@ -58,14 +58,7 @@ class Agent:
         self._tasks: Set[asyncio.Task[None]] = set()
 
     def on_message(self, msg: Message) -> None:
-        try:
-            step = self.session.receive(msg)
-        except SessionError as exc:
-            self.link.fail(str(exc))
-            return
-        if step.reply is not None:
-            self.link.send(step.reply)
-        if not step.dispatch:
+        if not self.link.admit(self.session, msg):
             return
         if isinstance(msg, Error):
             self.error = msg.text

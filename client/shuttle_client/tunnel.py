@@ -20,7 +20,7 @@ from shuttle_protocol.stream_messages import (
     ProbeListening,
     Refused,
 )
-from shuttle_protocol.stream_session import SessionError, StreamSession, VersionMismatch
+from shuttle_protocol.stream_session import StreamSession
 
 from .cli import Options
 from .discovery import Discovery
@@ -271,18 +271,10 @@ class Tunnel:
             self._pong = None
 
     def _on_message(self, msg: Message) -> None:
-        try:
-            step = self.session.receive(msg)
-        except VersionMismatch as exc:
-            self.link.fail(str(exc))
-            self._greeted.set_exception(TunnelError(str(exc)))
-            return
-        except SessionError as exc:
-            self.link.fail(str(exc))
-            return
-        if step.reply is not None:
-            self.link.send(step.reply)
-        if not step.dispatch:
+        if not self.link.admit(self.session, msg):
+            if isinstance(msg, Hello) and not self._greeted.done():
+                # Refused before any greeting: another protocol version. The user sees why.
+                self._greeted.set_exception(TunnelError(str(self.link.failed)))
             return
         if isinstance(msg, Hello):
             self.agent_python = msg.python

@@ -27,6 +27,7 @@ from shuttle_protocol.errors import ProtocolError, RemoteProtocolError
 from shuttle_protocol.mux import Mux
 from shuttle_protocol.schema import Message
 from shuttle_protocol.stream_messages import Close, Credit, Data, Datagram, Eof, Error
+from shuttle_protocol.stream_session import SessionError, StreamSession
 
 log = logging.getLogger("shuttle")
 
@@ -182,6 +183,19 @@ class Link(asyncio.Protocol):
         relay = self.channels.get(msg.channel)  # type: ignore[attr-defined]
         if relay is not None:
             handler(relay, msg)
+
+    def admit(self, session: StreamSession, msg: Message) -> bool:
+        """Check a message for the driver against the session's phase: end the session if
+        the phase does not allow it, send the session's reply; whether the driver must
+        handle the message itself."""
+        try:
+            step = session.receive(msg)
+        except SessionError as exc:
+            self.fail(str(exc))
+            return False
+        if step.reply is not None:
+            self.send(step.reply)
+        return step.dispatch
 
     # -- writing ---------------------------------------------------------------------------
 

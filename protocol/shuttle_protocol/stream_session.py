@@ -63,10 +63,6 @@ class SessionError(RemoteProtocolError):
     """The peer sent what its phase does not allow; the session must end with this text."""
 
 
-class VersionMismatch(SessionError):
-    """The peer's greeting names another protocol version."""
-
-
 class Step(NamedTuple):
     """What the driver does with a received message: send reply (if any), and handle the
     message itself if dispatch (else the session has dealt with it)."""
@@ -113,8 +109,8 @@ class StreamSession:
         if version == PROTOCOL_VERSION:
             return
         if self.role == CLIENT:
-            raise VersionMismatch(
+            raise SessionError(
                 f"protocol version mismatch: the agent speaks {version}, "
                 f"this client {PROTOCOL_VERSION}"
             )
-        raise VersionMismatch(f"client speaks protocol {version}, agent {PROTOCOL_VERSION}")
+        raise SessionError(f"client speaks protocol {version}, agent {PROTOCOL_VERSION}")
