@@ -8,7 +8,7 @@ driver carries out on the socket (shuttle_ends.relay.Relay is that driver; some 
 return none yet, but the driver need not know which). Messages for the peer go into the
 Mux directly, as every sans-IO sender here queues them.
 
-Credit: the channel sends only within the Mux's credit for it (one window per channel,
+Credit: the channel sends only within credit() (the Mux's count: one window per channel,
 given to the Mux at construction); what the credit does not cover is held, and the socket
 stops reading until Credit comes back. `_send_held` is the one place that spends credit on
 held bytes, and `local_data` the one that spends it on a fresh read.
@@ -86,6 +86,11 @@ class Channel:
         still hold bytes."""
         return not (self.eof_received and self.eof_sent)
 
+    def credit(self) -> int:
+        """What the channel may send now: the one question about credit, asked of the Mux,
+        which keeps each channel's window (given at construction) and what it has spent."""
+        return self.mux.credit(self.channel)
+
     # -- the local socket ------------------------------------------------------------------
 
     def connect(self) -> List[Command]:
@@ -104,12 +109,12 @@ class Channel:
         self.bytes_out += len(data)
         mux = self.mux
         commands: List[Command] = []
-        if len(data) <= mux.credit(self.channel) and not self._held:
+        if len(data) <= self.credit() and not self._held:
             mux.send_data(self.channel, data)
         else:
             self._held += data
             commands += self._send_held()
-        if self._held or mux.credit(self.channel) == 0:
+        if self._held or self.credit() == 0:
             commands += self._pause_reading()
         elif self.congested(self.channel):
             commands += self._pause_reading()
@@ -175,7 +180,7 @@ class Channel:
         """Read again if the channel has credit and the pipe has room (else wait for it)."""
         if self.reading or self._held or self.eof_read or self.closed:
             return []
-        if not self.mux.credit(self.channel) or not self.connected:
+        if not self.credit() or not self.connected:
             return []
         if self.congested(self.channel):
             return [Do.STALL]
@@ -198,7 +203,7 @@ class Channel:
         """Send held bytes within credit, then our Eof once nothing is held."""
         mux = self.mux
         if self._held:
-            n = min(len(self._held), mux.credit(self.channel))
+            n = min(len(self._held), self.credit())
             if n:
                 mux.send_data(self.channel, self._held[:n])
                 self._held = self._held[n:]
