@@ -1,5 +1,5 @@
 # The two commands a newcomer needs: `make demo` and `make test` (both as root, on Debian).
-# Each installs what it needs first: Debian packages, then a virtualenv with the five packages.
+# Each installs what it needs first: Debian packages, then a virtualenv with the six packages.
 
 VENV ?= .venv
 PYTHON ?= /usr/bin/python3
@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 APT_PACKAGES := iproute2 iptables nftables openssh-server openssh-client curl iperf3 \
 	dnsutils dnsmasq-base procps util-linux strace systemd python3 python3-venv sudo
 TOOLS := pytest pytest-xdist hypothesis ruff mypy atheris
-PACKAGES := protocol local agent firewalld client
+PACKAGES := protocol ends local agent firewalld client
 # The tests run in parallel workers (pytest-xdist). Most of their time is spent waiting on
 # processes and the network in namespaces, so more workers than cores pay off; worksteal
 # lets an idle worker take tests queued on a busy one (the integration tests come in a block).
@@ -36,7 +36,7 @@ $(VENV)/.installed: $(addsuffix /pyproject.toml,$(PACKAGES)) Makefile
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy protocol/shuttle_protocol local/shuttle_local agent/shuttle_agent \
+	$(VENV)/bin/mypy protocol/shuttle_protocol ends/shuttle_ends local/shuttle_local agent/shuttle_agent \
 		firewalld/shuttle_firewalld client/shuttle_client testbed bench
 
 unit: install

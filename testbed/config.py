@@ -51,7 +51,7 @@ USER_NAME = "shuttle-test"
 USER2_NAME = "shuttle-test2"  # a second local user: scoping, and a second session
 SYSTEM_PYTHON = "/usr/bin/python3"
 SSHD = "/usr/sbin/sshd"
-PACKAGES = ("protocol", "local", "agent", "firewalld", "client")
+PACKAGES = ("protocol", "ends", "local", "agent", "firewalld", "client")
 
 
 def check_ours(host: str) -> str:

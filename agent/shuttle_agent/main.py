@@ -8,6 +8,9 @@ import signal
 import sys
 from typing import Any, Coroutine, Optional, Set
 
+from shuttle_ends.limits import raise_open_files
+from shuttle_ends.relay import Link, Relay, WriterProtocol, refusal, widen_pipe
+from shuttle_ends.resolv import read_nameservers
 from shuttle_protocol import PROTOCOL_VERSION
 from shuttle_protocol.mux import AGENT, Mux
 from shuttle_protocol.schema import Message
@@ -20,19 +23,14 @@ from shuttle_protocol.stream_messages import (
     Nameservers,
     Open,
     Opened,
-    Ping,
-    Pong,
     ProbeListen,
     Refused,
     UdpOpen,
-    Welcome,
 )
+from shuttle_protocol.stream_session import StreamSession
 
 from .hosts import HostFinder
-from .limits import raise_open_files
 from .probe import listen_once
-from .relay import Link, Relay, WriterProtocol, refusal, widen_pipe
-from .resolv import read_nameservers
 from .routes import read_routes, routes_answer
 from .udp import IDLE_TIMEOUT, MAX_FLOWS, UdpOpener, settings_from_env
 
@@ -45,27 +43,26 @@ EXIT_PROTOCOL = 3
 
 
 class Agent:
-    """The agent's session: the handshake, then Open → connect → Opened/Refused cycles,
-    UdpOpen → a UDP flow (or Refused), and GetRoutes, GetNameservers and GetHosts answered."""
+    """The agent's session: the handshake (stream_session's table), then Open → connect →
+    Opened/Refused cycles, UdpOpen → a UDP flow (or Refused), and GetRoutes, GetNameservers
+    and GetHosts answered."""
 
     def __init__(self, udp_idle: float = IDLE_TIMEOUT, udp_max_flows: int = MAX_FLOWS) -> None:
         self.link = Link(Mux(AGENT), self.on_message, "client")
         self.udp = UdpOpener(self.link, udp_idle, udp_max_flows)
         self.hosts = HostFinder(self.link.send)
         self.link.closed.add_done_callback(lambda _: self.hosts.close())
-        self.welcomed = False
+        self.session = StreamSession(AGENT, CAPABILITIES)
         self.error: Optional[str] = None
         # Strong references: the event loop keeps only weak ones to running tasks.
         self._tasks: Set[asyncio.Task[None]] = set()
 
     def on_message(self, msg: Message) -> None:
-        if isinstance(msg, Welcome):
-            self._on_welcome(msg)
-        elif isinstance(msg, Error):
+        if not self.link.admit(self.session, msg):
+            return
+        if isinstance(msg, Error):
             self.error = msg.text
             self.link.finish(f"client: {msg.text}")
-        elif not self.welcomed:
-            self.link.fail(f"{type(msg).__name__} before Welcome")
         elif isinstance(msg, Open):
             # Registered now, so Data that follows in the same read is held, not dropped.
             relay = Relay(self.link, msg.channel)
@@ -73,8 +70,6 @@ class Agent:
             self._tasks.add(asyncio.get_running_loop().create_task(self.connect(msg, relay)))
         elif isinstance(msg, UdpOpen):
             self.udp.open(msg)
-        elif isinstance(msg, Ping):
-            self.link.send(Pong(msg.cookie))
         elif isinstance(msg, GetRoutes):
             # Read at once: /proc files are in memory, and read_routes stops at its cap.
             for answer in routes_answer(read_routes()):
@@ -85,15 +80,7 @@ class Agent:
             self.hosts.request(msg.seeds)
         elif isinstance(msg, ProbeListen):
             self._spawn(listen_once(self.link))
-        elif not isinstance(msg, Pong):
-            self.link.fail(f"unexpected {type(msg).__name__} from the client")
-
-    def _on_welcome(self, msg: Welcome) -> None:
-        if self.welcomed:
-            self.link.fail("Welcome twice")
-        elif msg.version != PROTOCOL_VERSION:
-            self.link.fail(f"client speaks protocol {msg.version}, agent {PROTOCOL_VERSION}")
-        self.welcomed = True
+        # Welcome and Pong: the session has checked them, there is nothing more to do.
 
     def _spawn(self, coro: "Coroutine[Any, Any, None]") -> None:
         task = asyncio.get_running_loop().create_task(coro)

@@ -5,9 +5,8 @@ import asyncio
 import logging
 import socket
 
+from shuttle_ends.relay import Link
 from shuttle_protocol.stream_messages import ProbeListening
-
-from .relay import Link
 
 log = logging.getLogger("shuttle")
 

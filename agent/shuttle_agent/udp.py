@@ -18,9 +18,8 @@ import os
 import socket
 from typing import Any, List, Mapping, Optional, Set, Tuple
 
+from shuttle_ends.relay import Link, refusal
 from shuttle_protocol.stream_messages import MAX_DATAGRAM, Close, Datagram, Refused, UdpOpen
-
-from .relay import Link, refusal
 
 log = logging.getLogger("shuttle")
 

@@ -6,8 +6,8 @@ import ipaddress
 import logging
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
-from shuttle_agent.relay import Link
 from shuttle_agent.routes import read_routes
+from shuttle_ends.relay import Link
 from shuttle_protocol.firewall_messages import ALL_PORTS, Target
 from shuttle_protocol.schema import Message
 from shuttle_protocol.stream_messages import (

@@ -16,7 +16,7 @@ import socket
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
-from shuttle_agent.relay import Link
+from shuttle_ends.relay import Link
 from shuttle_protocol.control_messages import Connection
 from shuttle_protocol.stream_messages import Close, Datagram
 

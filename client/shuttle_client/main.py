@@ -11,7 +11,7 @@ import socket
 import sys
 from typing import Any, Awaitable, Callable, List, Optional, Sequence, TypeVar
 
-from shuttle_agent.limits import raise_open_files
+from shuttle_ends.limits import raise_open_files
 from shuttle_protocol.control_messages import (
     MAX_REASON,
     Connected,

@@ -9,7 +9,7 @@ import struct
 import time
 from typing import Any, Callable, List, Optional, Protocol, Sequence, Tuple, cast
 
-from shuttle_agent.relay import Link, Relay
+from shuttle_ends.relay import Link, Relay
 from shuttle_protocol.control_messages import Connection
 
 from .logs import Throttle

@@ -8,7 +8,7 @@ programs that bypass it: a program may ask those directly.
 import ipaddress
 from typing import Tuple
 
-from shuttle_agent.resolv import read_nameservers
+from shuttle_ends.resolv import read_nameservers
 from shuttle_protocol.checks import MAX_NAMESERVERS
 
 DNS_PORT = 53

@@ -21,7 +21,7 @@ import socket
 import time
 from typing import Any, Callable, Coroutine, List, Optional, Set, Tuple
 
-from shuttle_agent.relay import Link
+from shuttle_ends.relay import Link
 from shuttle_protocol.control_messages import (
     ChannelClosed,
     ChannelOpened,

@@ -7,8 +7,7 @@ import os
 import subprocess
 from typing import Any, List, Optional, Sequence, Tuple
 
-from shuttle_agent.relay import Link, WriterProtocol, widen_pipe
-from shuttle_protocol import PROTOCOL_VERSION
+from shuttle_ends.relay import Link, WriterProtocol, widen_pipe
 from shuttle_protocol.mux import CLIENT, Mux
 from shuttle_protocol.schema import Message
 from shuttle_protocol.stream_messages import (
@@ -20,8 +19,8 @@ from shuttle_protocol.stream_messages import (
     ProbeListen,
     ProbeListening,
     Refused,
-    Welcome,
 )
+from shuttle_protocol.stream_session import StreamSession
 
 from .cli import Options
 from .discovery import Discovery
@@ -95,7 +94,7 @@ class Tunnel:
         self.discovery = Discovery(self.link)
         self.agent_python = ""
         self.agent_capabilities: Tuple[str, ...] = ()
-        self.greeted = False
+        self.session = StreamSession(CLIENT, CAPABILITIES)
         self._process: Optional[subprocess.Popen[bytes]] = None
         self._greeted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._stderr = LineLogger()
@@ -105,7 +104,7 @@ class Tunnel:
     @property
     def up(self) -> bool:
         """Whether the agent greeted us and the session still runs."""
-        return self.greeted and not self.link.closed.done()
+        return self.session.greeted and not self.link.closed.done()
 
     async def start(self) -> None:
         """Start ssh and wait for the agent's greeting; TunnelError if that fails."""
@@ -273,47 +272,36 @@ class Tunnel:
             self._pong = None
 
     def _on_message(self, msg: Message) -> None:
+        if not self.link.admit(self.session, msg):
+            if isinstance(msg, Hello) and not self._greeted.done():
+                # Refused before any greeting: another protocol version. The user sees why.
+                self._greeted.set_exception(TunnelError(str(self.link.failed)))
+            return
         if isinstance(msg, Hello):
-            self._on_hello(msg)
+            self.agent_python = msg.python
+            self.agent_capabilities = msg.capabilities
+            self._greeted.set_result(None)
         elif isinstance(msg, Error):
             text = f"the agent reported: {printable(msg.text)}"
             if not self._greeted.done():
                 self._greeted.set_exception(TunnelError(text))
             self.link.finish(text)
-        elif not self._greeted.done():
-            self.link.fail(f"{type(msg).__name__} before Hello")
         elif isinstance(msg, Refused):
-            reason = printable(msg.reason)
-            log.debug("channel %d refused by the remote side: %s", msg.channel, reason)
-            relay = self.link.channels.get(msg.channel)
-            if relay is not None:
-                relay.reset()  # a reset is as close to "refused" as an accepted socket gets
-            flow = self.link.flows.pop(msg.channel, None)
-            if flow is not None:
-                flow.reset()
-        elif isinstance(msg, Ping):
-            self.link.send(Pong(msg.cookie))
+            self._on_refused(msg)
         elif isinstance(msg, Pong):
             self._on_pong(msg)
         elif isinstance(msg, ProbeListening):
             self._on_probe_listening(msg)
-        elif not isinstance(msg, Opened) and not self.discovery.on_message(msg):
-            self.link.fail(f"unexpected {type(msg).__name__} from the agent")
+        elif not isinstance(msg, Opened):
+            # The table lets through only what this dispatch or discovery handles.
+            self.discovery.on_message(msg)
 
-    def _on_hello(self, msg: Hello) -> None:
-        if self._greeted.done():
-            self.link.fail("Hello twice")
-            return
-        if msg.version != PROTOCOL_VERSION:
-            text = (
-                f"protocol version mismatch: the agent speaks {msg.version}, "
-                f"this client {PROTOCOL_VERSION}"
-            )
-            self.link.fail(text)
-            self._greeted.set_exception(TunnelError(text))
-            return
-        self.agent_python = msg.python
-        self.agent_capabilities = msg.capabilities
-        self.link.send(Welcome(PROTOCOL_VERSION, CAPABILITIES))
-        self.greeted = True
-        self._greeted.set_result(None)
+    def _on_refused(self, msg: Refused) -> None:
+        reason = printable(msg.reason)
+        log.debug("channel %d refused by the remote side: %s", msg.channel, reason)
+        relay = self.link.channels.get(msg.channel)
+        if relay is not None:
+            relay.reset()  # a reset is as close to "refused" as an accepted socket gets
+        flow = self.link.flows.pop(msg.channel, None)
+        if flow is not None:
+            flow.reset()

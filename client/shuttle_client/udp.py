@@ -16,7 +16,7 @@ import struct
 import time
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
-from shuttle_agent.relay import Link
+from shuttle_ends.relay import Link
 from shuttle_protocol.control_messages import Connection
 from shuttle_protocol.stream_messages import Close, Datagram
 

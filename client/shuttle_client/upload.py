@@ -2,8 +2,8 @@
 
 Stage 1 checks the Python version, reads a length line and that many zlib-compressed bytes
 from stdin, and runs them. They are shuttle_agent/bootstrap.py (stage 2) followed by a call
-to boot() with every module the agent imports: the shuttle_agent and shuttle_protocol
-packages and msgpack's pure-Python modules, named here one by one.
+to boot() with every module the agent imports: the shuttle_agent, shuttle_ends and
+shuttle_protocol packages and msgpack's pure-Python modules, named here one by one.
 """
 
 import functools
@@ -17,7 +17,7 @@ import shuttle_agent
 
 # msgpack's pure-Python modules; _cmsgpack is compiled and cannot be uploaded.
 MSGPACK_MODULES = ("msgpack", "msgpack.exceptions", "msgpack.ext", "msgpack.fallback")
-PACKAGES = ("shuttle_agent", "shuttle_protocol")
+PACKAGES = ("shuttle_agent", "shuttle_ends", "shuttle_protocol")
 MIN_PYTHON = (3, 8)
 
 STAGE1 = (

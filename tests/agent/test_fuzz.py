@@ -30,8 +30,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from shuttle_agent.main import EXIT_PROTOCOL
-from shuttle_agent.relay import Link
 from shuttle_agent.udp import IDLE_ENV, MAX_FLOWS_ENV
+from shuttle_ends.relay import Link
 from shuttle_protocol import PROTOCOL_VERSION
 from shuttle_protocol.mux import AGENT, WINDOW, Mux
 from shuttle_protocol.schema import Message

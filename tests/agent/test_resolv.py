@@ -4,7 +4,7 @@ import logging
 from pathlib import Path
 
 import pytest
-from shuttle_agent.resolv import parse_nameservers, read_nameservers
+from shuttle_ends.resolv import parse_nameservers, read_nameservers
 from shuttle_protocol.checks import MAX_NAMESERVERS
 from shuttle_protocol.stream_messages import GetNameservers, Nameservers
 

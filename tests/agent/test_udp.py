@@ -8,7 +8,6 @@ import logging
 from typing import Any, Coroutine, List, Tuple
 
 import pytest
-from shuttle_agent.relay import PIPE_HIGH_WATER, Link
 from shuttle_agent.udp import (
     EARLY_DATAGRAMS,
     IDLE_ENV,
@@ -18,6 +17,7 @@ from shuttle_agent.udp import (
     UdpFlow,
     settings_from_env,
 )
+from shuttle_ends.relay import PIPE_HIGH_WATER, Link
 from shuttle_protocol.mux import AGENT, CLIENT, Mux
 from shuttle_protocol.schema import Message
 from shuttle_protocol.stream import StreamDecoder, encode

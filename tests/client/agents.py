@@ -6,9 +6,9 @@ import glob
 import socket
 from typing import Any, Coroutine, Optional
 
-from shuttle_agent.relay import Link, Relay
 from shuttle_client.cli import parse_args
 from shuttle_client.tunnel import Tunnel
+from shuttle_ends.relay import Link, Relay
 
 
 def oldest_python(pattern: str) -> Optional[str]:

@@ -6,9 +6,9 @@ import logging
 from typing import List, Tuple
 
 import pytest
-from shuttle_agent.relay import Link
 from shuttle_client import discovery
 from shuttle_client.discovery import Discovery, DiscoveryError, routed_targets
+from shuttle_ends.relay import Link
 from shuttle_protocol.firewall_messages import ALL_PORTS
 from shuttle_protocol.mux import CLIENT, Mux
 from shuttle_protocol.stream_messages import Hosts, Nameservers, Routes

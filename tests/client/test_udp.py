@@ -7,7 +7,6 @@ import struct
 from typing import Callable, List, Tuple
 
 import pytest
-from shuttle_agent.relay import Link
 from shuttle_client import udp
 from shuttle_client.logs import Throttle
 from shuttle_client.targets import Scope
@@ -17,6 +16,7 @@ from shuttle_client.udp import (
     UdpRelay,
     original_destination,
 )
+from shuttle_ends.relay import Link
 from shuttle_protocol.firewall_messages import ALL_PORTS
 from shuttle_protocol.mux import CLIENT, Mux
 

@@ -16,14 +16,20 @@ from testbed import (
     ECHO_PORT,
     HTTP_PORT,
     T_ADDR,
+    TARGET_NET,
+    TARGET_NET6,
+    TPROXY,
     UDP_ECHO_PORT,
     LocalUser,
     Shuttle,
     Topology,
     nat_chains,
     nft_tables,
+    ready_line,
+    ready_method,
 )
 from testbed.config import url_host
+from testbed.procs import Proc
 
 DATAGRAMS = 20  # tcptool's default: sizes 32 to 1400 bytes, and one of 8000
 CURL_TIMED_OUT = 28
@@ -31,6 +37,7 @@ UNCAPTURED_WAIT = 2.0  # seconds curl waits for a connection that must not be ma
 TUNNEL_WAIT = 20.0  # seconds curl may take through the tunnel (generous; not a timing check)
 
 RECONNECTED = "shuttle-client: reconnected agent"  # its log line once a stream is back
+SUBNETS = (TARGET_NET, TARGET_NET6)  # what the tproxy tests capture unless told
 
 
 def who(user: Optional[LocalUser], topo: Topology) -> str:
@@ -123,3 +130,11 @@ def assert_no_rules(topo: Topology) -> None:
     """No shuttle table or chain in any of the three views (nft, iptables, ip6tables)."""
     objects = firewall_objects(topo)
     assert not objects, f"shuttle tables or chains left: {sorted(objects)}"
+
+
+def start_tproxy(shuttle: Shuttle, **kwargs: Any) -> Proc:
+    """shuttle-client --method tproxy (both families unless told); its ready line says so."""
+    kwargs.setdefault("subnets", SUBNETS)
+    client = shuttle.start_client(method=TPROXY, **kwargs)
+    assert ready_method(client) == TPROXY, ready_line(client)
+    return client

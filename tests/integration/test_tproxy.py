@@ -15,7 +15,6 @@ from typing import Any, List
 import pytest
 
 from testbed import (
-    BULK_PORT,
     ECHO_PORT,
     S_ADDR6_C,
     S_ADDR_C,
@@ -23,20 +22,15 @@ from testbed import (
     T_ADDR2,
     T_ADDR6,
     T_ADDR6_2,
-    TARGET_NET,
-    TARGET_NET6,
-    TPROXY,
     UDP_ECHO_PORT,
     Shuttle,
     nat_chains,
     nft_tables,
-    ready_line,
-    ready_method,
     reply_attacker,
     routing_leftovers,
 )
 from testbed.config import C_ADDR, C_ADDR6
-from testbed.procs import Dialogue, Proc
+from testbed.procs import Dialogue
 
 from .checks import (
     assert_echo,
@@ -44,20 +38,10 @@ from .checks import (
     assert_not_captured,
     assert_page,
     assert_udp_echo,
+    start_tproxy,
 )
 
 pytestmark = pytest.mark.integration
-
-SUBNETS = (TARGET_NET, TARGET_NET6)
-BULK_BYTES = 100 * 1024 * 1024
-
-
-def start_tproxy(shuttle: Shuttle, **kwargs: Any) -> Proc:
-    """shuttle-client --method tproxy (both families unless told); its ready line says so."""
-    kwargs.setdefault("subnets", SUBNETS)
-    client = shuttle.start_client(method=TPROXY, **kwargs)
-    assert ready_method(client) == TPROXY, ready_line(client)
-    return client
 
 
 def assert_udp_silent(shuttle: Shuttle, host: str, **kwargs: Any) -> None:
@@ -105,22 +89,6 @@ def test_tcp_through_tproxy_both_families(shuttle: Shuttle) -> None:
     for host in (T_ADDR, T_ADDR6):
         assert_page(shuttle, host)
         assert_echo(shuttle, host, ECHO_PORT)
-
-
-def test_tcp_bulk_100mb_down_is_byte_exact(shuttle: Shuttle) -> None:
-    start_tproxy(shuttle, subnets=[TARGET_NET])
-    result = shuttle.topo.tcptool(
-        "down", T_ADDR, str(BULK_PORT), str(BULK_BYTES), "tproxy-bulk-down", timeout=300
-    )
-    assert result["ok"], f"{result}\n{shuttle.outputs()}"
-    assert result["bytes"] == BULK_BYTES
-
-
-def test_tcp_200_simultaneous_echo_connections(shuttle: Shuttle) -> None:
-    start_tproxy(shuttle, subnets=[TARGET_NET])
-    result = shuttle.topo.tcptool("echo", T_ADDR, str(ECHO_PORT), "200", timeout=120)
-    assert result["ok"], f"{result}\n{shuttle.outputs()}"
-    assert result["good"] == 200
 
 
 # --- UDP -------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import signal
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 import pytest
 
@@ -18,10 +18,13 @@ from testbed import (
     T_ADDR,
     T_ADDR2,
     TARGET_NET,
+    TPROXY,
     Shuttle,
     ready_line,
     shuttle_rules,
 )
+
+from .checks import start_tproxy
 
 pytestmark = pytest.mark.integration
 
@@ -40,9 +43,23 @@ def test_page_through_tunnel_only(shuttle: Shuttle) -> None:
     assert topo.marker in result.stdout
 
 
-@pytest.mark.parametrize("direction", ["up", "down"])
-def test_bulk_100mb_is_byte_exact(shuttle: Shuttle, direction: str) -> None:
-    shuttle.start_client()
+def start(shuttle: Shuttle, method: Optional[str]) -> None:
+    """The client with the default method, or with tproxy (its transparent sockets)."""
+    if method == TPROXY:
+        start_tproxy(shuttle, subnets=[TARGET_NET])
+    else:
+        shuttle.start_client()
+
+
+# tproxy carries the same TCP another way (sockets firewalld makes): the bulk down and the
+# echoes again through it.
+@pytest.mark.parametrize(
+    ("method", "direction"),
+    [(None, "up"), (None, "down"), (TPROXY, "down")],
+    ids=["up", "down", "tproxy-down"],
+)
+def test_bulk_100mb_is_byte_exact(shuttle: Shuttle, method: Optional[str], direction: str) -> None:
+    start(shuttle, method)
     result = shuttle.topo.tcptool(
         direction, T_ADDR, str(BULK_PORT), str(BULK_BYTES), f"bulk-{direction}", timeout=300
     )
@@ -51,8 +68,9 @@ def test_bulk_100mb_is_byte_exact(shuttle: Shuttle, direction: str) -> None:
         assert result["bytes"] == BULK_BYTES
 
 
-def test_200_simultaneous_echo_connections(shuttle: Shuttle) -> None:
-    shuttle.start_client()
+@pytest.mark.parametrize("method", [None, TPROXY], ids=["default", "tproxy"])
+def test_200_simultaneous_echo_connections(shuttle: Shuttle, method: Optional[str]) -> None:
+    start(shuttle, method)
     result = shuttle.topo.tcptool("echo", T_ADDR, str(ECHO_PORT), "200", timeout=120)
     assert result["ok"], f"{result}\n{shuttle.outputs()}"
     assert result["good"] == 200

@@ -23,9 +23,6 @@ from shuttle_firewalld.methods.nat import (
 )
 
 from firewalld.captures import (
-    check_capture,
-    check_dns_capture,
-    check_update,
     close_session,
     open_session,
     update_session,
@@ -452,20 +449,6 @@ def test_stale_chains_of_both_versions_go_at_start_and_only_they(
 
 
 @pytest.mark.integration
-def test_traffic_is_captured_as_asked(
-    routed: str, start_firewalld: Callable[..., Daemon], listen: Callable[..., Listener]
-) -> None:
-    check_capture(routed, start_firewalld(), listen, "nat")
-
-
-@pytest.mark.integration
-def test_dns_to_the_nameservers_is_captured(
-    dns_net: str, start_firewalld: Callable[..., Daemon], listen: Callable[..., Listener]
-) -> None:
-    check_dns_capture(dns_net, start_firewalld(), listen, "nat")
-
-
-@pytest.mark.integration
 def test_an_update_rebuilds_exactly_the_sessions_chains(
     netns: str, start_firewalld: Callable[..., Daemon], listen: Callable[..., Listener]
 ) -> None:
@@ -547,10 +530,3 @@ def test_an_update_that_fails_halfway_leaves_the_rules_as_they_were(
     finally:
         close_session(client)
     assert nothing_of_shuttle(netns)
-
-
-@pytest.mark.integration
-def test_traffic_follows_an_update(
-    routed: str, start_firewalld: Callable[..., Daemon], listen: Callable[..., Listener]
-) -> None:
-    check_update(routed, start_firewalld(lease=30), listen, "nat")

@@ -17,12 +17,8 @@ from shuttle_firewalld.methods.nft import (
     stale_tables,
     table_name,
 )
-from shuttle_firewalld.methods.tools import run_tool
 
 from firewalld.captures import (
-    check_capture,
-    check_dns_capture,
-    check_update,
     close_session,
     open_session,
     update_session,
@@ -360,17 +356,6 @@ def test_probe_says_why_nft_does_not_work() -> None:
     )
 
 
-@pytest.mark.integration
-def test_the_probe_works_on_this_kernel(netns: str) -> None:
-    """The experiment behind the method: concatenated interval sets and inet nat work here."""
-
-    def in_netns(argv: Sequence[str], stdin: str) -> str:
-        return run_tool(["ip", "netns", "exec", netns, *argv], stdin)
-
-    assert NftMethod(in_netns).probe() is None
-    assert "shuttle" not in nft(netns, "list", "tables")
-
-
 # --- real daemon ---------------------------------------------------------------------
 
 
@@ -458,20 +443,6 @@ def test_stale_tables_go_at_start_and_only_they(
 
 
 @pytest.mark.integration
-def test_traffic_is_captured_as_asked(
-    routed: str, start_firewalld: Callable[..., Daemon], listen: Callable[..., Listener]
-) -> None:
-    check_capture(routed, start_firewalld(), listen, "nft")
-
-
-@pytest.mark.integration
-def test_dns_to_the_nameservers_is_captured(
-    dns_net: str, start_firewalld: Callable[..., Daemon], listen: Callable[..., Listener]
-) -> None:
-    check_dns_capture(dns_net, start_firewalld(), listen, "nft")
-
-
-@pytest.mark.integration
 def test_an_update_swaps_the_sets_and_close_removes_the_table(
     netns: str, start_firewalld: Callable[..., Daemon], listen: Callable[..., Listener]
 ) -> None:
@@ -512,10 +483,3 @@ def test_an_update_swaps_the_sets_and_close_removes_the_table(
     finally:
         close_session(client)
     assert shuttle_tables(netns) == []
-
-
-@pytest.mark.integration
-def test_traffic_follows_an_update(
-    routed: str, start_firewalld: Callable[..., Daemon], listen: Callable[..., Listener]
-) -> None:
-    check_update(routed, start_firewalld(lease=30), listen, "nft")

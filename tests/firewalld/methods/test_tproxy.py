@@ -17,7 +17,6 @@ from shuttle_client.firewall_session import FirewallError
 from shuttle_firewalld.errors import RequestError
 from shuttle_firewalld.methods import tproxy
 from shuttle_firewalld.methods.nft import NFT, replace_text
-from shuttle_firewalld.methods.tools import run_tool
 from shuttle_firewalld.methods.tproxy import (
     MARK_BASE,
     PROBE,
@@ -632,15 +631,6 @@ def test_probe() -> None:
         (["ip", "-4", "rule", "show"], ""),
     ]
     assert TproxyMethod(FakeRun(fail=["tproxy ip6"])).probe() == "nft failed (exit 2): Error: no"
-
-
-@pytest.mark.integration
-def test_the_probe_works_on_this_kernel(netns: str) -> None:
-    def in_netns(argv: Sequence[str], stdin: str) -> str:
-        return run_tool(["ip", "netns", "exec", netns, *argv], stdin)
-
-    assert TproxyMethod(in_netns).probe() is None
-    assert "shuttle" not in nft(netns, "list", "tables")
 
 
 # --- for real: a client of another uid, in a namespace --------------------------------------

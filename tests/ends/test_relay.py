@@ -8,7 +8,7 @@ Mux fed with what the Link writes, granting credit only for what its sockets too
 import asyncio
 from typing import Any, Dict, List, Optional, Tuple
 
-from shuttle_agent.relay import IN_FLIGHT_LIMIT, Link, Relay
+from shuttle_ends.relay import IN_FLIGHT_LIMIT, Link, Relay
 from shuttle_protocol.mux import AGENT, CLIENT, Mux
 from shuttle_protocol.stream_messages import Data
 

@@ -1,8 +1,7 @@
 """The asyncio driver shared by both ends: TCP sockets ↔ channels of one Mux ↔ the pipe.
 
-The client imports this module too: once a channel is open, relaying is the same on both
-sides, and the agent must stay self-contained because it is uploaded. Only the way a
-channel starts differs (the client accepts redirected connections, the agent connects).
+Once a channel is open, relaying is the same on both sides. Only the way a channel starts
+differs (the client accepts redirected connections, the agent connects).
 
 Flow control: a socket's bytes go out only within its channel's credit; the rest is held
 and the socket stops reading. Credit goes back to the peer only once the local socket has
@@ -23,10 +22,12 @@ import socket
 import struct
 from typing import Callable, Dict, List, Optional, Protocol, Set, Tuple
 
+from shuttle_protocol.channel import Channel, Command, Do, Write
 from shuttle_protocol.errors import ProtocolError, RemoteProtocolError
 from shuttle_protocol.mux import Mux
 from shuttle_protocol.schema import Message
 from shuttle_protocol.stream_messages import Close, Credit, Data, Datagram, Eof, Error
+from shuttle_protocol.stream_session import SessionError, StreamSession
 
 log = logging.getLogger("shuttle")
 
@@ -183,6 +184,19 @@ class Link(asyncio.Protocol):
         if relay is not None:
             handler(relay, msg)
 
+    def admit(self, session: StreamSession, msg: Message) -> bool:
+        """Check a message for the driver against the session's phase: end the session if
+        the phase does not allow it, send the session's reply; whether the driver must
+        handle the message itself."""
+        try:
+            step = session.receive(msg)
+        except SessionError as exc:
+            self.fail(str(exc))
+            return False
+        if step.reply is not None:
+            self.send(step.reply)
+        return step.dispatch
+
     # -- writing ---------------------------------------------------------------------------
 
     def send(self, msg: Message) -> None:
@@ -260,184 +274,122 @@ class WriterProtocol(asyncio.BaseProtocol):
 
 
 class Relay(asyncio.Protocol):
-    """One TCP socket bound to one channel."""
+    """One TCP socket bound to one channel: the driver of its shuttle_protocol.channel state,
+    which decides; this carries out its commands on the socket."""
 
     # Slots: a session may hold ten thousand of these, and a dict each is most of their size.
-    __slots__ = (
-        "_closed",
-        "_early",
-        "_eof_sent",
-        "_held",
-        "_local_eof",
-        "_peer_eof",
-        "_reading",
-        "_undelivered",
-        "_write_paused",
-        "bytes_in",
-        "bytes_out",
-        "channel",
-        "link",
-        "transport",
-    )
+    __slots__ = ("link", "state", "transport")
 
     def __init__(self, link: Link, channel: int) -> None:
         self.link = link
-        self.channel = channel
+        self.state = Channel(link.mux, channel, link.congested_for)
         self.transport: Optional[asyncio.Transport] = None
-        self._early: List[bytes] = []  # peer data that arrived before the socket connected
-        self._held = b""  # bytes read locally that the channel's credit did not cover
-        self._undelivered = 0  # bytes written while the socket's buffer was full
-        self._write_paused = False
-        self._reading = True
-        self._local_eof = False  # our socket said EOF
-        self._eof_sent = False
-        self._peer_eof = False
-        self._closed = False
-        self.bytes_out = 0  # read from the local socket, for the peer
-        self.bytes_in = 0  # from the peer, for the local socket
+
+    @property
+    def channel(self) -> int:
+        return self.state.channel
+
+    @channel.setter
+    def channel(self, channel: int) -> None:
+        self.state.channel = channel
 
     @property
     def reading(self) -> bool:
         """Whether the local socket should be read (no credit or a full pipe stop it)."""
-        return self._reading
+        return self.state.reading
+
+    @property
+    def bytes_out(self) -> int:
+        """Read from the local socket, for the peer."""
+        return self.state.bytes_out
+
+    @property
+    def bytes_in(self) -> int:
+        """From the peer, for the local socket."""
+        return self.state.bytes_in
 
     # -- the local socket ------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        if self._closed:  # the peer closed the channel while we were connecting
-            self.reset()
-            return
-        self.link.channels[self.channel] = self
-        for payload in self._early:
-            self._write(payload)
-        self._early.clear()
-        if self._peer_eof:
-            self._shut_write()
+        commands = self.state.connect()
+        if not self.state.closed:
+            self.link.channels[self.channel] = self
+        self._carry_out(commands)
 
     def data_received(self, data: bytes) -> None:
-        self.bytes_out += len(data)
-        mux = self.link.mux
-        credit = mux.credit(self.channel)
-        if len(data) <= credit and not self._held:
-            mux.send_data(self.channel, data)
-        else:
-            self._held += data
-            self._send_held()
-        if self._held or mux.credit(self.channel) == 0:
-            self._pause_reading()
-        elif self.link.congested_for(self.channel):
-            self._pause_reading()
-            self.link.stall(self)
+        self._carry_out(self.state.local_data(data))
         self.link.schedule_flush()
 
     def eof_received(self) -> Optional[bool]:
-        self._local_eof = True
-        self._send_held()
+        self._carry_out(self.state.local_eof())
         self.link.schedule_flush()
-        # Keep the socket open while the peer may still send, or we still hold bytes.
-        return not (self._peer_eof and self._eof_sent)
+        return self.state.half_open
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
-        self._closed = True
         if self.link.channels.get(self.channel) is self:
             del self.link.channels[self.channel]
-        if not (self._eof_sent and self._peer_eof):
-            self.link.mux.close(self.channel, f"socket closed: {exc}" if exc else "socket closed")
-            self.link.schedule_flush()
+        self._carry_out(self.state.socket_lost(f"socket closed: {exc}" if exc else "socket closed"))
+        self.link.schedule_flush()
 
     def pause_writing(self) -> None:
-        self._write_paused = True
+        self._carry_out(self.state.pause_writing())
 
     def resume_writing(self) -> None:
-        self._write_paused = False
-        if self._undelivered:
-            self.link.mux.delivered(self.channel, self._undelivered)
-            self._undelivered = 0
-            self.link.schedule_flush()
+        self._carry_out(self.state.resume_writing())
+        self.link.schedule_flush()
 
     # -- messages from the peer ------------------------------------------------------------
 
     def on_data(self, msg: Data) -> None:
-        self.bytes_in += len(msg.payload)
-        if self.transport is None:
-            self._early.append(msg.payload)
-        else:
-            self._write(msg.payload)
+        self._carry_out(self.state.peer_data(msg.payload))
 
     def on_credit(self, _msg: Credit) -> None:
-        self._send_held()
-        self.maybe_resume()
+        self._carry_out(self.state.peer_credit())
 
     def on_eof(self, _msg: Eof) -> None:
-        self._peer_eof = True
-        if self.transport is not None:
-            self._shut_write()
+        self._carry_out(self.state.peer_eof())
 
     def on_close(self, msg: Close) -> None:
         log.debug("channel %d closed by %s: %s", self.channel, self.link.peer, msg.reason)
-        self.reset()
+        self._carry_out(self.state.peer_close())
 
-    # -- helpers ---------------------------------------------------------------------------
+    # -- also called by the Link and the client --------------------------------------------
 
     def maybe_resume(self) -> None:
         """Read again if the channel has credit and the pipe has room (else wait for it)."""
-        if self._reading or self._held or self._local_eof or self._closed:
-            return
-        if not self.link.mux.credit(self.channel) or self.transport is None:
-            return
-        if self.link.congested_for(self.channel):
-            self.link.stall(self)
-        else:
-            self._reading = True
-            self.transport.resume_reading()
-
-    def _pause_reading(self) -> None:
-        if self._reading and self.transport is not None:
-            self._reading = False
-            self.transport.pause_reading()
-
-    def _write(self, payload: bytes) -> None:
-        if self._closed or self.transport is None:
-            return
-        self.transport.write(payload)
-        if self._write_paused:
-            self._undelivered += len(payload)
-        else:
-            self.link.mux.delivered(self.channel, len(payload))
-
-    def _send_held(self) -> None:
-        """Send held bytes within credit, then our Eof once nothing is held."""
-        mux = self.link.mux
-        if self._held:
-            n = min(len(self._held), mux.credit(self.channel))
-            if n:
-                mux.send_data(self.channel, self._held[:n])
-                self._held = self._held[n:]
-        if self._local_eof and not self._held and not self._eof_sent:
-            self._eof_sent = True
-            mux.send_eof(self.channel)
-            if self._peer_eof and self.transport is not None:
-                self.transport.close()
-
-    def _shut_write(self) -> None:
-        if self.transport is None or self._closed:
-            return
-        if self._eof_sent:
-            self.transport.close()
-        elif self.transport.can_write_eof():
-            self.transport.write_eof()
+        self._carry_out(self.state.maybe_resume())
 
     def reset(self) -> None:
         """Abort the socket with a RST, so the local program sees a reset, not an EOF."""
-        self.link.mux.forget(self.channel)
-        self._closed = True
-        if self.transport is not None:
-            sock = self.transport.get_extra_info("socket")
-            if sock is not None:
-                # Linger with a zero timeout makes close() send RST instead of FIN.
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            self.transport.abort()
+        self._carry_out(self.state.reset())
+
+    def _carry_out(self, commands: List[Command]) -> None:
+        transport = self.transport
+        if transport is None:  # the state commands a socket only once it is connected
+            return
+        for command in commands:
+            if type(command) is Write:
+                transport.write(command.payload)
+                # After the write: a write that fills the buffer pauses writing first.
+                self.state.written(len(command.payload))
+            elif command is Do.PAUSE_READING:
+                transport.pause_reading()
+            elif command is Do.RESUME_READING:
+                transport.resume_reading()
+            elif command is Do.STALL:
+                self.link.stall(self)
+            elif command is Do.SHUT_WRITE:
+                if transport.can_write_eof():
+                    transport.write_eof()
+            elif command is Do.CLOSE:
+                transport.close()
+            elif command is Do.RESET:
+                sock = transport.get_extra_info("socket")
+                if sock is not None:
+                    # Linger with a zero timeout makes close() send RST instead of FIN.
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                transport.abort()
 
 
 _RELAY_HANDLERS: Dict[type, Callable[[Relay, Message], None]] = {

@@ -5,7 +5,7 @@ import sys
 
 SCRIPT = """
 import resource
-from shuttle_agent.limits import raise_open_files
+from shuttle_ends.limits import raise_open_files
 resource.setrlimit(resource.RLIMIT_NOFILE, (256, 4096))
 print(raise_open_files(), resource.getrlimit(resource.RLIMIT_NOFILE)[0])
 resource.setrlimit(resource.RLIMIT_NOFILE, (4096, 4096))
