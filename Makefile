@@ -67,7 +67,7 @@ BUILD ?= build
 
 dist: dev
 	rm -rf $(DIST)
-	for p in $(PACKAGES); do $(PY) -m build --no-isolation --outdir $(DIST) ./$$p || exit 1; done
+	for p in $(PACKAGES); do $(PY) -m build -q --no-isolation --outdir $(DIST) ./$$p || exit 1; done
 
 # The man pages, written from the programs' own --help text (tools/manpage.py).
 MAN_PAGES := $(BUILD)/man/shuttle-client.1 $(BUILD)/man/shuttle-firewalld.8
