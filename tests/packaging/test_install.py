@@ -185,6 +185,20 @@ def test_the_installed_agent_greets_and_ends_with_its_input(staged: Staged) -> N
     assert isinstance(hello, Hello)
 
 
+def test_the_wheels_carry_every_module_of_the_clone(staged: Staged) -> None:
+    # Each pyproject.toml names its packages one by one: a new subpackage must be added there.
+    [site] = (staged.root / LIBDIR.lstrip("/") / "lib").glob("python3*/site-packages")
+    for distribution in DISTRIBUTIONS:
+        [package] = (ROOT / distribution).glob("shuttle_*/__init__.py")
+        name = package.parent.name
+        clone = {
+            str(path.relative_to(ROOT / distribution)) for path in package.parent.rglob("*.py")
+        }
+        installed = {str(path.relative_to(site)) for path in (site / name).rglob("*.py")}
+        assert installed == clone, name
+        assert (site / name / "py.typed").exists()
+
+
 def test_the_installed_client_uploads_the_whole_agent(staged: Staged) -> None:
     # The bundle built from the installed packages has every module of the clone's, alike.
     code = "import json,shuttle_client.upload as u;print(json.dumps(u.bundle_modules()))"
@@ -219,8 +233,16 @@ def test_man_shows_the_installed_pages(staged: Staged, page: str, program: str) 
 
 
 def copy(staged: Staged, tmp_path: Path) -> Path:
+    """The staged root, to uninstall from, but for the venv's packages: uninstall removes the
+    venv whole, whatever is in it, and they are most of its files."""
     root = tmp_path / "root"
-    shutil.copytree(staged.root, root, symlinks=True)
+    site_packages = staged.root / LIBDIR.lstrip("/") / "lib"
+    shutil.copytree(
+        staged.root,
+        root,
+        symlinks=True,
+        ignore=lambda folder, names: names if Path(folder) == site_packages else [],
+    )
     return root
 
 
@@ -259,3 +281,46 @@ def test_uninstall_removes_only_a_directory_of_its_own(staged: Staged, tmp_path:
     assert done.returncode == 2
     assert "LIBDIR must be an absolute path ending in /shuttle, not '/usr/lib'" in done.stdout
     assert files(root) == INSTALLED
+
+
+def test_a_real_install_puts_the_programs_on_path(staged: Staged, tmp_path: Path) -> None:
+    # DESTDIR empty, as root does it: in a mount namespace of its own (in_namespace.py), from
+    # the wheels and man pages already built (-o: not made again).
+    venv = Path(sys.prefix)
+    make = ["make", "-s", "-C", str(ROOT), "-o", f"{venv}/.installed", "-o", "dist", "-o", "man"]
+    make += [f"VENV={venv}", f"DIST={staged.dist}", f"BUILD={staged.dist.parent / 'build'}"]
+    done = subprocess.run(
+        [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "--",
+            sys.executable,
+            "-m",
+            "tests.packaging.in_namespace",
+            str(tmp_path),
+            *make,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["install"][0] == 0, report["install"]
+    assert report["group_before"] == ""
+    assert report["which"] == {program: f"/usr/local/bin/{program}" for program in PROGRAMS}
+    assert report["versions"] == ["shuttle-client 0.1.0\n", "0.1.0\n"]
+    assert report["man"] == [
+        "/usr/local/share/man/man1/shuttle-client.1\n",
+        "/usr/local/share/man/man8/shuttle-firewalld.8\n",
+    ]
+    assert report["group"].startswith("shuttle:x:")
+    assert report["files"] == sorted(
+        "/" + path.replace("usr/", "usr/local/", 1) for path in INSTALLED
+    )
+    assert report["uninstall"][0] == 0, report["uninstall"]
+    assert (report["files_after"], report["group_after"]) == ([], "")
