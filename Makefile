@@ -69,15 +69,16 @@ dist: dev
 	rm -rf $(DIST)
 	for p in $(PACKAGES); do $(PY) -m build -q --no-isolation --outdir $(DIST) ./$$p || exit 1; done
 
-# The man pages, written from the programs' own --help text (tools/manpage.py).
-MAN_PAGES := $(BUILD)/man/shuttle-client.1 $(BUILD)/man/shuttle-firewalld.8
+# The man pages, written from the programs' own --help text (tools/manpage.py) each time:
+# the text is wherever the code keeps it, and writing them takes a moment.
+MAN_PAGES := shuttle-client.1 shuttle-firewalld.8
 
-man: $(MAN_PAGES)
-
-$(BUILD)/man/shuttle-client.1 $(BUILD)/man/shuttle-firewalld.8: dev tools/manpage.py \
-		client/shuttle_client/cli.py firewalld/shuttle_firewalld/main.py
-	mkdir -p $(@D)
-	$(PY) -m tools.manpage $(basename $(@F)) > $@.new && mv $@.new $@
+man: dev
+	mkdir -p $(BUILD)/man
+	for page in $(MAN_PAGES); do \
+		$(PY) -m tools.manpage $${page%.*} > $(BUILD)/man/$$page.new \
+		&& mv $(BUILD)/man/$$page.new $(BUILD)/man/$$page || exit 1; \
+	done
 
 # `make install`: the five distributions' wheels in one venv of their own, $(LIBDIR), whose
 # three programs are linked into $(BINDIR); the systemd units (their ExecStart naming

@@ -22,6 +22,8 @@ from shuttle_protocol.stream_messages import Hello
 
 from testbed.locks import locked
 
+from .man import man_text
+
 ROOT = Path(__file__).parents[2]
 DISTRIBUTIONS = ("protocol", "local", "agent", "firewalld", "client")
 PROGRAMS = ("shuttle-client", "shuttle-firewalld", "shuttle-agent")
@@ -216,16 +218,7 @@ def test_the_installed_client_uploads_the_whole_agent(staged: Staged) -> None:
     ],
 )
 def test_man_shows_the_installed_pages(staged: Staged, page: str, program: str) -> None:
-    done = subprocess.run(
-        ["man", "--warnings", "-l", str(staged.root / "usr/share/man" / page)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env={"MANWIDTH": "100", "PATH": "/usr/bin:/bin"},
-    )
-    assert (done.returncode, done.stderr) == (0, "")
-    text = re.sub(r".\x08", "", done.stdout)
+    text = man_text(staged.root / "usr/share/man" / page)
     section = page[3]
     assert text.startswith(f"{program.upper()}({section})")
     assert f"{program} 0.1.0" in text

@@ -5,35 +5,23 @@ from __future__ import annotations
 
 import importlib
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from tools.manpage import PAGES, main, manpage, parse_usage, render
 
+from .man import man_text
+
 # Every option docopt would read from a usage text: -x and --long.
 OPTION = re.compile(r"(?<![\w-])(--?[A-Za-z][\w-]*)")
 
 
 def shown(page: str, tmp_path: Path) -> str:
-    """The page as man -l prints it, plain text; man's and groff's warnings fail the test."""
-    man = shutil.which("man")
-    assert man is not None, "man is missing (make dev installs man-db)"
+    """The page's text, as man shows it."""
     path = tmp_path / "page.1"
     path.write_text(page)
-    done = subprocess.run(
-        [man, "--warnings", "-l", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env={"MANWIDTH": "200", "MAN_KEEP_FORMATTING": "", "PATH": "/usr/bin:/bin"},
-    )
-    assert (done.returncode, done.stderr) == (0, "")
-    # Bold and underline are overstrikes (c\bc, _\bc) when man writes to a pipe.
-    return re.sub(r".\x08", "", done.stdout)
+    return man_text(path)
 
 
 @pytest.mark.parametrize("program", sorted(PAGES))
