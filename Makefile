@@ -87,6 +87,8 @@ man: dev
 # made there and its paths rewritten to where it will run; the group goes into
 # $(DESTDIR)/etc/group if that file exists (else a package's postinst makes it). systemd,
 # when it runs and DESTDIR is empty, is told of the units, and /run/shuttle is made.
+# The venv is root's, readable by all and writable by root alone whatever root's umask:
+# firewalld runs as root what is in it, and every user runs the client from it.
 # systemd searches /usr/local/lib and /usr/lib; for another PREFIX, set SYSTEMDDIR and
 # TMPFILESDIR to one of its directories.
 PREFIX ?= /usr/local
@@ -117,6 +119,7 @@ install: dist man
 	fi
 	$(DESTDIR)$(LIBDIR)/bin/python -m compileall -q $(if $(DESTDIR),-s $(DESTDIR) -p /) \
 		$(DESTDIR)$(LIBDIR)/lib
+	chmod -R u=rwX,go=rX $(DESTDIR)$(LIBDIR)
 	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(SYSTEMDDIR)/system $(DESTDIR)$(SYSTEMDDIR)/user \
 		$(DESTDIR)$(TMPFILESDIR) $(DESTDIR)$(MANDIR)/man1 $(DESTDIR)$(MANDIR)/man8
 	for p in $(PROGRAMS); do ln -sfn $(LIBDIR)/bin/$$p $(DESTDIR)$(BINDIR)/$$p || exit 1; done

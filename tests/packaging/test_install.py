@@ -49,7 +49,9 @@ ETC = {
 pytestmark = pytest.mark.integration
 
 
-def make(*args: str, root: Path, dist: Path | None = None) -> subprocess.CompletedProcess[str]:
+def make(
+    *args: str, root: Path, dist: Path | None = None, umask: int = 0o022
+) -> subprocess.CompletedProcess[str]:
     """make in the clone, into root; the dev venv running this test is taken as it is (-o:
     never rebuilt under the running tests)."""
     venv = Path(sys.prefix)
@@ -62,6 +64,7 @@ def make(*args: str, root: Path, dist: Path | None = None) -> subprocess.Complet
         text=True,
         timeout=600,
         check=False,
+        umask=umask,
     )
 
 
@@ -103,7 +106,8 @@ def staged(shared_dir: Path) -> Staged:
             (staged.root / "etc").mkdir(parents=True)
             for name, text in ETC.items():
                 (staged.root / "etc" / name).write_text(text)
-            done = make("install", root=staged.root, dist=here)
+            # With root's strictest umask: the venv must still be there for every user.
+            done = make("install", root=staged.root, dist=here, umask=0o077)
             assert done.returncode == 0, done.stdout + done.stderr
             (here / "done").touch()
         return staged
@@ -135,6 +139,16 @@ def test_install_puts_each_file_in_place(staged: Staged) -> None:
         text = (staged.root / "usr/lib/systemd" / unit).read_text()
         [exec_start] = re.findall(r"^ExecStart=(\S+)", text, re.MULTILINE)
         assert exec_start == f"{PREFIX}/bin/{program}"
+    # Root's alone to change (firewalld runs it as root), everyone's to read and run.
+    venv = staged.root / LIBDIR.lstrip("/")
+    wrong = {}
+    for path in [venv, *venv.rglob("*")]:
+        mode = path.lstat().st_mode & 0o777
+        needed = 0o555 if path.is_dir() else 0o444
+        if not path.is_symlink() and (mode & 0o022 or mode & needed != needed):
+            wrong[str(path.relative_to(staged.root))] = oct(mode)
+    assert wrong == {}
+    assert all(path.lstat().st_uid == 0 for path in [venv, *venv.rglob("*")])
     # firewalld's group, a system group, in the root's own /etc.
     [group] = [line for line in (staged.root / "etc/group").read_text().splitlines()[1:]]
     name, _, gid, members = group.split(":")
