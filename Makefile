@@ -18,7 +18,7 @@ PACKAGES := protocol local agent firewalld client
 PYTEST_JOBS ?= 4
 PARALLEL := -n $(PYTEST_JOBS) --dist worksteal
 
-.PHONY: dev apt test lint unit integration demo bench dist man install uninstall clean
+.PHONY: dev apt test lint unit integration demo bench dist man install uninstall as-root clean
 
 dev: apt $(VENV)/.installed
 
@@ -104,18 +104,25 @@ UNITS := system/shuttle-firewalld.service user/shuttle-client@.service
 INSTALLED := $(addprefix $(BINDIR)/,$(PROGRAMS)) $(addprefix $(SYSTEMDDIR)/,$(UNITS)) \
 	$(TMPFILESDIR)/shuttle.conf $(MANDIR)/man1/shuttle-client.1 \
 	$(MANDIR)/man8/shuttle-firewalld.8
-# LIBDIR is removed whole: it must be shuttle's own directory.
-CHECK_LIBDIR = @case "$(LIBDIR)" in /*/shuttle) ;; *) echo "LIBDIR must be an absolute path ending in /shuttle, not '$(LIBDIR)'"; exit 2;; esac
 SYSTEMD_RUNS = [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]
 
-install: dist man
-	$(CHECK_LIBDIR)
+# Before anything is built or removed: root (but to stage into DESTDIR), and a LIBDIR that
+# is shuttle's own directory, since it is removed whole.
+as-root:
+	@if [ -z "$(DESTDIR)" ] && [ "$$(id -u)" != 0 ]; then \
+		echo "make install and uninstall run as root (or stage into DESTDIR=...)"; exit 2; \
+	fi
+	@case "$(LIBDIR)" in /*/shuttle) ;; \
+		*) echo "LIBDIR must be an absolute path ending in /shuttle, not '$(LIBDIR)'"; exit 2;; \
+	esac
+
+install: as-root dist man
 	rm -rf $(DESTDIR)$(LIBDIR)
 	$(PYTHON) -m venv $(DESTDIR)$(LIBDIR)
 	$(DESTDIR)$(LIBDIR)/bin/pip install -q --no-input --no-compile $(DIST)/*.whl
 	if [ -n "$(DESTDIR)" ]; then \
 		grep -rlIZ -- "$(DESTDIR)$(LIBDIR)" $(DESTDIR)$(LIBDIR)/bin $(DESTDIR)$(LIBDIR)/pyvenv.cfg \
-		| xargs -0 sed -i "s|$(DESTDIR)$(LIBDIR)|$(LIBDIR)|g"; \
+		| xargs -0 -r sed -i "s|$(DESTDIR)$(LIBDIR)|$(LIBDIR)|g"; \
 	fi
 	$(DESTDIR)$(LIBDIR)/bin/python -m compileall -q $(if $(DESTDIR),-s $(DESTDIR) -p /) \
 		$(DESTDIR)$(LIBDIR)/lib
@@ -143,8 +150,7 @@ install: dist man
 # `make uninstall`: stops the service, removes what install made. The group stays while
 # any user is in it (as a supplementary or primary group), since files and rules in other
 # places may name it; uninstall says so.
-uninstall:
-	$(CHECK_LIBDIR)
+uninstall: as-root
 	if $(SYSTEMD_RUNS); then systemctl disable --now shuttle-firewalld.service || true; fi
 	rm -rf $(DESTDIR)$(LIBDIR)
 	rm -f $(addprefix $(DESTDIR),$(INSTALLED))

@@ -331,3 +331,20 @@ def test_a_real_install_puts_the_programs_on_path(staged: Staged, tmp_path: Path
     )
     assert report["uninstall"][0] == 0, report["uninstall"]
     assert (report["files_after"], report["group_after"]) == ([], "")
+
+
+@pytest.mark.parametrize("target", ["install", "uninstall"])
+def test_a_user_is_told_to_be_root(target: str, tmp_path: Path) -> None:
+    # Before anything is built: dist stays unmade.
+    dist = tmp_path / "dist"
+    nobody = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+    done = subprocess.run(
+        [*nobody, "make", "-s", "-C", str(ROOT), target, f"DIST={dist}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert done.stdout == "make install and uninstall run as root (or stage into DESTDIR=...)\n"
+    assert not dist.exists()
