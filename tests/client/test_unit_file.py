@@ -28,7 +28,7 @@ def section(name: str) -> configparser.SectionProxy:
 
 def test_systemd_finds_nothing_wrong(tmp_path: Path) -> None:
     analyze = shutil.which("systemd-analyze")
-    assert analyze is not None, "systemd-analyze is missing (make install puts systemd there)"
+    assert analyze is not None, "systemd-analyze is missing (make dev puts systemd there)"
     # An instance of the template, with the command that is installed here (verify checks
     # that it exists); a user manager wants a runtime directory.
     unit = tmp_path / "shuttle-client@work.service"

@@ -143,7 +143,7 @@ def test_firewalld_runs_only_the_firewall_tools_and_writes_only_its_own_files(
     tmp_path: Path,
 ) -> None:
     strace = shutil.which("strace")
-    assert strace is not None, "strace is needed (make install puts it there)"
+    assert strace is not None, "strace is needed (make dev puts it there)"
     log = tmp_path / "strace.log"
     daemon = start_firewalld(
         wrap=[strace, "-f", "-qq", "-s", "4096", "-e", f"trace={TRACED}", "-o", str(log)],

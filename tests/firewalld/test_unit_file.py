@@ -32,7 +32,7 @@ def service() -> configparser.SectionProxy:
 
 def test_systemd_finds_nothing_wrong(tmp_path: Path) -> None:
     analyze = shutil.which("systemd-analyze")
-    assert analyze is not None, "systemd-analyze is missing (make install puts systemd there)"
+    assert analyze is not None, "systemd-analyze is missing (make dev puts systemd there)"
     # verify checks that the command exists: point it at the one installed here.
     unit = tmp_path / UNIT.name
     exec_start = shlex.split(service()["ExecStart"])[0]

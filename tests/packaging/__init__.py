@@ -1,0 +1,1 @@
+"""Tests of what the Makefile builds and installs: dist, man pages, make install."""

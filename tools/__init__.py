@@ -1,0 +1,1 @@
+"""Build-time helpers run from the clone (Makefile targets); never installed."""
