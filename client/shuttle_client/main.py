@@ -157,10 +157,9 @@ async def _bring_up(
     """Tunnel, plan, firewall session, capture, proxies: everything up to the ready line.
     With only proxies, firewalld is never asked."""
     options, streams, firewall = client.options, client.streams, client.firewall
-    server = await find_server(options.ssh_cmd, options.ssh_destination, options.ssh_port)
-    await _unless_stopped(stop, streams.start())
-    proxies.start(streams)
-    if not options.captures:
+    if not options.captures:  # nor the server's address: only a capture needs to exclude it
+        await _unless_stopped(stop, streams.start())
+        proxies.start(streams)
         log.info(
             "ready: %s through %s (no capture, TCP through %s)",
             proxies.describe(),
@@ -168,6 +167,9 @@ async def _bring_up(
             streams.tcp_path,
         )
         return
+    server = await find_server(options.ssh_cmd, options.ssh_destination, options.ssh_port)
+    await _unless_stopped(stop, streams.start())
+    proxies.start(streams)
     if proxies.listeners:
         log.info("proxies: %s", proxies.describe())
     discovery = streams.tunnels[0].discovery
