@@ -63,7 +63,8 @@ def encode_address(host: str, port: int) -> bytes:
 
 
 def decode_address(data: bytes, start: int) -> Optional[Tuple[str, int, int]]:
-    """(host, port, end) of the address at data[start:], None if it is not all there yet;
+    """(host, port, end) of the address at data[start:] (port may be 0), None if it is not
+    all there yet;
     RemoteProtocolError (with its reply code as args[1]) if it cannot be one."""
     if len(data) <= start:
         return None
@@ -88,8 +89,6 @@ def decode_address(data: bytes, start: int) -> Optional[Tuple[str, int, int]]:
         host = _domain_name(packed)
     else:
         host = str(ipaddress.ip_address(packed))
-    if not port:
-        raise RemoteProtocolError("port 0", HOST_UNREACHABLE)
     return host, port, end + 2
 
 
@@ -190,6 +189,9 @@ class Socks5Server:
         host, port, end = found
         if data[1] not in (CONNECT, UDP_ASSOCIATE):
             self._fail(COMMAND_NOT_SUPPORTED, f"command {data[1]} is not supported")
+        # UDP ASSOCIATE may name port 0 (the client does not know its own yet); CONNECT not.
+        if data[1] == CONNECT and not port:
+            self._fail(HOST_UNREACHABLE, "CONNECT to port 0")
         self._request = Request(data[1], host, port)
         self._buffer = data[end:]
         self._state = _DONE

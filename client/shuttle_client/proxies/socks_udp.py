@@ -37,6 +37,8 @@ def parse_datagram(data: bytes) -> Tuple[str, int, bytes]:
     if found is None:
         raise RemoteProtocolError("a truncated address")
     host, port, end = found
+    if not port:
+        raise RemoteProtocolError("a datagram to port 0")
     return host, port, data[end:]
 
 
