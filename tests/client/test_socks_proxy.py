@@ -6,12 +6,14 @@ the module."""
 
 import json
 import re
+import select
 import socket
 import subprocess
 import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any, Dict, Iterator, Tuple
 
 import pytest
@@ -58,12 +60,43 @@ def udp_echo(host: str) -> Tuple[socket.socket, int]:
     return sock, sock.getsockname()[1]
 
 
+FAKE_SSH = '#!/bin/sh\nwhile [ "$1" != "--" ]; do shift; done\nshift 2\nexec sh -c "$1"\n'
+
+
+def start_client(tmp: Path, ready: "re.Pattern[str]", *options: str) -> Tuple[Any, "re.Match[str]"]:
+    """shuttle-client with options, behind the stand-in ssh; it and its ready line's match."""
+    fake = tmp / "fake-ssh"
+    fake.write_text(FAKE_SSH)
+    fake.chmod(0o755)
+    argv = [sys.executable, "-c", "from shuttle_client.main import main; main()"]
+    argv += ["-r", "server", "-e", str(fake), "--tcp=agent", *options]
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    lines = []
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:  # bounded: EOF or the deadline
+        if not select.select([proc.stderr], [], [], max(0.0, deadline - time.monotonic()))[0]:
+            break
+        line = proc.stderr.readline()
+        if not line:
+            break
+        lines.append(line)
+        match = ready.search(line)
+        if match:
+            return proc, match
+    stop(proc)
+    raise AssertionError("no ready line:\n" + "".join(lines))
+
+
+def stop(proc: Any) -> None:
+    proc.terminate()
+    proc.wait(timeout=WAIT)
+    proc.stderr.close()
+
+
 @pytest.fixture(scope="module")
 def proxies(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dict[str, Any]]:
     tmp = tmp_path_factory.mktemp("proxies")
-    fake = tmp / "fake-ssh"
-    fake.write_text('#!/bin/sh\nwhile [ "$1" != "--" ]; do shift; done\nshift 2\nexec sh -c "$1"\n')
-    fake.chmod(0o755)
     web = Dual(("::", 0), Page)
     threading.Thread(target=web.serve_forever, daemon=True).start()
     echo4, echo4_port = udp_echo("127.0.0.1")
@@ -74,47 +107,30 @@ def proxies(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dict[str, Any]
     firewalld.bind(str(tmp / "firewalld.sock"))
     firewalld.listen(8)
     firewalld.setblocking(False)
-    argv = [
-        sys.executable,
-        "-c",
-        "from shuttle_client.main import main; main()",
-        "-r",
-        "server",
-        "-e",
-        str(fake),
-        "--tcp=agent",
-        "--socks=127.0.0.1:0",
-        "--http-proxy=[::1]:0",
-        f"--firewalld={tmp}/firewalld.sock",
-        f"--control={control}",
-    ]
-    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
-    assert proc.stderr is not None
-    lines = []
-    deadline = time.monotonic() + WAIT
-    match = None
-    while match is None and time.monotonic() < deadline:  # bounded: EOF or the deadline
-        line = proc.stderr.readline()
-        if not line:
-            break
-        lines.append(line)
-        match = READY.search(line)
     try:
-        assert match, "".join(lines)
-        yield {
-            "socks": int(match.group(1)),
-            "http": int(match.group(2)),
-            "web": web.server_address[1],
-            "echo4": echo4_port,
-            "echo6": echo6_port,
-            "control": control,
-            "proc": proc,
-            "firewalld": firewalld,
-        }
+        proc, match = start_client(
+            tmp,
+            READY,
+            "--socks=127.0.0.1:0",
+            "--http-proxy=[::1]:0",
+            f"--firewalld={tmp}/firewalld.sock",
+            f"--control={control}",
+        )
+        try:
+            yield {
+                "tmp": tmp,
+                "socks": int(match.group(1)),
+                "http": int(match.group(2)),
+                "web": web.server_address[1],
+                "echo4": echo4_port,
+                "echo6": echo6_port,
+                "control": control,
+                "proc": proc,
+                "firewalld": firewalld,
+            }
+        finally:
+            stop(proc)
     finally:
-        proc.terminate()
-        proc.wait(timeout=WAIT)
-        proc.stderr.close()
         web.shutdown()
         web.server_close()
         firewalld.close()
@@ -255,3 +271,26 @@ def test_firewalld_was_never_asked(proxies: Dict[str, Any]) -> None:
     assert ctl(proxies, "status")["method"] == ""
     with pytest.raises(BlockingIOError):
         proxies["firewalld"].accept()
+
+
+def test_username_and_password(proxies: Dict[str, Any]) -> None:
+    auth = proxies["tmp"] / "socks-auth"
+    auth.write_text("alice:pa:ss\n")
+    auth.chmod(0o600)
+    ready = re.compile(r"ready: socks5 on \[::1\]:(\d+)")
+    proc, match = start_client(
+        proxies["tmp"],
+        ready,
+        "--socks=[::1]:0",
+        f"--socks-auth={auth}",
+        f"--control={proxies['tmp']}/auth.sock",
+    )
+    try:
+        proxy = f"[::1]:{match.group(1)}"
+        url = f"http://localhost:{proxies['web']}/auth"
+        page = curl("--socks5-hostname", proxy, "-U", "alice:pa:ss", url)
+        assert page.returncode == 0 and f"{MARKER} /auth" in page.stdout, page.stderr
+        assert curl("--socks5-hostname", proxy, "-U", "alice:wrong", url).returncode != 0
+        assert curl("--socks5-hostname", proxy, url).returncode != 0  # no credentials
+    finally:
+        stop(proc)
