@@ -55,6 +55,7 @@ demo: install
 bench: install
 	$(PY) -m bench $(BENCH_ARGS)
 	$(PY) -m bench.rules
+	$(PY) -m bench.proxies
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
