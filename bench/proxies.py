@@ -203,10 +203,9 @@ def main() -> int:
     results: dict[str, dict[str, Any]] = {}
     try:
         with Topology.up() as topo:
-            for name, start in (("shuttle", lambda: start_shuttle(topo, venv)),
-                                ("ssh-D", lambda: start_ssh_d(topo))):  # fmt: skip
+            for name in ("shuttle", "ssh-D"):
                 print(f"bench.proxies: {name}", file=sys.stderr, flush=True)
-                proc = start()
+                proc = start_shuttle(topo, venv) if name == "shuttle" else start_ssh_d(topo)
                 try:
                     results[name] = measure(topo, sizes)
                 finally:
