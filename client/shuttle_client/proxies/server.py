@@ -7,12 +7,12 @@ import asyncio
 import errno
 import logging
 import socket
-import struct
 from typing import Any, Awaitable, Callable, List, Optional, Set, Tuple
 
 from shuttle_protocol.errors import RemoteProtocolError
 
 from shuttle_client.cli import Options
+from shuttle_client.fastpath import reset
 from shuttle_client.proxy import LISTEN_BACKLOG, connection_cap, relay_for
 from shuttle_client.streams import Streams
 
@@ -51,12 +51,6 @@ def make_proxy_listener(host: str, port: int) -> socket.socket:
         where = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
         raise ProxyError(f"cannot listen on {where}: {exc.strerror}") from None
     return sock
-
-
-def _reset(conn: socket.socket) -> None:
-    # Linger with a zero timeout makes close() send RST instead of FIN.
-    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    conn.close()
 
 
 async def _receive(conn: socket.socket) -> bytes:
@@ -114,7 +108,7 @@ class ProxyServer:
                 continue
             # Below the open-file cap that captured connections keep (proxy.GuardedListener).
             if conn.fileno() >= connection_cap() or self.negotiating >= MAX_HANDSHAKES:
-                _reset(conn)
+                reset(conn)
                 continue
             conn.setblocking(False)
             task = asyncio.ensure_future(self._serve(conn))
@@ -127,10 +121,10 @@ class ProxyServer:
             negotiated = await asyncio.wait_for(self.handler(conn), HANDSHAKE_TIMEOUT)
         except (OSError, asyncio.TimeoutError, RemoteProtocolError) as exc:
             log.debug("%s proxy: client dropped: %s", self.kind, exc)
-            _reset(conn)
+            reset(conn)
             return
         except BaseException:
-            _reset(conn)
+            reset(conn)
             raise
         finally:
             self.negotiating -= 1
