@@ -14,7 +14,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Dict, Iterator, Tuple
+from typing import Any, Dict, Iterator, Sequence, Tuple
 
 import pytest
 from shuttle_client.proxies import socks5
@@ -138,9 +138,12 @@ def proxies(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dict[str, Any]
         echo6.close()
 
 
-def curl(*args: str) -> subprocess.CompletedProcess:
+NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
+def curl(*args: str, who: Sequence[str] = ()) -> subprocess.CompletedProcess:
     return subprocess.run(
-        ["curl", "-sS", "--max-time", "10", *args],
+        [*who, "curl", "-sS", "--max-time", "10", *args],
         check=False,
         capture_output=True,
         text=True,
@@ -292,5 +295,17 @@ def test_username_and_password(proxies: Dict[str, Any]) -> None:
         assert page.returncode == 0 and f"{MARKER} /auth" in page.stdout, page.stderr
         assert curl("--socks5-hostname", proxy, "-U", "alice:wrong", url).returncode != 0
         assert curl("--socks5-hostname", proxy, url).returncode != 0  # no credentials
+        # With the password, another user may use it.
+        page = curl("--socks5-hostname", proxy, "-U", "alice:pa:ss", url, who=NOBODY)
+        assert page.returncode == 0 and f"{MARKER} /auth" in page.stdout, page.stderr
     finally:
         stop(proc)
+
+
+def test_without_a_password_other_users_are_turned_away(proxies: Dict[str, Any]) -> None:
+    url = f"http://localhost:{proxies['web']}/other"
+    socks = curl("--socks5-hostname", f"127.0.0.1:{proxies['socks']}", url, who=NOBODY)
+    http = curl("-x", f"http://[::1]:{proxies['http']}", url, who=NOBODY)
+    assert socks.returncode != 0 and MARKER not in socks.stdout, socks.stdout
+    assert http.returncode != 0 and MARKER not in http.stdout, http.stdout
+    test_socks5_hostname_resolved_by_the_agent(proxies)  # its own user still gets in

@@ -6,6 +6,7 @@ the same."""
 import asyncio
 import errno
 import logging
+import os
 import socket
 from typing import Any, Awaitable, Callable, List, Optional, Set, Tuple
 
@@ -13,10 +14,13 @@ from shuttle_protocol.errors import RemoteProtocolError
 
 from shuttle_client.cli import Options
 from shuttle_client.fastpath import reset
-from shuttle_client.proxy import LISTEN_BACKLOG, connection_cap, relay_for
+from shuttle_client.logs import Throttle
+from shuttle_client.proxy import LIMIT_LOG_INTERVAL, LISTEN_BACKLOG, connection_cap, relay_for
 from shuttle_client.streams import Streams
+from shuttle_client.targets import endpoint
 
 from . import http_connect, socks5
+from .peers import peer_uid
 from .socks5 import NEED_DATA, Credentials
 from .socks_udp import Associations
 
@@ -76,14 +80,27 @@ class Preloaded(asyncio.Protocol):
             self.inner.data_received(self.early)
 
 
-class ProxyServer:
-    """One proxy's listener; each accepted client is negotiated by handler."""
+# Connections refused as another user's, for their log line.
+OTHER_USERS = Throttle(LIMIT_LOG_INTERVAL)
 
-    def __init__(self, streams: Streams, sock: socket.socket, kind: str, handler: Handler):
+
+class ProxyServer:
+    """One proxy's listener; each accepted client is negotiated by handler. With only_uid,
+    a client whose socket another uid owns (or that is not on this host) is reset first."""
+
+    def __init__(
+        self,
+        streams: Streams,
+        sock: socket.socket,
+        kind: str,
+        handler: Handler,
+        only_uid: Optional[int] = None,
+    ) -> None:
         self.streams = streams
         self.sock = sock
         self.kind = kind
         self.handler = handler
+        self.only_uid = only_uid
         self.negotiating = 0
         self._tasks: Set[asyncio.Task[Any]] = set()
         self._accepting: Optional[asyncio.Task[None]] = None
@@ -116,6 +133,18 @@ class ProxyServer:
             task.add_done_callback(self._tasks.discard)
 
     async def _serve(self, conn: socket.socket) -> None:
+        if self.only_uid is not None and peer_uid(conn) != self.only_uid:
+            count = OTHER_USERS.due()
+            if count:
+                log.warning(
+                    "%s proxy: reset %d connection(s) of other users (the last from %s); "
+                    "--socks-auth lets anyone with the password in",
+                    self.kind,
+                    count,
+                    endpoint(conn.getpeername()),
+                )
+            reset(conn)
+            return
         self.negotiating += 1
         try:
             negotiated = await asyncio.wait_for(self.handler(conn), HANDSHAKE_TIMEOUT)
@@ -233,10 +262,13 @@ class Proxies:
         """Serve through streams' tunnels."""
         associations = self.associations = Associations(streams)
         for kind, sock in self.listeners:
-            handler = socks_handler(self.credentials, associations.associate)
-            server = ProxyServer(
-                streams, sock, kind, handler if kind == "socks" else http_negotiate
-            )
+            if kind == "socks":
+                handler = socks_handler(self.credentials, associations.associate)
+            else:
+                handler = http_negotiate
+            # Without a password, the proxy is this user's alone (loopback: cli.py).
+            only_uid = os.getuid() if kind == "http" or self.credentials is None else None
+            server = ProxyServer(streams, sock, kind, handler, only_uid)
             server.start()
             self.servers.append(server)
 
