@@ -1,7 +1,7 @@
 """The rootless proxies in the test network: a client with --socks and --http-proxy and no
 SUBNET, as a plain user with no firewalld running at all, used by real clients (curl,
-git over http_proxy, a UDP ASSOCIATE exchange); and one client that captures a subnet and
-serves both proxies through the same tunnel."""
+git over http_proxy, a UDP ASSOCIATE exchange) and refused to another user; and one client
+that captures a subnet and serves both proxies through the same tunnel."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from testbed import (
     ready_line,
 )
 from testbed.config import T_ADDR6
+from testbed.user import LocalUser
 from testbed.venv import UserVenv
 
 from .ctl import ctl_json
@@ -113,7 +114,7 @@ def git_repo(topo: Topology) -> str:
 
 
 def test_proxies_alone_as_a_plain_user_without_firewalld(
-    topo: Topology, user_venv: UserVenv
+    topo: Topology, user_venv: UserVenv, second_user: LocalUser
 ) -> None:
     shuttle = Shuttle(topo, user_venv)  # firewalld is never started
     client = shuttle.start_client(
@@ -141,6 +142,12 @@ def test_proxies_alone_as_a_plain_user_without_firewalld(
     echoes = [f"{T_ADDR}:{UDP_ECHO_PORT}", f"{T_ADDR6}:{UDP_ECHO_PORT}"]
     out = run(topo, [SYSTEM_PYTHON, "-c", CLIENT, str(SOCKS), "once", *echoes])
     assert out.split("\n")[:2] == [f"echo {target} True" for target in echoes], out
+    # No --socks-auth: the proxy is the first user's alone.
+    other = topo.run_as_user(
+        curl("--socks5-hostname", socks, f"http://{NAME}:{HTTP_PORT}/"), user=second_user
+    )
+    assert other.returncode != 0 and topo.marker not in other.stdout, other.stdout
+    assert "connection(s) of other users" in client.output(), shuttle.outputs()
     assert "Traceback" not in client.output(), shuttle.outputs()
 
 
