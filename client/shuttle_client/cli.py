@@ -100,6 +100,16 @@ Options:
                            then reset them [default: 30].
   --control=PATH           the control socket for scripts and `shuttle-client ctl`
                            (default: $XDG_RUNTIME_DIR/shuttle/control.sock).
+  --socks=ADDR             also serve SOCKS5 (CONNECT, with names resolved on the
+                           server's side, and UDP ASSOCIATE) on [ip:]port (default ip
+                           127.0.0.1) through the tunnel. With no SUBNET, only the
+                           proxies run: no firewall rules, no shuttle-firewalld.
+  --socks-auth=FILE        SOCKS5 clients must give the username:password on FILE's
+                           first line (FILE readable by you alone); needed for a
+                           non-loopback --socks address.
+  --http-proxy=ADDR        also serve an HTTP proxy (CONNECT, and http:// requests) on
+                           [ip:]port (default ip 127.0.0.1), for https_proxy/http_proxy;
+                           it listens on loopback addresses only.
   -v, --verbose            say more: the client's and the agent's debug lines; -vv
                            also ssh's own (ssh -v), -vvv ssh -vv.
   -h, --help               show this text.
@@ -159,6 +169,14 @@ class Options:
     tcp: str = "auto"
     tcp_cap: int = DEFAULT_CAP
     disable_ipv6: bool = False
+    socks: Optional[Tuple[str, int]] = None
+    socks_auth: Optional[Tuple[bytes, bytes]] = None
+    http_proxy: Optional[Tuple[str, int]] = None
+
+    @property
+    def captures(self) -> bool:
+        """Something to capture with firewall rules (else only the proxies run)."""
+        return bool(self.subnets) or self.auto_nets
 
     @property
     def forward(self) -> bool:
@@ -437,8 +455,13 @@ def parse_args(argv: Sequence[str]) -> Options:
         subnets, excludes = drop_ipv6(subnets), drop_ipv6(excludes)
         if given and not subnets:
             raise UsageError("nothing to capture: every SUBNET is IPv6 (--disable-ipv6)")
-    if not subnets and not args["--auto-nets"]:
-        raise UsageError("nothing to capture: give a SUBNET, -s FILE or -N")
+    socks, socks_auth, http_proxy = parse_proxies(
+        args["--socks"], args["--socks-auth"], args["--http-proxy"]
+    )
+    if not subnets and not args["--auto-nets"] and not (socks or http_proxy):
+        raise UsageError("nothing to capture: give a SUBNET, -s FILE, -N, --socks or --http-proxy")
+    if (args["--dns"] or args["--auto-hosts"]) and not subnets and not args["--auto-nets"]:
+        raise UsageError("--dns and -H capture with firewall rules: give a SUBNET or -N too")
     tcp, tcp_cap = parse_tcp(args["--tcp"], args["--tcp-cap"])
     dns, ns_hosts, to_ns = parse_dns(args["--dns"], args["--ns-hosts"], args["--to-ns"])
     if args["--seed-hosts"] is not None and not args["--auto-hosts"]:
@@ -479,6 +502,9 @@ def parse_args(argv: Sequence[str]) -> Options:
         tcp=tcp,
         tcp_cap=tcp_cap,
         disable_ipv6=disable_ipv6,
+        socks=socks,
+        socks_auth=socks_auth,
+        http_proxy=http_proxy,
     )
 
 
@@ -501,6 +527,67 @@ def _docopt(argv: Sequence[str]) -> Dict[str, Any]:
             "[user@]host[:port] 10.0.0.0/8"
         )
     raise mistake
+
+
+# -- the proxies (--socks, --socks-auth, --http-proxy) --------------------------------------
+
+MAX_CREDENTIAL = 255  # RFC 1929: one length byte each
+
+
+def parse_proxy_address(text: str, name: str) -> Tuple[str, int]:
+    """'PORT', 'IP:PORT' or '[IPv6]:PORT' → (canonical IP, port); port 0: any free one."""
+    host, port_text = ("127.0.0.1", text) if text.isdigit() else ("", "")
+    if not host:
+        try:
+            host, port_text = split_host_port(text)
+            host = plain(host)
+        except ValueError:
+            raise UsageError(f"invalid {name} {text!r}: expected [ip:]port") from None
+    if not port_text.isdigit() or int(port_text) > 65535:
+        raise UsageError(f"invalid {name} {text!r}: expected [ip:]port")
+    return host, int(port_text)
+
+
+def read_socks_auth(path: str) -> Tuple[bytes, bytes]:
+    """--socks-auth: username:password on the first line of a file only its owner reads."""
+    try:
+        with open(path, "rb") as file:
+            if os.fstat(file.fileno()).st_mode & 0o077:
+                raise UsageError(f"--socks-auth {path}: others may read it (chmod 600 {path})")
+            line = file.readline(2 * MAX_CREDENTIAL + 3).rstrip(b"\r\n")
+    except OSError as exc:
+        raise UsageError(f"--socks-auth {path}: {exc.strerror}") from None
+    user, colon, password = line.partition(b":")
+    if not colon or not 0 < len(user) <= MAX_CREDENTIAL or not 0 < len(password) <= MAX_CREDENTIAL:
+        raise UsageError(
+            f"--socks-auth {path}: the first line must be username:password "
+            f"(each 1-{MAX_CREDENTIAL} bytes)"
+        )
+    return user, password
+
+
+def parse_proxies(
+    socks_text: Optional[str], auth_path: Optional[str], http_text: Optional[str]
+) -> Tuple[Optional[Tuple[str, int]], Optional[Tuple[bytes, bytes]], Optional[Tuple[str, int]]]:
+    """--socks, --socks-auth, --http-proxy. Anyone who can reach a proxy can use the
+    tunnel: off loopback, SOCKS needs a password, and the HTTP proxy (which has none) may
+    not go there."""
+    socks = None if socks_text is None else parse_proxy_address(socks_text, "--socks")
+    http = None if http_text is None else parse_proxy_address(http_text, "--http-proxy")
+    if auth_path is not None and socks is None:
+        raise UsageError("--socks-auth needs --socks")
+    auth = None if auth_path is None else read_socks_auth(auth_path)
+    if socks is not None and auth is None and not ipaddress.ip_address(socks[0]).is_loopback:
+        raise UsageError(
+            f"--socks {socks_text} is not a loopback address: anyone who reaches it could "
+            "use the tunnel, so it needs --socks-auth FILE"
+        )
+    if http is not None and not ipaddress.ip_address(http[0]).is_loopback:
+        raise UsageError(
+            f"--http-proxy {http_text} is not a loopback address: the HTTP proxy has no "
+            "password, so it listens on loopback only (use --socks with --socks-auth)"
+        )
+    return socks, auth, http
 
 
 def _with_files(words: List[str], paths: List[str]) -> List[str]:

@@ -9,7 +9,7 @@ import os
 import signal
 import socket
 import sys
-from typing import Any, Awaitable, Callable, List, Optional, Sequence, TypeVar
+from typing import Any, Awaitable, Callable, List, Optional, Sequence, Tuple, TypeVar
 
 from shuttle_ends.limits import raise_open_files
 from shuttle_protocol.control_messages import (
@@ -35,6 +35,7 @@ from .firewall_session import FirewallError, FirewallSession, FirewallUnavailabl
 from .hosts_sync import HostsSync
 from .plan import PlanError, make_plan
 from .private_firewalld import PrivateFirewalld, has_terminal, nobody_answers
+from .proxies.server import Proxies, ProxyError
 from .proxy import make_listeners
 from .readiness import Readiness
 from .ssh_server import find_server
@@ -65,12 +66,10 @@ async def run(options: Options, readiness: Optional[Readiness] = None) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, _set_once, stop, signal.Signals(signum).name)
     log.debug("open-file limit %d", raise_open_files())
-    try:
-        listeners = [] if options.method == "tproxy" else make_listeners(options.listen)
-    except OSError as exc:
-        where = ", ".join(f"{host}:{port}" for host, port in options.listen)
-        log.error("cannot listen on %s: %s", where, exc.strerror)
+    bound = _listen(options)
+    if bound is None:
         return EXIT_FAILED
+    listeners, proxies = bound
     streams = Streams(options)
     firewall = FirewallSession(options.firewalld)
     client = Running(options, streams, firewall, lambda why: _set_once(stop, why))
@@ -84,18 +83,16 @@ async def run(options: Options, readiness: Optional[Readiness] = None) -> int:
     try:
         await _start_control(control, chosen=options.control is not None)
         private = await _unless_stopped(stop, _private_firewalld(options, firewall))
-        await _bring_up(client, capture, listeners, stop)
-        client.ready = True
-        readiness.ready(f"capturing through {options.ssh_destination} (method {client.method})")
-        keeper = loop.create_task(_keep_firewall(client, capture, private is not None))
-        waiting: List[asyncio.Future[Any]] = [stop, streams.lost, keeper]
+        await _bring_up(client, capture, listeners, stop, proxies)
+        keeper = _ready(client, capture, readiness, private is not None)
+        waiting: List[asyncio.Future[Any]] = [stop, streams.lost, *filter(None, [keeper])]
         done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
         if stop in done:
             log.info("stopping on %s", stop.result())
             return EXIT_OK
         if streams.lost in done:
             log.error("lost the tunnel: %s (and --no-reconnect)", streams.lost.result())
-        else:
+        elif keeper is not None:
             keeper.result()  # raises the FirewallError that ended it
         return EXIT_FAILED
     except Stopped:
@@ -110,13 +107,14 @@ async def run(options: Options, readiness: Optional[Readiness] = None) -> int:
         if keeper is not None:  # a heartbeat waiting on firewalld must not delay the close
             keeper.cancel()
             await asyncio.gather(keeper, return_exceptions=True)
-        await _close(capture, streams, firewall, private)
+        await _close(capture, proxies, streams, firewall, private)
         control.close()
         await _cancel_the_rest()
 
 
 async def _close(
     capture: Capture,
+    proxies: Proxies,
     streams: Streams,
     firewall: FirewallSession,
     private: Optional[PrivateFirewalld],
@@ -125,6 +123,7 @@ async def _close(
     # path. Then the connections in flight are reset while the rules still stand: once
     # they are gone, the NAT that would carry each reset back to its program is too.
     capture.close()
+    proxies.close()
     await streams.stop()
     await firewall.close()
     if private is not None:  # after the session's close: it then exits at once
@@ -136,11 +135,44 @@ async def _private_firewalld(
 ) -> Optional[PrivateFirewalld]:
     """A private firewalld, started for us if none was named and none answers at the
     default socket; first, as sshuttle does, so that sudo's prompt comes before ssh's."""
-    if options.firewalld_named or not nobody_answers(options.firewalld):
+    if not options.captures or options.firewalld_named or not nobody_answers(options.firewalld):
         return None
     private = await PrivateFirewalld.start(interactive=not options.daemon and has_terminal())
     firewall.move(private.path)
     return private
+
+
+def _ready(
+    client: Running, capture: Capture, readiness: Readiness, private: bool
+) -> "Optional[asyncio.Task[None]]":
+    """Say ready; the task that keeps the firewall session, if there is one (private: a
+    firewalld of our own)."""
+    client.ready = True
+    destination = client.options.ssh_destination
+    if not client.options.captures:
+        readiness.ready(f"proxies through {destination}")
+        return None
+    readiness.ready(f"capturing through {destination} (method {client.method})")
+    return asyncio.get_running_loop().create_task(_keep_firewall(client, capture, private))
+
+
+def _listen(options: Options) -> Optional[Tuple[List[socket.socket], Proxies]]:
+    """The redirect listeners (none with tproxy, or with nothing captured) and the proxies'
+    listeners; None, once the reason is logged, if one cannot bind."""
+    try:
+        capturing = options.captures and options.method != "tproxy"
+        listeners = make_listeners(options.listen) if capturing else []
+    except OSError as exc:
+        where = ", ".join(f"{host}:{port}" for host, port in options.listen)
+        log.error("cannot listen on %s: %s", where, exc.strerror)
+        return None
+    try:
+        return listeners, Proxies(options)
+    except ProxyError as exc:
+        for sock in listeners:
+            sock.close()
+        log.error("%s", exc)
+        return None
 
 
 async def _bring_up(
@@ -148,11 +180,26 @@ async def _bring_up(
     capture: Capture,
     listeners: Sequence[socket.socket],
     stop: "asyncio.Future[str]",
+    proxies: Proxies,
 ) -> None:
-    """Tunnel, plan, firewall session, capture: everything up to the ready line."""
+    """Tunnel, plan, firewall session, capture, proxies: everything up to the ready line.
+    With only proxies, firewalld is never asked."""
     options, streams, firewall = client.options, client.streams, client.firewall
+    if not options.captures:  # nor the server's address: only a capture needs to exclude it
+        await _unless_stopped(stop, streams.start())
+        proxies.start(streams)
+        log.info(
+            "ready: %s through %s (no capture, TCP through %s)",
+            proxies.describe(),
+            options.ssh_destination,
+            streams.tcp_path,
+        )
+        return
     server = await find_server(options.ssh_cmd, options.ssh_destination, options.ssh_port)
     await _unless_stopped(stop, streams.start())
+    proxies.start(streams)
+    if proxies.listeners:
+        log.info("proxies: %s", proxies.describe())
     discovery = streams.tunnels[0].discovery
     plan = await _unless_stopped(stop, make_plan(options, discovery))
     if plan.nameserver is not None:

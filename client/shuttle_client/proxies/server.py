@@ -1,0 +1,292 @@
+"""The proxies' asyncio driver: accept, run a parser (socks5.py, http_connect.py) over the
+raw socket up to its request, then hand the connection to the paths captured connections
+take (Streams.take: ssh's fast path; else the agent's channels), so it relays and is listed
+the same."""
+
+import asyncio
+import errno
+import logging
+import os
+import socket
+from typing import Any, Awaitable, Callable, List, Optional, Set, Tuple
+
+from shuttle_protocol.errors import RemoteProtocolError
+
+from shuttle_client.cli import Options
+from shuttle_client.fastpath import reset
+from shuttle_client.logs import Throttle
+from shuttle_client.proxy import LIMIT_LOG_INTERVAL, LISTEN_BACKLOG, connection_cap, relay_for
+from shuttle_client.streams import Streams
+from shuttle_client.targets import endpoint
+
+from . import http_connect, socks5
+from .peers import peer_uid
+from .socks5 import NEED_DATA, Credentials
+from .socks_udp import Associations
+
+log = logging.getLogger("shuttle")
+
+HANDSHAKE_TIMEOUT = 30.0  # seconds a client has to make its request
+READ_SIZE = 16 * 1024
+MAX_HANDSHAKES = 1024  # negotiating at once; more are reset (each holds a descriptor)
+
+Address = Tuple[str, int]
+# The target of a negotiated connection and what to send it first; None when the handler
+# has dealt with the connection itself (an error answered, or a UDP association).
+Negotiated = Optional[Tuple[str, int, bytes]]
+Handler = Callable[[socket.socket], Awaitable[Negotiated]]
+
+
+class ProxyError(Exception):
+    """A proxy cannot be set up (the text is for the user)."""
+
+
+def make_proxy_listener(host: str, port: int) -> socket.socket:
+    """A TCP listener for a proxy; ProxyError (the user's words) if it cannot bind."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(LISTEN_BACKLOG)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        where = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
+        raise ProxyError(f"cannot listen on {where}: {exc.strerror}") from None
+    return sock
+
+
+async def _receive(conn: socket.socket) -> bytes:
+    """The next bytes of a negotiating client; ConnectionError at its EOF."""
+    data = await asyncio.get_running_loop().sock_recv(conn, READ_SIZE)
+    if not data:
+        raise ConnectionResetError(errno.ECONNRESET, "closed before its request")
+    return data
+
+
+class Preloaded(asyncio.Protocol):
+    """Gives the relay's protocol what the parser read past the request, before any byte
+    the transport reads, then steps aside."""
+
+    def __init__(self, inner: asyncio.Protocol, early: bytes) -> None:
+        self.inner = inner
+        self.early = early
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.set_protocol(self.inner)
+        self.inner.connection_made(transport)
+        if not transport.is_closing():
+            self.inner.data_received(self.early)
+
+
+# Connections refused as another user's, for their log line.
+OTHER_USERS = Throttle(LIMIT_LOG_INTERVAL)
+
+
+class ProxyServer:
+    """One proxy's listener; each accepted client is negotiated by handler. With only_uid,
+    a client whose socket another uid owns (or that is not on this host) is reset first."""
+
+    def __init__(
+        self,
+        streams: Streams,
+        sock: socket.socket,
+        kind: str,
+        handler: Handler,
+        only_uid: Optional[int] = None,
+    ) -> None:
+        self.streams = streams
+        self.sock = sock
+        self.kind = kind
+        self.handler = handler
+        self.only_uid = only_uid
+        self.negotiating = 0
+        self._tasks: Set[asyncio.Task[Any]] = set()
+        self._accepting: Optional[asyncio.Task[None]] = None
+
+    def start(self) -> None:
+        self._accepting = asyncio.ensure_future(self._accept_loop())
+
+    def close(self) -> None:
+        if self._accepting is not None:
+            self._accepting.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(self.sock)
+            except OSError as exc:  # EMFILE and the like: the next one may do
+                log.warning("%s proxy: accept failed: %s", self.kind, exc.strerror)
+                await asyncio.sleep(0.1)
+                continue
+            # Below the open-file cap that captured connections keep (proxy.GuardedListener).
+            if conn.fileno() >= connection_cap() or self.negotiating >= MAX_HANDSHAKES:
+                reset(conn)
+                continue
+            conn.setblocking(False)
+            task = asyncio.ensure_future(self._serve(conn))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, conn: socket.socket) -> None:
+        if self.only_uid is not None and peer_uid(conn) != self.only_uid:
+            count = OTHER_USERS.due()
+            if count:
+                log.warning(
+                    "%s proxy: reset %d connection(s) of other users (the last from %s); "
+                    "--socks-auth lets anyone with the password in",
+                    self.kind,
+                    count,
+                    endpoint(conn.getpeername()),
+                )
+            reset(conn)
+            return
+        self.negotiating += 1
+        try:
+            negotiated = await asyncio.wait_for(self.handler(conn), HANDSHAKE_TIMEOUT)
+        except (OSError, asyncio.TimeoutError, RemoteProtocolError) as exc:
+            log.debug("%s proxy: client dropped: %s", self.kind, exc)
+            reset(conn)
+            return
+        except BaseException:
+            reset(conn)
+            raise
+        finally:
+            self.negotiating -= 1
+        if negotiated is None:
+            return
+        host, port, early = negotiated
+        self.relay(conn, host, port, early)
+
+    def relay(self, conn: socket.socket, host: str, port: int, early: bytes) -> None:
+        """Relay conn to host:port on the captured connections' paths."""
+
+        def destination(_: socket.socket) -> Address:
+            return host, port
+
+        # ssh reads the socket itself on the fast path: bytes read already must go by us.
+        if not early and self.streams.take(conn, destination):
+            return
+        wait = self.streams.options.wait_tunnel
+
+        def protocol() -> asyncio.Protocol:
+            inner = relay_for(self.streams, destination, wait)
+            return Preloaded(inner, early) if early else inner
+
+        task = asyncio.ensure_future(
+            asyncio.get_running_loop().connect_accepted_socket(protocol, sock=conn)
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+def socks_handler(
+    credentials: Optional[Credentials],
+    udp: Callable[[socket.socket, socks5.Socks5Server], Awaitable[None]],
+) -> Handler:
+    """Negotiate SOCKS5; a CONNECT is answered as succeeded at once (the target's own
+    answer then comes as data, an EOF or a reset: ssh's fast path tells no more)."""
+
+    async def negotiate(conn: socket.socket) -> Negotiated:
+        loop = asyncio.get_running_loop()
+        parser = socks5.Socks5Server(credentials)
+        while True:
+            try:
+                event = parser.next_event()
+            finally:
+                out = parser.data_to_send()
+                if out:
+                    await loop.sock_sendall(conn, out)
+            if event is not NEED_DATA:
+                break
+            parser.receive_data(await _receive(conn))
+        if not isinstance(event, socks5.Request):
+            raise RemoteProtocolError("no request")
+        if event.command == socks5.UDP_ASSOCIATE:
+            await udp(conn, parser)
+            return None
+        await loop.sock_sendall(conn, parser.reply(socks5.SUCCEEDED))
+        return event.host, event.port, parser.trailing
+
+    return negotiate
+
+
+async def http_negotiate(conn: socket.socket) -> Negotiated:
+    """Read one request head: CONNECT is answered 200; an absolute-URI request is sent on
+    to its target as an origin-form one. A bad request gets its 4xx/5xx, then a close."""
+    loop = asyncio.get_running_loop()
+    parser = http_connect.HttpProxyServer()
+    while True:
+        try:
+            event = parser.next_event()
+        except http_connect.HttpProxyError as exc:
+            await loop.sock_sendall(conn, exc.response)
+            log.debug("http proxy: %s", exc)
+            conn.shutdown(socket.SHUT_WR)
+            conn.close()
+            return None
+        if event is not NEED_DATA:
+            break
+        parser.receive_data(await _receive(conn))
+    if isinstance(event, http_connect.Connect):
+        await loop.sock_sendall(conn, http_connect.ESTABLISHED)
+        return event.host, event.port, parser.trailing
+    if isinstance(event, http_connect.Forward):
+        return event.host, event.port, event.head + parser.trailing
+    raise RemoteProtocolError("no request")
+
+
+class Proxies:
+    """The --socks and --http-proxy listeners, bound before the tunnel (a taken port fails
+    at once), served once it is up."""
+
+    def __init__(self, options: Options) -> None:
+        """ProxyError if a listener cannot bind."""
+        self.credentials = options.socks_auth
+        self.listeners: List[Tuple[str, socket.socket]] = []
+        try:
+            for kind, address in (("socks", options.socks), ("http", options.http_proxy)):
+                if address is not None:
+                    self.listeners.append((kind, make_proxy_listener(*address)))
+        except ProxyError:
+            self.close()
+            raise
+        self.servers: List[ProxyServer] = []
+        self.associations: Optional[Associations] = None
+
+    def start(self, streams: Streams) -> None:
+        """Serve through streams' tunnels."""
+        associations = self.associations = Associations(streams)
+        for kind, sock in self.listeners:
+            if kind == "socks":
+                handler = socks_handler(self.credentials, associations.associate)
+            else:
+                handler = http_negotiate
+            # Without a password, the proxy is this user's alone (loopback: cli.py).
+            only_uid = os.getuid() if kind == "http" or self.credentials is None else None
+            server = ProxyServer(streams, sock, kind, handler, only_uid)
+            server.start()
+            self.servers.append(server)
+
+    def describe(self) -> str:
+        """For the ready line: 'socks5 on 127.0.0.1:1080, http proxy on ...'."""
+        names = {"socks": "socks5", "http": "http proxy"}
+        return ", ".join(f"{names[kind]} on {address(sock)}" for kind, sock in self.listeners)
+
+    def close(self) -> None:
+        if self.associations is not None:
+            self.associations.close()
+        for server in self.servers:
+            server.close()
+        for _, sock in self.listeners:
+            sock.close()
+
+
+def address(sock: socket.socket) -> str:
+    """A listener's address as the user writes it."""
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

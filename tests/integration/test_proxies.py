@@ -1,0 +1,173 @@
+"""The rootless proxies in the test network: a client with --socks and --http-proxy and no
+SUBNET, as a plain user with no firewalld running at all, used by real clients (curl,
+git over http_proxy, a UDP ASSOCIATE exchange) and refused to another user; and one client
+that captures a subnet and serves both proxies through the same tunnel."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from typing import List, Sequence
+
+import pytest
+
+from testbed import (
+    ECHO_PORT,
+    HTTP_PORT,
+    SYSTEM_PYTHON,
+    T_ADDR,
+    UDP_ECHO_PORT,
+    Shuttle,
+    Topology,
+    ready_line,
+)
+from testbed.config import T_ADDR6
+from testbed.user import LocalUser
+from testbed.venv import UserVenv
+
+from .ctl import ctl_json
+
+pytestmark = pytest.mark.integration
+
+SOCKS = 10800
+HTTP_PROXY = 10801
+NAME = "target.shuttle.test"  # only S's /etc/hosts knows it
+TIMEOUT = 20
+
+# A SOCKS5 client (the standard library only), run in C as the test user: UDP ASSOCIATE,
+# then one datagram to each echo address given, resent a few times (UDP may drop); then,
+# with "hold", a CONNECT to the first one's host, echo port, kept open (a minute at most:
+# the test stops it sooner) for ctl to list.
+CLIENT = r"""
+import socket, sys, time
+port = int(sys.argv[1])
+
+def address(host, number):
+    try:
+        packed = socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
+        kind = b"\x04" if len(packed) == 16 else b"\x01"
+    except OSError:
+        packed = bytes([len(host)]) + host.encode()
+        kind = b"\x03"
+    return kind + packed + number.to_bytes(2, "big")
+
+def negotiate(command, host, number):
+    conn = socket.create_connection(("127.0.0.1", port), timeout=10)
+    conn.sendall(b"\x05\x01\x00")
+    assert conn.recv(2) == b"\x05\x00"
+    conn.sendall(b"\x05" + bytes([command]) + b"\x00" + address(host, number))
+    reply = conn.recv(4)
+    assert reply[1] == 0, reply
+    size = {1: 4, 4: 16}[reply[3]]
+    rest = conn.recv(size + 2)
+    family = socket.AF_INET if size == 4 else socket.AF_INET6
+    return conn, socket.inet_ntop(family, rest[:size]), int.from_bytes(rest[size:], "big")
+
+control, relay_host, relay_port = negotiate(3, "0.0.0.0", 0)
+udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+udp.settimeout(2)
+for target in sys.argv[3:]:
+    host, _, number = target.rpartition(":")
+    header = b"\0\0\0" + address(host, int(number))
+    for attempt in range(5):
+        udp.sendto(header + b"ping", (relay_host, relay_port))
+        try:
+            answer = udp.recv(65535)
+        except socket.timeout:
+            continue
+        print("echo", target, answer == header + b"ping", flush=True)
+        break
+    else:
+        print("no echo", target, flush=True)
+if sys.argv[2] == "hold":
+    conn, _, _ = negotiate(1, sys.argv[3].rpartition(":")[0], 7007)
+    conn.sendall(b"hello")
+    print("connected", conn.recv(5) == b"hello", flush=True)
+    time.sleep(60)
+"""
+
+
+def run(topo: Topology, argv: Sequence[str], env: dict[str, str] | None = None) -> str:
+    result = topo.run_as_user(
+        [*(["env", *(f"{k}={v}" for k, v in env.items())] if env else []), *argv], timeout=60
+    )
+    assert result.returncode == 0, f"{argv}: {result.stdout}{result.stderr}"
+    return result.stdout
+
+
+def curl(*args: str) -> List[str]:
+    return ["curl", "-sS", "-g", "--max-time", str(TIMEOUT), *args]
+
+
+def git_repo(topo: Topology) -> str:
+    """A bare repository under T's web root, served as git's dumb HTTP; its URL."""
+    work = topo.www_dir / "work"
+    bare = topo.www_dir / "repo.git"
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "init.defaultBranch=main"]
+    subprocess.run([*git, "init", "-q", str(work)], check=True)
+    (work / "README").write_text(topo.marker + "\n")
+    subprocess.run([*git, "-C", str(work), "add", "README"], check=True)
+    subprocess.run([*git, "-C", str(work), "commit", "-qm", "one"], check=True)
+    subprocess.run([*git, "clone", "-q", "--bare", str(work), str(bare)], check=True)
+    subprocess.run(["git", "-C", str(bare), "update-server-info"], check=True)
+    return f"http://{T_ADDR}:{HTTP_PORT}/repo.git"
+
+
+def test_proxies_alone_as_a_plain_user_without_firewalld(
+    topo: Topology, user_venv: UserVenv, second_user: LocalUser
+) -> None:
+    shuttle = Shuttle(topo, user_venv)  # firewalld is never started
+    client = shuttle.start_client(
+        subnets=(), extra=[f"--socks={SOCKS}", f"--http-proxy={HTTP_PROXY}"]
+    )
+    line = ready_line(client)
+    assert f"socks5 on 127.0.0.1:{SOCKS}" in line and "no capture" in line, line
+    assert "TCP through ssh" in line, shuttle.outputs()
+    socks = f"127.0.0.1:{SOCKS}"
+    page = run(topo, curl("--socks5-hostname", socks, f"http://{NAME}:{HTTP_PORT}/"))
+    assert topo.marker in page
+    page = run(topo, curl("--socks5", socks, f"http://[{T_ADDR6}]:{HTTP_PORT}/"))
+    assert topo.marker in page
+    proxy = f"http://127.0.0.1:{HTTP_PROXY}"
+    assert topo.marker in run(topo, curl("-x", proxy, f"http://{NAME}:{HTTP_PORT}/"))
+    assert topo.marker in run(topo, curl("-p", "-x", proxy, f"http://{T_ADDR}:{HTTP_PORT}/"))
+    url = git_repo(topo)
+    clone = topo.home().dir / "clone"
+    run(
+        topo,
+        ["git", "clone", "-q", url, str(clone)],
+        env={"http_proxy": proxy, "HOME": str(topo.home().dir)},
+    )
+    assert (clone / "README").read_text().strip() == topo.marker
+    echoes = [f"{T_ADDR}:{UDP_ECHO_PORT}", f"{T_ADDR6}:{UDP_ECHO_PORT}"]
+    out = run(topo, [SYSTEM_PYTHON, "-c", CLIENT, str(SOCKS), "once", *echoes])
+    assert out.split("\n")[:2] == [f"echo {target} True" for target in echoes], out
+    # No --socks-auth: the proxy is the first user's alone.
+    other = topo.run_as_user(
+        curl("--socks5-hostname", socks, f"http://{NAME}:{HTTP_PORT}/"), user=second_user
+    )
+    assert other.returncode != 0 and topo.marker not in other.stdout, other.stdout
+    assert "connection(s) of other users" in client.output(), shuttle.outputs()
+    assert "Traceback" not in client.output(), shuttle.outputs()
+
+
+def test_one_client_captures_and_serves_both_proxies(shuttle: Shuttle) -> None:
+    client = shuttle.start_client(extra=[f"--socks={SOCKS}", f"--http-proxy={HTTP_PROXY}"])
+    assert "TCP through ssh" in ready_line(client), shuttle.outputs()
+    assert re.search(r"proxies: socks5 on 127\.0\.0\.1:\d+, http proxy", client.output())
+    topo = shuttle.topo
+    assert topo.marker in topo.curl(T_ADDR, HTTP_PORT, max_time=TIMEOUT).stdout  # captured
+    page = run(topo, curl("--socks5-hostname", f"127.0.0.1:{SOCKS}", f"http://{NAME}:{HTTP_PORT}/"))
+    assert topo.marker in page
+    holder = topo.start(
+        "socks-holder",
+        topo.user_argv(
+            [SYSTEM_PYTHON, "-c", CLIENT, str(SOCKS), "hold", f"{T_ADDR}:{UDP_ECHO_PORT}"],
+            topo.user_env([]),
+        ),
+    )
+    assert holder.wait_for_line("connected True", TIMEOUT), holder.output()
+    listed = ctl_json(shuttle, "connections")["connections"]
+    by_proto = {(c["proto"], c["host"], c["port"]) for c in listed}
+    assert ("tcp-ssh", T_ADDR, ECHO_PORT) in by_proto, listed  # SOCKS on the fast path
+    assert ("udp", T_ADDR, UDP_ECHO_PORT) in by_proto, listed  # its association's flow
