@@ -21,7 +21,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Collection, Mapping
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from shuttle_protocol.firewall_messages import (
     MAX_SESSIONS,
@@ -45,6 +45,7 @@ from .targets import Target
 from .transparent import Flow, reply_problem
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MAX_SESSIONS_PER_UID = 16
 # What one uid's sessions may ask for the hosts file together (root: no limit): every
@@ -493,7 +494,7 @@ def _targets(items: tuple[WireTarget, ...]) -> tuple[Target, ...]:
     return tuple(Target.from_wire(item) for item in items)
 
 
-def free_in_pieces(items: list[object]) -> None:
+def free_in_pieces(items: list[T]) -> None:
     """Drop the list's items, FREE_CHUNK at a time, leaving it empty; the caller holds no
     other reference to them. Freeing a tuple of 100,000 targets is one call in C that never
     lets go of the GIL: it held the loop's thread for 0.1 s and more. Between two chunks the
