@@ -50,6 +50,9 @@ DOMAIN = b"shuttle"  # our ZAP domain
 # bounds what one member's requests make firewalld decode and hold while they wait.
 MEMBER_MAX_FRAME = 3 * 1024 * 1024
 QUICK_FRAME = 64 * 1024  # a frame longer than this goes to the worker, whatever it is
+# What peek and refuse_frame read of a frame: a request id (9 bytes at most in msgpack), a
+# tag, and a session id (32 characters) after the array's header.
+HEAD = 64
 # Messages libzmq queues per connection before it stops reading from it (its default is
 # 1,000 of up to MAX_FRAME): a client sends one request at a time. Not 1: libzmq queues the
 # ZAP credentials of a connection as a message too, and with 1 no request ever comes in.
@@ -68,7 +71,7 @@ def answer(sessions: Sessions, uid: int, payload: bytes, pid: int | None = None)
             request_id, request = decode_frame(payload)
     except RemoteProtocolError as exc:
         log.info("bad request from uid %d: %s", uid, exc)
-        return PAIRS.refuse_frame(payload, f"bad request: {exc}")
+        return PAIRS.refuse_frame(head(payload), f"bad request: {exc}")
     try:
         return PAIRS.reply(request_id, request, requests.handle(sessions, uid, request, pid))
     except RequestError as exc:
@@ -102,21 +105,32 @@ def _read_in_pieces(unpacker: Any, payload: bytes) -> Any:
     return unpacker.unpack()
 
 
+def head(payload: bytes | memoryview) -> memoryview:
+    """The start of a frame, where its request id, tag and session are (HEAD), without a
+    copy: msgpack's feed() copies what it is given, and the loop fed it whole frames, 4 MiB
+    each time a member's over-long frame or a big request answered busy came in."""
+    return memoryview(payload)[:HEAD]
+
+
 def peek(payload: bytes) -> tuple[object, str | None]:
-    """(tag, session) of a request frame, read without decoding the rest: the session is the
-    first field if it is text (the session id of requests that name one). (None, None) if the
-    frame does not even start as [request id, tag, ...]."""
-    unpacker = new_unpacker(MAX_FRAME, MAX_ITEMS, MAX_FRAME)
+    """(tag, session) of a request frame, read from its head without decoding the rest: the
+    session is the first field if it is text (the session id of requests that name one) and
+    fits in the head. (None, None) if the frame does not even start as [request id, tag, ...]."""
+    # A buffer of HEAD: msgpack allocates one of max_buffer_size (at most 1 MiB) at once.
+    unpacker = new_unpacker(MAX_FRAME, MAX_ITEMS, HEAD)
     try:
-        unpacker.feed(payload)
+        unpacker.feed(head(payload))
         items = unpacker.read_array_header()
         if items < 2:
             return None, None
         unpacker.skip()  # the request id
         tag = unpacker.unpack()
-        first = unpacker.unpack() if items > 2 else None
     except unpack_errors():
         return None, None
+    try:
+        first = unpacker.unpack() if items > 2 else None
+    except unpack_errors():  # longer than a session id: not one
+        first = None
     return tag, first if type(first) is str else None
 
 
@@ -315,7 +329,9 @@ class Server:
                 reply = PAIRS.refuse_frame(None, f"a request is one frame, not {len(frames) - 1}")
             elif uid is None or pid is None:
                 log.warning("a request without the caller's uid or pid")  # ZAP runs for everyone
-                reply = PAIRS.refuse_frame(frames[1].buffer, "who are you? no peer credentials")
+                reply = PAIRS.refuse_frame(
+                    head(frames[1].buffer), "who are you? no peer credentials"
+                )
             else:
                 found = self._route(identity, uid, pid, frames[1])
                 if found is None:
@@ -329,7 +345,7 @@ class Server:
         if uid != 0 and size > MEMBER_MAX_FRAME:  # refused without a copy of it
             log.info("refused a frame of %d bytes from uid %d", size, uid)
             return PAIRS.refuse_frame(
-                frame.buffer,
+                head(frame.buffer),
                 f"bad request: a request of a uid other than root's is at most "
                 f"{MEMBER_MAX_FRAME} bytes, this one is {size}",
             )
@@ -341,7 +357,7 @@ class Server:
         if refusal is None:
             return None
         log.info("refused a request of uid %d: %s", uid, refusal)
-        return PAIRS.refuse_frame(payload, refusal)
+        return PAIRS.refuse_frame(head(payload), refusal)
 
     def _send(self, identity: bytes, reply: bytes) -> None:
         try:

@@ -21,7 +21,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Collection, Mapping
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from shuttle_protocol.firewall_messages import (
     MAX_SESSIONS,
@@ -45,6 +45,7 @@ from .targets import Target
 from .transparent import Flow, reply_problem
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MAX_SESSIONS_PER_UID = 16
 # What one uid's sessions may ask for the hosts file together (root: no limit): every
@@ -56,6 +57,7 @@ MAX_HOSTS_BYTES_PER_UID = 1024 * 1024
 # allows. Each target costs firewalld memory while its session lives (docs/firewalld.md,
 # "Limits"), and sixteen such sessions would cost sixteen times that.
 MAX_TARGETS_PER_UID = 2 * MAX_SUBNETS
+FREE_CHUNK = 1000  # targets freed at once (free_in_pieces): about a millisecond's work
 
 
 class Fence(Protocol):
@@ -261,22 +263,21 @@ class Sessions:
             raise RequestError(refusal)
         self._check_targets(session.caller, len(subnets) + len(excludes), session)
         new_subnets, new_excludes = _targets(subnets), _targets(excludes)
-        dns_versions = {address.version for address in session.dns}
-        versions = {target.version for target in new_subnets} | dns_versions
-        method = self._methods[session.method]
-        # The port must still be the caller's, for every version captured from now on: the
-        # caller may have closed its listener since open, and another uid taken the port.
-        if not method.makes_sockets:
-            self._check_port(session.caller, session.port, versions, session.forward, dns_versions)
-        rules = method.update(session, new_subnets, new_excludes)
-        # Freed after the lock, not under it: 100,000 targets take a while to free.
-        old = session.subnets, session.excludes
+        try:
+            rules = self._apply_update(session, new_subnets, new_excludes)
+        except BaseException:
+            refused = [*new_subnets, *new_excludes]
+            new_subnets = new_excludes = ()
+            free_in_pieces(refused)
+            raise
+        # Freed after the lock and in pieces (free_in_pieces): 100,000 targets take a while.
+        old = [*session.subnets, *session.excludes]
         with self.lock:  # a reply socket's check reads subnets and excludes together
             session.subnets, session.excludes, session.rules = new_subnets, new_excludes, rules
             # As after open: applying many rules takes a while, and the caller's heartbeat
             # waits.
             self.renew(session)
-        del old
+        free_in_pieces(old)
         # A reply socket answers only from a destination the session still captures.
         uncaptured = [
             flow
@@ -297,6 +298,19 @@ class Sessions:
             session.method,
         )
         return rules
+
+    def _apply_update(
+        self, session: Session, subnets: tuple[Target, ...], excludes: tuple[Target, ...]
+    ) -> int:
+        """update()'s port check and rules; the new rule count."""
+        dns_versions = {address.version for address in session.dns}
+        versions = {target.version for target in subnets} | dns_versions
+        method = self._methods[session.method]
+        # The port must still be the caller's, for every version captured from now on: the
+        # caller may have closed its listener since open, and another uid taken the port.
+        if not method.makes_sockets:
+            self._check_port(session.caller, session.port, versions, session.forward, dns_versions)
+        return method.update(session, subnets, excludes)
 
     def _check_targets(self, caller: int, count: int, replaced: Session | None = None) -> None:
         """RequestError if a member's sessions would hold more than MAX_TARGETS_PER_UID
@@ -438,6 +452,11 @@ class Sessions:
             session.rules,
             session.method,
         )
+        # Its targets go now, in pieces, not whenever the last reference to it goes.
+        with self.lock:
+            targets = [*session.subnets, *session.excludes]
+            session.subnets = session.excludes = ()
+        free_in_pieces(targets)
 
     def _changed(self) -> None:
         try:
@@ -473,3 +492,12 @@ class Sessions:
 
 def _targets(items: tuple[WireTarget, ...]) -> tuple[Target, ...]:
     return tuple(Target.from_wire(item) for item in items)
+
+
+def free_in_pieces(items: list[T]) -> None:
+    """Drop the list's items, FREE_CHUNK at a time, leaving it empty; the caller holds no
+    other reference to them. Freeing a tuple of 100,000 targets is one call in C that never
+    lets go of the GIL: it held the loop's thread for 0.1 s and more. Between two chunks the
+    loop gets its turn, as between any two lines of Python."""
+    while items:
+        del items[-FREE_CHUNK:]

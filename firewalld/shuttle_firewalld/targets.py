@@ -110,8 +110,12 @@ def disjoint(targets: Iterable[Target], version: int) -> list[Box]:
         if target.version != version:
             continue
         ports = (target.first_port, target.last_port)
-        changes[int(target.network.network_address)].append((1, ports))
-        changes[int(target.network.broadcast_address) + 1].append((-1, ports))
+        first = int(target.network.network_address)
+        changes[first].append((1, ports))
+        # Not broadcast_address: it would stay cached in each network, megabytes of
+        # addresses for as long as the session lives (docs/firewalld.md, "Limits").
+        size = 1 << (target.network.max_prefixlen - target.network.prefixlen)
+        changes[first + size].append((-1, ports))
     points = sorted(changes)
     active: Counter[tuple[int, int]] = Counter()
     # Address segments: [first, last, port ranges], neighbours with equal ports joined.

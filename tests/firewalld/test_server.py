@@ -11,6 +11,7 @@ import os
 import random
 import re
 import stat
+import tracemalloc
 from collections.abc import Callable
 from typing import Any
 
@@ -19,7 +20,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from shuttle_client.firewall_session import FirewallSession
-from shuttle_firewalld.server import QUICK_FRAME, answer, decode_in_pieces, peek
+from shuttle_firewalld.server import HEAD, QUICK_FRAME, answer, decode_in_pieces, head, peek
 from shuttle_firewalld.sessions import Sessions
 from shuttle_protocol.errors import RemoteProtocolError
 from shuttle_protocol.firewall_messages import (
@@ -32,6 +33,7 @@ from shuttle_protocol.firewall_messages import (
     UpdateSessionRequest,
 )
 from shuttle_protocol.frames import MAX_FRAME, decode_frame, encode_frame
+from shuttle_protocol.rpc import request_id_of
 from shuttle_protocol.schema import Message
 
 from .daemon import Daemon, Listener, ask, nat_rules, shuttle_rules
@@ -207,6 +209,24 @@ def test_peek_reads_the_tag_and_session_only() -> None:
     assert peek(pack([8, 66, 1234])) == (66, None)
     for payload in (b"", b"\xc1", pack([5]), pack({"id": 1})):
         assert peek(payload) == (None, None)
+
+
+def test_a_big_frame_is_peeked_and_refused_from_its_head_alone() -> None:
+    # msgpack's feed() copies what it is given: the loop copied a whole frame to read its
+    # first bytes, for every big request it answered busy and every over-long frame.
+    subnets = tuple((f"10.{i // 256}.{i % 256}.0/24", 1, 65535) for i in range(50_000))
+    payload = encode_frame(2**63 - 1, UpdateSessionRequest("a" * 32, subnets, ()))
+    tracemalloc.start()
+    try:
+        assert peek(payload) == (79, "a" * 32)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < len(payload) // 10  # the whole frame, copied: 1 MB
+    assert len(head(payload)) == HEAD
+    assert request_id_of(head(payload)) == 2**63 - 1  # what the refusals are answered under
+    # A first field longer than the head is no session id; the tag is read all the same.
+    assert peek(pack([3, 66, "b" * HEAD])) == (66, None)
 
 
 def test_list_sessions_with_no_fields_is_answered(sessions: Sessions) -> None:

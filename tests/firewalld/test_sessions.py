@@ -6,19 +6,24 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import weakref
+from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 from shuttle_client.firewall_session import FirewallError, FirewallSession
+from shuttle_firewalld import sessions as sessions_module
 from shuttle_firewalld.errors import RequestError
 from shuttle_firewalld.policy import Policy
 from shuttle_firewalld.ports import Listener as ListeningSocket
 from shuttle_firewalld.sessions import (
+    FREE_CHUNK,
     MAX_SESSIONS_PER_UID,
     MAX_TARGETS_PER_UID,
     Session,
     Sessions,
+    free_in_pieces,
 )
 from shuttle_firewalld.sockdiag import SockDiagError
 from shuttle_protocol.firewall_messages import (
@@ -389,6 +394,75 @@ def test_an_update_renews_the_lease(
     update(sessions, session, ["192.0.2.0/24"])
     clock.now += 5.0
     assert sessions.expire() == 0
+
+
+class Tracked:
+    """An object that notes, as it is freed, how many items its list still holds."""
+
+    def __init__(self, items: list[object], freed: list[int]) -> None:
+        self._items, self._freed = items, freed
+
+    def __del__(self) -> None:
+        self._freed.append(len(self._items))
+
+
+def test_free_in_pieces_frees_a_chunk_at_a_time() -> None:
+    # Each chunk is one call in C, which holds the GIL throughout; the loop's thread gets
+    # its turn between two of them.
+    items: list[object] = []
+    freed: list[int] = []
+    items += [Tracked(items, freed) for _ in range(2 * FREE_CHUNK + FREE_CHUNK // 2)]
+    free_in_pieces(items)
+    assert items == []
+    assert sorted(Counter(freed).items()) == [
+        (0, FREE_CHUNK // 2),
+        (FREE_CHUNK // 2, FREE_CHUNK),
+        (FREE_CHUNK + FREE_CHUNK // 2, FREE_CHUNK),
+    ]
+
+
+def many(count: int, first: str = "10") -> list[str]:
+    return [f"{first}.{i // 256}.{i % 256}.0/24" for i in range(count)]
+
+
+def test_a_closed_sessions_targets_are_freed_in_pieces_at_once(
+    sessions: Sessions, method: FakeMethod, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Freed whenever the last reference went, the tuple of them was freed in one call.
+    handed: list[int] = []
+
+    def noting(items: list[object]) -> None:
+        handed.append(len(items))
+        free_in_pieces(items)
+
+    monkeypatch.setattr(sessions_module, "free_in_pieces", noting)
+    session = sessions.owned(open_one(sessions), 1000)
+    update(sessions, session, many(3000), many(500, "11"))
+    old = [weakref.ref(item) for item in method.updated[0][1]]
+    method.updated.clear()
+    update(sessions, session, many(2000))  # the old 3,500 go, in pieces
+    assert handed == [2, 3500]  # what open gave, then what the first update gave
+    assert all(ref() is None for ref in old)
+    kept = [weakref.ref(item) for item in session.subnets]
+    method.updated.clear()
+    sessions.close(session, "closed")
+    assert handed[-1] == 2000
+    assert (session.subnets, session.excludes) == ((), ())
+    assert all(ref() is None for ref in kept)  # though the session itself is still here
+
+
+def test_a_failed_update_frees_its_targets_in_pieces(
+    sessions: Sessions, method: FakeMethod, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    handed: list[int] = []
+    monkeypatch.setattr(sessions_module, "free_in_pieces", lambda items: handed.append(len(items)))
+    session = sessions.owned(open_one(sessions, port=12303), 1000)  # 127.0.0.1 only
+    with pytest.raises(RequestError, match="no listening socket"):
+        update(sessions, session, [*many(10), "fd00::/8"])  # the port check refuses
+    method.fail_update = RequestError("nft failed (exit 1): File exists")
+    with pytest.raises(RequestError, match="File exists"):
+        update(sessions, session, many(20), many(5))
+    assert handed == [11, 25]
 
 
 def test_a_failed_update_changes_nothing(sessions: Sessions, method: FakeMethod) -> None:

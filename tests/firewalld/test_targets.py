@@ -74,6 +74,17 @@ def test_disjoint_takes_one_version() -> None:
     assert boxes(*items, version=6) == ["::/0 . 1-65535"]
 
 
+def test_disjoint_leaves_no_cache_in_the_networks() -> None:
+    # A session keeps its targets for its whole life: a broadcast address cached in each
+    # network by the sweep would cost memory as long (46 MB per 100,000 targets).
+    targets = [make_target(item) for item in ("10.0.0.0/8", "10.1.0.0/16", "fd00::/8")]
+    disjoint(targets, 4)
+    disjoint(targets, 6)
+    for target in targets:
+        assert "broadcast_address" not in vars(target.network)
+        assert "hostmask" not in vars(target.network)
+
+
 def test_ipv6_address_text() -> None:
     assert boxes("fd00:5e::1/128", "fd00:5e::2/127", version=6) == [
         "fd00:5e::1-fd00:5e::3 . 1-65535"
