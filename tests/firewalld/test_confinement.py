@@ -202,4 +202,7 @@ def test_the_command_line_has_no_option_that_runs_a_command() -> None:
         "-h",
         "--help",
         "--version",
+        # Judged: --one-shot serves SUDO_UID on a socket of its own; --sudoers prints a line.
+        "--one-shot",
+        "--sudoers",
     }

@@ -8,7 +8,7 @@ import socket
 import time
 from typing import Any, Dict, Optional, Set, Tuple
 
-from shuttle_agent.relay import Link
+from shuttle_ends.relay import Link
 from shuttle_protocol.control_messages import Connection
 from shuttle_protocol.errors import RemoteProtocolError
 from shuttle_protocol.stream_messages import Close, Datagram
