@@ -11,7 +11,8 @@ a route change is learnt), and reads the rest as queueing delay. While the queue
 stays under the target (half the base round trip, at least MIN_TARGET), a limit that was in
 use grows by up to half its size per round trip; above the target it shrinks to what would
 make the round trip base plus target at the rate just seen. A change is judged by the
-sample after next: the next one timed a byte sent under the old limit. Memory is constant: one pending mark and BASE_BUCKETS minima.
+sample after next: the next one timed a byte sent under the old limit. Memory is constant:
+one pending mark and BASE_BUCKETS minima.
 
 The timed position is a count over all channels, so bytes that a stopped program leaves
 parked at the peer delay its grant; samples then read high and the limit shrinks, which is
@@ -69,7 +70,7 @@ class InFlightController:
     @property
     def base_rtt(self) -> Optional[float]:
         """The smallest recent round trip, in seconds (None before the first sample)."""
-        low = min(self._buckets + [self._bucket_min])
+        low = min([*self._buckets, self._bucket_min])
         return None if low == float("inf") else low
 
     @property
@@ -98,7 +99,7 @@ class InFlightController:
         self._bucket_min = min(self._bucket_min, rtt)
         self._bucket_count += 1
         if self._bucket_count == BUCKET_SAMPLES:
-            self._buckets = (self._buckets + [self._bucket_min])[-BASE_BUCKETS:]
+            self._buckets = [*self._buckets, self._bucket_min][-BASE_BUCKETS:]
             self._bucket_min = float("inf")
             self._bucket_count = 0
         if self._probe_rounds:  # the limit is at its minimum so that the queue drains

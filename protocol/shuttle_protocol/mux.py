@@ -75,6 +75,10 @@ class Mux:
         self.datagram_channels: Set[int] = set()  # UDP channels
         self._grants: Dict[int, ChannelState] = {}  # channels with bytes to grant back
         self.in_flight = 0  # Data bytes sent and not granted back, all channels together
+        # For the in-flight controller (inflight.py): Data bytes sent in all, and of those
+        # the ones that stopped counting without a grant (their channel went).
+        self.sent_total = 0
+        self.settled_total = 0
         self._decoder = StreamDecoder()
         self._out: List[bytes] = []
         self._out_size = 0
@@ -124,6 +128,7 @@ class Mux:
             raise LocalProtocolError(f"channel {channel}: {len(data)} bytes exceed the credit")
         state.send_credit -= len(data)
         self.in_flight += len(data)
+        self.sent_total += len(data)
         for start in range(0, len(data), MAX_DATA):
             # Header and payload go out as they are: the driver's join is the only copy.
             payload = data if len(data) <= MAX_DATA else data[start : start + MAX_DATA]
@@ -182,7 +187,9 @@ class Mux:
     def _settle(self, state: ChannelState) -> None:
         """The channel's ungranted bytes will never be granted: stop counting them."""
         if not state.eof_sent:
-            self.in_flight -= max(0, self.window - state.send_credit)
+            ungranted = max(0, self.window - state.send_credit)
+            self.in_flight -= ungranted
+            self.settled_total += ungranted
 
     def close(self, channel: int, reason: str) -> None:
         """Abort the channel: the peer resets its socket. Nothing is sent for a dead one."""
