@@ -9,7 +9,7 @@ import sys
 from typing import Any, Coroutine, Optional, Set
 
 from shuttle_protocol import PROTOCOL_VERSION
-from shuttle_protocol.mux import AGENT, Mux
+from shuttle_protocol.mux import AGENT, MAX_WINDOW, Mux
 from shuttle_protocol.schema import Message
 from shuttle_protocol.stream_messages import (
     Error,
@@ -49,7 +49,7 @@ class Agent:
     UdpOpen → a UDP flow (or Refused), and GetRoutes, GetNameservers and GetHosts answered."""
 
     def __init__(self, udp_idle: float = IDLE_TIMEOUT, udp_max_flows: int = MAX_FLOWS) -> None:
-        self.link = Link(Mux(AGENT), self.on_message, "client")
+        self.link = Link(Mux(AGENT, max_window=MAX_WINDOW), self.on_message, "client")
         self.udp = UdpOpener(self.link, udp_idle, udp_max_flows)
         self.hosts = HostFinder(self.link.send)
         self.link.closed.add_done_callback(lambda _: self.hosts.close())
