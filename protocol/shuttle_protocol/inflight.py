@@ -62,6 +62,7 @@ class InFlightController:
         self._buckets: List[float] = []  # minima of the last BASE_BUCKETS buckets
         self._bucket_min = float("inf")
         self._bucket_count = 0
+        self._sent_seen = 0  # the sent count at the last call
         self._settling = False  # skip the next sample: it predates the last change
         self._until_probe = PROBE_EVERY
         self._probe_rounds = 0
@@ -88,9 +89,12 @@ class InFlightController:
             self._mark = None
             if settled == mark[2]:
                 self._sample(now - mark[0], mark[3])
-        if self._mark is None and sent > retired:
+        # Only a byte sent since the last call is timed from now: one that waited in the
+        # Mux (its channel stalled) would read a round trip too short, and the base with it.
+        if self._mark is None and sent > max(retired, self._sent_seen):
             in_use = sent - retired >= self.limit // 2
             self._mark = (now, sent, settled, in_use)
+        self._sent_seen = sent
 
     def _sample(self, rtt: float, in_use: bool) -> None:
         rtt = max(rtt, 0.0)

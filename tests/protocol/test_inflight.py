@@ -133,6 +133,16 @@ def test_a_settled_mark_gives_no_sample() -> None:
     assert controller.samples == 1 and controller.last_rtt == pytest.approx(0.1)
 
 
+def test_a_byte_that_waited_is_not_timed_from_now() -> None:
+    controller = InFlightController()
+    controller.observe(0.0, 1000, 0, 0)  # timed: sent now
+    controller.observe(0.001, 2000, 0, 0)  # more sent while the first is timed
+    controller.observe(0.040, 2000, 1000, 0)  # the first one's grant: one round trip
+    controller.observe(0.041, 2000, 2000, 0)  # the second's, sent 40 ms ago, not 1 ms
+    assert controller.samples == 1
+    assert controller.base_rtt == pytest.approx(0.040)
+
+
 def test_memory_is_bounded_and_the_base_is_relearnt() -> None:
     controller = InFlightController()
     clock = 0.0
