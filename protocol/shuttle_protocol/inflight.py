@@ -7,12 +7,14 @@ front of every interactive byte). So the limit follows the link, in the spirit o
 (RFC 6817): the driver reports the Mux's byte counters with the time; the controller times
 one byte position at a time from its send to its grant (one round-trip sample per round
 trip), keeps the minimum as the base round trip (over a bounded window of recent samples, so
-a route change is learnt), and reads the rest as queueing delay. While the queueing delay
-stays under the target (half the base round trip, at least MIN_TARGET), a limit that was in
-use grows by up to half its size per round trip; above the target it shrinks to what would
-make the round trip base plus target at the rate just seen. A change is judged by the
-sample after next: the next one timed a byte sent under the old limit. Memory is constant:
-one pending mark and BASE_BUCKETS minima.
+a route change is learnt), and reads the least of two samples in a row, less the base, as
+the queueing delay (one late wakeup of a loaded host is no queue). While it stays under the
+target (half the base round trip, at least MIN_TARGET), a limit that was in use grows by up
+to half its size; above the target the limit shrinks to what would make the round trip base
+plus target at the rate just seen. After a change the next sample is skipped: it timed a
+byte sent under the old limit. Every PROBE_EVERY samples the limit drops to its minimum
+for PROBE_ROUNDS round trips, so that the queue drains and the base stays true. Memory is
+constant: one pending mark, two samples and BASE_BUCKETS minima.
 
 The timed position is a count over all channels, so bytes that a stopped program leaves
 parked at the peer delay its grant; samples then read high and the limit shrinks, which is
@@ -31,6 +33,9 @@ MAX_LIMIT = 64 * 1024 * KIB  # 64 MiB: 1 GB/s at 64 ms; beyond it memory matters
 MIN_TARGET = 0.001  # seconds of queueing always allowed: a host's own scheduling jitter
 TARGET_SHARE = 0.5  # of the base round trip: queueing allowed before the limit shrinks
 GAIN = 0.5  # growth per round trip at no queueing: less than doubling limits the overshoot
+# The queueing delay is read from the least of CURRENT_SAMPLES samples in a row (LEDBAT's
+# current delay filter): one late wakeup of a loaded host is no queue.
+CURRENT_SAMPLES = 2
 # While the link is busy, every sample includes the queue that the limit itself keeps, and
 # the base would creep up with it; so every PROBE_EVERY samples the limit drops to its
 # minimum for PROBE_ROUNDS round trips and the queue drains (BBR's ProbeRTT).
@@ -63,6 +68,7 @@ class InFlightController:
         self._bucket_min = float("inf")
         self._bucket_count = 0
         self._sent_seen = 0  # the sent count at the last call
+        self._recent: List[float] = []  # samples since the last decision
         self._settling = False  # skip the next sample: it predates the last change
         self._until_probe = PROBE_EVERY
         self._probe_rounds = 0
@@ -123,9 +129,14 @@ class InFlightController:
             self._saved_limit, self.limit = self.limit, self.minimum
             self._probe_rounds = PROBE_ROUNDS
             return
+        self._recent.append(rtt)
+        if len(self._recent) < CURRENT_SAMPLES:
+            return
         before = self.limit
         target = self.target
-        queueing = rtt - base
+        current = min(self._recent)
+        self._recent.clear()
+        queueing = current - base
         if queueing <= target:
             if in_use:  # a limit nobody reached says nothing about the link
                 grown = self.limit + int(self.limit * GAIN * (1.0 - queueing / target))
@@ -133,5 +144,5 @@ class InFlightController:
         else:
             # The link carried about limit per rtt: this limit would make the round trip
             # base + target at that rate.
-            self.limit = max(self.minimum, int(self.limit * (base + target) / rtt))
+            self.limit = max(self.minimum, int(self.limit * (base + target) / current))
         self._settling = self.limit != before
