@@ -8,14 +8,15 @@ messages the driver must act on, after the Mux has applied its flow-control rule
   more with Credit. A receiver grants credit only for bytes it has delivered to its local
   socket, so no channel buffers more than one window on either side.
 - A channel's window starts at `window`. A receiver built with a larger `max_window` widens
-  it (doubling, with a Credit for bytes not yet sent) when the sender has used three
-  quarters of it while every byte received was delivered at once: the window, not the
-  local socket, is then what holds the channel back, as on a long link, where one window
-  per round trip is too little. Widening is bounded per channel (max_window) and per
-  Mux (WIDEN_BUDGET in all), so a buffer stays bounded too. A sender takes any Credit
-  beyond its window as the wider window; as one Credit cannot tell grant from widening,
-  bytes still on their way then count as granted until their own grant comes (in_flight
-  reads low by at most what was on its way, for a round trip).
+  it (doubling, with a Credit for bytes not yet sent) each time a window's worth of bytes
+  was delivered, every one at once as it came: the local socket keeps up, so the window
+  may be what holds the channel back, as on a long link, where one window per round trip
+  is too little (the receiver cannot see the round trip; the session's in-flight limit,
+  not this window, bounds what queues in the pipe). Widening is bounded per channel
+  (max_window) and per Mux (WIDEN_BUDGET in all), so a buffer stays bounded too. A sender
+  takes any Credit beyond its window as the wider window; as one Credit cannot tell grant
+  from widening, bytes still on their way then count as granted until their own grant
+  comes (in_flight reads low by at most what was on its way, for a round trip).
 - Channel ids come from the client, strictly increasing and never reused, so a late message
   for a channel that is already gone is dropped, not misdelivered.
 - A channel is forgotten after Close (either way) or once Eof has gone both ways.
@@ -62,10 +63,19 @@ AGENT = "agent"
 class ChannelState:
     """Flow-control bookkeeping of one channel."""
 
-    __slots__ = ("eof_received", "eof_sent", "recv_left", "send_credit", "unacked", "window")
+    __slots__ = (
+        "eof_received",
+        "eof_sent",
+        "kept_up",
+        "recv_left",
+        "send_credit",
+        "unacked",
+        "window",
+    )
 
     def __init__(self, window: int) -> None:
         self.window = window  # what the receiver allows unacknowledged: may widen
+        self.kept_up = 0  # bytes delivered as they came, since the last widening
         self.send_credit = window  # bytes we may still send
         self.recv_left = window  # bytes the peer may still send
         self.unacked = 0  # bytes delivered locally, not yet granted back
@@ -185,13 +195,15 @@ class Mux:
             raise LocalProtocolError(f"channel {channel}: {n!r:.40} bytes delivered, {held} held")
         state.unacked += n
         if n and not state.eof_received:
-            if n == held and state.recv_left <= state.window // 4:
+            state.kept_up = state.kept_up + n if n == held else 0
+            if state.kept_up >= state.window:
                 self._widen(state)
             self._grants[channel] = state
 
     def _widen(self, state: ChannelState) -> None:
-        """The sender has three quarters of the window out and we hold nothing: the window
-        holds the channel back. Double it, within the bounds; the extra goes with the Credit."""
+        """Our socket took a whole window as it came: double the window, within the bounds;
+        the extra goes with the Credit."""
+        state.kept_up = 0
         extra = min(state.window, self.max_window - state.window, WIDEN_BUDGET - self.widened)
         if extra > 0:
             state.window += extra

@@ -1,5 +1,5 @@
-"""Mux window widening: a receiver that keeps up with a sender held back by the channel's
-window doubles it, up to max_window per channel and WIDEN_BUDGET per Mux; one that holds
+"""Mux window widening: a receiver whose socket took a window's worth of bytes as they came
+doubles the window, up to max_window per channel and WIDEN_BUDGET per Mux; one that holds
 bytes does not; the sender's in-flight count stays the sum of its channels' parts."""
 
 from typing import List
@@ -28,7 +28,7 @@ def round_trip(pair: Pair, channel: int, deliver_all: bool = True) -> int:
     return held
 
 
-def test_a_window_that_holds_the_channel_back_doubles_up_to_max_window() -> None:
+def test_a_receiver_that_keeps_up_doubles_the_window_up_to_max_window() -> None:
     pair = Pair(WINDOW, 8 * WINDOW)
     channel = pair.open()
     windows: List[int] = []
@@ -38,6 +38,21 @@ def test_a_window_that_holds_the_channel_back_doubles_up_to_max_window() -> None
     assert windows == [2 * WINDOW, 4 * WINDOW, 8 * WINDOW, 8 * WINDOW, 8 * WINDOW, 8 * WINDOW]
     assert pair.agent.channels[channel].window == 8 * WINDOW
     assert pair.client.in_flight == 0 == pair.client.in_flight_on(channel)
+
+
+def test_a_window_widens_when_bytes_trickle_in_and_go_back_at_once() -> None:
+    # A long link: the receiver sees the sender's window a piece at a time and grants each
+    # piece back at once, so it never sees much of the window used.
+    pair = Pair(WINDOW, 8 * WINDOW)
+    channel = pair.open()
+    windows = []
+    for _ in range(12):
+        pair.client.send_data(channel, CHUNK)
+        for msg in pair.to_agent():
+            pair.agent.delivered(channel, len(msg.payload))
+        pair.to_client()
+        windows.append(pair.agent.channels[channel].window // MAX_DATA)
+    assert windows == [4, 4, 4, 8, 8, 8, 8, 8, 8, 8, 8, 16]  # after 4 pieces, then 8 more
 
 
 def test_a_receiver_that_holds_bytes_does_not_widen() -> None:
