@@ -12,7 +12,7 @@ from shuttle_ends.limits import raise_open_files
 from shuttle_ends.relay import Link, Relay, WriterProtocol, refusal, widen_pipe
 from shuttle_ends.resolv import read_nameservers
 from shuttle_protocol import PROTOCOL_VERSION
-from shuttle_protocol.mux import AGENT, Mux
+from shuttle_protocol.mux import AGENT, MAX_WINDOW, Mux
 from shuttle_protocol.schema import Message
 from shuttle_protocol.stream_messages import (
     Error,
@@ -48,7 +48,7 @@ class Agent:
     and GetHosts answered."""
 
     def __init__(self, udp_idle: float = IDLE_TIMEOUT, udp_max_flows: int = MAX_FLOWS) -> None:
-        self.link = Link(Mux(AGENT), self.on_message, "client")
+        self.link = Link(Mux(AGENT, max_window=MAX_WINDOW), self.on_message, "client")
         self.udp = UdpOpener(self.link, udp_idle, udp_max_flows)
         self.hosts = HostFinder(self.link.send)
         self.link.closed.add_done_callback(lambda _: self.hosts.close())

@@ -8,7 +8,7 @@ import subprocess
 from typing import Any, List, Optional, Sequence, Tuple
 
 from shuttle_ends.relay import Link, WriterProtocol, widen_pipe
-from shuttle_protocol.mux import CLIENT, Mux
+from shuttle_protocol.mux import CLIENT, MAX_WINDOW, Mux
 from shuttle_protocol.schema import Message
 from shuttle_protocol.stream_messages import (
     Error,
@@ -90,7 +90,7 @@ class Tunnel:
         # Why TCP does not go through the master ("" while it does).
         self.fast_path_off = "" if master else "--tcp=agent"
         self._probe_port: Optional[asyncio.Future[int]] = None
-        self.link = Link(Mux(CLIENT), self._on_message, name)
+        self.link = Link(Mux(CLIENT, max_window=MAX_WINDOW), self._on_message, name)
         self.discovery = Discovery(self.link)
         self.agent_python = ""
         self.agent_capabilities: Tuple[str, ...] = ()

@@ -24,6 +24,7 @@ from typing import Callable, Dict, List, Optional, Protocol, Set, Tuple
 
 from shuttle_protocol.channel import Channel, Command, Do, Write
 from shuttle_protocol.errors import ProtocolError, RemoteProtocolError
+from shuttle_protocol.inflight import InFlightController
 from shuttle_protocol.mux import Mux
 from shuttle_protocol.schema import Message
 from shuttle_protocol.stream_messages import Close, Credit, Data, Datagram, Eof, Error
@@ -34,9 +35,6 @@ log = logging.getLogger("shuttle")
 # The pipe's write buffer size at which channels stop reading (latency control).
 PIPE_HIGH_WATER = 512 * 1024
 PIPE_LOW_WATER = 128 * 1024
-# Data bytes in flight (sent, not yet granted back by the peer) at which channels stop
-# reading: what a bulk transfer may queue in ssh's buffers in front of an interactive byte.
-IN_FLIGHT_LIMIT = 512 * 1024
 # Linux pipes hold 64 KiB; a bigger one means fewer wakeups of us and of ssh per megabyte.
 PIPE_SIZE = 1024 * 1024
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)  # the constant is new in Python 3.10
@@ -95,6 +93,11 @@ class Link(asyncio.Protocol):
         self._reader: Optional[asyncio.BaseTransport] = None
         self._stalled: Set[Relay] = set()
         self._flush_scheduled = False
+        # Data bytes in flight (sent, not yet granted back by the peer) at which channels
+        # stop reading: what a bulk transfer may queue in ssh's buffers in front of an
+        # interactive byte. It follows the measured round trip.
+        self.in_flight = InFlightController()
+        self._loop = asyncio.get_running_loop()
 
     def attach_writer(self, transport: asyncio.WriteTransport) -> None:
         transport.set_write_buffer_limits(PIPE_HIGH_WATER, PIPE_LOW_WATER)
@@ -113,7 +116,7 @@ class Link(asyncio.Protocol):
     @property
     def congested(self) -> bool:
         """Whether the link is congested: the pipe is full, or enough is in flight."""
-        return self.paused or self.mux.in_flight >= IN_FLIGHT_LIMIT
+        return self.paused or self.mux.in_flight >= self.in_flight.limit
 
     def congested_for(self, channel: int) -> bool:
         """Whether a channel must stop reading: the pipe is full, or enough is in flight
@@ -123,7 +126,7 @@ class Link(asyncio.Protocol):
         for as long as that program does not read."""
         if self.paused:
             return True
-        return self.mux.in_flight >= IN_FLIGHT_LIMIT and self.mux.in_flight_on(channel) > 0
+        return self.mux.in_flight >= self.in_flight.limit and self.mux.in_flight_on(channel) > 0
 
     def stall(self, relay: "Relay") -> None:
         """A channel stops reading until the pipe drains and credit comes back."""
@@ -154,6 +157,7 @@ class Link(asyncio.Protocol):
             self.fail(f"{self.peer} broke the protocol: {exc}")
         except ProtocolError as exc:
             self.fail(f"internal protocol error: {exc}")
+        self._observe()
         self._unstall()  # credit may have come back
         self.schedule_flush()
 
@@ -227,6 +231,14 @@ class Link(asyncio.Protocol):
         chunks = self.mux.outgoing()
         if chunks and self._writer is not None and not self._writer.is_closing():
             self._writer.write(b"".join(chunks) if len(chunks) > 1 else chunks[0])
+        self._observe()
+
+    def _observe(self) -> None:
+        """Give the in-flight controller the Mux's counters: a flush may start a timed
+        byte, a receive may bring its grant back."""
+        mux = self.mux
+        retired = mux.sent_total - mux.in_flight
+        self.in_flight.observe(self._loop.time(), mux.sent_total, retired, mux.settled_total)
 
     # -- ending ----------------------------------------------------------------------------
 

@@ -7,6 +7,16 @@ messages the driver must act on, after the Mux has applied its flow-control rule
 - Each side may send at most `window` bytes of Data on a channel before the receiver grants
   more with Credit. A receiver grants credit only for bytes it has delivered to its local
   socket, so no channel buffers more than one window on either side.
+- A channel's window starts at `window`. A receiver built with a larger `max_window` widens
+  it (doubling, with a Credit for bytes not yet sent) each time a window's worth of bytes
+  was delivered, every one at once as it came: the local socket keeps up, so the window
+  may be what holds the channel back, as on a long link, where one window per round trip
+  is too little (the receiver cannot see the round trip; the session's in-flight limit,
+  not this window, bounds what queues in the pipe). Widening is bounded per channel
+  (max_window) and per Mux (WIDEN_BUDGET in all), so a buffer stays bounded too. A sender
+  takes any Credit beyond its window as the wider window; as one Credit cannot tell grant
+  from widening, bytes still on their way then count as granted until their own grant
+  comes (in_flight reads low by at most what was on its way, for a round trip).
 - Channel ids come from the client, strictly increasing and never reused, so a late message
   for a channel that is already gone is dropped, not misdelivered.
 - A channel is forgotten after Close (either way) or once Eof has gone both ways.
@@ -44,6 +54,8 @@ from .stream_messages import (
 )
 
 WINDOW = 1024 * 1024
+MAX_WINDOW = 16 * 1024 * 1024  # a channel's window on a long link: 400 MB/s at 40 ms
+WIDEN_BUDGET = 128 * 1024 * 1024  # all channels' widening together, on one Mux
 CLIENT = "client"
 AGENT = "agent"
 
@@ -51,9 +63,19 @@ AGENT = "agent"
 class ChannelState:
     """Flow-control bookkeeping of one channel."""
 
-    __slots__ = ("eof_received", "eof_sent", "recv_left", "send_credit", "unacked")
+    __slots__ = (
+        "eof_received",
+        "eof_sent",
+        "kept_up",
+        "recv_left",
+        "send_credit",
+        "unacked",
+        "window",
+    )
 
     def __init__(self, window: int) -> None:
+        self.window = window  # what the receiver allows unacknowledged: may widen
+        self.kept_up = 0  # bytes delivered as they came, since the last widening
         self.send_credit = window  # bytes we may still send
         self.recv_left = window  # bytes the peer may still send
         self.unacked = 0  # bytes delivered locally, not yet granted back
@@ -64,17 +86,25 @@ class ChannelState:
 class Mux:
     """One end of the multiplexed pipe. role is CLIENT (opens channels) or AGENT."""
 
-    def __init__(self, role: str, window: int = WINDOW) -> None:
+    def __init__(self, role: str, window: int = WINDOW, max_window: int = 0) -> None:
         if role not in (CLIENT, AGENT):
             raise LocalProtocolError(f"unknown role {role!r}")
         if not MAX_DATA <= window <= MAX_CREDIT:
             raise LocalProtocolError(f"window must be in [{MAX_DATA}, {MAX_CREDIT}]")
+        if max_window and not window <= max_window <= MAX_CREDIT:
+            raise LocalProtocolError(f"max_window must be in [{window}, {MAX_CREDIT}] or 0")
         self.role = role
         self.window = window
+        self.max_window = max_window or window  # 0: windows never widen
+        self.widened = 0  # bytes of widening granted in all, at most WIDEN_BUDGET
         self.channels: Dict[int, ChannelState] = {}  # TCP channels
         self.datagram_channels: Set[int] = set()  # UDP channels
         self._grants: Dict[int, ChannelState] = {}  # channels with bytes to grant back
         self.in_flight = 0  # Data bytes sent and not granted back, all channels together
+        # For the in-flight controller (inflight.py): Data bytes sent in all, and of those
+        # the ones that stopped counting without a grant (their channel went).
+        self.sent_total = 0
+        self.settled_total = 0
         self._decoder = StreamDecoder()
         self._out: List[bytes] = []
         self._out_size = 0
@@ -124,6 +154,7 @@ class Mux:
             raise LocalProtocolError(f"channel {channel}: {len(data)} bytes exceed the credit")
         state.send_credit -= len(data)
         self.in_flight += len(data)
+        self.sent_total += len(data)
         for start in range(0, len(data), MAX_DATA):
             # Header and payload go out as they are: the driver's join is the only copy.
             payload = data if len(data) <= MAX_DATA else data[start : start + MAX_DATA]
@@ -152,19 +183,32 @@ class Mux:
         state = self.channels.get(channel)
         if state is None or state.eof_sent:
             return 0
-        return max(0, self.window - state.send_credit)
+        return max(0, state.window - state.send_credit)
 
     def delivered(self, channel: int, n: int) -> None:
         """n bytes of the channel's data left our buffers; grant the peer credit for them."""
         state = self.channels.get(channel)
         if state is None:
             return
-        held = self.window - state.recv_left - state.unacked  # received, not yet delivered
+        held = state.window - state.recv_left - state.unacked  # received, not yet delivered
         if type(n) is not int or not 0 <= n <= held:
             raise LocalProtocolError(f"channel {channel}: {n!r:.40} bytes delivered, {held} held")
         state.unacked += n
         if n and not state.eof_received:
+            state.kept_up = state.kept_up + n if n == held else 0
+            if state.kept_up >= state.window:
+                self._widen(state)
             self._grants[channel] = state
+
+    def _widen(self, state: ChannelState) -> None:
+        """Our socket took a whole window as it came: double the window, within the bounds;
+        the extra goes with the Credit."""
+        state.kept_up = 0
+        extra = min(state.window, self.max_window - state.window, WIDEN_BUDGET - self.widened)
+        if extra > 0:
+            state.window += extra
+            state.unacked += extra
+            self.widened += extra
 
     def send_eof(self, channel: int) -> None:
         """Our side of the channel will send no more data."""
@@ -182,7 +226,9 @@ class Mux:
     def _settle(self, state: ChannelState) -> None:
         """The channel's ungranted bytes will never be granted: stop counting them."""
         if not state.eof_sent:
-            self.in_flight -= max(0, self.window - state.send_credit)
+            ungranted = max(0, state.window - state.send_credit)
+            self.in_flight -= ungranted
+            self.settled_total += ungranted
 
     def close(self, channel: int, reason: str) -> None:
         """Abort the channel: the peer resets its socket. Nothing is sent for a dead one."""
@@ -265,8 +311,9 @@ class Mux:
             if state.send_credit + msg.n > MAX_CREDIT:
                 raise RemoteProtocolError(f"channel {channel}: credit beyond {MAX_CREDIT}")
             if not state.eof_sent:
-                self.in_flight -= max(0, min(msg.n, self.window - state.send_credit))
+                self.in_flight -= max(0, min(msg.n, state.window - state.send_credit))
             state.send_credit += msg.n
+            state.window = max(state.window, state.send_credit)  # the receiver widened it
         elif isinstance(msg, Eof):
             if state.eof_received:
                 raise RemoteProtocolError(f"channel {channel}: Eof twice")

@@ -8,7 +8,8 @@ Mux fed with what the Link writes, granting credit only for what its sockets too
 import asyncio
 from typing import Any, Dict, List, Optional, Tuple
 
-from shuttle_ends.relay import IN_FLIGHT_LIMIT, Link, Relay
+from shuttle_ends.relay import Link, Relay
+from shuttle_protocol.inflight import INITIAL_LIMIT, InFlightController
 from shuttle_protocol.mux import AGENT, CLIENT, Mux
 from shuttle_protocol.stream_messages import Data
 
@@ -82,6 +83,9 @@ class Pair:
 
     def __init__(self) -> None:
         self.link = Link(Mux(CLIENT), lambda msg: None, "agent")
+        # A fixed limit: these tests are about which channels stop at it, not its value
+        # (tests/protocol/test_inflight.py), and the fake pipe's round trips take no time.
+        self.link.in_flight = InFlightController(INITIAL_LIMIT, INITIAL_LIMIT, INITIAL_LIMIT)
         self.peer = Mux(AGENT)
         self.pipe = FakePipe(self.peer)
         self.link.attach_writer(self.pipe)
@@ -114,8 +118,8 @@ def test_a_parked_channel_does_not_stop_another_channel() -> None:
         pair = Pair()
         parked, parked_sock = pair.channel()
         # A program sends, and the far one never reads: the bytes stay parked at the peer.
-        pair.send(parked, IN_FLIGHT_LIMIT)
-        assert pair.link.mux.in_flight >= IN_FLIGHT_LIMIT
+        pair.send(parked, INITIAL_LIMIT)
+        assert pair.link.mux.in_flight >= INITIAL_LIMIT
         assert not parked_sock.reading, "the parked channel must stop reading"
         other, other_sock = pair.channel()
         for turn in range(8):  # another transfer goes on, one read per round trip
@@ -124,7 +128,7 @@ def test_a_parked_channel_does_not_stop_another_channel() -> None:
             pair.peer_delivers(other)
             assert other_sock.reading, f"turn {turn}: the other channel stays stopped"
         assert not parked_sock.reading, "the parked channel read again without credit"
-        assert pair.link.mux.in_flight_on(parked.channel) >= IN_FLIGHT_LIMIT
+        assert pair.link.mux.in_flight_on(parked.channel) >= INITIAL_LIMIT
 
     run(scenario())
 
@@ -133,7 +137,7 @@ def test_a_channel_stopped_by_the_full_pipe_reads_again_when_it_drains() -> None
     async def scenario() -> None:
         pair = Pair()
         parked, _ = pair.channel()
-        pair.send(parked, IN_FLIGHT_LIMIT)
+        pair.send(parked, INITIAL_LIMIT)
         other, other_sock = pair.channel()
         pair.link.pause_writing()  # the pipe is full
         pair.send(other, 1000)
@@ -151,13 +155,13 @@ def test_above_the_limit_only_channels_with_nothing_in_flight_read() -> None:
         pair = Pair()
         first, first_sock = pair.channel()
         second, second_sock = pair.channel()
-        pair.send(first, IN_FLIGHT_LIMIT // 2)
-        pair.send(second, IN_FLIGHT_LIMIT // 2)
+        pair.send(first, INITIAL_LIMIT // 2)
+        pair.send(second, INITIAL_LIMIT // 2)
         assert not second_sock.reading, "the read that reached the limit stops its channel"
-        pair.send(first, IN_FLIGHT_LIMIT // 2)
+        pair.send(first, INITIAL_LIMIT // 2)
         assert not first_sock.reading
         pair.peer_delivers(second)
-        assert pair.link.mux.in_flight >= IN_FLIGHT_LIMIT
+        assert pair.link.mux.in_flight >= INITIAL_LIMIT
         assert second_sock.reading, "nothing of it in flight: it may send a read"
         assert not first_sock.reading, "its own bytes are in flight, above the limit"
         pair.peer_delivers(first)

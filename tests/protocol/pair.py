@@ -10,9 +10,9 @@ from shuttle_protocol.stream_messages import Open, Opened, UdpOpen
 class Pair:
     """A client and an agent Mux wired back to back, as h11's ConnectionPair."""
 
-    def __init__(self, window: int = WINDOW) -> None:
-        self.client = Mux(CLIENT, window)
-        self.agent = Mux(AGENT, window)
+    def __init__(self, window: int = WINDOW, max_window: int = 0) -> None:
+        self.client = Mux(CLIENT, window, max_window)
+        self.agent = Mux(AGENT, window, max_window)
 
     def to_agent(self) -> List[Message]:
         return self.agent.receive(b"".join(self.client.outgoing()))
