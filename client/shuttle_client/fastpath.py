@@ -30,7 +30,7 @@ from shuttle_protocol.control_messages import Connection
 from shuttle_protocol.errors import RemoteProtocolError
 
 from . import ssh_mux
-from .proxy import connection_cap
+from .proxy import SPARE_FDS, connection_cap
 
 log = logging.getLogger("shuttle")
 
@@ -52,13 +52,20 @@ TCP_INFO_BYTES = struct.Struct("=QQ")
 TCP_INFO_OFFSET = 120
 TCP_INFO_SIZE = TCP_INFO_OFFSET + TCP_INFO_BYTES.size
 RECV_SIZE = 4096  # of the master's answers, a few dozen bytes each
+MIN_FD_LIMIT = 1024  # open files: below it, no fast path (cap_within_fd_limit)
 
 
 def cap_within_fd_limit(cap: int) -> int:
     """cap, or fewer under a low open-file limit: ssh inherits the client's limit and each
-    forward costs it three descriptors, and a master out of them stops accepting hand-overs,
-    which then wait in its backlog for ever instead of going to the agent."""
-    return max(0, min(cap, connection_cap() // 3))
+    forward costs it three descriptors, its pool and the agent's session more, and it holds
+    those of forwards that ended here until their channels close; a master out of them drops
+    the descriptors of a hand-over (ssh: "failed to receive fd"). Under a flood with a limit
+    of 256 even a quarter of what is below the reserve ran out, so below MIN_FD_LIMIT the
+    agent carries everything."""
+    room = connection_cap()
+    if room + SPARE_FDS < MIN_FD_LIMIT:
+        return 0
+    return max(0, min(cap, room // 4))
 
 
 class MuxError(Exception):
@@ -132,6 +139,11 @@ class MuxConnection:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         except OSError as exc:
             raise MuxError(f"cannot reach ssh's control socket: {exc.strerror or exc}") from None
+        if sock.fileno() >= connection_cap():
+            # The reserve below the limit is for ssh, zmq and accept() (proxy.py), as for
+            # a captured connection: taking it here would make the next accept fail.
+            sock.close()
+            raise MuxError("cannot reach ssh's control socket: near the open-file limit")
         sock.setblocking(False)
         try:
             await loop.sock_connect(sock, path)

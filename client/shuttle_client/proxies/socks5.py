@@ -56,7 +56,7 @@ def encode_address(host: str, port: int) -> bytes:
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
-        name = host.encode("idna")
+        name = host.encode("ascii")  # as _domain_name took it: idna refuses "a..b"
         return bytes((ATYP_NAME, len(name))) + name + port.to_bytes(2, "big")
     atyp = ATYP_IPV4 if address.version == 4 else ATYP_IPV6
     return bytes((atyp,)) + address.packed + port.to_bytes(2, "big")
