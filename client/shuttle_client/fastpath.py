@@ -16,13 +16,17 @@ otherwise they are reset.
 """
 
 import asyncio
+import fcntl
 import itertools
 import logging
 import os
+import shutil
 import socket
+import stat
 import struct
 import tempfile
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -72,14 +76,72 @@ class MuxError(Exception):
     """The master could not be reached or broke its protocol; the text says how."""
 
 
-def control_dir() -> str:
-    """A private (0700) directory for the masters' sockets: $XDG_RUNTIME_DIR, else /tmp.
-    Short, because ssh adds 17 characters to the path while it sets the socket up, and a
-    unix socket's path has 107 bytes."""
-    base = os.environ.get("XDG_RUNTIME_DIR")
-    if not base or not os.path.isdir(base) or len(base) > 60:
-        base = None
-    return tempfile.mkdtemp(prefix="shuttle-ssh-", dir=base)
+CONTROL_PREFIX = "shuttle-ssh-"
+LOCK_NAME = "lock"
+# A directory with no lock file yet is one a client is making, unless it is older than this.
+UNLOCKED_GRACE = 60.0  # seconds
+
+
+class ControlDir:
+    """A private (0700) directory for the masters' sockets: in $XDG_RUNTIME_DIR, else /tmp.
+    Its path is short, because ssh adds 17 characters to it while it sets a socket up, and a
+    unix socket's path has 107 bytes.
+
+    The client holds a lock on a file in it for as long as it lives. ssh removes its sockets
+    and the client the directory when it stops, but a killed client can do neither, so each
+    new one first removes the directories of its uid whose lock nobody holds."""
+
+    def __init__(self) -> None:
+        base = os.environ.get("XDG_RUNTIME_DIR")
+        if not base or not os.path.isdir(base) or len(base) > 60:
+            base = None
+        remove_stale_control_dirs(base or tempfile.gettempdir())
+        self.path = tempfile.mkdtemp(prefix=CONTROL_PREFIX, dir=base)
+        lock = os.open(os.path.join(self.path, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        # Also run when the object goes away unstopped, or at exit.
+        self._finalizer = weakref.finalize(self, _remove_control_dir, self.path, lock)
+
+    def remove(self) -> None:
+        self._finalizer()
+
+
+def _remove_control_dir(path: str, lock: int) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    os.close(lock)
+
+
+def remove_stale_control_dirs(base: str) -> None:
+    """Remove the control directories in base of this uid that no living client holds."""
+    try:
+        entries = list(os.scandir(base))
+    except OSError:
+        return
+    for entry in entries:
+        if entry.name.startswith(CONTROL_PREFIX) and _stale(entry):
+            shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def _stale(entry: "os.DirEntry[str]") -> bool:
+    try:
+        info = entry.stat(follow_symlinks=False)
+    except OSError:
+        return False
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+        return False
+    try:
+        lock = os.open(os.path.join(entry.path, LOCK_NAME), os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return time.time() - info.st_mtime > UNLOCKED_GRACE
+    except OSError:
+        return False
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False  # held: its client lives
+    finally:
+        os.close(lock)
+    return True
 
 
 def master_options(path: str) -> Tuple[str, ...]:

@@ -16,7 +16,6 @@ import asyncio
 import itertools
 import logging
 import os
-import shutil
 import socket
 import time
 from typing import Any, Callable, Coroutine, List, Optional, Set, Tuple
@@ -33,7 +32,7 @@ from shuttle_protocol.control_messages import (
 from shuttle_protocol.schema import Message
 
 from .cli import Options
-from .fastpath import Forward, Master, cap_within_fd_limit, control_dir, reset
+from .fastpath import ControlDir, Forward, Master, cap_within_fd_limit, reset
 from .listing import Listed
 from .proxy import Destination, Incoming, NotCaptured, Waiting, relay_for
 from .targets import endpoint
@@ -62,7 +61,7 @@ class Streams:
             ["agent"] if count == 1 else [f"agent {i}/{count}" for i in range(1, count + 1)]
         )
         # The TCP fast path: each ssh a ControlMaster on a socket in this private directory.
-        self.control_dir = None if options.tcp == "agent" else control_dir()
+        self.control_dir = None if options.tcp == "agent" else ControlDir()
         self._fast_channels = itertools.count(1)
         # A socket name per ssh: an old master that exits late removes its own name only.
         self._masters_started = itertools.count(1)
@@ -104,14 +103,14 @@ class Streams:
         for waiting in list(self._waiting):
             waiting.give_up("the client is stopping")
         await asyncio.gather(*(tunnel.stop() for tunnel in self.tunnels))
-        if self.control_dir is not None:  # ssh removes its socket, a killed one does not
-            shutil.rmtree(self.control_dir, ignore_errors=True)
+        if self.control_dir is not None:
+            self.control_dir.remove()
 
     def _tunnel(self, index: int, ssh_options: Tuple[str, ...] = ()) -> Tunnel:
         master = None
         if self.control_dir is not None:
             master = Master(
-                os.path.join(self.control_dir, f"m{index}.{next(self._masters_started)}"),
+                os.path.join(self.control_dir.path, f"m{index}.{next(self._masters_started)}"),
                 stream=index,
                 cap=cap_within_fd_limit(self.options.tcp_cap),
                 channels=self._fast_channels,

@@ -5,15 +5,27 @@ directory, and a hand-over with no master there."""
 import asyncio
 import itertools
 import os
+import shutil
 import socket
 import stat
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import List, Tuple
 
 import pytest
-from shuttle_client.fastpath import Forward, Master, control_dir, master_options, reset, tcp_bytes
+from shuttle_client.fastpath import (
+    LOCK_NAME,
+    UNLOCKED_GRACE,
+    ControlDir,
+    Forward,
+    Master,
+    master_options,
+    reset,
+    tcp_bytes,
+)
 
 STUCK = 10.0  # not a timing assertion: how long a broken part may hang the test
 
@@ -51,14 +63,16 @@ def test_reset_reaches_the_program_as_a_reset() -> None:
 def test_the_control_directory_is_private_and_short(monkeypatch: pytest.MonkeyPatch) -> None:
     runtime = tempfile.mkdtemp(prefix="run-", dir="/tmp")  # short, as /run/user/UID is
     monkeypatch.setenv("XDG_RUNTIME_DIR", runtime)
-    path = control_dir()
+    control = ControlDir()
+    path = control.path
     try:
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o700
         assert os.path.dirname(path) == runtime
         # ssh adds 17 characters while it sets the socket up; sun_path holds 107 bytes.
-        assert len(os.path.join(path, "m15").encode()) + 17 <= 107
+        assert len(os.path.join(path, "m15.99").encode()) + 17 <= 107
+        control.remove()
+        assert not os.path.exists(path)
     finally:
-        os.rmdir(path)
         os.rmdir(runtime)
     assert master_options(f"{path}/m0") == (
         "-o",
@@ -93,3 +107,47 @@ def test_with_no_master_the_socket_stays_the_callers(tmp_path: Path) -> None:
     why = asyncio.run(hand_over())
     assert "cannot reach ssh's control socket" in why
     assert not opened
+
+
+HOLD_A_CONTROL_DIR = """
+import sys
+from shuttle_client.fastpath import ControlDir
+control = ControlDir()
+print(control.path, flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_killed_clients_control_directory_goes_with_the_next_client(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    runtime = tempfile.mkdtemp(prefix="run-", dir="/tmp")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", runtime)
+    holders = [
+        subprocess.Popen(
+            [sys.executable, "-c", HOLD_A_CONTROL_DIR],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    try:
+        killed, living = (holder.stdout.readline().strip() for holder in holders)  # type: ignore[union-attr]
+        holders[0].kill()
+        holders[0].wait(STUCK)
+        being_made = tempfile.mkdtemp(prefix="shuttle-ssh-", dir=runtime)  # no lock yet
+        forgotten = tempfile.mkdtemp(prefix="shuttle-ssh-", dir=runtime)
+        old = time.time() - UNLOCKED_GRACE - 1
+        os.utime(forgotten, (old, old))
+        newcomer = ControlDir()
+        assert not os.path.exists(killed)
+        assert not os.path.exists(forgotten)
+        assert os.path.exists(os.path.join(living, LOCK_NAME))
+        assert os.path.isdir(being_made)
+        newcomer.remove()
+    finally:
+        for holder in holders:
+            holder.kill()
+            holder.communicate(timeout=STUCK)  # and closes its pipes
+        shutil.rmtree(runtime)
