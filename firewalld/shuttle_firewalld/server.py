@@ -23,16 +23,23 @@ from typing import Any
 
 import zmq
 from shuttle_protocol.errors import RemoteProtocolError
-from shuttle_protocol.firewall_messages import PAIRS, TOKEN_LEN, SocketsHandover
+from shuttle_protocol.firewall_messages import (
+    PAIRS,
+    TOKEN_LEN,
+    OpenSessionRequest,
+    SocketsHandover,
+    UpdateSessionRequest,
+)
 from shuttle_protocol.frames import MAX_FRAME, MAX_ITEMS, decode_frame, encode_frame, frame_message
 from shuttle_protocol.schema import Message
 from shuttle_protocol.stream import new_unpacker, unpack_errors
 from shuttle_protocol.zap import PID_PROPERTY, ZAP_ENDPOINT, Peer, anyone, zap_reply
 
-from . import requests
+from . import offload, requests
 from .connections import MAX_CONNECTIONS, UCRED, Connections
 from .errors import RequestError, StartupError
 from .handover import Grants, HandoverRefused
+from .prepared import Prepared
 from .sessions import Sessions
 from .worker import Job, Worker
 
@@ -50,6 +57,8 @@ DOMAIN = b"shuttle"  # our ZAP domain
 # bounds what one member's requests make firewalld decode and hold while they wait.
 MEMBER_MAX_FRAME = 3 * 1024 * 1024
 QUICK_FRAME = 64 * 1024  # a frame longer than this goes to the worker, whatever it is
+# Requests whose long frames a child checks and prepares (offload.py): those with targets.
+PREPARED = frozenset({OpenSessionRequest.TAG, UpdateSessionRequest.TAG})
 # What peek and refuse_frame read of a frame: a request id (9 bytes at most in msgpack), a
 # tag, and a session id (32 characters) after the array's header.
 HEAD = 64
@@ -64,6 +73,11 @@ ARRAY_MARKERS = frozenset(range(0x90, 0xA0)) | {0xDC, 0xDD}
 
 def answer(sessions: Sessions, uid: int, payload: bytes, pid: int | None = None) -> bytes:
     """The answer frame to one request frame from uid (process pid). Never raises."""
+    if len(payload) > QUICK_FRAME:
+        tag, first = peek(payload)
+        if tag in PREPARED and first is not None:
+            update = tag == UpdateSessionRequest.TAG
+            return answer_prepared(sessions, uid, payload, pid, update=update, first=first)
     try:
         if len(payload) > QUICK_FRAME:
             request_id, request = decode_in_pieces(payload)
@@ -72,8 +86,48 @@ def answer(sessions: Sessions, uid: int, payload: bytes, pid: int | None = None)
     except RemoteProtocolError as exc:
         log.info("bad request from uid %d: %s", uid, exc)
         return PAIRS.refuse_frame(head(payload), f"bad request: {exc}")
+    return _serve(sessions, uid, request_id, request, pid)
+
+
+def answer_prepared(
+    sessions: Sessions, uid: int, payload: bytes, pid: int | None, *, update: bool, first: str
+) -> bytes:
+    """answer()'s way with a long OpenSession or UpdateSession (update): a child checks it
+    and prepares its targets (offload.py) for the method the session has (first: its id) or
+    the request asks for (first: the method); the rest as for any request. Never raises."""
     try:
-        return PAIRS.reply(request_id, request, requests.handle(sessions, uid, request, pid))
+        if update:
+            with sessions.lock:
+                method = sessions.owned(first, uid).method
+        else:
+            method = sessions.choose(first)
+        ready = offload.prepare(payload, method, uid)
+        request_id, request = ready.request(UpdateSessionRequest if update else OpenSessionRequest)
+        if isinstance(request, UpdateSessionRequest) and request.session != first:
+            raise RequestError("the request's check said something else: another session")
+    except RequestError as exc:
+        log.info("refused a request of uid %d: %s", uid, exc)
+        return PAIRS.refuse_frame(head(payload), str(exc))
+    except Exception as exc:  # our bug, as in _serve
+        log.exception("internal error on a long request from uid %d", uid)
+        return PAIRS.refuse_frame(head(payload), f"internal error: {type(exc).__name__}: {exc}")
+    prepared = (ready.subnets, ready.excludes)
+    return _serve(sessions, uid, request_id, request, pid, prepared=prepared)
+
+
+def _serve(
+    sessions: Sessions,
+    uid: int,
+    request_id: int,
+    request: Message,
+    pid: int | None,
+    *,
+    prepared: tuple[Prepared, Prepared] | None = None,
+) -> bytes:
+    """The answer frame to a decoded request. Never raises."""
+    try:
+        answered = requests.handle(sessions, uid, request, pid, prepared)
+        return PAIRS.reply(request_id, request, answered)
     except RequestError as exc:
         log.info("refused %s from uid %d: %s", type(request).__name__, uid, exc)
         return PAIRS.refuse(request_id, str(exc))
