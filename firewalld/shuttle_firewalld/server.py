@@ -96,12 +96,7 @@ def answer_prepared(
     and prepares its targets (offload.py) for the method the session has (first: its id) or
     the request asks for (first: the method); the rest as for any request. Never raises."""
     try:
-        if update:
-            with sessions.lock:
-                method = sessions.owned(first, uid).method
-        else:
-            method = sessions.choose(first)
-        ready = offload.prepare(payload, method, uid)
+        ready = offload.prepare(payload, _method_for(sessions, uid, update, first), uid)
         request_id, request = ready.request(UpdateSessionRequest if update else OpenSessionRequest)
         if isinstance(request, UpdateSessionRequest) and request.session != first:
             raise RequestError("the request's check said something else: another session")
@@ -113,6 +108,19 @@ def answer_prepared(
         return PAIRS.refuse_frame(head(payload), f"internal error: {type(exc).__name__}: {exc}")
     prepared = (ready.subnets, ready.excludes)
     return _serve(sessions, uid, request_id, request, pid, prepared=prepared)
+
+
+def _method_for(sessions: Sessions, uid: int, update: bool, first: str) -> str:
+    """The method a long request's targets are prepared for: its session's, or the one it
+    asks for. nft if there is none: the request is refused after the child's check, as in
+    answer(), so that a malformed frame is answered "bad request" first."""
+    try:
+        if update:
+            with sessions.lock:
+                return sessions.owned(first, uid).method
+        return sessions.choose(first)
+    except RequestError:
+        return "nft"
 
 
 def _serve(
