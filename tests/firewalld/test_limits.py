@@ -23,7 +23,7 @@ from .daemon import NOBODY, Daemon, shuttle_tables
 
 pytestmark = pytest.mark.integration
 
-RSS_BOUND_MIB = 288  # docs/firewalld.md, "Limits"
+RSS_BOUND_MIB = 200  # docs/firewalld.md, "Limits"
 FLOOD_SECONDS = 60.0  # the issue asks for a minute
 LEASE = 2.0
 # Another member: its own uid, in firewalld's group (nogroup) as nobody is.
@@ -196,6 +196,7 @@ def test_a_members_flood_stalls_nobody_and_bloats_nothing(
         times = sorted(result.pop(kind))
         print(
             f"\n{kind} during the flood: {len(times)}, median {times[len(times) // 2]:.3f} s, "
+            f"90% {times[len(times) * 9 // 10]:.3f} s, 99% {times[len(times) * 99 // 100]:.3f} s, "
             f"max {times[-1]:.3f} s"
         )
     print(f"firewalld's peak RSS {rss:.0f} MiB; the flood: {tally}")
