@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 import stat
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -238,6 +239,7 @@ class Server:
         self._file_limit = file_limit
         self._pause_at, self._resume_at = file_limit * 3 // 4, file_limit * 5 // 8
         self._paused = False
+        self._hidden = ""  # where the socket file is while paused (_hide)
         self._worker = Worker(sessions, functools.partial(answer, sessions))
         _prepare_path(path)
         self._context = zmq.Context()
@@ -283,17 +285,21 @@ class Server:
         return inode
 
     def _watch_descriptors(self) -> None:
-        """Stop listening while three quarters of the open file limit are in use (the caps
-        of main.descriptor_budget keep well below that), and listen again below five eighths.
-        libzmq accepts every connection as it comes, faster than the monitor's news of them,
-        and aborts when accept() meets the limit: so a burst of connections must meet a closed
-        door first. Meanwhile the connections made go on being served."""
+        """Stop taking connections while three quarters of the open file limit are in use
+        (the caps of main.descriptor_budget keep well below that), and take them again below
+        five eighths. libzmq accepts every connection as it comes, faster than the monitor's
+        news of them, and aborts when accept() meets the limit: so a burst of connections
+        must meet a closed door first. Meanwhile the connections made go on being served."""
         if not self._paused and self._connections.highest < self._pause_at:
             return  # the quick answer: descriptors below it were in use, and no more
         self._connections.highest = 0
         used = len(os.listdir("/proc/self/fd"))
         if not self._paused and used >= self._pause_at:
-            self._router.unbind("ipc://" + self.path)
+            try:
+                self._hidden = _hide(self.path)
+            except OSError as exc:
+                log.warning("cannot stop listening on ipc://%s: %s", self.path, exc)
+                return
             self._paused = True
             log.warning(
                 "%d open files, of %d allowed: not listening on ipc://%s until some "
@@ -304,9 +310,8 @@ class Server:
             )
         elif self._paused and used < self._resume_at:
             try:
-                _prepare_path(self.path)
-                self._inode = self._listen()
-            except (StartupError, zmq.ZMQError, OSError) as exc:
+                _show(self._hidden, self.path)
+            except OSError as exc:
                 log.warning("cannot listen on ipc://%s again yet: %s", self.path, exc)
                 return
             self._paused = False
@@ -357,7 +362,11 @@ class Server:
         if self._fds is not None:
             self._fds.close()
         self._close_sockets()
-        _remove_socket_file(self.path, self._inode)
+        if self._paused:
+            _remove_socket_file(self._hidden, self._inode)
+            _remove_hiding_place(self._hidden)
+        else:
+            _remove_socket_file(self.path, self._inode)
 
     def _close_sockets(self) -> None:
         self._connections.close()
@@ -617,6 +626,43 @@ class FdServer:
         poller.unregister(waiting.conn.fileno())
         if close:
             waiting.conn.close()
+
+
+def _hide(path: str) -> str:
+    """Close the door of the listening socket at path and return where its file is now.
+
+    Not zmq's unbind: libzmq ends every connection it accepted on an endpoint it unbinds
+    (tried here with libzmq 4.3.4), so one member's burst of connections cut every other
+    client off. The listener stays; its file goes into a directory of root's alone, and its
+    mode becomes 0600, for a connect() through a path opened before (/proc/self/fd/N of
+    an O_PATH descriptor) passes over the directories but not over the file's own mode.
+    A new client finds no socket file, as when firewalld is not running.
+    """
+    os.chmod(path, 0o600)
+    try:
+        place = tempfile.mkdtemp(prefix=".paused-", dir=os.path.dirname(path))  # mode 0700
+        hidden = os.path.join(place, os.path.basename(path))
+        os.rename(path, hidden)
+    except OSError:
+        os.chmod(path, 0o660)
+        raise
+    return hidden
+
+
+def _show(hidden: str, path: str) -> None:
+    """Open the door _hide closed: the socket file back at path (never over another one
+    that appeared there meanwhile), mode 0660."""
+    os.link(hidden, path)
+    os.chmod(path, 0o660)
+    os.unlink(hidden)
+    _remove_hiding_place(hidden)
+
+
+def _remove_hiding_place(hidden: str) -> None:
+    try:
+        os.rmdir(os.path.dirname(hidden))
+    except OSError as exc:
+        log.warning("cannot remove %s: %s", os.path.dirname(hidden), exc)
 
 
 def _remove_socket_file(path: str, inode: int) -> None:

@@ -1,6 +1,7 @@
 """No member can stall, bloat or crash firewalld: the real daemon in a namespace, a member
 (nobody) doing its worst, and another member's real client keeping its session and its
-traffic all along.
+traffic all along; and the server's loop in this process, made to stop listening by a burst
+of connections, still serving the connection made before.
 
 Times are measured and printed (pytest -s shows them), never asserted: the assertions are
 that every heartbeat was answered within the lease, that the other member's captured
@@ -11,17 +12,27 @@ docs/firewalld.md states, and that firewalld never fell over.
 from __future__ import annotations
 
 import json
+import os
+import socket
+import stat
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+import zmq
+from shuttle_firewalld.policy import Policy
+from shuttle_firewalld.server import Server
+from shuttle_firewalld.sessions import Sessions
+from shuttle_protocol.firewall_messages import ListSessionsAnswer, ListSessionsRequest
+from shuttle_protocol.frames import decode_frame, encode_frame
 
 from .daemon import NOBODY, Daemon, shuttle_tables
-
-pytestmark = pytest.mark.integration
+from .fakes import POLICY_PATH, FakeMethod
 
 RSS_BOUND_MIB = 200  # docs/firewalld.md, "Limits"
 FLOOD_SECONDS = 60.0  # the issue asks for a minute
@@ -186,6 +197,7 @@ def beside_another(
     return json.loads(victim_out), json.loads(other_out)
 
 
+@pytest.mark.integration
 def test_a_members_flood_stalls_nobody_and_bloats_nothing(
     netns: str, routed: str, start_firewalld: Callable[..., Daemon]
 ) -> None:
@@ -268,6 +280,7 @@ print(json.dumps(made), flush=True)
 FILE_LIMIT = 512  # firewalld's, lowered with prlimit as the review did
 
 
+@pytest.mark.integration
 def test_a_member_grabbing_descriptors_cannot_crash_firewalld(
     netns: str, routed: str, start_firewalld: Callable[..., Daemon]
 ) -> None:
@@ -276,7 +289,10 @@ def test_a_member_grabbing_descriptors_cannot_crash_firewalld(
     )
     assert f"at most {FILE_LIMIT // 16} connections, {FILE_LIMIT // 8} tokens" in daemon.log
     result, made = beside_another(netns, daemon, 10.0, GRAB)
-    print(f"\nthe grab: {made}; the other member: {result['connected']} connections")
+    pauses = daemon.log.count("until some connections end")
+    print(
+        f"\nthe grab: {made}; the other member: {result['connected']} connections; {pauses} pauses"
+    )
     assert made["raw"] + made["zmq"] > FILE_LIMIT  # more than firewalld could ever hold
     tokens = FILE_LIMIT // 8
     assert made["replies"] == {"ReplySocketAnswer": tokens, "ErrorAnswer": 300 - tokens}
@@ -286,3 +302,77 @@ def test_a_member_grabbing_descriptors_cannot_crash_firewalld(
     assert result["sessions"] == 1
     assert "refused a connection of uid 65534: uid 65534 has 8 connections already" in daemon.log
     assert daemon.proc.poll() is None
+
+
+def listed(dealer: zmq.Socket[bytes], request_id: int) -> bool:
+    """Whether a ListSessions on this connection is answered within 5 s."""
+    dealer.send(encode_frame(request_id, ListSessionsRequest()))
+    if not dealer.poll(5000):
+        return False
+    return decode_frame(dealer.recv()) == (request_id, ListSessionsAnswer(()))
+
+
+def closed_door(path: str) -> bool:
+    """Whether a connection to path is refused now."""
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            return True
+    return False
+
+
+def test_not_listening_for_a_while_keeps_every_connection_made(tmp_path: Path) -> None:
+    """The server's own loop, in this process, under an open file limit just above what it
+    uses: a burst of connections makes it stop listening, and the connection made before
+    is still answered all along (zmq's unbind, used before, ended it), until it listens
+    again."""
+    path = str(tmp_path / "firewalld.sock")
+    sessions = Sessions({"nft": FakeMethod()}, 6.0, policy=Policy(POLICY_PATH))
+    # Five eighths of it (where listening resumes) leave 40 descriptors for the server and
+    # the first connection; three quarters (where it stops) a few dozen more.
+    limit = (len(os.listdir("/proc/self/fd")) + 40) * 8 // 5
+    server = Server(path, os.getgid(), sessions, max_connections=limit, file_limit=limit)
+    stop = threading.Event()
+    loop = threading.Thread(target=server.run, args=(stop.is_set,))
+    loop.start()
+    context = zmq.Context()
+    first, later = context.socket(zmq.DEALER), context.socket(zmq.DEALER)
+    burst: list[socket.socket] = []
+    try:
+        first.linger = later.linger = 0
+        first.connect("ipc://" + path)
+        assert listed(first, 1)
+        for _ in range(limit):  # never more than the limit: each is two descriptors here
+            sock = socket.socket(socket.AF_UNIX)
+            burst.append(sock)
+            try:
+                sock.connect(path)
+            except (FileNotFoundError, ConnectionRefusedError):
+                break  # the door is closed
+        for _ in range(50):  # the loop's look at its descriptors; 5 s at most
+            if not closed_door(path):
+                time.sleep(0.1)
+        assert closed_door(path)
+        assert listed(first, 2)
+        assert not os.path.exists(path)  # a new client is told firewalld is not running
+        for sock in burst:
+            sock.close()
+        for _ in range(100):  # libzmq's news of the ends, then the loop's look; 10 s at most
+            if os.path.exists(path):
+                break
+            time.sleep(0.1)
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o660
+        later.connect("ipc://" + path)
+        assert listed(later, 3)
+        assert listed(first, 4)
+    finally:
+        for sock in burst:
+            sock.close()
+        first.close()
+        later.close()
+        context.term()
+        stop.set()
+        loop.join(10)
+        server.close()
+    assert os.listdir(tmp_path) == []
