@@ -33,8 +33,8 @@ def prepare(targets: tuple[Target, ...], method: str, protocol: bool) -> Prepare
 def prepared_session(session: Session) -> Session:
     return dataclasses.replace(
         session,
-        subnets=prepare(session.subnets, session.method, True),  # type: ignore[arg-type]
-        excludes=prepare(session.excludes, session.method, False),  # type: ignore[arg-type]
+        subnets=prepare(session.subnets, session.method, True),
+        excludes=prepare(session.excludes, session.method, False),
     )
 
 
