@@ -30,6 +30,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -64,6 +65,8 @@ CHILD_MEMORY = 1024 * 1024 * 1024  # its address space: it peaked at 250 MiB of 
 NOBODY_GROUP = 65534  # the child's group (nogroup): none of the caller's groups
 READ = 1024 * 1024
 PR_SET_DUMPABLE = 4  # <linux/prctl.h>
+WATCH = 0.1  # seconds between looks at how the child runs (_meddled)
+STOPPED = frozenset("Tt")  # stopped by a signal, or by a tracer
 # What the child's text may hold: nft's elements are addresses, prefixes, ranges and port
 # ranges (no brace, no semicolon, no word: nothing can end the elements block); nat's matches
 # are exactly what target_match writes.
@@ -122,7 +125,7 @@ def prepare(payload: bytes, method: str, uid: int) -> Ready:
         os.close(writer)
     deadline = time.monotonic() + BUDGET
     try:
-        output = _read(reader, deadline)
+        output = _read(reader, deadline, child.pid)
         child.wait(max(0.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
         raise RequestError(f"the request's check took longer than {BUDGET:g} s") from None
@@ -136,14 +139,20 @@ def prepare(payload: bytes, method: str, uid: int) -> Ready:
     return _outcome(output, method)
 
 
-def _read(fd: int, deadline: float) -> bytes:
-    """The child's whole output; RequestError past the deadline or MAX_OUTPUT bytes."""
+def _read(fd: int, deadline: float, pid: int) -> bytes:
+    """The child's whole output; RequestError past the deadline or MAX_OUTPUT bytes, or as
+    soon as its caller slows it down (_meddled)."""
     chunks: list[bytes] = []
     size = 0
     while True:
         left = deadline - time.monotonic()
-        if left <= 0 or not select.select([fd], [], [], left)[0]:
+        if left <= 0:
             raise RequestError(f"the request's check took longer than {BUDGET:g} s")
+        if not select.select([fd], [], [], min(left, WATCH))[0]:
+            meddled = _meddled(pid)
+            if meddled is not None:
+                raise RequestError(f"the request's check was {meddled} by its caller")
+            continue
         chunk = os.read(fd, READ)
         if not chunk:
             return b"".join(chunks)
@@ -151,6 +160,25 @@ def _read(fd: int, deadline: float) -> bytes:
         if size > MAX_OUTPUT:
             raise RequestError(f"the request's rules would be longer than {MAX_OUTPUT} bytes")
         chunks.append(chunk)
+
+
+def _meddled(pid: int) -> str | None:
+    """What the caller did to its child, which runs as the caller and so may be stopped,
+    reniced or rescheduled by it: each would hold the worker, and every other member's
+    request behind it, until BUDGET ran out. None: nothing, or the child is gone (its end
+    is read next)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    # After the name: state is field 3 of proc(5), nice 19, policy 41.
+    state, nice, policy = fields[0], int(fields[16]), int(fields[38])
+    if state in STOPPED:
+        return "stopped"
+    # Lower than NICE: the child's start, before _confine; a caller cannot go that way.
+    if nice > NICE or policy != os.SCHED_OTHER:
+        return "slowed down"
+    return None
 
 
 def _outcome(output: bytes, method: str) -> Ready:

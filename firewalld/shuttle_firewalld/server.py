@@ -4,7 +4,9 @@ applies rules and ends sessions (lease expiry, exited openers).
 
 One zmq.Poller in the main thread answers every quick request itself and hands those that
 change rules (and any big frame) to the worker (worker.py), whose answers it sends when they
-are ready: no request can hold up a heartbeat. Whatever bytes arrive, each gets an answer and
+are ready: no request can hold up a heartbeat. A big OpenSession or UpdateSession is checked
+and its rule text made by a child process (offload.py), whose seconds of Python do not hold
+this process's GIL. Whatever bytes arrive, each gets an answer and
 the loop goes on; only a signal ends it.
 """
 
@@ -146,9 +148,10 @@ def _serve(
 
 
 def decode_in_pieces(payload: bytes) -> tuple[int, Message]:
-    """decode_frame's answer for a long frame, read one array item at a time: msgpack holds
-    the GIL for a whole value, and a value of 100,000 targets held it long enough to stall
-    the loop's thread; between items the loop gets its turn."""
+    """decode_frame's answer for a long frame (other than those answer_prepared takes), read
+    one array item at a time: msgpack holds the GIL for a whole value, and a value of 100,000
+    targets held it long enough to stall the loop's thread; between items the loop gets its
+    turn."""
     unpacker = new_unpacker(MAX_FRAME, MAX_ITEMS, MAX_FRAME)
     try:
         unpacker.feed(payload)

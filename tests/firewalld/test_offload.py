@@ -140,7 +140,7 @@ def says(value: object) -> str:
     return f"import sys; sys.stdout.buffer.write(bytes.fromhex({data.hex()!r}))"
 
 
-GOOD = (1, (4,), {4: "\t\t\t10.0.0.0/8 . 1-65535"}, {}, {})
+GOOD: tuple[object, ...] = (1, (4,), {4: "\t\t\t10.0.0.0/8 . 1-65535"}, {}, {})
 FRAME = encode_frame(1, UpdateSessionRequest("a" * 32, SUBNETS[:1], ()))
 
 
@@ -148,6 +148,14 @@ FRAME = encode_frame(1, UpdateSessionRequest("a" * 32, SUBNETS[:1], ()))
     ("script", "refusal"),
     [
         ("import time; time.sleep(30)", "took longer than 0.5 s"),
+        # What its caller (its uid) may do to it: each ends the check at once.
+        ("import os, signal; os.kill(os.getpid(), signal.SIGSTOP)", "was stopped by its caller"),
+        ("import os, time; os.nice(10); time.sleep(30)", "was slowed down by its caller"),
+        (
+            "import os, time; os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0)); "
+            "time.sleep(30)",
+            "was slowed down by its caller",
+        ),
         ("import sys; sys.stdout.buffer.write(b'x' * 5000)", "longer than 4096 bytes"),
         ("raise SystemExit(3)", r"failed \(exit 3\)"),
         ("import os; os.kill(os.getpid(), 9)", r"failed \(exit -9\)"),
@@ -173,7 +181,8 @@ FRAME = encode_frame(1, UpdateSessionRequest("a" * 32, SUBNETS[:1], ()))
 def test_a_child_that_fails_or_lies_refuses_the_request(
     monkeypatch: pytest.MonkeyPatch, script: str, refusal: str
 ) -> None:
-    monkeypatch.setattr(offload, "BUDGET", 0.5)
+    # Long enough for the stand-in's start under load, and each meddling is seen before.
+    monkeypatch.setattr(offload, "BUDGET", 5.0 if "caller" in refusal else 0.5)
     monkeypatch.setattr(offload, "MAX_OUTPUT", 4096)
     stand_in(monkeypatch, script)
     with pytest.raises(RequestError, match=refusal):

@@ -31,10 +31,12 @@ def prepare(targets: tuple[Target, ...], method: str, protocol: bool) -> Prepare
 
 
 def prepared_session(session: Session) -> Session:
+    subnets, excludes = session.subnets, session.excludes
+    assert isinstance(subnets, tuple) and isinstance(excludes, tuple)
     return dataclasses.replace(
         session,
-        subnets=prepare(session.subnets, session.method, True),
-        excludes=prepare(session.excludes, session.method, False),
+        subnets=prepare(subnets, session.method, True),
+        excludes=prepare(excludes, session.method, False),
     )
 
 
