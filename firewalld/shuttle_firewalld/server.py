@@ -17,6 +17,7 @@ import logging
 import os
 import socket
 import stat
+import sys
 import tempfile
 import threading
 import time
@@ -293,9 +294,8 @@ class Server:
         five eighths. libzmq accepts every connection as it comes, faster than the monitor's
         news of them, and aborts when accept() meets the limit: so a burst of connections
         must meet a closed door first. Meanwhile the connections made go on being served."""
-        if not self._paused and self._connections.highest < self._pause_at:
-            return  # the quick answer: descriptors below it were in use, and no more
-        self._connections.highest = 0
+        if not self._paused and _lowest_free(self._worker.fileno()) < self._pause_at:
+            return  # the quick answer: fewer in use, and no more
         used = len(os.listdir("/proc/self/fd"))
         if not self._paused and used >= self._pause_at:
             try:
@@ -629,6 +629,19 @@ class FdServer:
         poller.unregister(waiting.conn.fileno())
         if close:
             waiting.conn.close()
+
+
+def _lowest_free(fd: int) -> int:
+    """The lowest free descriptor now: a duplicate of fd takes it, so every one below is in
+    use (libzmq's accepts take them from the lowest up). The monitor's news of those accepts
+    came too late for this: under load its events lagged behind while libzmq accepted up to
+    the limit, and aborted."""
+    try:
+        probe = os.dup(fd)
+    except OSError:  # none left
+        return sys.maxsize
+    os.close(probe)
+    return probe
 
 
 def _hide(path: str) -> str:
