@@ -79,9 +79,9 @@ def answer(sessions: Sessions, uid: int, payload: bytes, pid: int | None = None)
     """The answer frame to one request frame from uid (process pid). Never raises."""
     if len(payload) > QUICK_FRAME:
         tag, first = peek(payload)
-        if tag in PREPARED and first is not None:
+        if tag in PREPARED:  # the child decodes it, whatever its first field
             update = tag == UpdateSessionRequest.TAG
-            return answer_prepared(sessions, uid, payload, pid, update=update, first=first)
+            return answer_prepared(sessions, uid, payload, pid, update=update, first=first or "")
     try:
         if len(payload) > QUICK_FRAME:
             request_id, request = decode_in_pieces(payload)
@@ -98,7 +98,8 @@ def answer_prepared(
 ) -> bytes:
     """answer()'s way with a long OpenSession or UpdateSession (update): a child checks it
     and prepares its targets (offload.py) for the method the session has (first: its id) or
-    the request asks for (first: the method); the rest as for any request. Never raises."""
+    the request asks for (first: the method; "" if the frame's head holds no text there);
+    the rest as for any request. Never raises."""
     try:
         ready = offload.prepare(payload, _method_for(sessions, uid, update, first), uid)
         request_id, request = ready.request(UpdateSessionRequest if update else OpenSessionRequest)

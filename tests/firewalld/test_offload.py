@@ -22,6 +22,8 @@ from shuttle_protocol.firewall_messages import (
     ErrorAnswer,
     ListSessionsRequest,
     OpenSessionAnswer,
+    OpenSessionRequest,
+    SetHostsRequest,
     UpdateSessionAnswer,
     UpdateSessionRequest,
 )
@@ -203,3 +205,29 @@ def test_the_daemon_checks_the_stand_in_too(
         assert isinstance(refused, ErrorAnswer)
         assert refused.text.startswith("the request's check said something else")
     assert method.updated == []
+
+
+def test_every_long_open_or_update_is_the_childs_to_decode(
+    monkeypatch: pytest.MonkeyPatch, sessions: Sessions
+) -> None:
+    stand_in(monkeypatch, says(["refused", "the child's word"]))
+    targets = [list(target) for target in SUBNETS]
+    frames = [
+        long_update("a" * 32),
+        pack([9, UpdateSessionRequest.TAG, "x" * 33, targets, []]),  # no session id
+        pack([9, UpdateSessionRequest.TAG, None, targets, []]),
+        encode_frame(9, open_request(method="auto", subnets=tuple(s for s, _, _ in SUBNETS))),
+        pack([9, OpenSessionRequest.TAG, 7, 12300, targets, [], 1000, -1, False, []]),
+    ]
+    for frame in frames:
+        assert len(frame) > QUICK_FRAME
+        assert decode_frame(answer(sessions, 1000, frame)) == (9, ErrorAnswer("the child's word"))
+    # Any other long frame is decoded here, as before.
+    hosts = pack([9, SetHostsRequest.TAG, "a" * 32, [["h" * 60, "10.0.0.1"]] * 2000])
+    assert len(hosts) > QUICK_FRAME
+    assert decode_frame(answer(sessions, 1000, hosts)) == (9, ErrorAnswer("no such session"))
+
+
+def pack(value: object) -> bytes:
+    data: bytes = msgpack.packb(value, use_bin_type=True)
+    return data
