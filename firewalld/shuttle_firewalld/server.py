@@ -247,6 +247,7 @@ class Server:
         self._hidden = ""  # where the socket file is while paused (_hide)
         self._worker = Worker(sessions, functools.partial(answer, sessions))
         _prepare_path(path)
+        _remove_hiding_places(path)
         self._context = zmq.Context()
         # The ZAP handler must be bound before the ROUTER accepts anyone.
         self._zap = self._context.socket(zmq.REP)
@@ -657,7 +658,7 @@ def _hide(path: str) -> str:
     """
     os.chmod(path, 0o600)
     try:
-        place = tempfile.mkdtemp(prefix=".paused-", dir=os.path.dirname(path))  # mode 0700
+        place = tempfile.mkdtemp(prefix=_hiding_prefix(path), dir=os.path.dirname(path))
         hidden = os.path.join(place, os.path.basename(path))
         os.rename(path, hidden)
     except OSError:
@@ -673,6 +674,30 @@ def _show(hidden: str, path: str) -> None:
     os.chmod(path, 0o660)
     os.unlink(hidden)
     _remove_hiding_place(hidden)
+
+
+def _hiding_prefix(path: str) -> str:
+    """The name of _hide's directories (mode 0700) start so, beside the socket file."""
+    return f".{os.path.basename(path)}.paused-"
+
+
+def _remove_hiding_places(path: str) -> None:
+    """Remove what a run that ended while not listening left of _hide's (no firewalld
+    listens at path now: _prepare_path said so)."""
+    parent, prefix = os.path.dirname(path), _hiding_prefix(path)
+    for name in os.listdir(parent):
+        place = os.path.join(parent, name)
+        if not name.startswith(prefix) or not os.path.isdir(place):
+            continue
+        hidden = os.path.join(place, os.path.basename(path))
+        try:
+            if stat.S_ISSOCK(os.lstat(hidden).st_mode):
+                os.unlink(hidden)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("cannot remove %s: %s", hidden, exc)
+        _remove_hiding_place(hidden)
 
 
 def _remove_hiding_place(hidden: str) -> None:

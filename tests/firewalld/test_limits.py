@@ -336,11 +336,16 @@ def test_not_listening_for_a_while_keeps_every_connection_made(tmp_path: Path) -
     is still answered all along (zmq's unbind, used before, ended it), until it listens
     again."""
     path = str(tmp_path / "firewalld.sock")
+    # What a run that ended while not listening left: removed at start.
+    (tmp_path / ".firewalld.sock.paused-old").mkdir(mode=0o700)
+    with socket.socket(socket.AF_UNIX) as old:
+        old.bind(str(tmp_path / ".firewalld.sock.paused-old" / "firewalld.sock"))
     sessions = Sessions({"nft": FakeMethod()}, 6.0, policy=Policy(POLICY_PATH))
     # Five eighths of it (where listening resumes) leave 40 descriptors for the server and
     # the first connection; three quarters (where it stops) a few dozen more.
     limit = (len(os.listdir("/proc/self/fd")) + 40) * 8 // 5
     server = Server(path, os.getgid(), sessions, max_connections=limit, file_limit=limit)
+    assert sorted(os.listdir(tmp_path)) == ["firewalld.sock"]
     stop = threading.Event()
     loop = threading.Thread(target=server.run, args=(stop.is_set,))
     loop.start()
