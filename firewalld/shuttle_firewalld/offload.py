@@ -68,8 +68,8 @@ PR_SET_DUMPABLE = 4  # <linux/prctl.h>
 WATCH = 0.1  # seconds between looks at how the child runs (_meddled)
 STOPPED = frozenset("Tt")  # stopped by a signal, or by a tracer
 # What the child's text may hold: nft's elements are addresses, prefixes, ranges and port
-# ranges (no brace, no semicolon, no word: nothing can end the elements block); nat's matches
-# are exactly what target_match writes.
+# ranges, and without a brace nothing can end the elements block they sit in; nat's matches
+# are exactly what target_match writes, one a line.
 ELEMENT_CHARACTERS = "0123456789abcdef.:/-, \t\n"
 NAT_MATCH = re.compile(r"-d [0-9a-f.:/]+( -p tcp)?( -m tcp --dport [0-9]+(:[0-9]+)?)?")
 
