@@ -36,9 +36,6 @@ class Connections:
     def __init__(self, router: zmq.Socket[bytes], path: str, limit: int = MAX_CONNECTIONS) -> None:
         """Before router binds, so that no connection goes uncounted."""
         self.limit = limit
-        # The highest descriptor libzmq got for a connection since the last look: the kernel
-        # gives the lowest free one, so all below it were open then (see Server).
-        self.highest = 0
         self._router = router
         self._path = path
         self.monitor = router.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
@@ -62,7 +59,6 @@ class Connections:
                 return False
             fd = event["value"]
             if event["event"] == zmq.EVENT_ACCEPTED:
-                self.highest = max(self.highest, fd)
                 self._forget(fd)  # a descriptor reused before we read its disconnection
                 self._accepted(fd)
             elif event["event"] == zmq.EVENT_DISCONNECTED:

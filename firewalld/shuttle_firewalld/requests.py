@@ -44,6 +44,7 @@ from shuttle_protocol.firewall_messages import (
 from shuttle_protocol.schema import REGISTRY, Message
 
 from .errors import RequestError
+from .prepared import Prepared
 from .session import Session
 from .sessions import Sessions
 
@@ -53,14 +54,17 @@ R = TypeVar("R", bound=Message)
 @dataclass(frozen=True)
 class Caller:
     """Who sent a request, as the kernel says: its uid, and its pid (None: a caller inside
-    firewalld's own process, whose sessions only their lease ends)."""
+    firewalld's own process, whose sessions only their lease ends); and for a big
+    OpenSession or UpdateSession, its subnets and excludes as offload.py prepared them (the
+    request itself then holds a stand-in)."""
 
     uid: int
     pid: int | None = None
+    prepared: tuple[Prepared, Prepared] | None = None
 
 
 def _open(sessions: Sessions, caller: Caller, request: OpenSessionRequest) -> Message:
-    opened = sessions.open(caller.uid, request, caller.pid)
+    opened = sessions.open(caller.uid, request, caller.pid, caller.prepared)
     return OpenSessionAnswer(opened.id, sessions.lease, opened.method)
 
 
@@ -107,7 +111,8 @@ def _list(sessions: Sessions, caller: Caller, request: ListSessionsRequest) -> M
 def _update(
     sessions: Sessions, caller: Caller, request: UpdateSessionRequest, session: Session
 ) -> Message:
-    return UpdateSessionAnswer(sessions.update(session, request.subnets, request.excludes))
+    rules = sessions.update(session, request.subnets, request.excludes, caller.prepared)
+    return UpdateSessionAnswer(rules)
 
 
 @dataclass(frozen=True)
@@ -161,13 +166,20 @@ TABLE: Mapping[type[Message], Allowed] = {
 }
 
 
-def handle(sessions: Sessions, uid: int, request: Message, pid: int | None = None) -> Message:
-    """The answer to one decoded request from uid (and its process pid); RequestError if it
-    is refused. Safe in the loop and in the worker thread alike."""
+def handle(
+    sessions: Sessions,
+    uid: int,
+    request: Message,
+    pid: int | None = None,
+    prepared: tuple[Prepared, Prepared] | None = None,
+) -> Message:
+    """The answer to one decoded request from uid (and its process pid, and what offload.py
+    prepared of it); RequestError if it is refused. Safe in the loop and in the worker
+    thread alike."""
     allowed = TABLE.get(type(request))
     if allowed is None:
         raise RequestError(f"{type(request).__name__} is not a request firewalld serves")
-    caller = Caller(uid, pid)
+    caller = Caller(uid, pid, prepared)
     if allowed.slow:
         return allowed.serve(sessions, caller, request)
     with sessions.lock:

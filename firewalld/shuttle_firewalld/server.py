@@ -4,7 +4,9 @@ applies rules and ends sessions (lease expiry, exited openers).
 
 One zmq.Poller in the main thread answers every quick request itself and hands those that
 change rules (and any big frame) to the worker (worker.py), whose answers it sends when they
-are ready: no request can hold up a heartbeat. Whatever bytes arrive, each gets an answer and
+are ready: no request can hold up a heartbeat. A big OpenSession or UpdateSession is checked
+and its rule text made by a child process (offload.py), whose seconds of Python do not hold
+this process's GIL. Whatever bytes arrive, each gets an answer and
 the loop goes on; only a signal ends it.
 """
 
@@ -15,6 +17,8 @@ import logging
 import os
 import socket
 import stat
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -23,16 +27,23 @@ from typing import Any
 
 import zmq
 from shuttle_protocol.errors import RemoteProtocolError
-from shuttle_protocol.firewall_messages import PAIRS, TOKEN_LEN, SocketsHandover
+from shuttle_protocol.firewall_messages import (
+    PAIRS,
+    TOKEN_LEN,
+    OpenSessionRequest,
+    SocketsHandover,
+    UpdateSessionRequest,
+)
 from shuttle_protocol.frames import MAX_FRAME, MAX_ITEMS, decode_frame, encode_frame, frame_message
 from shuttle_protocol.schema import Message
 from shuttle_protocol.stream import new_unpacker, unpack_errors
 from shuttle_protocol.zap import PID_PROPERTY, ZAP_ENDPOINT, Peer, anyone, zap_reply
 
-from . import requests
+from . import offload, requests
 from .connections import MAX_CONNECTIONS, UCRED, Connections
 from .errors import RequestError, StartupError
 from .handover import Grants, HandoverRefused
+from .prepared import Prepared
 from .sessions import Sessions
 from .worker import Job, Worker
 
@@ -50,6 +61,8 @@ DOMAIN = b"shuttle"  # our ZAP domain
 # bounds what one member's requests make firewalld decode and hold while they wait.
 MEMBER_MAX_FRAME = 3 * 1024 * 1024
 QUICK_FRAME = 64 * 1024  # a frame longer than this goes to the worker, whatever it is
+# Requests whose long frames a child checks and prepares (offload.py): those with targets.
+PREPARED = frozenset({OpenSessionRequest.TAG, UpdateSessionRequest.TAG})
 # What peek and refuse_frame read of a frame: a request id (9 bytes at most in msgpack), a
 # tag, and a session id (32 characters) after the array's header.
 HEAD = 64
@@ -64,6 +77,11 @@ ARRAY_MARKERS = frozenset(range(0x90, 0xA0)) | {0xDC, 0xDD}
 
 def answer(sessions: Sessions, uid: int, payload: bytes, pid: int | None = None) -> bytes:
     """The answer frame to one request frame from uid (process pid). Never raises."""
+    if len(payload) > QUICK_FRAME:
+        tag, first = peek(payload)
+        if tag in PREPARED:  # the child decodes it, whatever its first field
+            update = tag == UpdateSessionRequest.TAG
+            return answer_prepared(sessions, uid, payload, pid, update=update, first=first or "")
     try:
         if len(payload) > QUICK_FRAME:
             request_id, request = decode_in_pieces(payload)
@@ -72,8 +90,57 @@ def answer(sessions: Sessions, uid: int, payload: bytes, pid: int | None = None)
     except RemoteProtocolError as exc:
         log.info("bad request from uid %d: %s", uid, exc)
         return PAIRS.refuse_frame(head(payload), f"bad request: {exc}")
+    return _serve(sessions, uid, request_id, request, pid)
+
+
+def answer_prepared(
+    sessions: Sessions, uid: int, payload: bytes, pid: int | None, *, update: bool, first: str
+) -> bytes:
+    """answer()'s way with a long OpenSession or UpdateSession (update): a child checks it
+    and prepares its targets (offload.py) for the method the session has (first: its id) or
+    the request asks for (first: the method; "" if the frame's head holds no text there);
+    the rest as for any request. Never raises."""
     try:
-        return PAIRS.reply(request_id, request, requests.handle(sessions, uid, request, pid))
+        ready = offload.prepare(payload, _method_for(sessions, uid, update, first), uid)
+        request_id, request = ready.request(UpdateSessionRequest if update else OpenSessionRequest)
+        if isinstance(request, UpdateSessionRequest) and request.session != first:
+            raise RequestError("the request's check said something else: another session")
+    except RequestError as exc:
+        log.info("refused a request of uid %d: %s", uid, exc)
+        return PAIRS.refuse_frame(head(payload), str(exc))
+    except Exception as exc:  # our bug, as in _serve
+        log.exception("internal error on a long request from uid %d", uid)
+        return PAIRS.refuse_frame(head(payload), f"internal error: {type(exc).__name__}: {exc}")
+    prepared = (ready.subnets, ready.excludes)
+    return _serve(sessions, uid, request_id, request, pid, prepared=prepared)
+
+
+def _method_for(sessions: Sessions, uid: int, update: bool, first: str) -> str:
+    """The method a long request's targets are prepared for: its session's, or the one it
+    asks for. nft if there is none: the request is refused after the child's check, as in
+    answer(), so that a malformed frame is answered "bad request" first."""
+    try:
+        if update:
+            with sessions.lock:
+                return sessions.owned(first, uid).method
+        return sessions.choose(first)
+    except RequestError:
+        return "nft"
+
+
+def _serve(
+    sessions: Sessions,
+    uid: int,
+    request_id: int,
+    request: Message,
+    pid: int | None,
+    *,
+    prepared: tuple[Prepared, Prepared] | None = None,
+) -> bytes:
+    """The answer frame to a decoded request. Never raises."""
+    try:
+        answered = requests.handle(sessions, uid, request, pid, prepared)
+        return PAIRS.reply(request_id, request, answered)
     except RequestError as exc:
         log.info("refused %s from uid %d: %s", type(request).__name__, uid, exc)
         return PAIRS.refuse(request_id, str(exc))
@@ -83,9 +150,10 @@ def answer(sessions: Sessions, uid: int, payload: bytes, pid: int | None = None)
 
 
 def decode_in_pieces(payload: bytes) -> tuple[int, Message]:
-    """decode_frame's answer for a long frame, read one array item at a time: msgpack holds
-    the GIL for a whole value, and a value of 100,000 targets held it long enough to stall
-    the loop's thread; between items the loop gets its turn."""
+    """decode_frame's answer for a long frame (other than those answer_prepared takes), read
+    one array item at a time: msgpack holds the GIL for a whole value, and a value of 100,000
+    targets held it long enough to stall the loop's thread; between items the loop gets its
+    turn."""
     unpacker = new_unpacker(MAX_FRAME, MAX_ITEMS, MAX_FRAME)
     try:
         unpacker.feed(payload)
@@ -176,8 +244,10 @@ class Server:
         self._file_limit = file_limit
         self._pause_at, self._resume_at = file_limit * 3 // 4, file_limit * 5 // 8
         self._paused = False
+        self._hidden = ""  # where the socket file is while paused (_hide)
         self._worker = Worker(sessions, functools.partial(answer, sessions))
         _prepare_path(path)
+        _remove_hiding_places(path)
         self._context = zmq.Context()
         # The ZAP handler must be bound before the ROUTER accepts anyone.
         self._zap = self._context.socket(zmq.REP)
@@ -221,17 +291,20 @@ class Server:
         return inode
 
     def _watch_descriptors(self) -> None:
-        """Stop listening while three quarters of the open file limit are in use (the caps
-        of main.descriptor_budget keep well below that), and listen again below five eighths.
-        libzmq accepts every connection as it comes, faster than the monitor's news of them,
-        and aborts when accept() meets the limit: so a burst of connections must meet a closed
-        door first. Meanwhile the connections made go on being served."""
-        if not self._paused and self._connections.highest < self._pause_at:
-            return  # the quick answer: descriptors below it were in use, and no more
-        self._connections.highest = 0
+        """Stop taking connections while three quarters of the open file limit are in use
+        (the caps of main.descriptor_budget keep well below that), and take them again below
+        five eighths. libzmq accepts every connection as it comes, faster than the monitor's
+        news of them, and aborts when accept() meets the limit: so a burst of connections
+        must meet a closed door first. Meanwhile the connections made go on being served."""
+        if not self._paused and _lowest_free(self._worker.fileno()) < self._pause_at:
+            return  # the quick answer: fewer in use, and no more
         used = len(os.listdir("/proc/self/fd"))
         if not self._paused and used >= self._pause_at:
-            self._router.unbind("ipc://" + self.path)
+            try:
+                self._hidden = _hide(self.path)
+            except OSError as exc:
+                log.warning("cannot stop listening on ipc://%s: %s", self.path, exc)
+                return
             self._paused = True
             log.warning(
                 "%d open files, of %d allowed: not listening on ipc://%s until some "
@@ -242,9 +315,8 @@ class Server:
             )
         elif self._paused and used < self._resume_at:
             try:
-                _prepare_path(self.path)
-                self._inode = self._listen()
-            except (StartupError, zmq.ZMQError, OSError) as exc:
+                _show(self._hidden, self.path)
+            except OSError as exc:
                 log.warning("cannot listen on ipc://%s again yet: %s", self.path, exc)
                 return
             self._paused = False
@@ -295,7 +367,11 @@ class Server:
         if self._fds is not None:
             self._fds.close()
         self._close_sockets()
-        _remove_socket_file(self.path, self._inode)
+        if self._paused:
+            _remove_socket_file(self._hidden, self._inode)
+            _remove_hiding_place(self._hidden)
+        else:
+            _remove_socket_file(self.path, self._inode)
 
     def _close_sockets(self) -> None:
         self._connections.close()
@@ -555,6 +631,80 @@ class FdServer:
         poller.unregister(waiting.conn.fileno())
         if close:
             waiting.conn.close()
+
+
+def _lowest_free(fd: int) -> int:
+    """The lowest free descriptor now: a duplicate of fd takes it, so every one below is in
+    use (libzmq's accepts take them from the lowest up). The monitor's news of those accepts
+    came too late for this: under load its events lagged behind while libzmq accepted up to
+    the limit, and aborted."""
+    try:
+        probe = os.dup(fd)
+    except OSError:  # none left
+        return sys.maxsize
+    os.close(probe)
+    return probe
+
+
+def _hide(path: str) -> str:
+    """Close the door of the listening socket at path and return where its file is now.
+
+    Not zmq's unbind: libzmq ends every connection it accepted on an endpoint it unbinds
+    (tried here with libzmq 4.3.4), so one member's burst of connections cut every other
+    client off. The listener stays; its file goes into a directory of root's alone, and its
+    mode becomes 0600, for a connect() through a path opened before (/proc/self/fd/N of
+    an O_PATH descriptor) passes over the directories but not over the file's own mode.
+    A new client finds no socket file, as when firewalld is not running.
+    """
+    os.chmod(path, 0o600)
+    try:
+        place = tempfile.mkdtemp(prefix=_hiding_prefix(path), dir=os.path.dirname(path))
+        hidden = os.path.join(place, os.path.basename(path))
+        os.rename(path, hidden)
+    except OSError:
+        os.chmod(path, 0o660)
+        raise
+    return hidden
+
+
+def _show(hidden: str, path: str) -> None:
+    """Open the door _hide closed: the socket file back at path (never over another one
+    that appeared there meanwhile), mode 0660."""
+    os.link(hidden, path)
+    os.chmod(path, 0o660)
+    os.unlink(hidden)
+    _remove_hiding_place(hidden)
+
+
+def _hiding_prefix(path: str) -> str:
+    """The name of _hide's directories (mode 0700) start so, beside the socket file."""
+    return f".{os.path.basename(path)}.paused-"
+
+
+def _remove_hiding_places(path: str) -> None:
+    """Remove what a run that ended while not listening left of _hide's (no firewalld
+    listens at path now: _prepare_path said so)."""
+    parent, prefix = os.path.dirname(path), _hiding_prefix(path)
+    for name in os.listdir(parent):
+        place = os.path.join(parent, name)
+        if not name.startswith(prefix) or not os.path.isdir(place):
+            continue
+        hidden = os.path.join(place, os.path.basename(path))
+        try:
+            if stat.S_ISSOCK(os.lstat(hidden).st_mode):
+                os.unlink(hidden)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("cannot remove %s: %s", hidden, exc)
+        _remove_hiding_place(hidden)
+
+
+def _remove_hiding_place(hidden: str) -> None:
+    try:
+        os.rmdir(os.path.dirname(hidden))
+    except OSError as exc:
+        log.warning("cannot remove %s: %s", os.path.dirname(hidden), exc)
 
 
 def _remove_socket_file(path: str, inode: int) -> None:

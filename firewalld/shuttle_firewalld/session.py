@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 
 from shuttle_protocol.firewall_messages import ANY_OWNER
 
-from .targets import Address, Target
+from .prepared import Targets, versions_of
+from .targets import Address
 from .transparent import Flow
 
 
@@ -23,8 +24,8 @@ class Session:
     caller: int  # the uid that opened the session and owns it (the kernel said so)
     method: str  # the method applied: "nat", "nft" or "tproxy"
     port: int  # where captured traffic goes (tproxy: the port firewalld picked)
-    subnets: tuple[Target, ...]
-    excludes: tuple[Target, ...]
+    subnets: Targets
+    excludes: Targets
     deadline: float
     uid: int = ANY_OWNER  # whose traffic is captured; ANY_OWNER: everybody's
     gid: int = ANY_OWNER  # and of which group; ANY_OWNER: any
@@ -50,8 +51,8 @@ class Session:
     def versions(self) -> tuple[int, ...]:
         """The IP versions the session captures: those of its subnets and of its
         nameservers, 4 before 6."""
-        found = {target.version for target in self.subnets}
-        return tuple(sorted(found | {address.version for address in self.dns}))
+        found = versions_of(self.subnets) | {address.version for address in self.dns}
+        return tuple(sorted(found))
 
     def scope(self) -> str:
         """Whose traffic, in words, for the log."""

@@ -39,6 +39,7 @@ from .methods.base import Method
 from .methods.choice import choose
 from .policy import DEFAULT_PATH, Policy
 from .ports import Listener, port_problem, program_problem, sockets_on, udp_sockets
+from .prepared import Prepared, Targets, releasable, versions_of
 from .session import Session
 from .sockdiag import SockDiagError
 from .targets import Target
@@ -124,26 +125,37 @@ class Sessions:
         """The method a session asking for this gets; RequestError if it does not work."""
         return choose(requested, self._methods, self._broken)
 
-    def open(self, caller: int, request: OpenSessionRequest, pid: int | None = None) -> Session:
+    def open(
+        self,
+        caller: int,
+        request: OpenSessionRequest,
+        pid: int | None = None,
+        prepared: tuple[Prepared, Prepared] | None = None,
+    ) -> Session:
         """Check the caller's request against policy, apply it, and register the session.
 
         pid: the calling process (the kernel's word, as for caller): the session ends when
         it exits, as well as when its lease runs out. None (callers inside firewalld's own
-        process only): the lease alone.
+        process only): the lease alone. prepared: the request's subnets and excludes as
+        offload.py made them (a big request; then the request's own are a stand-in).
         """
         method = self.choose(request.method)
         refusal = self._policy.check(caller, request.uid, request.forward)
         if refusal is not None:
             raise RequestError(refusal)
-        subnets = _targets(request.subnets)
+        subnets, excludes = (
+            _targets(request.subnets, request.excludes)
+            if prepared is None
+            else _prepared(prepared, method)
+        )
         # The protocol checked each address's form; a repeated one would repeat in the rules.
         dns = tuple(dict.fromkeys(map(ipaddress.ip_address, request.dns)))
         dns_versions = {address.version for address in dns}
         # DNS over TCP to an IPv6 nameserver lands on the TCP listener's IPv6 side, too.
-        versions = {target.version for target in subnets} | dns_versions
+        versions = versions_of(subnets) | dns_versions
         if not self._methods[method].makes_sockets:  # else the request's port means nothing
             self._check_port(caller, request.port, versions, request.forward, dns_versions)
-        self._check_targets(caller, len(request.subnets) + len(request.excludes))
+        self._check_targets(caller, len(subnets) + len(excludes))
         owned = sum(1 for session in self._open.values() if session.caller == caller)
         if owned >= MAX_SESSIONS_PER_UID:
             raise RequestError(f"uid {caller} already has {MAX_SESSIONS_PER_UID} sessions open")
@@ -159,7 +171,7 @@ class Sessions:
             method=method,
             port=request.port,
             subnets=subnets,
-            excludes=_targets(request.excludes),
+            excludes=excludes,
             deadline=0.0,
             uid=request.uid,
             gid=request.gid,
@@ -255,23 +267,26 @@ class Sessions:
         session: Session,
         subnets: tuple[WireTarget, ...],
         excludes: tuple[WireTarget, ...],
+        prepared: tuple[Prepared, Prepared] | None = None,
     ) -> int:
         """Replace the session's subnets and excludes, with the checks open() makes for
-        them; all or nothing. The new rule count."""
+        them; all or nothing. The new rule count. prepared: as for open()."""
         refusal = self._policy.check(session.caller, session.uid, session.forward)
         if refusal is not None:  # group membership counts as it is now, as for open()
             raise RequestError(refusal)
-        self._check_targets(session.caller, len(subnets) + len(excludes), session)
-        new_subnets, new_excludes = _targets(subnets), _targets(excludes)
+        new_subnets, new_excludes = (
+            _targets(subnets, excludes) if prepared is None else _prepared(prepared, session.method)
+        )
+        self._check_targets(session.caller, len(new_subnets) + len(new_excludes), session)
         try:
             rules = self._apply_update(session, new_subnets, new_excludes)
         except BaseException:
-            refused = [*new_subnets, *new_excludes]
+            refused = releasable(new_subnets, new_excludes)
             new_subnets = new_excludes = ()
             free_in_pieces(refused)
             raise
         # Freed after the lock and in pieces (free_in_pieces): 100,000 targets take a while.
-        old = [*session.subnets, *session.excludes]
+        old = releasable(session.subnets, session.excludes)
         with self.lock:  # a reply socket's check reads subnets and excludes together
             session.subnets, session.excludes, session.rules = new_subnets, new_excludes, rules
             # As after open: applying many rules takes a while, and the caller's heartbeat
@@ -299,12 +314,10 @@ class Sessions:
         )
         return rules
 
-    def _apply_update(
-        self, session: Session, subnets: tuple[Target, ...], excludes: tuple[Target, ...]
-    ) -> int:
+    def _apply_update(self, session: Session, subnets: Targets, excludes: Targets) -> int:
         """update()'s port check and rules; the new rule count."""
         dns_versions = {address.version for address in session.dns}
-        versions = {target.version for target in subnets} | dns_versions
+        versions = versions_of(subnets) | dns_versions
         method = self._methods[session.method]
         # The port must still be the caller's, for every version captured from now on: the
         # caller may have closed its listener since open, and another uid taken the port.
@@ -454,7 +467,7 @@ class Sessions:
         )
         # Its targets go now, in pieces, not whenever the last reference to it goes.
         with self.lock:
-            targets = [*session.subnets, *session.excludes]
+            targets = releasable(session.subnets, session.excludes)
             session.subnets = session.excludes = ()
         free_in_pieces(targets)
 
@@ -490,8 +503,19 @@ class Sessions:
             self.close(session, why)
 
 
-def _targets(items: tuple[WireTarget, ...]) -> tuple[Target, ...]:
-    return tuple(Target.from_wire(item) for item in items)
+def _targets(
+    subnets: tuple[WireTarget, ...], excludes: tuple[WireTarget, ...]
+) -> tuple[Targets, Targets]:
+    return tuple(map(Target.from_wire, subnets)), tuple(map(Target.from_wire, excludes))
+
+
+def _prepared(prepared: tuple[Prepared, Prepared], method: str) -> tuple[Targets, Targets]:
+    """offload.py's subnets and excludes, if made for this method."""
+    if any(part.method != method for part in prepared):
+        # The method was chosen before the child ran and again now: only a change between
+        # the two (none happens while firewalld runs) could differ.
+        raise RequestError(f"the request was prepared for another method than {method}")
+    return prepared
 
 
 def free_in_pieces(items: list[T]) -> None:

@@ -20,7 +20,8 @@ from collections.abc import Collection, Iterable
 from typing import Any, NamedTuple, Union
 
 from .errors import RequestError
-from .targets import DNS_PORT, LOOPBACK, Address, Target
+from .prepared import Targets, covers
+from .targets import DNS_PORT, LOOPBACK, Address
 
 # <linux/in.h> and <linux/in6.h>; Python's socket module does not name them.
 IP_TRANSPARENT = 19
@@ -174,16 +175,9 @@ def show(address: Address, port: int) -> str:
     return f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}"
 
 
-def _covers(targets: Iterable[Target], address: Address, port: int) -> bool:
-    return any(
-        address in target.network and target.first_port <= port <= target.last_port
-        for target in targets
-    )
-
-
 def reply_problem(
-    subnets: Iterable[Target],
-    excludes: Iterable[Target],
+    subnets: Targets,
+    excludes: Targets,
     address: Address,
     port: int,
     *,
@@ -209,7 +203,7 @@ def reply_problem(
     ):
         return f"{where} is not an address this session captures"
     nameserver = port == DNS_PORT and address in dns  # captured whatever the excludes say
-    if not nameserver and (not _covers(subnets, address, port) or _covers(excludes, address, port)):
+    if not nameserver and (not covers(subnets, address, port) or covers(excludes, address, port)):
         return f"{where} is not inside the session's subnets (or is excluded)"
     return None
 

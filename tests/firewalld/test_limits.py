@@ -1,6 +1,7 @@
 """No member can stall, bloat or crash firewalld: the real daemon in a namespace, a member
 (nobody) doing its worst, and another member's real client keeping its session and its
-traffic all along.
+traffic all along; and the server's loop in this process, made to stop listening by a burst
+of connections, still serving the connection made before.
 
 Times are measured and printed (pytest -s shows them), never asserted: the assertions are
 that every heartbeat was answered within the lease, that the other member's captured
@@ -11,19 +12,29 @@ docs/firewalld.md states, and that firewalld never fell over.
 from __future__ import annotations
 
 import json
+import os
+import socket
+import stat
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+import zmq
+from shuttle_firewalld.policy import Policy
+from shuttle_firewalld.server import Server
+from shuttle_firewalld.sessions import Sessions
+from shuttle_protocol.firewall_messages import ListSessionsAnswer, ListSessionsRequest
+from shuttle_protocol.frames import decode_frame, encode_frame
 
 from .daemon import NOBODY, Daemon, shuttle_tables
+from .fakes import POLICY_PATH, FakeMethod
 
-pytestmark = pytest.mark.integration
-
-RSS_BOUND_MIB = 288  # docs/firewalld.md, "Limits"
+RSS_BOUND_MIB = 200  # docs/firewalld.md, "Limits"
 FLOOD_SECONDS = 60.0  # the issue asks for a minute
 LEASE = 2.0
 # Another member: its own uid, in firewalld's group (nogroup) as nobody is.
@@ -186,6 +197,7 @@ def beside_another(
     return json.loads(victim_out), json.loads(other_out)
 
 
+@pytest.mark.integration
 def test_a_members_flood_stalls_nobody_and_bloats_nothing(
     netns: str, routed: str, start_firewalld: Callable[..., Daemon]
 ) -> None:
@@ -196,6 +208,7 @@ def test_a_members_flood_stalls_nobody_and_bloats_nothing(
         times = sorted(result.pop(kind))
         print(
             f"\n{kind} during the flood: {len(times)}, median {times[len(times) // 2]:.3f} s, "
+            f"90% {times[len(times) * 9 // 10]:.3f} s, 99% {times[len(times) * 99 // 100]:.3f} s, "
             f"max {times[-1]:.3f} s"
         )
     print(f"firewalld's peak RSS {rss:.0f} MiB; the flood: {tally}")
@@ -225,7 +238,9 @@ GRAB = """\
 import asyncio, json, socket, sys, time
 import zmq
 from shuttle_client.firewall_session import FirewallSession
-from shuttle_protocol.firewall_messages import ListSessionsRequest, ReplySocketRequest
+from shuttle_protocol.firewall_messages import (
+    HeartbeatRequest, ListSessionsRequest, ReplySocketRequest
+)
 from shuttle_protocol.frames import decode_frame, encode_frame
 
 path, seconds = sys.argv[1], float(sys.argv[2])
@@ -239,10 +254,15 @@ program = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # the flows' program
 program.bind(("198.18.0.1", 0))
 program_port = program.getsockname()[1]
 for port in range(1000, 1300):
+    # Its lease is 2 s, and 64 reply sockets took longer than that on a loaded machine.
+    asker.send(encode_frame(1, HeartbeatRequest(client.session)))
+    if asker.poll(5000):
+        asker.recv()
     request = ReplySocketRequest(client.session, "198.18.0.5", port, "198.18.0.1", program_port)
     asker.send(encode_frame(port, request))
     if asker.poll(5000):
-        kind = type(decode_frame(asker.recv())[1]).__name__
+        reply = decode_frame(asker.recv())[1]
+        kind = getattr(reply, "text", type(reply).__name__)[:60]
         made["replies"][kind] = made["replies"].get(kind, 0) + 1
 for kind, where, count in (("raw", path, 1200), ("fds", path + ".fds", 100)):
     for _ in range(count):
@@ -267,6 +287,7 @@ print(json.dumps(made), flush=True)
 FILE_LIMIT = 512  # firewalld's, lowered with prlimit as the review did
 
 
+@pytest.mark.integration
 def test_a_member_grabbing_descriptors_cannot_crash_firewalld(
     netns: str, routed: str, start_firewalld: Callable[..., Daemon]
 ) -> None:
@@ -275,13 +296,96 @@ def test_a_member_grabbing_descriptors_cannot_crash_firewalld(
     )
     assert f"at most {FILE_LIMIT // 16} connections, {FILE_LIMIT // 8} tokens" in daemon.log
     result, made = beside_another(netns, daemon, 10.0, GRAB)
-    print(f"\nthe grab: {made}; the other member: {result['connected']} connections")
+    pauses = daemon.log.count("until some connections end")
+    print(
+        f"\nthe grab: {made}; the other member: {result['connected']} connections; {pauses} pauses"
+    )
     assert made["raw"] + made["zmq"] > FILE_LIMIT  # more than firewalld could ever hold
     tokens = FILE_LIMIT // 8
-    assert made["replies"] == {"ReplySocketAnswer": tokens, "ErrorAnswer": 300 - tokens}
+    full = f"firewalld holds {tokens} sockets for tokens not used yet; try again"[:60]
+    assert made["replies"] == {"ReplySocketAnswer": tokens, full: 300 - tokens}
     assert f"{tokens} tokens are out, the most this firewalld holds" in daemon.log
     assert result["lost"] is None
     assert result["failed"] == []
     assert result["sessions"] == 1
     assert "refused a connection of uid 65534: uid 65534 has 8 connections already" in daemon.log
     assert daemon.proc.poll() is None
+
+
+def listed(dealer: zmq.Socket[bytes], request_id: int) -> bool:
+    """Whether a ListSessions on this connection is answered within 5 s."""
+    dealer.send(encode_frame(request_id, ListSessionsRequest()))
+    if not dealer.poll(5000):
+        return False
+    return decode_frame(dealer.recv()) == (request_id, ListSessionsAnswer(()))
+
+
+def closed_door(path: str) -> bool:
+    """Whether a connection to path is refused now."""
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            return True
+    return False
+
+
+def test_not_listening_for_a_while_keeps_every_connection_made(tmp_path: Path) -> None:
+    """The server's own loop, in this process, under an open file limit just above what it
+    uses: a burst of connections makes it stop listening, and the connection made before
+    is still answered all along (zmq's unbind, used before, ended it), until it listens
+    again."""
+    path = str(tmp_path / "firewalld.sock")
+    # What a run that ended while not listening left: removed at start.
+    (tmp_path / ".firewalld.sock.paused-old").mkdir(mode=0o700)
+    with socket.socket(socket.AF_UNIX) as old:
+        old.bind(str(tmp_path / ".firewalld.sock.paused-old" / "firewalld.sock"))
+    sessions = Sessions({"nft": FakeMethod()}, 6.0, policy=Policy(POLICY_PATH))
+    # Five eighths of it (where listening resumes) leave 40 descriptors for the server and
+    # the first connection; three quarters (where it stops) a few dozen more.
+    limit = (len(os.listdir("/proc/self/fd")) + 40) * 8 // 5
+    server = Server(path, os.getgid(), sessions, max_connections=limit, file_limit=limit)
+    assert sorted(os.listdir(tmp_path)) == ["firewalld.sock"]
+    stop = threading.Event()
+    loop = threading.Thread(target=server.run, args=(stop.is_set,))
+    loop.start()
+    context = zmq.Context()
+    first, later = context.socket(zmq.DEALER), context.socket(zmq.DEALER)
+    burst: list[socket.socket] = []
+    try:
+        first.linger = later.linger = 0
+        first.connect("ipc://" + path)
+        assert listed(first, 1)
+        for _ in range(limit):  # never more than the limit: each is two descriptors here
+            sock = socket.socket(socket.AF_UNIX)
+            burst.append(sock)
+            try:
+                sock.connect(path)
+            except (FileNotFoundError, ConnectionRefusedError):
+                break  # the door is closed
+        for _ in range(50):  # the loop's look at its descriptors; 5 s at most
+            if not closed_door(path):
+                time.sleep(0.1)
+        assert closed_door(path)
+        assert listed(first, 2)
+        assert not os.path.exists(path)  # a new client is told firewalld is not running
+        for sock in burst:
+            sock.close()
+        for _ in range(100):  # libzmq's news of the ends, then the loop's look; 10 s at most
+            if os.path.exists(path):
+                break
+            time.sleep(0.1)
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o660
+        later.connect("ipc://" + path)
+        assert listed(later, 3)
+        assert listed(first, 4)
+    finally:
+        for sock in burst:
+            sock.close()
+        first.close()
+        later.close()
+        context.term()
+        stop.set()
+        loop.join(10)
+        server.close()
+    assert os.listdir(tmp_path) == []

@@ -6,13 +6,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Protocol
 
+from shuttle_firewalld.prepared import Targets
 from shuttle_firewalld.session import Session
-from shuttle_firewalld.targets import Target
 
 
-def with_targets(
-    session: Session, subnets: tuple[Target, ...], excludes: tuple[Target, ...]
-) -> Session:
+def with_targets(session: Session, subnets: Targets, excludes: Targets) -> Session:
     """A copy of the session with other subnets and excludes, for update() to write the new
     rules from while the session itself keeps the old ones."""
     return dataclasses.replace(session, subnets=subnets, excludes=excludes)
@@ -35,9 +33,7 @@ class Method(Protocol):
         """
         ...
 
-    def update(
-        self, session: Session, subnets: tuple[Target, ...], excludes: tuple[Target, ...]
-    ) -> int:
+    def update(self, session: Session, subnets: Targets, excludes: Targets) -> int:
         """Replace the session's subnets and excludes in its rules, atomically, and return
         how many rules there are now; the session itself still holds the old ones (the
         caller sets the new ones on success).

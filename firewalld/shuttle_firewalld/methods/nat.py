@@ -29,8 +29,9 @@ from dataclasses import dataclass
 from shuttle_protocol.firewall_messages import ANY_OWNER
 
 from shuttle_firewalld.errors import RequestError
+from shuttle_firewalld.prepared import Targets, nat_matches
 from shuttle_firewalld.session import Session
-from shuttle_firewalld.targets import DNS_PORT, LOOPBACK, Target
+from shuttle_firewalld.targets import DNS_PORT, LOOPBACK
 
 from .base import with_targets
 from .tools import Runner, run_tool
@@ -109,24 +110,11 @@ def dns_rules(session: Session, version: int) -> list[str]:
     ]
 
 
-def _match(target: Target, protocol: bool = False) -> str:
-    """`-d NET`, plus the port match unless the target takes every port; protocol: name
-    the protocol even then (REDIRECT --to-ports needs it)."""
-    if target.all_ports:
-        return f"-d {target.network}" + (" -p tcp" if protocol else "")
-    ports = str(target.first_port)
-    if target.last_port != target.first_port:
-        ports += f":{target.last_port}"
-    return f"-d {target.network} -p tcp -m tcp --dport {ports}"
-
-
 def chain_lines(session: Session, version: int) -> list[str]:
     """The session's chain of one IP version, as iptables-restore lines: its declaration
     and its rules."""
     chain = chain_name(session)
     # Excludes of the other version are dropped: they exclude from nothing here.
-    excludes = [target for target in session.excludes if target.version == version]
-    subnets = [target for target in session.subnets if target.version == version]
     return [
         f":{chain} - [0:0]",
         *(f"-A {chain} {rule}" for rule in dns_rules(session, version)),
@@ -136,10 +124,10 @@ def chain_lines(session: Session, version: int) -> list[str]:
         # Loopback, always: the redirect itself goes there.
         f"-A {chain} -d {LOOPBACK[version]} -j RETURN",
         # Excludes first, so they win over any include they overlap.
-        *(f"-A {chain} {_match(target)} -j RETURN" for target in excludes),
+        *(f"-A {chain} {match} -j RETURN" for match in nat_matches(session.excludes, version)),
         *(
-            f"-A {chain} {_match(target, protocol=True)} -j REDIRECT --to-ports {session.port}"
-            for target in subnets
+            f"-A {chain} {match} -j REDIRECT --to-ports {session.port}"
+            for match in nat_matches(session.subnets, version, protocol=True)
         ),
     ]
 
@@ -221,9 +209,7 @@ class NatMethod:
             rules += text.count("\n-A ")
         return rules
 
-    def update(
-        self, session: Session, subnets: tuple[Target, ...], excludes: tuple[Target, ...]
-    ) -> int:
+    def update(self, session: Session, subnets: Targets, excludes: Targets) -> int:
         new = with_targets(session, subnets, excludes)
         chain = [chain_name(session)]
         undo: list[tuple[int, str]] = []  # (version, the input that puts it back), in order

@@ -27,8 +27,9 @@ from collections.abc import Iterable
 from shuttle_protocol.firewall_messages import ANY_OWNER
 
 from shuttle_firewalld.errors import RequestError
+from shuttle_firewalld.prepared import Targets, nft_elements
 from shuttle_firewalld.session import Session
-from shuttle_firewalld.targets import DNS_PORT, LOOPBACK, Box, Target, disjoint
+from shuttle_firewalld.targets import DNS_PORT, LOOPBACK
 
 from .base import with_targets
 from .tools import Runner, run_tool
@@ -53,14 +54,14 @@ def table_name(session: Session) -> str:
     return TABLE_PREFIX + session.short_id
 
 
-def set_text(name: str, version: int, boxes: list[Box]) -> list[str]:
+def set_text(name: str, version: int, elements: str) -> list[str]:
+    """A set's lines, with its elements' lines (prepared.nft_elements)."""
     lines = [
         f"\tset {name} {{",
         f"\t\ttype {ADDRESS_TYPE[version]} . inet_service",
         "\t\tflags interval",
     ]
-    if boxes:  # an empty set has no elements line: `elements = { }` does not parse
-        elements = ",\n".join(f"\t\t\t{box.address_text()} . {box.port_text()}" for box in boxes)
+    if elements:  # an empty set has no elements line: `elements = { }` does not parse
         lines += ["\t\telements = {", elements, "\t\t}"]
     return [*lines, "\t}"]
 
@@ -177,8 +178,8 @@ def table_text(session: Session, table_chains: list[Chain], sets: Iterable[str] 
     ]
     for version in session.versions:
         # Only the versions captured: excludes of another version exclude from nothing.
-        lines += set_text(f"exclude{version}", version, disjoint(session.excludes, version))
-        lines += set_text(f"include{version}", version, disjoint(session.subnets, version))
+        lines += set_text(f"exclude{version}", version, nft_elements(session.excludes, version))
+        lines += set_text(f"include{version}", version, nft_elements(session.subnets, version))
     lines += sets
     for name, kind, rules in table_chains:
         lines += [
@@ -270,9 +271,7 @@ class NftMethod:
         self._run(NFT, ruleset(session))
         return sum(len(rules) for _, _, rules in chains(session))
 
-    def update(
-        self, session: Session, subnets: tuple[Target, ...], excludes: tuple[Target, ...]
-    ) -> int:
+    def update(self, session: Session, subnets: Targets, excludes: Targets) -> int:
         new = with_targets(session, subnets, excludes)
         self._run(NFT, replace_text(new, chains(new)))
         return sum(len(rules) for _, _, rules in chains(new))

@@ -53,8 +53,9 @@ from typing import Any
 
 from shuttle_firewalld import transparent
 from shuttle_firewalld.errors import RequestError
+from shuttle_firewalld.prepared import Targets
 from shuttle_firewalld.session import Session
-from shuttle_firewalld.targets import LOOPBACK, Address, Target
+from shuttle_firewalld.targets import LOOPBACK, Address
 from shuttle_firewalld.transparent import LISTEN_ADDRESS, Flow, is_local, listeners, show
 
 from .base import with_targets
@@ -342,9 +343,7 @@ class TproxyMethod:
         self._slots[session.id] = (slot, session.versions)
         return sum(len(rules) for _, _, rules in chains(session, mark)) + len(done)
 
-    def update(
-        self, session: Session, subnets: tuple[Target, ...], excludes: tuple[Target, ...]
-    ) -> int:
+    def update(self, session: Session, subnets: Targets, excludes: Targets) -> int:
         slot, made = self._slots[session.id]
         new = with_targets(session, subnets, excludes)
         for version in new.versions:
