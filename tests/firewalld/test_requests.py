@@ -15,6 +15,7 @@ from shuttle_firewalld.requests import TABLE, handle
 from shuttle_firewalld.sessions import Sessions
 from shuttle_firewalld.transparent import Flow
 from shuttle_protocol.firewall_messages import (
+    BypassSocketRequest,
     ANY_OWNER,
     CloseSessionAnswer,
     CloseSessionRequest,
@@ -68,6 +69,7 @@ def test_the_table_as_it_stands() -> None:
         SetHostsRequest: (True, None),
         ListSessionsRequest: (False, None),
         UpdateSessionRequest: (True, None),
+        BypassSocketRequest: (True, None),
     }
 
 
