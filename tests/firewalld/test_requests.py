@@ -15,8 +15,8 @@ from shuttle_firewalld.requests import TABLE, handle
 from shuttle_firewalld.sessions import Sessions
 from shuttle_firewalld.transparent import Flow
 from shuttle_protocol.firewall_messages import (
-    BypassSocketRequest,
     ANY_OWNER,
+    BypassSocketRequest,
     CloseSessionAnswer,
     CloseSessionRequest,
     ErrorAnswer,

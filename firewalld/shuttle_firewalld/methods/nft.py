@@ -96,6 +96,7 @@ def dns_rules(
     owner: str,
     action: str,
     forwarded: bool = False,
+    *,
     bypass: bool = True,
 ) -> list[str]:
     """The rules that capture DNS (TCP and UDP port 53) to the session's nameservers of this
