@@ -332,6 +332,22 @@ class Waiting(asyncio.Protocol):
         self.tunnels.release(self)
 
 
+class Preloaded(asyncio.Protocol):
+    """Gives the relay's protocol bytes read already (past a proxy request, or a DNS query
+    that had to be read to choose its way), before any byte the transport reads, then steps
+    aside."""
+
+    def __init__(self, inner: asyncio.Protocol, early: bytes) -> None:
+        self.inner = inner
+        self.early = early
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.set_protocol(self.inner)
+        self.inner.connection_made(transport)
+        if not transport.is_closing():
+            self.inner.data_received(self.early)
+
+
 def relay_for(tunnels: Tunnels, destination: Destination, wait: float) -> asyncio.Protocol:
     """The protocol of a connection on the agent's path: through the link tunnels pick, or
     waiting up to wait seconds for one."""
@@ -347,14 +363,17 @@ async def serve(
     destination: Destination,
     wait: float,
     take: Optional[Take] = None,
+    *,
+    relay: Callable[[Tunnels, Destination, float], asyncio.Protocol] = relay_for,
 ) -> List[asyncio.Server]:
     """Accept captured connections on the listeners for as long as the servers are open;
-    each goes where take sends it, or else on the agent's path (relay_for)."""
+    each goes where take sends it, or else on the agent's path (relay, which may first look
+    at it: split DNS)."""
     loop = asyncio.get_running_loop()
     servers = []
 
     def accept() -> asyncio.Protocol:
-        return relay_for(tunnels, destination, wait)
+        return relay(tunnels, destination, wait)
 
     def divert(conn: socket.socket) -> bool:
         return take is not None and take(conn, destination)

@@ -15,7 +15,13 @@ from shuttle_protocol.errors import RemoteProtocolError
 from shuttle_client.cli import Options
 from shuttle_client.fastpath import reset
 from shuttle_client.logs import Throttle
-from shuttle_client.proxy import LIMIT_LOG_INTERVAL, LISTEN_BACKLOG, connection_cap, relay_for
+from shuttle_client.proxy import (
+    LIMIT_LOG_INTERVAL,
+    LISTEN_BACKLOG,
+    Preloaded,
+    connection_cap,
+    relay_for,
+)
 from shuttle_client.streams import Streams
 from shuttle_client.targets import endpoint
 
@@ -63,21 +69,6 @@ async def _receive(conn: socket.socket) -> bytes:
     if not data:
         raise ConnectionResetError(errno.ECONNRESET, "closed before its request")
     return data
-
-
-class Preloaded(asyncio.Protocol):
-    """Gives the relay's protocol what the parser read past the request, before any byte
-    the transport reads, then steps aside."""
-
-    def __init__(self, inner: asyncio.Protocol, early: bytes) -> None:
-        self.inner = inner
-        self.early = early
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport.set_protocol(self.inner)
-        self.inner.connection_made(transport)
-        if not transport.is_closing():
-            self.inner.data_received(self.early)
 
 
 # Connections refused as another user's, for their log line.
