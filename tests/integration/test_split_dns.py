@@ -1,0 +1,110 @@
+"""--dns-domains (split DNS): through one capture of a resolver on the client host, a name
+in the domains is answered by the nameserver only the server's side reaches (T's dnsmasq),
+and any other name by the resolver the query was sent to (a dnsmasq in C), over UDP and
+TCP; a SOCKS client's names in the domains resolve on the server's side.
+
+C's resolver here is a dnsmasq on 127.0.0.53 that alone knows LOCAL_NAME; T's alone knows
+DNS_NAME. Each logs every query with its source.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from testbed import HTTP_PORT, Shuttle, Topology
+from testbed.config import DNS_ANSWER, DNS_NAME, S_ADDR_T
+from testbed.servers import DNS_LOG
+
+pytestmark = pytest.mark.integration
+
+LOCAL_RESOLVER = "127.0.0.53"
+LOCAL_NAME = "printer.lan.test"
+LOCAL_ANSWER = "198.18.1.77"
+LOCAL_LOG = "local-dns.log"
+SOCKS = 10802
+
+
+def dig(topo: Topology, *args: str) -> subprocess.CompletedProcess[str]:
+    """dig +short at the local resolver, as the test user in C; one try of 3 s."""
+    argv = ["dig", "+short", "+time=3", "+tries=1", f"@{LOCAL_RESOLVER}", *args]
+    return topo.run_as_user(argv, timeout=20)
+
+
+def answered(result: subprocess.CompletedProcess[str], address: str) -> bool:
+    return result.returncode == 0 and result.stdout.split() == [address]
+
+
+def asked(log: Path, name: str) -> list[str]:
+    """A dnsmasq log's lines of queries for name ("query[A] NAME from ADDR")."""
+    text = log.read_text(errors="replace") if log.exists() else ""
+    return [line for line in text.splitlines() if f"] {name} from" in line]
+
+
+def start_local_resolver(topo: Topology) -> Path:
+    """dnsmasq in C on 127.0.0.53, knowing LOCAL_NAME and nothing else; its log."""
+    log = topo.logs / LOCAL_LOG
+    argv = [
+        "dnsmasq",
+        "--keep-in-foreground",
+        "--conf-file=/dev/null",
+        "--no-resolv",
+        "--no-hosts",
+        "--no-poll",
+        "--pid-file=",
+        "--bind-interfaces",
+        f"--listen-address={LOCAL_RESOLVER}",
+        f"--address=/{LOCAL_NAME}/{LOCAL_ANSWER}",
+        "--log-queries",
+        "--log-facility=-",
+    ]
+    topo.procs.append(topo.c.start("local-dns", argv, log))
+    assert topo.c.wait_listening(53, udp=True), log.read_text(errors="replace")
+    return log
+
+
+# tproxy refuses a resolver on this host (its answers would need a reply socket there).
+@pytest.mark.parametrize("method", ["nft", "nat"])
+def test_names_in_the_domains_go_remote_and_others_to_the_resolver_asked(
+    shuttle: Shuttle, method: str
+) -> None:
+    topo = shuttle.topo
+    local_log = start_local_resolver(topo)
+    shuttle.start_client(
+        method=method,
+        extra=[
+            f"--ns-hosts={LOCAL_RESOLVER}",
+            "--dns-domains=shuttle.test",
+            f"--socks=127.0.0.1:{SOCKS}",
+        ],
+    )
+    for transport in ((), ("+tcp",)):
+        remote = dig(topo, *transport, DNS_NAME)
+        assert answered(remote, DNS_ANSWER), f"{transport} {remote}\n{shuttle.outputs()}"
+        local = dig(topo, *transport, LOCAL_NAME)
+        assert answered(local, LOCAL_ANSWER), f"{transport} {local}\n{shuttle.outputs()}"
+    remote_log = topo.logs / DNS_LOG
+    # The remote names were asked by the agent on S, never by C's resolver; the local
+    # names only there, from C itself (the bypass socket), never through the tunnel.
+    seen = asked(remote_log, DNS_NAME)
+    assert len(seen) >= 2 and all(line.endswith(f"from {S_ADDR_T}") for line in seen), seen
+    assert asked(remote_log, LOCAL_NAME) == []
+    assert asked(local_log, DNS_NAME) == []
+    assert len(asked(local_log, LOCAL_NAME)) >= 2
+    # A SOCKS client's name in the domains resolves on the server's side (T's nameserver
+    # alone knows it) and reaches T's page.
+    page = topo.run_as_user(
+        [
+            "curl",
+            "-sS",
+            "--max-time",
+            "10",
+            "--socks5-hostname",
+            f"127.0.0.1:{SOCKS}",
+            f"http://{DNS_NAME}:{HTTP_PORT}/",
+        ],
+        timeout=20,
+    )
+    assert page.returncode == 0 and topo.marker in page.stdout, f"{page}\n{shuttle.outputs()}"
