@@ -3,8 +3,9 @@ in the domains is answered by the nameserver only the server's side reaches (T's
 and any other name by the resolver the query was sent to (a dnsmasq in C), over UDP and
 TCP; a SOCKS client's names in the domains resolve on the server's side.
 
-C's resolver here is a dnsmasq on 127.0.0.53 that alone knows LOCAL_NAME; T's alone knows
-DNS_NAME. Each logs every query with its source.
+C's resolver here is a dnsmasq that alone knows LOCAL_NAME: on C's 127.0.0.53 (nft, nat),
+or, for tproxy, which refuses a resolver on this host, on the LAN (S's address towards C,
+reached directly). T's alone knows DNS_NAME. Each logs every query with its source.
 """
 
 from __future__ import annotations
@@ -15,21 +16,22 @@ from pathlib import Path
 import pytest
 
 from testbed import HTTP_PORT, Shuttle, Topology
-from testbed.config import DNS_ANSWER, DNS_NAME, S_ADDR_T
+from testbed.config import DNS_ANSWER, DNS_NAME, S_ADDR_C, S_ADDR_T
 from testbed.servers import DNS_LOG
 
 pytestmark = pytest.mark.integration
 
-LOCAL_RESOLVER = "127.0.0.53"
+# Where the local resolver is, by method: in C on loopback, or on the LAN in S.
+LOCAL_RESOLVER = {"nft": ("c", "127.0.0.53"), "nat": ("c", "127.0.0.53"), "tproxy": ("s", S_ADDR_C)}
 LOCAL_NAME = "printer.lan.test"
 LOCAL_ANSWER = "198.18.1.77"
 LOCAL_LOG = "local-dns.log"
 SOCKS = 10802
 
 
-def dig(topo: Topology, *args: str) -> subprocess.CompletedProcess[str]:
-    """dig +short at the local resolver, as the test user in C; one try of 3 s."""
-    argv = ["dig", "+short", "+time=3", "+tries=1", f"@{LOCAL_RESOLVER}", *args]
+def dig(topo: Topology, resolver: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """dig +short at resolver, as the test user in C; one try of 3 s."""
+    argv = ["dig", "+short", "+time=3", "+tries=1", f"@{resolver}", *args]
     return topo.run_as_user(argv, timeout=20)
 
 
@@ -43,8 +45,11 @@ def asked(log: Path, name: str) -> list[str]:
     return [line for line in text.splitlines() if f"] {name} from" in line]
 
 
-def start_local_resolver(topo: Topology) -> Path:
-    """dnsmasq in C on 127.0.0.53, knowing LOCAL_NAME and nothing else; its log."""
+def start_local_resolver(topo: Topology, method: str) -> Path:
+    """dnsmasq where method's local resolver is, knowing LOCAL_NAME and nothing else; its
+    log."""
+    where, address = LOCAL_RESOLVER[method]
+    ns = topo.c if where == "c" else topo.s
     log = topo.logs / LOCAL_LOG
     argv = [
         "dnsmasq",
@@ -55,35 +60,34 @@ def start_local_resolver(topo: Topology) -> Path:
         "--no-poll",
         "--pid-file=",
         "--bind-interfaces",
-        f"--listen-address={LOCAL_RESOLVER}",
+        f"--listen-address={address}",
         f"--address=/{LOCAL_NAME}/{LOCAL_ANSWER}",
         "--log-queries",
         "--log-facility=-",
     ]
-    topo.procs.append(topo.c.start("local-dns", argv, log))
-    assert topo.c.wait_listening(53, udp=True), log.read_text(errors="replace")
+    topo.procs.append(ns.start("local-dns", argv, log))
+    assert ns.wait_listening(53, udp=True), log.read_text(errors="replace")
     return log
 
 
-# tproxy refuses a resolver on this host (its answers would need a reply socket there).
-@pytest.mark.parametrize("method", ["nft", "nat"])
 def test_names_in_the_domains_go_remote_and_others_to_the_resolver_asked(
     shuttle: Shuttle, method: str
 ) -> None:
     topo = shuttle.topo
-    local_log = start_local_resolver(topo)
+    local_log = start_local_resolver(topo, method)
+    resolver = LOCAL_RESOLVER[method][1]
     shuttle.start_client(
         method=method,
         extra=[
-            f"--ns-hosts={LOCAL_RESOLVER}",
+            f"--ns-hosts={resolver}",
             "--dns-domains=shuttle.test",
             f"--socks=127.0.0.1:{SOCKS}",
         ],
     )
     for transport in ((), ("+tcp",)):
-        remote = dig(topo, *transport, DNS_NAME)
+        remote = dig(topo, resolver, *transport, DNS_NAME)
         assert answered(remote, DNS_ANSWER), f"{transport} {remote}\n{shuttle.outputs()}"
-        local = dig(topo, *transport, LOCAL_NAME)
+        local = dig(topo, resolver, *transport, LOCAL_NAME)
         assert answered(local, LOCAL_ANSWER), f"{transport} {local}\n{shuttle.outputs()}"
     remote_log = topo.logs / DNS_LOG
     # The remote names were asked by the agent on S, never by C's resolver; the local
