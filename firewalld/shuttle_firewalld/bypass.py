@@ -5,8 +5,8 @@ The client answers the names of the remote domains from the server's side and se
 other captured query on, unchanged, to the resolver it was sent to. Sent from an ordinary
 socket, that query would be captured again by the session's DNS rule. The client cannot
 mark a socket itself (SO_MARK needs CAP_NET_ADMIN), so it asks firewalld for one: a UDP or
-TCP socket with the session's bypass mark, and owned by the caller (fchown on a socket sets
-the owner that `meta skuid` and `-m owner` see), handed over like a reply socket.
+TCP socket with the session's bypass mark, made under the caller's filesystem ids so that
+owner matches see the caller's socket, not root's, handed over like a reply socket.
 
 Each method's DNS capture has one rule before it, in the chains of local traffic only:
 packets with the session's bypass mark, to the session's nameservers, port 53, return.
@@ -17,7 +17,8 @@ could not do without shuttle, where its queries went straight to those resolvers
 
 from __future__ import annotations
 
-import os
+import ctypes
+import pwd
 import socket
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
@@ -39,6 +40,9 @@ if TYPE_CHECKING:
 # Session bypass marks: BYPASS_BASE + 1 .. + MAX_SESSIONS, below the tproxy reply marks
 # (MARK_BASE + 0x8000 + slot) and above its capture marks (MARK_BASE + slot).
 BYPASS_BASE = MARK_BASE + 0x4000
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.setfsuid.argtypes = _libc.setfsgid.argtypes = [ctypes.c_uint]
+ASK = 0xFFFF_FFFF  # (uid_t) -1: setfsuid changes nothing and says the current one
 
 
 def free_mark(sessions: Iterable[Session]) -> int:
@@ -50,21 +54,41 @@ def free_mark(sessions: Iterable[Session]) -> int:
     raise RequestError("every bypass mark is in use")  # more sessions than firewalld opens
 
 
+def _fs_ids(uid: int, gid: int) -> tuple[int, int]:
+    """Set this thread's filesystem uid and gid (per thread in the kernel, and glibc does
+    not spread these two to the other threads); the ones before."""
+    old_gid = _libc.setfsgid(gid)
+    return _libc.setfsuid(uid), old_gid
+
+
 def bypass_socket(kind: str, mark: int, uid: int) -> socket.socket:
-    """An unbound socket of kind ("udp4", ..., "tcp6") with SO_MARK mark, owned by uid."""
+    """An unbound socket of kind ("udp4", ..., "tcp6") with SO_MARK mark, uid's own.
+
+    Owner matches (nft's meta skuid and skgid, iptables' -m owner) read the credentials of
+    the socket's file, and the socket's own uid (routing's uidrange) comes from the same
+    filesystem uid: so the socket is made under uid's filesystem ids (its passwd group),
+    not root's, or every rule of this host that treats root's traffic apart would treat
+    the caller's bypass queries as root's. Only the mark is set as root.
+    """
+    try:
+        gid = pwd.getpwuid(uid).pw_gid
+    except KeyError:
+        raise RequestError(f"cannot make a bypass socket: uid {uid} has no passwd entry") from None
     family = socket.AF_INET6 if kind.endswith("6") else socket.AF_INET
     proto = socket.SOCK_DGRAM if kind.startswith("udp") else socket.SOCK_STREAM
+    before = _fs_ids(uid, gid)
     try:
+        if _libc.setfsuid(ASK) != uid:  # the call reports no error: ask again
+            raise RequestError(f"cannot make a bypass socket as uid {uid}")
         sock = socket.socket(family, proto)
     except OSError as exc:
         raise RequestError(f"cannot make a bypass socket: {exc.strerror}") from None
+    finally:
+        _fs_ids(*before)
     try:
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
-        # The caller's socket, not root's: owner matches (ours and any other rules of this
-        # host) treat its packets as the caller's own.
-        os.fchown(sock.fileno(), uid, -1)
     except OSError as exc:
         sock.close()
         raise RequestError(f"cannot make a bypass socket: {exc.strerror}") from None
