@@ -36,6 +36,7 @@ from shuttle_protocol.errors import RemoteProtocolError
 from shuttle_protocol.firewall_messages import (
     ANY_OWNER,
     PAIRS,
+    BypassSocketRequest,
     CloseSessionAnswer,
     CloseSessionRequest,
     ErrorAnswer,
@@ -229,6 +230,8 @@ def valid_fields(data: st.DataObject, cls: type[Message], uid: int, known: list[
         return [session, data.draw(st.lists(st.sampled_from(NAMES), max_size=3))]
     if cls is ReplySocketRequest:
         return [session, data.draw(st.sampled_from(["10.2.0.7", "fd00:5e::1", "127.0.0.1"])), 53]
+    if cls is BypassSocketRequest:
+        return [session, data.draw(st.sampled_from(["udp4", "udp6", "tcp4", "tcp6"]))]
     if cls is ListSessionsRequest:
         return []
     return [session]  # Heartbeat, CloseSession, Sockets
