@@ -9,25 +9,24 @@ TCP socket with the session's bypass mark, made under the caller's filesystem id
 owner matches see the caller's socket, not root's, handed over like a reply socket.
 
 Each method's DNS capture has one rule before it, in the chains of local traffic only:
-packets with the session's bypass mark, to the session's nameservers, port 53, return.
+packets with the session's bypass mark, from a socket of the session's caller (but in nat's
+chain that forwarded traffic shares), to the session's nameservers, port 53, return.
 Nothing else skips anything: the socket is the caller's own, and the mark is this session's
-alone (no ip rule, no other session's rule names it), so it gives the caller nothing it
-could not do without shuttle, where its queries went straight to those resolvers.
+alone while it is open (no ip rule, no other session's rule names it), so it gives the
+caller nothing it could not do without shuttle, where its queries went straight to those
+resolvers.
 """
 
 from __future__ import annotations
 
 import ctypes
+import itertools
 import pwd
 import socket
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from shuttle_protocol.firewall_messages import (
-    MAX_SESSIONS,
-    BypassSocketAnswer,
-    BypassSocketRequest,
-)
+from shuttle_protocol.firewall_messages import BypassSocketAnswer, BypassSocketRequest
 
 from .errors import RequestError
 from .methods.tproxy import MARK_BASE
@@ -37,20 +36,25 @@ if TYPE_CHECKING:
     from .requests import Caller
     from .sessions import Sessions
 
-# Session bypass marks: BYPASS_BASE + 1 .. + MAX_SESSIONS, below the tproxy reply marks
+# Session bypass marks: BYPASS_BASE + 1 .. + BYPASS_MARKS, below the tproxy reply marks
 # (MARK_BASE + 0x8000 + slot) and above its capture marks (MARK_BASE + slot).
 BYPASS_BASE = MARK_BASE + 0x4000
+BYPASS_MARKS = 0x3FFF
+# Marks are handed out in turn, not lowest first: a socket outlives its session in its
+# owner's hands, so a mark comes back only after every other one has been given out.
+_turn = itertools.count()
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.setfsuid.argtypes = _libc.setfsgid.argtypes = [ctypes.c_uint]
 ASK = 0xFFFF_FFFF  # (uid_t) -1: setfsuid changes nothing and says the current one
 
 
 def free_mark(sessions: Iterable[Session]) -> int:
-    """The lowest bypass mark that none of these (the open) sessions has."""
+    """The next bypass mark in turn that none of these (the open) sessions has."""
     used = {session.bypass_mark for session in sessions}
-    for number in range(1, MAX_SESSIONS + 1):
-        if BYPASS_BASE + number not in used:
-            return BYPASS_BASE + number
+    for _ in range(BYPASS_MARKS):
+        mark = BYPASS_BASE + 1 + next(_turn) % BYPASS_MARKS
+        if mark not in used:
+            return mark
     raise RequestError("every bypass mark is in use")  # more sessions than firewalld opens
 
 

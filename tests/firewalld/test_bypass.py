@@ -9,7 +9,7 @@ import pwd
 import socket
 
 import pytest
-from shuttle_firewalld.bypass import BYPASS_BASE, bypass_socket, free_mark
+from shuttle_firewalld.bypass import BYPASS_BASE, BYPASS_MARKS, bypass_socket, free_mark
 from shuttle_firewalld.errors import RequestError
 from shuttle_firewalld.methods.tproxy import MARK_BASE, OWN_IDS, REPLY_OFFSET, SLOTS
 from shuttle_firewalld.policy import Policy
@@ -44,18 +44,30 @@ def socket_owner(sock: socket.socket) -> int:
 
 
 def test_bypass_marks_are_apart_from_tproxys() -> None:
-    marks = range(BYPASS_BASE + 1, BYPASS_BASE + MAX_SESSIONS + 1)
+    marks = range(BYPASS_BASE + 1, BYPASS_BASE + BYPASS_MARKS + 1)
     captures = set(OWN_IDS)
     replies = {MARK_BASE + REPLY_OFFSET + slot for slot in range(1, SLOTS + 1)}
     assert not (set(marks) & (captures | replies))
+    assert BYPASS_MARKS >= MAX_SESSIONS
 
 
-def test_each_open_session_has_a_mark_of_its_own() -> None:
+def test_each_open_session_has_a_mark_of_its_own_and_a_closed_ones_waits_its_turn() -> None:
     first, second = make_session(), make_session()
     first.bypass_mark = free_mark([])
     second.bypass_mark = free_mark([first])
-    assert (first.bypass_mark, second.bypass_mark) == (BYPASS_BASE + 1, BYPASS_BASE + 2)
-    assert free_mark([second]) == BYPASS_BASE + 1  # the first one's, once it closed
+    assert first.bypass_mark != second.bypass_mark
+    # The first one closed: its mark, which its caller's sockets may still carry, is not next.
+    assert free_mark([second]) not in (first.bypass_mark, second.bypass_mark)
+
+
+def test_marks_in_use_are_passed_over() -> None:
+    sessions = []
+    for _ in range(3):
+        session = make_session()
+        session.bypass_mark = free_mark(sessions)
+        sessions.append(session)
+    assert len({session.bypass_mark for session in sessions}) == 3
+    assert all(BYPASS_BASE < s.bypass_mark <= BYPASS_BASE + BYPASS_MARKS for s in sessions)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="marking a socket needs CAP_NET_ADMIN")

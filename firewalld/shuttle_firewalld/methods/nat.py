@@ -108,10 +108,13 @@ def dns_rules(session: Session, version: int) -> list[str]:
         for protocol in ("tcp", "udp"):
             match = f"-d {address}/{address.max_prefixlen} -p {protocol} -m {protocol} "
             match += f"--dport {DNS_PORT}"
-            # The session's bypass sockets (bypass.py; mark 0: none). A forwarded packet,
-            # which the PREROUTING jump brings here too, has no socket and never this mark.
+            # The session's bypass sockets (bypass.py; mark 0: none), its caller's. A
+            # forwarded packet has no socket and never this mark; with forward, the
+            # PREROUTING jump brings it here too, where iptables refuses an owner match.
             if session.bypass_mark:
-                rules.append(f"{match} -m mark --mark {session.bypass_mark:#x} -j RETURN")
+                owner = "" if session.forward else f" -m owner --uid-owner {session.caller}"
+                bypass = f"-m mark --mark {session.bypass_mark:#x}{owner}"
+                rules.append(f"{match} {bypass} -j RETURN")
             rules.append(f"{match} -j REDIRECT --to-ports {session.port}")
     return rules
 

@@ -118,7 +118,8 @@ def dns_rules(
     # A forwarded packet has no socket, so no bypass mark; mark 0 is every unmarked packet.
     if forwarded or not bypass or not session.bypass_mark:
         return [rule]
-    return [f"{L4} meta mark {session.bypass_mark:#x} {match} return", rule]
+    bypass_rule = f"{L4} meta mark {session.bypass_mark:#x} meta skuid {session.caller} {match}"
+    return [f"{bypass_rule} return", rule]
 
 
 def nameservers_match(session: Session, version: int, forwarded: bool = False) -> str:

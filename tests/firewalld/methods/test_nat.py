@@ -118,6 +118,11 @@ def test_a_sessions_bypass_sockets_skip_its_dns_redirects_only() -> None:
         f"-A {CHAIN} -d 10.53.0.53/32 -p udp -m udp --dport 53 {redirect}",
     ]
     assert apply_text(session, 4).count("--mark") == 2
+    # Without forward, only the caller's own sockets (bypass sockets are made as its).
+    session.forward = False
+    assert f"--dport 53 {bypass.replace(' -j', ' -m owner --uid-owner 1000 -j')}" in (
+        apply_text(session, 4)
+    )
 
 
 def test_nameservers_come_first_and_udp_to_port_53_jumps_too() -> None:

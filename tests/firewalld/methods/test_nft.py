@@ -233,7 +233,7 @@ def test_a_sessions_bypass_sockets_skip_only_its_dns_capture_and_only_locally() 
     text = ruleset(session)
     nameservers4 = "ip daddr { 10.53.0.53, 127.0.0.53 } th dport 53"
     assert chain_rules(text, "output")[1:3] == [
-        f"meta l4proto {{ tcp, udp }} meta mark 0x53484001 {nameservers4} return",
+        f"meta l4proto {{ tcp, udp }} meta mark 0x53484001 meta skuid 1000 {nameservers4} return",
         f"meta l4proto {{ tcp, udp }} meta skuid 1000 {nameservers4} redirect to :12300",
     ]
     assert text.count("0x53484001") == 2  # IPv4 and IPv6 in output; prerouting has none
