@@ -292,9 +292,11 @@ class TcpQuery(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
+        if not self.buffer:  # not a DNS connection: nothing was read
+            transport.set_protocol(inner)
+            inner.connection_made(transport)
+            return
         Preloaded(inner, self.buffer).connection_made(transport)
-        if not transport.is_closing() and getattr(inner, "reading", False):
-            transport.resume_reading()
 
     async def _local(self) -> None:
         """From a bypass TCP socket to the resolver the program meant, relayed here."""
