@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import itertools
 import pwd
+import secrets
 import socket
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
@@ -41,8 +42,10 @@ if TYPE_CHECKING:
 BYPASS_BASE = MARK_BASE + 0x4000
 BYPASS_MARKS = 0x3FFF
 # Marks are handed out in turn, not lowest first: a socket outlives its session in its
-# owner's hands, so a mark comes back only after every other one has been given out.
-_turn = itertools.count()
+# owner's hands, so a mark comes back only after every other one has been given out; and
+# from a random start, so that after a restart the first sessions' marks are not those the
+# last run gave first.
+_turn = itertools.count(secrets.randbelow(BYPASS_MARKS))
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.setfsuid.argtypes = _libc.setfsgid.argtypes = [ctypes.c_uint]
 ASK = 0xFFFF_FFFF  # (uid_t) -1: setfsuid changes nothing and says the current one
