@@ -25,17 +25,14 @@ import pwd
 import secrets
 import socket
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from shuttle_protocol.firewall_messages import BypassSocketAnswer, BypassSocketRequest
 
 from .errors import RequestError
+from .handover import Grants
 from .methods.tproxy import MARK_BASE
 from .session import Session
-
-if TYPE_CHECKING:
-    from .requests import Caller
-    from .sessions import Sessions
 
 # Session bypass marks: BYPASS_BASE + 1 .. + BYPASS_MARKS, below the tproxy reply marks
 # (MARK_BASE + 0x8000 + slot) and above its capture marks (MARK_BASE + slot).
@@ -102,10 +99,17 @@ def bypass_socket(kind: str, mark: int, uid: int) -> socket.socket:
     return sock
 
 
+class WithGrants(Protocol):
+    """What the handler needs of Sessions (imported here, it would import its way back)."""
+
+    grants: Grants
+
+
 def serve(
-    sessions: Sessions, caller: Caller, request: BypassSocketRequest, session: Session
+    sessions: WithGrants, caller: object, request: BypassSocketRequest, session: Session
 ) -> BypassSocketAnswer:
-    """BypassSocketRequest: a token for a bypass socket of the session's caller."""
+    """BypassSocketRequest (requests.TABLE): a token for a bypass socket of the session's
+    caller, who owns the session (the table checked it)."""
     version = int(request.kind[-1])
     if not any(address.version == version for address in session.dns):
         raise RequestError(
