@@ -23,12 +23,10 @@ from shuttle_protocol.stream_messages import Close, Datagram
 from .listing import udp_entry
 from .logs import printable
 from .resolvers import DNS_PORT
-from .split_dns import SplitDns
+from .split_dns import SplitDns, datagrams
 
 log = logging.getLogger("shuttle")
 
-MAX_DATAGRAM = 65535
-READ_BATCH = 64  # datagrams read per wake-up, so one busy socket cannot starve the loop
 # A resolver retries after a few seconds: a flow idle this long will not be answered.
 IDLE_TIMEOUT = 30.0
 MAX_FLOWS = 1024
@@ -158,18 +156,11 @@ class DnsRelay:
             del flow.link.flows[flow.channel]
 
     def _read(self, sock: socket.socket) -> None:
-        for _ in range(READ_BATCH):
-            try:
-                payload, source = sock.recvfrom(MAX_DATAGRAM)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                log.debug("dns socket: %s", exc.strerror)
-                return
-            if self.split is not None and self._local(sock, source[:2], payload):
+        for payload, source in datagrams(sock, "dns socket"):
+            if self.split is not None and self._local(sock, source, payload):
                 continue
-            key = (sock.fileno(), source[:2])
-            flow = self.flows.get(key) or self._open(sock, source[:2])
+            key = (sock.fileno(), source)
+            flow = self.flows.get(key) or self._open(sock, source)
             if flow is None or not flow.link.send_datagram(flow.channel, payload):
                 self.dropped += 1
                 continue

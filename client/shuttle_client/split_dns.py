@@ -19,7 +19,7 @@ import asyncio
 import logging
 import socket
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import dns.exception
 import dns.message
@@ -35,13 +35,28 @@ log = logging.getLogger("shuttle")
 Address = Tuple[str, int]
 MAX_DOMAINS = 64
 MAX_DATAGRAM = 65535
-READ_BATCH = 64  # answers read per wake-up
+READ_BATCH = 64  # datagrams read per wake-up (datagrams())
 PENDING_TIMEOUT = 10.0  # a resolver retries sooner: an older query will not be answered
 MAX_PENDING = 1024  # local UDP queries awaiting their answer
 RETRY_AFTER = 5.0  # seconds before asking firewalld again after a refused bypass socket
 FIRST_QUERY_TIMEOUT = 10.0  # seconds a TCP connection has to send its first query
 # Local queries dropped (no bypass socket, too many pending, a clash of ids), for the log.
 DROPPED = Throttle(LIMIT_LOG_INTERVAL)
+
+
+def datagrams(sock: socket.socket, what: str) -> Iterator[Tuple[bytes, Address]]:
+    """What a non-blocking UDP socket has now, with each sender's address and port: at most
+    READ_BATCH per wake-up, so one busy socket cannot starve the loop. An error ends the
+    batch (logged as what's, for debugging: UDP may lose datagrams)."""
+    for _ in range(READ_BATCH):
+        try:
+            data, source = sock.recvfrom(MAX_DATAGRAM)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            log.debug("%s: %s", what, exc.strerror)
+            return
+        yield data, (source[0], source[1])
 
 
 def parse_domains(text: str) -> Tuple[str, ...]:
@@ -166,15 +181,8 @@ class LocalUdp:
             log.debug("split DNS: query to %s:%d dropped: %s", *resolver, exc.strerror)
 
     def _read(self, sock: socket.socket) -> None:
-        for _ in range(READ_BATCH):
-            try:
-                data, source = sock.recvfrom(MAX_DATAGRAM)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                log.debug("split DNS: bypass socket: %s", exc.strerror)
-                return
-            waiting = self.pending.pop(((source[0], source[1]), data[:2]), None)
+        for data, source in datagrams(sock, "split DNS: bypass socket"):
+            waiting = self.pending.pop((source, data[:2]), None)
             if waiting is not None:  # else not the resolver, or an answer too late
                 waiting[0](data)
 

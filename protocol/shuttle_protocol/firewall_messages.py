@@ -418,16 +418,11 @@ class BypassSocketRequest(Message):
 
 @message(82)
 @dataclass(frozen=True)
-class BypassSocketAnswer(Message):
-    """Fetch the bypass socket as SocketsAnswer says: connect to path, send the token."""
+class BypassSocketAnswer(ReplySocketAnswer):
+    """Fetch the bypass socket as SocketsAnswer says: connect to path, send the token (the
+    fields and checks of ReplySocketAnswer, under a tag of its own)."""
 
-    __slots__ = ("token", "path")
-    token: str
-    path: str
-
-    def __post_init__(self) -> None:
-        check_session_id(self.token, "token")
-        check_path(self.path, "path")
+    __slots__ = ()
 
 
 @message(127)

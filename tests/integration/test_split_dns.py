@@ -17,7 +17,7 @@ import pytest
 
 from testbed import HTTP_PORT, Shuttle, Topology
 from testbed.config import DNS_ANSWER, DNS_NAME, S_ADDR_C, S_ADDR_T
-from testbed.servers import DNS_LOG
+from testbed.servers import DNS_LOG, dnsmasq_argv
 
 pytestmark = pytest.mark.integration
 
@@ -51,20 +51,7 @@ def start_local_resolver(topo: Topology, method: str) -> Path:
     where, address = LOCAL_RESOLVER[method]
     ns = topo.c if where == "c" else topo.s
     log = topo.logs / LOCAL_LOG
-    argv = [
-        "dnsmasq",
-        "--keep-in-foreground",
-        "--conf-file=/dev/null",
-        "--no-resolv",
-        "--no-hosts",
-        "--no-poll",
-        "--pid-file=",
-        "--bind-interfaces",
-        f"--listen-address={address}",
-        f"--address=/{LOCAL_NAME}/{LOCAL_ANSWER}",
-        "--log-queries",
-        "--log-facility=-",
-    ]
+    argv = dnsmasq_argv([address], [(LOCAL_NAME, LOCAL_ANSWER)])
     topo.procs.append(ns.start("local-dns", argv, log))
     assert ns.wait_listening(53, udp=True), log.read_text(errors="replace")
     return log
