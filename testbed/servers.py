@@ -6,7 +6,7 @@ from __future__ import annotations
 import shutil
 import uuid
 from pathlib import Path
-from typing import List
+from typing import List, Sequence, Tuple
 
 from testbed.config import (
     BULK_PORT,
@@ -62,9 +62,13 @@ DNS_PORT = 53
 DNS_LOG = "dns.log"
 
 
-def dnsmasq_argv() -> List[str]:
-    """A nameserver on T's first addresses that answers DNS_NAME and nothing else, logging
-    every query (with its source) to stderr."""
+def dnsmasq_argv(
+    addresses: Sequence[str] = (T_ADDR, T_ADDR6),
+    answers: Sequence[Tuple[str, str]] = ((DNS_NAME, DNS_ANSWER), (DNS_NAME, DNS_ANSWER6)),
+) -> List[str]:
+    """A nameserver on these addresses (by default T's first ones) that answers these names
+    (by default DNS_NAME) and nothing else, logging every query (with its source) to
+    stderr."""
     return [
         "dnsmasq",
         "--keep-in-foreground",
@@ -74,9 +78,8 @@ def dnsmasq_argv() -> List[str]:
         "--no-poll",
         "--pid-file=",
         "--bind-interfaces",
-        f"--listen-address={T_ADDR},{T_ADDR6}",
-        f"--address=/{DNS_NAME}/{DNS_ANSWER}",
-        f"--address=/{DNS_NAME}/{DNS_ANSWER6}",
+        f"--listen-address={','.join(addresses)}",
+        *(f"--address=/{name}/{address}" for name, address in answers),
         "--log-queries",
         "--log-facility=-",
     ]

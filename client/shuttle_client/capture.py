@@ -17,6 +17,7 @@ from .proxy import (
     original_destination,
     serve,
 )
+from .split_dns import SplitDns
 from .targets import endpoint
 from .udp import UdpRelay
 
@@ -55,6 +56,7 @@ class Capture:
         self.servers: List[asyncio.Server] = []
         self.udp: Optional[UdpRelay] = None
         self.dns: Optional[DnsRelay] = None
+        self.split: Optional[SplitDns] = None
 
     def add_dns(self, nameserver: Nameserver, sockets: Sequence[socket.socket]) -> None:
         """--dns: captured DNS goes to nameserver; sockets are our UDP sockets that nat and
@@ -82,16 +84,58 @@ class Capture:
             return TPROXY_ANY_PORT
         return int(self.listeners[0].getsockname()[1])
 
+    def _split(self, original: Destination) -> None:
+        """--dns-domains: the queries for other names stay local (split_dns.py)."""
+        nameserver = self.nameserver
+        if nameserver is None or not nameserver.domains:
+            return
+        self.split = SplitDns(nameserver.domains, self.firewall, nameserver.order, original)
+        if self.dns is not None:
+            self.dns.split = self.split
+            for family in (4, 6):
+                captured = [a for a in nameserver.order if (":" in a) == (family == 6)]
+                if len(captured) > 1:
+                    log.warning(
+                        "split DNS with %s: UDP queries for other names sent to any of %s go "
+                        "to %s (the redirect hides which one they were sent to; TCP ones go "
+                        "where they were sent)",
+                        self.method,
+                        " ".join(captured),
+                        captured[0],
+                    )
+
+    async def _serve(self, original: Destination) -> List[asyncio.Server]:
+        destination = self._rewritten(original)
+        split, take = self.split, self.take
+        if split is None:
+            return await serve(self.tunnels, self.listeners, destination, self.wait, take)
+
+        def take_unless_dns(conn: socket.socket, found: Destination) -> bool:
+            # A DNS connection waits for its first query (split_dns.TcpQuery): not ssh's.
+            try:
+                if split.is_resolver(original(conn)):
+                    return False
+            except OSError:
+                return False
+            return take is not None and take(conn, found)
+
+        return await serve(
+            self.tunnels,
+            self.listeners,
+            destination,
+            self.wait,
+            take_unless_dns if take is not None else None,
+            relay=split.relay,
+        )
+
     async def start(self, method: str, agent_capabilities: Sequence[str]) -> int:
         """Start accepting; returns the port the rules divert to."""
         self.method, self._capabilities = method, agent_capabilities
+        self._split(local_address if method == "tproxy" else original_destination)
         if self.dns is not None:
             self.dns.start()
         if method != "tproxy":
-            destination = self._rewritten(original_destination)
-            self.servers = await serve(
-                self.tunnels, self.listeners, destination, self.wait, self.take
-            )
+            self.servers = await self._serve(original_destination)
             return self.rules_port()
         return await self._take_tproxy_sockets()
 
@@ -99,6 +143,8 @@ class Capture:
         """The firewall session was opened anew; the port its rules divert to. Our own
         listeners stay; a tproxy session's transparent sockets are its own, so the new
         session's replace the old ones (connections accepted already go on)."""
+        if self.split is not None:
+            self.split.udp.close()  # their mark was the old session's
         if self.method != "tproxy":
             return self.rules_port()
         self._stop_accepting()
@@ -108,13 +154,12 @@ class Capture:
         port, sockets = await self.firewall.tproxy_sockets()
         self.listeners = [sock for kind, sock in sockets.items() if kind.startswith("tcp")]
         # TPROXY does not rewrite the destination: the accepted socket's own address is it.
-        self.servers = await serve(
-            self.tunnels, self.listeners, self._rewritten(local_address), self.wait, self.take
-        )
+        self.servers = await self._serve(local_address)
         udp = [sock for kind, sock in sockets.items() if kind.startswith("udp")]
         if "udp" in self._capabilities:
             rewrite = self.nameserver.rewrite if self.nameserver else lambda address: address
             self.udp = UdpRelay(self.tunnels.pick, self.firewall, udp, self.captures, rewrite)
+            self.udp.split = self.split
             self.udp.start()
         else:
             log.warning("the agent cannot relay UDP: captured datagrams are dropped")
@@ -137,3 +182,5 @@ class Capture:
         self._stop_accepting()
         if self.dns is not None:
             self.dns.close()
+        if self.split is not None:
+            self.split.close()

@@ -15,7 +15,7 @@ from shuttle_protocol.errors import LocalProtocolError
 from shuttle_protocol.firewall_messages import ANY_OWNER, Target
 from shuttle_protocol.stream_messages import MAX_LIST
 
-from . import __version__
+from . import __version__, split_dns
 from .fastpath import DEFAULT_CAP, TCP_MODES
 from .resolvers import DNS_PORT, plain
 from .targets import TargetError, parse_targets, read_target_file
@@ -75,6 +75,9 @@ Options:
   --ns-hosts=IP[,IP]       capture DNS queries to these servers only (implies --dns).
   --to-ns=IP[:PORT]        with --dns: ask this server, from the server's side
                            (default: the first nameserver of the server's resolv.conf).
+  --dns-domains=DOMAIN[,DOMAIN]  with --dns: only names in these domains are answered
+                           from the server's side; other queries go on, unchanged, to
+                           the resolver they were sent to (split DNS).
   -H, --auto-hosts         put host names from the server's side (its /etc/hosts and
                            neighbours) into this host's /etc/hosts while shuttle runs
                            (needs firewalld's "hosts" permission unless you are root).
@@ -161,6 +164,7 @@ class Options:
     dns: bool = False
     ns_hosts: Tuple[str, ...] = ()  # () with dns: this host's resolvers
     to_ns: Optional[Tuple[str, int]] = None  # None: the server's first nameserver
+    dns_domains: Tuple[str, ...] = ()  # (): every captured query goes to the server's side
     auto_hosts: bool = False
     seed_hosts: Tuple[str, ...] = ()
     daemon: bool = False
@@ -387,6 +391,18 @@ def parse_dns(
         raise UsageError(f"invalid --to-ns: {exc}") from None
 
 
+def parse_dns_domains(text: Optional[str], dns: bool) -> Tuple[str, ...]:
+    """--dns-domains → the domains, each as DNS writes it (lower case, no final dot)."""
+    if text is None:
+        return ()
+    if not dns:
+        raise UsageError("--dns-domains needs --dns or --ns-hosts")
+    try:
+        return split_dns.parse_domains(text)
+    except ValueError as exc:
+        raise UsageError(f"invalid --dns-domains: {exc}") from None
+
+
 def parse_pidfile(text: Optional[str], daemon: bool) -> Optional[str]:
     """--pidfile as an absolute path (a daemon works in /); with -D, a default."""
     if text is None and not daemon:
@@ -494,6 +510,7 @@ def parse_args(argv: Sequence[str]) -> Options:
         dns=dns,
         ns_hosts=ns_hosts,
         to_ns=to_ns,
+        dns_domains=parse_dns_domains(args["--dns-domains"], dns),
         auto_hosts=bool(args["--auto-hosts"]),
         seed_hosts=parse_seed_hosts(args["--seed-hosts"]),
         daemon=bool(args["--daemon"]),

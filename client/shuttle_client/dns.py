@@ -23,11 +23,10 @@ from shuttle_protocol.stream_messages import Close, Datagram
 from .listing import udp_entry
 from .logs import printable
 from .resolvers import DNS_PORT
+from .split_dns import SplitDns, datagrams
 
 log = logging.getLogger("shuttle")
 
-MAX_DATAGRAM = 65535
-READ_BATCH = 64  # datagrams read per wake-up, so one busy socket cannot starve the loop
 # A resolver retries after a few seconds: a flow idle this long will not be answered.
 IDLE_TIMEOUT = 30.0
 MAX_FLOWS = 1024
@@ -36,11 +35,16 @@ Address = Tuple[str, int]
 
 
 class Nameserver:
-    """Where captured DNS goes instead: the server's resolver."""
+    """Where captured DNS goes instead: the server's resolver (with domains, only queries
+    for names in those: split_dns.py)."""
 
-    def __init__(self, captured: Sequence[str], server: Address) -> None:
+    def __init__(
+        self, captured: Sequence[str], server: Address, domains: Sequence[str] = ()
+    ) -> None:
         self.captured = frozenset(captured)
+        self.order = tuple(captured)  # as resolv.conf lists them
         self.server = server
+        self.domains = tuple(domains)
 
     def rewrite(self, destination: Address) -> Address:
         """The destination to open on the server's side for a captured one."""
@@ -123,6 +127,7 @@ class DnsRelay:
         self.server = server
         self.flows: Dict[Tuple[int, Address], DnsFlow] = {}
         self.dropped = 0
+        self.split: Optional[SplitDns] = None  # --dns-domains: the queries that stay local
         self._tasks: Set[asyncio.Task[Any]] = set()
 
     def start(self) -> None:
@@ -151,21 +156,38 @@ class DnsRelay:
             del flow.link.flows[flow.channel]
 
     def _read(self, sock: socket.socket) -> None:
-        for _ in range(READ_BATCH):
-            try:
-                payload, source = sock.recvfrom(MAX_DATAGRAM)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                log.debug("dns socket: %s", exc.strerror)
-                return
-            key = (sock.fileno(), source[:2])
-            flow = self.flows.get(key) or self._open(sock, source[:2])
+        for payload, source in datagrams(sock, "dns socket"):
+            if self.split is not None and self._local(sock, source, payload):
+                continue
+            key = (sock.fileno(), source)
+            flow = self.flows.get(key) or self._open(sock, source)
             if flow is None or not flow.link.send_datagram(flow.channel, payload):
                 self.dropped += 1
                 continue
             flow.bytes_out += len(payload)
             flow.last_active = time.monotonic()
+
+    def _local(self, sock: socket.socket, source: Address, query: bytes) -> bool:
+        """--dns-domains: send a query that is not for the server's side to the resolver
+        (whose address the answer gets back from the kernel's NAT); False if it is."""
+        split = self.split
+        if split is None:
+            return False
+        if split.udp.own(source):
+            return True  # our own query, captured: never again round the loop
+        if split.domains.remote(query):
+            return False
+        resolver = split.resolver_for(sock.family)
+        if resolver is not None:
+
+            def answer(data: bytes) -> None:
+                try:
+                    sock.sendto(data, source)
+                except OSError as exc:  # UDP may drop
+                    log.debug("dns: local answer dropped: %s", exc.strerror)
+
+            split.udp.send(query, resolver, answer)
+        return True
 
     def _open(self, sock: socket.socket, source: Address) -> Optional[DnsFlow]:
         link = self.pick()

@@ -35,6 +35,8 @@ from shuttle_protocol.firewall_messages import (
     ALL_PORTS,
     ANY_OWNER,
     PAIRS,
+    BypassSocketAnswer,
+    BypassSocketRequest,
     CloseSessionAnswer,
     CloseSessionRequest,
     HeartbeatAnswer,
@@ -185,6 +187,19 @@ class FirewallSession:
         if [kind for kind, _ in sockets] != ["reply"]:
             _close_all(sockets)
             raise FirewallError("shuttle-firewalld handed over something else than a reply socket")
+        return sockets[0][1]
+
+    async def bypass_socket(self, kind: str, timeout: float = 5.0) -> socket.socket:
+        """A socket of ours (kind "udp4", "udp6", "tcp4" or "tcp6", unbound) that this
+        session's DNS capture lets through to its nameservers' port 53 (firewalld marks it,
+        which we cannot): for the queries --dns-domains leaves to them. The caller owns it."""
+        answer = await self._request(
+            BypassSocketRequest(self._open_session(), kind), BypassSocketAnswer, timeout
+        )
+        sockets = await fetch_sockets(answer.path, answer.token, timeout)
+        if [name for name, _ in sockets] != ["bypass"]:
+            _close_all(sockets)
+            raise FirewallError("shuttle-firewalld handed over something else than a bypass socket")
         return sockets[0][1]
 
     async def set_hosts(self, hosts: Sequence[tuple[str, str]], timeout: float = 10.0) -> int:

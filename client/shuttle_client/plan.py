@@ -53,4 +53,6 @@ async def make_plan(options: Options, discovery: Discovery) -> Plan:
             raise PlanError("--dns: the server has no nameserver in its resolv.conf (use --to-ns)")
         server = (theirs[0], DNS_PORT)
     log.info("DNS to %s goes to %s port %d on the server's side", " ".join(captured), *server)
-    return Plan(subnets, captured, Nameserver(captured, server))
+    if options.dns_domains:
+        log.info("only names in %s are asked there", ", ".join(options.dns_domains))
+    return Plan(subnets, captured, Nameserver(captured, server, options.dns_domains))

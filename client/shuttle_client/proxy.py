@@ -252,6 +252,13 @@ class Incoming(Relay):
         if self.channel:
             self.tunnels.on_channel_closed(self)
 
+    def on_opened(self) -> None:
+        """The agent's connect succeeded (the program was answered by the kernel already)."""
+
+    def on_refused(self, errno: int) -> None:
+        """The agent's connect failed (errno 0: a name that did not resolve)."""
+        self.reset()  # a reset is as close to "refused" as an accepted socket gets
+
     def describe(self, now: float, stream: int) -> Connection:
         """The connection as the control socket lists it."""
         age = max(0.0, now - self.opened_at)
@@ -268,15 +275,27 @@ class Incoming(Relay):
         )
 
 
+# Makes the relay of a connection on the agent's path: Incoming, or one that answers a
+# proxy's client once the agent's connect is known.
+MakeIncoming = Callable[[Link, Destination, Tunnels], Incoming]
+
+
 class Waiting(asyncio.Protocol):
     """A captured connection that came while no stream was up: not read, and not let go
     anywhere else, until a stream is up (then it becomes an Incoming) or wait seconds
     pass (then it is reset)."""
 
-    def __init__(self, tunnels: Tunnels, destination: Destination, wait: float) -> None:
+    def __init__(
+        self,
+        tunnels: Tunnels,
+        destination: Destination,
+        wait: float,
+        incoming: "MakeIncoming" = Incoming,
+    ) -> None:
         self.tunnels = tunnels
         self._destination = destination
         self._wait = wait
+        self._incoming = incoming
         self._transport: Optional[asyncio.Transport] = None
         self._timer: Optional[asyncio.TimerHandle] = None
         self._early = b""  # what was read before reading stopped
@@ -308,7 +327,7 @@ class Waiting(asyncio.Protocol):
         transport = self._transport
         if transport is None or transport.is_closing():
             return
-        incoming = Incoming(link, self._destination, self.tunnels)
+        incoming = self._incoming(link, self._destination, self.tunnels)
         transport.set_protocol(incoming)
         incoming.connection_made(transport)
         if transport.is_closing():
@@ -332,13 +351,34 @@ class Waiting(asyncio.Protocol):
         self.tunnels.release(self)
 
 
-def relay_for(tunnels: Tunnels, destination: Destination, wait: float) -> asyncio.Protocol:
+class Preloaded(asyncio.Protocol):
+    """Gives the relay's protocol bytes read already (past a proxy request, or a DNS query
+    that had to be read to choose its way), before any byte the transport reads, then steps
+    aside."""
+
+    def __init__(self, inner: asyncio.Protocol, early: bytes) -> None:
+        self.inner = inner
+        self.early = early
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.set_protocol(self.inner)
+        self.inner.connection_made(transport)
+        if not transport.is_closing():
+            self.inner.data_received(self.early)
+
+
+def relay_for(
+    tunnels: Tunnels,
+    destination: Destination,
+    wait: float,
+    incoming: MakeIncoming = Incoming,
+) -> asyncio.Protocol:
     """The protocol of a connection on the agent's path: through the link tunnels pick, or
-    waiting up to wait seconds for one."""
+    waiting up to wait seconds for one; incoming makes the relay (a proxy's answers)."""
     link = tunnels.pick()
     if link is None:
-        return Waiting(tunnels, destination, wait)
-    return Incoming(link, destination, tunnels)
+        return Waiting(tunnels, destination, wait, incoming)
+    return incoming(link, destination, tunnels)
 
 
 async def serve(
@@ -347,14 +387,17 @@ async def serve(
     destination: Destination,
     wait: float,
     take: Optional[Take] = None,
+    *,
+    relay: Callable[[Tunnels, Destination, float], asyncio.Protocol] = relay_for,
 ) -> List[asyncio.Server]:
     """Accept captured connections on the listeners for as long as the servers are open;
-    each goes where take sends it, or else on the agent's path (relay_for)."""
+    each goes where take sends it, or else on the agent's path (relay, which may first look
+    at it: split DNS)."""
     loop = asyncio.get_running_loop()
     servers = []
 
     def accept() -> asyncio.Protocol:
-        return relay_for(tunnels, destination, wait)
+        return relay(tunnels, destination, wait)
 
     def divert(conn: socket.socket) -> bool:
         return take is not None and take(conn, destination)

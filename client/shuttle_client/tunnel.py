@@ -26,6 +26,7 @@ from .cli import Options
 from .discovery import Discovery
 from .fastpath import Master, MuxError, master_options, probe
 from .logs import printable
+from .proxy import Incoming
 from .upload import build_payload, remote_command, ssh_argv
 
 log = logging.getLogger("shuttle")
@@ -292,7 +293,11 @@ class Tunnel:
             self._on_pong(msg)
         elif isinstance(msg, ProbeListening):
             self._on_probe_listening(msg)
-        elif not isinstance(msg, Opened):
+        elif isinstance(msg, Opened):
+            relay = self.link.channels.get(msg.channel)
+            if isinstance(relay, Incoming):
+                relay.on_opened()
+        else:
             # The table lets through only what this dispatch or discovery handles.
             self.discovery.on_message(msg)
 
@@ -300,8 +305,10 @@ class Tunnel:
         reason = printable(msg.reason)
         log.debug("channel %d refused by the remote side: %s", msg.channel, reason)
         relay = self.link.channels.get(msg.channel)
-        if relay is not None:
-            relay.reset()  # a reset is as close to "refused" as an accepted socket gets
+        if isinstance(relay, Incoming):
+            relay.on_refused(msg.errno)
+        elif relay is not None:
+            relay.reset()
         flow = self.link.flows.pop(msg.channel, None)
         if flow is not None:
             flow.reset()

@@ -24,6 +24,7 @@ from .firewall_session import FirewallError, FirewallSession
 from .listing import udp_entry
 from .logs import Throttle, printable
 from .proxy import LIMIT_LOG_INTERVAL
+from .split_dns import SplitDns
 from .targets import endpoint
 
 log = logging.getLogger("shuttle")
@@ -78,13 +79,17 @@ class UdpFlow:
         return udp_entry(self, now, stream)
 
     def on_datagram(self, msg: Datagram) -> None:
+        self.deliver(msg.payload)
+
+    def deliver(self, payload: bytes) -> None:
+        """A reply for the program: from the tunnel, or from a local resolver (split DNS)."""
         self.last_active = time.monotonic()
-        self.bytes_in += len(msg.payload)
+        self.bytes_in += len(payload)
         if self.reply_socket is None:
             if len(self._held) < MAX_HELD:
-                self._held.append(msg.payload)
+                self._held.append(payload)
             return
-        self._send(msg.payload)
+        self._send(payload)
 
     def on_close(self, msg: Close) -> None:
         log.debug("udp channel %d closed by the agent: %s", self.channel, printable(msg.reason))
@@ -144,6 +149,7 @@ class UdpRelay:
         self.flows: Dict[Tuple[Address, Address], UdpFlow] = {}
         self._tasks: Set[asyncio.Task[Any]] = set()
         self.dropped = 0
+        self.split: Optional[SplitDns] = None  # --dns-domains: the queries that stay local
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -180,11 +186,22 @@ class UdpRelay:
             destination = original_destination(ancillary)
             if destination is None:
                 continue  # not diverted by TPROXY: nobody should send here directly
+            split = self.split
+            if split is not None and split.udp.own(source[:2]):
+                continue  # our own query, captured: never again round the loop
             flow = self.flows.get((source[:2], destination)) or self._open(source[:2], destination)
             if flow is None:
                 self.dropped += 1
                 continue
             flow.last_active = time.monotonic()
+            if (
+                split is not None
+                and split.is_resolver(destination)
+                and not split.domains.remote(payload)
+            ):
+                # Its answer leaves from the flow's reply socket, as from the resolver.
+                split.udp.send(payload, destination, flow.deliver)
+                continue
             if flow.link.send_datagram(flow.channel, payload):
                 flow.bytes_out += len(payload)
             else:

@@ -36,11 +36,13 @@ class HandoverRefused(Exception):
 
 @dataclass(eq=False)
 class Grant:
-    """What one token fetches: a reply socket, or (reply None) the session's listeners."""
+    """What one token fetches: a reply or bypass socket (of kind), or (reply None) the
+    session's listeners."""
 
     session: Session
     deadline: float
     reply: socket.socket | None = None
+    kind: str = "reply"
 
     def close(self) -> None:
         if self.reply is not None:
@@ -81,9 +83,12 @@ class Grants:
                 f"in {TOKEN_LIFETIME:g} s"
             )
 
-    def issue(self, session: Session, reply: socket.socket | None = None) -> str:
-        """A token that fetches reply, or the session's listeners; it owns reply from now,
-        even if this raises (RequestError: too many tokens, or no listeners left)."""
+    def issue(
+        self, session: Session, reply: socket.socket | None = None, kind: str = "reply"
+    ) -> str:
+        """A token that fetches reply (a socket of kind), or the session's listeners; it
+        owns reply from now, even if this raises (RequestError: too many tokens, or no
+        listeners left)."""
         try:
             self.room(session)
             if reply is None and not session.sockets:
@@ -93,7 +98,7 @@ class Grants:
                 reply.close()
             raise
         token = secrets.token_hex(16)
-        self._grants[token] = Grant(session, self._clock() + TOKEN_LIFETIME, reply)
+        self._grants[token] = Grant(session, self._clock() + TOKEN_LIFETIME, reply, kind)
         self._per_session[session.id] += 1
         self._per_uid[session.caller] += 1
         return token
@@ -119,7 +124,7 @@ class Grants:
                 )
             if grant.reply is not None:
                 reply, grant.reply = grant.reply, None
-                return session, [("reply", reply)]
+                return session, [(grant.kind, reply)]
             if not session.sockets:
                 raise HandoverRefused(f"session {session.short_id} handed its sockets over already")
             listeners, session.sockets = session.sockets, {}
@@ -132,7 +137,7 @@ class Grants:
         """Return listeners that could not be sent to their session, which can then hand
         them over with a new token; False (the caller closes them) if they are no listeners.
         """
-        if any(kind == "reply" for kind, _ in sockets) or session.sockets:
+        if any(kind in ("reply", "bypass") for kind, _ in sockets) or session.sockets:
             return False
         session.sockets = dict(sockets)
         return True

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, TypeVar, Union
 
 from shuttle_protocol.firewall_messages import (
+    BypassSocketRequest,
     CloseSessionAnswer,
     CloseSessionRequest,
     HeartbeatAnswer,
@@ -43,6 +44,7 @@ from shuttle_protocol.firewall_messages import (
 )
 from shuttle_protocol.schema import REGISTRY, Message
 
+from . import bypass
 from .errors import RequestError
 from .prepared import Prepared
 from .session import Session
@@ -163,6 +165,7 @@ TABLE: Mapping[type[Message], Allowed] = {
     SetHostsRequest: OnSession(_set_hosts, slow=True),
     ListSessionsRequest: Alone(_list),
     UpdateSessionRequest: OnSession(_update, slow=True),
+    BypassSocketRequest: OnSession(bypass.serve),
 }
 
 

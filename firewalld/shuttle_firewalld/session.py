@@ -31,6 +31,8 @@ class Session:
     gid: int = ANY_OWNER  # and of which group; ANY_OWNER: any
     forward: bool = False  # also traffic routed through this host
     dns: tuple[Address, ...] = ()  # nameservers: TCP and UDP to their port 53 captured too
+    # The mark of its bypass sockets (bypass.py), whose DNS to those nameservers it lets by.
+    bypass_mark: int = 0
     pid: int | None = None  # the process that opened it: the session ends when it does
     rules: int = 0
     opened: float = 0.0  # when its rules went in (the clock of Sessions)

@@ -31,6 +31,7 @@ from shuttle_protocol.firewall_messages import (
 )
 from shuttle_protocol.firewall_messages import Target as WireTarget
 
+from .bypass import free_mark
 from .errors import RequestError
 from .exits import Exits, ProcessGone
 from .handover import Grants
@@ -178,6 +179,7 @@ class Sessions:
             forward=request.forward,
             dns=dns,
             pid=pid,
+            bypass_mark=free_mark(self._open.values()),
         )
         if pid is not None:
             try:

@@ -42,9 +42,11 @@ MAX_ID = 2**32 - 2  # (uid_t)-1 is the kernel's "no id"
 ALL_PORTS = (1, 65535)
 TOKEN_LEN = 32  # a one-time token for the fd socket, the same form as a session id
 MAX_PATH = 107  # sun_path holds 108 bytes, the last one a NUL
-# The sockets firewalld hands over: the tproxy listeners per protocol and IP version, and a
-# reply socket (bound to an original destination, for UDP answers).
-SOCKET_KINDS = ("tcp4", "udp4", "tcp6", "udp6", "reply")
+# The sockets firewalld hands over: the tproxy listeners per protocol and IP version, a
+# reply socket (bound to an original destination, for UDP answers), and a bypass socket.
+SOCKET_KINDS = ("tcp4", "udp4", "tcp6", "udp6", "reply", "bypass")
+# What a bypass socket may be: its protocol and IP version.
+BYPASS_KINDS = ("udp4", "udp6", "tcp4", "tcp6")
 
 # One captured or excluded destination: (network, first port, last port).
 Target = Tuple[str, int, int]
@@ -397,6 +399,32 @@ class UpdateSessionAnswer(Message):
         check_int(self.rules, "rules", 0, MAX_RULES)
 
 
+@message(81)
+@dataclass(frozen=True)
+class BypassSocketRequest(Message):
+    """A socket of the caller's own (kind: "udp4", "udp6", "tcp4" or "tcp6", unbound and
+    unconnected) that carries the session's bypass mark: its DNS to the session's
+    nameservers, port 53, is not captured by the session, so the queries that --dns-domains
+    leaves to this host's resolvers reach them unchanged."""
+
+    __slots__ = ("session", "kind")
+    session: str
+    kind: str
+
+    def __post_init__(self) -> None:
+        check_session_id(self.session)
+        check_choice(self.kind, "kind", BYPASS_KINDS)
+
+
+@message(82)
+@dataclass(frozen=True)
+class BypassSocketAnswer(ReplySocketAnswer):
+    """Fetch the bypass socket as SocketsAnswer says: connect to path, send the token (the
+    fields and checks of ReplySocketAnswer, under a tag of its own)."""
+
+    __slots__ = ()
+
+
 @message(127)
 @dataclass(frozen=True)
 class ErrorAnswer(Message):
@@ -420,6 +448,7 @@ PAIRS = Pairs(
         SetHostsRequest: SetHostsAnswer,
         ListSessionsRequest: ListSessionsAnswer,
         UpdateSessionRequest: UpdateSessionAnswer,
+        BypassSocketRequest: BypassSocketAnswer,
     },
     ErrorAnswer,
 )

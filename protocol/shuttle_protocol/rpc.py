@@ -127,7 +127,9 @@ class Call(Generic[A]):
             return None
         if type(answer) is self._pairs.error:
             raise AnswerError(answer.text, refused=True)  # type: ignore[attr-defined]
-        if not isinstance(answer, self.kind):
+        # Exactly the type: an answer that subclasses another (BypassSocketAnswer) answers
+        # its own request only.
+        if type(answer) is not self.kind:
             raise AnswerError(
                 f"answered {type(self.request).__name__} with {type(answer).__name__}",
                 refused=False,

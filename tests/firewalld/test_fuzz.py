@@ -35,7 +35,9 @@ from hypothesis import strategies as st
 from shuttle_protocol.errors import RemoteProtocolError
 from shuttle_protocol.firewall_messages import (
     ANY_OWNER,
+    BYPASS_KINDS,
     PAIRS,
+    BypassSocketRequest,
     CloseSessionAnswer,
     CloseSessionRequest,
     ErrorAnswer,
@@ -207,6 +209,18 @@ def pick(data: st.DataObject, known: list[str]) -> str:
     return known[index % len(known)] if known else "0" * 32
 
 
+# What follows the session id in the requests that name one (nothing in Heartbeat,
+# CloseSession and Sockets).
+AFTER_SESSION: dict[type[Message], st.SearchStrategy[tuple[Any, ...]]] = {
+    UpdateSessionRequest: st.tuples(small_lists, st.lists(st.sampled_from(SUBNETS))),
+    SetHostsRequest: st.tuples(st.lists(st.sampled_from(NAMES), max_size=3)),
+    ReplySocketRequest: st.tuples(
+        st.sampled_from(["10.2.0.7", "fd00:5e::1", "127.0.0.1"]), st.just(53)
+    ),
+    BypassSocketRequest: st.tuples(st.sampled_from(BYPASS_KINDS)),
+}
+
+
 def valid_fields(data: st.DataObject, cls: type[Message], uid: int, known: list[str]) -> list[Any]:
     """Fields of a request that decodes, mostly one that uid's own session would be served
     (its own port and traffic), naming a known session (or a made-up one)."""
@@ -223,15 +237,10 @@ def valid_fields(data: st.DataObject, cls: type[Message], uid: int, known: list[
             data.draw(st.sampled_from([False, False, True])),
             data.draw(st.sampled_from([[], [], ["10.53.0.53"], ["127.0.0.53", "fd00:53::53"]])),
         ]
-    if cls is UpdateSessionRequest:
-        return [session, data.draw(small_lists), data.draw(st.lists(st.sampled_from(SUBNETS)))]
-    if cls is SetHostsRequest:
-        return [session, data.draw(st.lists(st.sampled_from(NAMES), max_size=3))]
-    if cls is ReplySocketRequest:
-        return [session, data.draw(st.sampled_from(["10.2.0.7", "fd00:5e::1", "127.0.0.1"])), 53]
     if cls is ListSessionsRequest:
         return []
-    return [session]  # Heartbeat, CloseSession, Sockets
+    after = AFTER_SESSION.get(cls)
+    return [session, *(data.draw(after) if after is not None else ())]
 
 
 def mutated(data: st.DataObject, fields: list[Any]) -> list[Any]:

@@ -16,6 +16,7 @@ from shuttle_firewalld.sessions import Sessions
 from shuttle_firewalld.transparent import Flow
 from shuttle_protocol.firewall_messages import (
     ANY_OWNER,
+    BypassSocketRequest,
     CloseSessionAnswer,
     CloseSessionRequest,
     ErrorAnswer,
@@ -68,6 +69,7 @@ def test_the_table_as_it_stands() -> None:
         SetHostsRequest: (True, None),
         ListSessionsRequest: (False, None),
         UpdateSessionRequest: (True, None),
+        BypassSocketRequest: (True, None),
     }
 
 

@@ -12,6 +12,7 @@ from typing import List, Sequence
 import pytest
 
 from testbed import (
+    CLOSED_PORT,
     ECHO_PORT,
     HTTP_PORT,
     SYSTEM_PYTHON,
@@ -87,6 +88,64 @@ if sys.argv[2] == "hold":
 """
 
 
+# A SOCKS5 CONNECT to host:port (the standard library only); prints the reply's code.
+REFUSED = r"""
+import socket, sys
+conn = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=10)
+conn.sendall(b"\x05\x01\x00")
+assert conn.recv(2) == b"\x05\x00"
+target = socket.inet_aton(sys.argv[2]) + int(sys.argv[3]).to_bytes(2, "big")
+conn.sendall(b"\x05\x01\x00\x01" + target)
+print("reply", conn.recv(4)[1], flush=True)
+"""
+# The first user's association: UDP ASSOCIATE, its relay's port printed, then (once the
+# file argv[2] exists, within 30 s) one echo through it from its own socket.
+ASSOCIATION = r"""
+import os, socket, sys, time
+conn = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=10)
+conn.sendall(b"\x05\x01\x00")
+assert conn.recv(2) == b"\x05\x00"
+conn.sendall(b"\x05\x03\x00\x01" + bytes(6))
+reply = conn.recv(10)
+assert reply[1] == 0, reply
+relay = int.from_bytes(reply[8:10], "big")
+print("relay", relay, flush=True)
+for _ in range(300):
+    if os.path.exists(sys.argv[2]):
+        break
+    time.sleep(0.1)
+udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+udp.settimeout(2)
+header = b"\0\0\0\x01" + socket.inet_aton(sys.argv[3]) + int(sys.argv[4]).to_bytes(2, "big")
+for _ in range(5):
+    udp.sendto(header + b"mine", ("127.0.0.1", relay))
+    try:
+        print("echo", udp.recv(65535) == header + b"mine", flush=True)
+        break
+    except socket.timeout:
+        pass
+else:
+    print("no echo", flush=True)
+"""
+# Another user's datagrams into that association: prints whether any answer came back.
+INJECT = r"""
+import socket, sys
+udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+udp.settimeout(1)
+header = b"\0\0\0\x01" + socket.inet_aton(sys.argv[2]) + int(sys.argv[3]).to_bytes(2, "big")
+for _ in range(3):
+    udp.sendto(header + b"theirs", ("127.0.0.1", int(sys.argv[1])))
+    try:
+        udp.recv(65535)
+        print("answered", flush=True)
+        break
+    except socket.timeout:
+        pass
+else:
+    print("nothing", flush=True)
+"""
+
+
 def run(topo: Topology, argv: Sequence[str], env: dict[str, str] | None = None) -> str:
     result = topo.run_as_user(
         [*(["env", *(f"{k}={v}" for k, v in env.items())] if env else []), *argv], timeout=60
@@ -151,6 +210,47 @@ def test_proxies_alone_as_a_plain_user_without_firewalld(
     assert "Traceback" not in client.output(), shuttle.outputs()
 
 
+def test_refused_targets_get_their_error_and_others_cannot_use_an_association(
+    topo: Topology, user_venv: UserVenv, second_user: LocalUser
+) -> None:
+    shuttle = Shuttle(topo, user_venv)
+    client = shuttle.start_client(
+        subnets=(), extra=[f"--socks={SOCKS}", f"--http-proxy={HTTP_PROXY}"]
+    )
+    # Nothing listens on T's CLOSED_PORT: RFC 1928's "connection refused", HTTP's 502.
+    out = run(topo, [SYSTEM_PYTHON, "-c", REFUSED, str(SOCKS), T_ADDR, str(CLOSED_PORT)])
+    assert out.split() == ["reply", "5"], out
+    status = topo.run_as_user(
+        [
+            *curl("-p", "-x", f"http://127.0.0.1:{HTTP_PROXY}", "-o", "/dev/null"),
+            "-w",
+            "%{http_connect}",
+            f"http://{T_ADDR}:{CLOSED_PORT}/",
+        ],
+        timeout=60,
+    )
+    assert status.stdout.strip() == "502", status
+    # An association of the first user; the second one sends into it first, from the same
+    # address (loopback), and gets nothing back; the first user's own echo still works.
+    go = topo.home().dir / "go"
+    holder = topo.start(
+        "association",
+        topo.user_argv(
+            [SYSTEM_PYTHON, "-c", ASSOCIATION, str(SOCKS), str(go), T_ADDR, str(UDP_ECHO_PORT)],
+            topo.user_env([]),
+        ),
+    )
+    assert holder.wait_for_line("relay ", TIMEOUT), holder.output()
+    relay = holder.output().split("relay ", 1)[1].split()[0]
+    inject = [SYSTEM_PYTHON, "-c", INJECT, relay, T_ADDR, str(UDP_ECHO_PORT)]
+    other = topo.run_as_user(inject, user=second_user, timeout=30)
+    assert other.stdout.split() == ["nothing"], other
+    go.write_text("")
+    assert holder.wait_for_line("echo True", TIMEOUT), holder.output()
+    assert "datagram(s) from other users' sockets" in client.output(), shuttle.outputs()
+    assert "Traceback" not in client.output(), shuttle.outputs()
+
+
 def test_one_client_captures_and_serves_both_proxies(shuttle: Shuttle) -> None:
     client = shuttle.start_client(extra=[f"--socks={SOCKS}", f"--http-proxy={HTTP_PROXY}"])
     assert "TCP through ssh" in ready_line(client), shuttle.outputs()
@@ -169,5 +269,6 @@ def test_one_client_captures_and_serves_both_proxies(shuttle: Shuttle) -> None:
     assert holder.wait_for_line("connected True", TIMEOUT), holder.output()
     listed = ctl_json(shuttle, "connections")["connections"]
     by_proto = {(c["proto"], c["host"], c["port"]) for c in listed}
-    assert ("tcp-ssh", T_ADDR, ECHO_PORT) in by_proto, listed  # SOCKS on the fast path
+    # SOCKS on the agent's path: it answers the client once the agent's connect is known.
+    assert ("tcp", T_ADDR, ECHO_PORT) in by_proto, listed
     assert ("udp", T_ADDR, UDP_ECHO_PORT) in by_proto, listed  # its association's flow

@@ -224,6 +224,10 @@ STRATEGIES: Dict[Type[Message], st.SearchStrategy[Message]] = {
         target_tuples,
     ),
     fw.UpdateSessionAnswer: st.builds(fw.UpdateSessionAnswer, st.integers(0, fw.MAX_RULES)),
+    fw.BypassSocketRequest: st.builds(
+        fw.BypassSocketRequest, session_ids, st.sampled_from(fw.BYPASS_KINDS)
+    ),
+    fw.BypassSocketAnswer: st.builds(fw.BypassSocketAnswer, session_ids, socket_paths),
     fw.ErrorAnswer: st.builds(fw.ErrorAnswer, st.text(max_size=2000)),
     cm.StatusRequest: st.builds(cm.StatusRequest),
     cm.StatusAnswer: st.integers(1, cm.MAX_STREAMS).flatmap(
@@ -372,6 +376,8 @@ EXAMPLES: Dict[Type[Message], Message] = {
         SESSION, (("10.0.0.0/8", *fw.ALL_PORTS), ("2001:db8::/32", 443, 443)), ()
     ),
     fw.UpdateSessionAnswer: fw.UpdateSessionAnswer(7),
+    fw.BypassSocketRequest: fw.BypassSocketRequest(SESSION, "udp4"),
+    fw.BypassSocketAnswer: fw.BypassSocketAnswer(SESSION[::-1], "/run/shuttle/firewalld.sock.fds"),
     fw.ErrorAnswer: fw.ErrorAnswer("no"),
     cm.StatusRequest: cm.StatusRequest(),
     cm.StatusAnswer: cm.StatusAnswer(
@@ -783,6 +789,11 @@ BAD_VALUES: Dict[Type[Message], Dict[str, List[Any]]] = {
         "excludes": BAD_TARGETS,
     },
     fw.UpdateSessionAnswer: {"rules": bad_ints(0, fw.MAX_RULES)},
+    fw.BypassSocketRequest: {
+        "session": BAD_SESSIONS,
+        "kind": ["reply", "UDP4", "udp", "", b"udp4", None, 4, ("udp4",)],
+    },
+    fw.BypassSocketAnswer: {"token": BAD_SESSIONS, "path": BAD_PATHS},
     fw.ErrorAnswer: {"text": bad_texts(2000)},
     cm.StatusRequest: {},
     cm.StatusAnswer: {

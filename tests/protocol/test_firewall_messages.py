@@ -20,6 +20,8 @@ from shuttle_protocol.firewall_messages import (
     MAX_SUBNETS,
     METHODS,
     SESSION_ID_LEN,
+    BypassSocketAnswer,
+    BypassSocketRequest,
     HeartbeatRequest,
     ListSessionsAnswer,
     ListSessionsRequest,
@@ -527,3 +529,17 @@ def test_an_update_keeps_a_subnet_and_bounds_both_lists() -> None:
         UpdateSessionRequest(SESSION, (), subnets)
     with pytest.raises(RemoteProtocolError, match="invalid UpdateSessionRequest: excludes must"):
         receive(UpdateSessionRequest, SESSION, subnets, subnets * (MAX_SUBNETS + 1))
+
+
+@pytest.mark.parametrize("kind", ["udp4", "udp6", "tcp4", "tcp6"])
+def test_a_bypass_socket_is_asked_for_by_kind(kind: str) -> None:
+    round_trip(BypassSocketRequest(SESSION, kind))
+    round_trip(BypassSocketAnswer(SESSION, "/run/shuttle/fd.sock"))
+
+
+@pytest.mark.parametrize("kind", ["reply", "tcp", "udp5", "", 4, None])
+def test_any_other_bypass_kind_is_refused_on_both_ends(kind: Any) -> None:
+    with pytest.raises(LocalProtocolError):
+        BypassSocketRequest(SESSION, kind)
+    with pytest.raises(RemoteProtocolError):
+        receive(BypassSocketRequest, SESSION, kind)

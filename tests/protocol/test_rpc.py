@@ -103,6 +103,16 @@ def test_a_malformed_answer_is_the_same_exception(data: bytes) -> None:
         assert not caught.value.refused
 
 
+def test_an_answer_that_subclasses_the_right_one_is_still_another_requests() -> None:
+    session = "0123456789abcdef0123456789abcdef"
+    call = Caller(fw.PAIRS).call(
+        fw.ReplySocketRequest(session, "10.0.0.5", 53, "10.0.0.1", 40000), fw.ReplySocketAnswer
+    )
+    request_id = request_id_of(call.frame())
+    with pytest.raises(AnswerError, match="answered ReplySocketRequest with BypassSocketAnswer"):
+        call.receive(encode_frame(request_id, fw.BypassSocketAnswer(session, "/run/fd.sock")))
+
+
 def test_a_call_needs_the_tables_answer_type() -> None:
     caller = Caller(fw.PAIRS)
     with pytest.raises(LocalProtocolError, match="not answered by"):

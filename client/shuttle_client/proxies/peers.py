@@ -1,12 +1,13 @@
 """Who is at the other end of a loopback connection: the uid that owns the peer's socket,
 asked of the kernel for that one socket (NETLINK_SOCK_DIAG, an exact inet_diag_sockid
-lookup, not a dump), so that a proxy without a password serves only its own user. TCP
-gives no SO_PEERCRED; /proc/net/tcp would be a scan of every socket per connection.
-(firewalld's sockdiag.py dumps listeners; this asks for one connected socket.)"""
+lookup, not a dump), so that a proxy without a password serves only its own user: each
+TCP client, and each datagram of a UDP association. TCP gives no SO_PEERCRED;
+/proc/net/tcp would be a scan of every socket per connection. (firewalld's sockdiag.py
+dumps listeners; this asks for one connected socket.)"""
 
 import socket
 import struct
-from typing import Optional
+from typing import Optional, Tuple
 
 NETLINK_SOCK_DIAG = 4  # linux/netlink.h; the socket module does not export it
 SOCK_DIAG_BY_FAMILY = 20  # linux/sock_diag.h
@@ -24,8 +25,8 @@ _MESSAGE_LEN = 72
 TIMEOUT = 1.0
 
 
-def _packed(sock: socket.socket, address: str) -> bytes:
-    return socket.inet_pton(sock.family, address).ljust(16, b"\0")
+def _packed(family: int, address: str) -> bytes:
+    return socket.inet_pton(family, address).ljust(16, b"\0")
 
 
 def peer_uid(conn: socket.socket) -> Optional[int]:
@@ -33,8 +34,23 @@ def peer_uid(conn: socket.socket) -> Optional[int]:
     (the peer is not on this host, or is gone) or cannot say."""
     ours = conn.getsockname()
     theirs = conn.getpeername()
-    sockid = _SOCKID.pack(theirs[1], ours[1], _packed(conn, theirs[0]), _packed(conn, ours[0]))
-    body = _REQUEST.pack(conn.family, socket.IPPROTO_TCP, 0, ALL_STATES) + sockid
+    family = conn.family
+    sockid = _SOCKID.pack(theirs[1], ours[1], _packed(family, theirs[0]), _packed(family, ours[0]))
+    return _owner(family, socket.IPPROTO_TCP, sockid)
+
+
+def datagram_owner(sock: socket.socket, source: Tuple[str, int]) -> Optional[int]:
+    """The uid owning the local UDP socket that sent sock a datagram from source; None as
+    for peer_uid. The kernel's UDP lookup takes the sender's address as the destination of
+    the (reverse) lookup: udp_diag swaps them "for historical reasons"."""
+    ours = sock.getsockname()
+    family = sock.family
+    sockid = _SOCKID.pack(ours[1], source[1], _packed(family, ours[0]), _packed(family, source[0]))
+    return _owner(family, socket.IPPROTO_UDP, sockid)
+
+
+def _owner(family: int, protocol: int, sockid: bytes) -> Optional[int]:
+    body = _REQUEST.pack(family, protocol, 0, ALL_STATES) + sockid
     body += _TAIL.pack(0, NO_COOKIE, NO_COOKIE)
     message = _HEADER.pack(_HEADER.size + len(body), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, 1, 0)
     try:

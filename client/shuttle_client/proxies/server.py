@@ -10,12 +10,22 @@ import os
 import socket
 from typing import Any, Awaitable, Callable, List, Optional, Set, Tuple
 
+from shuttle_ends.relay import Link
 from shuttle_protocol.errors import RemoteProtocolError
 
 from shuttle_client.cli import Options
 from shuttle_client.fastpath import reset
 from shuttle_client.logs import Throttle
-from shuttle_client.proxy import LIMIT_LOG_INTERVAL, LISTEN_BACKLOG, connection_cap, relay_for
+from shuttle_client.proxy import (
+    LIMIT_LOG_INTERVAL,
+    LISTEN_BACKLOG,
+    Destination,
+    Incoming,
+    Preloaded,
+    Tunnels,
+    connection_cap,
+    relay_for,
+)
 from shuttle_client.streams import Streams
 from shuttle_client.targets import endpoint
 
@@ -31,10 +41,50 @@ READ_SIZE = 16 * 1024
 MAX_HANDSHAKES = 1024  # negotiating at once; more are reset (each holds a descriptor)
 
 Address = Tuple[str, int]
-# The target of a negotiated connection and what to send it first; None when the handler
-# has dealt with the connection itself (an error answered, or a UDP association).
-Negotiated = Optional[Tuple[str, int, bytes]]
+# What a proxy's client is told once the agent's connect is known: bytes for success, and
+# bytes for a failure's errno (0: a name that did not resolve).
+Answer = Tuple[bytes, Callable[[int], bytes]]
+# The target of a negotiated connection, what to send it first, and the answer to give;
+# None when the handler has dealt with the connection itself (an error answered, or a UDP
+# association).
+Negotiated = Optional[Tuple[str, int, bytes, Answer]]
 Handler = Callable[[socket.socket], Awaitable[Negotiated]]
+# RFC 1928's reply for the errno of a failed connect; any other is a general failure.
+SOCKS_REPLIES = {
+    errno.ECONNREFUSED: socks5.CONNECTION_REFUSED,
+    errno.EHOSTUNREACH: socks5.HOST_UNREACHABLE,
+    errno.EHOSTDOWN: socks5.HOST_UNREACHABLE,
+    errno.ETIMEDOUT: socks5.HOST_UNREACHABLE,
+    0: socks5.HOST_UNREACHABLE,  # the name did not resolve
+    errno.ENETUNREACH: socks5.NETWORK_UNREACHABLE,
+    errno.EACCES: socks5.NOT_ALLOWED,
+    errno.EPERM: socks5.NOT_ALLOWED,
+}
+
+
+class Answering(Incoming):
+    """A proxied connection on the agent's path: its client hears the agent's outcome (the
+    SOCKS reply, or HTTP's 200 or 502) before any byte of the target, and a refusal as its
+    error code, then a close."""
+
+    def __init__(self, link: Link, destination: Destination, tunnels: Tunnels, answer: Answer):
+        super().__init__(link, destination, tunnels)
+        self.answer = answer
+
+    def on_opened(self) -> None:
+        # Before any Data: the agent sends Opened first.
+        if self.transport is not None and self.answer[0]:
+            self.transport.write(self.answer[0])
+
+    def on_refused(self, errno: int) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        # The channel is gone: forget it without the reset its state would command, so the
+        # client reads the answer before a clean close.
+        self.state.reset()
+        transport.write(self.answer[1](errno))
+        transport.close()
 
 
 class ProxyError(Exception):
@@ -63,21 +113,6 @@ async def _receive(conn: socket.socket) -> bytes:
     if not data:
         raise ConnectionResetError(errno.ECONNRESET, "closed before its request")
     return data
-
-
-class Preloaded(asyncio.Protocol):
-    """Gives the relay's protocol what the parser read past the request, before any byte
-    the transport reads, then steps aside."""
-
-    def __init__(self, inner: asyncio.Protocol, early: bytes) -> None:
-        self.inner = inner
-        self.early = early
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport.set_protocol(self.inner)
-        self.inner.connection_made(transport)
-        if not transport.is_closing():
-            self.inner.data_received(self.early)
 
 
 # Connections refused as another user's, for their log line.
@@ -159,22 +194,26 @@ class ProxyServer:
             self.negotiating -= 1
         if negotiated is None:
             return
-        host, port, early = negotiated
-        self.relay(conn, host, port, early)
+        self.relay(conn, negotiated)
 
-    def relay(self, conn: socket.socket, host: str, port: int, early: bytes) -> None:
-        """Relay conn to host:port on the captured connections' paths."""
+    def relay(self, conn: socket.socket, negotiated: Tuple[str, int, bytes, Answer]) -> None:
+        """Relay conn to the negotiated host and port on the agent's path, the bytes read
+        past the request first, answering its client with the outcome. Not ssh's fast
+        path: the master's answer comes after ssh may have written the target's first bytes
+        to the socket, ahead of any reply of ours."""
+
+        host, port, early, answer = negotiated
 
         def destination(_: socket.socket) -> Address:
             return host, port
 
-        # ssh reads the socket itself on the fast path: bytes read already must go by us.
-        if not early and self.streams.take(conn, destination):
-            return
+        def answering(link: Link, found: Destination, tunnels: Tunnels) -> Incoming:
+            return Answering(link, found, tunnels, answer)
+
         wait = self.streams.options.wait_tunnel
 
         def protocol() -> asyncio.Protocol:
-            inner = relay_for(self.streams, destination, wait)
+            inner = relay_for(self.streams, destination, wait, answering)
             return Preloaded(inner, early) if early else inner
 
         task = asyncio.ensure_future(
@@ -186,10 +225,9 @@ class ProxyServer:
 
 def socks_handler(
     credentials: Optional[Credentials],
-    udp: Callable[[socket.socket, socks5.Socks5Server], Awaitable[None]],
+    udp: Callable[[socket.socket, socks5.Socks5Server, socks5.Request], Awaitable[None]],
 ) -> Handler:
-    """Negotiate SOCKS5; a CONNECT is answered as succeeded at once (the target's own
-    answer then comes as data, an EOF or a reset: ssh's fast path tells no more)."""
+    """Negotiate SOCKS5; a CONNECT is answered once the agent's connect is known."""
 
     async def negotiate(conn: socket.socket) -> Negotiated:
         loop = asyncio.get_running_loop()
@@ -207,17 +245,29 @@ def socks_handler(
         if not isinstance(event, socks5.Request):
             raise RemoteProtocolError("no request")
         if event.command == socks5.UDP_ASSOCIATE:
-            await udp(conn, parser)
+            await udp(conn, parser, event)
             return None
-        await loop.sock_sendall(conn, parser.reply(socks5.SUCCEEDED))
-        return event.host, event.port, parser.trailing
+
+        def failed(code: int) -> bytes:
+            return parser.reply(SOCKS_REPLIES.get(code, socks5.GENERAL_FAILURE))
+
+        return event.host, event.port, parser.trailing, (parser.reply(socks5.SUCCEEDED), failed)
 
     return negotiate
 
 
+def http_failure(code: int) -> bytes:
+    """The answer to an HTTP proxy's client whose target could not be reached."""
+    if code == errno.ETIMEDOUT:
+        return http_connect.HttpProxyError(504, "Gateway Timeout", os.strerror(code)).response
+    why = os.strerror(code) if code else "the name did not resolve"
+    return http_connect.HttpProxyError(502, "Bad Gateway", why).response
+
+
 async def http_negotiate(conn: socket.socket) -> Negotiated:
-    """Read one request head: CONNECT is answered 200; an absolute-URI request is sent on
-    to its target as an origin-form one. A bad request gets its 4xx/5xx, then a close."""
+    """Read one request head: CONNECT is answered 200 once the target is connected, 502
+    (504: a time-out) if it is not; an absolute-URI request is sent on to its target as an
+    origin-form one. A bad request gets its 4xx/5xx, then a close."""
     loop = asyncio.get_running_loop()
     parser = http_connect.HttpProxyServer()
     while True:
@@ -233,10 +283,9 @@ async def http_negotiate(conn: socket.socket) -> Negotiated:
             break
         parser.receive_data(await _receive(conn))
     if isinstance(event, http_connect.Connect):
-        await loop.sock_sendall(conn, http_connect.ESTABLISHED)
-        return event.host, event.port, parser.trailing
+        return event.host, event.port, parser.trailing, (http_connect.ESTABLISHED, http_failure)
     if isinstance(event, http_connect.Forward):
-        return event.host, event.port, event.head + parser.trailing
+        return event.host, event.port, event.head + parser.trailing, (b"", http_failure)
     raise RemoteProtocolError("no request")
 
 
@@ -260,14 +309,16 @@ class Proxies:
 
     def start(self, streams: Streams) -> None:
         """Serve through streams' tunnels."""
-        associations = self.associations = Associations(streams)
+        # Without a password, the proxy is this user's alone (loopback: cli.py).
+        mine = os.getuid()
+        associations = Associations(streams, mine if self.credentials is None else None)
+        self.associations = associations
         for kind, sock in self.listeners:
             if kind == "socks":
                 handler = socks_handler(self.credentials, associations.associate)
             else:
                 handler = http_negotiate
-            # Without a password, the proxy is this user's alone (loopback: cli.py).
-            only_uid = os.getuid() if kind == "http" or self.credentials is None else None
+            only_uid = mine if kind == "http" or self.credentials is None else None
             server = ProxyServer(streams, sock, kind, handler, only_uid)
             server.start()
             self.servers.append(server)

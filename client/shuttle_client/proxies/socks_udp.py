@@ -3,6 +3,7 @@ destination a client's datagrams name becomes one of the agent's UDP flows, and 
 association ends with its TCP connection (RFC 1928 section 7)."""
 
 import asyncio
+import ipaddress
 import logging
 import socket
 import time
@@ -14,9 +15,13 @@ from shuttle_protocol.errors import RemoteProtocolError
 from shuttle_protocol.stream_messages import Close, Datagram
 
 from shuttle_client.listing import udp_entry
+from shuttle_client.logs import Throttle
+from shuttle_client.proxy import LIMIT_LOG_INTERVAL
 from shuttle_client.streams import Streams
+from shuttle_client.targets import endpoint
 
 from . import socks5
+from .peers import datagram_owner
 
 log = logging.getLogger("shuttle")
 
@@ -24,6 +29,8 @@ MAX_DATAGRAM = 65535
 READ_BATCH = 64  # datagrams read per wake-up, so one busy client cannot starve the loop
 MAX_FLOWS = 256  # destinations per association
 Address = Tuple[str, int]
+# Datagrams dropped as other users', for their log line.
+OTHER_USERS = Throttle(LIMIT_LOG_INTERVAL)
 
 
 def parse_datagram(data: bytes) -> Tuple[str, int, bytes]:
@@ -82,15 +89,25 @@ class SocksFlow:
 
 
 class Association:
-    """One UDP ASSOCIATE: datagrams only from the TCP client's address are relayed."""
+    """One UDP ASSOCIATE: datagrams only from the address and port the association is bound
+    to (RFC 1928: the one the request states, else the TCP peer's address and the first
+    datagram's port), and with only_uid, only from a socket that uid owns."""
 
-    def __init__(self, streams: Streams, sock: socket.socket, peer: Address) -> None:
+    def __init__(
+        self,
+        streams: Streams,
+        sock: socket.socket,
+        peer: Address,
+        client: Optional[Address] = None,
+        only_uid: Optional[int] = None,
+    ) -> None:
         self.streams = streams
         self.sock = sock
         self.peer = peer
-        # The client's UDP address: its IP must be the TCP peer's; the first datagram
-        # fixes the port.
-        self.client: Optional[Address] = None
+        # The client's UDP address: its IP is the TCP peer's; the request's port, or else
+        # the first datagram's.
+        self.client = client
+        self.only_uid = only_uid
         self.flows: Dict[Address, SocksFlow] = {}
 
     def start(self) -> None:
@@ -127,6 +144,17 @@ class Association:
             source = source[:2]
             if source[0] != self.peer[0] or (self.client not in (None, source)):
                 continue  # not the client that asked for this association
+            if self.only_uid is not None and datagram_owner(self.sock, source) != self.only_uid:
+                # Another user's socket, which took the port (or sent from it first).
+                count = OTHER_USERS.due()
+                if count:
+                    log.warning(
+                        "socks udp: dropped %d datagram(s) from other users' sockets (the "
+                        "last from %s)",
+                        count,
+                        endpoint(source),
+                    )
+                continue
             try:
                 host, port, payload = parse_datagram(data)
             except RemoteProtocolError as exc:
@@ -149,16 +177,42 @@ class Association:
         return flow
 
 
-class Associations:
-    """Every UDP association of the SOCKS listeners, for as long as its TCP connection."""
+def _stated(request: socks5.Request, peer: Address) -> Tuple[bool, Optional[Address]]:
+    """(allowed, the client's UDP address): the one the request states (None: its port is
+    not known yet); not allowed at another IP than the TCP peer's."""
+    host, port = request.host, request.port
+    try:
+        unknown = ipaddress.ip_address(host).is_unspecified
+    except ValueError:  # a name
+        unknown = False
+    if unknown:  # all zeros: the TCP peer's
+        host = peer[0]
+    if host != peer[0]:
+        return False, None
+    return True, ((host, port) if port else None)
 
-    def __init__(self, streams: Streams) -> None:
+
+class Associations:
+    """Every UDP association of the SOCKS listeners, for as long as its TCP connection;
+    with only_uid, each datagram must come from a socket of that uid."""
+
+    def __init__(self, streams: Streams, only_uid: Optional[int] = None) -> None:
         self.streams = streams
+        self.only_uid = only_uid
         self._tasks: Set[asyncio.Task[Any]] = set()
 
-    async def associate(self, conn: socket.socket, parser: socks5.Socks5Server) -> None:
-        """Bind the association's socket, answer with its address; it lives on in a task."""
+    async def associate(
+        self, conn: socket.socket, parser: socks5.Socks5Server, request: socks5.Request
+    ) -> None:
+        """Bind the association's socket, answer with its address; it lives on in a task.
+        The request's address, if not all zeros, is where the client's datagrams come from:
+        its IP must be the TCP peer's (RFC 1928 lets a server limit it so)."""
         loop = asyncio.get_running_loop()
+        peer = conn.getpeername()[:2]
+        allowed, client = _stated(request, peer)
+        if not allowed:
+            await loop.sock_sendall(conn, parser.reply(socks5.NOT_ALLOWED))
+            return
         host = conn.getsockname()[0]
         sock = socket.socket(conn.family, socket.SOCK_DGRAM)
         try:
@@ -168,7 +222,7 @@ class Associations:
             sock.close()
             await loop.sock_sendall(conn, parser.reply(socks5.GENERAL_FAILURE))
             raise
-        association = Association(self.streams, sock, conn.getpeername()[:2])
+        association = Association(self.streams, sock, peer, client, self.only_uid)
         association.start()
         try:
             await loop.sock_sendall(conn, parser.reply(socks5.SUCCEEDED, *sock.getsockname()[:2]))

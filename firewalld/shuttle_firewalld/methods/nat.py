@@ -100,14 +100,24 @@ def dns_rules(session: Session, version: int) -> list[str]:
     """The rules that redirect TCP and UDP to port 53 of the session's nameservers of this
     IP version. They come first in the chain, before any return: the common nameserver is a
     local stub resolver (127.0.0.53, 127.0.0.1), which the loopback and local returns would
-    pass over, and a nameserver's port 53 is captured even where an exclude covers it."""
-    return [
-        f"-d {address}/{address.max_prefixlen} -p {protocol} -m {protocol} --dport {DNS_PORT} "
-        f"-j REDIRECT --to-ports {session.port}"
-        for address in session.dns
-        if address.version == version
-        for protocol in ("tcp", "udp")
-    ]
+    pass over, and a nameserver's port 53 is captured even where an exclude covers it.
+    Before each, its bypass sockets' packets return."""
+    rules = []
+    for address in session.dns:
+        if address.version != version:
+            continue
+        for protocol in ("tcp", "udp"):
+            match = f"-d {address}/{address.max_prefixlen} -p {protocol} -m {protocol} "
+            match += f"--dport {DNS_PORT}"
+            # The session's bypass sockets (bypass.py; mark 0: none), its caller's. A
+            # forwarded packet has no socket and never this mark; with forward, the
+            # PREROUTING jump brings it here too, where iptables refuses an owner match.
+            if session.bypass_mark:
+                owner = "" if session.forward else f" -m owner --uid-owner {session.caller}"
+                bypass = f"-m mark --mark {session.bypass_mark:#x}{owner}"
+                rules.append(f"{match} {bypass} -j RETURN")
+            rules.append(f"{match} -j REDIRECT --to-ports {session.port}")
+    return rules
 
 
 def chain_lines(session: Session, version: int) -> list[str]:

@@ -15,7 +15,8 @@ interface the packet came in on, so a forwarding session needs a wildcard listen
 
 A session's nameservers get one rule per IP version at the top of each chain: TCP and UDP
 to port 53 of those addresses are redirected to the same port (the caller's UDP socket takes
-the datagrams; conntrack turns the source of its answers back into the nameserver's).
+the datagrams; conntrack turns the source of its answers back into the nameserver's). In
+the output chain, one rule before it lets the session's bypass sockets through (bypass.py).
 """
 
 from __future__ import annotations
@@ -91,10 +92,17 @@ LOCAL_RETURN = "fib daddr type local return"
 
 
 def dns_rules(
-    session: Session, version: int, owner: str, action: str, forwarded: bool = False
+    session: Session,
+    version: int,
+    owner: str,
+    action: str,
+    forwarded: bool = False,
+    *,
+    bypass: bool = True,
 ) -> list[str]:
-    """The rule that captures DNS (TCP and UDP port 53) to the session's nameservers of this
-    IP version, if it has any; action: what the rule does with such a packet.
+    """The rules that capture DNS (TCP and UDP port 53) to the session's nameservers of this
+    IP version, if it has any; action: what the rule does with such a packet. Before it,
+    the packets of the session's bypass sockets return (bypass.py), unless bypass is False.
 
     Such rules come first in a chain, before any return: the common nameserver is a local
     stub resolver (127.0.0.53, 127.0.0.1), which the loopback and local returns would pass
@@ -104,15 +112,28 @@ def dns_rules(
     elsewhere to a loopback address is a martian that the kernel drops when it routes the
     packet, after prerouting; a redirect there would come first and let it in.
     """
+    match = nameservers_match(session, version, forwarded)
+    if not match:
+        return []
+    rule = f"{L4} {owner}{match} {action}"
+    # A forwarded packet has no socket, so no bypass mark; mark 0 is every unmarked packet.
+    if forwarded or not bypass or not session.bypass_mark:
+        return [rule]
+    bypass_rule = f"{L4} meta mark {session.bypass_mark:#x} meta skuid {session.caller} {match}"
+    return [f"{bypass_rule} return", rule]
+
+
+def nameservers_match(session: Session, version: int, forwarded: bool = False) -> str:
+    """`ip daddr { NAMESERVERS } th dport 53` for the session's nameservers of this IP
+    version ("" if none); forwarded: without the loopback ones (dns_rules says why)."""
     addresses = [
         str(address)
         for address in session.dns
         if address.version == version and not (forwarded and address in LOOPBACK[version])
     ]
     if not addresses:
-        return []
-    match = f"{MATCH[version]} {{ {', '.join(addresses)} }} th dport {DNS_PORT}"
-    return [f"{L4} {owner}{match} {action}"]
+        return ""
+    return f"{MATCH[version]} {{ {', '.join(addresses)} }} th dport {DNS_PORT}"
 
 
 def chain_rules(session: Session, owner: str, forwarded: bool = False) -> list[str]:

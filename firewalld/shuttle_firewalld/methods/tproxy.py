@@ -19,11 +19,12 @@ Why each odd part is there, for a packet a local program sends to a captured des
   although its destination is not one of this host's addresses.
 - The sockets must be transparent to be given such packets at all (see transparent.py).
 - A session's nameservers: TCP and UDP to their port 53 are marked and diverted the same
-  way, by rules before any return. A nameserver at one of this host's own addresses
-  (loopback included) is refused, although capturing it works (tried here with 127.0.0.53
-  and an interface's address): the UDP answer must leave from that address and port 53, so
-  the client would need a reply socket there, beside the local resolver, where it could
-  take other users' queries (transparent.reply_problem refuses it).
+  way, by rules before any return; its bypass sockets' packets there are not (bypass.py).
+  A nameserver at one of this host's own addresses (loopback included) is refused, although
+  capturing it works (tried here with 127.0.0.53 and an interface's address): the UDP
+  answer must leave from that address and port 53, so the client would need a reply socket
+  there, beside the local resolver, where it could take other users' queries
+  (transparent.reply_problem refuses it).
 
 A UDP answer leaves from a reply socket per flow (transparent.reply_socket), which carries
 the session's reply mark: the capture mark plus REPLY_OFFSET, named by no ip rule. The
@@ -167,7 +168,10 @@ def chains(session: Session, mark: int) -> list[Chain]:
         *(
             rule
             for version in session.versions
-            for rule in dns_rules(session, version, "", f"tproxy {tproxy_to(session, version)}")
+            # Packets without the capture mark (a bypass socket's too) returned already.
+            for rule in dns_rules(
+                session, version, "", f"tproxy {tproxy_to(session, version)}", bypass=False
+            )
         ),
         LOCAL_RETURN,
     ]

@@ -106,6 +106,25 @@ def test_apply_text_ipv6() -> None:
     ]
 
 
+def test_a_sessions_bypass_sockets_skip_its_dns_redirects_only() -> None:
+    session = make_session(["10.0.0.0/8"], dns=["10.53.0.53"], forward=True)
+    session.bypass_mark = 0x53484001
+    redirect = "-j REDIRECT --to-ports 12300"
+    bypass = "-m mark --mark 0x53484001 -j RETURN"
+    assert apply_text(session, 4).splitlines()[2:6] == [
+        f"-A {CHAIN} -d 10.53.0.53/32 -p tcp -m tcp --dport 53 {bypass}",
+        f"-A {CHAIN} -d 10.53.0.53/32 -p tcp -m tcp --dport 53 {redirect}",
+        f"-A {CHAIN} -d 10.53.0.53/32 -p udp -m udp --dport 53 {bypass}",
+        f"-A {CHAIN} -d 10.53.0.53/32 -p udp -m udp --dport 53 {redirect}",
+    ]
+    assert apply_text(session, 4).count("--mark") == 2
+    # Without forward, only the caller's own sockets (bypass sockets are made as its).
+    session.forward = False
+    assert f"--dport 53 {bypass.replace(' -j', ' -m owner --uid-owner 1000 -j')}" in (
+        apply_text(session, 4)
+    )
+
+
 def test_nameservers_come_first_and_udp_to_port_53_jumps_too() -> None:
     session = make_session(
         ["10.0.0.0/8"], ["10.53.0.0/16"], dns=["10.53.0.53", "127.0.0.53", "fd00:53::53"]

@@ -227,6 +227,19 @@ def test_forwarded_dns_to_a_loopback_nameserver_is_not_captured() -> None:
     assert chain_rules(only_loopback, "prerouting")[1] == "fib daddr type local return"
 
 
+def test_a_sessions_bypass_sockets_skip_only_its_dns_capture_and_only_locally() -> None:
+    session = make_session(["10.0.0.0/8"], dns=DNS, forward=True)
+    session.bypass_mark = 0x53484001
+    text = ruleset(session)
+    nameservers4 = "ip daddr { 10.53.0.53, 127.0.0.53 } th dport 53"
+    assert chain_rules(text, "output")[1:3] == [
+        f"meta l4proto {{ tcp, udp }} meta mark 0x53484001 meta skuid 1000 {nameservers4} return",
+        f"meta l4proto {{ tcp, udp }} meta skuid 1000 {nameservers4} redirect to :12300",
+    ]
+    assert text.count("0x53484001") == 2  # IPv4 and IPv6 in output; prerouting has none
+    assert "mark" not in "\n".join(chain_rules(text, "prerouting"))
+
+
 class FakeNft:
     """Records each nft run; fails runs whose stdin contains a given text."""
 
