@@ -2,16 +2,23 @@
 running, and a NOPASSWD sudoers entry made by `shuttle-firewalld --sudoers`, runs one
 `shuttle-client -r ... SUBNET`. The client starts its private firewalld with sudo -n (the
 test has no terminal), curl reaches the target, and once the client is gone (Ctrl-C, or
-SIGKILL) nothing is left: no firewalld or sudo process, no socket file, no rule.
+SIGKILL) nothing is left: no firewalld or sudo process, no socket file, no rule. And on a
+terminal, with a sudoers entry that asks for the password: sudo's prompt appears there, the
+password typed gets the tunnel, and Ctrl-C typed there leaves nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import os
+import pwd
 import re
+import secrets
 import shutil
 import signal
+import subprocess
+import threading
 from pathlib import Path
 from typing import Iterator, List
 
@@ -19,11 +26,14 @@ import pytest
 from shuttle_client.cli import DEFAULT_FIREWALLD
 from shuttle_client.private_firewalld import nobody_answers
 
-from testbed import T_ADDR, LocalUser, Shuttle, Topology, UserVenv
+from testbed import HTTP_PORT, T_ADDR, LocalUser, Shuttle, Topology, UserVenv
+from testbed.locks import locked
 from testbed.procs import Proc, run, wait_until
 from testbed.shuttle import CLIENT_READY, READY_TIMEOUT, leftovers, wait_rules_gone
+from testbed.topology import UserFiles, curl_argv
+from testbed.user import ACCOUNTS_LOCK
 
-from .checks import assert_page
+from .checks import TUNNEL_WAIT, assert_page
 
 pytestmark = pytest.mark.integration
 
@@ -128,3 +138,126 @@ def test_one_command_through_sudo(topo: Topology, user_venv: UserVenv, sudoers: 
     client.send(signal.SIGTERM)
     assert client.wait(20) == 0, shuttle.outputs()
     assert_nothing_left(shuttle, socket)
+
+
+PASSWORD = secrets.token_urlsafe(12)  # a throwaway user's, for the length of one test
+
+
+@pytest.fixture
+def password_user(topo: Topology) -> Iterator[LocalUser]:
+    """A throwaway local user with PASSWORD, in no shuttle group, with a copy of the test
+    user's ssh key (S lets the test user log in with it) and a runtime directory; removed
+    after the test, with sudo's record of it."""
+    name = f"shpw{os.getpid()}"
+    with locked(ACCOUNTS_LOCK, timeout=120):
+        run(["useradd", "--create-home", "--user-group", "--shell", "/bin/sh", name], timeout=30)
+        run(["chpasswd"], timeout=30, check=True, stdin=f"{name}:{PASSWORD}\n".encode())
+    try:
+        entry = pwd.getpwnam(name)
+        user = LocalUser(name, entry.pw_uid, entry.pw_gid, name, Path(entry.pw_dir))
+        files = UserFiles(user, topo.run_dir / name)
+        files.dir.mkdir(mode=0o700)
+        files.runtime_dir.mkdir(mode=0o700)
+        shutil.copyfile(topo.key, files.key)
+        for path in (files.dir, files.runtime_dir, files.key):
+            os.chown(path, user.uid, user.gid)
+        files.key.chmod(0o600)
+        yield user
+    finally:
+        with locked(ACCOUNTS_LOCK, timeout=120):
+            run(["userdel", "--remove", name], timeout=30)
+        Path(f"/run/sudo/ts/{name}").unlink(missing_ok=True)
+
+
+class Terminal:
+    """A process on a pseudo-terminal of its own, its controlling terminal: what it writes
+    there is read by a thread as it comes (so it never blocks on a full terminal); every wait
+    for text is bounded by timeout."""
+
+    def __init__(self, argv: List[str], cwd: Path) -> None:
+        self.master, slave = os.openpty()
+        # A new session whose controlling terminal it is, as a login's: sudo asks there. Not
+        # a group leader, setsid(1) execs argv itself (its pid is ours), and --wait covers
+        # the other case.
+        self.popen = subprocess.Popen(
+            ["setsid", "--ctty", "--wait", *argv],
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            cwd=cwd,
+        )
+        os.close(slave)
+        self._seen = bytearray()
+        self._lock = threading.Lock()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                data = os.read(self.master, 4096)
+            except OSError:  # EIO: every process let go of the terminal
+                return
+            if not data:
+                return
+            with self._lock:
+                self._seen += data
+
+    def output(self) -> str:
+        with self._lock:
+            return self._seen.decode(errors="replace")
+
+    def wait_for(self, text: str, timeout: float) -> bool:
+        return wait_until(lambda: text in self.output(), timeout, 0.1)
+
+    def type(self, keys: str) -> None:
+        os.write(self.master, keys.encode())
+
+    def close(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        self.popen.wait(10)
+        self._reader.join(10)
+        os.close(self.master)
+
+
+def test_sudo_asks_for_the_password_on_the_terminal(
+    topo: Topology, user_venv: UserVenv, password_user: LocalUser
+) -> None:
+    user = password_user
+    shuttle = Shuttle(topo, user_venv)
+    assert nobody_answers(DEFAULT_FIREWALLD), "a firewalld service runs: the test needs none"
+    # The one-shot command line only, and with a password: sudo's own default.
+    text = run(
+        [user_venv.program("shuttle-firewalld"), "--sudoers", user.name], timeout=30, check=True
+    ).stdout
+    assert "NOPASSWD: " in text
+    sudoers = Path(f"/etc/sudoers.d/shuttle-prompt-test-{os.getpid()}")
+    sudoers.write_text(text.replace("NOPASSWD: ", ""))
+    files = UserFiles(user, topo.run_dir / user.name)
+    args = shuttle.client_args(login=topo.user.name)
+    at = args.index("--firewalld")
+    del args[at : at + 2]
+    args[args.index("-e") + 1] = topo.ssh_command().replace(str(topo.key), str(files.key))
+    env = {"PATH": f"{user_venv.bin}:/usr/bin:/bin", "XDG_RUNTIME_DIR": str(files.runtime_dir)}
+    terminal: Terminal | None = None
+    try:
+        sudoers.chmod(0o440)
+        run(["visudo", "-c", "-f", str(sudoers)], timeout=30, check=True)
+        terminal = Terminal(topo.c.argv(user.argv(args, env)), files.dir)
+        assert terminal.wait_for(f"password for {user.name}", READY_TIMEOUT), terminal.output()
+        terminal.type(PASSWORD + "\r")
+        assert terminal.wait_for(CLIENT_READY, READY_TIMEOUT), terminal.output()
+        match = PRIVATE.search(terminal.output())
+        assert match, f"no private firewalld started:\n{terminal.output()}"
+        curl = topo.c.run(user.argv(curl_argv(T_ADDR, HTTP_PORT, TUNNEL_WAIT), env))
+        assert curl.returncode == 0, f"{curl.stderr}\n{terminal.output()}"
+        assert topo.marker in curl.stdout
+        terminal.type("\x03")  # Ctrl-C, as a user types it
+        assert terminal.popen.wait(20) == 0, terminal.output()
+        assert "Traceback" not in terminal.output()
+        assert_nothing_left(shuttle, match.group(1))
+    finally:
+        if terminal is not None:
+            terminal.close()
+        sudoers.unlink()
