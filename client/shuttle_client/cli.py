@@ -62,6 +62,10 @@ Options:
   --firewalld=PATH         firewalld's socket (default: /run/shuttle/firewalld.sock;
                            if nothing answers there, a private one is started with
                            sudo, which may ask for your password; -D: sudo -n).
+  --namespace=NAME         run in the network namespace NAME (as `ip netns` names
+                           it), ssh and the firewall rules too: root enters it
+                           first; another user starts the client in it (sudo ip
+                           netns exec NAME sudo -u USER shuttle-client ...).
   -D, --daemon             go to the background once ready (implies --syslog; the
                            working directory becomes /).
   --pidfile=PATH           write the client's pid to PATH while it runs (with -D, the
@@ -133,6 +137,7 @@ MAX_TCP_CAP = 10_000
 DEFAULT_PIDFILE = "shuttle-client.pid"  # with -D, in the current directory (as sshuttle)
 # sun_path holds 108 bytes, the last one a NUL; the events socket's path adds ".events".
 MAX_CONTROL_PATH = 107 - len(".events")
+MAX_NAMESPACE = 255  # a file name's longest
 
 
 @dataclass(frozen=True)
@@ -172,6 +177,7 @@ class Options:
     socks: Optional[Tuple[str, int]] = None
     socks_auth: Optional[Tuple[bytes, bytes]] = None
     http_proxy: Optional[Tuple[str, int]] = None
+    namespace: Optional[str] = None  # --namespace: main() enters it before anything else
 
     @property
     def captures(self) -> bool:
@@ -411,6 +417,15 @@ def parse_seed_hosts(text: Optional[str]) -> Tuple[str, ...]:
     return names
 
 
+def parse_namespace(name: Optional[str]) -> Optional[str]:
+    """--namespace: a name `ip netns` could have given, a file of its directory."""
+    if name is None:
+        return None
+    if name in ("", ".", "..") or "/" in name or "\0" in name or len(name) > MAX_NAMESPACE:
+        raise UsageError(f"invalid --namespace {name!r}: expected a name from `ip netns list`")
+    return name
+
+
 def parse_owner(user: Optional[str], group: Optional[str], all_users: bool) -> Tuple[int, int]:
     """(uid, gid) whose traffic to capture; ANY_OWNER where it does not matter."""
     if all_users and user:
@@ -505,6 +520,7 @@ def parse_args(argv: Sequence[str]) -> Options:
         socks=socks,
         socks_auth=socks_auth,
         http_proxy=http_proxy,
+        namespace=parse_namespace(args["--namespace"]),
     )
 
 

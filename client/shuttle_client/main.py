@@ -12,6 +12,7 @@ import sys
 from typing import Any, Awaitable, Callable, List, Optional, Sequence, Tuple, TypeVar
 
 from shuttle_ends.limits import raise_open_files
+from shuttle_local.netns import enter_named
 from shuttle_protocol.control_messages import (
     MAX_REASON,
     Connected,
@@ -393,6 +394,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     except UsageError as exc:
         print(f"shuttle-client: error: {exc}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
+    if options.namespace is not None:  # before any thread or socket: they would stay behind
+        try:
+            enter_named(options.namespace, "shuttle-client")
+        except ValueError as exc:
+            print(f"shuttle-client: error: {exc}", file=sys.stderr)
+            sys.exit(EXIT_USAGE)
     # -D forks here, before asyncio and zmq exist; only the child returns.
     daemon = daemonize() if options.daemon else None
     stderr_log = logs.configure(options.verbose, options.syslog)

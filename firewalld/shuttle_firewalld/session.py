@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from shuttle_protocol.firewall_messages import ANY_OWNER
 
+from .netns import HOME, Netns
 from .targets import Address, Target
 from .transparent import Flow
 
@@ -31,6 +32,7 @@ class Session:
     forward: bool = False  # also traffic routed through this host
     dns: tuple[Address, ...] = ()  # nameservers: TCP and UDP to their port 53 captured too
     pid: int | None = None  # the process that opened it: the session ends when it does
+    netns: Netns = HOME  # where its method calls run: the network namespace of that process
     rules: int = 0
     opened: float = 0.0  # when its rules went in (the clock of Sessions)
     hosts: int = 0  # entries its last SetHosts wrote into the hosts file
@@ -45,6 +47,15 @@ class Session:
     def short_id(self) -> str:
         """The id's first 12 characters: enough to be unique here, short enough for names."""
         return self.id[:12]
+
+    @property
+    def rule_uid(self) -> int:
+        """uid as its rules name it: as the kernel shows it in the session's namespace."""
+        return self.netns.uid(self.uid)
+
+    @property
+    def rule_gid(self) -> int:
+        return self.netns.gid(self.gid)
 
     @property
     def versions(self) -> tuple[int, ...]:

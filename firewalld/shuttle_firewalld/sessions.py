@@ -37,6 +37,7 @@ from .handover import Grants
 from .hosts_file import HostsFile
 from .methods.base import Method
 from .methods.choice import choose
+from .netns import Namespaces
 from .policy import DEFAULT_PATH, Policy
 from .ports import Listener, port_problem, program_problem, sockets_on, udp_sockets
 from .session import Session
@@ -112,6 +113,7 @@ class Sessions:
         self._with_hosts: set[str] = set()  # ids of sessions that may have a hosts block
         self._on_change = on_change
         self.exits = exits if exits is not None else Exits()
+        self.namespaces = Namespaces()
 
     def __len__(self) -> int:
         return len(self._open)
@@ -141,8 +143,6 @@ class Sessions:
         dns_versions = {address.version for address in dns}
         # DNS over TCP to an IPv6 nameserver lands on the TCP listener's IPv6 side, too.
         versions = {target.version for target in subnets} | dns_versions
-        if not self._methods[method].makes_sockets:  # else the request's port means nothing
-            self._check_port(caller, request.port, versions, request.forward, dns_versions)
         self._check_targets(caller, len(request.subnets) + len(request.excludes))
         owned = sum(1 for session in self._open.values() if session.caller == caller)
         if owned >= MAX_SESSIONS_PER_UID:
@@ -167,15 +167,21 @@ class Sessions:
             dns=dns,
             pid=pid,
         )
-        if pid is not None:
-            try:
-                self.exits.watch(session_id, pid, caller)
-            except (ProcessGone, OSError) as exc:  # OSError: out of descriptors, say
-                raise RequestError(f"cannot watch the calling process: {exc}") from None
         try:
-            session.rules = self._methods[method].apply(session)
+            if pid is not None:
+                try:
+                    self.exits.watch(session_id, pid, caller)
+                except (ProcessGone, OSError) as exc:  # OSError: out of descriptors, say
+                    raise RequestError(f"cannot watch the calling process: {exc}") from None
+            session.netns = self.namespaces.of(pid, method, request.uid, request.gid)
+            if not self._methods[method].makes_sockets:  # else the request's port means nothing
+                session.netns.run(
+                    self._check_port, caller, request.port, versions, request.forward, dns_versions
+                )
+            session.rules = session.netns.run(self._methods[method].apply, session)
         except BaseException:
             self.exits.forget(session_id)
+            self.namespaces.release(session.netns)
             raise
         # The lease starts once the rules are in: applying 10,000 of them takes a while.
         session.opened = self._clock()
@@ -184,11 +190,12 @@ class Sessions:
             self._open[session_id] = session
         self._changed()
         log.info(
-            "session %s opened by uid %d (pid %s): %s to port %d, %d subnets, %d excludes, "
-            "%d nameservers, %d rules, capturing %s",
+            "session %s opened by uid %d (pid %s, network namespace %s): %s to port %d, "
+            "%d subnets, %d excludes, %d nameservers, %d rules, capturing %s",
             session.short_id,
             caller,
             pid,
+            session.netns,
             method,
             session.port,
             len(session.subnets),
@@ -264,7 +271,7 @@ class Sessions:
         self._check_targets(session.caller, len(subnets) + len(excludes), session)
         new_subnets, new_excludes = _targets(subnets), _targets(excludes)
         try:
-            rules = self._apply_update(session, new_subnets, new_excludes)
+            rules = session.netns.run(self._apply_update, session, new_subnets, new_excludes)
         except BaseException:
             refused = [*new_subnets, *new_excludes]
             new_subnets = new_excludes = ()
@@ -435,9 +442,10 @@ class Sessions:
     def _remove(self, session: Session, why: str) -> None:
         """Remove the rules and hosts block of a session forgotten already; never raises."""
         try:
-            self._methods[session.method].remove(session)
+            session.netns.run(self._methods[session.method].remove, session)
         except Exception:  # a method must not raise here; if it does, the others still go
             log.exception("removing session %s failed", session.short_id)
+        self.namespaces.release(session.netns)
         if session.id in self._with_hosts:
             self._with_hosts.discard(session.id)
             try:
