@@ -1,0 +1,147 @@
+"""A client in another network namespace than firewalld's: a named namespace N with a veth
+to the server S (its own way to sshd; the target stays out of reach but through the tunnel),
+firewalld running in C. The client in N, as the test user already inside (`ip netns exec`)
+and as root with --namespace N, gets its rules in N, none in firewalld's C, and curl from N
+reaches the target; once it exits, nothing is left in either. A namespace whose name is
+deleted under a session still ends cleanly, and firewalld goes on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import tempfile
+from pathlib import Path
+from typing import Iterator, List
+
+import pytest
+
+from testbed import HTTP_PORT, S_ADDR_C, T_ADDR, Shuttle, Topology, UserVenv, leftovers
+from testbed.netns import Namespace
+from testbed.procs import Proc, wait_until
+from testbed.shuttle import CLIENT_READY, READY_TIMEOUT
+from testbed.topology import curl_argv
+
+from .checks import TUNNEL_WAIT
+
+pytestmark = pytest.mark.integration
+
+S_ADDR_N = "198.18.4.1"  # S, towards N
+N_ADDR = "198.18.4.2"
+GONE_WAIT = 15.0  # seconds for a client's exit to reach firewalld and its rules to go
+
+
+@pytest.fixture
+def other(topo: Topology) -> Iterator[Namespace]:
+    """N, linked to S (not to C), with a route to sshd's address; deleted afterwards."""
+    ns = Namespace(topo.prefix + "n")
+    ns.create()
+    try:
+        topo.s.ip("link", "add", "to-n", "type", "veth", "peer", "name", "to-s", "netns", ns.name)
+        topo.s.ip("addr", "add", f"{S_ADDR_N}/24", "dev", "to-n")
+        topo.s.ip("link", "set", "to-n", "up")
+        ns.ip("addr", "add", f"{N_ADDR}/24", "dev", "to-s")
+        ns.ip("link", "set", "to-s", "up")
+        ns.ip("route", "add", "default", "via", S_ADDR_N)
+        yield ns
+    finally:
+        ns.kill_all()
+        if os.path.exists(f"/run/netns/{ns.name}"):
+            ns.delete()
+
+
+def rules_in(ns: Namespace) -> List[str]:
+    """shuttle's nft tables and iptables chains in ns."""
+    tables = ns.run(["nft", "list", "tables"], check=True).stdout
+    chains = ns.run(["iptables-save"], check=True).stdout
+    return [line for line in (tables + chains).splitlines() if "shuttle" in line]
+
+
+def curl_page(topo: Topology, ns: Namespace, as_user: bool) -> None:
+    argv = curl_argv(T_ADDR, HTTP_PORT, TUNNEL_WAIT)
+    if as_user:
+        argv = topo.user.argv(argv, topo.user_env())
+    done = ns.run(argv, timeout=TUNNEL_WAIT + 15)
+    assert done.returncode == 0, done.stderr
+    assert topo.marker in done.stdout
+
+
+def start(shuttle: Shuttle, name: str, argv: List[str]) -> Proc:
+    proc = shuttle.topo.start(name, argv)
+    shuttle.clients.append(proc)
+    assert proc.wait_for_line(CLIENT_READY, READY_TIMEOUT), shuttle.outputs()
+    return proc
+
+
+def assert_gone(shuttle: Shuttle, ns: Namespace) -> None:
+    assert wait_until(lambda: rules_in(ns) == [], GONE_WAIT, 0.2), rules_in(ns)
+    assert leftovers(shuttle.topo) == []
+
+
+def test_the_rules_go_in_the_clients_namespace(
+    topo: Topology, user_venv: UserVenv, other: Namespace
+) -> None:
+    shuttle = Shuttle(topo, user_venv)
+    firewalld = shuttle.start_firewalld()
+    # Beyond the tunnel, N cannot reach the target.
+    assert other.run(curl_argv(T_ADDR, HTTP_PORT, 2), timeout=20).returncode != 0
+
+    # The test user, started inside N.
+    args = shuttle.client_args(remote=S_ADDR_C)
+    env = topo.user_env([str(user_venv.bin)])
+    client = start(shuttle, "client-inside", other.argv(topo.user.argv(args, env)))
+    assert rules_in(other) != []
+    assert leftovers(topo) == [], "firewalld's own namespace got rules"
+    curl_page(topo, other, as_user=True)
+    client.send(signal.SIGTERM)
+    assert client.wait(20) == 0, shuttle.outputs()
+    assert_gone(shuttle, other)
+
+    # Root, started in C, entering N itself.
+    root_args = shuttle.client_args(remote=S_ADDR_C, login=topo.user.name)
+    runtime = tempfile.mkdtemp(prefix="shuttle-root-", dir=topo.run_dir)
+    root_env = {"PATH": "/usr/bin:/bin", "XDG_RUNTIME_DIR": runtime, "HOME": runtime}
+    argv = ["env", "-i", *(f"{key}={value}" for key, value in root_env.items())]
+    argv += [*root_args[:-1], "--namespace", other.name, root_args[-1]]
+    client = start(shuttle, "client-root", topo.c.argv(argv))
+    assert rules_in(other) != []
+    assert leftovers(topo) == [], "firewalld's own namespace got rules"
+    curl_page(topo, other, as_user=False)
+    client.send(signal.SIGTERM)
+    assert client.wait(20) == 0, shuttle.outputs()
+    assert_gone(shuttle, other)
+
+    # N's name deleted under a live session, then its client killed: the session ends (the
+    # rules go with their namespace), and firewalld serves the next client.
+    client = start(shuttle, "client-gone", other.argv(topo.user.argv(args, env)))
+    inside = other.pids()  # the client and its ssh
+    assert client.pid in inside
+    other.delete()
+    for pid in inside:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    assert client.wait(10) == -signal.SIGKILL
+    assert firewalld.wait_for_line("shuttle-firewalld: no session in network namespace", 20), (
+        shuttle.outputs()
+    )
+    assert firewalld.alive()
+    assert "Traceback" not in firewalld.output()
+    again = shuttle.start_client()
+    assert leftovers(topo) != []
+    shuttle.stop_client(again)
+    assert shuttle.wait_rules_gone(GONE_WAIT) == []
+
+
+def test_a_user_outside_the_namespace_is_told_how(
+    topo: Topology, user_venv: UserVenv, other: Namespace
+) -> None:
+    args = [user_venv.program("shuttle-client"), "-r", "x", "--namespace", other.name, T_ADDR]
+    done = topo.run_as_user(args)
+    assert done.returncode == 2
+    assert done.stderr == (
+        f"shuttle-client: error: --namespace {other.name}: only root can enter a network "
+        f"namespace; start the client in it instead: sudo ip netns exec {other.name} sudo -u "
+        f"{topo.user.name} shuttle-client ...\n"
+    )
+    assert Path(f"/run/netns/{other.name}").exists()
