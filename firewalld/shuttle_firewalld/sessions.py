@@ -190,12 +190,11 @@ class Sessions:
             self._open[session_id] = session
         self._changed()
         log.info(
-            "session %s opened by uid %d (pid %s, network namespace %s): %s to port %d, "
-            "%d subnets, %d excludes, %d nameservers, %d rules, capturing %s",
+            "session %s opened by uid %d (pid %s): %s to port %d, %d subnets, %d excludes, "
+            "%d nameservers, %d rules, capturing %s",
             session.short_id,
             caller,
             pid,
-            session.netns,
             method,
             session.port,
             len(session.subnets),
