@@ -4,11 +4,13 @@ A firewall tool, a sock_diag query and a socket act in the network namespace of 
 that runs or makes them. A caller in another network namespace (`ip netns exec`,
 `shuttle-client --namespace`, `unshare -rn`) reaches firewalld's socket all the same (a path
 in the file system), and its rules belong in its own namespace, not in firewalld's. So every
-method call of such a session (the port check, applying, updating and removing its rules)
-runs in a thread of firewalld that entered that namespace (setns): one thread per namespace,
-while sessions live there, so the session caps bound them. The thread holds the namespace
-open: it outlives a deleted name or the exit of its last process, until the sessions there
-are removed. Sessions of firewalld's own namespace run where they are called, as before.
+method call of such a session runs in a thread of firewalld that entered that namespace
+(setns): the worker's (the port check, applying, updating and removing its rules) in one,
+the loop's (tproxy's reply sockets and the look at their flows) in another, so that the loop
+never waits behind a long apply; two threads per namespace while sessions live there, so the
+session caps bound them. The threads hold the namespace open: it outlives a deleted name or
+the exit of its last process, until the sessions there are removed. Sessions of firewalld's
+own namespace run where they are called, as before.
 """
 
 from __future__ import annotations
@@ -35,9 +37,6 @@ T = TypeVar("T")
 NS_GET_USERNS = 0xB701  # linux/nsfs.h, _IO(0xb7, 0x1): the user namespace owning a namespace
 OWN_USERS = "/proc/self/ns/user"
 MAP_BYTES = 16384  # of a uid_map or gid_map: at most 340 lines of three ids each
-# Methods whose work is not all in a session's method calls: tproxy's reply sockets are
-# made, and their flows checked, on the loop's thread, in firewalld's own namespace.
-HOME_ONLY = frozenset({"tproxy"})
 
 
 class Netns:
@@ -56,13 +55,15 @@ class Netns:
         self.key = key
         self._fd = fd
         self._maps = maps
-        self._thread: ThreadPoolExecutor | None = None
+        self._threads: list[ThreadPoolExecutor] = []  # the worker's, the loop's
         if key is not None:
-            self._thread = ThreadPoolExecutor(1, thread_name_prefix="shuttle-netns")
             try:
-                # The executor's one thread, made by this first call, enters the namespace
-                # and stays there: every later call runs on it.
-                self._thread.submit(enter, fd).result()
+                for _ in range(2):
+                    thread = ThreadPoolExecutor(1, thread_name_prefix="shuttle-netns")
+                    self._threads.append(thread)
+                    # The executor's one thread, made by this first call, enters the
+                    # namespace and stays there: every later call runs on it.
+                    thread.submit(enter, fd).result()
             except OSError as exc:
                 self.close()
                 raise RequestError(
@@ -73,10 +74,18 @@ class Netns:
         return "firewalld's" if self.key is None else f"net:[{self.key[1]}]"
 
     def run(self, call: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-        """call(*args, **kwargs) in this namespace; what it returns or raises."""
-        if self._thread is None:
+        """call(*args, **kwargs) in this namespace, for the worker; what it returns or
+        raises."""
+        return self._in(0, call, *args, **kwargs)
+
+    def quick(self, call: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """As run(), for the loop: on a thread of its own, never behind the worker's calls."""
+        return self._in(1, call, *args, **kwargs)
+
+    def _in(self, which: int, call: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        if not self._threads:
             return call(*args, **kwargs)
-        return self._thread.submit(call, *args, **kwargs).result()
+        return self._threads[which].submit(call, *args, **kwargs).result()
 
     def uid(self, uid: int) -> int:
         """uid (a uid here, or ANY_OWNER) as rules in this namespace must name it: the
@@ -100,9 +109,9 @@ class Netns:
         raise KeyError(outer)
 
     def close(self) -> None:
-        if self._thread is not None:
-            self._thread.shutdown()
-            self._thread = None
+        for thread in self._threads:
+            thread.shutdown()
+        self._threads = []
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -124,11 +133,10 @@ class Namespaces:
     def __len__(self) -> int:
         return len(self._open)
 
-    def of(self, pid: int | None, method: str, uid: int, gid: int) -> Netns:
-        """The namespace of process pid (None: firewalld's own), for a session of method
-        capturing uid's and gid's traffic; release() it with the session. RequestError if
-        the process has gone, its namespace cannot be entered, the method works only in
-        firewalld's own, or uid or gid have no id there."""
+    def of(self, pid: int | None, uid: int, gid: int) -> Netns:
+        """The namespace of process pid (None: firewalld's own), for a session capturing
+        uid's and gid's traffic; release() it with the session. RequestError if the process
+        has gone, its namespace cannot be entered, or uid or gid have no id there."""
         if pid is None or pid <= 0:  # pid <= 0: Exits.watch refuses the caller
             return HOME
         fd, users, found = _namespace_of(pid)
@@ -138,11 +146,6 @@ class Namespaces:
             os.close(fd)
             return HOME
         try:
-            if method in HOME_ONLY:
-                raise RequestError(
-                    f"the {method} method works in firewalld's own network namespace only, and "
-                    "the calling process is in another: use nft or nat there"
-                )
             owner = _owner(fd)
             if owner == self._own_users:
                 maps = None

@@ -173,7 +173,7 @@ class Sessions:
                     self.exits.watch(session_id, pid, caller)
                 except (ProcessGone, OSError) as exc:  # OSError: out of descriptors, say
                     raise RequestError(f"cannot watch the calling process: {exc}") from None
-            session.netns = self.namespaces.of(pid, method, request.uid, request.gid)
+            session.netns = self.namespaces.of(pid, request.uid, request.gid)
             if not self._methods[method].makes_sockets:  # else the request's port means nothing
                 session.netns.run(
                     self._check_port, caller, request.port, versions, request.forward, dns_versions
@@ -293,7 +293,7 @@ class Sessions:
             )
         ]
         if uncaptured and self._fence is not None:
-            self._fence.forget_flows(session, uncaptured)
+            session.netns.run(self._fence.forget_flows, session, uncaptured)
         log.info(
             "session %s of uid %d updated: %d subnets, %d excludes, %d %s rules",
             session.short_id,
@@ -347,7 +347,7 @@ class Sessions:
         if self._fence is None:
             raise RequestError("this firewalld makes no reply sockets")
         try:
-            sockets = self._udp_sockets()
+            sockets = session.netns.quick(self._udp_sockets)
         except SockDiagError as exc:  # without the kernel's word, the program is nobody's
             raise RequestError(f"cannot tell whose UDP socket {program_port} is: {exc}") from None
         self._end_flows(session, sockets)
@@ -357,7 +357,9 @@ class Sessions:
         if problem is not None:
             raise RequestError(problem)
         self.grants.room(session)  # before the socket is made, not after
-        return self.grants.issue(session, self._fence.reply_socket(session, flow))
+        return self.grants.issue(
+            session, session.netns.quick(self._fence.reply_socket, session, flow)
+        )
 
     def heartbeat(self, session: Session) -> None:
         """The session's owner is still there: renew the lease, and end the flows whose
@@ -365,7 +367,7 @@ class Sessions:
         self.renew(session)
         if session.flows:
             try:
-                sockets = self._udp_sockets()
+                sockets = session.netns.quick(self._udp_sockets)
             except SockDiagError as exc:  # the next heartbeat looks again
                 log.warning("session %s: cannot check its flows: %s", session.short_id, exc)
                 return
@@ -388,7 +390,7 @@ class Sessions:
             )
         ]
         if ended:
-            self._fence.forget_flows(session, ended)
+            session.netns.quick(self._fence.forget_flows, session, ended)
 
     def set_hosts(self, session: Session, hosts: tuple[tuple[str, str], ...]) -> int:
         """Make the session's hosts block hold these entries, if policy lets its owner;

@@ -49,9 +49,9 @@ def test_firewalld_s_own_namespace_runs_where_it_is_called(
     start: Callable[[Sequence[str]], subprocess.Popen[bytes]],
 ) -> None:
     namespaces = Namespaces()
-    assert namespaces.of(os.getpid(), "tproxy", 0, ANY_OWNER) is HOME
-    assert namespaces.of(start([]).pid, "nft", 0, ANY_OWNER) is HOME
-    assert namespaces.of(None, "nft", 0, ANY_OWNER) is HOME
+    assert namespaces.of(os.getpid(), 0, ANY_OWNER) is HOME
+    assert namespaces.of(start([]).pid, 0, ANY_OWNER) is HOME
+    assert namespaces.of(None, 0, ANY_OWNER) is HOME
     assert HOME.run(thread_namespace) == thread_namespace()
     assert (HOME.uid(1000), HOME.gid(ANY_OWNER)) == (1000, ANY_OWNER)
     assert len(namespaces) == 0
@@ -63,10 +63,11 @@ def test_another_namespace_is_entered_by_one_thread_while_sessions_live_there(
     proc = start(["unshare", "--net"])
     theirs = identity_of(f"/proc/{proc.pid}/ns/net")
     namespaces = Namespaces()
-    first = namespaces.of(proc.pid, "nft", 1000, ANY_OWNER)
-    second = namespaces.of(proc.pid, "nat", 0, 27)
+    first = namespaces.of(proc.pid, 1000, ANY_OWNER)
+    second = namespaces.of(proc.pid, 0, 27)
     assert first is second and len(namespaces) == 1
     assert first.run(thread_namespace) == theirs != thread_namespace()
+    assert first.quick(thread_namespace) == theirs  # the loop's thread there
     assert first.run(identity_of, OWN) != theirs  # the thread alone: not the whole process
     assert (first.uid(1000), first.gid(27)) == (1000, 27)  # firewalld's user namespace
     with pytest.raises(ValueError, match=r"^raised there$"):
@@ -92,11 +93,11 @@ def test_a_user_namespace_of_the_callers_maps_the_ids_of_its_rules(
     member = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
     proc = start([*member, "unshare", "--map-root-user", "--net"])
     namespaces = Namespaces()
-    netns = namespaces.of(proc.pid, "nft", NOBODY, ANY_OWNER)
+    netns = namespaces.of(proc.pid, NOBODY, ANY_OWNER)
     assert (netns.uid(NOBODY), netns.gid(NOBODY), netns.uid(ANY_OWNER)) == (0, 0, ANY_OWNER)
     assert netns.run(thread_namespace) == identity_of(f"/proc/{proc.pid}/ns/net")
     with pytest.raises(RequestError, match=r"^id 1000 has none in the user namespace that owns"):
-        namespaces.of(proc.pid, "nft", 1000, ANY_OWNER)
+        namespaces.of(proc.pid, 1000, ANY_OWNER)
     namespaces.release(netns)
     assert len(namespaces) == 0
 
@@ -108,21 +109,19 @@ def test_a_namespace_of_a_user_namespace_the_caller_is_not_in_is_refused(
     guest = start(["nsenter", f"--net=/proc/{owner.pid}/ns/net"])
     namespaces = Namespaces()
     with pytest.raises(RequestError, match="belongs to a user namespace it is not in"):
-        namespaces.of(guest.pid, "nft", 0, ANY_OWNER)
+        namespaces.of(guest.pid, 0, ANY_OWNER)
     assert len(namespaces) == 0
 
 
-def test_tproxy_and_gone_callers_are_refused(
+def test_a_gone_caller_is_refused(
     start: Callable[[Sequence[str]], subprocess.Popen[bytes]],
 ) -> None:
     proc = start(["unshare", "--net"])
-    namespaces = Namespaces()
-    with pytest.raises(RequestError, match=r"^the tproxy method works in firewalld's own"):
-        namespaces.of(proc.pid, "tproxy", 0, ANY_OWNER)
     proc.kill()
     proc.wait(WAIT)
+    namespaces = Namespaces()
     with pytest.raises(RequestError, match=rf"^the calling process \(pid {proc.pid}\) has exited$"):
-        namespaces.of(proc.pid, "nft", 0, ANY_OWNER)
+        namespaces.of(proc.pid, 0, ANY_OWNER)
     assert len(namespaces) == 0
 
 

@@ -2,7 +2,8 @@
 to the server S (its own way to sshd; the target stays out of reach but through the tunnel),
 firewalld running in C. The client in N, as the test user already inside (`ip netns exec`)
 and as root with --namespace N, gets its rules in N, none in firewalld's C, and curl from N
-reaches the target; once it exits, nothing is left in either. A namespace whose name is
+reaches the target (with each method; with tproxy, UDP too); once it exits, nothing is left
+in either. A namespace whose name is
 deleted under a session still ends cleanly, and firewalld goes on.
 """
 
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Iterator, List
 
 import pytest
+from shuttle_firewalld.methods.tproxy import MARK_BASE
 
 from testbed import HTTP_PORT, S_ADDR_C, T_ADDR, Shuttle, Topology, UserVenv, leftovers
 from testbed.netns import Namespace
@@ -52,10 +54,15 @@ def other(topo: Topology) -> Iterator[Namespace]:
 
 
 def rules_in(ns: Namespace) -> List[str]:
-    """shuttle's nft tables and iptables chains in ns."""
+    """shuttle's nft tables, iptables chains and fwmark rules (tproxy's) in ns."""
     tables = ns.run(["nft", "list", "tables"], check=True).stdout
     chains = ns.run(["iptables-save"], check=True).stdout
-    return [line for line in (tables + chains).splitlines() if "shuttle" in line]
+    marks = ns.run(["ip", "rule", "show"], check=True).stdout
+    return [
+        line
+        for line in (tables + chains + marks).splitlines()
+        if "shuttle" in line.lower() or f"fwmark {MARK_BASE >> 16:#x}" in line
+    ]
 
 
 def curl_page(topo: Topology, ns: Namespace, as_user: bool) -> None:
@@ -99,12 +106,7 @@ def test_the_rules_go_in_the_clients_namespace(
     assert_gone(shuttle, other)
 
     # Root, started in C, entering N itself.
-    root_args = shuttle.client_args(remote=S_ADDR_C, login=topo.user.name)
-    runtime = tempfile.mkdtemp(prefix="shuttle-root-", dir=topo.run_dir)
-    root_env = {"PATH": "/usr/bin:/bin", "XDG_RUNTIME_DIR": runtime, "HOME": runtime}
-    argv = ["env", "-i", *(f"{key}={value}" for key, value in root_env.items())]
-    argv += [*root_args[:-1], "--namespace", other.name, root_args[-1]]
-    client = start(shuttle, "client-root", topo.c.argv(argv))
+    client = start(shuttle, "client-root", root_argv(shuttle, other))
     assert rules_in(other) != []
     assert leftovers(topo) == [], "firewalld's own namespace got rules"
     curl_page(topo, other, as_user=False)
@@ -131,6 +133,36 @@ def test_the_rules_go_in_the_clients_namespace(
     assert leftovers(topo) != []
     shuttle.stop_client(again)
     assert shuttle.wait_rules_gone(GONE_WAIT) == []
+
+
+def root_argv(shuttle: Shuttle, ns: Namespace, *extra: str) -> List[str]:
+    """shuttle-client as root in C, with --namespace ns (and extra options), ssh logging in
+    to S as the test user."""
+    topo = shuttle.topo
+    args = shuttle.client_args(remote=S_ADDR_C, login=topo.user.name, extra=extra)
+    runtime = tempfile.mkdtemp(prefix="shuttle-root-", dir=topo.run_dir)
+    env = {"PATH": "/usr/bin:/bin", "XDG_RUNTIME_DIR": runtime, "HOME": runtime}
+    argv = ["env", "-i", *(f"{key}={value}" for key, value in env.items())]
+    return topo.c.argv([*argv, *args[:-1], "--namespace", ns.name, args[-1]])
+
+
+@pytest.mark.parametrize("method", ["nat", "tproxy"])
+def test_each_method_works_in_the_clients_namespace(
+    topo: Topology, user_venv: UserVenv, other: Namespace, method: str
+) -> None:
+    shuttle = Shuttle(topo, user_venv)
+    shuttle.start_firewalld()
+    client = start(shuttle, "client", root_argv(shuttle, other, f"--method={method}"))
+    assert f"method {method}" in client.output(), client.output()
+    assert rules_in(other) != []
+    assert leftovers(topo) == [], "firewalld's own namespace got rules"
+    curl_page(topo, other, as_user=False)
+    if method == "tproxy":  # UDP too, its answers through reply sockets made in N
+        result = topo.udp_echo(T_ADDR, ns=other)
+        assert result["ok"], f"{result}\n{shuttle.outputs()}"
+    client.send(signal.SIGTERM)
+    assert client.wait(20) == 0, shuttle.outputs()
+    assert_gone(shuttle, other)
 
 
 def test_a_user_outside_the_namespace_is_told_how(
