@@ -6,7 +6,7 @@ from __future__ import annotations
 import shutil
 import uuid
 from pathlib import Path
-from typing import List
+from typing import List, Sequence
 
 from testbed.config import (
     BULK_PORT,
@@ -62,9 +62,9 @@ DNS_PORT = 53
 DNS_LOG = "dns.log"
 
 
-def dnsmasq_argv() -> List[str]:
-    """A nameserver on T's first addresses that answers DNS_NAME and nothing else, logging
-    every query (with its source) to stderr."""
+def dnsmasq_argv(listen: Sequence[str] = (T_ADDR, T_ADDR6)) -> List[str]:
+    """A nameserver on these addresses (T's first ones) that answers DNS_NAME and nothing
+    else, logging every query (with its source) to stderr."""
     return [
         "dnsmasq",
         "--keep-in-foreground",
@@ -74,7 +74,7 @@ def dnsmasq_argv() -> List[str]:
         "--no-poll",
         "--pid-file=",
         "--bind-interfaces",
-        f"--listen-address={T_ADDR},{T_ADDR6}",
+        f"--listen-address={','.join(listen)}",
         f"--address=/{DNS_NAME}/{DNS_ANSWER}",
         f"--address=/{DNS_NAME}/{DNS_ANSWER6}",
         "--log-queries",

@@ -177,7 +177,6 @@ class Options:
     socks: Optional[Tuple[str, int]] = None
     socks_auth: Optional[Tuple[bytes, bytes]] = None
     http_proxy: Optional[Tuple[str, int]] = None
-    namespace: Optional[str] = None  # --namespace: main() enters it before anything else
 
     @property
     def captures(self) -> bool:
@@ -418,7 +417,8 @@ def parse_seed_hosts(text: Optional[str]) -> Tuple[str, ...]:
 
 
 def parse_namespace(name: Optional[str]) -> Optional[str]:
-    """--namespace: a name `ip netns` could have given, a file of its directory."""
+    """--namespace: a name `ip netns` could have given, a file of its directory (main()
+    enters it before the rest of the command line is parsed, argfiles.named_namespace)."""
     if name is None:
         return None
     if name in ("", ".", "..") or "/" in name or "\0" in name or len(name) > MAX_NAMESPACE:
@@ -520,7 +520,6 @@ def parse_args(argv: Sequence[str]) -> Options:
         socks=socks,
         socks_auth=socks_auth,
         http_proxy=http_proxy,
-        namespace=parse_namespace(args["--namespace"]),
     )
 
 

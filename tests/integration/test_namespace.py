@@ -3,7 +3,7 @@ to the server S (its own way to sshd; the target stays out of reach but through 
 firewalld running in C. The client in N, as the test user already inside (`ip netns exec`)
 and as root with --namespace N, gets its rules in N, none in firewalld's C, and curl from N
 reaches the target (with each method; with tproxy, UDP too); once it exits, nothing is left
-in either. A namespace whose name is
+in either. Host names among root's SUBNETs resolve in N, where it runs. A namespace whose name is
 deleted under a session still ends cleanly, and firewalld goes on.
 """
 
@@ -20,8 +20,10 @@ import pytest
 from shuttle_firewalld.methods.tproxy import MARK_BASE
 
 from testbed import HTTP_PORT, S_ADDR_C, T_ADDR, Shuttle, Topology, UserVenv, leftovers
+from testbed.config import C_RESOLVER, DNS_ANSWER, DNS_NAME
 from testbed.netns import Namespace
 from testbed.procs import Proc, wait_until
+from testbed.servers import DNS_PORT, dnsmasq_argv
 from testbed.shuttle import CLIENT_READY, READY_TIMEOUT
 from testbed.topology import curl_argv
 
@@ -160,6 +162,26 @@ def test_each_method_works_in_the_clients_namespace(
     if method == "tproxy":  # UDP too, its answers through reply sockets made in N
         result = topo.udp_echo(T_ADDR, ns=other)
         assert result["ok"], f"{result}\n{shuttle.outputs()}"
+    client.send(signal.SIGTERM)
+    assert client.wait(20) == 0, shuttle.outputs()
+    assert_gone(shuttle, other)
+
+
+def test_host_names_resolve_in_the_namespace(
+    topo: Topology, user_venv: UserVenv, other: Namespace
+) -> None:
+    # C's resolver address answers in N alone: a name among the SUBNETs resolves only there.
+    other.ip("addr", "add", f"{C_RESOLVER}/32", "dev", "lo")
+    topo.procs.append(other.start("dns-n", dnsmasq_argv([C_RESOLVER]), topo.logs / "dns-n.log"))
+    assert other.wait_listening(DNS_PORT, udp=True)
+    shuttle = Shuttle(topo, user_venv)
+    shuttle.start_firewalld()
+    argv = root_argv(shuttle, other)
+    argv[-1] = DNS_NAME
+    client = start(shuttle, "client", argv)
+    done = other.run(curl_argv(DNS_ANSWER, HTTP_PORT, TUNNEL_WAIT), timeout=TUNNEL_WAIT + 15)
+    assert done.returncode == 0, f"{done.stderr}\n{shuttle.outputs()}"
+    assert topo.marker in done.stdout
     client.send(signal.SIGTERM)
     assert client.wait(20) == 0, shuttle.outputs()
     assert_gone(shuttle, other)
