@@ -3,8 +3,8 @@ to the server S (its own way to sshd; the target stays out of reach but through 
 firewalld running in C. The client in N, as the test user already inside (`ip netns exec`)
 and as root with --namespace N, gets its rules in N, none in firewalld's C, and curl from N
 reaches the target (with each method; with tproxy, UDP too); once it exits, nothing is left
-in either. Host names among root's SUBNETs resolve in N, where it runs. A namespace whose name is
-deleted under a session still ends cleanly, and firewalld goes on.
+in either. Host names among root's SUBNETs resolve in N, where it runs. A namespace whose
+name is deleted under a session still ends cleanly, and firewalld goes on.
 """
 
 from __future__ import annotations
@@ -14,10 +14,9 @@ import os
 import signal
 import tempfile
 from pathlib import Path
-from typing import Iterator, List
+from typing import List
 
 import pytest
-from shuttle_firewalld.methods.tproxy import MARK_BASE
 
 from testbed import HTTP_PORT, S_ADDR_C, T_ADDR, Shuttle, Topology, UserVenv, leftovers
 from testbed.config import C_RESOLVER, DNS_ANSWER, DNS_NAME
@@ -27,44 +26,11 @@ from testbed.servers import DNS_PORT, dnsmasq_argv
 from testbed.shuttle import CLIENT_READY, READY_TIMEOUT
 from testbed.topology import curl_argv
 
-from .checks import TUNNEL_WAIT
+from .checks import TUNNEL_WAIT, rules_in
 
 pytestmark = pytest.mark.integration
 
-S_ADDR_N = "198.18.4.1"  # S, towards N
-N_ADDR = "198.18.4.2"
 GONE_WAIT = 15.0  # seconds for a client's exit to reach firewalld and its rules to go
-
-
-@pytest.fixture
-def other(topo: Topology) -> Iterator[Namespace]:
-    """N, linked to S (not to C), with a route to sshd's address; deleted afterwards."""
-    ns = Namespace(topo.prefix + "n")
-    ns.create()
-    try:
-        topo.s.ip("link", "add", "to-n", "type", "veth", "peer", "name", "to-s", "netns", ns.name)
-        topo.s.ip("addr", "add", f"{S_ADDR_N}/24", "dev", "to-n")
-        topo.s.ip("link", "set", "to-n", "up")
-        ns.ip("addr", "add", f"{N_ADDR}/24", "dev", "to-s")
-        ns.ip("link", "set", "to-s", "up")
-        ns.ip("route", "add", "default", "via", S_ADDR_N)
-        yield ns
-    finally:
-        ns.kill_all()
-        if os.path.exists(f"/run/netns/{ns.name}"):
-            ns.delete()
-
-
-def rules_in(ns: Namespace) -> List[str]:
-    """shuttle's nft tables, iptables chains and fwmark rules (tproxy's) in ns."""
-    tables = ns.run(["nft", "list", "tables"], check=True).stdout
-    chains = ns.run(["iptables-save"], check=True).stdout
-    marks = ns.run(["ip", "rule", "show"], check=True).stdout
-    return [
-        line
-        for line in (tables + chains + marks).splitlines()
-        if "shuttle" in line.lower() or f"fwmark {MARK_BASE >> 16:#x}" in line
-    ]
 
 
 def curl_page(topo: Topology, ns: Namespace, as_user: bool) -> None:
@@ -89,39 +55,39 @@ def assert_gone(shuttle: Shuttle, ns: Namespace) -> None:
 
 
 def test_the_rules_go_in_the_clients_namespace(
-    topo: Topology, user_venv: UserVenv, other: Namespace
+    topo: Topology, user_venv: UserVenv, side_ns: Namespace
 ) -> None:
     shuttle = Shuttle(topo, user_venv)
     firewalld = shuttle.start_firewalld()
     # Beyond the tunnel, N cannot reach the target.
-    assert other.run(curl_argv(T_ADDR, HTTP_PORT, 2), timeout=20).returncode != 0
+    assert side_ns.run(curl_argv(T_ADDR, HTTP_PORT, 2), timeout=20).returncode != 0
 
     # The test user, started inside N.
     args = shuttle.client_args(remote=S_ADDR_C)
     env = topo.user_env([str(user_venv.bin)])
-    client = start(shuttle, "client-inside", other.argv(topo.user.argv(args, env)))
-    assert rules_in(other) != []
+    client = start(shuttle, "client-inside", side_ns.argv(topo.user.argv(args, env)))
+    assert rules_in(side_ns) != []
     assert leftovers(topo) == [], "firewalld's own namespace got rules"
-    curl_page(topo, other, as_user=True)
+    curl_page(topo, side_ns, as_user=True)
     client.send(signal.SIGTERM)
     assert client.wait(20) == 0, shuttle.outputs()
-    assert_gone(shuttle, other)
+    assert_gone(shuttle, side_ns)
 
     # Root, started in C, entering N itself.
-    client = start(shuttle, "client-root", root_argv(shuttle, other))
-    assert rules_in(other) != []
+    client = start(shuttle, "client-root", root_argv(shuttle, side_ns))
+    assert rules_in(side_ns) != []
     assert leftovers(topo) == [], "firewalld's own namespace got rules"
-    curl_page(topo, other, as_user=False)
+    curl_page(topo, side_ns, as_user=False)
     client.send(signal.SIGTERM)
     assert client.wait(20) == 0, shuttle.outputs()
-    assert_gone(shuttle, other)
+    assert_gone(shuttle, side_ns)
 
     # N's name deleted under a live session, then its client killed: the session ends (the
     # rules go with their namespace), and firewalld serves the next client.
-    client = start(shuttle, "client-gone", other.argv(topo.user.argv(args, env)))
-    inside = other.pids()  # the client and its ssh
+    client = start(shuttle, "client-gone", side_ns.argv(topo.user.argv(args, env)))
+    inside = side_ns.pids()  # the client and its ssh
     assert client.pid in inside
-    other.delete()
+    side_ns.delete()
     for pid in inside:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
@@ -150,52 +116,52 @@ def root_argv(shuttle: Shuttle, ns: Namespace, *extra: str) -> List[str]:
 
 @pytest.mark.parametrize("method", ["nat", "tproxy"])
 def test_each_method_works_in_the_clients_namespace(
-    topo: Topology, user_venv: UserVenv, other: Namespace, method: str
+    topo: Topology, user_venv: UserVenv, side_ns: Namespace, method: str
 ) -> None:
     shuttle = Shuttle(topo, user_venv)
     shuttle.start_firewalld()
-    client = start(shuttle, "client", root_argv(shuttle, other, f"--method={method}"))
+    client = start(shuttle, "client", root_argv(shuttle, side_ns, f"--method={method}"))
     assert f"method {method}" in client.output(), client.output()
-    assert rules_in(other) != []
+    assert rules_in(side_ns) != []
     assert leftovers(topo) == [], "firewalld's own namespace got rules"
-    curl_page(topo, other, as_user=False)
+    curl_page(topo, side_ns, as_user=False)
     if method == "tproxy":  # UDP too, its answers through reply sockets made in N
-        result = topo.udp_echo(T_ADDR, ns=other)
+        result = topo.udp_echo(T_ADDR, ns=side_ns)
         assert result["ok"], f"{result}\n{shuttle.outputs()}"
     client.send(signal.SIGTERM)
     assert client.wait(20) == 0, shuttle.outputs()
-    assert_gone(shuttle, other)
+    assert_gone(shuttle, side_ns)
 
 
 def test_host_names_resolve_in_the_namespace(
-    topo: Topology, user_venv: UserVenv, other: Namespace
+    topo: Topology, user_venv: UserVenv, side_ns: Namespace
 ) -> None:
     # C's resolver address answers in N alone: a name among the SUBNETs resolves only there.
-    other.ip("addr", "add", f"{C_RESOLVER}/32", "dev", "lo")
-    topo.procs.append(other.start("dns-n", dnsmasq_argv([C_RESOLVER]), topo.logs / "dns-n.log"))
-    assert other.wait_listening(DNS_PORT, udp=True)
+    side_ns.ip("addr", "add", f"{C_RESOLVER}/32", "dev", "lo")
+    topo.procs.append(side_ns.start("dns-n", dnsmasq_argv([C_RESOLVER]), topo.logs / "dns-n.log"))
+    assert side_ns.wait_listening(DNS_PORT, udp=True)
     shuttle = Shuttle(topo, user_venv)
     shuttle.start_firewalld()
-    argv = root_argv(shuttle, other)
+    argv = root_argv(shuttle, side_ns)
     argv[-1] = DNS_NAME
     client = start(shuttle, "client", argv)
-    done = other.run(curl_argv(DNS_ANSWER, HTTP_PORT, TUNNEL_WAIT), timeout=TUNNEL_WAIT + 15)
+    done = side_ns.run(curl_argv(DNS_ANSWER, HTTP_PORT, TUNNEL_WAIT), timeout=TUNNEL_WAIT + 15)
     assert done.returncode == 0, f"{done.stderr}\n{shuttle.outputs()}"
     assert topo.marker in done.stdout
     client.send(signal.SIGTERM)
     assert client.wait(20) == 0, shuttle.outputs()
-    assert_gone(shuttle, other)
+    assert_gone(shuttle, side_ns)
 
 
 def test_a_user_outside_the_namespace_is_told_how(
-    topo: Topology, user_venv: UserVenv, other: Namespace
+    topo: Topology, user_venv: UserVenv, side_ns: Namespace
 ) -> None:
-    args = [user_venv.program("shuttle-client"), "-r", "x", "--namespace", other.name, T_ADDR]
+    args = [user_venv.program("shuttle-client"), "-r", "x", "--namespace", side_ns.name, T_ADDR]
     done = topo.run_as_user(args)
     assert done.returncode == 2
     assert done.stderr == (
-        f"shuttle-client: error: --namespace {other.name}: only root can enter a network "
-        f"namespace; start the client in it instead: sudo ip netns exec {other.name} sudo -u "
+        f"shuttle-client: error: --namespace {side_ns.name}: only root can enter a network "
+        f"namespace; start the client in it instead: sudo ip netns exec {side_ns.name} sudo -u "
         f"{topo.user.name} shuttle-client ...\n"
     )
-    assert Path(f"/run/netns/{other.name}").exists()
+    assert Path(f"/run/netns/{side_ns.name}").exists()

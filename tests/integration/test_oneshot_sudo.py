@@ -20,7 +20,7 @@ import signal
 import subprocess
 import threading
 from pathlib import Path
-from typing import Iterator, List
+from typing import Iterator, List, Optional
 
 import pytest
 from shuttle_client.cli import DEFAULT_FIREWALLD
@@ -28,12 +28,13 @@ from shuttle_client.private_firewalld import nobody_answers
 
 from testbed import HTTP_PORT, T_ADDR, LocalUser, Shuttle, Topology, UserVenv
 from testbed.locks import locked
+from testbed.netns import Namespace
 from testbed.procs import Proc, run, wait_until
 from testbed.shuttle import CLIENT_READY, READY_TIMEOUT, leftovers, wait_rules_gone
 from testbed.topology import UserFiles, curl_argv
 from testbed.user import ACCOUNTS_LOCK
 
-from .checks import TUNNEL_WAIT, assert_page
+from .checks import TUNNEL_WAIT, assert_page, rules_in
 
 pytestmark = pytest.mark.integration
 
@@ -61,10 +62,10 @@ def sudoers(user_venv: UserVenv, local_user: LocalUser) -> Iterator[Path]:
         path.unlink()
 
 
-def oneshot_processes(topo: Topology) -> List[str]:
-    """The command lines of one-shot firewalld processes (and their sudo) in C."""
+def oneshot_processes(ns: Namespace) -> List[str]:
+    """The command lines of one-shot firewalld processes (and their sudo) in ns."""
     found = []
-    for pid in topo.c.pids():
+    for pid in ns.pids():
         try:
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:  # gone meanwhile
@@ -74,13 +75,14 @@ def oneshot_processes(topo: Topology) -> List[str]:
     return found
 
 
-def start_client(shuttle: Shuttle) -> tuple[Proc, str]:
-    """shuttle-client without --firewalld, as the test user; (it, its private socket)."""
+def start_client(shuttle: Shuttle, ns: Optional[Namespace] = None) -> tuple[Proc, str]:
+    """shuttle-client without --firewalld, as the test user, in ns (default C); (it, its
+    private socket)."""
     args = shuttle.client_args()
     at = args.index("--firewalld")
     del args[at : at + 2]
     topo = shuttle.topo
-    argv = topo.user_argv(args, topo.user_env([str(shuttle.venv.bin)]))
+    argv = (ns or topo.c).argv(topo.user.argv(args, topo.user_env([str(shuttle.venv.bin)])))
     proc = topo.start(f"client{len(shuttle.clients)}", argv)
     shuttle.clients.append(proc)
     assert proc.wait_for_line(CLIENT_READY, READY_TIMEOUT), (
@@ -94,8 +96,8 @@ def start_client(shuttle: Shuttle) -> tuple[Proc, str]:
 def assert_nothing_left(shuttle: Shuttle, socket: str) -> None:
     topo = shuttle.topo
     assert not wait_rules_gone(topo, GONE_WAIT), f"rules left: {leftovers(topo)}"
-    gone = wait_until(lambda: not oneshot_processes(topo), GONE_WAIT, 0.2)
-    assert gone, f"left running: {oneshot_processes(topo)}\n{shuttle.outputs()}"
+    gone = wait_until(lambda: not oneshot_processes(topo.c), GONE_WAIT, 0.2)
+    assert gone, f"left running: {oneshot_processes(topo.c)}\n{shuttle.outputs()}"
     for path in (socket, socket + ".fds"):
         assert not os.path.exists(path), f"{path} left behind"
 
@@ -138,6 +140,28 @@ def test_one_command_through_sudo(topo: Topology, user_venv: UserVenv, sudoers: 
     client.send(signal.SIGTERM)
     assert client.wait(20) == 0, shuttle.outputs()
     assert_nothing_left(shuttle, socket)
+
+
+def test_a_client_in_another_namespace_gets_its_rules_there(
+    topo: Topology, user_venv: UserVenv, sudoers: Path, side_ns: Namespace
+) -> None:
+    # sudo starts the private firewalld in the client's namespace, so the rules go there.
+    shuttle = Shuttle(topo, user_venv)
+    assert nobody_answers(DEFAULT_FIREWALLD), "a firewalld service runs: the test needs none"
+    client, socket = start_client(shuttle, side_ns)
+    assert oneshot_processes(side_ns), shuttle.outputs()
+    assert rules_in(side_ns) != []
+    assert leftovers(topo) == [], "C got rules"
+    done = side_ns.run(topo.user.argv(curl_argv(T_ADDR, HTTP_PORT, TUNNEL_WAIT), topo.user_env()))
+    assert done.returncode == 0, f"{done.stderr}\n{shuttle.outputs()}"
+    assert topo.marker in done.stdout
+    os.killpg(client.pid, signal.SIGINT)
+    assert client.wait(20) == 0, shuttle.outputs()
+    assert wait_until(lambda: rules_in(side_ns) == [], GONE_WAIT, 0.2), rules_in(side_ns)
+    gone = wait_until(lambda: not oneshot_processes(side_ns), GONE_WAIT, 0.2)
+    assert gone, f"left running: {oneshot_processes(side_ns)}\n{shuttle.outputs()}"
+    for path in (socket, socket + ".fds"):
+        assert not os.path.exists(path), f"{path} left behind"
 
 
 PASSWORD = secrets.token_urlsafe(12)  # a throwaway user's, for the length of one test
