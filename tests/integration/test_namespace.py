@@ -33,8 +33,9 @@ pytestmark = pytest.mark.integration
 GONE_WAIT = 15.0  # seconds for a client's exit to reach firewalld and its rules to go
 
 
-def curl_page(topo: Topology, ns: Namespace, as_user: bool) -> None:
-    argv = curl_argv(T_ADDR, HTTP_PORT, TUNNEL_WAIT)
+def curl_page(topo: Topology, ns: Namespace, as_user: bool, host: str = T_ADDR) -> None:
+    """curl in ns, as the test user or root, gets the target's page from host."""
+    argv = curl_argv(host, HTTP_PORT, TUNNEL_WAIT)
     if as_user:
         argv = topo.user.argv(argv, topo.user_env())
     done = ns.run(argv, timeout=TUNNEL_WAIT + 15)
@@ -49,7 +50,10 @@ def start(shuttle: Shuttle, name: str, argv: List[str]) -> Proc:
     return proc
 
 
-def assert_gone(shuttle: Shuttle, ns: Namespace) -> None:
+def stop(shuttle: Shuttle, client: Proc, ns: Namespace) -> None:
+    """SIGTERM the client in ns: it exits 0, and neither ns nor C has rules left."""
+    client.send(signal.SIGTERM)
+    assert client.wait(20) == 0, shuttle.outputs()
     assert wait_until(lambda: rules_in(ns) == [], GONE_WAIT, 0.2), rules_in(ns)
     assert leftovers(shuttle.topo) == []
 
@@ -69,18 +73,14 @@ def test_the_rules_go_in_the_clients_namespace(
     assert rules_in(side_ns) != []
     assert leftovers(topo) == [], "firewalld's own namespace got rules"
     curl_page(topo, side_ns, as_user=True)
-    client.send(signal.SIGTERM)
-    assert client.wait(20) == 0, shuttle.outputs()
-    assert_gone(shuttle, side_ns)
+    stop(shuttle, client, side_ns)
 
     # Root, started in C, entering N itself.
     client = start(shuttle, "client-root", root_argv(shuttle, side_ns))
     assert rules_in(side_ns) != []
     assert leftovers(topo) == [], "firewalld's own namespace got rules"
     curl_page(topo, side_ns, as_user=False)
-    client.send(signal.SIGTERM)
-    assert client.wait(20) == 0, shuttle.outputs()
-    assert_gone(shuttle, side_ns)
+    stop(shuttle, client, side_ns)
 
     # N's name deleted under a live session, then its client killed: the session ends (the
     # rules go with their namespace), and firewalld serves the next client.
@@ -128,9 +128,7 @@ def test_each_method_works_in_the_clients_namespace(
     if method == "tproxy":  # UDP too, its answers through reply sockets made in N
         result = topo.udp_echo(T_ADDR, ns=side_ns)
         assert result["ok"], f"{result}\n{shuttle.outputs()}"
-    client.send(signal.SIGTERM)
-    assert client.wait(20) == 0, shuttle.outputs()
-    assert_gone(shuttle, side_ns)
+    stop(shuttle, client, side_ns)
 
 
 def test_host_names_resolve_in_the_namespace(
@@ -145,12 +143,8 @@ def test_host_names_resolve_in_the_namespace(
     argv = root_argv(shuttle, side_ns)
     argv[-1] = DNS_NAME
     client = start(shuttle, "client", argv)
-    done = side_ns.run(curl_argv(DNS_ANSWER, HTTP_PORT, TUNNEL_WAIT), timeout=TUNNEL_WAIT + 15)
-    assert done.returncode == 0, f"{done.stderr}\n{shuttle.outputs()}"
-    assert topo.marker in done.stdout
-    client.send(signal.SIGTERM)
-    assert client.wait(20) == 0, shuttle.outputs()
-    assert_gone(shuttle, side_ns)
+    curl_page(topo, side_ns, as_user=False, host=DNS_ANSWER)
+    stop(shuttle, client, side_ns)
 
 
 def test_a_user_outside_the_namespace_is_told_how(
