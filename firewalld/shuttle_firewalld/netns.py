@@ -64,10 +64,11 @@ class Netns:
                     # The executor's one thread, made by this first call, enters the
                     # namespace and stays there: every later call runs on it.
                     thread.submit(enter, fd).result()
-            except OSError as exc:
+            except (OSError, RuntimeError) as exc:  # RuntimeError: no thread to be had
                 self.close()
+                why = exc.strerror if isinstance(exc, OSError) else exc
                 raise RequestError(
-                    f"cannot enter the network namespace of the calling process: {exc.strerror}"
+                    f"cannot enter the network namespace of the calling process: {why}"
                 ) from None
 
     def __str__(self) -> str:
