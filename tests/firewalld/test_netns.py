@@ -4,8 +4,10 @@ mapped is refused in one line."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 
@@ -15,7 +17,10 @@ from shuttle_firewalld.netns import HOME, Namespaces, Netns
 from shuttle_local.netns import OWN, enter, identity_of
 from shuttle_protocol.firewall_messages import ANY_OWNER
 
-from testbed.procs import wait_until
+from testbed.procs import Dialogue, wait_until
+
+from .daemon import NOBODY as NOBODY_ARGV
+from .daemon import Daemon, shuttle_tables
 
 WAIT = 10.0
 NOBODY = 65534
@@ -137,3 +142,62 @@ def test_what_is_no_namespace_cannot_be_entered() -> None:
             Netns((0, 1), fd)
         with pytest.raises(OSError):  # closed with the refusal
             os.fstat(fd)
+
+
+# A member in a network namespace of its own (unshare -rn: it is root in there): it opens a
+# session into its listener, says "opened", and on each line it reads does what it says:
+# "nft" prints its namespace's ruleset (one JSON line), "connect" connects to a captured
+# address and prints where it landed, "close" closes the session; it ends with its input.
+MEMBER = """\
+import asyncio, json, socket, subprocess, sys
+from shuttle_client.firewall_session import FirewallSession
+
+subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+subprocess.run(["ip", "route", "add", "10.0.0.0/8", "dev", "lo"], check=True)
+listener = socket.create_server(("127.0.0.1", 12300))
+listener.settimeout(10)
+
+async def main():
+    client = FirewallSession(sys.argv[1])
+    print("opened", await client.open("nft", 12300, ["10.0.0.0/8"], [], uid=65534), flush=True)
+    for line in sys.stdin:
+        if line.strip() == "nft":
+            ruleset = subprocess.run(["nft", "list", "ruleset"], capture_output=True, text=True)
+            print(json.dumps(ruleset.stdout), flush=True)
+        elif line.strip() == "connect":
+            with socket.create_connection(("10.1.2.3", 80), timeout=10):
+                conn, _ = listener.accept()
+                print("landed on", conn.getsockname()[1], flush=True)
+                conn.close()
+        else:
+            await client.close()
+            print("closed", flush=True)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.integration
+def test_a_member_in_a_namespace_of_its_own_gets_rules_there_for_its_uid(
+    netns: str, start_firewalld: Callable[..., Daemon]
+) -> None:
+    daemon = start_firewalld(group="nogroup")
+    inside = ["unshare", "--map-root-user", "--net", sys.executable, "-c", MEMBER]
+    member = Dialogue([*NOBODY_ARGV, *inside, str(daemon.socket_path)], timeout=WAIT * 3)
+    try:
+        assert member.line() == "opened nft\n"
+        assert shuttle_tables(netns) == [], "firewalld's own namespace got rules"
+        member.tell("nft")
+        ruleset = json.loads(member.line())
+        # Its uid as its user namespace maps it: it is 0 in there, and 65534 no socket's.
+        assert "meta skuid 0 " in ruleset and "skuid 65534" not in ruleset
+        member.tell("connect")  # its own traffic, captured into its listener
+        assert member.line() == "landed on 12300\n"
+        member.tell("close")
+        assert member.line() == "closed\n"
+        member.tell("nft")
+        assert "shuttle" not in json.loads(member.line())
+    finally:
+        member.close()
+    daemon.wait_for_line("shuttle-firewalld: no session in network namespace net:[")
+    assert shuttle_tables(netns) == []
