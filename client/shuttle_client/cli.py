@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from docopt import DocoptExit, docopt
+from shuttle_local.netns import outer_uid
 from shuttle_protocol.checks import MAX_NAMESERVERS, check_hostname
 from shuttle_protocol.errors import LocalProtocolError
 from shuttle_protocol.firewall_messages import ANY_OWNER, Target
@@ -433,7 +434,8 @@ def parse_owner(user: Optional[str], group: Optional[str], all_users: bool) -> T
     gid = ANY_OWNER if group is None else _lookup(group, grp.getgrnam, "group")
     if all_users or (group is not None and user is None):
         return ANY_OWNER, gid
-    uid = os.getuid() if user is None else _lookup(user, pwd.getpwnam, "user")
+    # Ourselves as firewalld sees us, also from inside a user namespace (unshare -r).
+    uid = outer_uid() if user is None else _lookup(user, pwd.getpwnam, "user")
     return uid, gid
 
 

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import ParamSpec, TypeVar
 
-from shuttle_local.netns import OWN, Identity, enter, identity, identity_of
+from shuttle_local.netns import MAP_BYTES, OWN, Identity, enter, identity, identity_of, mapped
 from shuttle_protocol.firewall_messages import ANY_OWNER
 
 from .errors import RequestError
@@ -36,7 +36,6 @@ T = TypeVar("T")
 
 NS_GET_USERNS = 0xB701  # linux/nsfs.h, _IO(0xb7, 0x1): the user namespace owning a namespace
 OWN_USERS = "/proc/self/ns/user"
-MAP_BYTES = 16384  # of a uid_map or gid_map: at most 340 lines of three ids each
 
 
 class Netns:
@@ -101,13 +100,10 @@ class Netns:
     def _inside(self, outer: int, which: int) -> int:
         if self._maps is None or outer == ANY_OWNER:
             return outer
-        for line in self._maps[which].splitlines():
-            fields = line.split()
-            if len(fields) == 3 and all(field.isdigit() for field in fields):
-                inside, outside, count = map(int, fields)
-                if outside <= outer < outside + count:
-                    return inside + outer - outside
-        raise KeyError(outer)
+        inside = mapped(self._maps[which], outer)
+        if inside is None:
+            raise KeyError(outer)
+        return inside
 
     def close(self) -> None:
         for thread in self._threads:

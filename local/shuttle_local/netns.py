@@ -7,11 +7,12 @@ from __future__ import annotations
 import ctypes
 import os
 import pwd
-from typing import Tuple
+from typing import Optional, Tuple
 
 CLONE_NEWNET = 0x40000000
 NETNS_DIR = "/run/netns"  # where `ip netns add NAME` mounts its namespaces
 OWN = "/proc/self/ns/net"
+MAP_BYTES = 16384  # of a uid_map or gid_map: at most 340 lines of three ids each
 
 Identity = Tuple[int, int]  # (device, inode) of a namespace file: equal for one namespace
 
@@ -26,6 +27,32 @@ def identity_of(path: str) -> Identity:
     """Which namespace the file at path is (OSError if it cannot be read)."""
     status = os.stat(path)
     return status.st_dev, status.st_ino
+
+
+def mapped(map_text: str, value: int, outward: bool = False) -> Optional[int]:
+    """value through a uid_map or gid_map (lines of "inside outside count"): an id outside
+    to the one inside, or with outward the other way; None if the map has none for it."""
+    for line in map_text.splitlines():
+        fields = line.split()
+        if len(fields) == 3 and all(field.isdigit() for field in fields):
+            inside, outside, count = map(int, fields)
+            start, end = (inside, outside) if outward else (outside, inside)
+            if start <= value < start + count:
+                return end + value - start
+    return None
+
+
+def outer_uid() -> int:
+    """Our uid outside the user namespace we may be in, as firewalld sees callers (in one
+    that `unshare -r` made, we are 0 in there); our uid if no map says otherwise."""
+    uid = os.getuid()
+    try:
+        with open("/proc/self/uid_map", "rb") as file:
+            text = file.read(MAP_BYTES).decode("ascii", "replace")
+    except OSError:
+        return uid
+    found = mapped(text, uid, outward=True)
+    return uid if found is None else found
 
 
 def enter(fd: int) -> None:
