@@ -16,7 +16,7 @@ from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import docopt
 
-from .cli import USAGE, Options, UsageError, parse_args
+from .cli import USAGE, Options, UsageError, parse_args, parse_namespace
 
 ENVIRONMENT = "SHUTTLE_CLIENT_ARGS"
 COMMAND_LINE = ""  # the source of an argument typed on the command line
@@ -107,6 +107,18 @@ def parse_command_line(argv: Sequence[str], environ: Mapping[str, str]) -> Optio
         if culprit is None or not culprit.where:
             raise
         raise UsageError(f"{culprit.prefix()}{exc}") from None
+
+
+def named_namespace(argv: Sequence[str], environ: Mapping[str, str]) -> Optional[str]:
+    """--namespace's name, read before the rest of the command line (whose host names must
+    resolve in there); UsageError for a bad name, or for any mistake that parse_command_line
+    will report anyway."""
+    values = [
+        item.value
+        for item in merge(to_items(collect(argv, environ)))
+        if item.spec is not None and item.spec.long == "--namespace"
+    ]
+    return parse_namespace(values[-1]) if values else None
 
 
 def collect(argv: Sequence[str], environ: Mapping[str, str]) -> List[Arg]:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from docopt import DocoptExit, docopt
+from shuttle_local.netns import outer_uid
 from shuttle_protocol.checks import MAX_NAMESERVERS, check_hostname
 from shuttle_protocol.errors import LocalProtocolError
 from shuttle_protocol.firewall_messages import ANY_OWNER, Target
@@ -62,6 +63,10 @@ Options:
   --firewalld=PATH         firewalld's socket (default: /run/shuttle/firewalld.sock;
                            if nothing answers there, a private one is started with
                            sudo, which may ask for your password; -D: sudo -n).
+  --namespace=NAME         run in the network namespace NAME (as `ip netns` names
+                           it), ssh and the firewall rules too: root enters it
+                           first; another user starts the client in it (sudo ip
+                           netns exec NAME sudo -u USER shuttle-client ...).
   -D, --daemon             go to the background once ready (implies --syslog; the
                            working directory becomes /).
   --pidfile=PATH           write the client's pid to PATH while it runs (with -D, the
@@ -136,6 +141,7 @@ MAX_TCP_CAP = 10_000
 DEFAULT_PIDFILE = "shuttle-client.pid"  # with -D, in the current directory (as sshuttle)
 # sun_path holds 108 bytes, the last one a NUL; the events socket's path adds ".events".
 MAX_CONTROL_PATH = 107 - len(".events")
+MAX_NAMESPACE = 255  # a file name's longest
 
 
 @dataclass(frozen=True)
@@ -427,6 +433,16 @@ def parse_seed_hosts(text: Optional[str]) -> Tuple[str, ...]:
     return names
 
 
+def parse_namespace(name: Optional[str]) -> Optional[str]:
+    """--namespace: a name `ip netns` could have given, a file of its directory (main()
+    enters it before the rest of the command line is parsed, argfiles.named_namespace)."""
+    if name is None:
+        return None
+    if name in ("", ".", "..") or "/" in name or "\0" in name or len(name) > MAX_NAMESPACE:
+        raise UsageError(f"invalid --namespace {name!r}: expected a name from `ip netns list`")
+    return name
+
+
 def parse_owner(user: Optional[str], group: Optional[str], all_users: bool) -> Tuple[int, int]:
     """(uid, gid) whose traffic to capture; ANY_OWNER where it does not matter."""
     if all_users and user:
@@ -434,7 +450,8 @@ def parse_owner(user: Optional[str], group: Optional[str], all_users: bool) -> T
     gid = ANY_OWNER if group is None else _lookup(group, grp.getgrnam, "group")
     if all_users or (group is not None and user is None):
         return ANY_OWNER, gid
-    uid = os.getuid() if user is None else _lookup(user, pwd.getpwnam, "user")
+    # Ourselves as firewalld sees us, also from inside a user namespace (unshare -r).
+    uid = outer_uid() if user is None else _lookup(user, pwd.getpwnam, "user")
     return uid, gid
 
 

@@ -9,9 +9,10 @@ import os
 import signal
 import socket
 import sys
-from typing import Any, Awaitable, Callable, List, Optional, Sequence, Tuple, TypeVar
+from typing import Any, Awaitable, Callable, List, NoReturn, Optional, Sequence, Tuple, TypeVar
 
 from shuttle_ends.limits import raise_open_files
+from shuttle_local.netns import enter_named
 from shuttle_protocol.control_messages import (
     MAX_REASON,
     Connected,
@@ -22,7 +23,7 @@ from shuttle_protocol.control_messages import (
 from shuttle_protocol.schema import Message
 
 from . import ctl, logs
-from .argfiles import parse_command_line
+from .argfiles import named_namespace, parse_command_line
 from .capture import Capture
 from .cli import DocoptExit, Options, UsageError
 from .control import ControlInUse, ControlServer, ControlSetupError
@@ -380,19 +381,40 @@ def _set_once(future: "asyncio.Future[str]", value: str) -> None:
         future.set_result(value)
 
 
+def _parse(args: List[str]) -> Options:
+    """The options of the command line; exit with one line (or docopt's usage) if bad."""
+    try:
+        return parse_command_line(args, os.environ)
+    except DocoptExit as exc:  # docopt's usage text; exit 2 tells systemd not to retry
+        print(exc, file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    except UsageError as exc:
+        _usage_error(str(exc))
+
+
+def _usage_error(text: str) -> NoReturn:
+    print(f"shuttle-client: error: {text}", file=sys.stderr)
+    sys.exit(EXIT_USAGE)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Console script: shuttle-client, and `shuttle-client ctl ...` (ctl.py)."""
     args = sys.argv[1:] if argv is None else list(argv)
     if args[:1] == ["ctl"]:
         sys.exit(ctl.main(args[1:]))
     try:
-        options = parse_command_line(args, os.environ)
-    except DocoptExit as exc:  # docopt's usage text; exit 2 tells systemd not to retry
-        print(exc, file=sys.stderr)
-        sys.exit(EXIT_USAGE)
+        namespace = named_namespace(args, os.environ)
     except UsageError as exc:
-        print(f"shuttle-client: error: {exc}", file=sys.stderr)
-        sys.exit(EXIT_USAGE)
+        _parse(args)  # a mistake anywhere in the command line: said in context
+        _usage_error(str(exc))  # or the name's own
+    # Before anything else: a thread or socket made before would stay behind, and the host
+    # names among the SUBNETs must resolve in there, as ssh's do.
+    if namespace is not None:
+        try:
+            enter_named(namespace, "shuttle-client")
+        except ValueError as exc:
+            _usage_error(str(exc))
+    options = _parse(args)
     # -D forks here, before asyncio and zmq exist; only the child returns.
     daemon = daemonize() if options.daemon else None
     stderr_log = logs.configure(options.verbose, options.syslog)

@@ -117,5 +117,6 @@ def serve(
             "nothing"
         )
     sessions.grants.room(session)  # before the socket is made, not after
-    sock = bypass_socket(request.kind, session.bypass_mark, session.caller)
+    # Made in the session's network namespace: a socket sends from the one it was made in.
+    sock = session.netns.run(bypass_socket, request.kind, session.bypass_mark, session.caller)
     return BypassSocketAnswer(sessions.grants.issue(session, sock, "bypass"), sessions.grants.path)

@@ -56,7 +56,7 @@ class Exits:
             raise ProcessGone(f"the calling process (pid {pid}) has exited") from None
         try:
             owner = _uid_of(pid)
-            if _exited(pidfd) or owner is None:  # so /proc/PID was another process, or none
+            if has_exited(pidfd) or owner is None:  # so /proc/PID was another process, or none
                 raise ProcessGone(f"the calling process (pid {pid}) has exited")
             if owner != uid:
                 raise ProcessGone(f"pid {pid} is not a process of uid {uid}")
@@ -82,7 +82,7 @@ class Exits:
         return [self._keys[fd] for fd, _ in self._epoll.poll(0) if fd in self._keys]
 
 
-def _exited(pidfd: int) -> bool:
+def has_exited(pidfd: int) -> bool:
     """Whether the pidfd's process has exited (a pidfd is readable from then on)."""
     poller = select.poll()
     poller.register(pidfd, select.POLLIN)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from shuttle_protocol.firewall_messages import ANY_OWNER
 
+from .netns import HOME, Netns
 from .prepared import Targets, versions_of
 from .targets import Address
 from .transparent import Flow
@@ -34,6 +35,7 @@ class Session:
     # The mark of its bypass sockets (bypass.py), whose DNS to those nameservers it lets by.
     bypass_mark: int = 0
     pid: int | None = None  # the process that opened it: the session ends when it does
+    netns: Netns = HOME  # where its method calls run: the network namespace of that process
     rules: int = 0
     opened: float = 0.0  # when its rules went in (the clock of Sessions)
     hosts: int = 0  # entries its last SetHosts wrote into the hosts file
@@ -48,6 +50,15 @@ class Session:
     def short_id(self) -> str:
         """The id's first 12 characters: enough to be unique here, short enough for names."""
         return self.id[:12]
+
+    @property
+    def rule_uid(self) -> int:
+        """uid as its rules name it: as the kernel shows it in the session's namespace."""
+        return self.netns.uid(self.uid)
+
+    @property
+    def rule_gid(self) -> int:
+        return self.netns.gid(self.gid)
 
     @property
     def versions(self) -> tuple[int, ...]:

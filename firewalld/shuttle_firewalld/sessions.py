@@ -38,6 +38,7 @@ from .handover import Grants
 from .hosts_file import HostsFile
 from .methods.base import Method
 from .methods.choice import choose
+from .netns import Namespaces
 from .policy import DEFAULT_PATH, Policy
 from .ports import Listener, port_problem, program_problem, sockets_on, udp_sockets
 from .prepared import Prepared, Targets, releasable, versions_of
@@ -114,6 +115,7 @@ class Sessions:
         self._with_hosts: set[str] = set()  # ids of sessions that may have a hosts block
         self._on_change = on_change
         self.exits = exits if exits is not None else Exits()
+        self.namespaces = Namespaces()
 
     def __len__(self) -> int:
         return len(self._open)
@@ -154,8 +156,6 @@ class Sessions:
         dns_versions = {address.version for address in dns}
         # DNS over TCP to an IPv6 nameserver lands on the TCP listener's IPv6 side, too.
         versions = versions_of(subnets) | dns_versions
-        if not self._methods[method].makes_sockets:  # else the request's port means nothing
-            self._check_port(caller, request.port, versions, request.forward, dns_versions)
         self._check_targets(caller, len(subnets) + len(excludes))
         owned = sum(1 for session in self._open.values() if session.caller == caller)
         if owned >= MAX_SESSIONS_PER_UID:
@@ -181,15 +181,21 @@ class Sessions:
             pid=pid,
             bypass_mark=free_mark(self._open.values()),
         )
-        if pid is not None:
-            try:
-                self.exits.watch(session_id, pid, caller)
-            except (ProcessGone, OSError) as exc:  # OSError: out of descriptors, say
-                raise RequestError(f"cannot watch the calling process: {exc}") from None
         try:
-            session.rules = self._methods[method].apply(session)
+            if pid is not None:
+                try:
+                    self.exits.watch(session_id, pid, caller)
+                except (ProcessGone, OSError) as exc:  # OSError: out of descriptors, say
+                    raise RequestError(f"cannot watch the calling process: {exc}") from None
+            session.netns = self.namespaces.of(pid, request.uid, request.gid)
+            if not self._methods[method].makes_sockets:  # else the request's port means nothing
+                session.netns.run(
+                    self._check_port, caller, request.port, versions, request.forward, dns_versions
+                )
+            session.rules = session.netns.run(self._methods[method].apply, session)
         except BaseException:
             self.exits.forget(session_id)
+            self.namespaces.release(session.netns)
             raise
         # The lease starts once the rules are in: applying 10,000 of them takes a while.
         session.opened = self._clock()
@@ -281,7 +287,7 @@ class Sessions:
         )
         self._check_targets(session.caller, len(new_subnets) + len(new_excludes), session)
         try:
-            rules = self._apply_update(session, new_subnets, new_excludes)
+            rules = session.netns.run(self._apply_update, session, new_subnets, new_excludes)
         except BaseException:
             refused = releasable(new_subnets, new_excludes)
             new_subnets = new_excludes = ()
@@ -304,7 +310,7 @@ class Sessions:
             )
         ]
         if uncaptured and self._fence is not None:
-            self._fence.forget_flows(session, uncaptured)
+            session.netns.run(self._fence.forget_flows, session, uncaptured)
         log.info(
             "session %s of uid %d updated: %d subnets, %d excludes, %d %s rules",
             session.short_id,
@@ -356,7 +362,7 @@ class Sessions:
         if self._fence is None:
             raise RequestError("this firewalld makes no reply sockets")
         try:
-            sockets = self._udp_sockets()
+            sockets = session.netns.quick(self._udp_sockets)
         except SockDiagError as exc:  # without the kernel's word, the program is nobody's
             raise RequestError(f"cannot tell whose UDP socket {program_port} is: {exc}") from None
         self._end_flows(session, sockets)
@@ -366,7 +372,9 @@ class Sessions:
         if problem is not None:
             raise RequestError(problem)
         self.grants.room(session)  # before the socket is made, not after
-        return self.grants.issue(session, self._fence.reply_socket(session, flow))
+        return self.grants.issue(
+            session, session.netns.quick(self._fence.reply_socket, session, flow)
+        )
 
     def heartbeat(self, session: Session) -> None:
         """The session's owner is still there: renew the lease, and end the flows whose
@@ -374,7 +382,7 @@ class Sessions:
         self.renew(session)
         if session.flows:
             try:
-                sockets = self._udp_sockets()
+                sockets = session.netns.quick(self._udp_sockets)
             except SockDiagError as exc:  # the next heartbeat looks again
                 log.warning("session %s: cannot check its flows: %s", session.short_id, exc)
                 return
@@ -397,7 +405,7 @@ class Sessions:
             )
         ]
         if ended:
-            self._fence.forget_flows(session, ended)
+            session.netns.quick(self._fence.forget_flows, session, ended)
 
     def set_hosts(self, session: Session, hosts: tuple[tuple[str, str], ...]) -> int:
         """Make the session's hosts block hold these entries, if policy lets its owner;
@@ -450,9 +458,10 @@ class Sessions:
     def _remove(self, session: Session, why: str) -> None:
         """Remove the rules and hosts block of a session forgotten already; never raises."""
         try:
-            self._methods[session.method].remove(session)
+            session.netns.run(self._methods[session.method].remove, session)
         except Exception:  # a method must not raise here; if it does, the others still go
             log.exception("removing session %s failed", session.short_id)
+        self.namespaces.release(session.netns)
         if session.id in self._with_hosts:
             self._with_hosts.discard(session.id)
             try:

@@ -14,6 +14,7 @@ from shuttle_client.argfiles import (
     ENVIRONMENT,
     MAX_DEPTH,
     SPECS,
+    named_namespace,
     parse_command_line,
     split_line,
 )
@@ -105,6 +106,18 @@ def test_later_wins_between_file_and_command_line(tmp_path: Path) -> None:
         NET,
         ("10.1.0.0/16", 1, 65535),
     )
+
+
+def test_the_namespace_is_read_before_the_rest_and_checked(tmp_path: Path) -> None:
+    # Before any host name of the SUBNETs is resolved: this one resolves nowhere.
+    conf = write(tmp_path / "c", "-r gw", "--namespace=vpn", "no-such-host.invalid")
+    assert named_namespace([f"@{conf}"], {}) == "vpn"
+    assert named_namespace([f"@{conf}", "--namespace", "other"], {}) == "other"
+    assert named_namespace(["-r", "gw", "10.0.0.0/8"], {ENVIRONMENT: "--namespace=env"}) == "env"
+    assert named_namespace(["-r", "gw", "10.0.0.0/8"], {}) is None
+    for bad in ("", ".", "..", "a/b", "x" * 256):
+        with pytest.raises(UsageError, match=r"^invalid --namespace "):
+            named_namespace(["-r", "gw", "--namespace", bad, "10.0.0.0/8"], {})
 
 
 def test_nested_files_relative_to_the_including_file(tmp_path: Path) -> None:

@@ -1,6 +1,8 @@
 """The command line: what is accepted, what is refused and how it is said."""
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -94,6 +96,23 @@ def test_owner_options() -> None:
         parse_args(["-r", "h", "--group", "no-such-group-here", "0/0"])
     with pytest.raises(UsageError, match="exclude each other"):
         parse_args(["-r", "h", "--all-users", "--user", "root", "0/0"])
+
+
+def test_the_default_owner_is_ourselves_as_firewalld_sees_us() -> None:
+    assert parse_args(["-r", "h", "0/0"]).uid == os.getuid()
+    if os.geteuid() != 0:
+        pytest.skip("needs root for setpriv")
+    # In a user namespace of ours (unshare -r), 0 in there, the uid outside is ours.
+    code = "from shuttle_client.cli import parse_args; print(parse_args(['-r', 'h', '0/0']).uid)"
+    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    done = subprocess.run(
+        [*nobody, "unshare", "--map-root-user", sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert (done.returncode, done.stdout, done.stderr) == (0, "65534\n", "")
 
 
 @pytest.mark.parametrize(

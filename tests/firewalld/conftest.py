@@ -8,6 +8,7 @@ not; every wait is bounded.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -19,6 +20,7 @@ from pathlib import Path
 import pytest
 from shuttle_firewalld.policy import Policy
 from shuttle_firewalld.sessions import Sessions
+from shuttle_local.netns import NETNS_DIR, enter
 
 from .daemon import LEASE, Daemon, Listener
 from .fakes import (
@@ -97,16 +99,37 @@ def tproxy_sessions(
 
 @pytest.fixture
 def netns() -> Iterator[str]:
-    """A fresh network namespace with loopback up, deleted afterwards."""
+    """A fresh network namespace with loopback up, deleted afterwards. The test's own thread
+    is in it meanwhile (and what it starts, or the threads it makes), as a real client is in
+    firewalld's: firewalld puts a caller's rules in the caller's network namespace."""
     if os.geteuid() != 0:
         pytest.skip("needs root")
     name = f"shuttle-fwt-{secrets.token_hex(4)}"
     subprocess.run(["ip", "netns", "add", name], check=True, timeout=10)
     try:
         subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True, timeout=10)
-        yield name
+        with inside(f"{NETNS_DIR}/{name}"):
+            yield name
     finally:
         subprocess.run(["ip", "netns", "del", name], check=False, timeout=10)
+
+
+@contextlib.contextmanager
+def inside(path: str) -> Iterator[None]:
+    """The calling thread in the network namespace at path for the block, then back."""
+    back = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        there = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            enter(there)
+        finally:
+            os.close(there)
+        try:
+            yield
+        finally:
+            enter(back)
+    finally:
+        os.close(back)
 
 
 @pytest.fixture

@@ -10,7 +10,9 @@ the target through the tunnel (the page, or an echo).
 from __future__ import annotations
 
 import re
-from typing import Any, Dict, Optional, Set
+from typing import Any, Dict, List, Optional, Set
+
+from shuttle_firewalld.methods.tproxy import MARK_BASE
 
 from testbed import (
     ECHO_PORT,
@@ -29,6 +31,7 @@ from testbed import (
     ready_method,
 )
 from testbed.config import url_host
+from testbed.netns import Namespace
 from testbed.procs import Proc
 
 DATAGRAMS = 20  # tcptool's default: sizes 32 to 1400 bytes, and one of 8000
@@ -138,3 +141,15 @@ def start_tproxy(shuttle: Shuttle, **kwargs: Any) -> Proc:
     client = shuttle.start_client(method=TPROXY, **kwargs)
     assert ready_method(client) == TPROXY, ready_line(client)
     return client
+
+
+def rules_in(ns: Namespace) -> List[str]:
+    """shuttle's nft tables, iptables chains and fwmark rules (tproxy's) in ns."""
+    tables = ns.run(["nft", "list", "tables"], check=True).stdout
+    chains = ns.run(["iptables-save"], check=True).stdout
+    marks = ns.run(["ip", "rule", "show"], check=True).stdout
+    return [
+        line
+        for line in (tables + chains + marks).splitlines()
+        if "shuttle" in line.lower() or f"fwmark {MARK_BASE >> 16:#x}" in line
+    ]

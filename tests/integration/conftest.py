@@ -20,6 +20,7 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # `pytest` run without `python -m` does not put the repo first
     sys.path.insert(0, str(REPO))
 
+
 from testbed import (  # noqa: E402
     METHODS,
     LocalUser,
@@ -30,6 +31,7 @@ from testbed import (  # noqa: E402
     ensure_second_user,
     ensure_user,
 )
+from testbed.netns import Namespace  # noqa: E402
 from testbed.procs import wait_until  # noqa: E402
 
 TOOLS = (
@@ -172,3 +174,27 @@ def shuttle(
         problems.append("shuttle rules or routing left after shuttle-firewalld stopped:")
         problems += left_by_firewalld
     assert not problems, "\n".join(problems) + "\n" + runner.outputs()
+
+
+S_ADDR_N = "198.18.4.1"  # S, towards N
+N_ADDR = "198.18.4.2"
+
+
+@pytest.fixture
+def side_ns(topo: Topology) -> Iterator[Namespace]:
+    """A namespace N beside C, linked to S (not to C), with a route to sshd's address, for
+    clients in another namespace than firewalld's; deleted afterwards."""
+    ns = Namespace(topo.prefix + "n")
+    ns.create()
+    try:
+        topo.s.ip("link", "add", "to-n", "type", "veth", "peer", "name", "to-s", "netns", ns.name)
+        topo.s.ip("addr", "add", f"{S_ADDR_N}/24", "dev", "to-n")
+        topo.s.ip("link", "set", "to-n", "up")
+        ns.ip("addr", "add", f"{N_ADDR}/24", "dev", "to-s")
+        ns.ip("link", "set", "to-s", "up")
+        ns.ip("route", "add", "default", "via", S_ADDR_N)
+        yield ns
+    finally:
+        ns.kill_all()
+        if os.path.exists(f"/run/netns/{ns.name}"):
+            ns.delete()

@@ -1,7 +1,7 @@
 """make install and make uninstall, run for real into a throwaway root (DESTDIR) with an
 /etc of its own, and make dist, whose wheels that install puts in a fresh venv with one
-`pip install dist/*.whl`. One install per test run, shared by the parallel workers; the
-uninstall tests work on copies of it."""
+`pip install dist/*.whl`, and pipx the client's. One install per test run, shared by the
+parallel workers; the uninstall tests work on copies of it."""
 
 from __future__ import annotations
 
@@ -185,6 +185,40 @@ def test_dist_has_a_wheel_and_an_sdist_of_each_distribution(staged: Staged) -> N
     done = staged.run("-m", "pip", "list", "--format=json", "--exclude-editable")
     installed = {item["name"]: item["version"] for item in json.loads(done.stdout)}
     assert {name: installed.get(name) for name in names} == dict.fromkeys(names, "0.1.0")
+
+
+def test_pipx_installs_the_client_from_the_wheels(staged: Staged, tmp_path: Path) -> None:
+    # As the README says, into a throwaway pipx home; the third-party wheels come from where
+    # make install's pip found them (this machine's pip configuration).
+    [wheel] = staged.dist.glob("shuttle_client-*.whl")
+    home, bin_dir = tmp_path / "pipx", tmp_path / "bin"
+    env = {**os.environ, "PIPX_HOME": str(home), "PIPX_BIN_DIR": str(bin_dir)}
+    env["PIPX_MAN_DIR"] = str(tmp_path / "man")
+    done = subprocess.run(
+        ["pipx", "install", f"--pip-args=--find-links {staged.dist}", str(wheel)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+        env=env,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    program = bin_dir / "shuttle-client"
+    assert program.resolve().is_relative_to(home)
+    shown = subprocess.run(
+        [str(program), "-V"], capture_output=True, text=True, timeout=60, check=False, env=env
+    )
+    assert (shown.returncode, shown.stdout, shown.stderr) == (0, "shuttle-client 0.1.0\n", "")
+    # Its own venv's copy from the wheel, not the clone's editable one.
+    [python] = home.glob("venvs/shuttle-client/bin/python")
+    where = subprocess.run(
+        [str(python), "-c", "import shuttle_client; print(shuttle_client.__file__)"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert Path(where.stdout.strip()).is_relative_to(home), where.stdout + where.stderr
 
 
 @pytest.mark.parametrize("program", ["shuttle-client", "shuttle-firewalld"])

@@ -77,9 +77,9 @@ def jump_rules(session: Session, version: int) -> list[str]:
     forward everything in PREROUTING (forwarded packets have no socket, no owner)."""
     owner = ""
     if session.uid != ANY_OWNER:
-        owner += f" --uid-owner {session.uid}"
+        owner += f" --uid-owner {session.rule_uid}"
     if session.gid != ANY_OWNER:
-        owner += f" --gid-owner {session.gid}"
+        owner += f" --gid-owner {session.rule_gid}"
     owner = f" -m owner{owner}" if owner else ""
     protocols = ["-p tcp"]
     if any(address.version == version for address in session.dns):

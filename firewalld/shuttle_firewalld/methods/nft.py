@@ -161,9 +161,9 @@ def owner_match(session: Session) -> str:
     without a socket, which is why the prerouting chain (forwarded packets) has none."""
     match = ""
     if session.uid != ANY_OWNER:
-        match += f"meta skuid {session.uid} "
+        match += f"meta skuid {session.rule_uid} "
     if session.gid != ANY_OWNER:
-        match += f"meta skgid {session.gid} "
+        match += f"meta skgid {session.rule_gid} "
     return match
 
 
