@@ -1,13 +1,15 @@
 """The rootless proxies in the test network: a client with --socks and --http-proxy and no
 SUBNET, as a plain user with no firewalld running at all, used by real clients (curl,
-git over http_proxy, a UDP ASSOCIATE exchange) and refused to another user; and one client
-that captures a subnet and serves both proxies through the same tunnel."""
+git over http_proxy, a UDP ASSOCIATE exchange) and refused to another user; how a refused
+target is answered on ssh's fast path and, from a server that forbids forwarding, on the
+agent's; and one client that captures a subnet and serves both proxies through the same
+tunnel, its proxied connections listed as ssh's."""
 
 from __future__ import annotations
 
 import re
 import subprocess
-from typing import List, Sequence
+from typing import List, Sequence, Tuple
 
 import pytest
 
@@ -18,6 +20,7 @@ from testbed import (
     SYSTEM_PYTHON,
     T_ADDR,
     UDP_ECHO_PORT,
+    Proc,
     Shuttle,
     Topology,
     ready_line,
@@ -199,16 +202,38 @@ def git_repo(topo: Topology) -> str:
     return f"http://{T_ADDR}:{HTTP_PORT}/repo.git"
 
 
-def test_proxies_alone_as_a_plain_user_without_firewalld(
-    topo: Topology, user_venv: UserVenv, second_user: LocalUser
-) -> None:
-    shuttle = Shuttle(topo, user_venv)  # firewalld is never started
+def proxies_alone(topo: Topology, user_venv: UserVenv, path: str) -> Tuple[Shuttle, Proc]:
+    """A client with both proxies and no SUBNET (firewalld is never started), whose ready
+    line says TCP goes through path (ssh or agent)."""
+    shuttle = Shuttle(topo, user_venv)
     client = shuttle.start_client(
         subnets=(), extra=[f"--socks={SOCKS}", f"--http-proxy={HTTP_PROXY}"]
     )
+    assert f"TCP through {path}" in ready_line(client), shuttle.outputs()
+    return shuttle, client
+
+
+def probe(topo: Topology, kind: str, host: str, port: int) -> List[str]:
+    """PROBE's CONNECT through the socks or http proxy: the answer, then what came next."""
+    proxy = SOCKS if kind == "socks" else HTTP_PROXY
+    argv = [SYSTEM_PYTHON, "-c", PROBE, kind, str(proxy), host, str(port), "read"]
+    return run(topo, argv).split()
+
+
+def hold(topo: Topology, kind: str, host: str) -> None:
+    """PROBE's CONNECT to host's echo port, held open until the test ends."""
+    proxy = SOCKS if kind == "socks" else HTTP_PROXY
+    argv = [SYSTEM_PYTHON, "-c", PROBE, kind, str(proxy), host, str(ECHO_PORT), "hold"]
+    holder = topo.start(f"{kind}-holder", topo.user_argv(argv, topo.user_env([])))
+    assert holder.wait_for_line("connected True", TIMEOUT), holder.output()
+
+
+def test_proxies_alone_as_a_plain_user_without_firewalld(
+    topo: Topology, user_venv: UserVenv, second_user: LocalUser
+) -> None:
+    shuttle, client = proxies_alone(topo, user_venv, "ssh")
     line = ready_line(client)
     assert f"socks5 on 127.0.0.1:{SOCKS}" in line and "no capture" in line, line
-    assert "TCP through ssh" in line, shuttle.outputs()
     socks = f"127.0.0.1:{SOCKS}"
     page = run(topo, curl("--socks5-hostname", socks, f"http://{NAME}:{HTTP_PORT}/"))
     assert topo.marker in page
@@ -237,29 +262,10 @@ def test_proxies_alone_as_a_plain_user_without_firewalld(
     assert "Traceback" not in client.output(), shuttle.outputs()
 
 
-def probe(topo: Topology, kind: str, host: str, port: int) -> List[str]:
-    """PROBE's CONNECT through the socks or http proxy: the answer, then what came next."""
-    proxy = SOCKS if kind == "socks" else HTTP_PROXY
-    argv = [SYSTEM_PYTHON, "-c", PROBE, kind, str(proxy), host, str(port), "read"]
-    return run(topo, argv).split()
-
-
-def hold(topo: Topology, kind: str, host: str) -> None:
-    """PROBE's CONNECT to host's echo port, held open until the test ends."""
-    proxy = SOCKS if kind == "socks" else HTTP_PROXY
-    argv = [SYSTEM_PYTHON, "-c", PROBE, kind, str(proxy), host, str(ECHO_PORT), "hold"]
-    holder = topo.start(f"{kind}-holder", topo.user_argv(argv, topo.user_env([])))
-    assert holder.wait_for_line("connected True", TIMEOUT), holder.output()
-
-
 def test_refused_targets_are_reset_after_success_over_ssh_and_others_cannot_join_a_udp_flow(
     topo: Topology, user_venv: UserVenv, second_user: LocalUser
 ) -> None:
-    shuttle = Shuttle(topo, user_venv)
-    client = shuttle.start_client(
-        subnets=(), extra=[f"--socks={SOCKS}", f"--http-proxy={HTTP_PROXY}"]
-    )
-    assert "TCP through ssh" in ready_line(client), shuttle.outputs()
+    shuttle, client = proxies_alone(topo, user_venv, "ssh")
     # Nothing listens on T's CLOSED_PORT. ssh's fast path answers "succeeded" before the
     # hand-over (as ssh -D does); ssh's open fails, the agent's too, and the program sees a
     # reset after REP 0 / 200.
@@ -290,11 +296,7 @@ def test_without_the_fast_path_a_refused_target_gets_its_error(
     topo: Topology, user_venv: UserVenv
 ) -> None:
     topo.start_sshd(tcp_forwarding=False)
-    shuttle = Shuttle(topo, user_venv)
-    client = shuttle.start_client(
-        subnets=(), extra=[f"--socks={SOCKS}", f"--http-proxy={HTTP_PROXY}"]
-    )
-    assert "TCP through agent" in ready_line(client), shuttle.outputs()
+    shuttle, client = proxies_alone(topo, user_venv, "agent")
     # The answer waits for the agent's connect: RFC 1928's "connection refused", then a
     # close; HTTP's 502, with a body that says why; "host unreachable" for a name S cannot
     # resolve.
