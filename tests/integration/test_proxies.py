@@ -26,6 +26,7 @@ from testbed import (
     ready_line,
 )
 from testbed.config import T_ADDR6
+from testbed.procs import wait_until
 from testbed.user import LocalUser
 from testbed.venv import UserVenv
 
@@ -202,12 +203,14 @@ def git_repo(topo: Topology) -> str:
     return f"http://{T_ADDR}:{HTTP_PORT}/repo.git"
 
 
-def proxies_alone(topo: Topology, user_venv: UserVenv, path: str) -> Tuple[Shuttle, Proc]:
+def proxies_alone(
+    topo: Topology, user_venv: UserVenv, path: str, *extra: str
+) -> Tuple[Shuttle, Proc]:
     """A client with both proxies and no SUBNET (firewalld is never started), whose ready
-    line says TCP goes through path (ssh or agent)."""
+    line says TCP goes through path (ssh or agent); extra: more of its options."""
     shuttle = Shuttle(topo, user_venv)
     client = shuttle.start_client(
-        subnets=(), extra=[f"--socks={SOCKS}", f"--http-proxy={HTTP_PROXY}"]
+        subnets=(), extra=[f"--socks={SOCKS}", f"--http-proxy={HTTP_PROXY}", *extra]
     )
     assert f"TCP through {path}" in ready_line(client), shuttle.outputs()
     return shuttle, client
@@ -265,12 +268,22 @@ def test_proxies_alone_as_a_plain_user_without_firewalld(
 def test_refused_targets_are_reset_after_success_over_ssh_and_others_cannot_join_a_udp_flow(
     topo: Topology, user_venv: UserVenv, second_user: LocalUser
 ) -> None:
-    shuttle, client = proxies_alone(topo, user_venv, "ssh")
+    shuttle, client = proxies_alone(topo, user_venv, "ssh", "--tcp-cap=1")
     # Nothing listens on T's CLOSED_PORT. ssh's fast path answers "succeeded" before the
     # hand-over (as ssh -D does); ssh's open fails, the agent's too, and the program sees a
     # reset after REP 0 / 200.
     assert probe(topo, "socks", T_ADDR, CLOSED_PORT) == ["answer", "0", "reset"]
     assert probe(topo, "http", T_ADDR, CLOSED_PORT) == ["answer", "200", "reset"]
+    # With the master at its cap (one held connection), the agent's path answers instead,
+    # with the outcome's code.
+    hold(topo, "socks", T_ADDR)
+
+    def carried() -> bool:
+        listed = ctl_json(shuttle, "connections")["connections"]
+        return any(c["proto"] == "tcp-ssh" for c in listed)
+
+    assert wait_until(carried, TIMEOUT), shuttle.outputs()
+    assert probe(topo, "socks", T_ADDR, CLOSED_PORT) == ["answer", "5", "eof"]
     # An association of the first user; the second one sends into it first, from the same
     # address (loopback), and gets nothing back; the first user's own echo still works.
     go = topo.home().dir / "go"
