@@ -269,11 +269,12 @@ class Streams:
         rotated = masters[start:] + masters[:start]
         return min(rotated, key=lambda master: len(master.forwards) + master.handing)
 
-    def take(self, conn: socket.socket, destination: Destination) -> bool:
+    def take(self, conn: socket.socket, destination: Destination, answer: bytes = b"") -> bool:
         """Hand a just-accepted connection to a master with room (the fast path); False
         leaves it to the agent's path: no master up (it waits there, as before), all full,
         or a connection that path turns away (NotCaptured: not redirected, to this host's
-        own address, or outside what the session captures)."""
+        own address, or outside what the session captures). answer: sent to the program
+        first, before the hand-over (a proxy's "succeeded")."""
         master = None if self._stopping else self._pick_master()
         if master is None:
             return False
@@ -289,6 +290,7 @@ class Streams:
                 conn,
                 (host, port, source),
                 lambda: relay_for(self, destination, wait),
+                answer,
             )
         )
         return True
@@ -299,16 +301,25 @@ class Streams:
         conn: socket.socket,
         where: Tuple[str, int, str],
         agent_path: Callable[[], asyncio.Protocol],
+        answer: bytes = b"",
     ) -> None:
-        """Through master, or else (a failed open) on the agent's path."""
+        """Through master, or else (a failed open) on the agent's path; answer first."""
         host, port, source = where
+        loop = asyncio.get_running_loop()
         try:
+            if answer:
+                try:
+                    await loop.sock_sendall(conn, answer)
+                except OSError as exc:  # the program left before its answer
+                    log.debug("%s: not answered: %s", source, exc.strerror or exc)
+                    reset(conn)
+                    return
             why = await master.open(conn, host, port, source)
             if why is None:
                 return
             # The agent's answer decides: a refused connect is reset there, as always.
             log.debug("ssh did not open %s (%s): through the agent", endpoint((host, port)), why)
-            await asyncio.get_running_loop().connect_accepted_socket(agent_path, sock=conn)
+            await loop.connect_accepted_socket(agent_path, sock=conn)
         except BaseException:
             reset(conn)
             raise

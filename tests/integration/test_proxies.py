@@ -1,13 +1,15 @@
 """The rootless proxies in the test network: a client with --socks and --http-proxy and no
 SUBNET, as a plain user with no firewalld running at all, used by real clients (curl,
-git over http_proxy, a UDP ASSOCIATE exchange) and refused to another user; and one client
-that captures a subnet and serves both proxies through the same tunnel."""
+git over http_proxy, a UDP ASSOCIATE exchange) and refused to another user; how a refused
+target is answered on ssh's fast path and, from a server that forbids forwarding, on the
+agent's; and one client that captures a subnet and serves both proxies through the same
+tunnel, its proxied connections listed as ssh's."""
 
 from __future__ import annotations
 
 import re
 import subprocess
-from typing import List, Sequence
+from typing import List, Sequence, Tuple
 
 import pytest
 
@@ -18,11 +20,13 @@ from testbed import (
     SYSTEM_PYTHON,
     T_ADDR,
     UDP_ECHO_PORT,
+    Proc,
     Shuttle,
     Topology,
     ready_line,
 )
 from testbed.config import T_ADDR6
+from testbed.procs import wait_until
 from testbed.user import LocalUser
 from testbed.venv import UserVenv
 
@@ -88,15 +92,42 @@ if sys.argv[2] == "hold":
 """
 
 
-# A SOCKS5 CONNECT to host:port (the standard library only); prints the reply's code.
-REFUSED = r"""
-import socket, sys
-conn = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=10)
-conn.sendall(b"\x05\x01\x00")
-assert conn.recv(2) == b"\x05\x00"
-target = socket.inet_aton(sys.argv[2]) + int(sys.argv[3]).to_bytes(2, "big")
-conn.sendall(b"\x05\x01\x00\x01" + target)
-print("reply", conn.recv(4)[1], flush=True)
+# A CONNECT through a proxy (the standard library only): argv kind (socks or http), proxy
+# port, host, port, then "hold" or "read". Prints the answer's code (SOCKS5's REP, HTTP's
+# status); then with "hold", an echo of "hello" and "connected True", kept open (a minute at
+# most: the test stops it sooner) for ctl to list; with "read", what came next: "data",
+# "eof" or "reset".
+PROBE = r"""
+import socket, sys, time
+kind, port, host, number, then = sys.argv[1:]
+conn = socket.create_connection(("127.0.0.1", int(port)), timeout=10)
+if kind == "socks":
+    conn.sendall(b"\x05\x01\x00")
+    assert conn.recv(2) == b"\x05\x00"
+    try:
+        address = b"\x01" + socket.inet_aton(host)
+    except OSError:
+        address = b"\x03" + bytes([len(host)]) + host.encode()
+    conn.sendall(b"\x05\x01\x00" + address + int(number).to_bytes(2, "big"))
+    print("answer", conn.recv(10)[1], flush=True)  # bound to 0.0.0.0:0: 10 bytes
+else:
+    conn.sendall(f"CONNECT {host}:{number} HTTP/1.1\r\nHost: {host}:{number}\r\n\r\n".encode())
+    head = b""
+    while not head.endswith(b"\r\n\r\n") and len(head) < 4096:
+        byte = conn.recv(1)
+        if not byte:
+            break
+        head += byte
+    print("answer", head.split(b" ")[1].decode(), flush=True)
+if then == "hold":
+    conn.sendall(b"hello")
+    print("connected", conn.recv(5) == b"hello", flush=True)
+    time.sleep(60)
+else:
+    try:
+        print("data" if conn.recv(65536) else "eof", flush=True)
+    except ConnectionResetError:
+        print("reset", flush=True)
 """
 # The first user's association: UDP ASSOCIATE, its relay's port printed, then (once the
 # file argv[2] exists, within 30 s) one echo through it from its own socket.
@@ -172,16 +203,40 @@ def git_repo(topo: Topology) -> str:
     return f"http://{T_ADDR}:{HTTP_PORT}/repo.git"
 
 
+def proxies_alone(
+    topo: Topology, user_venv: UserVenv, path: str, *extra: str
+) -> Tuple[Shuttle, Proc]:
+    """A client with both proxies and no SUBNET (firewalld is never started), whose ready
+    line says TCP goes through path (ssh or agent); extra: more of its options."""
+    shuttle = Shuttle(topo, user_venv)
+    client = shuttle.start_client(
+        subnets=(), extra=[f"--socks={SOCKS}", f"--http-proxy={HTTP_PROXY}", *extra]
+    )
+    assert f"TCP through {path}" in ready_line(client), shuttle.outputs()
+    return shuttle, client
+
+
+def probe(topo: Topology, kind: str, host: str, port: int) -> List[str]:
+    """PROBE's CONNECT through the socks or http proxy: the answer, then what came next."""
+    proxy = SOCKS if kind == "socks" else HTTP_PROXY
+    argv = [SYSTEM_PYTHON, "-c", PROBE, kind, str(proxy), host, str(port), "read"]
+    return run(topo, argv).split()
+
+
+def hold(topo: Topology, kind: str, host: str) -> None:
+    """PROBE's CONNECT to host's echo port, held open until the test ends."""
+    proxy = SOCKS if kind == "socks" else HTTP_PROXY
+    argv = [SYSTEM_PYTHON, "-c", PROBE, kind, str(proxy), host, str(ECHO_PORT), "hold"]
+    holder = topo.start(f"{kind}-holder", topo.user_argv(argv, topo.user_env([])))
+    assert holder.wait_for_line("connected True", TIMEOUT), holder.output()
+
+
 def test_proxies_alone_as_a_plain_user_without_firewalld(
     topo: Topology, user_venv: UserVenv, second_user: LocalUser
 ) -> None:
-    shuttle = Shuttle(topo, user_venv)  # firewalld is never started
-    client = shuttle.start_client(
-        subnets=(), extra=[f"--socks={SOCKS}", f"--http-proxy={HTTP_PROXY}"]
-    )
+    shuttle, client = proxies_alone(topo, user_venv, "ssh")
     line = ready_line(client)
     assert f"socks5 on 127.0.0.1:{SOCKS}" in line and "no capture" in line, line
-    assert "TCP through ssh" in line, shuttle.outputs()
     socks = f"127.0.0.1:{SOCKS}"
     page = run(topo, curl("--socks5-hostname", socks, f"http://{NAME}:{HTTP_PORT}/"))
     assert topo.marker in page
@@ -210,26 +265,25 @@ def test_proxies_alone_as_a_plain_user_without_firewalld(
     assert "Traceback" not in client.output(), shuttle.outputs()
 
 
-def test_refused_targets_get_their_error_and_others_cannot_use_an_association(
+def test_refused_targets_are_reset_after_success_over_ssh_and_others_cannot_join_a_udp_flow(
     topo: Topology, user_venv: UserVenv, second_user: LocalUser
 ) -> None:
-    shuttle = Shuttle(topo, user_venv)
-    client = shuttle.start_client(
-        subnets=(), extra=[f"--socks={SOCKS}", f"--http-proxy={HTTP_PROXY}"]
-    )
-    # Nothing listens on T's CLOSED_PORT: RFC 1928's "connection refused", HTTP's 502.
-    out = run(topo, [SYSTEM_PYTHON, "-c", REFUSED, str(SOCKS), T_ADDR, str(CLOSED_PORT)])
-    assert out.split() == ["reply", "5"], out
-    status = topo.run_as_user(
-        [
-            *curl("-p", "-x", f"http://127.0.0.1:{HTTP_PROXY}", "-o", "/dev/null"),
-            "-w",
-            "%{http_connect}",
-            f"http://{T_ADDR}:{CLOSED_PORT}/",
-        ],
-        timeout=60,
-    )
-    assert status.stdout.strip() == "502", status
+    shuttle, client = proxies_alone(topo, user_venv, "ssh", "--tcp-cap=1")
+    # Nothing listens on T's CLOSED_PORT. ssh's fast path answers "succeeded" before the
+    # hand-over (as ssh -D does); ssh's open fails, the agent's too, and the program sees a
+    # reset after REP 0 / 200.
+    assert probe(topo, "socks", T_ADDR, CLOSED_PORT) == ["answer", "0", "reset"]
+    assert probe(topo, "http", T_ADDR, CLOSED_PORT) == ["answer", "200", "reset"]
+    # With the master at its cap (one held connection), the agent's path answers instead,
+    # with the outcome's code.
+    hold(topo, "socks", T_ADDR)
+
+    def carried() -> bool:
+        listed = ctl_json(shuttle, "connections")["connections"]
+        return any(c["proto"] == "tcp-ssh" for c in listed)
+
+    assert wait_until(carried, TIMEOUT), shuttle.outputs()
+    assert probe(topo, "socks", T_ADDR, CLOSED_PORT) == ["answer", "5", "eof"]
     # An association of the first user; the second one sends into it first, from the same
     # address (loopback), and gets nothing back; the first user's own echo still works.
     go = topo.home().dir / "go"
@@ -251,6 +305,23 @@ def test_refused_targets_get_their_error_and_others_cannot_use_an_association(
     assert "Traceback" not in client.output(), shuttle.outputs()
 
 
+def test_without_the_fast_path_a_refused_target_gets_its_error(
+    topo: Topology, user_venv: UserVenv
+) -> None:
+    topo.start_sshd(tcp_forwarding=False)
+    shuttle, client = proxies_alone(topo, user_venv, "agent")
+    # The answer waits for the agent's connect: RFC 1928's "connection refused", then a
+    # close; HTTP's 502, with a body that says why; "host unreachable" for a name S cannot
+    # resolve.
+    assert probe(topo, "socks", T_ADDR, CLOSED_PORT) == ["answer", "5", "eof"]
+    assert probe(topo, "http", T_ADDR, CLOSED_PORT) == ["answer", "502", "data"]
+    assert probe(topo, "socks", "nowhere.shuttle.test", ECHO_PORT) == ["answer", "4", "eof"]
+    hold(topo, "socks", T_ADDR)
+    listed = ctl_json(shuttle, "connections")["connections"]
+    assert ("tcp", T_ADDR, ECHO_PORT) in {(c["proto"], c["host"], c["port"]) for c in listed}
+    assert "Traceback" not in client.output(), shuttle.outputs()
+
+
 def test_one_client_captures_and_serves_both_proxies(shuttle: Shuttle) -> None:
     client = shuttle.start_client(extra=[f"--socks={SOCKS}", f"--http-proxy={HTTP_PROXY}"])
     assert "TCP through ssh" in ready_line(client), shuttle.outputs()
@@ -267,8 +338,10 @@ def test_one_client_captures_and_serves_both_proxies(shuttle: Shuttle) -> None:
         ),
     )
     assert holder.wait_for_line("connected True", TIMEOUT), holder.output()
+    hold(topo, "http", NAME)
     listed = ctl_json(shuttle, "connections")["connections"]
     by_proto = {(c["proto"], c["host"], c["port"]) for c in listed}
-    # SOCKS on the agent's path: it answers the client once the agent's connect is known.
-    assert ("tcp", T_ADDR, ECHO_PORT) in by_proto, listed
+    # ssh's fast path, as a captured connection takes: a name too (sshd resolves it).
+    assert ("tcp-ssh", T_ADDR, ECHO_PORT) in by_proto, listed
+    assert ("tcp-ssh", NAME, ECHO_PORT) in by_proto, listed
     assert ("udp", T_ADDR, UDP_ECHO_PORT) in by_proto, listed  # its association's flow

@@ -41,8 +41,9 @@ READ_SIZE = 16 * 1024
 MAX_HANDSHAKES = 1024  # negotiating at once; more are reset (each holds a descriptor)
 
 Address = Tuple[str, int]
-# What a proxy's client is told once the agent's connect is known: bytes for success, and
-# bytes for a failure's errno (0: a name that did not resolve).
+# What a proxy's client is told: bytes for success (before the hand-over on ssh's fast path,
+# at the agent's Opened on its path), and bytes for a failure's errno on the agent's path
+# (0: a name that did not resolve).
 Answer = Tuple[bytes, Callable[[int], bytes]]
 # The target of a negotiated connection, what to send it first, and the answer to give;
 # None when the handler has dealt with the connection itself (an error answered, or a UDP
@@ -197,15 +198,28 @@ class ProxyServer:
         self.relay(conn, negotiated)
 
     def relay(self, conn: socket.socket, negotiated: Tuple[str, int, bytes, Answer]) -> None:
-        """Relay conn to the negotiated host and port on the agent's path, the bytes read
-        past the request first, answering its client with the outcome. Not ssh's fast
-        path: the master's answer comes after ssh may have written the target's first bytes
-        to the socket, ahead of any reply of ours."""
+        """Relay conn to the negotiated host and port on the paths captured connections
+        take. Where a master has room, its client is told "succeeded" (SOCKS5 REP 0, HTTP
+        200) at once and ssh carries the connection: the master's answer comes after ssh
+        may have written the target's first bytes (a server-first banner) to the socket, so
+        no reply of ours can wait for it. A failed open goes on to the agent, as a captured
+        connection's does, and a refusal there is a reset. ssh -D answers the same way:
+        OpenSSH's channels.c, channel_decode_socks5, queues SSH_SOCKS5_SUCCESS in the
+        channel's output, and only then does channel_pre_dynamic send the direct-tcpip open
+        (port_open_helper); a failed open closes the socket. Elsewhere (no master up or none
+        with room, --tcp=agent, a server that does not forward) the agent's path answers
+        with the outcome: succeeded at its Opened, else the failure's own code. The bytes
+        read past the request (an HTTP request's rewritten head, or what a client sent
+        without waiting for its answer) go by the agent's path too: ssh reads the socket
+        itself."""
 
         host, port, early, answer = negotiated
 
         def destination(_: socket.socket) -> Address:
             return host, port
+
+        if not early and self.streams.take(conn, destination, answer[0]):
+            return
 
         def answering(link: Link, found: Destination, tunnels: Tunnels) -> Incoming:
             return Answering(link, found, tunnels, answer)
@@ -227,7 +241,7 @@ def socks_handler(
     credentials: Optional[Credentials],
     udp: Callable[[socket.socket, socks5.Socks5Server, socks5.Request], Awaitable[None]],
 ) -> Handler:
-    """Negotiate SOCKS5; a CONNECT is answered once the agent's connect is known."""
+    """Negotiate SOCKS5; a CONNECT is answered as ProxyServer.relay says."""
 
     async def negotiate(conn: socket.socket) -> Negotiated:
         loop = asyncio.get_running_loop()
@@ -265,9 +279,10 @@ def http_failure(code: int) -> bytes:
 
 
 async def http_negotiate(conn: socket.socket) -> Negotiated:
-    """Read one request head: CONNECT is answered 200 once the target is connected, 502
-    (504: a time-out) if it is not; an absolute-URI request is sent on to its target as an
-    origin-form one. A bad request gets its 4xx/5xx, then a close."""
+    """Read one request head: CONNECT is answered as ProxyServer.relay says (on the agent's
+    path 200 once the target is connected, 502, 504 for a time-out, if it is not); an
+    absolute-URI request is sent on to its target as an origin-form one. A bad request gets
+    its 4xx/5xx, then a close."""
     loop = asyncio.get_running_loop()
     parser = http_connect.HttpProxyServer()
     while True:
