@@ -12,6 +12,7 @@ import stat
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -512,22 +513,22 @@ def raw_set_hosts(session: Any, hosts: Any, request_id: int = 5) -> bytes:
     return data
 
 
-def root_session(daemon: Daemon, listen: Callable[..., Listener]) -> Any:
-    """A nat session of root's, listening on 12300; its client."""
+@contextmanager
+def root_session(
+    daemon: Daemon, listen: Callable[..., Listener], hosts: list[tuple[str, str]] | None = None
+) -> Iterator[Any]:
+    """A nat session of root's, listening on 12300, whose block was set to hosts (if given);
+    its client, which closes the session afterwards."""
     listen(12300)
     client, _ = open_session(daemon, "nat", 12300, ["10.0.0.0/8"], [])
     assert client.session is not None
-    return client
-
-
-def root_session_with_hosts(
-    daemon: Daemon, listen: Callable[..., Listener], hosts: list[tuple[str, str]]
-) -> Any:
-    """A nat session of root's (listening on 12300) whose block was set to hosts; its client."""
-    client = root_session(daemon, listen)
-    answer = ask(daemon.socket_path, raw_set_hosts(client.session, hosts))[1]
-    assert answer == SetHostsAnswer(len(hosts))
-    return client
+    try:
+        if hosts is not None:
+            answer = ask(daemon.socket_path, raw_set_hosts(client.session, hosts))[1]
+            assert answer == SetHostsAnswer(len(hosts))
+        yield client
+    finally:
+        close_session(client)
 
 
 @pytest.fixture
@@ -545,16 +546,13 @@ def test_set_hosts_writes_the_block_and_close_removes_it(
     admin_hosts: bytes,
 ) -> None:
     daemon = start_firewalld(lease=30)
-    client = root_session(daemon, listen)
-    try:
+    with root_session(daemon, listen) as client:
         request = SetHostsRequest(client.session, (("db1", "10.1.2.3"), ("localhost", "10.6.6.6")))
         assert ask(daemon.socket_path, encode_frame(3, request)) == (3, SetHostsAnswer(1))
         assert daemon.hosts_file.read_bytes() == admin_hosts + block(
             client.session[:12], "10.1.2.3 db1"
         )
         assert "1 host names skipped" in daemon.log
-    finally:
-        close_session(client)
     assert daemon.hosts_file.read_bytes() == admin_hosts
 
 
@@ -565,8 +563,7 @@ def test_hostile_requests_are_refused_and_the_file_stays(
     admin_hosts: bytes,
 ) -> None:
     daemon = start_firewalld(lease=30)
-    client = root_session(daemon, listen)
-    try:
+    with root_session(daemon, listen) as client:
         session = client.session
         assert ask(daemon.socket_path, raw_set_hosts(session, [("db0", "10.1.2.2")])) == (
             5,
@@ -592,8 +589,6 @@ def test_hostile_requests_are_refused_and_the_file_stays(
                 HeartbeatAnswer(),
             )
         assert daemon.proc.poll() is None
-    finally:
-        close_session(client)
     assert daemon.hosts_file.read_bytes() == admin_hosts
 
 
@@ -728,21 +723,16 @@ def test_another_uids_session_cannot_be_targeted(
     admin_hosts: bytes,
 ) -> None:
     daemon = nobody_daemon(b"allow nobody hosts\n")
-    client = root_session_with_hosts(daemon, listen, [("db1", "10.1.2.3")])
-    try:
-        root_session = client.session
+    with root_session(daemon, listen, [("db1", "10.1.2.3")]) as client:
+        roots = client.session
         before = daemon.hosts_file.read_bytes()
-        result = nobody_sets_hosts(
-            daemon, [(root_session, []), (root_session, [("db2", "10.6.6.6")])]
-        )
+        result = nobody_sets_hosts(daemon, [(roots, []), (roots, [("db2", "10.6.6.6")])])
         assert result[1:] == ["no such session", "no such session"]
         assert daemon.hosts_file.read_bytes() == before
         # Nor can root reach nobody's session (closed by now, but the answer is the same).
         assert ask(daemon.socket_path, raw_set_hosts(result[0], []))[1] == (
             ErrorAnswer("no such session")
         )
-    finally:
-        close_session(client)
     assert daemon.hosts_file.read_bytes() == admin_hosts
 
 
@@ -753,15 +743,12 @@ def test_lease_expiry_removes_the_block(
     admin_hosts: bytes,
 ) -> None:
     daemon = start_firewalld(lease=1)
-    client = root_session_with_hosts(daemon, listen, [("db1", "10.1.2.3")])
-    session = client.session
-    try:
+    with root_session(daemon, listen, [("db1", "10.1.2.3")]) as client:
+        session = client.session
         # No heartbeats: the lease runs out, and the block goes with the session.
         assert wait_until(lambda: daemon.hosts_file.read_bytes() == admin_hosts, WAIT)
         # Logged after the block went (close() logs last): waited for, not read at once.
         daemon.wait_for_line(f"shuttle-firewalld: session {session[:12]} of uid 0 expired")
-    finally:
-        close_session(client)
 
 
 @pytest.mark.integration
@@ -776,7 +763,7 @@ def test_stale_blocks_go_at_start_and_live_ones_at_exit(
     daemon = start_firewalld(lease=30)
     assert hosts.read_bytes() == admin_hosts + b"10.9.9.7 last\n"
     assert f"removed 1 stale session blocks from {hosts}" in daemon.log
-    client = root_session_with_hosts(daemon, listen, [("db1", "10.1.2.3")])
-    assert daemon.stop() == 0  # SIGTERM: every session is closed, its block removed
-    assert hosts.read_bytes() == admin_hosts + b"10.9.9.7 last\n"
-    close_session(client)  # the socket file is gone: the client only forgets the session
+    # Closed after the daemon's end: the socket file is gone, the client only forgets it.
+    with root_session(daemon, listen, [("db1", "10.1.2.3")]):
+        assert daemon.stop() == 0  # SIGTERM: every session is closed, its block removed
+        assert hosts.read_bytes() == admin_hosts + b"10.9.9.7 last\n"
