@@ -8,12 +8,11 @@ client host did not have before (the tproxy method's policy routing).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Dict, Iterator, Optional, Set
+from typing import Dict, Iterator, Optional
 
 import pytest
 
@@ -74,10 +73,10 @@ def user_venv(local_user: LocalUser, shared_dir: Path) -> UserVenv:
 class SharedNetwork:
     """One test network that the tests of a module take in turn: each gets it as it was built.
 
-    After a test that passed, what every shuttle test leaves and none may see is undone
-    (tidy); a test that leaves anything else (Topology.state differs once its processes have
-    had time to end), or that fails, has the network torn down after it, and the next test
-    gets a fresh one.
+    A test that leaves it otherwise (Topology.state differs once its processes have had time
+    to end), or that fails, has it torn down after it; the next test gets a fresh one. So only
+    modules whose tests leave nothing gain: a shuttle client leaves its runtime directory, and
+    the nat method iptables' empty nat table, which cost a wait and a rebuild after each test.
     """
 
     def __init__(self, user: LocalUser, user2: LocalUser):
@@ -86,49 +85,19 @@ class SharedNetwork:
         self._stack = contextlib.ExitStack()
         self._topology: Optional[Topology] = None
         self._built: Dict[str, str] = {}
-        self._files: Set[Path] = set()
 
     def take(self) -> Topology:
         if self._topology is None:
             self._topology = self._stack.enter_context(Topology.up(self.user, self.user2))
             self._built = self._topology.state()
-            self._files = self._own_files(self._topology)
         return self._topology
 
     def give_back(self, passed: bool) -> None:
         topology = self._topology
         if topology is None:
             return
-        if passed:
-            self.tidy(topology)
         if not passed or not wait_until(lambda: topology.state() == self._built, 5, 0.2):
             self.close()
-
-    @staticmethod
-    def _own_files(topology: Topology) -> Set[Path]:
-        """The users' files and firewalld's (its socket, policy and hosts files)."""
-        found = set(topology.fw_dir.rglob("*"))
-        for files in topology.files.values():
-            found.update(files.dir.rglob("*"))
-        return found
-
-    def tidy(self, topology: Topology) -> None:
-        """Remove the files that were not there when the network was built (a client's
-        runtime directory, a policy or exclude file a test wrote), and the nat tables that
-        iptables-nft creates with the nat method's first rule and leaves when they are empty:
-        in a fresh network the next test would find neither."""
-        for path in sorted(self._own_files(topology) - self._files, reverse=True):
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
-        for family in ("ip", "ip6"):
-            listed = topology.c.run(["nft", "-j", "list", "table", family, "nat"], timeout=15)
-            if listed.returncode != 0:  # no such table
-                continue
-            items = json.loads(listed.stdout)["nftables"]
-            if not any("rule" in item for item in items):
-                topology.c.run(["nft", "delete", "table", family, "nat"], timeout=15, check=True)
 
     def close(self) -> None:
         """Tear the network down (raises, as Topology.up does, if anything is left)."""

@@ -31,7 +31,7 @@ from .checks import (
     assert_page,
 )
 
-pytestmark = [pytest.mark.integration, pytest.mark.shared_network]
+pytestmark = pytest.mark.integration
 
 
 class PortCase(NamedTuple):
@@ -169,7 +169,7 @@ def test_direct_connections_to_a_wildcard_listener_are_refused(
     tproxy, the UDP socket's case: tests/client/test_udp.py.)"""
     topo = shuttle.topo
     www = topo.run_dir / "s-loopback"
-    www.mkdir(exist_ok=True)  # the network is shared: the other method's run made it
+    www.mkdir()
     (www / "index.html").write_text("only on S's loopback\n")
     server = topo.s.start(
         "s-loopback",
@@ -195,6 +195,3 @@ def test_direct_connections_to_a_wildcard_listener_are_refused(
     # One line (the second reset comes within its interval) names the first.
     assert client.wait_for_line("shuttle-client: reset 1 connection(s) the firewall did not", 5)
     assert f"to 127.0.0.1:{DIRECT_PORT}), sent to the listener itself" in client.output()
-    # The network as it was built, for the module's next test (SharedNetwork): no server on S.
-    server.stop()
-    topo.procs.remove(server)
