@@ -8,23 +8,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Dict, Optional, Tuple, Type
 
-from shuttle_protocol.control_messages import (
-    MAX_CONNECTIONS,
-    AddRoutesAnswer,
-    AddRoutesRequest,
-    ConnectionsAnswer,
-    ConnectionsRequest,
-    HostsAnswer,
-    HostsRequest,
-    RemoveRoutesAnswer,
-    RemoveRoutesRequest,
-    RoutesAnswer,
-    RoutesRequest,
-    StatusAnswer,
-    StatusRequest,
-    StopAnswer,
-    StopRequest,
-)
+from shuttle_protocol import control_messages as cm
 from shuttle_protocol.firewall_messages import Target
 from shuttle_protocol.schema import Message
 
@@ -85,9 +69,9 @@ class Running:
         return self._scope.captures(destination)
 
 
-async def _status(client: Running, request: StatusRequest) -> Message:
+async def _status(client: Running, request: cm.StatusRequest) -> Message:
     channels, flows, up, down = client.streams.totals()
-    return StatusAnswer(
+    return cm.StatusAnswer(
         client.state,
         client.options.ssh_destination,
         client.method,
@@ -104,31 +88,31 @@ async def _status(client: Running, request: StatusRequest) -> Message:
     )
 
 
-async def _connections(client: Running, request: ConnectionsRequest) -> Message:
+async def _connections(client: Running, request: cm.ConnectionsRequest) -> Message:
     found = client.streams.connections()
-    return ConnectionsAnswer(tuple(found[:MAX_CONNECTIONS]), len(found))
+    return cm.ConnectionsAnswer(tuple(found[: cm.MAX_CONNECTIONS]), len(found))
 
 
-async def _routes(client: Running, request: RoutesRequest) -> Message:
-    return RoutesAnswer(client.subnets, client.all_excludes, client.dns)
+async def _routes(client: Running, request: cm.RoutesRequest) -> Message:
+    return cm.RoutesAnswer(client.subnets, client.all_excludes, client.dns)
 
 
-async def _add(client: Running, request: AddRoutesRequest) -> Message:
+async def _add(client: Running, request: cm.AddRoutesRequest) -> Message:
     async with client.changing:
         subnets = tuple(dict.fromkeys(client.subnets + request.subnets))
         excludes = tuple(dict.fromkeys(client.excludes + request.excludes))
         await _apply(client, subnets, excludes)
-    return AddRoutesAnswer(client.subnets, client.all_excludes)
+    return cm.AddRoutesAnswer(client.subnets, client.all_excludes)
 
 
-async def _remove(client: Running, request: RemoveRoutesRequest) -> Message:
+async def _remove(client: Running, request: cm.RemoveRoutesRequest) -> Message:
     async with client.changing:
         await _apply(client, *_without(client, request))
-    return RemoveRoutesAnswer(client.subnets, client.all_excludes)
+    return cm.RemoveRoutesAnswer(client.subnets, client.all_excludes)
 
 
 def _without(
-    client: Running, request: RemoveRoutesRequest
+    client: Running, request: cm.RemoveRoutesRequest
 ) -> Tuple[Tuple[Target, ...], Tuple[Target, ...]]:
     """The subnets and excludes without the request's; RequestRefused if one is not there."""
     missing = [t for t in request.subnets if t not in client.subnets]
@@ -162,23 +146,23 @@ async def _apply(
     client.subnets, client.excludes = subnets, excludes
 
 
-async def _hosts(client: Running, request: HostsRequest) -> Message:
-    return HostsAnswer(client.hosts.written if client.hosts is not None else ())
+async def _hosts(client: Running, request: cm.HostsRequest) -> Message:
+    return cm.HostsAnswer(client.hosts.written if client.hosts is not None else ())
 
 
-async def _stop(client: Running, request: StopRequest) -> Message:
+async def _stop(client: Running, request: cm.StopRequest) -> Message:
     client.stop("a control request")
-    return StopAnswer()
+    return cm.StopAnswer()
 
 
 TABLE: Dict[Type[Message], Callable[[Running, Message], Awaitable[Message]]] = {
-    StatusRequest: _status,  # type: ignore[dict-item]
-    ConnectionsRequest: _connections,  # type: ignore[dict-item]
-    RoutesRequest: _routes,  # type: ignore[dict-item]
-    AddRoutesRequest: _add,  # type: ignore[dict-item]
-    RemoveRoutesRequest: _remove,  # type: ignore[dict-item]
-    HostsRequest: _hosts,  # type: ignore[dict-item]
-    StopRequest: _stop,  # type: ignore[dict-item]
+    cm.StatusRequest: _status,  # type: ignore[dict-item]
+    cm.ConnectionsRequest: _connections,  # type: ignore[dict-item]
+    cm.RoutesRequest: _routes,  # type: ignore[dict-item]
+    cm.AddRoutesRequest: _add,  # type: ignore[dict-item]
+    cm.RemoveRoutesRequest: _remove,  # type: ignore[dict-item]
+    cm.HostsRequest: _hosts,  # type: ignore[dict-item]
+    cm.StopRequest: _stop,  # type: ignore[dict-item]
 }
 
 

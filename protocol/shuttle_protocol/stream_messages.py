@@ -6,7 +6,7 @@ window in each direction, or one UDP flow, whose datagrams have no window and ma
 """
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import ClassVar, Tuple
 
 from .checks import (
     MAX_NAMESERVERS,
@@ -41,26 +41,13 @@ def _check_channel(value: object) -> None:
     check_int(value, "channel", 1, MAX_CHANNEL)
 
 
-@message(1)
+# Bases of the messages that share their fields and checks; each registered message below
+# names its own meaning (and tag), as control_messages' _RoutesChange does.
+
+
 @dataclass(frozen=True)
-class Hello(Message):
-    """Agent → client, first: the agent's protocol version and capabilities."""
-
-    __slots__ = ("version", "capabilities", "python")
-    version: int
-    capabilities: Tuple[str, ...]
-    python: str
-
-    def __post_init__(self) -> None:
-        check_int(self.version, "version", 0, 2**31)
-        check_text_tuple(self.capabilities, "capabilities", 64)
-        check_text(self.python, "python", 200)
-
-
-@message(2)
-@dataclass(frozen=True)
-class Welcome(Message):
-    """Client → agent, answering Hello: the client accepts the agent's version."""
+class _Greeting(Message):
+    """An end's protocol version and capabilities."""
 
     __slots__ = ("version", "capabilities")
     version: int
@@ -71,10 +58,9 @@ class Welcome(Message):
         check_text_tuple(self.capabilities, "capabilities", 64)
 
 
-@message(3)
 @dataclass(frozen=True)
-class Open(Message):
-    """Client → agent: connect a new channel to host:port over TCP."""
+class _Connect(Message):
+    """A new channel to host:port."""
 
     __slots__ = ("channel", "host", "port")
     channel: int
@@ -87,16 +73,77 @@ class Open(Message):
         check_int(self.port, "port", 1, 65535)
 
 
-@message(4)
 @dataclass(frozen=True)
-class Opened(Message):
-    """Agent → client: the remote connect succeeded."""
+class _Channel(Message):
+    """A channel's event that has no other field."""
 
     __slots__ = ("channel",)
     channel: int
 
     def __post_init__(self) -> None:
         _check_channel(self.channel)
+
+
+@dataclass(frozen=True)
+class _Payload(Message):
+    """Bytes for a channel, at most the subclass's MAX_PAYLOAD."""
+
+    __slots__ = ("channel", "payload")
+    MAX_PAYLOAD: ClassVar[int]
+    channel: int
+    payload: bytes
+
+    def __post_init__(self) -> None:
+        _check_channel(self.channel)
+        check_bytes(self.payload, "payload", self.MAX_PAYLOAD)
+
+
+@dataclass(frozen=True)
+class _Cookie(Message):
+    """A Ping's cookie, which its Pong echoes."""
+
+    __slots__ = ("cookie",)
+    cookie: int
+
+    def __post_init__(self) -> None:
+        check_int(self.cookie, "cookie", 0, 2**63 - 1)
+
+
+@message(1)
+@dataclass(frozen=True)
+class Hello(_Greeting):
+    """Agent → client, first: the agent's protocol version and capabilities, and its Python."""
+
+    __slots__ = ("python",)
+    python: str
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_text(self.python, "python", 200)
+
+
+@message(2)
+@dataclass(frozen=True)
+class Welcome(_Greeting):
+    """Client → agent, answering Hello: the client accepts the agent's version."""
+
+    __slots__ = ()
+
+
+@message(3)
+@dataclass(frozen=True)
+class Open(_Connect):
+    """Client → agent: connect a new channel to host:port over TCP."""
+
+    __slots__ = ()
+
+
+@message(4)
+@dataclass(frozen=True)
+class Opened(_Channel):
+    """Agent → client: the remote connect succeeded."""
+
+    __slots__ = ()
 
 
 @message(5)
@@ -120,16 +167,11 @@ class Refused(Message):
 
 @message(6)
 @dataclass(frozen=True)
-class Data(Message):
+class Data(_Payload):
     """Either way: bytes for a channel, counted against the receiver's credit window."""
 
-    __slots__ = ("channel", "payload")
-    channel: int
-    payload: bytes
-
-    def __post_init__(self) -> None:
-        _check_channel(self.channel)
-        check_bytes(self.payload, "payload", MAX_DATA)
+    __slots__ = ()
+    MAX_PAYLOAD = MAX_DATA
 
 
 @message(7)
@@ -148,14 +190,10 @@ class Credit(Message):
 
 @message(8)
 @dataclass(frozen=True)
-class Eof(Message):
+class Eof(_Channel):
     """Either way: the sender will send no more data on this channel (half close)."""
 
-    __slots__ = ("channel",)
-    channel: int
-
-    def __post_init__(self) -> None:
-        _check_channel(self.channel)
+    __slots__ = ()
 
 
 @message(9)
@@ -174,26 +212,18 @@ class Close(Message):
 
 @message(10)
 @dataclass(frozen=True)
-class Ping(Message):
+class Ping(_Cookie):
     """Either way: are you there? Answered by Pong with the same cookie."""
 
-    __slots__ = ("cookie",)
-    cookie: int
-
-    def __post_init__(self) -> None:
-        check_int(self.cookie, "cookie", 0, 2**63 - 1)
+    __slots__ = ()
 
 
 @message(11)
 @dataclass(frozen=True)
-class Pong(Message):
+class Pong(_Cookie):
     """Answer to Ping."""
 
-    __slots__ = ("cookie",)
-    cookie: int
-
-    def __post_init__(self) -> None:
-        check_int(self.cookie, "cookie", 0, 2**63 - 1)
+    __slots__ = ()
 
 
 @message(12)
@@ -210,36 +240,23 @@ class Error(Message):
 
 @message(13)
 @dataclass(frozen=True)
-class UdpOpen(Message):
+class UdpOpen(_Connect):
     """Client → agent: a new UDP flow to host:port; the agent answers only with Refused.
 
     host is an IP literal or a name the agent resolves. Datagram may follow at once. The flow
     ends with Close either way (socket error, idle expiry) or Refused (no socket, too many).
     """
 
-    __slots__ = ("channel", "host", "port")
-    channel: int
-    host: str
-    port: int
-
-    def __post_init__(self) -> None:
-        _check_channel(self.channel)
-        check_text(self.host, "host", 255)
-        check_int(self.port, "port", 1, 65535)
+    __slots__ = ()
 
 
 @message(14)
 @dataclass(frozen=True)
-class Datagram(Message):
+class Datagram(_Payload):
     """Either way: one UDP datagram of a flow opened by UdpOpen (no credit; may be empty)."""
 
-    __slots__ = ("channel", "payload")
-    channel: int
-    payload: bytes
-
-    def __post_init__(self) -> None:
-        _check_channel(self.channel)
-        check_bytes(self.payload, "payload", MAX_DATAGRAM)
+    __slots__ = ()
+    MAX_PAYLOAD = MAX_DATAGRAM
 
 
 @message(15)

@@ -11,28 +11,10 @@ come here. The drivers (shuttle_client.tunnel, shuttle_agent.main) keep only the
 from typing import Dict, FrozenSet, NamedTuple, Optional, Tuple, Type
 
 from . import PROTOCOL_VERSION
+from . import stream_messages as sm
 from .errors import RemoteProtocolError
 from .mux import AGENT, CLIENT
 from .schema import Message
-from .stream_messages import (
-    Error,
-    GetHosts,
-    GetNameservers,
-    GetRoutes,
-    Hello,
-    Hosts,
-    Nameservers,
-    Open,
-    Opened,
-    Ping,
-    Pong,
-    ProbeListen,
-    ProbeListening,
-    Refused,
-    Routes,
-    UdpOpen,
-    Welcome,
-)
 
 
 class Phases(NamedTuple):
@@ -47,13 +29,35 @@ class Phases(NamedTuple):
 # matches its cookie; the agent, which never pings, ignores it).
 TABLE: Dict[str, Phases] = {
     CLIENT: Phases(
-        Hello,
-        frozenset({Opened, Refused, Ping, Pong, ProbeListening, Routes, Nameservers, Hosts}),
+        sm.Hello,
+        frozenset(
+            {
+                sm.Opened,
+                sm.Refused,
+                sm.Ping,
+                sm.Pong,
+                sm.ProbeListening,
+                sm.Routes,
+                sm.Nameservers,
+                sm.Hosts,
+            }
+        ),
         "agent",
     ),
     AGENT: Phases(
-        Welcome,
-        frozenset({Open, UdpOpen, Ping, Pong, GetRoutes, GetNameservers, GetHosts, ProbeListen}),
+        sm.Welcome,
+        frozenset(
+            {
+                sm.Open,
+                sm.UdpOpen,
+                sm.Ping,
+                sm.Pong,
+                sm.GetRoutes,
+                sm.GetNameservers,
+                sm.GetHosts,
+                sm.ProbeListen,
+            }
+        ),
         "client",
     ),
 }
@@ -85,7 +89,7 @@ class StreamSession:
         """Check msg against the phase; SessionError if it is not allowed there."""
         kind = type(msg)
         phases = self.phases
-        if kind is Error:
+        if kind is sm.Error:
             return Step(None, True)
         name = kind.__name__
         if kind is phases.greeting:
@@ -94,14 +98,14 @@ class StreamSession:
             self._check_version(msg)
             self.greeted = True
             self.peer_greeting = msg
-            reply = Welcome(PROTOCOL_VERSION, self.capabilities) if kind is Hello else None
+            reply = sm.Welcome(PROTOCOL_VERSION, self.capabilities) if kind is sm.Hello else None
             return Step(reply, True)
         if not self.greeted:
             raise SessionError(f"{name} before {phases.greeting.__name__}")
         if kind not in phases.greeted:
             raise SessionError(f"unexpected {name} from the {phases.peer}")
-        if kind is Ping:
-            return Step(Pong(msg.cookie), False)  # type: ignore[attr-defined]
+        if kind is sm.Ping:
+            return Step(sm.Pong(msg.cookie), False)  # type: ignore[attr-defined]
         return Step(None, True)
 
     def _check_version(self, msg: Message) -> None:

@@ -25,41 +25,18 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
-import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from protocol.strategies import pack
 from shuttle_agent.main import EXIT_PROTOCOL
 from shuttle_agent.udp import IDLE_ENV, MAX_FLOWS_ENV
 from shuttle_ends.relay import Link
 from shuttle_protocol import PROTOCOL_VERSION
+from shuttle_protocol import stream_messages as sm
 from shuttle_protocol.mux import AGENT, WINDOW, Mux
 from shuttle_protocol.schema import Message
 from shuttle_protocol.stream import MAX_MESSAGE, StreamDecoder, encode
-from shuttle_protocol.stream_messages import (
-    MAX_CREDIT,
-    MAX_DATA,
-    MAX_DATAGRAM,
-    Close,
-    Credit,
-    Data,
-    Datagram,
-    Eof,
-    Error,
-    GetNameservers,
-    GetRoutes,
-    Hello,
-    Hosts,
-    Nameservers,
-    Open,
-    Opened,
-    Ping,
-    Pong,
-    Refused,
-    Routes,
-    UdpOpen,
-    Welcome,
-)
 
 from .agent_process import OLDEST_PYTHON, SERVER_PYTHON, AgentProcess, Namespace, stop
 
@@ -207,8 +184,8 @@ class Session:
         status = process.wait(WAIT)
         return status, process.stderr.read().decode()
 
-    def errors(self) -> List[Error]:
-        return [msg for msg in self.received if isinstance(msg, Error)]
+    def errors(self) -> List[sm.Error]:
+        return [msg for msg in self.received if isinstance(msg, sm.Error)]
 
     def stop(self) -> None:
         self.agent.process.kill()
@@ -230,11 +207,6 @@ def rss(pid: int) -> int:
 
 
 # -- what the hostile client sends ------------------------------------------------------------
-
-
-def pack(value: object) -> bytes:
-    data: bytes = msgpack.packb(value, use_bin_type=True)
-    return data
 
 
 class Plan:
@@ -262,80 +234,82 @@ Step = Callable[[st.DataObject, Plan, Echo], bytes]
 
 
 def _open_echo(data: st.DataObject, plan: Plan, echo: Echo) -> bytes:
-    return encode(Open(plan.new(), "127.0.0.1", echo.tcp))
+    return encode(sm.Open(plan.new(), "127.0.0.1", echo.tcp))
 
 
 def _open_elsewhere(data: st.DataObject, plan: Plan, echo: Echo) -> bytes:
     host = data.draw(st.sampled_from(["127.0.0.1", "::1", "", "nowhere.invalid", "a" * 64]))
     port = data.draw(st.sampled_from([echo.closed, 1, 65535]))
-    return encode(Open(plan.new(), host, port))
+    return encode(sm.Open(plan.new(), host, port))
 
 
 def _open_again(data: st.DataObject, plan: Plan, echo: Echo) -> bytes:
     channel = plan.opened[-1] if plan.opened else 1
-    return encode(Open(channel, "127.0.0.1", echo.tcp))
+    return encode(sm.Open(channel, "127.0.0.1", echo.tcp))
 
 
 def _data(data: st.DataObject, plan: Plan, echo: Echo) -> bytes:
-    size = data.draw(st.sampled_from([0, 1, 1000, MAX_DATA]))
-    return encode(Data(plan.some(data), b"d" * size))
+    size = data.draw(st.sampled_from([0, 1, 1000, sm.MAX_DATA]))
+    return encode(sm.Data(plan.some(data), b"d" * size))
 
 
 def _beyond_credit(data: st.DataObject, plan: Plan, echo: Echo) -> bytes:
     channel = plan.some(data)
-    pieces = [Data(channel, b"w" * MAX_DATA)] * (WINDOW // MAX_DATA) + [Data(channel, b"!")]
+    pieces = [sm.Data(channel, b"w" * sm.MAX_DATA)] * (WINDOW // sm.MAX_DATA) + [
+        sm.Data(channel, b"!")
+    ]
     return b"".join(map(encode, pieces))
 
 
 def _credit(data: st.DataObject, plan: Plan, echo: Echo) -> bytes:
-    n = data.draw(st.sampled_from([1, 4096, MAX_CREDIT]))
-    return encode(Credit(plan.some(data), n)) * data.draw(st.integers(1, 2))
+    n = data.draw(st.sampled_from([1, 4096, sm.MAX_CREDIT]))
+    return encode(sm.Credit(plan.some(data), n)) * data.draw(st.integers(1, 2))
 
 
 def _eof(data: st.DataObject, plan: Plan, echo: Echo) -> bytes:
-    return encode(Eof(plan.some(data))) * data.draw(st.integers(1, 2))
+    return encode(sm.Eof(plan.some(data))) * data.draw(st.integers(1, 2))
 
 
 def _close(data: st.DataObject, plan: Plan, echo: Echo) -> bytes:
-    return encode(Close(plan.some(data), "fuzz"))
+    return encode(sm.Close(plan.some(data), "fuzz"))
 
 
 def _udp_flood(data: st.DataObject, plan: Plan, echo: Echo) -> bytes:
     count = data.draw(st.sampled_from([1, MAX_FLOWS, 4 * MAX_FLOWS]))
     host = data.draw(st.sampled_from(["127.0.0.1", "::1", "nowhere.invalid"]))
-    return b"".join(encode(UdpOpen(plan.new(), host, echo.udp)) for _ in range(count))
+    return b"".join(encode(sm.UdpOpen(plan.new(), host, echo.udp)) for _ in range(count))
 
 
 def _datagram(data: st.DataObject, plan: Plan, echo: Echo) -> bytes:
-    size = data.draw(st.sampled_from([0, 10, MAX_DATAGRAM]))
-    return encode(Datagram(plan.some(data), b"u" * size))
+    size = data.draw(st.sampled_from([0, 10, sm.MAX_DATAGRAM]))
+    return encode(sm.Datagram(plan.some(data), b"u" * size))
 
 
 def _datagram_too_big(data: st.DataObject, plan: Plan, echo: Echo) -> bytes:
-    return pack([Datagram.TAG, plan.some(data), b"u" * (MAX_DATAGRAM + 1)])
+    return pack([sm.Datagram.TAG, plan.some(data), b"u" * (sm.MAX_DATAGRAM + 1)])
 
 
 WRONG: List[Message] = [
-    Hello(PROTOCOL_VERSION, ("tcp",), "3.11.2"),
-    Welcome(PROTOCOL_VERSION, ("tcp",)),
-    Welcome(PROTOCOL_VERSION + 1, ()),
-    Routes(("10.0.0.0/8",), False),
-    Nameservers(("10.0.0.53",)),
-    Hosts((("db1", "10.0.0.7"),)),
-    Pong(7),
-    GetRoutes(),
-    GetNameservers(),
-    Ping(2**63 - 1),
-    Error("the client gives up"),
+    sm.Hello(PROTOCOL_VERSION, ("tcp",), "3.11.2"),
+    sm.Welcome(PROTOCOL_VERSION, ("tcp",)),
+    sm.Welcome(PROTOCOL_VERSION + 1, ()),
+    sm.Routes(("10.0.0.0/8",), False),
+    sm.Nameservers(("10.0.0.53",)),
+    sm.Hosts((("db1", "10.0.0.7"),)),
+    sm.Pong(7),
+    sm.GetRoutes(),
+    sm.GetNameservers(),
+    sm.Ping(2**63 - 1),
+    sm.Error("the client gives up"),
 ]
 
 
 def _wrong_state(data: st.DataObject, plan: Plan, echo: Echo) -> bytes:
     kind = data.draw(st.integers(0, len(WRONG) + 1))
     if kind == len(WRONG):
-        return encode(Opened(plan.some(data)))
+        return encode(sm.Opened(plan.some(data)))
     if kind == len(WRONG) + 1:
-        return encode(Refused(plan.some(data), 111, "no"))
+        return encode(sm.Refused(plan.some(data), 111, "no"))
     return encode(WRONG[kind])
 
 
@@ -349,7 +323,7 @@ def _malformed(data: st.DataObject, plan: Plan, echo: Echo) -> bytes:
         fields = data.draw(st.lists(values, max_size=6))
         return pack([tag, *fields])
     if kind == 2:  # a Data header that promises more than the largest message
-        return pack([Data.TAG, plan.some(data), MAX_DATA + 1])
+        return pack([sm.Data.TAG, plan.some(data), sm.MAX_DATA + 1])
     return b"\x91" * data.draw(st.sampled_from([100, 5000]))  # nesting
 
 
@@ -378,14 +352,16 @@ STEP_NAMES = ["open_echo", "open_echo", "data", "credit", "eof", "close", "datag
 
 def probe(session: Session, plan: Plan, echo: Echo) -> bool:
     """Whether the agent still serves: a Pong, then a new channel's echo."""
-    if not session.send(encode(Ping(424242))):
+    if not session.send(encode(sm.Ping(424242))):
         return False
-    if not session.wait_for(lambda got: Pong(424242) in got, PROBE_WAIT):
+    if not session.wait_for(lambda got: sm.Pong(424242) in got, PROBE_WAIT):
         return False
     channel = plan.next
-    sent = session.send(encode(Open(channel, "127.0.0.1", echo.tcp)) + encode(Data(channel, b"hi")))
+    sent = session.send(
+        encode(sm.Open(channel, "127.0.0.1", echo.tcp)) + encode(sm.Data(channel, b"hi"))
+    )
     return sent and session.wait_for(
-        lambda got: Opened(channel) in got and Data(channel, b"hi") in got, PROBE_WAIT
+        lambda got: sm.Opened(channel) in got and sm.Data(channel, b"hi") in got, PROBE_WAIT
     )
 
 
@@ -423,8 +399,8 @@ def run_sequence(
     steps, chunks, plan = sequence
     session = Session(namespace, python)
     try:
-        assert session.wait_for(bool) and isinstance(session.received[0], Hello)
-        session.send(encode(Welcome(PROTOCOL_VERSION, ("tcp", "udp"))))
+        assert session.wait_for(bool) and isinstance(session.received[0], sm.Hello)
+        session.send(encode(sm.Welcome(PROTOCOL_VERSION, ("tcp", "udp"))))
         client_error = False
         for chunk in chunks:
             client_error = client_error or chunk.endswith(encode(WRONG[-1]))
@@ -496,13 +472,13 @@ def test_nothing_after_the_clients_error_is_acted_on(agent: AgentProcess) -> Non
         listener.settimeout(0)
         port = listener.getsockname()[1]
         hello = agent.receive()
-        assert isinstance(hello, Hello)
+        assert isinstance(hello, sm.Hello)
         # One write, well under PIPE_BUF: the agent reads it all at once.
         agent.send_raw(
-            encode(Welcome(PROTOCOL_VERSION, ("tcp",)))
-            + encode(Error("the client gives up"))
-            + encode(Open(1, "127.0.0.1", port))
-            + encode(Ping(5))
+            encode(sm.Welcome(PROTOCOL_VERSION, ("tcp",)))
+            + encode(sm.Error("the client gives up"))
+            + encode(sm.Open(1, "127.0.0.1", port))
+            + encode(sm.Ping(5))
         )
         status, stderr = agent.finish()
         assert status == EXIT_PROTOCOL
@@ -543,10 +519,10 @@ def test_the_error_is_the_last_message_even_with_credit_to_grant() -> None:
         link = Link(Mux(AGENT), lambda msg: None, "client")
         writer = Writer()
         link.attach_writer(writer)  # type: ignore[arg-type]
-        link.data_received(encode(Open(1, "127.0.0.1", 9)) + encode(Data(1, b"x" * 10)))
+        link.data_received(encode(sm.Open(1, "127.0.0.1", 9)) + encode(sm.Data(1, b"x" * 10)))
         link.mux.delivered(1, 10)  # the socket took it: a Credit is due
         link.fail("boom")
-        assert StreamDecoder().feed(writer.written) == [Credit(1, 10), Error("boom")]
+        assert StreamDecoder().feed(writer.written) == [sm.Credit(1, 10), sm.Error("boom")]
         assert writer.closed
 
     asyncio.run(asyncio.wait_for(scenario(), WAIT))

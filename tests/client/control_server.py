@@ -15,28 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from shuttle_client.control import ControlServer, RequestRefused
-from shuttle_protocol.control_messages import (
-    AddRoutesAnswer,
-    AddRoutesRequest,
-    ConnectionsAnswer,
-    ConnectionsRequest,
-    HostsAnswer,
-    HostsRequest,
-    RemoveRoutesAnswer,
-    RemoveRoutesRequest,
-    RoutesAnswer,
-    RoutesRequest,
-    StatusAnswer,
-    StatusRequest,
-    StopAnswer,
-    StopRequest,
-)
+from shuttle_protocol import control_messages as cm
 from shuttle_protocol.firewall_messages import Target
 from shuttle_protocol.schema import Message
 
 START_TIMEOUT = 5.0
 
-STATUS = StatusAnswer(
+STATUS = cm.StatusAnswer(
     state="up",
     remote="alice@gw.example",
     method="nft",
@@ -51,7 +36,7 @@ STATUS = StatusAnswer(
     bytes_down=5 * 1024 * 1024,
     tcp="ssh",
 )
-CONNECTIONS = ConnectionsAnswer(
+CONNECTIONS = cm.ConnectionsAnswer(
     (
         (7, 0, "tcp", "127.0.0.1:50000", "10.1.0.5", 80, 1024, 5 * 1024 * 1024, 65.0),
         (9, 0, "udp", "[::1]:50001", "fd00::53", 53, 2048, 0, 2.0),
@@ -84,27 +69,27 @@ class Table:
         return answer
 
     def _answer(self, request: Message) -> Message:
-        fixed = {StatusRequest: STATUS, ConnectionsRequest: CONNECTIONS}
+        fixed = {cm.StatusRequest: STATUS, cm.ConnectionsRequest: CONNECTIONS}
         if type(request) in fixed:
             return fixed[type(request)]
-        if isinstance(request, RoutesRequest):
-            return RoutesAnswer(self.subnets, self.excludes, self.dns)
-        if isinstance(request, HostsRequest):
-            return HostsAnswer(self.hosts)
-        if isinstance(request, StopRequest):
+        if isinstance(request, cm.RoutesRequest):
+            return cm.RoutesAnswer(self.subnets, self.excludes, self.dns)
+        if isinstance(request, cm.HostsRequest):
+            return cm.HostsAnswer(self.hosts)
+        if isinstance(request, cm.StopRequest):
             self.stops += 1
-            return StopAnswer()
-        if isinstance(request, AddRoutesRequest):
+            return cm.StopAnswer()
+        if isinstance(request, cm.AddRoutesRequest):
             self.subnets = tuple(dict.fromkeys(self.subnets + request.subnets))
             self.excludes = tuple(dict.fromkeys(self.excludes + request.excludes))
-            return AddRoutesAnswer(self.subnets, self.excludes)
-        if isinstance(request, RemoveRoutesRequest):
+            return cm.AddRoutesAnswer(self.subnets, self.excludes)
+        if isinstance(request, cm.RemoveRoutesRequest):
             missing = [t for t in request.subnets if t not in self.subnets]
             if missing:
                 raise RequestRefused(f"not captured: {missing[0][0]}")
             self.subnets = tuple(t for t in self.subnets if t not in request.subnets)
             self.excludes = tuple(t for t in self.excludes if t not in request.excludes)
-            return RemoveRoutesAnswer(self.subnets, self.excludes)
+            return cm.RemoveRoutesAnswer(self.subnets, self.excludes)
         raise RequestRefused(f"{type(request).__name__} is not served here")
 
 

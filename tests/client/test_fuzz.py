@@ -20,43 +20,20 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Coroutine, Dict, Iterator, List, Optional, Tuple
 
-import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from protocol.strategies import pack
 from shuttle_client import streams as streams_module
 from shuttle_client.cli import parse_args
 from shuttle_client.streams import Streams
 from shuttle_client.tunnel import Tunnel
 from shuttle_protocol import PROTOCOL_VERSION
+from shuttle_protocol import stream_messages as sm
 from shuttle_protocol.errors import RemoteProtocolError
 from shuttle_protocol.mux import CLIENT, WINDOW, Mux
 from shuttle_protocol.schema import Message
 from shuttle_protocol.stream import encode
-from shuttle_protocol.stream_messages import (
-    MAX_CREDIT,
-    MAX_DATA,
-    Close,
-    Credit,
-    Data,
-    Datagram,
-    Eof,
-    Error,
-    GetHosts,
-    GetNameservers,
-    GetRoutes,
-    Hello,
-    Hosts,
-    Nameservers,
-    Open,
-    Opened,
-    Ping,
-    Pong,
-    Refused,
-    Routes,
-    UdpOpen,
-    Welcome,
-)
 
 from .agents import echo_server, exchange, open_on_link
 
@@ -93,41 +70,36 @@ while os.read(0, 65536):  # until the client goes
 HOSTILE = HOSTILE.replace("SERVER_PYTHON", SERVER_PYTHON)
 
 
-def pack(value: object) -> bytes:
-    data: bytes = msgpack.packb(value, use_bin_type=True)
-    return data
-
-
 # -- what the hostile agent sends ---------------------------------------------------------------
 
 OURS = 1  # the channel the client opened
 NEVER = 2  # one it never opened
 
 MESSAGES: List[Message] = [
-    Hello(PROTOCOL_VERSION, ("tcp",), "again"),
-    Welcome(PROTOCOL_VERSION, ()),
-    Open(OURS, "127.0.0.1", 80),
-    UdpOpen(7, "127.0.0.1", 53),
-    GetRoutes(),
-    GetNameservers(),
-    GetHosts(()),
-    Routes(("10.0.0.0/8",), False),
-    Nameservers(("10.0.0.53",)),
-    Hosts((("db1", "10.0.0.7"),)),
-    Ping(1),
-    Pong(12345),
-    Opened(OURS),
-    Refused(OURS, 111, "refused \x1b[2J"),
-    Data(OURS, b"x" * 10),
-    Data(OURS, b""),
-    Data(NEVER, b"x"),
-    Credit(OURS, 1),
-    Credit(OURS, MAX_CREDIT),
-    Eof(OURS),
-    Close(OURS, "bye"),
-    Close(NEVER, "bye"),
-    Datagram(OURS, b"u"),
-    Error("the agent says \x1b[2J\x07 goodbye"),
+    sm.Hello(PROTOCOL_VERSION, ("tcp",), "again"),
+    sm.Welcome(PROTOCOL_VERSION, ()),
+    sm.Open(OURS, "127.0.0.1", 80),
+    sm.UdpOpen(7, "127.0.0.1", 53),
+    sm.GetRoutes(),
+    sm.GetNameservers(),
+    sm.GetHosts(()),
+    sm.Routes(("10.0.0.0/8",), False),
+    sm.Nameservers(("10.0.0.53",)),
+    sm.Hosts((("db1", "10.0.0.7"),)),
+    sm.Ping(1),
+    sm.Pong(12345),
+    sm.Opened(OURS),
+    sm.Refused(OURS, 111, "refused \x1b[2J"),
+    sm.Data(OURS, b"x" * 10),
+    sm.Data(OURS, b""),
+    sm.Data(NEVER, b"x"),
+    sm.Credit(OURS, 1),
+    sm.Credit(OURS, sm.MAX_CREDIT),
+    sm.Eof(OURS),
+    sm.Close(OURS, "bye"),
+    sm.Close(NEVER, "bye"),
+    sm.Datagram(OURS, b"u"),
+    sm.Error("the agent says \x1b[2J\x07 goodbye"),
 ]
 
 
@@ -142,8 +114,8 @@ def garbage(draw: Any) -> Tuple[bytes, ...]:
         elif kind <= 4:
             pieces.append(encode(draw(st.sampled_from(MESSAGES))))
         elif kind == 5:  # more than the window on our channel
-            pieces += [encode(Data(OURS, b"w" * MAX_DATA))] * (WINDOW // MAX_DATA)
-            pieces.append(encode(Data(OURS, b"!")))
+            pieces += [encode(sm.Data(OURS, b"w" * sm.MAX_DATA))] * (WINDOW // sm.MAX_DATA)
+            pieces.append(encode(sm.Data(OURS, b"!")))
         elif kind == 6:
             pieces.append(draw(st.binary(min_size=1, max_size=100)))
         elif kind == 7:  # any tag, fields of any kind
@@ -152,14 +124,14 @@ def garbage(draw: Any) -> Tuple[bytes, ...]:
         elif kind == 8:  # a message cut short: the agent closes in the middle of it
             pieces.append(encode(draw(st.sampled_from(MESSAGES)))[:-1])
         else:
-            pieces.append(draw(st.sampled_from([b"\x91" * 3000, pack([Data.TAG, OURS, 2**20])])))
+            pieces.append(draw(st.sampled_from([b"\x91" * 3000, pack([sm.Data.TAG, OURS, 2**20])])))
     return tuple(pieces)
 
 
 # -- what the client should make of it -----------------------------------------------------------
 
 # After Hello, the Tunnel takes these (the Mux permitting) and fails on any other message.
-TAKEN = (Ping, Pong, Opened, Refused, Data, Credit, Eof, Close, Datagram)
+TAKEN = (sm.Ping, sm.Pong, sm.Opened, sm.Refused, sm.Data, sm.Credit, sm.Eof, sm.Close, sm.Datagram)
 
 
 def first_event(pieces: Tuple[bytes, ...], delivered: bool) -> Tuple[str, bool]:
@@ -184,11 +156,11 @@ def first_event(pieces: Tuple[bytes, ...], delivered: bool) -> Tuple[str, bool]:
                     if not isinstance(msg, TAKEN):
                         return "reported", True
                     continue
-                if isinstance(msg, Error):
+                if isinstance(msg, sm.Error):
                     reported = True
                 elif not isinstance(msg, TAKEN):
                     return "failed", True
-                elif delivered and isinstance(msg, Data) and msg.channel in mux.channels:
+                elif delivered and isinstance(msg, sm.Data) and msg.channel in mux.channels:
                     mux.delivered(msg.channel, len(msg.payload))
                     mux.outgoing()
     return ("reported" if reported else "closed"), False
@@ -429,7 +401,7 @@ def test_nothing_after_the_agents_error_is_acted_on(
     """Found by the fuzzer: the messages behind an Error in the same read were still
     dispatched, so a Hello there logged "Hello twice" for a session already over."""
     ssh, agent, garbage_file = hostile
-    error = Error("the agent gives up")
+    error = sm.Error("the agent gives up")
     garbage_file.write_bytes(b"".join(map(encode, (error, MESSAGES[0], MESSAGES[1]))))
 
     async def scenario() -> None:

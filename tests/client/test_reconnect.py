@@ -7,8 +7,9 @@ import os
 import signal
 import socket
 import sys
+from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, Callable, List, Tuple
+from typing import Any, AsyncIterator, Callable, List, Tuple
 
 import pytest
 from shuttle_client.cli import parse_args
@@ -94,6 +95,25 @@ async def until(condition: Callable[[], bool], timeout: float = 20.0) -> None:
     raise AssertionError(f"not within {timeout} s")
 
 
+@asynccontextmanager
+async def tunnelled(
+    ssh: str, events: List[Message], wait: float
+) -> AsyncIterator[Tuple[Echo, Streams, Tuple[str, int]]]:
+    """An echo server, Streams through ssh, and a listener whose connections go to the echo
+    through them, holding a connection up to wait seconds for a stream; all closed after."""
+    echo = Echo()
+    port = await echo.start()
+    streams = streams_for(ssh, events=events)
+    await streams.start()
+    server, address = await listen(streams, port, wait=wait)
+    try:
+        yield echo, streams, address
+    finally:
+        server.close()
+        await streams.stop()
+        echo.server.close()
+
+
 def agent_pid(streams: Streams, index: int = 0) -> int:
     process = streams.tunnels[index]._process
     assert process is not None
@@ -107,12 +127,7 @@ def test_a_lost_stream_comes_back_and_held_connections_go_through(
     events: List[Message] = []
 
     async def scenario() -> None:
-        echo = Echo()
-        port = await echo.start()
-        streams = streams_for(ssh, events=events)
-        await streams.start()
-        server, address = await listen(streams, port, wait=30)
-        try:
+        async with tunnelled(ssh, events, wait=30) as (echo, streams, address):
             reader, writer = await connect(address)
             writer.write(b"before")
             assert await reader.readexactly(6) == b"before"
@@ -134,10 +149,6 @@ def test_a_lost_stream_comes_back_and_held_connections_go_through(
             assert echo.connections == 2
             assert streams.reconnects == 1 and streams.up == 1
             writer.close()
-        finally:
-            server.close()
-            await streams.stop()
-            echo.server.close()
 
     run(scenario())
     kinds = [type(event) for event in events]
@@ -153,12 +164,7 @@ def test_a_held_connection_is_reset_when_the_wait_runs_out(flaky_ssh: Tuple[str,
     events: List[Message] = []
 
     async def scenario() -> None:
-        echo = Echo()
-        port = await echo.start()
-        streams = streams_for(ssh, events=events)
-        await streams.start()
-        server, address = await listen(streams, port, wait=0.5)
-        try:
+        async with tunnelled(ssh, events, wait=0.5) as (echo, streams, address):
             block.touch()
             os.kill(agent_pid(streams), signal.SIGKILL)
             await until(lambda: streams.up == 0)
@@ -168,10 +174,6 @@ def test_a_held_connection_is_reset_when_the_wait_runs_out(flaky_ssh: Tuple[str,
                 await asyncio.wait_for(reader.read(10), 10)
             assert echo.connections == 0
             writer.close()
-        finally:
-            server.close()
-            await streams.stop()
-            echo.server.close()
 
     run(scenario())
 

@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socket
 import stat
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -290,33 +292,50 @@ def test_parse_splits_at_newlines_only() -> None:
 
 # --- checked again, and bounded ------------------------------------------------------------
 
-HOSTILE_ENTRIES: list[Any] = [
-    [("db\n1", "10.1.2.3")],
-    [("db1", "10.1.2.3\n10.6.6.6 localhost")],
-    [("db#1", "10.1.2.3")],
-    [("db 1", "10.1.2.3")],
-    [("d\u00e9", "10.1.2.3")],
-    [("10.1.2.3", "10.1.2.3")],
-    [("a" * 300, "10.1.2.3")],
-    [("db1", "010.1.2.3")],
-    [("db1", "FD00::1")],
-    [("db1", "fe80::1%eth0")],
-    [("", "10.1.2.3")],
-    [("db1", 167838211)],
-    [["db1", "10.1.2.3"]],
-    [("db1",)],
-    [("db1", "10.1.2.3", "x")],
-    [(b"db1", "10.1.2.3")],
-    [("db1", "10.1.2.3")] * (MAX_HOSTS + 1),
+# Hostile host entries, and what the refusal says: the daemon answers them through the
+# protocol's checks, and HostsFile checks them again by the same rules.
+HOSTILE: list[tuple[Any, str]] = [
+    ([("db\n1", "10.1.2.3")], "hosts name: 'db\\n1' is not a valid host name"),
+    ([("db1\n10.6.6.6 localhost", "10.1.2.3")], "is not a valid host name"),
+    ([("db#1", "10.1.2.3")], "is not a valid host name"),
+    ([("db 1", "10.1.2.3")], "is not a valid host name"),
+    ([("d\u00e9j\u00e0", "10.1.2.3")], "is not a valid host name"),
+    ([("xn--\u0430pple", "10.1.2.3")], "is not a valid host name"),
+    ([("10.1.2.3", "10.1.2.3")], "is not a valid host name"),
+    ([("::1", "10.1.2.3")], "is not a valid host name"),
+    ([("a" * 300, "10.1.2.3")], "hosts name must be text of at most 253 characters"),
+    ([("db1.", "10.1.2.3")], "is not a valid host name"),
+    ([("-db1", "10.1.2.3")], "is not a valid host name"),
+    ([("", "10.1.2.3")], "is not a valid host name"),
+    ([("db1\x00", "10.1.2.3")], "is not a valid host name"),
+    ([("db1", "010.1.2.3")], "hosts address"),
+    ([("db1", "10.1.2.3 ")], "hosts address"),
+    ([("db1", "FD00::1")], "is not written canonically (fd00::1)"),
+    ([("db1", "fd00:0::1")], "is not written canonically (fd00::1)"),
+    ([("db1", "fe80::1%eth0")], "has a scope id"),
+    ([("db1", "10.1.2.3\n10.6.6.6 localhost")], "hosts address"),
+    ([("db1", 167838211)], "hosts address must be text"),
+    ([(b"db1", "10.1.2.3")], "hosts name must be text"),
+    ([("db1",)], "each of hosts is [host name, address]"),
+    ([("db1", "10.1.2.3", "x")], "each of hosts is [host name, address]"),
+    (["db1 10.1.2.3"], "each of hosts is [host name, address]"),
+    ("db1 10.1.2.3", "hosts must be a list of at most 10000 items"),
+    (None, "hosts must be a list of at most 10000 items"),
+    ([("db1", "10.1.2.3")] * (MAX_HOSTS + 1), "hosts must be a list of at most 10000 items"),
 ]
 
+# HostsFile.set takes a list (the daemon's request checks what is not one), and its entries
+# must be tuples (msgpack gives nothing else).
+HOSTILE_ENTRIES = [case for case in HOSTILE if isinstance(case[0], list)]
+HOSTILE_ENTRIES.append(([["db1", "10.1.2.3"]], "each of hosts is [host name, address]"))
 
-@pytest.mark.parametrize("entries", HOSTILE_ENTRIES)
-def test_entries_are_checked_again(path: Path, entries: Any) -> None:
+
+@pytest.mark.parametrize(("entries", "why"), HOSTILE_ENTRIES)
+def test_entries_are_checked_again(path: Path, entries: Any, why: str) -> None:
     hosts = HostsFile(str(path))
     hosts.set(A, [("db0", "10.1.2.2")])
     before = path.read_bytes()
-    with pytest.raises(RequestError, match=r"hosts"):  # as the protocol's checks say it
+    with pytest.raises(RequestError, match=re.escape(why)):  # as the protocol's checks say it
         hosts.set(A, entries)
     assert path.read_bytes() == before
 
@@ -494,22 +513,22 @@ def raw_set_hosts(session: Any, hosts: Any, request_id: int = 5) -> bytes:
     return data
 
 
-def root_session(daemon: Daemon, listen: Callable[..., Listener]) -> Any:
-    """A nat session of root's, listening on 12300; its client."""
+@contextmanager
+def root_session(
+    daemon: Daemon, listen: Callable[..., Listener], hosts: list[tuple[str, str]] | None = None
+) -> Iterator[Any]:
+    """A nat session of root's, listening on 12300, whose block was set to hosts (if given);
+    its client, which closes the session afterwards."""
     listen(12300)
     client, _ = open_session(daemon, "nat", 12300, ["10.0.0.0/8"], [])
     assert client.session is not None
-    return client
-
-
-def root_session_with_hosts(
-    daemon: Daemon, listen: Callable[..., Listener], hosts: list[tuple[str, str]]
-) -> Any:
-    """A nat session of root's (listening on 12300) whose block was set to hosts; its client."""
-    client = root_session(daemon, listen)
-    answer = ask(daemon.socket_path, raw_set_hosts(client.session, hosts))[1]
-    assert answer == SetHostsAnswer(len(hosts))
-    return client
+    try:
+        if hosts is not None:
+            answer = ask(daemon.socket_path, raw_set_hosts(client.session, hosts))[1]
+            assert answer == SetHostsAnswer(len(hosts))
+        yield client
+    finally:
+        close_session(client)
 
 
 @pytest.fixture
@@ -522,66 +541,29 @@ def admin_hosts(socket_dir: Path) -> Iterator[bytes]:
 
 @pytest.mark.integration
 def test_set_hosts_writes_the_block_and_close_removes_it(
-    netns: str,
     start_firewalld: Callable[..., Daemon],
     listen: Callable[..., Listener],
     admin_hosts: bytes,
 ) -> None:
     daemon = start_firewalld(lease=30)
-    client = root_session(daemon, listen)
-    try:
+    with root_session(daemon, listen) as client:
         request = SetHostsRequest(client.session, (("db1", "10.1.2.3"), ("localhost", "10.6.6.6")))
         assert ask(daemon.socket_path, encode_frame(3, request)) == (3, SetHostsAnswer(1))
         assert daemon.hosts_file.read_bytes() == admin_hosts + block(
             client.session[:12], "10.1.2.3 db1"
         )
         assert "1 host names skipped" in daemon.log
-    finally:
-        close_session(client)
     assert daemon.hosts_file.read_bytes() == admin_hosts
-
-
-HOSTILE = [
-    ([("db\n1", "10.1.2.3")], "hosts name: 'db\\n1' is not a valid host name"),
-    ([("db1\n10.6.6.6 localhost", "10.1.2.3")], "is not a valid host name"),
-    ([("db#1", "10.1.2.3")], "is not a valid host name"),
-    ([("db 1", "10.1.2.3")], "is not a valid host name"),
-    ([("d\u00e9j\u00e0", "10.1.2.3")], "is not a valid host name"),
-    ([("xn--\u0430pple", "10.1.2.3")], "is not a valid host name"),
-    ([("10.1.2.3", "10.1.2.3")], "is not a valid host name"),
-    ([("::1", "10.1.2.3")], "is not a valid host name"),
-    ([("a" * 300, "10.1.2.3")], "hosts name must be text of at most 253 characters"),
-    ([("db1.", "10.1.2.3")], "is not a valid host name"),
-    ([("-db1", "10.1.2.3")], "is not a valid host name"),
-    ([("", "10.1.2.3")], "is not a valid host name"),
-    ([("db1\x00", "10.1.2.3")], "is not a valid host name"),
-    ([("db1", "010.1.2.3")], "hosts address"),
-    ([("db1", "10.1.2.3 ")], "hosts address"),
-    ([("db1", "FD00::1")], "is not written canonically (fd00::1)"),
-    ([("db1", "fd00:0::1")], "is not written canonically (fd00::1)"),
-    ([("db1", "fe80::1%eth0")], "has a scope id"),
-    ([("db1", "10.1.2.3\n10.6.6.6 localhost")], "hosts address"),
-    ([("db1", 167838211)], "hosts address must be text"),
-    ([(b"db1", "10.1.2.3")], "hosts name must be text"),
-    ([("db1",)], "each of hosts is [host name, address]"),
-    ([("db1", "10.1.2.3", "x")], "each of hosts is [host name, address]"),
-    (["db1 10.1.2.3"], "each of hosts is [host name, address]"),
-    ("db1 10.1.2.3", "hosts must be a list of at most 10000 items"),
-    (None, "hosts must be a list of at most 10000 items"),
-    ([("db1", "10.1.2.3")] * (MAX_HOSTS + 1), "hosts must be a list of at most 10000 items"),
-]
 
 
 @pytest.mark.integration
 def test_hostile_requests_are_refused_and_the_file_stays(
-    netns: str,
     start_firewalld: Callable[..., Daemon],
     listen: Callable[..., Listener],
     admin_hosts: bytes,
 ) -> None:
     daemon = start_firewalld(lease=30)
-    client = root_session(daemon, listen)
-    try:
+    with root_session(daemon, listen) as client:
         session = client.session
         assert ask(daemon.socket_path, raw_set_hosts(session, [("db0", "10.1.2.2")])) == (
             5,
@@ -607,8 +589,6 @@ def test_hostile_requests_are_refused_and_the_file_stays(
                 HeartbeatAnswer(),
             )
         assert daemon.proc.poll() is None
-    finally:
-        close_session(client)
     assert daemon.hosts_file.read_bytes() == admin_hosts
 
 
@@ -650,13 +630,32 @@ context.term()
 """
 
 
+NOBODY_PORT = 12301  # where nobody's sessions redirect to: its listener (nobody_daemon)
+
+
+@pytest.fixture
+def nobody_daemon(
+    socket_dir: Path, start_firewalld: Callable[..., Daemon], listen: Callable[..., Listener]
+) -> Callable[[bytes | None], Daemon]:
+    """Starts a daemon that nobody (in nogroup) may reach, with this policy file (None: the
+    file as it is); nobody listens on NOBODY_PORT for the sessions of nobody_sets_hosts."""
+    listen(NOBODY_PORT, as_nobody=True)
+
+    def start(policy: bytes | None) -> Daemon:
+        if policy is not None:
+            write(socket_dir / "firewalld.policy", policy)
+        return start_firewalld(group="nogroup", lease=30)
+
+    return start
+
+
 def nobody_sets_hosts(
     daemon: Daemon, steps: list[tuple[str | int | None, list[Any]]], sessions: int = 1
 ) -> list[Any]:
-    """As uid 65534: open nat sessions on port 12301, ask SetHosts for each (session, hosts)
+    """As uid 65534: open nat sessions on NOBODY_PORT, ask SetHosts for each (session, hosts)
     (None: its first session; a number: its session of that index), close them; [its first
     session's id, then each count or error text]."""
-    script = [sys.executable, "-c", NOBODY_HOSTS, str(daemon.socket_path), "12301"]
+    script = [sys.executable, "-c", NOBODY_HOSTS, str(daemon.socket_path), str(NOBODY_PORT)]
     done = subprocess.run(
         [*NOBODY, *script, str(sessions)],
         input=json.dumps(steps),
@@ -671,14 +670,9 @@ def nobody_sets_hosts(
 
 @pytest.mark.integration
 def test_setting_hosts_needs_the_hosts_permission(
-    netns: str,
-    socket_dir: Path,
-    start_firewalld: Callable[..., Daemon],
-    listen: Callable[..., Listener],
-    admin_hosts: bytes,
+    socket_dir: Path, nobody_daemon: Callable[[bytes | None], Daemon], admin_hosts: bytes
 ) -> None:
-    listen(12301, as_nobody=True)
-    daemon = start_firewalld(group="nogroup", lease=30)
+    daemon = nobody_daemon(None)
     result = nobody_sets_hosts(daemon, [(None, [("db1", "10.1.2.3")])])
     assert result[1:] == [
         "writing host names into the hosts file needs root or a policy entry in "
@@ -687,8 +681,7 @@ def test_setting_hosts_needs_the_hosts_permission(
     assert daemon.hosts_file.read_bytes() == admin_hosts
     daemon.stop()
 
-    write(socket_dir / "firewalld.policy", b"allow nobody hosts\n")
-    daemon = start_firewalld(group="nogroup", lease=30)
+    daemon = nobody_daemon(b"allow nobody hosts\n")
     result = nobody_sets_hosts(daemon, [(None, [("db1", "10.1.2.3")]), (None, [])])
     assert result[1:] == [1, 0]
     assert f"session {result[0][:12]}: 1 host entries in {daemon.hosts_file}" in daemon.log
@@ -697,15 +690,9 @@ def test_setting_hosts_needs_the_hosts_permission(
 
 @pytest.mark.integration
 def test_a_grantee_may_be_held_to_domains_and_to_a_size(
-    netns: str,
-    socket_dir: Path,
-    start_firewalld: Callable[..., Daemon],
-    listen: Callable[..., Listener],
-    admin_hosts: bytes,
+    nobody_daemon: Callable[[bytes | None], Daemon], admin_hosts: bytes
 ) -> None:
-    write(socket_dir / "firewalld.policy", b"allow nobody hosts=corp.example\n")
-    listen(12301, as_nobody=True)
-    daemon = start_firewalld(group="nogroup", lease=30)
+    daemon = nobody_daemon(b"allow nobody hosts=corp.example\n")
     wanted = [("db1.corp.example", "10.1.2.3"), ("corp.example", "10.1.2.4")]
     outside = [("deb.debian.org", "10.6.6.6"), ("wpad.corp.example", "10.6.6.6")]
     # Two sessions, each asking for just under the per-uid entries: the second is refused.
@@ -731,55 +718,41 @@ def test_a_grantee_may_be_held_to_domains_and_to_a_size(
 
 @pytest.mark.integration
 def test_another_uids_session_cannot_be_targeted(
-    netns: str,
-    socket_dir: Path,
-    start_firewalld: Callable[..., Daemon],
+    nobody_daemon: Callable[[bytes | None], Daemon],
     listen: Callable[..., Listener],
     admin_hosts: bytes,
 ) -> None:
-    write(socket_dir / "firewalld.policy", b"allow nobody hosts\n")
-    listen(12301, as_nobody=True)
-    daemon = start_firewalld(group="nogroup", lease=30)
-    client = root_session_with_hosts(daemon, listen, [("db1", "10.1.2.3")])
-    try:
-        root_session = client.session
+    daemon = nobody_daemon(b"allow nobody hosts\n")
+    with root_session(daemon, listen, [("db1", "10.1.2.3")]) as client:
+        roots = client.session
         before = daemon.hosts_file.read_bytes()
-        result = nobody_sets_hosts(
-            daemon, [(root_session, []), (root_session, [("db2", "10.6.6.6")])]
-        )
+        result = nobody_sets_hosts(daemon, [(roots, []), (roots, [("db2", "10.6.6.6")])])
         assert result[1:] == ["no such session", "no such session"]
         assert daemon.hosts_file.read_bytes() == before
         # Nor can root reach nobody's session (closed by now, but the answer is the same).
         assert ask(daemon.socket_path, raw_set_hosts(result[0], []))[1] == (
             ErrorAnswer("no such session")
         )
-    finally:
-        close_session(client)
     assert daemon.hosts_file.read_bytes() == admin_hosts
 
 
 @pytest.mark.integration
 def test_lease_expiry_removes_the_block(
-    netns: str,
     start_firewalld: Callable[..., Daemon],
     listen: Callable[..., Listener],
     admin_hosts: bytes,
 ) -> None:
     daemon = start_firewalld(lease=1)
-    client = root_session_with_hosts(daemon, listen, [("db1", "10.1.2.3")])
-    session = client.session
-    try:
+    with root_session(daemon, listen, [("db1", "10.1.2.3")]) as client:
+        session = client.session
         # No heartbeats: the lease runs out, and the block goes with the session.
         assert wait_until(lambda: daemon.hosts_file.read_bytes() == admin_hosts, WAIT)
         # Logged after the block went (close() logs last): waited for, not read at once.
         daemon.wait_for_line(f"shuttle-firewalld: session {session[:12]} of uid 0 expired")
-    finally:
-        close_session(client)
 
 
 @pytest.mark.integration
 def test_stale_blocks_go_at_start_and_live_ones_at_exit(
-    netns: str,
     socket_dir: Path,
     start_firewalld: Callable[..., Daemon],
     listen: Callable[..., Listener],
@@ -790,7 +763,7 @@ def test_stale_blocks_go_at_start_and_live_ones_at_exit(
     daemon = start_firewalld(lease=30)
     assert hosts.read_bytes() == admin_hosts + b"10.9.9.7 last\n"
     assert f"removed 1 stale session blocks from {hosts}" in daemon.log
-    client = root_session_with_hosts(daemon, listen, [("db1", "10.1.2.3")])
-    assert daemon.stop() == 0  # SIGTERM: every session is closed, its block removed
-    assert hosts.read_bytes() == admin_hosts + b"10.9.9.7 last\n"
-    close_session(client)  # the socket file is gone: the client only forgets the session
+    # Closed after the daemon's end: the socket file is gone, the client only forgets it.
+    with root_session(daemon, listen, [("db1", "10.1.2.3")]):
+        assert daemon.stop() == 0  # SIGTERM: every session is closed, its block removed
+        assert hosts.read_bytes() == admin_hosts + b"10.9.9.7 last\n"

@@ -25,7 +25,6 @@ import errno
 import hashlib
 import json
 import os
-import resource
 import select
 import selectors
 import signal
@@ -36,16 +35,11 @@ from typing import Any, Dict, List, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # tcptool.py is beside this file in the tools directory (in the repository: testbed/).
-from tcptool import pattern_sha256  # type: ignore[import-not-found]
+from tcptool import pattern_sha256, raise_fd_limit  # type: ignore[import-not-found]
 
 MAX_HELD = 1000
 CHUNK = 1 << 16
 ECHO_SIZE = 64
-
-
-def raise_fd_limit() -> None:
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def emit(result: Dict[str, Any]) -> None:
