@@ -267,8 +267,10 @@ class Master:
 
     @property
     def room(self) -> bool:
-        """Whether a new connection may go through this master."""
-        return not self.closed and len(self.forwards) + self.handing < self.cap
+        """Whether a new connection may go through this master: it is up (start() is
+        done), and below its cap."""
+        up = self._watch is not None and not self.closed
+        return up and len(self.forwards) + self.handing < self.cap
 
     async def start(self) -> None:
         """Connect the watch connection (for AliveCheck); MuxError if there is no master."""

@@ -93,6 +93,13 @@ class Streams:
         for index in range(len(self.tunnels)):
             self.publish(Connected(index, self.options.ssh_destination))
             self._spawn(self._keep(index)).add_done_callback(self._kept)
+        self._release_waiting()  # captured while the agents started (main's _bring_up)
+
+    async def connected(self) -> None:
+        """Wait until every stream's ssh is connected: its master answered, or its agent
+        greeted (start() may still be waiting for the rest)."""
+        for tunnel in self.tunnels:  # shielded: cancelling this must not cancel theirs
+            await asyncio.shield(tunnel.connected)
 
     async def stop(self) -> None:
         self._stopping = True
@@ -259,10 +266,11 @@ class Streams:
         return "ssh" if all(fast) else "mixed" if any(fast) else "agent"
 
     def _pick_master(self) -> Optional[Master]:
+        # Not only once the agent greeted: a master is up a python start before that.
         masters = [
             tunnel.master
             for tunnel in self.tunnels
-            if tunnel.up and tunnel.master is not None and tunnel.master.room
+            if not tunnel.link.closed.done() and tunnel.master is not None and tunnel.master.room
         ]
         if not masters:
             return None

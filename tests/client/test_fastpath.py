@@ -87,7 +87,8 @@ def test_with_no_master_the_socket_stays_the_callers(tmp_path: Path) -> None:
             why = await master.open(accepted, "10.0.0.1", 80, "127.0.0.1:1")
             program.sendall(b"still ours")
             assert accepted.recv(100) == b"still ours"  # nothing read it, nothing closed it
-        assert master.room and not master.forwards and master.handing == 0
+        assert not master.forwards and master.handing == 0
+        assert not master.room  # never started: no new connection is sent to it
         return why or ""
 
     why = asyncio.run(hand_over())
