@@ -231,6 +231,8 @@ class Forward:
 # Called with a forward that opened, and with one that closed, its byte counts beside.
 Hook = Callable[[Forward], None]
 CloseHook = Callable[[Forward, int, int], None]
+# A request sent through a ready mux connection (Master.send): the connection, the request id.
+Sent = Tuple[MuxConnection, int]
 
 
 class Master:
@@ -280,10 +282,47 @@ class Master:
         self._filler = asyncio.ensure_future(self._fill_loop())
         self._refill.set()
 
-    async def open(self, sock: socket.socket, host: str, port: int, source: str) -> Optional[str]:
-        """Hand sock over for host:port: None once ssh carries it, else why not (then sock
-        is still the caller's, untouched: ssh never read from it)."""
-        mux, why = await self.request(sock, host, port)
+    def send(self, sock: socket.socket, host: str, port: int) -> Optional[Sent]:
+        """Hand sock over for host:port now, through a ready mux connection: the request
+        and the two descriptors go out in the caller's turn of the loop (the accept's), not
+        after whatever else the loop has to do first. The sent request, for open(); None if
+        no connection is ready, or sending failed (then sock is still the caller's: ssh
+        never got it, and the master drops a connection whose request broke off)."""
+        sent = self._send(sock, host, port)
+        if sent is not None:
+            self.handing += 1  # open() counts it down
+        return sent
+
+    def _send(self, sock: socket.socket, host: str, port: int) -> Optional[Sent]:
+        mux = self._take_ready()
+        if mux is None:
+            return None
+        request = ssh_mux.NewStdioFwd(next(self._requests) & ssh_mux.UINT32, host, port)
+        packet = ssh_mux.encode(request)
+        try:
+            # A ready connection has sent nothing: its buffer takes the few bytes at once.
+            if mux.sock.send(packet) != len(packet):
+                raise BlockingIOError("the mux connection took part of the request")
+            mux.send_fds(sock.fileno(), 2)
+        except OSError as exc:
+            log.debug("ssh's control connection: %s", exc.strerror or exc)
+            mux.close()
+            self._refill.set()
+            return None
+        return mux, request.request_id
+
+    async def open(
+        self,
+        sock: socket.socket,
+        host: str,
+        port: int,
+        source: str,
+        sent: Optional[Sent] = None,
+    ) -> Optional[str]:
+        """Hand sock over for host:port (sent: what send() sent for it): None once ssh
+        carries it, else why not (then sock is still the caller's, untouched: ssh never
+        read from it)."""
+        mux, why = await self.request(sock, host, port, sent)
         if mux is None:
             return why
         if self.closed:  # lost while we waited: the caller sends it elsewhere
@@ -293,11 +332,15 @@ class Master:
         return None
 
     async def request(
-        self, sock: socket.socket, host: str, port: int
+        self, sock: socket.socket, host: str, port: int, sent: Optional[Sent] = None
     ) -> Tuple[Optional[MuxConnection], str]:
-        """A stdio forward of sock to host:port: its open mux connection, or None and why."""
-        self.handing += 1
+        """A stdio forward of sock to host:port, sent already (sent) or not: its open mux
+        connection, or None and why."""
+        if sent is None:
+            self.handing += 1
         try:
+            if sent is not None:
+                return await self._answer(*sent, fresh=False)
             async with self._slots:
                 if self.closed:
                     return None, "the master is gone"
@@ -309,21 +352,28 @@ class Master:
     async def _request(
         self, sock: socket.socket, host: str, port: int
     ) -> Tuple[Optional[MuxConnection], str]:
+        """Through a mux connection of its own, or a ready one if one is there by now."""
+        sent = self._send(sock, host, port)
+        if sent is not None:
+            return await self._answer(*sent, fresh=False)
         request = ssh_mux.NewStdioFwd(next(self._requests) & ssh_mux.UINT32, host, port)
-        ready = self._take_ready()
-        try:
-            if ready is None:  # the Hello goes with the request: no round trip before it
-                mux = await MuxConnection.open(self.path, request)
-            else:
-                mux = ready
-                await asyncio.get_running_loop().sock_sendall(mux.sock, ssh_mux.encode(request))
+        try:  # the Hello goes with the request: no round trip before it
+            mux = await MuxConnection.open(self.path, request)
         except (OSError, MuxError) as exc:
-            if ready is not None:
-                ready.close()
             return None, str(exc)
         try:
             mux.send_fds(sock.fileno(), 2)
-            if ready is None:
+        except OSError as exc:
+            mux.close()
+            return None, str(exc)
+        return await self._answer(mux, request.request_id, fresh=True)
+
+    async def _answer(
+        self, mux: MuxConnection, request_id: int, *, fresh: bool
+    ) -> Tuple[Optional[MuxConnection], str]:
+        """The master's answer to the request on mux (fresh: its Hello first)."""
+        try:
+            if fresh:
                 await mux.hello()
             answer = await mux.answer()
         except (OSError, MuxError) as exc:
@@ -332,7 +382,7 @@ class Master:
         except BaseException:
             mux.close()
             raise
-        if isinstance(answer, ssh_mux.SessionOpened) and answer.request_id == request.request_id:
+        if isinstance(answer, ssh_mux.SessionOpened) and answer.request_id == request_id:
             return mux, ""
         mux.close()
         if isinstance(answer, (ssh_mux.Failure, ssh_mux.PermissionDenied)):

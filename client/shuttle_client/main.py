@@ -21,7 +21,7 @@ from shuttle_protocol.control_messages import (
 )
 from shuttle_protocol.schema import Message
 
-from . import ctl, logs
+from . import logs
 from .argfiles import parse_command_line
 from .capture import Capture
 from .cli import DocoptExit, Options, UsageError
@@ -429,6 +429,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     """Console script: shuttle-client, and `shuttle-client ctl ...` (ctl.py)."""
     args = sys.argv[1:] if argv is None else list(argv)
     if args[:1] == ["ctl"]:
+        # Imported here: the tunnel's start need not wait for ctl's own imports.
+        from . import ctl  # noqa: PLC0415
+
         sys.exit(ctl.main(args[1:]))
     try:
         options = parse_command_line(args, os.environ)

@@ -33,7 +33,7 @@ from shuttle_protocol.control_messages import (
 from shuttle_protocol.schema import Message
 
 from .cli import Options
-from .fastpath import Forward, Master, cap_within_fd_limit, control_dir, reset
+from .fastpath import Forward, Master, Sent, cap_within_fd_limit, control_dir, reset
 from .listing import Listed
 from .proxy import Destination, Incoming, NotCaptured, Waiting, relay_for
 from .targets import endpoint
@@ -292,11 +292,12 @@ class Streams:
         except (OSError, NotCaptured):
             return False
         wait = self.options.wait_tunnel
+        sent = master.send(conn, host, port)  # now, if it can: the task runs later
         self._spawn(
             self._hand_over(
                 master,
                 conn,
-                (host, port, source),
+                (host, port, source, sent),
                 lambda: relay_for(self, destination, wait),
             )
         )
@@ -306,13 +307,14 @@ class Streams:
         self,
         master: Master,
         conn: socket.socket,
-        where: Tuple[str, int, str],
+        where: Tuple[str, int, str, Optional[Sent]],
         agent_path: Callable[[], asyncio.Protocol],
     ) -> None:
-        """Through master, or else (a failed open) on the agent's path."""
-        host, port, source = where
+        """Through master (sent: the request that went out already), or else (a failed
+        open) on the agent's path."""
+        host, port, source, sent = where
         try:
-            why = await master.open(conn, host, port, source)
+            why = await master.open(conn, host, port, source, sent)
             if why is None:
                 return
             # The agent's answer decides: a refused connect is reset there, as always.
