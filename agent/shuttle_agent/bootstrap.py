@@ -11,7 +11,10 @@ to the bundled pure-Python one.
 import importlib.machinery
 import sys
 import types
-from typing import Dict, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, Optional, Sequence, Tuple, cast
+
+if TYPE_CHECKING:
+    from importlib.abc import Loader
 
 Bundle = Dict[str, Tuple[bool, str]]
 
@@ -33,8 +36,11 @@ class BundleFinder:
     ) -> Optional[importlib.machinery.ModuleSpec]:
         if fullname not in self.modules:
             return None
+        loader = cast("Loader", self)  # the methods a Loader has, without its import
+        origin = self._filename(fullname)
+        is_package = self.is_package(fullname)
         spec = importlib.machinery.ModuleSpec(
-            fullname, self, origin=self._filename(fullname), is_package=self.is_package(fullname)
+            fullname, loader, origin=origin, is_package=is_package
         )
         spec.has_location = True  # so the module gets __file__, as from a file
         return spec
