@@ -11,8 +11,11 @@ NewStdioFwd, the two descriptors, and the answer. The client keeps its own copy 
 accepted socket: for the byte counts (TCP_INFO) and so that a master that dies cannot hand
 the program a clean EOF. A closed mux connection is ambiguous (the forward ended, or the
 master died and the kernel closed its descriptors), so the forwards that ended are closed
-gracefully only after the master answers an AliveCheck sent after it closed them;
-otherwise they are reset.
+gracefully only once the master is known to have been alive after it closed them: the
+kernel marks a process as exiting (PF_EXITING, in /proc/PID/stat) before it closes its
+descriptors, so a master that is our ssh child and is not exiting closed them itself. Where
+the master is another process (the user's ControlPersist forks one), it answers an
+AliveCheck sent after it closed them instead. Otherwise they are reset.
 """
 
 import asyncio
@@ -53,6 +56,10 @@ TCP_INFO_OFFSET = 120
 TCP_INFO_SIZE = TCP_INFO_OFFSET + TCP_INFO_BYTES.size
 RECV_SIZE = 4096  # of the master's answers, a few dozen bytes each
 MIN_FD_LIMIT = 1024  # open files: below it, no fast path (cap_within_fd_limit)
+UCRED = struct.Struct("3i")  # SO_PEERCRED's struct ucred: pid, uid, gid
+# PF_EXITING (linux/sched.h): set on a process as it begins to exit, before the kernel closes
+# its descriptors (do_exit: exit_signals, then exit_files).
+PF_EXITING = 0x00000004
 
 
 def cap_within_fd_limit(cap: int) -> int:
@@ -105,6 +112,20 @@ def tcp_bytes(sock: socket.socket) -> Tuple[int, int]:
         return 0, 0
     acked, received = TCP_INFO_BYTES.unpack_from(raw, TCP_INFO_OFFSET)
     return int(received), int(acked)
+
+
+def running_since(pid: int) -> Optional[int]:
+    """pid's start time (clock ticks since boot) if it runs and is not exiting; None if it
+    is exiting, a zombie, or gone (/proc/PID/stat: state, flags and start time)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            fields = stat.read().rpartition(b")")[2].split()
+        state, flags, start = fields[0], int(fields[6]), int(fields[19])
+    except (OSError, ValueError, IndexError):
+        return None
+    if state in (b"Z", b"X") or flags & PF_EXITING:
+        return None
+    return start
 
 
 def reset(sock: socket.socket) -> None:
@@ -260,6 +281,8 @@ class Master:
         self._requests = itertools.count(1)
         self._slots = asyncio.Semaphore(PARALLEL)
         self._watch: Optional[MuxConnection] = None
+        self._pid = 0  # the master, where it is our ssh: its liveness is read from /proc
+        self._since: Optional[int] = None  # its start time, which a reused pid would not have
         self._ended: List[Forward] = []  # mux connection closed; is the master alive?
         self._wake = asyncio.Event()
         self._watcher: Optional[asyncio.Task[None]] = None
@@ -274,9 +297,18 @@ class Master:
         up = self._watch is not None and not self.closed
         return up and len(self.forwards) + self.handing < self.cap
 
-    async def start(self) -> None:
-        """Connect the watch connection (for AliveCheck); MuxError if there is no master."""
+    async def start(self, ssh_pid: int = 0) -> None:
+        """Connect the watch connection; MuxError if there is no master. ssh_pid: the ssh
+        we started, our child (unreaped, its pid cannot be reused while we look)."""
         watch = await MuxConnection.ready(self.path)
+        try:
+            pid = UCRED.unpack(
+                watch.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, UCRED.size)
+            )[0]
+        except OSError:
+            pid = 0
+        if pid and pid == ssh_pid:
+            self._pid, self._since = pid, running_since(pid)
         self._watch = watch
         self._watcher = asyncio.ensure_future(self._watch_loop())
         self._filler = asyncio.ensure_future(self._fill_loop())
@@ -438,8 +470,8 @@ class Master:
         self._wake.set()
 
     async def _watch_loop(self) -> None:
-        """Prove the master alive after forwards ended, then close them gracefully; reset
-        everything when the master is gone."""
+        """Prove the master alive after forwards ended (from /proc, or by an AliveCheck),
+        then close them gracefully; reset everything when the master is gone."""
         watch = self._watch
         if watch is None:
             return
@@ -449,11 +481,16 @@ class Master:
                 await self._wake.wait()
                 self._wake.clear()
                 batch, self._ended = self._ended, []
-                request = next(self._requests) & ssh_mux.UINT32
-                await loop.sock_sendall(watch.sock, ssh_mux.encode(ssh_mux.AliveCheck(request)))
-                answer = await watch.answer()
-                if not isinstance(answer, ssh_mux.Alive) or answer.request_id != request:
-                    raise MuxError(f"unexpected answer to AliveCheck: {answer!r:.80}")
+                if self._since is not None:  # read after their ends: no round trip
+                    if running_since(self._pid) != self._since:
+                        raise MuxError("ssh exited")
+                else:
+                    request = next(self._requests) & ssh_mux.UINT32
+                    alive_check = ssh_mux.encode(ssh_mux.AliveCheck(request))
+                    await loop.sock_sendall(watch.sock, alive_check)
+                    answer = await watch.answer()
+                    if not isinstance(answer, ssh_mux.Alive) or answer.request_id != request:
+                        raise MuxError(f"unexpected answer to AliveCheck: {answer!r:.80}")
                 for forward in batch:
                     self._finish(forward, graceful=True)
         except (OSError, MuxError) as exc:

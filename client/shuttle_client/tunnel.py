@@ -209,7 +209,7 @@ class Tunnel:
             if self._greeted.done() or self.link.closed.done() or os.path.exists(master.path):
                 break
             await asyncio.sleep(MASTER_POLL)
-        await master.start()
+        await master.start(self._process.pid if self._process is not None else 0)
         stage(f"{self.link.peer}: the master's Hello")
         self._set_connected()
 

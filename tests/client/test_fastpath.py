@@ -1,19 +1,29 @@
 """The fast path's parts that need no ssh (the rest runs against a real ControlMaster in
 tests/integration/test_fastpath.py): byte counts from TCP_INFO, the reset, the private
-directory, and a hand-over with no master there."""
+directory, a hand-over with no master there, and how a master's liveness is read."""
 
 import asyncio
 import itertools
 import os
 import socket
 import stat
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import List, Tuple
 
 import pytest
-from shuttle_client.fastpath import Forward, Master, control_dir, master_options, reset, tcp_bytes
+from shuttle_client.fastpath import (
+    Forward,
+    Master,
+    control_dir,
+    master_options,
+    reset,
+    running_since,
+    tcp_bytes,
+)
 
 STUCK = 10.0  # not a timing assertion: how long a broken part may hang the test
 
@@ -94,3 +104,24 @@ def test_with_no_master_the_socket_stays_the_callers(tmp_path: Path) -> None:
     why = asyncio.run(hand_over())
     assert "cannot reach ssh's control socket" in why
     assert not opened
+
+
+def test_a_running_process_is_alive_a_zombie_or_a_gone_one_is_not() -> None:
+    """A master whose forwards ended is alive only while it runs and is not exiting: the
+    kernel closes a dying process's descriptors after it marks it exiting, and before it is
+    a zombie; a pid taken over by another process has another start time."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE
+    )
+    try:
+        since = running_since(child.pid)
+        assert since is not None and since == running_since(child.pid)
+        assert running_since(os.getpid()) is not None
+    finally:
+        assert child.stdin is not None
+        child.stdin.close()
+    exited = os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)  # a zombie: not reaped
+    assert exited is not None and exited.si_pid == child.pid
+    assert running_since(child.pid) is None
+    child.wait()
+    assert running_since(child.pid) is None
