@@ -231,18 +231,20 @@ async def _capture_while_starting(
     starting: "asyncio.Task[None]",
 ) -> Tuple[Server, Plan, int]:
     """The server's addresses, the plan, the firewall session and the capture, while the
-    streams start (the task starting): ssh -G runs beside ssh; the rules wait only until
-    ssh's own connection is up (else they could capture it) and, where the plan or the
-    capture needs them, for the agents (-N: their routes; --dns: their nameservers, and
-    queries relayed at once; tproxy: whether they relay UDP). Connections captured before
-    the agents greet go through a master, or wait (proxy.Waiting) as during a reconnect."""
+    streams start (the task starting): ssh -G runs beside ssh; the rules wait for ssh's
+    own connection to be up unless the excludes are known to cover it (else they could
+    capture it), and, where the plan or the capture needs them, for the agents (-N: their
+    routes; --dns: their nameservers, and queries relayed at once; tproxy: whether they
+    relay UDP). Connections captured before the agents greet go through a master, or wait
+    (proxy.Waiting) as during a reconnect."""
     options = client.options
     server = await _unless_stopped(
         stop, find_server(options.ssh_cmd, options.ssh_destination, options.ssh_port)
     )
     logs.stage("ssh -G")
-    await _unless_stopped(stop, _ssh_connected(client.streams, starting))
-    logs.stage("ssh connected")
+    if not server.covered:
+        await _unless_stopped(stop, _ssh_connected(client.streams, starting))
+        logs.stage("ssh connected")
     if options.auto_nets or options.dns:
         await _unless_stopped(stop, starting)
     plan = await _unless_stopped(stop, make_plan(options, client.streams.tunnels[0].discovery))

@@ -195,6 +195,7 @@ class Tunnel:
             log.debug("%s: TCP goes through ssh's own forwarding", self.link.peer)
             return
         self.master, self.fast_path_off = None, why
+        await self._master_given_up()
         master.close()
         if self.options.tcp == "ssh":
             raise TunnelError(f"--tcp=ssh, but {why}")
@@ -212,6 +213,13 @@ class Tunnel:
         await master.start(self._process.pid if self._process is not None else 0)
         stage(f"{self.link.peer}: the master's Hello")
         self._set_connected()
+
+    async def _master_given_up(self) -> None:
+        """Stop connecting to the master, and take its outcome (a MuxError is why, and was
+        said already where it mattered: no task may end with its exception unread)."""
+        if self._master_up is not None:
+            self._master_up.cancel()
+            await asyncio.gather(self._master_up, return_exceptions=True)
 
     def _set_connected(self) -> None:
         if not self.connected.done():
@@ -271,9 +279,7 @@ class Tunnel:
         """End ssh: close its stdin (the agent exits), then terminate it if it lingers.
         The forwards it carried are reset: the program must not take a cut for an end."""
         self.link.finish("stopping")
-        if self._master_up is not None and not self._master_up.done():
-            self._master_up.cancel()
-            await asyncio.gather(self._master_up, return_exceptions=True)
+        await self._master_given_up()
         if self.master is not None:
             self.master.close()
         if self._process is None:

@@ -229,24 +229,38 @@ def test_after_the_servers_half_close(shuttle: Shuttle, tcp: str, arrived: int) 
     assert f"{line}{arrived} bytes" in log.read_text(errors="replace")
 
 
-def start_gated(shuttle: Shuttle) -> tuple[Proc, Path]:
-    """A client whose agent starts only once the returned gate file exists: the server's
-    python (C and S share the file system) waits for it, bounded. The client is started,
-    not waited for."""
-    topo = shuttle.topo
-    gate = topo.user_dir / "gate"
+def gated(topo: Topology, program: str, ungated: str = "") -> tuple[Path, Path]:
+    """A script that runs program only once the returned gate file exists (waiting for
+    it, bounded), or at once when its arguments hold the word ungated; and the gate."""
+    gate = topo.user_dir / f"{os.path.basename(program)}-gate"
+    skip = f'case " $* " in *" {ungated} "*) exec {program} "$@";; esac\n' if ungated else ""
     script = topo.write_user_file(
-        "gated-python",
-        f"#!/bin/sh\nfor i in $(seq {GATE_WAIT * 10}); do\n"
-        f'  [ -e {gate} ] && exec {SYSTEM_PYTHON} "$@"\n  sleep 0.1\ndone\nexit 1\n',
+        f"gated-{os.path.basename(program)}",
+        f"#!/bin/sh\n{skip}for i in $(seq {GATE_WAIT * 10}); do\n"
+        f'  [ -e {gate} ] && exec {program} "$@"\n  sleep 0.1\ndone\nexit 1\n',
     )
     script.chmod(0o700)
+    return script, gate
+
+
+def start_unready(shuttle: Shuttle, **options: Any) -> Proc:
+    """A client started, not waited for; with -v: the hand-over's debug line says when
+    the agent takes one."""
+    topo = shuttle.topo
+    extra = [*FAST, "-v", *options.pop("extra", [])]
     env = topo.user_env([str(shuttle.venv.bin)])
-    extra = [*FAST, "-v"]  # the hand-over's debug line says when the agent takes one
-    argv = topo.user_argv(shuttle.client_args(python=str(script), extra=extra), env)
-    client = topo.start("client-gated", argv)
+    client = topo.start(
+        "client-gated", topo.user_argv(shuttle.client_args(extra=extra, **options), env)
+    )
     shuttle.clients.append(client)
-    return client, gate
+    return client
+
+
+def start_gated(shuttle: Shuttle) -> tuple[Proc, Path]:
+    """A client whose agent starts only once the returned gate file exists: the server's
+    python (C and S share the file system) waits for it."""
+    python, gate = gated(shuttle.topo, SYSTEM_PYTHON)
+    return start_unready(shuttle, python=str(python)), gate
 
 
 def test_tcp_goes_through_the_master_before_the_agent_has_started(shuttle: Shuttle) -> None:
@@ -278,3 +292,18 @@ def test_before_the_agent_a_server_without_forwarding_holds_connections_for_it(
     assert curl.returncode == 0 and topo.marker in page, shuttle.outputs()
     assert client.wait_for_line(CLIENT_READY, GATE_WAIT), shuttle.outputs()
     assert "TCP through agent" in ready_line(client)
+
+
+def test_the_rules_go_in_while_ssh_connects_where_the_excludes_cover_it(shuttle: Shuttle) -> None:
+    """The server's address is excluded (ssh -G names it, no ProxyCommand): the rules need
+    not wait for ssh's connection, and they do not capture it."""
+    topo = shuttle.topo
+    ssh, gate = gated(topo, "ssh", ungated="-G")
+    options = " ".join(topo.ssh_options(topo.user))
+    client = start_unready(shuttle, extra=[f"--ssh-cmd={ssh} {options}"])
+    assert wait_until(lambda: shuttle_rules(topo), GATE_WAIT), shuttle.outputs()
+    assert not gate.exists()  # ssh has not begun to connect
+    gate.touch()
+    assert client.wait_for_line(CLIENT_READY, GATE_WAIT), shuttle.outputs()
+    assert "TCP through ssh" in ready_line(client)
+    curl_works(shuttle)
