@@ -228,13 +228,14 @@ class Tunnel:
     async def _probe(self, master: Master) -> Optional[str]:
         if "probe" not in self.agent_capabilities:
             return "the agent cannot probe (an older shuttle-agent)"
+        master_up = self._master_up  # started with ssh, for every master
+        if master_up is None:
+            return "ssh was not started as a ControlMaster"
         # The agent's listener while the master is connected to: round trips in parallel.
         self._probe_port = asyncio.get_running_loop().create_future()
         self.link.send(ProbeListen())
-        if self._master_up is None:
-            return "ssh was not started as a ControlMaster"
         try:
-            await self._master_up
+            await master_up
         except MuxError as exc:
             return f"ssh is not a ControlMaster ({exc})"
         waiting: List[asyncio.Future[Any]] = [self._probe_port, self.link.closed]

@@ -257,17 +257,22 @@ def start_unready(shuttle: Shuttle, **options: Any) -> Proc:
 
 
 def start_gated(shuttle: Shuttle) -> tuple[Proc, Path]:
-    """A client whose agent starts only once the returned gate file exists: the server's
-    python (C and S share the file system) waits for it."""
+    """A client whose agent starts only once the returned gate file exists (the server's
+    python, C and S share the file system, waits for it); returned once its rules are in
+    and it is connected to the master (-v's start-up line): a connection captured before
+    that waits for the agent."""
     python, gate = gated(shuttle.topo, SYSTEM_PYTHON)
-    return start_unready(shuttle, python=str(python)), gate
+    client = start_unready(shuttle, python=str(python))
+    assert wait_until(lambda: shuttle_rules(shuttle.topo), GATE_WAIT), shuttle.outputs()
+    up = "start-up: agent: the master's Hello"
+    assert wait_until(lambda: up in client.output(), GATE_WAIT), shuttle.outputs()
+    return client, gate
 
 
 def test_tcp_goes_through_the_master_before_the_agent_has_started(shuttle: Shuttle) -> None:
     """The master is up once ssh has authenticated: the rules and the fast path need not
     wait for the server's python."""
     client, gate = start_gated(shuttle)
-    assert wait_until(lambda: shuttle_rules(shuttle.topo), GATE_WAIT), shuttle.outputs()
     curl_works(shuttle)
     assert CLIENT_READY not in client.output() and not gate.exists()  # no agent yet
     gate.touch()
@@ -282,7 +287,6 @@ def test_before_the_agent_a_server_without_forwarding_holds_connections_for_it(
     topo = shuttle.topo
     topo.start_sshd(tcp_forwarding=False)
     client, gate = start_gated(shuttle)
-    assert wait_until(lambda: shuttle_rules(topo), GATE_WAIT), shuttle.outputs()
     argv = topo.user_argv(curl_argv(T_ADDR, HTTP_PORT, GATE_WAIT))
     with subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, cwd=topo.user_dir) as curl:
         assert wait_until(lambda: "through the agent" in client.output(), GATE_WAIT)
