@@ -11,8 +11,11 @@ NewStdioFwd, the two descriptors, and the answer. The client keeps its own copy 
 accepted socket: for the byte counts (TCP_INFO) and so that a master that dies cannot hand
 the program a clean EOF. A closed mux connection is ambiguous (the forward ended, or the
 master died and the kernel closed its descriptors), so the forwards that ended are closed
-gracefully only after the master answers an AliveCheck sent after it closed them;
-otherwise they are reset.
+gracefully only once the master is known to have been alive after it closed them: the
+kernel marks a process as exiting (PF_EXITING, in /proc/PID/stat) before it closes its
+descriptors, so a master that is our ssh child and is not exiting closed them itself. Where
+the master is another process (the user's ControlPersist forks one), it answers an
+AliveCheck sent after it closed them instead. Otherwise they are reset.
 """
 
 import asyncio
@@ -57,6 +60,10 @@ TCP_INFO_OFFSET = 120
 TCP_INFO_SIZE = TCP_INFO_OFFSET + TCP_INFO_BYTES.size
 RECV_SIZE = 4096  # of the master's answers, a few dozen bytes each
 MIN_FD_LIMIT = 1024  # open files: below it, no fast path (cap_within_fd_limit)
+UCRED = struct.Struct("3i")  # SO_PEERCRED's struct ucred: pid, uid, gid
+# PF_EXITING (linux/sched.h): set on a process as it begins to exit, before the kernel closes
+# its descriptors (do_exit: exit_signals, then exit_files).
+PF_EXITING = 0x00000004
 
 
 def cap_within_fd_limit(cap: int) -> int:
@@ -167,6 +174,20 @@ def tcp_bytes(sock: socket.socket) -> Tuple[int, int]:
         return 0, 0
     acked, received = TCP_INFO_BYTES.unpack_from(raw, TCP_INFO_OFFSET)
     return int(received), int(acked)
+
+
+def running_since(pid: int) -> Optional[int]:
+    """pid's start time (clock ticks since boot) if it runs and is not exiting; None if it
+    is exiting, a zombie, or gone (/proc/PID/stat: state, flags and start time)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            fields = stat.read().rpartition(b")")[2].split()
+        state, flags, start = fields[0], int(fields[6]), int(fields[19])
+    except (OSError, ValueError, IndexError):
+        return None
+    if state in (b"Z", b"X") or flags & PF_EXITING:
+        return None
+    return start
 
 
 def reset(sock: socket.socket) -> None:
@@ -293,6 +314,8 @@ class Forward:
 # Called with a forward that opened, and with one that closed, its byte counts beside.
 Hook = Callable[[Forward], None]
 CloseHook = Callable[[Forward, int, int], None]
+# A request sent through a ready mux connection (Master.send): the connection, the request id.
+Sent = Tuple[MuxConnection, int]
 
 
 class Master:
@@ -320,6 +343,8 @@ class Master:
         self._requests = itertools.count(1)
         self._slots = asyncio.Semaphore(PARALLEL)
         self._watch: Optional[MuxConnection] = None
+        self._pid = 0  # the master, where it is our ssh: its liveness is read from /proc
+        self._since: Optional[int] = None  # its start time, which a reused pid would not have
         self._ended: List[Forward] = []  # mux connection closed; is the master alive?
         self._wake = asyncio.Event()
         self._watcher: Optional[asyncio.Task[None]] = None
@@ -329,21 +354,69 @@ class Master:
 
     @property
     def room(self) -> bool:
-        """Whether a new connection may go through this master."""
-        return not self.closed and len(self.forwards) + self.handing < self.cap
+        """Whether a new connection may go through this master: it is up (start() is
+        done), and below its cap."""
+        up = self._watch is not None and not self.closed
+        return up and len(self.forwards) + self.handing < self.cap
 
-    async def start(self) -> None:
-        """Connect the watch connection (for AliveCheck); MuxError if there is no master."""
+    async def start(self, ssh_pid: int = 0) -> None:
+        """Connect the watch connection; MuxError if there is no master. ssh_pid: the ssh
+        we started, our child (unreaped, its pid cannot be reused while we look)."""
         watch = await MuxConnection.ready(self.path)
+        try:
+            pid = UCRED.unpack(
+                watch.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, UCRED.size)
+            )[0]
+        except OSError:
+            pid = 0
+        if pid and pid == ssh_pid:
+            self._pid, self._since = pid, running_since(pid)
         self._watch = watch
         self._watcher = asyncio.ensure_future(self._watch_loop())
         self._filler = asyncio.ensure_future(self._fill_loop())
         self._refill.set()
 
-    async def open(self, sock: socket.socket, host: str, port: int, source: str) -> Optional[str]:
-        """Hand sock over for host:port: None once ssh carries it, else why not (then sock
-        is still the caller's, untouched: ssh never read from it)."""
-        mux, why = await self.request(sock, host, port)
+    def send(self, sock: socket.socket, host: str, port: int) -> Optional[Sent]:
+        """Hand sock over for host:port now, through a ready mux connection: the request
+        and the two descriptors go out in the caller's turn of the loop (the accept's), not
+        after whatever else the loop has to do first. The sent request, for open(); None if
+        no connection is ready, or sending failed (then sock is still the caller's: ssh
+        never got it, and the master drops a connection whose request broke off)."""
+        sent = self._send(sock, host, port)
+        if sent is not None:
+            self.handing += 1  # open() counts it down
+        return sent
+
+    def _send(self, sock: socket.socket, host: str, port: int) -> Optional[Sent]:
+        mux = self._take_ready()
+        if mux is None:
+            return None
+        request = ssh_mux.NewStdioFwd(next(self._requests) & ssh_mux.UINT32, host, port)
+        packet = ssh_mux.encode(request)
+        try:
+            # A ready connection has sent nothing: its buffer takes the few bytes at once.
+            if mux.sock.send(packet) != len(packet):
+                raise BlockingIOError("the mux connection took part of the request")
+            mux.send_fds(sock.fileno(), 2)
+        except OSError as exc:
+            log.debug("ssh's control connection: %s", exc.strerror or exc)
+            mux.close()
+            self._refill.set()
+            return None
+        return mux, request.request_id
+
+    async def open(
+        self,
+        sock: socket.socket,
+        host: str,
+        port: int,
+        source: str,
+        sent: Optional[Sent] = None,
+    ) -> Optional[str]:
+        """Hand sock over for host:port (sent: what send() sent for it): None once ssh
+        carries it, else why not (then sock is still the caller's, untouched: ssh never
+        read from it)."""
+        mux, why = await self.request(sock, host, port, sent)
         if mux is None:
             return why
         if self.closed:  # lost while we waited: the caller sends it elsewhere
@@ -353,11 +426,15 @@ class Master:
         return None
 
     async def request(
-        self, sock: socket.socket, host: str, port: int
+        self, sock: socket.socket, host: str, port: int, sent: Optional[Sent] = None
     ) -> Tuple[Optional[MuxConnection], str]:
-        """A stdio forward of sock to host:port: its open mux connection, or None and why."""
-        self.handing += 1
+        """A stdio forward of sock to host:port, sent already (sent) or not: its open mux
+        connection, or None and why."""
+        if sent is None:
+            self.handing += 1
         try:
+            if sent is not None:
+                return await self._answer(*sent, fresh=False)
             async with self._slots:
                 if self.closed:
                     return None, "the master is gone"
@@ -369,21 +446,28 @@ class Master:
     async def _request(
         self, sock: socket.socket, host: str, port: int
     ) -> Tuple[Optional[MuxConnection], str]:
+        """Through a mux connection of its own, or a ready one if one is there by now."""
+        sent = self._send(sock, host, port)
+        if sent is not None:
+            return await self._answer(*sent, fresh=False)
         request = ssh_mux.NewStdioFwd(next(self._requests) & ssh_mux.UINT32, host, port)
-        ready = self._take_ready()
-        try:
-            if ready is None:  # the Hello goes with the request: no round trip before it
-                mux = await MuxConnection.open(self.path, request)
-            else:
-                mux = ready
-                await asyncio.get_running_loop().sock_sendall(mux.sock, ssh_mux.encode(request))
+        try:  # the Hello goes with the request: no round trip before it
+            mux = await MuxConnection.open(self.path, request)
         except (OSError, MuxError) as exc:
-            if ready is not None:
-                ready.close()
             return None, str(exc)
         try:
             mux.send_fds(sock.fileno(), 2)
-            if ready is None:
+        except OSError as exc:
+            mux.close()
+            return None, str(exc)
+        return await self._answer(mux, request.request_id, fresh=True)
+
+    async def _answer(
+        self, mux: MuxConnection, request_id: int, *, fresh: bool
+    ) -> Tuple[Optional[MuxConnection], str]:
+        """The master's answer to the request on mux (fresh: its Hello first)."""
+        try:
+            if fresh:
                 await mux.hello()
             answer = await mux.answer()
         except (OSError, MuxError) as exc:
@@ -392,7 +476,7 @@ class Master:
         except BaseException:
             mux.close()
             raise
-        if isinstance(answer, ssh_mux.SessionOpened) and answer.request_id == request.request_id:
+        if isinstance(answer, ssh_mux.SessionOpened) and answer.request_id == request_id:
             return mux, ""
         mux.close()
         if isinstance(answer, (ssh_mux.Failure, ssh_mux.PermissionDenied)):
@@ -448,8 +532,8 @@ class Master:
         self._wake.set()
 
     async def _watch_loop(self) -> None:
-        """Prove the master alive after forwards ended, then close them gracefully; reset
-        everything when the master is gone."""
+        """Prove the master alive after forwards ended (from /proc, or by an AliveCheck),
+        then close them gracefully; reset everything when the master is gone."""
         watch = self._watch
         if watch is None:
             return
@@ -459,11 +543,16 @@ class Master:
                 await self._wake.wait()
                 self._wake.clear()
                 batch, self._ended = self._ended, []
-                request = next(self._requests) & ssh_mux.UINT32
-                await loop.sock_sendall(watch.sock, ssh_mux.encode(ssh_mux.AliveCheck(request)))
-                answer = await watch.answer()
-                if not isinstance(answer, ssh_mux.Alive) or answer.request_id != request:
-                    raise MuxError(f"unexpected answer to AliveCheck: {answer!r:.80}")
+                if self._since is not None:  # read after their ends: no round trip
+                    if running_since(self._pid) != self._since:
+                        raise MuxError("ssh exited")
+                else:
+                    request = next(self._requests) & ssh_mux.UINT32
+                    alive_check = ssh_mux.encode(ssh_mux.AliveCheck(request))
+                    await loop.sock_sendall(watch.sock, alive_check)
+                    answer = await watch.answer()
+                    if not isinstance(answer, ssh_mux.Alive) or answer.request_id != request:
+                        raise MuxError(f"unexpected answer to AliveCheck: {answer!r:.80}")
                 for forward in batch:
                     self._finish(forward, graceful=True)
         except (OSError, MuxError) as exc:

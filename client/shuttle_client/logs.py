@@ -1,6 +1,7 @@
 """Where shuttle-client's log goes: stderr, and with --syslog (or -D) syslog too, through
 /dev/log with the ident shuttle-client[PID]; Throttle, for events that may come by the
-thousand; and printable, for the remote side's text in a log line or an error."""
+thousand; printable, for the remote side's text in a log line or an error; and stage, the
+start-up's steps with their time since the process started (-v)."""
 
 import errno
 import logging
@@ -39,6 +40,33 @@ class Throttle:
             return 0
         count, self.count, self.logged_at = self.count, 0, now
         return count
+
+
+def started_at() -> float:
+    """When this process started, on CLOCK_BOOTTIME, the clock of the kernel's process
+    start times (in clock ticks: 10 ms steps); now where /proc cannot tell."""
+    try:
+        with open("/proc/self/stat", "rb") as stat:
+            # Field 22, counted after the command name, which may hold spaces.
+            ticks = int(stat.read().rpartition(b")")[2].split()[19])
+    except (OSError, ValueError, IndexError):
+        return time.clock_gettime(time.CLOCK_BOOTTIME)
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+STARTED_AT = started_at()
+
+
+def stage(what: str) -> None:
+    """A step of the start-up, with the milliseconds since the process started (the Python
+    interpreter's own start and the imports included), for finding where a start's time
+    goes (docs/performance.md)."""
+    log.debug("start-up: %s at %.0f ms", what, since_start())
+
+
+def since_start() -> float:
+    """Milliseconds since the process started."""
+    return (time.clock_gettime(time.CLOCK_BOOTTIME) - STARTED_AT) * 1000
 
 
 class QuietSysLogHandler(logging.handlers.SysLogHandler):

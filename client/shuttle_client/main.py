@@ -22,7 +22,7 @@ from shuttle_protocol.control_messages import (
 )
 from shuttle_protocol.schema import Message
 
-from . import ctl, logs
+from . import logs
 from .argfiles import named_namespace, parse_command_line
 from .capture import Capture
 from .cli import DocoptExit, Options, UsageError
@@ -34,12 +34,12 @@ from .discovery import DiscoveryError
 from .dns import make_udp_sockets
 from .firewall_session import FirewallError, FirewallSession, FirewallUnavailable
 from .hosts_sync import HostsSync
-from .plan import PlanError, make_plan
+from .plan import Plan, PlanError, make_plan
 from .private_firewalld import PrivateFirewalld, has_terminal, nobody_answers
 from .proxies.server import Proxies, ProxyError
 from .proxy import make_listeners
 from .readiness import Readiness
-from .ssh_server import find_server
+from .ssh_server import Server, find_server
 from .streams import Streams
 from .targets import describe
 from .tunnel import TunnelError
@@ -84,7 +84,7 @@ async def run(options: Options, readiness: Optional[Readiness] = None) -> int:
     try:
         await _start_control(control, chosen=options.control is not None)
         private = await _unless_stopped(stop, _private_firewalld(options, firewall))
-        await _bring_up(client, capture, listeners, stop, proxies)
+        await _bring_up(client, capture, stop, proxies)
         keeper = _ready(client, capture, readiness, private is not None)
         waiting: List[asyncio.Future[Any]] = [stop, streams.lost, *filter(None, [keeper])]
         done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
@@ -179,7 +179,6 @@ def _listen(options: Options) -> Optional[Tuple[List[socket.socket], Proxies]]:
 async def _bring_up(
     client: Running,
     capture: Capture,
-    listeners: Sequence[socket.socket],
     stop: "asyncio.Future[str]",
     proxies: Proxies,
 ) -> None:
@@ -196,20 +195,19 @@ async def _bring_up(
             streams.tcp_path,
         )
         return
-    server = await find_server(options.ssh_cmd, options.ssh_destination, options.ssh_port)
-    await _unless_stopped(stop, streams.start())
+    logs.stage("control socket")
+    starting = asyncio.ensure_future(streams.start())
+    try:
+        server, plan, port = await _capture_while_starting(client, capture, stop, starting)
+        await _unless_stopped(stop, starting)
+    finally:
+        if not starting.done():
+            starting.cancel()
+            await asyncio.gather(starting, return_exceptions=True)
+    logs.stage("tunnel up")
     proxies.start(streams)
     if proxies.listeners:
         log.info("proxies: %s", proxies.describe())
-    discovery = streams.tunnels[0].discovery
-    plan = await _unless_stopped(stop, make_plan(options, discovery))
-    if plan.nameserver is not None:
-        capture.add_dns(plan.nameserver, dns_sockets(listeners))
-        streams.reconnect_ssh = server.pinned()
-    client.subnets, client.excludes = plan.subnets, options.excludes
-    client.fixed_excludes, client.dns = server.excludes, plan.dns
-    client.method = await _unless_stopped(stop, _open_firewall(client, capture, options.method))
-    port = await _unless_stopped(stop, capture.start(client.method, streams.agent_capabilities))
     if options.auto_hosts:
         names = (options.ssh_destination.rpartition("@")[2], server.hostname)
         client.hosts = _watch_hosts(streams, options, HostsSync(firewall, names))
@@ -225,6 +223,55 @@ async def _bring_up(
         f", {options.streams} streams" if options.streams > 1 else "",
         f"through {streams.tcp_path}",
     )
+
+
+async def _capture_while_starting(
+    client: Running,
+    capture: Capture,
+    stop: "asyncio.Future[str]",
+    starting: "asyncio.Task[None]",
+) -> Tuple[Server, Plan, int]:
+    """The server's addresses, the plan, the firewall session and the capture, while the
+    streams start (the task starting): ssh -G runs beside ssh; the rules wait for ssh's
+    own connection to be up unless the excludes are known to cover it (else they could
+    capture it), and, where the plan or the capture needs them, for the agents (-N: their
+    routes; --dns: their nameservers, and queries relayed at once; tproxy: whether they
+    relay UDP). Connections captured before the agents greet go through a master, or wait
+    (proxy.Waiting) as during a reconnect."""
+    options = client.options
+    server = await _unless_stopped(
+        stop, find_server(options.ssh_cmd, options.ssh_destination, options.ssh_port)
+    )
+    logs.stage("ssh -G")
+    if not server.covered:
+        await _unless_stopped(stop, _ssh_connected(client.streams, starting))
+        logs.stage("ssh connected")
+    if options.auto_nets or options.dns:
+        await _unless_stopped(stop, starting)
+    plan = await _unless_stopped(stop, make_plan(options, client.streams.tunnels[0].discovery))
+    if plan.nameserver is not None:
+        capture.add_dns(plan.nameserver, dns_sockets(capture.listeners))
+        client.streams.reconnect_ssh = server.pinned()
+    client.subnets, client.excludes = plan.subnets, options.excludes
+    client.fixed_excludes, client.dns = server.excludes, plan.dns
+    client.method = await _unless_stopped(stop, _open_firewall(client, capture, options.method))
+    logs.stage("firewall session open, rules applied")
+    if client.method == "tproxy":
+        await _unless_stopped(stop, starting)
+    agents = client.streams.agent_capabilities
+    port = await _unless_stopped(stop, capture.start(client.method, agents))
+    return server, plan, port
+
+
+async def _ssh_connected(streams: Streams, starting: "asyncio.Task[None]") -> None:
+    """Until every stream's ssh is connected; the start's error if it fails first."""
+    connected = asyncio.ensure_future(streams.connected())
+    try:
+        await asyncio.wait([connected, starting], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        connected.cancel()
+    if starting.done():
+        starting.result()
 
 
 async def _open_firewall(client: Running, capture: Capture, method: str) -> str:
@@ -401,6 +448,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     """Console script: shuttle-client, and `shuttle-client ctl ...` (ctl.py)."""
     args = sys.argv[1:] if argv is None else list(argv)
     if args[:1] == ["ctl"]:
+        # Imported here: the tunnel's start need not wait for ctl's own imports.
+        from . import ctl  # noqa: PLC0415
+
         sys.exit(ctl.main(args[1:]))
     try:
         namespace = named_namespace(args, os.environ)
@@ -418,6 +468,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     # -D forks here, before asyncio and zmq exist; only the child returns.
     daemon = daemonize() if options.daemon else None
     stderr_log = logs.configure(options.verbose, options.syslog)
+    logs.stage("imports and options")
     detach = functools.partial(logging.getLogger().removeHandler, stderr_log)
     readiness = Readiness([detach, daemon.ready] if daemon else [])
     try:

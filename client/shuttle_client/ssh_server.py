@@ -24,6 +24,10 @@ class Server(NamedTuple):
     hostname: str
     addresses: Tuple[str, ...]
     jumps: Tuple[str, ...] = ()
+    # Whether the excludes cover every TCP connection ssh makes on its way there: ssh -G
+    # answered for each hop, each resolved, and no ProxyCommand hides where it connects.
+    # Then the rules may go in while ssh connects (as they stand during a reconnect).
+    covered: bool = False
 
     @property
     def excludes(self) -> Tuple[Target, ...]:
@@ -55,7 +59,8 @@ async def find_server(ssh_cmd: Sequence[str], destination: str, port: Optional[i
     host = config.get("hostname") or destination.rpartition("@")[2]
     addresses = await _resolve(host, "the ssh server")
     jumps: List[str] = []
-    hops = jump_hops(tuple(ssh_cmd), config)
+    hops, known = jump_hops(tuple(ssh_cmd), config)
+    covered = bool(config and addresses) and known
     seen: Set[Hop] = set()
     while hops and len(seen) < MAX_HOPS:
         hop = hops.pop(0)
@@ -64,34 +69,43 @@ async def find_server(ssh_cmd: Sequence[str], destination: str, port: Optional[i
         seen.add(hop)
         hop_config = await _ssh_config(*hop)
         hop_host = hop_config.get("hostname") or hop[1].rpartition("@")[2]
-        jumps += await _resolve(hop_host, "the jump host")
-        hops += jump_hops(hop[0], hop_config)
+        hop_addresses = await _resolve(hop_host, "the jump host")
+        jumps += hop_addresses
+        found, known = jump_hops(hop[0], hop_config)
+        covered = covered and bool(hop_config and hop_addresses) and known
+        hops += found
     if jumps:
         log.info("not capturing the ssh jump hosts: %s", " ".join(dict.fromkeys(jumps)))
-    return Server(host, addresses, tuple(dict.fromkeys(jumps)))
+    covered = covered and not [hop for hop in hops if hop not in seen]  # none left unasked
+    return Server(host, addresses, tuple(dict.fromkeys(jumps)), covered)
 
 
-def jump_hops(ssh_cmd: Tuple[str, ...], config: Dict[str, str]) -> List[Hop]:
+def jump_hops(ssh_cmd: Tuple[str, ...], config: Dict[str, str]) -> Tuple[List[Hop], bool]:
     """The jump hosts that `ssh -G`'s config names: each of a ProxyJump chain (the first
     is where this host connects; excluding the later ones too costs nothing), or the
-    destination of a ProxyCommand that runs ssh. Any other ProxyCommand is opaque."""
+    destination of a ProxyCommand that runs ssh; and whether that is all of where ssh
+    connects: any other ProxyCommand is opaque, and so is a hop that cannot be parsed."""
     jump = config.get("proxyjump", "none")
     if jump != "none":
-        hops = []
+        hops: List[Hop] = []
+        known = True
         for part in filter(None, (part.strip() for part in jump.split(","))):
             item = part[len("ssh://") :] if part.startswith("ssh://") else part
             try:
                 hops.append((ssh_cmd, *parse_remote(item)))
             except UsageError as exc:
                 log.warning("ProxyJump %s: %s", item, exc)
-        return hops
+                known = False
+        return hops, known
     command = config.get("proxycommand", "none")
+    if command == "none":
+        return [], True
     try:
-        words = shlex.split(command) if command != "none" else []
+        words = shlex.split(command)
     except ValueError:
-        return []
+        return [], False
     if not words or os.path.basename(words[0]) != "ssh":
-        return []
+        return [], False
     command_line, index = [words[0]], 1
     while index < len(words) and words[index].startswith("-"):
         option = words[index]
@@ -100,8 +114,8 @@ def jump_hops(ssh_cmd: Tuple[str, ...], config: Dict[str, str]) -> List[Hop]:
             command_line += words[index : index + step]
         index += step
     if index >= len(words):
-        return []
-    return [(tuple(command_line), words[index], None)]
+        return [], False
+    return [(tuple(command_line), words[index], None)], True
 
 
 async def _resolve(host: str, what: str) -> Tuple[str, ...]:

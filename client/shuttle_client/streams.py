@@ -32,7 +32,7 @@ from shuttle_protocol.control_messages import (
 from shuttle_protocol.schema import Message
 
 from .cli import Options
-from .fastpath import ControlDir, Forward, Master, cap_within_fd_limit, reset
+from .fastpath import ControlDir, Forward, Master, Sent, cap_within_fd_limit, reset
 from .listing import Listed
 from .proxy import Destination, Incoming, NotCaptured, Waiting, relay_for
 from .targets import endpoint
@@ -92,6 +92,13 @@ class Streams:
         for index in range(len(self.tunnels)):
             self.publish(Connected(index, self.options.ssh_destination))
             self._spawn(self._keep(index)).add_done_callback(self._kept)
+        self._release_waiting()  # captured while the agents started (main's _bring_up)
+
+    async def connected(self) -> None:
+        """Wait until every stream's ssh is connected: its master answered, or its agent
+        greeted (start() may still be waiting for the rest)."""
+        for tunnel in self.tunnels:  # shielded: cancelling this must not cancel theirs
+            await asyncio.shield(tunnel.connected)
 
     async def stop(self) -> None:
         self._stopping = True
@@ -258,10 +265,11 @@ class Streams:
         return "ssh" if all(fast) else "mixed" if any(fast) else "agent"
 
     def _pick_master(self) -> Optional[Master]:
+        # Not only once the agent greeted: a master is up a python start before that.
         masters = [
             tunnel.master
             for tunnel in self.tunnels
-            if tunnel.up and tunnel.master is not None and tunnel.master.room
+            if not tunnel.link.closed.done() and tunnel.master is not None and tunnel.master.room
         ]
         if not masters:
             return None
@@ -284,11 +292,14 @@ class Streams:
         except (OSError, NotCaptured):
             return False
         wait = self.options.wait_tunnel
+        # Now, if it can (the task runs later); after the answer, if there is one: ssh may
+        # write the target's first bytes to conn at once.
+        sent = None if answer else master.send(conn, host, port)
         self._spawn(
             self._hand_over(
                 master,
                 conn,
-                (host, port, source),
+                (host, port, source, sent),
                 lambda: relay_for(self, destination, wait),
                 answer,
             )
@@ -299,12 +310,13 @@ class Streams:
         self,
         master: Master,
         conn: socket.socket,
-        where: Tuple[str, int, str],
+        where: Tuple[str, int, str, Optional[Sent]],
         agent_path: Callable[[], asyncio.Protocol],
         answer: bytes = b"",
     ) -> None:
-        """Through master, or else (a failed open) on the agent's path; answer first."""
-        host, port, source = where
+        """Through master (sent: the request that went out already), or else (a failed
+        open) on the agent's path; answer first (then nothing went out before it)."""
+        host, port, source, sent = where
         loop = asyncio.get_running_loop()
         try:
             if answer:
@@ -314,7 +326,7 @@ class Streams:
                     log.debug("%s: not answered: %s", source, exc.strerror or exc)
                     reset(conn)
                     return
-            why = await master.open(conn, host, port, source)
+            why = await master.open(conn, host, port, source, sent)
             if why is None:
                 return
             # The agent's answer decides: a refused connect is reset there, as always.

@@ -1,4 +1,10 @@
-"""The ssh side: start ssh, upload the agent, check its greeting, keep the Link running."""
+"""The ssh side: start ssh, upload the agent, check its greeting, keep the Link running.
+
+A start's steps overlap where they can: ssh's ControlMaster is up once ssh has authenticated,
+before the server has even started the agent's python, so the client connects to it then
+(`connected`: ssh's own TCP connection is up, and captured TCP may go through the master),
+while the agent is still starting.
+"""
 
 import asyncio
 import itertools
@@ -25,7 +31,7 @@ from shuttle_protocol.stream_session import StreamSession
 from .cli import Options
 from .discovery import Discovery
 from .fastpath import Master, MuxError, master_options, probe
-from .logs import printable
+from .logs import printable, stage
 from .proxy import Incoming
 from .upload import build_payload, remote_command, ssh_argv
 
@@ -38,6 +44,9 @@ EXIT_NOT_FOUND = 127  # the server's shell: command not found
 # A tunnel is dead when this many keepalive intervals pass without the Pong to a Ping: a
 # Pong may wait behind a window of bulk data on a slow link, so one interval is too short.
 PONG_WAIT = 3
+# How often to look for the master's socket while ssh authenticates: ssh makes it (under a
+# temporary name, renamed once it listens) with nothing to tell us, before the session opens.
+MASTER_POLL = 0.005
 MAX_LINE = 4096  # of ssh's stderr, before it is logged without its end
 
 
@@ -91,13 +100,17 @@ class Tunnel:
         # Why TCP does not go through the master ("" while it does).
         self.fast_path_off = "" if master else "--tcp=agent"
         self._probe_port: Optional[asyncio.Future[int]] = None
+        self._master_up: Optional[asyncio.Task[None]] = None
         self.link = Link(Mux(CLIENT, max_window=MAX_WINDOW), self._on_message, name)
         self.discovery = Discovery(self.link)
         self.agent_python = ""
         self.agent_capabilities: Tuple[str, ...] = ()
         self.session = StreamSession(CLIENT, CAPABILITIES)
         self._process: Optional[subprocess.Popen[bytes]] = None
-        self._greeted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self._greeted: asyncio.Future[None] = loop.create_future()
+        # Done once ssh's connection is up: the master answered, or the agent greeted.
+        self.connected: asyncio.Future[None] = loop.create_future()
         self._stderr = LineLogger()
         self._cookies = itertools.count(1)
         self._pong: Optional[Tuple[int, asyncio.Future[None]]] = None  # (cookie, its answer)
@@ -139,8 +152,11 @@ class Tunnel:
                 os.close(fd)
             os.close(err_write)
             raise TunnelError(f"cannot run {argv[0]}: {exc.strerror}") from None
+        stage(f"{self.link.peer}: ssh started")
         for fd in (to_ssh_read, from_ssh_write, err_write):
             os.close(fd)
+        if self.master is not None:
+            self._master_up = asyncio.ensure_future(self._connect_master(self.master))
         for fd in (to_ssh_write, from_ssh_read):
             widen_pipe(fd)
         loop = asyncio.get_running_loop()
@@ -158,7 +174,10 @@ class Tunnel:
             return_when=asyncio.FIRST_COMPLETED,
         )
         if self._greeted in done and self._greeted.exception() is None:
+            stage(f"{self.link.peer}: the agent's Hello")
+            self._set_connected()
             await self._start_master()
+            stage(f"{self.link.peer}: the probe done")
             return
         if self._greeted.done() and self._greeted.exception() is not None:
             raise self._greeted.exception()  # type: ignore[misc]
@@ -177,19 +196,47 @@ class Tunnel:
             log.debug("%s: TCP goes through ssh's own forwarding", self.link.peer)
             return
         self.master, self.fast_path_off = None, why
+        await self._master_given_up()
         master.close()
         if self.options.tcp == "ssh":
             raise TunnelError(f"--tcp=ssh, but {why}")
         log.info("TCP goes through the agent: %s", why)
 
+    async def _connect_master(self, master: Master) -> None:
+        """Connect to the master as soon as ssh has made its socket, or once the agent has
+        greeted (ssh makes it before it opens the agent's session, so then it is there or
+        never will be: a user's ControlMaster=no, an ssh that is not OpenSSH); MuxError if
+        that fails. Bounded: the greeting has a timeout, and so has this."""
+        for _ in range(int(GREETING_TIMEOUT / MASTER_POLL)):
+            if self._greeted.done() or self.link.closed.done() or os.path.exists(master.path):
+                break
+            await asyncio.sleep(MASTER_POLL)
+        await master.start(self._process.pid if self._process is not None else 0)
+        stage(f"{self.link.peer}: the master's Hello")
+        self._set_connected()
+
+    async def _master_given_up(self) -> None:
+        """Stop connecting to the master, and take its outcome (a MuxError is why, and was
+        said already where it mattered: no task may end with its exception unread)."""
+        if self._master_up is not None:
+            self._master_up.cancel()
+            await asyncio.gather(self._master_up, return_exceptions=True)
+
+    def _set_connected(self) -> None:
+        if not self.connected.done():
+            self.connected.set_result(None)
+
     async def _probe(self, master: Master) -> Optional[str]:
         if "probe" not in self.agent_capabilities:
             return "the agent cannot probe (an older shuttle-agent)"
-        # The agent's listener and the master's Hello at once: two round trips in parallel.
+        master_up = self._master_up  # started with ssh, for every master
+        if master_up is None:
+            return "ssh was not started as a ControlMaster"
+        # The agent's listener while the master is connected to: round trips in parallel.
         self._probe_port = asyncio.get_running_loop().create_future()
         self.link.send(ProbeListen())
         try:
-            await master.start()
+            await master_up
         except MuxError as exc:
             return f"ssh is not a ControlMaster ({exc})"
         waiting: List[asyncio.Future[Any]] = [self._probe_port, self.link.closed]
@@ -234,6 +281,7 @@ class Tunnel:
         """End ssh: close its stdin (the agent exits), then terminate it if it lingers.
         The forwards it carried are reset: the program must not take a cut for an end."""
         self.link.finish("stopping")
+        await self._master_given_up()
         if self.master is not None:
             self.master.close()
         if self._process is None:

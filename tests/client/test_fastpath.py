@@ -1,6 +1,6 @@
 """The fast path's parts that need no ssh (the rest runs against a real ControlMaster in
 tests/integration/test_fastpath.py): byte counts from TCP_INFO, the reset, the private
-directory, and a hand-over with no master there."""
+directory, a hand-over with no master there, and how a master's liveness is read."""
 
 import asyncio
 import itertools
@@ -24,6 +24,7 @@ from shuttle_client.fastpath import (
     Master,
     master_options,
     reset,
+    running_since,
     tcp_bytes,
 )
 
@@ -101,7 +102,8 @@ def test_with_no_master_the_socket_stays_the_callers(tmp_path: Path) -> None:
             why = await master.open(accepted, "10.0.0.1", 80, "127.0.0.1:1")
             program.sendall(b"still ours")
             assert accepted.recv(100) == b"still ours"  # nothing read it, nothing closed it
-        assert master.room and not master.forwards and master.handing == 0
+        assert not master.forwards and master.handing == 0
+        assert not master.room  # never started: no new connection is sent to it
         return why or ""
 
     why = asyncio.run(hand_over())
@@ -151,3 +153,24 @@ def test_a_killed_clients_control_directory_goes_with_the_next_client(
             holder.kill()
             holder.communicate(timeout=STUCK)  # and closes its pipes
         shutil.rmtree(runtime)
+
+
+def test_a_running_process_is_alive_a_zombie_or_a_gone_one_is_not() -> None:
+    """A master whose forwards ended is alive only while it runs and is not exiting: the
+    kernel closes a dying process's descriptors after it marks it exiting, and before it is
+    a zombie; a pid taken over by another process has another start time."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE
+    )
+    try:
+        since = running_since(child.pid)
+        assert since is not None and since == running_since(child.pid)
+        assert running_since(os.getpid()) is not None
+    finally:
+        assert child.stdin is not None
+        child.stdin.close()
+    exited = os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)  # a zombie: not reaped
+    assert exited is not None and exited.si_pid == child.pid
+    assert running_since(child.pid) is None
+    child.wait()
+    assert running_since(child.pid) is None

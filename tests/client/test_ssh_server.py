@@ -98,3 +98,17 @@ def test_the_ssh_of_a_proxy_command_is_followed(tmp_path: Path) -> None:
 def test_a_jump_loop_ends(tmp_path: Path) -> None:
     ssh = ["ssh", "-F", write_config(tmp_path)]
     assert asyncio.run(find_server(ssh, "loop", None)).jumps == ("127.0.0.9",)
+
+
+def test_the_excludes_cover_ssh_only_where_every_hop_is_known(tmp_path: Path) -> None:
+    """covered: the rules may go in before ssh connects, only where the excludes hold every
+    address ssh may connect to on its way."""
+    answering = fake_ssh(tmp_path, 'echo "hostname 127.0.0.1"\n')
+    assert asyncio.run(find_server([answering], "gw", None)).covered
+    ssh = ["ssh", "-F", write_config(tmp_path)]
+    assert asyncio.run(find_server(ssh, "target", None)).covered  # every ProxyJump hop
+    assert asyncio.run(find_server(ssh, "pc", None)).covered  # the ssh of a ProxyCommand
+    assert not asyncio.run(find_server(ssh, "nc", None)).covered  # another program's
+    assert not asyncio.run(find_server(["/no/such/ssh"], "127.0.0.2", None)).covered
+    unresolved = fake_ssh(tmp_path, 'echo "hostname no-such-host.invalid"\n')
+    assert not asyncio.run(find_server([unresolved], "x", None)).covered

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+from pathlib import Path
 from typing import Any, Dict, List
 
 import pytest
@@ -23,7 +25,9 @@ from testbed import (
     Topology,
     ready_line,
 )
-from testbed.procs import wait_until
+from testbed.procs import Proc, wait_until
+from testbed.shuttle import CLIENT_READY, shuttle_rules
+from testbed.topology import curl_argv
 
 from .checks import RECONNECTED, received
 from .ctl import ctl_json
@@ -32,6 +36,7 @@ pytestmark = pytest.mark.integration
 
 BULK_BYTES = 100 * 1024 * 1024
 FAST = ["--tcp=auto"]
+GATE_WAIT = 60  # seconds: the gated python's bound, and the test's
 
 
 def curl_works(shuttle: Shuttle) -> None:
@@ -222,3 +227,87 @@ def test_after_the_servers_half_close(shuttle: Shuttle, tcp: str, arrived: int) 
     line = "after its half-close, bulk read "
     assert wait_until(lambda: line in log.read_text(errors="replace"), 30), shuttle.outputs()
     assert f"{line}{arrived} bytes" in log.read_text(errors="replace")
+
+
+def gated(topo: Topology, program: str, ungated: str = "") -> tuple[Path, Path]:
+    """A script that runs program only once the returned gate file exists (waiting for
+    it, bounded), or at once when its arguments hold the word ungated; and the gate."""
+    gate = topo.user_dir / f"{os.path.basename(program)}-gate"
+    skip = f'case " $* " in *" {ungated} "*) exec {program} "$@";; esac\n' if ungated else ""
+    script = topo.write_user_file(
+        f"gated-{os.path.basename(program)}",
+        f"#!/bin/sh\n{skip}for i in $(seq {GATE_WAIT * 10}); do\n"
+        f'  [ -e {gate} ] && exec {program} "$@"\n  sleep 0.1\ndone\nexit 1\n',
+    )
+    script.chmod(0o700)
+    return script, gate
+
+
+def start_unready(shuttle: Shuttle, **options: Any) -> Proc:
+    """A client started, not waited for; with -v: the hand-over's debug line says when
+    the agent takes one."""
+    topo = shuttle.topo
+    extra = [*FAST, "-v", *options.pop("extra", [])]
+    env = topo.user_env([str(shuttle.venv.bin)])
+    client = topo.start(
+        "client-gated", topo.user_argv(shuttle.client_args(extra=extra, **options), env)
+    )
+    shuttle.clients.append(client)
+    return client
+
+
+def start_gated(shuttle: Shuttle) -> tuple[Proc, Path]:
+    """A client whose agent starts only once the returned gate file exists (the server's
+    python, C and S share the file system, waits for it); returned once its rules are in
+    and it is connected to the master (-v's start-up line): a connection captured before
+    that waits for the agent."""
+    python, gate = gated(shuttle.topo, SYSTEM_PYTHON)
+    client = start_unready(shuttle, python=str(python))
+    assert wait_until(lambda: shuttle_rules(shuttle.topo), GATE_WAIT), shuttle.outputs()
+    up = "start-up: agent: the master's Hello"
+    assert wait_until(lambda: up in client.output(), GATE_WAIT), shuttle.outputs()
+    return client, gate
+
+
+def test_tcp_goes_through_the_master_before_the_agent_has_started(shuttle: Shuttle) -> None:
+    """The master is up once ssh has authenticated: the rules and the fast path need not
+    wait for the server's python."""
+    client, gate = start_gated(shuttle)
+    curl_works(shuttle)
+    assert CLIENT_READY not in client.output() and not gate.exists()  # no agent yet
+    gate.touch()
+    assert client.wait_for_line(CLIENT_READY, GATE_WAIT), shuttle.outputs()
+    assert "TCP through ssh" in ready_line(client)
+
+
+def test_before_the_agent_a_server_without_forwarding_holds_connections_for_it(
+    shuttle: Shuttle,
+) -> None:
+    """The master refuses the early connection; it waits for the agent, which carries it."""
+    topo = shuttle.topo
+    topo.start_sshd(tcp_forwarding=False)
+    client, gate = start_gated(shuttle)
+    argv = topo.user_argv(curl_argv(T_ADDR, HTTP_PORT, GATE_WAIT))
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, cwd=topo.user_dir) as curl:
+        assert wait_until(lambda: "through the agent" in client.output(), GATE_WAIT)
+        assert curl.poll() is None  # held: the agent has not started
+        gate.touch()
+        page, _ = curl.communicate(timeout=GATE_WAIT + 15)
+    assert curl.returncode == 0 and topo.marker in page, shuttle.outputs()
+    assert client.wait_for_line(CLIENT_READY, GATE_WAIT), shuttle.outputs()
+    assert "TCP through agent" in ready_line(client)
+
+
+def test_the_rules_go_in_while_ssh_connects_where_the_excludes_cover_it(shuttle: Shuttle) -> None:
+    """The server's address is excluded (ssh -G names it, no ProxyCommand): the rules need
+    not wait for ssh's connection, and they do not capture it."""
+    topo = shuttle.topo
+    ssh, gate = gated(topo, "ssh", ungated="-G")
+    options = " ".join(topo.ssh_options(topo.user))
+    client = start_unready(shuttle, extra=[f"--ssh-cmd={ssh} {options}"])
+    assert wait_until(lambda: shuttle_rules(topo), GATE_WAIT), shuttle.outputs()
+    assert not gate.exists()  # ssh has not begun to connect
+    gate.touch()
+    assert client.wait_for_line(CLIENT_READY, GATE_WAIT), shuttle.outputs()
+    assert "TCP through ssh" in ready_line(client)
+    curl_works(shuttle)
