@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -330,11 +332,21 @@ def closed_door(path: str) -> bool:
     return False
 
 
-def test_not_listening_for_a_while_keeps_every_connection_made(tmp_path: Path) -> None:
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A directory short enough for the paused socket's path (sun_path holds 107 bytes;
+    pytest's tmp_path may be longer than that on its own), as /run/shuttle is."""
+    made = Path(tempfile.mkdtemp(prefix="fwl-", dir="/tmp"))
+    yield made
+    shutil.rmtree(made, ignore_errors=True)
+
+
+def test_not_listening_for_a_while_keeps_every_connection_made(short_dir: Path) -> None:
     """The server's own loop, in this process, under an open file limit just above what it
     uses: a burst of connections makes it stop listening, and the connection made before
     is still answered all along (zmq's unbind, used before, ended it), until it listens
     again."""
+    tmp_path = short_dir
     path = str(tmp_path / "firewalld.sock")
     # What a run that ended while not listening left: removed at start.
     (tmp_path / ".firewalld.sock.paused-old").mkdir(mode=0o700)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import configparser
 import importlib.metadata
+import secrets
 import shlex
 import shutil
 import subprocess
@@ -13,8 +14,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from shuttle_client.firewall_session import FirewallError
 
 from .captures import close_session, open_session
+from .conftest import inside
 from .daemon import FIREWALLD, Daemon, Listener, nothing_of_shuttle, shuttle_tables
 from .traffic import connect
 
@@ -116,3 +119,26 @@ def test_the_unit_leaves_enough_capabilities_for_tproxy(
     finally:
         close_session(client)
     assert shuttle_tables(netns) == []
+
+
+@pytest.mark.integration
+def test_the_unit_refuses_a_caller_of_another_namespace_in_one_line(
+    netns: str, start_firewalld: Callable[..., Daemon]
+) -> None:
+    """Entering another namespace takes CAP_SYS_ADMIN, which the unit does not leave: the
+    caller is told so, and nothing goes in either namespace (docs/firewalld.md)."""
+    wrap = ["setpriv", f"--bounding-set={bounding_set()}", "--no-new-privs"]
+    daemon = start_firewalld(wrap=wrap)
+    other = f"shuttle-fwt-{secrets.token_hex(4)}"
+    subprocess.run(["ip", "netns", "add", other], check=True, timeout=10)
+    try:
+        with inside(f"/run/netns/{other}"), pytest.raises(FirewallError) as refused:
+            open_session(daemon, "nft", 12300, [("198.18.0.0/15", 80, 80)], [])
+        assert str(refused.value) == (
+            "shuttle-firewalld: cannot enter the network namespace of the calling process: "
+            "Operation not permitted"
+        )
+        assert nothing_of_shuttle(other) and nothing_of_shuttle(netns)
+    finally:
+        subprocess.run(["ip", "netns", "del", other], check=False, timeout=10)
+    assert daemon.proc.poll() is None
