@@ -8,15 +8,15 @@ messages the driver must act on, after the Mux has applied its flow-control rule
   more with Credit. A receiver grants credit only for bytes it has delivered to its local
   socket, so no channel buffers more than one window on either side.
 - A channel's window starts at `window`. A receiver built with a larger `max_window` widens
-  it (doubling, with a Credit for bytes not yet sent) each time a window's worth of bytes
-  was delivered, every one at once as it came: the local socket keeps up, so the window
-  may be what holds the channel back, as on a long link, where one window per round trip
-  is too little (the receiver cannot see the round trip; the session's in-flight limit,
-  not this window, bounds what queues in the pipe). Widening is bounded per channel
-  (max_window) and per Mux (WIDEN_BUDGET in all), so a buffer stays bounded too. A sender
-  takes any Credit beyond its window as the wider window; as one Credit cannot tell grant
-  from widening, bytes still on their way then count as granted until their own grant
-  comes (in_flight reads low by at most what was on its way, for a round trip).
+  it (doubling, with a Widen for the extra) each time a window's worth of bytes was
+  delivered, every one at once as it came: the local socket keeps up, so the window may be
+  what holds the channel back, as on a long link, where one window per round trip is too
+  little (the receiver cannot see the round trip; the session's in-flight limit, not this
+  window, bounds what queues in the pipe). Widening is bounded per channel (max_window)
+  and per Mux (WIDEN_BUDGET in all), so a buffer stays bounded too. Widen is not Credit:
+  a Credit grants back bytes that were sent, never more, so the sender's in_flight is
+  exact (widening sent as extra Credit once counted bytes still on their way as granted,
+  and the in-flight controller then timed round trips of a millisecond on a 40 ms link).
 - Channel ids come from the client, strictly increasing and never reused, so a late message
   for a channel that is already gone is dropped, not misdelivered.
 - A channel is forgotten after Close (either way) or once Eof has gone both ways.
@@ -28,8 +28,8 @@ messages the driver must act on, after the Mux has applied its flow-control rule
   up would leave idle channels' bytes counted for ever.
 - A UDP channel (UdpOpen) carries Datagram messages and has no window: datagrams may be
   dropped, so the driver drops them when the pipe is full instead of queueing them. Its
-  ids come from the same sequence as TCP channels. Data, Credit, Eof and Opened are a TCP
-  channel's messages, Datagram a UDP channel's; the other kind is the peer's protocol error.
+  ids come from the same sequence as TCP channels. Data, Credit, Widen, Eof and Opened are a
+  TCP channel's messages, Datagram a UDP channel's; the other kind is the peer's protocol error.
   It ends with Close either way, or Refused from the agent.
 """
 
@@ -51,6 +51,7 @@ from .stream_messages import (
     Opened,
     Refused,
     UdpOpen,
+    Widen,
 )
 
 WINDOW = 1024 * 1024
@@ -70,6 +71,7 @@ class ChannelState:
         "recv_left",
         "send_credit",
         "unacked",
+        "widening",
         "window",
     )
 
@@ -79,6 +81,7 @@ class ChannelState:
         self.send_credit = window  # bytes we may still send
         self.recv_left = window  # bytes the peer may still send
         self.unacked = 0  # bytes delivered locally, not yet granted back
+        self.widening = 0  # bytes of widening not yet sent
         self.eof_sent = False
         self.eof_received = False
 
@@ -202,12 +205,12 @@ class Mux:
 
     def _widen(self, state: ChannelState) -> None:
         """Our socket took a whole window as it came: double the window, within the bounds;
-        the extra goes with the Credit."""
+        the extra goes in a Widen after the Credit."""
         state.kept_up = 0
         extra = min(state.window, self.max_window - state.window, WIDEN_BUDGET - self.widened)
         if extra > 0:
             state.window += extra
-            state.unacked += extra
+            state.widening += extra
             self.widened += extra
 
     def send_eof(self, channel: int) -> None:
@@ -250,10 +253,16 @@ class Mux:
         """Take the queued bytes, in order, for writing to the pipe, credit grants last."""
         grants, self._grants = self._grants, {}
         for channel, state in grants.items():
-            if state.unacked and not state.eof_received and self.channels.get(channel) is state:
+            if state.eof_received or self.channels.get(channel) is not state:
+                continue
+            if state.unacked:
                 self.send(Credit(channel, state.unacked))
                 state.recv_left += state.unacked
                 state.unacked = 0
+            if state.widening:
+                self.send(Widen(channel, state.widening))
+                state.recv_left += state.widening
+                state.widening = 0
         out, self._out, self._out_size = self._out, [], 0
         return out
 
@@ -308,12 +317,16 @@ class Mux:
         if isinstance(msg, Data):
             return self._accept_data(state, msg)
         if isinstance(msg, Credit):
-            if state.send_credit + msg.n > MAX_CREDIT:
-                raise RemoteProtocolError(f"channel {channel}: credit beyond {MAX_CREDIT}")
+            if msg.n > state.window - state.send_credit:
+                raise RemoteProtocolError(f"channel {channel}: credit for bytes never sent")
             if not state.eof_sent:
-                self.in_flight -= max(0, min(msg.n, state.window - state.send_credit))
+                self.in_flight -= msg.n
             state.send_credit += msg.n
-            state.window = max(state.window, state.send_credit)  # the receiver widened it
+        elif isinstance(msg, Widen):
+            if state.window + msg.n > MAX_CREDIT:
+                raise RemoteProtocolError(f"channel {channel}: a window beyond {MAX_CREDIT}")
+            state.window += msg.n
+            state.send_credit += msg.n
         elif isinstance(msg, Eof):
             if state.eof_received:
                 raise RemoteProtocolError(f"channel {channel}: Eof twice")

@@ -1,13 +1,15 @@
 """Mux window widening: a receiver whose socket took a window's worth of bytes as they came
 doubles the window, up to max_window per channel and WIDEN_BUDGET per Mux; one that holds
-bytes does not; the sender's in-flight count stays the sum of its channels' parts."""
+bytes does not; the sender's in-flight count stays the sum of its channels' parts, and
+exact: a Widen grants nothing back."""
 
 from typing import List
 
 import pytest
 from shuttle_protocol.errors import LocalProtocolError
 from shuttle_protocol.mux import AGENT, MAX_WINDOW, WIDEN_BUDGET, Mux
-from shuttle_protocol.stream_messages import MAX_DATA, Data
+from shuttle_protocol.schema import Message
+from shuttle_protocol.stream_messages import MAX_DATA, Data, Widen
 
 from .pair import Pair
 
@@ -97,3 +99,23 @@ def test_all_widening_together_stays_within_the_budget() -> None:
 def test_a_max_window_below_the_window_is_refused() -> None:
     with pytest.raises(LocalProtocolError):
         Mux(AGENT, WINDOW, WINDOW - 1)
+
+
+def test_widening_is_no_grant_so_in_flight_stays_exact_with_bytes_on_their_way() -> None:
+    # A long link: each grant comes back after the next chunk went out, so one chunk is
+    # always on its way when the receiver widens. Were the widening counted as a grant
+    # (extra Credit), that chunk would read as granted: the in-flight controller then
+    # timed a round trip of a millisecond on a 40 ms link and kept the limit at its minimum.
+    pair = Pair(WINDOW, 8 * WINDOW)
+    channel = pair.open()
+    late = b""  # the agent's grants, not yet arrived
+    seen: List[Message] = []
+    for _ in range(12):
+        pair.client.send_data(channel, CHUNK)
+        for msg in pair.to_agent():
+            pair.agent.delivered(channel, len(msg.payload))
+        seen += pair.client.receive(late)
+        late = b"".join(pair.agent.outgoing())
+        assert pair.client.in_flight == MAX_DATA == pair.client.in_flight_on(channel)
+    assert Widen(channel, WINDOW) in seen
+    assert pair.client.credit(channel) == 2 * WINDOW - MAX_DATA
