@@ -70,13 +70,17 @@ class ChannelState:
         "kept_up",
         "recv_left",
         "send_credit",
+        "recv_window",
+        "send_window",
         "unacked",
         "widening",
-        "window",
     )
 
     def __init__(self, window: int) -> None:
-        self.window = window  # what the receiver allows unacknowledged: may widen
+        # Each direction has its own window, and either may widen: what we allow the peer
+        # unacknowledged, and what the peer allows us.
+        self.recv_window = window
+        self.send_window = window
         self.kept_up = 0  # bytes delivered as they came, since the last widening
         self.send_credit = window  # bytes we may still send
         self.recv_left = window  # bytes the peer may still send
@@ -186,20 +190,20 @@ class Mux:
         state = self.channels.get(channel)
         if state is None or state.eof_sent:
             return 0
-        return max(0, state.window - state.send_credit)
+        return state.send_window - state.send_credit
 
     def delivered(self, channel: int, n: int) -> None:
         """n bytes of the channel's data left our buffers; grant the peer credit for them."""
         state = self.channels.get(channel)
         if state is None:
             return
-        held = state.window - state.recv_left - state.unacked  # received, not yet delivered
+        held = state.recv_window - state.recv_left - state.unacked  # received, not yet delivered
         if type(n) is not int or not 0 <= n <= held:
             raise LocalProtocolError(f"channel {channel}: {n!r:.40} bytes delivered, {held} held")
         state.unacked += n
         if n and not state.eof_received:
             state.kept_up = state.kept_up + n if n == held else 0
-            if state.kept_up >= state.window:
+            if state.kept_up >= state.recv_window:
                 self._widen(state)
             self._grants[channel] = state
 
@@ -207,9 +211,10 @@ class Mux:
         """Our socket took a whole window as it came: double the window, within the bounds;
         the extra goes in a Widen after the Credit."""
         state.kept_up = 0
-        extra = min(state.window, self.max_window - state.window, WIDEN_BUDGET - self.widened)
+        window = state.recv_window
+        extra = min(window, self.max_window - window, WIDEN_BUDGET - self.widened)
         if extra > 0:
-            state.window += extra
+            state.recv_window += extra
             state.widening += extra
             self.widened += extra
 
@@ -229,7 +234,7 @@ class Mux:
     def _settle(self, state: ChannelState) -> None:
         """The channel's ungranted bytes will never be granted: stop counting them."""
         if not state.eof_sent:
-            ungranted = max(0, state.window - state.send_credit)
+            ungranted = state.send_window - state.send_credit
             self.in_flight -= ungranted
             self.settled_total += ungranted
 
@@ -317,15 +322,15 @@ class Mux:
         if isinstance(msg, Data):
             return self._accept_data(state, msg)
         if isinstance(msg, Credit):
-            if msg.n > state.window - state.send_credit:
+            if msg.n > state.send_window - state.send_credit:
                 raise RemoteProtocolError(f"channel {channel}: credit for bytes never sent")
             if not state.eof_sent:
                 self.in_flight -= msg.n
             state.send_credit += msg.n
         elif isinstance(msg, Widen):
-            if state.window + msg.n > MAX_CREDIT:
+            if state.send_window + msg.n > MAX_CREDIT:
                 raise RemoteProtocolError(f"channel {channel}: a window beyond {MAX_CREDIT}")
-            state.window += msg.n
+            state.send_window += msg.n
             state.send_credit += msg.n
         elif isinstance(msg, Eof):
             if state.eof_received:
