@@ -112,6 +112,7 @@ class Mux:
         # the ones that stopped counting without a grant (their channel went).
         self.sent_total = 0
         self.settled_total = 0
+        self.received_total = 0  # Data bytes received in all (for the client's sessions)
         self._decoder = StreamDecoder()
         self._out: List[bytes] = []
         self._out_size = 0
@@ -373,4 +374,5 @@ class Mux:
         if size > state.recv_left:
             raise RemoteProtocolError(f"channel {msg.channel}: Data beyond the credit window")
         state.recv_left -= size
+        self.received_total += size
         return True
