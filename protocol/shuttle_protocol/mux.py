@@ -26,6 +26,12 @@ messages the driver must act on, after the Mux has applied its flow-control rule
   messages. Credit for delivered bytes therefore goes back at the next outgoing(), one
   Credit per channel however many Data it covers: a credit held back until a batch filled
   up would leave idle channels' bytes counted for ever.
+- Latency: outgoing() puts everything else before the Data (and Eof) of bulk channels,
+  those with BULK bytes or more in flight when they sent: an interactive byte, a Credit or
+  a datagram never waits behind bulk data queued here, only behind what is already on its
+  way (at most the in-flight limit the driver keeps, whose controller holds the queueing
+  delay to its target). A channel's own frames stay in order: once it has a frame in the
+  bulk queue, all its Data and its Eof go there until the queue is taken.
 - A UDP channel (UdpOpen) carries Datagram messages and has no window: datagrams may be
   dropped, so the driver drops them when the pipe is full instead of queueing them. Its
   ids come from the same sequence as TCP channels. Data, Credit, Widen, Eof and Opened are a
@@ -57,6 +63,9 @@ from .stream_messages import (
 WINDOW = 1024 * 1024
 MAX_WINDOW = 16 * 1024 * 1024  # a channel's window on a long link: 400 MB/s at 40 ms
 WIDEN_BUDGET = 128 * 1024 * 1024  # all channels' widening together, on one Mux
+# A channel with this much in flight is a bulk transfer: its frames go after the others'.
+# Less than one read of a busy socket (256 KiB), more than an interactive exchange.
+BULK = 64 * 1024
 CLIENT = "client"
 AGENT = "agent"
 
@@ -116,6 +125,8 @@ class Mux:
         self._decoder = StreamDecoder()
         self._out: List[bytes] = []
         self._out_size = 0
+        self._bulk: List[bytes] = []  # bulk channels' frames, sent after _out
+        self._bulk_channels: Set[int] = set()  # channels with frames in _bulk
         self._last_channel = 0
         self._failed: Optional[RemoteProtocolError] = None
 
@@ -160,6 +171,9 @@ class Mux:
             raise LocalProtocolError(f"channel {channel}: data after Eof")
         if len(data) > state.send_credit:
             raise LocalProtocolError(f"channel {channel}: {len(data)} bytes exceed the credit")
+        if channel not in self._bulk_channels and self.in_flight_on(channel) >= BULK:
+            self._bulk_channels.add(channel)
+        queue = self._bulk if channel in self._bulk_channels else self._out
         state.send_credit -= len(data)
         self.in_flight += len(data)
         self.sent_total += len(data)
@@ -169,7 +183,7 @@ class Mux:
             if type(payload) is not bytes:
                 payload = bytes(payload)  # a view's buffer could change before the write
             header = encode_data_header(channel, len(payload))
-            self._out += (header, payload)
+            queue += (header, payload)
             self._out_size += len(header) + len(payload)
 
     def _live(self, channel: int) -> ChannelState:
@@ -228,7 +242,12 @@ class Mux:
             return
         self._settle(state)  # the peer grants nothing after our Eof
         state.eof_sent = True
-        self.send(Eof(channel))
+        if channel in self._bulk_channels:  # after its queued Data
+            eof = encode(Eof(channel))
+            self._bulk.append(eof)
+            self._out_size += len(eof)
+        else:
+            self.send(Eof(channel))
         if state.eof_received:
             del self.channels[channel]
 
@@ -256,7 +275,8 @@ class Mux:
         self.datagram_channels.discard(channel)
 
     def outgoing(self) -> List[bytes]:
-        """Take the queued bytes, in order, for writing to the pipe, credit grants last."""
+        """Take the queued bytes for writing to the pipe: messages in order, credit grants
+        after them, bulk channels' frames (in their order) last."""
         grants, self._grants = self._grants, {}
         for channel, state in grants.items():
             if state.eof_received or self.channels.get(channel) is not state:
@@ -270,6 +290,10 @@ class Mux:
                 state.recv_left += state.widening
                 state.widening = 0
         out, self._out, self._out_size = self._out, [], 0
+        if self._bulk:
+            out += self._bulk
+            self._bulk = []
+            self._bulk_channels.clear()
         return out
 
     @property
@@ -280,7 +304,7 @@ class Mux:
     @property
     def has_output(self) -> bool:
         """Whether outgoing() would return anything: queued bytes or credit to grant."""
-        return bool(self._out or self._grants)
+        return bool(self._out or self._bulk or self._grants)
 
     # -- receiving -----------------------------------------------------------------------
 
