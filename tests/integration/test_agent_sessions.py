@@ -1,5 +1,5 @@
 """More agent sessions over one ssh connection (client/shuttle_client/agent_sessions.py): with
-the ssh hop behind a relay that delays it 20 ms each way, a bulk upload is held back by the
+the ssh hop behind a relay that delays it 50 ms each way, a bulk upload is held back by the
 ssh session channel's window, the client opens more sessions through its ControlMaster, and
 later connections spread over their agents; where ssh refuses to be a master, the tunnel
 keeps one session and still works."""
@@ -24,9 +24,12 @@ pytestmark = pytest.mark.integration
 
 RELAY_PORT = 2222
 RELAY = Path(__file__).parents[2] / "bench" / "delayrelay.py"
-# Enough to fill one session's 2 MiB window per 40 ms round trip for a few seconds.
+# 50 ms each way: one session's window caps it at 2 MiB per 100 ms (21 MB/s), a rate that
+# even a loaded host reaches (at 20 ms, 52 MB/s, it did not always: then no session opens).
+DELAY_MS = 50
+# Enough to be held back by that window for a few seconds.
 FIRST_UPLOAD = 60 * 1024 * 1024
-SPREAD_UPLOAD = 32 * 1024 * 1024
+SPREAD_UPLOAD = 24 * 1024 * 1024
 PARALLEL = 4
 
 
@@ -36,7 +39,7 @@ def relay(topo: Topology) -> Iterator[str]:
     script = topo.run_dir / "delayrelay.py"
     shutil.copyfile(RELAY, script)
     argv = [SYSTEM_PYTHON, str(script), S_ADDR_C, str(RELAY_PORT), S_ADDR_C, str(SSH_PORT)]
-    proc = topo.start("relay", topo.s.argv([*argv, "--delay-ms=20"]))
+    proc = topo.start("relay", topo.s.argv([*argv, f"--delay-ms={DELAY_MS}"]))
     try:
         assert topo.s.wait_listening(RELAY_PORT, timeout=15), proc.describe()
         yield f"{topo.ssh_command()} -p {RELAY_PORT}"
