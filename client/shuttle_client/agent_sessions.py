@@ -13,11 +13,11 @@ How many: every WATCH_INTERVAL the client takes what each session carried (Data 
 busier way) times the base round trip of its in-flight controller: a bandwidth-delay product
 per session. A session whose product reaches SATURATED of the ssh window is held back by
 that window; the client then wants as many sessions as the products add up to, in windows'
-worth at SATURATED, plus one with room (so that the next measure can show whether the link
-carries more), up to MAX_SESSIONS. New channels go to the session with the fewest
-(streams.pick), so connections spread; an open channel stays where it is. Where ssh is not
-a ControlMaster (not OpenSSH, ControlMaster refused) the first NewSession fails and the
-tunnel keeps its one session, as before.
+worth at SATURATED, plus SPARE with room (connections that come in a burst spread over them,
+and the next measure can show whether the link carries more), up to MAX_SESSIONS. New
+channels go to the session with the fewest (streams.pick), so connections spread; an open
+channel stays where it is. Where ssh is not a ControlMaster (not OpenSSH, ControlMaster
+refused) the first NewSession fails and the tunnel keeps its one session, as before.
 """
 
 import asyncio
@@ -39,7 +39,11 @@ from .upload import remote_command
 log = logging.getLogger("shuttle")
 
 SSH_WINDOW = 2 * 1024 * 1024  # OpenSSH's CHAN_SES_WINDOW_DEFAULT: a session's window each way
-SATURATED = 0.75  # of SSH_WINDOW per round trip: the window is what holds the session back
+# Of SSH_WINDOW per round trip: the window is what holds the session back. ssh -L's own
+# connections reach 0.7-0.8 of a window per round trip through the bench's relay, ours as
+# much; a LAN's product is a few percent of it.
+SATURATED = 0.5
+SPARE = 2  # sessions with room, beyond what the products fill
 MAX_SESSIONS = 8  # per ssh connection, the first one included: each is an agent on the server
 WATCH_INTERVAL = 0.5  # seconds between two measures
 
@@ -47,11 +51,11 @@ WATCH_INTERVAL = 0.5  # seconds between two measures
 def wanted_sessions(products: Sequence[float], window: int = SSH_WINDOW) -> int:
     """How many sessions the measured bandwidth-delay products (bytes, one per session) ask
     for: as many as there are while none is held back by its window; else enough windows'
-    worth, at SATURATED, for all of it, and one more, at most MAX_SESSIONS."""
+    worth, at SATURATED, for all of it, and SPARE more, at most MAX_SESSIONS."""
     share = SATURATED * window
     if not any(product >= share for product in products):
         return len(products)
-    return max(len(products), min(MAX_SESSIONS, math.ceil(sum(products) / share) + 1))
+    return max(len(products), min(MAX_SESSIONS, math.ceil(sum(products) / share) + SPARE))
 
 
 class SessionTunnel(Tunnel):
