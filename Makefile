@@ -59,6 +59,7 @@ bench: dev
 	$(PY) -m bench $(BENCH_ARGS)
 	$(PY) -m bench.rules
 	$(PY) -m bench.proxies
+	$(PY) -m bench.agentpath
 
 # `make dist`: a wheel and an sdist of each distribution in $(DIST); the wheels install
 # together with one `pip install $(DIST)/*.whl`. Each wheel is built from its sdist (what

@@ -194,12 +194,14 @@ class Shuttle:
         user: Optional[LocalUser] = None,
         include_files: Sequence[Path] = (),
         exclude_files: Sequence[Path] = (),
+        ssh_cmd: Optional[str] = None,
     ) -> List[str]:
         """shuttle-client's command line (run as user, default the first test user).
 
         remote is S's address to ssh to (IPv4 or IPv6), remote_name a name to ssh to
         instead (the test gives C an /etc/hosts with it); method None leaves --method out
-        (the client's default); the files become -s FILE and -X FILE.
+        (the client's default); the files become -s FILE and -X FILE; ssh_cmd replaces
+        the ssh command (-e) with user's key.
         """
         user = user or self.topo.user
         args = [
@@ -207,7 +209,7 @@ class Shuttle:
             "-r",
             f"{login or user.name}@{remote_name or url_host(remote)}",
             "-e",
-            self.topo.ssh_command(user),
+            ssh_cmd or self.topo.ssh_command(user),
             "--python",
             python,
             "--firewalld",

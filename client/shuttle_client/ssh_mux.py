@@ -2,10 +2,12 @@
 messages to bytes and bytes to messages, bounded; no sockets here (fastpath.py drives it).
 
 Every packet is a uint32 length, then a uint32 type and the body, in SSH wire format
-(uint32 big-endian, string = uint32 length + bytes). Only what the fast path needs is here:
-the client sends Hello, NewStdioFwd and AliveCheck; the master answers Hello, SessionOpened,
-Failure, PermissionDenied, Alive and Ok. mux.c reads the connect port of a stdio forward as a
-uint32, whatever PROTOCOL.mux says ("string connect port"); the code is what runs.
+(uint32 big-endian, string = uint32 length + bytes). Only what the fast path and the extra
+agent sessions (agent_sessions.py) need is here: the client sends Hello, NewStdioFwd,
+NewSession and AliveCheck; the master answers Hello, SessionOpened, Failure,
+PermissionDenied, Alive, Ok and ExitMessage. mux.c reads the connect port of a stdio
+forward as a uint32, whatever PROTOCOL.mux says ("string connect port"); the code is what
+runs.
 """
 
 import struct
@@ -16,18 +18,22 @@ from shuttle_protocol.errors import LocalProtocolError, RemoteProtocolError
 
 MUX_VERSION = 4
 MUX_MSG_HELLO = 0x00000001
+MUX_C_NEW_SESSION = 0x10000002
 MUX_C_ALIVE_CHECK = 0x10000004
 MUX_C_NEW_STDIO_FWD = 0x10000008
 MUX_S_OK = 0x80000001
 MUX_S_PERMISSION_DENIED = 0x80000002
 MUX_S_FAILURE = 0x80000003
+MUX_S_EXIT_MESSAGE = 0x80000004
 MUX_S_ALIVE = 0x80000005
 MUX_S_SESSION_OPENED = 0x80000006
 # The master's answers are a few dozen bytes; a Hello's extensions could be longer, but
 # OpenSSH defines none. Anything past this is not a master we understand.
 MAX_PACKET = 64 * 1024
 MAX_HOST = 1025  # NI_MAXHOST; a destination is an address or a host name
+MAX_COMMAND = 16 * 1024  # a session's command line (the agent's stage 1 is 2 KiB or so)
 UINT32 = 2**32 - 1
+NO_ESCAPE = UINT32  # a session's escape character: none
 
 
 def _u32(value: int) -> bytes:
@@ -116,6 +122,44 @@ class NewStdioFwd:
 
 
 @dataclass(frozen=True)
+class NewSession:
+    """Client → master: open a session channel running command, without a tty, on the
+    three descriptors that follow (stdin, stdout, stderr), one per sendmsg as for
+    NewStdioFwd. mux.c reads the four flags and the escape character as uint32s."""
+
+    TYPE: ClassVar[int] = MUX_C_NEW_SESSION
+    request_id: int
+    command: str
+
+    def __post_init__(self) -> None:
+        _check_u32(self.request_id, "request id")
+        if type(self.command) is not str or not 0 < len(self.command.encode()) <= MAX_COMMAND:
+            raise LocalProtocolError(f"command must be 1 to {MAX_COMMAND} bytes")
+        if "\0" in self.command:
+            raise LocalProtocolError("command must not contain NUL")
+
+    def body(self) -> bytes:
+        flags = _u32(0) * 4  # tty, X11, agent forwarding, subsystem: none
+        return (
+            _u32(self.request_id)
+            + _string(b"")
+            + flags
+            + _u32(NO_ESCAPE)
+            + _string(b"")  # terminal type
+            + _string(self.command.encode())
+        )
+
+
+@dataclass(frozen=True)
+class ExitMessage:
+    """Master → client: the session's remote command exited with this status."""
+
+    TYPE: ClassVar[int] = MUX_S_EXIT_MESSAGE
+    session_id: int
+    status: int
+
+
+@dataclass(frozen=True)
 class AliveCheck:
     """Client → master: are you there? Answered by Alive with the master's pid."""
 
@@ -174,8 +218,8 @@ class Ok:
     request_id: int
 
 
-Request = Union[Hello, NewStdioFwd, AliveCheck]
-Answer = Union[Hello, SessionOpened, Failure, PermissionDenied, Alive, Ok]
+Request = Union[Hello, NewStdioFwd, NewSession, AliveCheck]
+Answer = Union[Hello, SessionOpened, Failure, PermissionDenied, Alive, Ok, ExitMessage]
 
 
 def encode(msg: Request) -> bytes:
@@ -204,7 +248,7 @@ def _with_reason(cls: Type[Union[Failure, PermissionDenied]]) -> Parser:
     return parse
 
 
-def _two_ints(cls: Type[Union[SessionOpened, Alive]]) -> Parser:
+def _two_ints(cls: Type[Union[SessionOpened, Alive, ExitMessage]]) -> Parser:
     def parse(reader: _Reader) -> Answer:
         first, second = reader.u32(), reader.u32()
         reader.end()
@@ -224,6 +268,7 @@ PARSERS: Dict[int, Parser] = {
     MUX_MSG_HELLO: _hello,
     MUX_S_SESSION_OPENED: _two_ints(SessionOpened),
     MUX_S_ALIVE: _two_ints(Alive),
+    MUX_S_EXIT_MESSAGE: _two_ints(ExitMessage),
     MUX_S_FAILURE: _with_reason(Failure),
     MUX_S_PERMISSION_DENIED: _with_reason(PermissionDenied),
     MUX_S_OK: _ok,

@@ -3,7 +3,9 @@ choice of one for each new connection or UDP flow; and bringing a lost one back.
 
 One ssh channel carries at most its window (2 MiB in OpenSSH) per round trip, so on a
 long, fast link a single session caps throughput whatever the kernel's TCP could do; N
-sessions carry N windows. They share one firewall session: capture does not change.
+sessions carry N windows. They share one firewall session: capture does not change. With
+one stream (the default) its ssh opens more agent sessions itself, as many as the measured
+bandwidth-delay product asks for (agent_sessions.py); new channels spread over all of them.
 
 A stream is lost when ssh ends or its agent stops answering pings. Its connections are
 reset, and it is started again with backoff under the same firewall session: the rules
@@ -18,7 +20,7 @@ import logging
 import os
 import socket
 import time
-from typing import Any, Callable, Coroutine, List, Optional, Set, Tuple
+from typing import Any, Callable, Coroutine, Dict, List, Optional, Set, Tuple
 
 from shuttle_ends.relay import Link
 from shuttle_protocol.control_messages import (
@@ -31,6 +33,7 @@ from shuttle_protocol.control_messages import (
 )
 from shuttle_protocol.schema import Message
 
+from .agent_sessions import AgentSessions
 from .cli import Options
 from .fastpath import ControlDir, Forward, Master, Sent, cap_within_fd_limit, reset
 from .listing import Listed
@@ -60,8 +63,11 @@ class Streams:
         self.names = (
             ["agent"] if count == 1 else [f"agent {i}/{count}" for i in range(1, count + 1)]
         )
-        # The TCP fast path: each ssh a ControlMaster on a socket in this private directory.
-        self.control_dir = None if options.tcp == "agent" else ControlDir()
+        # The TCP fast path, and more agent sessions on one stream: each ssh a ControlMaster
+        # on a socket in this private directory.
+        self.fast = options.tcp != "agent"
+        self.control_dir = ControlDir() if self.fast or options.streams == 1 else None
+        self.sessions: Dict[int, AgentSessions] = {}  # by stream, with one stream only
         self._fast_channels = itertools.count(1)
         # A socket name per ssh: an old master that exits late removes its own name only.
         self._masters_started = itertools.count(1)
@@ -91,6 +97,7 @@ class Streams:
             raise failures[0]
         for index in range(len(self.tunnels)):
             self.publish(Connected(index, self.options.ssh_destination))
+            self._open_sessions(index)
             self._spawn(self._keep(index)).add_done_callback(self._kept)
         self._release_waiting()  # captured while the agents started (main's _bring_up)
 
@@ -109,22 +116,37 @@ class Streams:
             log.info("resetting %d connections that waited for the tunnel", len(self._waiting))
         for waiting in list(self._waiting):
             waiting.give_up("the client is stopping")
+        await asyncio.gather(*(sessions.stop() for sessions in self.sessions.values()))
         await asyncio.gather(*(tunnel.stop() for tunnel in self.tunnels))
         if self.control_dir is not None:
             self.control_dir.remove()
 
     def _tunnel(self, index: int, ssh_options: Tuple[str, ...] = ()) -> Tunnel:
+        if self.control_dir is None:
+            return Tunnel(self.options, self.names[index], ssh_options)
+        path = os.path.join(self.control_dir.path, f"m{index}.{next(self._masters_started)}")
         master = None
-        if self.control_dir is not None:
+        if self.fast:
             master = Master(
-                os.path.join(self.control_dir.path, f"m{index}.{next(self._masters_started)}"),
+                path,
                 stream=index,
                 cap=cap_within_fd_limit(self.options.tcp_cap),
                 channels=self._fast_channels,
                 on_open=self._forward_opened,
                 on_close=self._forward_closed,
             )
-        return Tunnel(self.options, self.names[index], ssh_options, master)
+        return Tunnel(self.options, self.names[index], ssh_options, master, control=path)
+
+    def _open_sessions(self, index: int) -> None:
+        """With one stream, let its ssh open more agent sessions as the link asks."""
+        if len(self.tunnels) == 1:
+            self.sessions[index] = sessions = AgentSessions(self.tunnels[index])
+            sessions.start()
+
+    def _links(self, index: int) -> List[Link]:
+        """The stream's links: its tunnel's, then its extra sessions' that are up."""
+        sessions = self.sessions.get(index)
+        return [self.tunnels[index].link, *(sessions.extra_links if sessions else ())]
 
     # -- keeping them up -------------------------------------------------------------------
 
@@ -141,6 +163,9 @@ class Streams:
                 reason = await asyncio.shield(tunnel.link.closed) or "closed"
             finally:
                 keepalive.cancel()
+            sessions = self.sessions.pop(index, None)
+            if sessions is not None:
+                await sessions.stop()
             await tunnel.stop()
             log.warning("lost the tunnel (%s): %s", tunnel.link.peer, reason)
             self.publish(Disconnected(index, reason[:1000]))
@@ -176,6 +201,7 @@ class Streams:
                 delay = min(delay * 2, BACKOFF_MAX)
                 continue
             self.tunnels[index] = tunnel
+            self._open_sessions(index)
             self.reconnects += 1
             log.info("reconnected %s (agent on python %s)", name, tunnel.agent_python)
             self.publish(Connected(index, self.options.ssh_destination))
@@ -202,7 +228,8 @@ class Streams:
 
     @property
     def links(self) -> List[Link]:
-        return [tunnel.link for tunnel in self.tunnels]
+        """Every stream's links, with its extra sessions' that are up."""
+        return [link for index in range(len(self.tunnels)) for link in self._links(index)]
 
     @property
     def up(self) -> int:
@@ -224,7 +251,12 @@ class Streams:
     def pick(self) -> Optional[Link]:
         """The link for a new channel, None while no stream is up: the one with the fewest
         open channels, taking turns between equals so that a burst of connections spreads."""
-        links = [tunnel.link for tunnel in self.tunnels if tunnel.up]
+        links = [
+            link
+            for index, tunnel in enumerate(self.tunnels)
+            if tunnel.up
+            for link in self._links(index)
+        ]
         if not links:
             return None
         start = next(self._turn) % len(links)
@@ -233,8 +265,8 @@ class Streams:
 
     def index(self, link: Link) -> int:
         """The stream a link belongs to (0 for one no longer in use)."""
-        for index, tunnel in enumerate(self.tunnels):
-            if tunnel.link is link:
+        for index in range(len(self.tunnels)):
+            if link in self._links(index):
                 return index
         return 0
 
@@ -367,7 +399,7 @@ class Streams:
             if tunnel.master is not None
             for forward in tunnel.master.forwards.values()
         ]
-        for index, link in enumerate(self.links):
+        for index, link in [(i, link) for i in range(len(self.tunnels)) for link in self._links(i)]:
             # The Link is the agent's too: its dicts name the agent's base classes.
             for item in (*link.channels.values(), *link.flows.values()):
                 if isinstance(item, Listed):

@@ -91,12 +91,17 @@ class Tunnel:
         name: str = "agent",
         ssh_options: Sequence[str] = (),
         master: Optional[Master] = None,
+        control: Optional[str] = None,
     ) -> None:
         """ssh_options: added to the user's ssh command (when reconnecting). master: make
-        ssh a ControlMaster there and, if the server forwards TCP, keep it (the fast path)."""
+        ssh a ControlMaster there and, if the server forwards TCP, keep it (the fast path).
+        control: without a master, make ssh a ControlMaster there all the same (for more
+        agent sessions, agent_sessions.py)."""
         self.options = options
         self.ssh_options = tuple(ssh_options)
         self.master = master
+        # Where ssh is a ControlMaster ("" if it is not asked to be).
+        self.control_path = master.path if master else control or ""
         # Why TCP does not go through the master ("" while it does).
         self.fast_path_off = "" if master else "--tcp=agent"
         self._probe_port: Optional[asyncio.Future[int]] = None
@@ -130,7 +135,7 @@ class Tunnel:
 
     async def _start(self) -> None:
         options = self.options
-        control = () if self.master is None else master_options(self.master.path)
+        control = master_options(self.control_path) if self.control_path else ()
         argv = ssh_argv(
             (*options.ssh_cmd, *self.ssh_options, *control),
             options.ssh_destination,
@@ -157,6 +162,11 @@ class Tunnel:
             os.close(fd)
         if self.master is not None:
             self._master_up = asyncio.ensure_future(self._connect_master(self.master))
+        await self._run_agent(to_ssh_write, from_ssh_read, err_read)
+
+    async def _run_agent(self, to_ssh_write: int, from_ssh_read: int, err_read: int) -> None:
+        """Upload the agent on ssh's stdin, run the Link over the pipes, wait for the
+        greeting; TunnelError if it does not come."""
         for fd in (to_ssh_write, from_ssh_read):
             widen_pipe(fd)
         loop = asyncio.get_running_loop()

@@ -20,14 +20,14 @@ import logging
 import os
 import socket
 import struct
-from typing import Callable, Dict, List, Optional, Protocol, Set, Tuple
+from typing import Callable, Dict, List, Optional, Protocol, Set, Tuple, Union
 
 from shuttle_protocol.channel import Channel, Command, Do, Write
 from shuttle_protocol.errors import ProtocolError, RemoteProtocolError
 from shuttle_protocol.inflight import InFlightController
 from shuttle_protocol.mux import Mux
 from shuttle_protocol.schema import Message
-from shuttle_protocol.stream_messages import Close, Credit, Data, Datagram, Eof, Error
+from shuttle_protocol.stream_messages import Close, Credit, Data, Datagram, Eof, Error, Widen
 from shuttle_protocol.stream_session import SessionError, StreamSession
 
 log = logging.getLogger("shuttle")
@@ -356,7 +356,7 @@ class Relay(asyncio.Protocol):
     def on_data(self, msg: Data) -> None:
         self._carry_out(self.state.peer_data(msg.payload))
 
-    def on_credit(self, _msg: Credit) -> None:
+    def on_credit(self, _msg: Union[Credit, Widen]) -> None:
         self._carry_out(self.state.peer_credit())
 
     def on_eof(self, _msg: Eof) -> None:
@@ -407,6 +407,7 @@ class Relay(asyncio.Protocol):
 _RELAY_HANDLERS: Dict[type, Callable[[Relay, Message], None]] = {
     Data: Relay.on_data,  # type: ignore[dict-item]
     Credit: Relay.on_credit,  # type: ignore[dict-item]
+    Widen: Relay.on_credit,  # type: ignore[dict-item]
     Eof: Relay.on_eof,  # type: ignore[dict-item]
     Close: Relay.on_close,  # type: ignore[dict-item]
 }

@@ -8,15 +8,15 @@ messages the driver must act on, after the Mux has applied its flow-control rule
   more with Credit. A receiver grants credit only for bytes it has delivered to its local
   socket, so no channel buffers more than one window on either side.
 - A channel's window starts at `window`. A receiver built with a larger `max_window` widens
-  it (doubling, with a Credit for bytes not yet sent) each time a window's worth of bytes
-  was delivered, every one at once as it came: the local socket keeps up, so the window
-  may be what holds the channel back, as on a long link, where one window per round trip
-  is too little (the receiver cannot see the round trip; the session's in-flight limit,
-  not this window, bounds what queues in the pipe). Widening is bounded per channel
-  (max_window) and per Mux (WIDEN_BUDGET in all), so a buffer stays bounded too. A sender
-  takes any Credit beyond its window as the wider window; as one Credit cannot tell grant
-  from widening, bytes still on their way then count as granted until their own grant
-  comes (in_flight reads low by at most what was on its way, for a round trip).
+  it (doubling, with a Widen for the extra) each time a window's worth of bytes was
+  delivered, every one at once as it came: the local socket keeps up, so the window may be
+  what holds the channel back, as on a long link, where one window per round trip is too
+  little (the receiver cannot see the round trip; the session's in-flight limit, not this
+  window, bounds what queues in the pipe). Widening is bounded per channel (max_window)
+  and per Mux (WIDEN_BUDGET in all), so a buffer stays bounded too. Widen is not Credit:
+  a Credit grants back bytes that were sent, never more, so the sender's in_flight is
+  exact (widening sent as extra Credit once counted bytes still on their way as granted,
+  and the in-flight controller then timed round trips of a millisecond on a 40 ms link).
 - Channel ids come from the client, strictly increasing and never reused, so a late message
   for a channel that is already gone is dropped, not misdelivered.
 - A channel is forgotten after Close (either way) or once Eof has gone both ways.
@@ -26,10 +26,16 @@ messages the driver must act on, after the Mux has applied its flow-control rule
   messages. Credit for delivered bytes therefore goes back at the next outgoing(), one
   Credit per channel however many Data it covers: a credit held back until a batch filled
   up would leave idle channels' bytes counted for ever.
+- Latency: outgoing() puts everything else before the Data (and Eof) of bulk channels,
+  those with BULK bytes or more in flight when they sent: an interactive byte, a Credit or
+  a datagram never waits behind bulk data queued here, only behind what is already on its
+  way (at most the in-flight limit the driver keeps, whose controller holds the queueing
+  delay to its target). A channel's own frames stay in order: once it has a frame in the
+  bulk queue, all its Data and its Eof go there until the queue is taken.
 - A UDP channel (UdpOpen) carries Datagram messages and has no window: datagrams may be
   dropped, so the driver drops them when the pipe is full instead of queueing them. Its
-  ids come from the same sequence as TCP channels. Data, Credit, Eof and Opened are a TCP
-  channel's messages, Datagram a UDP channel's; the other kind is the peer's protocol error.
+  ids come from the same sequence as TCP channels. Data, Credit, Widen, Eof and Opened are a
+  TCP channel's messages, Datagram a UDP channel's; the other kind is the peer's protocol error.
   It ends with Close either way, or Refused from the agent.
 """
 
@@ -51,11 +57,15 @@ from .stream_messages import (
     Opened,
     Refused,
     UdpOpen,
+    Widen,
 )
 
 WINDOW = 1024 * 1024
 MAX_WINDOW = 16 * 1024 * 1024  # a channel's window on a long link: 400 MB/s at 40 ms
 WIDEN_BUDGET = 128 * 1024 * 1024  # all channels' widening together, on one Mux
+# A channel with this much in flight is a bulk transfer: its frames go after the others'.
+# Less than one read of a busy socket (256 KiB), more than an interactive exchange.
+BULK = 64 * 1024
 CLIENT = "client"
 AGENT = "agent"
 
@@ -69,16 +79,22 @@ class ChannelState:
         "kept_up",
         "recv_left",
         "send_credit",
+        "recv_window",
+        "send_window",
         "unacked",
-        "window",
+        "widening",
     )
 
     def __init__(self, window: int) -> None:
-        self.window = window  # what the receiver allows unacknowledged: may widen
+        # Each direction has its own window, and either may widen: what we allow the peer
+        # unacknowledged, and what the peer allows us.
+        self.recv_window = window
+        self.send_window = window
         self.kept_up = 0  # bytes delivered as they came, since the last widening
         self.send_credit = window  # bytes we may still send
         self.recv_left = window  # bytes the peer may still send
         self.unacked = 0  # bytes delivered locally, not yet granted back
+        self.widening = 0  # bytes of widening not yet sent
         self.eof_sent = False
         self.eof_received = False
 
@@ -105,9 +121,12 @@ class Mux:
         # the ones that stopped counting without a grant (their channel went).
         self.sent_total = 0
         self.settled_total = 0
+        self.received_total = 0  # Data bytes received in all (for the client's sessions)
         self._decoder = StreamDecoder()
         self._out: List[bytes] = []
         self._out_size = 0
+        self._bulk: List[bytes] = []  # bulk channels' frames, sent after _out
+        self._bulk_channels: Set[int] = set()  # channels with frames in _bulk
         self._last_channel = 0
         self._failed: Optional[RemoteProtocolError] = None
 
@@ -152,6 +171,9 @@ class Mux:
             raise LocalProtocolError(f"channel {channel}: data after Eof")
         if len(data) > state.send_credit:
             raise LocalProtocolError(f"channel {channel}: {len(data)} bytes exceed the credit")
+        if channel not in self._bulk_channels and self.in_flight_on(channel) >= BULK:
+            self._bulk_channels.add(channel)
+        queue = self._bulk if channel in self._bulk_channels else self._out
         state.send_credit -= len(data)
         self.in_flight += len(data)
         self.sent_total += len(data)
@@ -161,7 +183,7 @@ class Mux:
             if type(payload) is not bytes:
                 payload = bytes(payload)  # a view's buffer could change before the write
             header = encode_data_header(channel, len(payload))
-            self._out += (header, payload)
+            queue += (header, payload)
             self._out_size += len(header) + len(payload)
 
     def _live(self, channel: int) -> ChannelState:
@@ -183,31 +205,32 @@ class Mux:
         state = self.channels.get(channel)
         if state is None or state.eof_sent:
             return 0
-        return max(0, state.window - state.send_credit)
+        return state.send_window - state.send_credit
 
     def delivered(self, channel: int, n: int) -> None:
         """n bytes of the channel's data left our buffers; grant the peer credit for them."""
         state = self.channels.get(channel)
         if state is None:
             return
-        held = state.window - state.recv_left - state.unacked  # received, not yet delivered
+        held = state.recv_window - state.recv_left - state.unacked  # received, not yet delivered
         if type(n) is not int or not 0 <= n <= held:
             raise LocalProtocolError(f"channel {channel}: {n!r:.40} bytes delivered, {held} held")
         state.unacked += n
         if n and not state.eof_received:
             state.kept_up = state.kept_up + n if n == held else 0
-            if state.kept_up >= state.window:
+            if state.kept_up >= state.recv_window:
                 self._widen(state)
             self._grants[channel] = state
 
     def _widen(self, state: ChannelState) -> None:
         """Our socket took a whole window as it came: double the window, within the bounds;
-        the extra goes with the Credit."""
+        the extra goes in a Widen after the Credit."""
         state.kept_up = 0
-        extra = min(state.window, self.max_window - state.window, WIDEN_BUDGET - self.widened)
+        window = state.recv_window
+        extra = min(window, self.max_window - window, WIDEN_BUDGET - self.widened)
         if extra > 0:
-            state.window += extra
-            state.unacked += extra
+            state.recv_window += extra
+            state.widening += extra
             self.widened += extra
 
     def send_eof(self, channel: int) -> None:
@@ -219,14 +242,19 @@ class Mux:
             return
         self._settle(state)  # the peer grants nothing after our Eof
         state.eof_sent = True
-        self.send(Eof(channel))
+        if channel in self._bulk_channels:  # after its queued Data
+            eof = encode(Eof(channel))
+            self._bulk.append(eof)
+            self._out_size += len(eof)
+        else:
+            self.send(Eof(channel))
         if state.eof_received:
             del self.channels[channel]
 
     def _settle(self, state: ChannelState) -> None:
         """The channel's ungranted bytes will never be granted: stop counting them."""
         if not state.eof_sent:
-            ungranted = max(0, state.window - state.send_credit)
+            ungranted = state.send_window - state.send_credit
             self.in_flight -= ungranted
             self.settled_total += ungranted
 
@@ -247,14 +275,25 @@ class Mux:
         self.datagram_channels.discard(channel)
 
     def outgoing(self) -> List[bytes]:
-        """Take the queued bytes, in order, for writing to the pipe, credit grants last."""
+        """Take the queued bytes for writing to the pipe: messages in order, credit grants
+        after them, bulk channels' frames (in their order) last."""
         grants, self._grants = self._grants, {}
         for channel, state in grants.items():
-            if state.unacked and not state.eof_received and self.channels.get(channel) is state:
+            if state.eof_received or self.channels.get(channel) is not state:
+                continue
+            if state.unacked:
                 self.send(Credit(channel, state.unacked))
                 state.recv_left += state.unacked
                 state.unacked = 0
+            if state.widening:
+                self.send(Widen(channel, state.widening))
+                state.recv_left += state.widening
+                state.widening = 0
         out, self._out, self._out_size = self._out, [], 0
+        if self._bulk:
+            out += self._bulk
+            self._bulk = []
+            self._bulk_channels.clear()
         return out
 
     @property
@@ -265,7 +304,7 @@ class Mux:
     @property
     def has_output(self) -> bool:
         """Whether outgoing() would return anything: queued bytes or credit to grant."""
-        return bool(self._out or self._grants)
+        return bool(self._out or self._bulk or self._grants)
 
     # -- receiving -----------------------------------------------------------------------
 
@@ -308,12 +347,16 @@ class Mux:
         if isinstance(msg, Data):
             return self._accept_data(state, msg)
         if isinstance(msg, Credit):
-            if state.send_credit + msg.n > MAX_CREDIT:
-                raise RemoteProtocolError(f"channel {channel}: credit beyond {MAX_CREDIT}")
+            if msg.n > state.send_window - state.send_credit:
+                raise RemoteProtocolError(f"channel {channel}: credit for bytes never sent")
             if not state.eof_sent:
-                self.in_flight -= max(0, min(msg.n, state.window - state.send_credit))
+                self.in_flight -= msg.n
             state.send_credit += msg.n
-            state.window = max(state.window, state.send_credit)  # the receiver widened it
+        elif isinstance(msg, Widen):
+            if state.send_window + msg.n > MAX_CREDIT:
+                raise RemoteProtocolError(f"channel {channel}: a window beyond {MAX_CREDIT}")
+            state.send_window += msg.n
+            state.send_credit += msg.n
         elif isinstance(msg, Eof):
             if state.eof_received:
                 raise RemoteProtocolError(f"channel {channel}: Eof twice")
@@ -355,4 +398,5 @@ class Mux:
         if size > state.recv_left:
             raise RemoteProtocolError(f"channel {msg.channel}: Data beyond the credit window")
         state.recv_left -= size
+        self.received_total += size
         return True

@@ -355,3 +355,19 @@ class ProbeListening(Message):
 
     def __post_init__(self) -> None:
         check_int(self.port, "port", 0, 65535)
+
+
+@message(23)
+@dataclass(frozen=True)
+class Widen(Message):
+    """Either way: the receiver widened the channel's window by n; the sender may send n
+    more, none of which is a grant. Kept apart from Credit so that the sender's count of
+    bytes in flight stays exact (the in-flight controller times grants)."""
+
+    __slots__ = ("channel", "n")
+    channel: int
+    n: int
+
+    def __post_init__(self) -> None:
+        _check_channel(self.channel)
+        check_int(self.n, "widening", 1, MAX_CREDIT)

@@ -28,6 +28,7 @@ ANSWERS = st.one_of(
     st.builds(ssh_mux.SessionOpened, st.integers(0, ssh_mux.UINT32), st.integers(0, 2**31)),
     st.builds(ssh_mux.Alive, st.integers(0, ssh_mux.UINT32), st.integers(1, 2**22)),
     st.builds(ssh_mux.Ok, st.integers(0, ssh_mux.UINT32)),
+    st.builds(ssh_mux.ExitMessage, st.integers(0, ssh_mux.UINT32), st.integers(0, 255)),
     st.builds(ssh_mux.Failure, st.integers(0, ssh_mux.UINT32), st.text(max_size=300)),
     st.builds(ssh_mux.PermissionDenied, st.integers(0, ssh_mux.UINT32), st.text(max_size=30)),
 )
@@ -43,6 +44,8 @@ def wire(answer: ssh_mux.Answer) -> bytes:
         return packet(answer.TYPE, u32(answer.request_id) + u32(answer.pid))
     if isinstance(answer, ssh_mux.Ok):
         return packet(answer.TYPE, u32(answer.request_id))
+    if isinstance(answer, ssh_mux.ExitMessage):
+        return packet(answer.TYPE, u32(answer.session_id) + u32(answer.status))
     return packet(answer.TYPE, u32(answer.request_id) + string(answer.reason.encode()))
 
 
@@ -52,6 +55,12 @@ def test_requests_are_what_mux_c_reads() -> None:
     # request id, reserved string, connect host string, connect port as uint32
     assert ssh_mux.encode(ssh_mux.NewStdioFwd(3, "10.1.2.3", 8080)) == packet(
         0x10000008, u32(3) + string(b"") + string(b"10.1.2.3") + u32(8080)
+    )
+    # request id, reserved string, tty, X11, agent, subsystem flags and the escape character
+    # as uint32s (no escape: 0xffffffff), terminal type, command; no environment
+    flags = u32(0) * 4 + u32(0xFFFFFFFF)
+    assert ssh_mux.encode(ssh_mux.NewSession(5, "exec python3 -c x")) == packet(
+        0x10000002, u32(5) + string(b"") + flags + string(b"") + string(b"exec python3 -c x")
     )
 
 
@@ -66,6 +75,10 @@ def test_requests_are_what_mux_c_reads() -> None:
         lambda: ssh_mux.NewStdioFwd(-1, "host", 80),
         lambda: ssh_mux.NewStdioFwd(2**32, "host", 80),
         lambda: ssh_mux.AliveCheck(True),
+        lambda: ssh_mux.NewSession(1, ""),
+        lambda: ssh_mux.NewSession(1, "a\0b"),
+        lambda: ssh_mux.NewSession(1, "a" * (ssh_mux.MAX_COMMAND + 1)),
+        lambda: ssh_mux.NewSession(2**32, "true"),
         lambda: ssh_mux.Hello("4"),  # type: ignore[arg-type]
     ],
 )
@@ -96,7 +109,7 @@ def test_hello_extensions_are_skipped() -> None:
         u32(ssh_mux.MAX_PACKET + 1),  # too long, refused before it is read
         u32(2) + b"\0\0",  # shorter than a type
         packet(0x10000008, u32(1)),  # a request, not an answer
-        packet(0x80000004, u32(1) + u32(0)),  # an exit message: no session here
+        packet(0x80000004, u32(1)),  # an exit message without its status
         packet(0x80000006, u32(1)),  # SessionOpened without its session id
         packet(0x80000006, u32(1) + u32(2) + b"x"),  # and with a byte too many
         packet(0x80000003, u32(1) + u32(10) + b"short"),  # reason past the packet

@@ -29,6 +29,7 @@ from shuttle_protocol.stream_messages import (
     Refused,
     UdpOpen,
     Welcome,
+    Widen,
 )
 
 from .pair import Pair
@@ -283,8 +284,7 @@ def test_in_flight_counts_every_channel_until_granted_eof_or_close() -> None:
     pair.client.close(three, "done")
     assert pair.client.in_flight == 0
     pair.agent.delivered(two, 1000)  # a grant sent before our Eof arrived is not counted
-    pair.agent.send(Credit(two, 1000))
-    pair.to_client()
+    assert pair.to_client() == [Credit(two, 1000)]
     assert pair.client.in_flight == 0
 
 
@@ -418,6 +418,7 @@ def channel_messages(channel: int) -> List[Message]:
     return [
         Data(channel, b"x"),
         Credit(channel, 1),
+        Widen(channel, 1),
         Eof(channel),
         Close(channel, ""),
         Datagram(channel, b"x"),
@@ -452,12 +453,21 @@ def test_the_client_refuses_messages_before_opening_anything(msg: Message) -> No
         inject(Mux(CLIENT), msg)
 
 
-def test_credit_beyond_the_maximum_is_a_remote_error() -> None:
+def test_credit_for_bytes_never_sent_is_a_remote_error() -> None:
     client = client_with_channel()
-    inject(client, Credit(1, MAX_CREDIT - MAX_DATA))
-    assert client.credit(1) == MAX_CREDIT
-    with pytest.raises(RemoteProtocolError, match="credit"):
+    client.send_data(1, b"x" * 100)
+    inject(client, Credit(1, 100))
+    assert client.in_flight == 0
+    with pytest.raises(RemoteProtocolError, match="never sent"):
         inject(client, Credit(1, 1))
+
+
+def test_widening_beyond_the_maximum_is_a_remote_error() -> None:
+    client = client_with_channel()
+    inject(client, Widen(1, MAX_CREDIT - MAX_DATA))
+    assert client.credit(1) == MAX_CREDIT
+    with pytest.raises(RemoteProtocolError, match="beyond"):
+        inject(client, Widen(1, 1))
 
 
 def test_after_a_remote_error_the_mux_refuses_further_input() -> None:
@@ -595,7 +605,9 @@ def test_datagrams_on_a_tcp_or_gone_channel_are_local_errors() -> None:
 
 
 @pytest.mark.parametrize(
-    "msg", [Data(1, b"x"), Credit(1, 1), Eof(1), Opened(1)], ids=lambda m: type(m).__name__
+    "msg",
+    [Data(1, b"x"), Credit(1, 1), Widen(1, 1), Eof(1), Opened(1)],
+    ids=lambda m: type(m).__name__,
 )
 def test_stream_messages_on_a_udp_channel_are_remote_errors(msg: Message) -> None:
     client = Mux(CLIENT)
