@@ -1,5 +1,7 @@
 """sshuttle's subnet syntax, as the client parses it; and Scope, what a session captures."""
 
+import socket
+
 import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
@@ -23,11 +25,18 @@ ALL = (1, 65535)
         ("[fd00:5e::]/32:443", [("fd00:5e::/32", 443, 443)]),
         ("[fd00:5e::1]:1-1024", [("fd00:5e::1/128", 1, 1024)]),
         ("[::1]", [("::1/128", *ALL)]),
-        ("localhost:8080", [("127.0.0.1/32", 8080, 8080)]),
     ],
 )
 def test_forms(text: str, expected: list) -> None:
     assert parse_target(text) == expected
+
+
+def test_a_name_is_each_of_its_addresses_as_a_host() -> None:
+    # Debian's /etc/hosts gives localhost ::1 too, other machines 127.0.0.1 only.
+    found = dict.fromkeys(info[4][0] for info in socket.getaddrinfo("localhost", None))
+    hosts = [f"{address}/{128 if ':' in address else 32}" for address in found]
+    assert "127.0.0.1/32" in hosts
+    assert parse_target("localhost:8080") == [(host, 8080, 8080) for host in hosts]
 
 
 @pytest.mark.parametrize(
