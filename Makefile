@@ -7,7 +7,7 @@ VENV ?= .venv
 PYTHON ?= /usr/bin/python3
 PY := $(VENV)/bin/python
 APT_PACKAGES := iproute2 iptables nftables openssh-server openssh-client curl iperf3 \
-	dnsutils dnsmasq-base procps util-linux strace systemd python3 python3-venv sudo man-db passwd
+	dnsutils dnsmasq-base procps util-linux strace systemd python3 python3-venv sudo man-db passwd pipx
 # build (with setuptools and wheel, for --no-isolation): make dist, without an index.
 TOOLS := pytest pytest-xdist hypothesis ruff mypy atheris build setuptools wheel
 PACKAGES := protocol ends local agent firewalld client
