@@ -186,8 +186,9 @@ class Tunnel:
         if self._greeted in done and self._greeted.exception() is None:
             stage(f"{self.link.peer}: the agent's Hello")
             self._set_connected()
-            await self._start_master()
-            stage(f"{self.link.peer}: the probe done")
+            if self.master is not None:  # not an extra session's (agent_sessions.py)
+                await self._start_master()
+                stage(f"{self.link.peer}: the probe done")
             return
         if self._greeted.done() and self._greeted.exception() is not None:
             raise self._greeted.exception()  # type: ignore[misc]
