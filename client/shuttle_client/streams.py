@@ -5,7 +5,8 @@ One ssh channel carries at most its window (2 MiB in OpenSSH) per round trip, so
 long, fast link a single session caps throughput whatever the kernel's TCP could do; N
 sessions carry N windows. They share one firewall session: capture does not change. With
 one stream (the default) its ssh opens more agent sessions itself, as many as the measured
-bandwidth-delay product asks for (agent_sessions.py); new channels spread over all of them.
+bandwidth-delay product asks for, and a quiet lane beside bulk transfers (agent_sessions.py);
+new channels spread over all of them.
 
 A stream is lost when ssh ends or its agent stops answering pings. Its connections are
 reset, and it is started again with backoff under the same firewall session: the rules
@@ -249,8 +250,9 @@ class Streams:
         )
 
     def pick(self) -> Optional[Link]:
-        """The link for a new channel, None while no stream is up: the one with the fewest
-        open channels, taking turns between equals so that a burst of connections spreads."""
+        """The link for a new channel, None while no stream is up: one that is not busy with
+        a bulk transfer if there is one (agent_sessions' quiet lane), of those the one with
+        the fewest open channels, taking turns between equals so that a burst spreads."""
         links = [
             link
             for index, tunnel in enumerate(self.tunnels)
@@ -259,9 +261,12 @@ class Streams:
         ]
         if not links:
             return None
+        busy = {link for sessions in self.sessions.values() for link in sessions.busy}
         start = next(self._turn) % len(links)
         rotated = links[start:] + links[:start]
-        return min(rotated, key=lambda link: len(link.mux.channels) + len(link.flows))
+        return min(
+            rotated, key=lambda link: (link in busy, len(link.mux.channels) + len(link.flows))
+        )
 
     def index(self, link: Link) -> int:
         """The stream a link belongs to (0 for one no longer in use)."""

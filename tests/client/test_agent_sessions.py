@@ -1,6 +1,7 @@
 """How many agent sessions the measured bandwidth-delay products ask for
 (shuttle_client.agent_sessions.wanted_sessions): none more while no session is held back by
-its ssh window; enough windows for all of it, and SPARE with room, once one is."""
+its ssh window; enough windows for all of it, and SPARE with room, once one is; one more, a
+quiet lane, while every session is busy."""
 
 import pytest
 from shuttle_client.agent_sessions import (
@@ -30,4 +31,24 @@ FULL = SATURATED * SSH_WINDOW  # a session held back by its window
     ],
 )
 def test_wanted_sessions(products: list, wanted: int) -> None:
-    assert wanted_sessions(products) == wanted
+    assert wanted_sessions(products, [False] * len(products)) == wanted
+
+
+@pytest.mark.parametrize(
+    ("products", "busy", "wanted"),
+    [
+        ([0.0], [True], 2),  # a bulk transfer on a short link: a quiet lane beside it
+        ([0.0, 0.0], [True, False], 2),  # the quiet lane is there
+        ([0.0, 0.0], [True, True], 3),  # both carry bulk: one more
+        ([FULL], [True], 1 + SPARE),  # held back by the window: the SPARE ones are quiet
+        ([0.0] * MAX_SESSIONS, [True] * MAX_SESSIONS, MAX_SESSIONS),  # at most MAX_SESSIONS
+        ([], [], 0),
+    ],
+)
+def test_a_quiet_lane_while_every_session_is_busy(products: list, busy: list, wanted: int) -> None:
+    assert wanted_sessions(products, busy) == wanted
+
+
+def test_one_busy_flag_per_session() -> None:
+    with pytest.raises(ValueError):
+        wanted_sessions([0.0, 0.0], [True])

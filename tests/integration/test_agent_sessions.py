@@ -1,8 +1,9 @@
 """More agent sessions over one ssh connection (client/shuttle_client/agent_sessions.py): with
 the ssh hop behind a relay that delays it 50 ms each way, a bulk upload is held back by the
 ssh session channel's window, the client opens more sessions through its ControlMaster, and
-later connections spread over their agents; where ssh refuses to be a master, the tunnel
-keeps one session and still works."""
+later connections spread over their agents; on the plain network, a bulk upload gets a quiet
+session beside it, where a connection made during the upload goes; where ssh refuses to be
+a master, the tunnel keeps one session and still works."""
 
 from __future__ import annotations
 
@@ -31,6 +32,10 @@ DELAY_MS = 50
 FIRST_UPLOAD = 60 * 1024 * 1024
 SPREAD_UPLOAD = 24 * 1024 * 1024
 PARALLEL = 4
+# Long enough, on the plain network, to outlast the quiet session's start (a measure every
+# 0.5 s, then an agent's start) by seconds even on an idle machine: ~200 MB/s.
+LONG_UPLOAD = 512 * 1024 * 1024
+BESIDE_UPLOAD = 32 * 1024 * 1024
 
 
 @pytest.fixture
@@ -90,6 +95,31 @@ def test_a_window_bound_upload_opens_more_sessions_and_new_connections_spread(
     assert len(results) == PARALLEL and all(r["ok"] for r in results), results
     assert len(carriers & set(agents(topo))) >= 2, (carriers, agents(topo))
     assert_echo(shuttle, T_ADDR)
+
+
+def test_a_bulk_upload_gets_a_quiet_session_beside_it_for_new_connections(shuttle: Shuttle) -> None:
+    topo = shuttle.topo
+    client = shuttle.start_client(extra=["--tcp=agent", "-v"])
+    assert len(agents(topo)) == 1
+    results: List[Dict[str, object]] = []
+    first = threading.Thread(target=lambda: results.append(upload(shuttle, LONG_UPLOAD, "long")))
+    first.start()
+    try:
+        opened = "session 2: opened"
+        assert wait_until(lambda: opened in client.output() or not first.is_alive(), 30)
+        assert first.is_alive(), f"the upload ended before a second session opened: {results}"
+        (bulk,) = uploading(topo)
+        carriers: Set[int] = set()
+        second = threading.Thread(
+            target=lambda: results.append(upload(shuttle, BESIDE_UPLOAD, "beside"))
+        )
+        second.start()
+        wait_until(lambda: bool(carriers.update(uploading(topo)) or carriers - {bulk}), 30, 0.02)
+        second.join(timeout=60)
+    finally:
+        first.join(timeout=120)
+    assert len(results) == 2 and all(r["ok"] for r in results), results
+    assert carriers - {bulk} and carriers <= set(agents(topo)), (bulk, carriers, client.output())
 
 
 def test_without_a_master_the_tunnel_keeps_one_session(shuttle: Shuttle, relay: str) -> None:
