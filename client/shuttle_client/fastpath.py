@@ -382,10 +382,17 @@ class Master:
         after whatever else the loop has to do first. The sent request, for open(); None if
         no connection is ready, or sending failed (then sock is still the caller's: ssh
         never got it, and the master drops a connection whose request broke off)."""
-        sent = self._send(sock, host, port)
-        if sent is not None:
-            self.handing += 1  # open() counts it down
-        return sent
+        return self._send(sock, host, port)
+
+    def claim(self) -> None:
+        """Count a hand-over from now, before its task runs: a burst accepted in one turn of
+        the loop (thousands) must see the cap fill as it goes. open(claimed=True) counts it
+        down."""
+        self.handing += 1
+
+    def release(self) -> None:
+        """A claim() that does not go on to open()."""
+        self.handing -= 1
 
     def _send(self, sock: socket.socket, host: str, port: int) -> Optional[Sent]:
         mux = self._take_ready()
@@ -412,11 +419,13 @@ class Master:
         port: int,
         source: str,
         sent: Optional[Sent] = None,
+        *,
+        claimed: bool = False,
     ) -> Optional[str]:
-        """Hand sock over for host:port (sent: what send() sent for it): None once ssh
-        carries it, else why not (then sock is still the caller's, untouched: ssh never
-        read from it)."""
-        mux, why = await self.request(sock, host, port, sent)
+        """Hand sock over for host:port (sent: what send() sent for it; claimed: counted by
+        claim()): None once ssh carries it, else why not (then sock is still the caller's,
+        untouched: ssh never read from it)."""
+        mux, why = await self.request(sock, host, port, sent, claimed=claimed)
         if mux is None:
             return why
         if self.closed:  # lost while we waited: the caller sends it elsewhere
@@ -426,11 +435,17 @@ class Master:
         return None
 
     async def request(
-        self, sock: socket.socket, host: str, port: int, sent: Optional[Sent] = None
+        self,
+        sock: socket.socket,
+        host: str,
+        port: int,
+        sent: Optional[Sent] = None,
+        *,
+        claimed: bool = False,
     ) -> Tuple[Optional[MuxConnection], str]:
         """A stdio forward of sock to host:port, sent already (sent) or not: its open mux
-        connection, or None and why."""
-        if sent is None:
+        connection, or None and why. Counted as handing until then (claimed: already)."""
+        if not claimed:
             self.handing += 1
         try:
             if sent is not None:

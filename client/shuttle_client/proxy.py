@@ -404,5 +404,7 @@ async def serve(
 
     for listener in listeners:
         guarded = cast(socket.socket, GuardedListener(listener, divert if take else None))
-        servers.append(await loop.create_server(accept, sock=guarded))
+        # asyncio listen()s again with its backlog (100 by default), which let a burst of
+        # connections overflow the queue: retransmitted SYNs, seconds of delay each.
+        servers.append(await loop.create_server(accept, sock=guarded, backlog=LISTEN_BACKLOG))
     return servers

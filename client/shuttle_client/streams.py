@@ -329,6 +329,7 @@ class Streams:
         except (OSError, NotCaptured):
             return False
         wait = self.options.wait_tunnel
+        master.claim()
         # Now, if it can (the task runs later); after the answer, if there is one: ssh may
         # write the target's first bytes to conn at once.
         sent = None if answer else master.send(conn, host, port)
@@ -356,14 +357,18 @@ class Streams:
         host, port, source, sent = where
         loop = asyncio.get_running_loop()
         try:
-            if answer:
-                try:
+            try:
+                if answer:
                     await loop.sock_sendall(conn, answer)
-                except OSError as exc:  # the program left before its answer
-                    log.debug("%s: not answered: %s", source, exc.strerror or exc)
-                    reset(conn)
-                    return
-            why = await master.open(conn, host, port, source, sent)
+            except OSError as exc:  # the program left before its answer
+                master.release()
+                log.debug("%s: not answered: %s", source, exc.strerror or exc)
+                reset(conn)
+                return
+            except BaseException:
+                master.release()
+                raise
+            why = await master.open(conn, host, port, source, sent, claimed=True)
             if why is None:
                 return
             # The agent's answer decides: a refused connect is reset there, as always.

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -25,7 +26,7 @@ from testbed import (
     Topology,
     ready_line,
 )
-from testbed.procs import Proc, wait_until
+from testbed.procs import Dialogue, Proc, wait_until
 from testbed.shuttle import CLIENT_READY, shuttle_rules
 from testbed.topology import curl_argv
 
@@ -37,6 +38,7 @@ pytestmark = pytest.mark.integration
 BULK_BYTES = 100 * 1024 * 1024
 FAST = ["--tcp=auto"]
 GATE_WAIT = 60  # seconds: the gated python's bound, and the test's
+LOADTOOL = Path(__file__).parents[2] / "bench" / "loadtool.py"
 
 
 def curl_works(shuttle: Shuttle) -> None:
@@ -103,6 +105,26 @@ def test_200_simultaneous_echo_connections(shuttle: Shuttle, cap: int) -> None:
     result = shuttle.topo.tcptool("echo", T_ADDR, str(ECHO_PORT), "200", timeout=120)
     assert result["ok"], f"{result}\n{shuttle.outputs()}"
     assert result["good"] == 200
+
+
+def test_a_burst_accepted_in_one_turn_stays_within_the_cap(shuttle: Shuttle) -> None:
+    """Hundreds of connections that come at once are accepted in one turn of the loop,
+    before any hand-over's task runs: each counts against the cap as it is taken, and the
+    rest go through the agent (all are held open, then listed)."""
+    topo, cap, burst = shuttle.topo, 20, 600
+    shuttle.start_client(extra=[*FAST, f"--tcp-cap={cap}"])
+    script = topo.tcptool_path.parent / "loadtool.py"
+    shutil.copyfile(LOADTOOL, script)
+    argv = [SYSTEM_PYTHON, str(script), "hold", T_ADDR, str(ECHO_PORT), str(burst)]
+    holder = Dialogue(topo.user_argv([*argv, "--timeout=60", "--idle=60"]), timeout=90)
+    try:
+        figures = json.loads(holder.line())
+        assert figures["ok"], figures
+        listed = ctl_json(shuttle, "connections")["connections"]
+    finally:
+        holder.close()
+    fast = [c for c in listed if c["proto"] == "tcp-ssh"]
+    assert 0 < len(fast) <= cap and len(listed) >= burst, (len(fast), len(listed))
 
 
 def test_closed_port_is_refused_or_reset(shuttle: Shuttle) -> None:
