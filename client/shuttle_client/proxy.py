@@ -21,6 +21,7 @@ log = logging.getLogger("shuttle")
 # ip6_tables.h) share the number; the socket module exports neither.
 SO_ORIGINAL_DST = 80
 LISTEN_BACKLOG = 4096
+ACCEPT_BATCH = 256  # connections asyncio accepts per wakeup of a listener
 # Binding the second family to the first one's port can lose a race with another program.
 BIND_ATTEMPTS = 20
 # What binding ::1 says on a host without IPv6.
@@ -404,7 +405,11 @@ async def serve(
 
     for listener in listeners:
         guarded = cast(socket.socket, GuardedListener(listener, divert if take else None))
-        # asyncio listen()s again with its backlog (100 by default), which let a burst of
-        # connections overflow the queue: retransmitted SYNs, seconds of delay each.
-        servers.append(await loop.create_server(accept, sock=guarded, backlog=LISTEN_BACKLOG))
+        # asyncio's backlog is both how many it accepts per wakeup and what it listen()s
+        # with again: its default of 100 let a burst of connections overflow the kernel's
+        # queue (retransmitted SYNs, seconds each). So the queue is set back to
+        # LISTEN_BACKLOG after it, and a wakeup takes ACCEPT_BATCH: thousands at once
+        # would each have a task pending together, and the memory stays taken after them.
+        servers.append(await loop.create_server(accept, sock=guarded, backlog=ACCEPT_BATCH))
+        listener.listen(LISTEN_BACKLOG)
     return servers
