@@ -43,6 +43,7 @@ from . import offload, requests
 from .connections import MAX_CONNECTIONS, UCRED, Connections
 from .errors import RequestError, StartupError
 from .handover import Grants, HandoverRefused
+from .log_budget import LogBudget
 from .prepared import Prepared
 from .sessions import Sessions
 from .worker import Job, Worker
@@ -180,7 +181,7 @@ def head(payload: bytes | memoryview) -> memoryview:
     return memoryview(payload)[:HEAD]
 
 
-def peek(payload: bytes) -> tuple[object, str | None]:
+def peek(payload: bytes | memoryview) -> tuple[object, str | None]:
     """(tag, session) of a request frame, read from its head without decoding the rest: the
     session is the first field if it is text (the session id of requests that name one) and
     fits in the head. (None, None) if the frame does not even start as [request id, tag, ...]."""
@@ -246,6 +247,7 @@ class Server:
         self._paused = False
         self._hidden = ""  # where the socket file is while paused (_hide)
         self._worker = Worker(sessions, functools.partial(answer, sessions))
+        self._log_budget = LogBudget()
         _prepare_path(path)
         _remove_hiding_places(path)
         self._context = zmq.Context()
@@ -419,21 +421,26 @@ class Server:
         """The answer to a request frame, made here; or None: the worker makes it."""
         size = len(frame)
         if uid != 0 and size > MEMBER_MAX_FRAME:  # refused without a copy of it
-            log.info("refused a frame of %d bytes from uid %d", size, uid)
+            if self._log_budget.allow(uid):
+                log.info("refused a frame of %d bytes from uid %d", size, uid)
             return PAIRS.refuse_frame(
                 head(frame.buffer),
                 f"bad request: a request of a uid other than root's is at most "
                 f"{MEMBER_MAX_FRAME} bytes, this one is {size}",
             )
-        payload = frame.bytes
-        tag, session = peek(payload)
-        if len(payload) <= QUICK_FRAME and not requests.is_slow(tag):
-            return answer(self._sessions, uid, payload, pid)
-        refusal = self._worker.submit(Job(identity, uid, payload, session, pid))
+        tag, session = peek(frame.buffer)
+        if size <= QUICK_FRAME and not requests.is_slow(tag):
+            return answer(self._sessions, uid, frame.bytes, pid)
+        # Asked before the frame is copied: a member resending a big request while the
+        # worker is busy with its others costs the loop its head alone.
+        refusal = self._worker.full(uid)
         if refusal is None:
-            return None
-        log.info("refused a request of uid %d: %s", uid, refusal)
-        return PAIRS.refuse_frame(head(payload), refusal)
+            refusal = self._worker.submit(Job(identity, uid, frame.bytes, session, pid))
+            if refusal is None:
+                return None
+        if self._log_budget.allow(uid):
+            log.info("refused a request of uid %d: %s", uid, refusal)
+        return PAIRS.refuse_frame(head(frame.buffer), refusal)
 
     def _send(self, identity: bytes, reply: bytes) -> None:
         try:

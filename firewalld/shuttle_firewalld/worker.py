@@ -112,18 +112,30 @@ class Worker:
     def submit(self, job: Job) -> str | None:
         """Queue the job; or, when its uid or everyone has too many, why not (the answer)."""
         with self._ready:
-            if self._pending[job.uid] >= MAX_PENDING_PER_UID:
-                return (
-                    f"busy: uid {job.uid} has {MAX_PENDING_PER_UID} requests waiting or being "
-                    "applied; send this one again once one is answered"
-                )
-            if sum(self._pending.values()) >= MAX_PENDING:
-                return f"busy: {MAX_PENDING} requests wait already; send this one again soon"
+            refusal = self._refusal(job.uid)
+            if refusal is not None:
+                return refusal
             self._queues.setdefault(job.uid, deque()).append(job)
             self._pending[job.uid] += 1
             if job.session is not None:
                 self._busy[job.session] += 1
         _poke(self._kick)
+        return None
+
+    def full(self, uid: int) -> str | None:
+        """Why a job of uid's would be refused now (as submit would answer), or None."""
+        with self._ready:
+            return self._refusal(uid)
+
+    def _refusal(self, uid: int) -> str | None:
+        """Under _ready."""
+        if self._pending[uid] >= MAX_PENDING_PER_UID:
+            return (
+                f"busy: uid {uid} has {MAX_PENDING_PER_UID} requests waiting or being "
+                "applied; send this one again once one is answered"
+            )
+        if sum(self._pending.values()) >= MAX_PENDING:
+            return f"busy: {MAX_PENDING} requests wait already; send this one again soon"
         return None
 
     def answers(self) -> list[tuple[bytes, bytes]]:

@@ -89,15 +89,19 @@ def test_a_uid_just_served_waits_behind_one_that_was_not(worker: Worker, held: H
 
 def test_too_many_requests_are_answered_busy_at_once(worker: Worker, held: Held) -> None:
     for number in range(MAX_PENDING_PER_UID):
+        assert worker.full(1000) is None
         assert worker.submit(job(1000, f"a{number}")) is None
+    assert worker.full(1000) == worker.submit(job(1000, "more"))  # asked before a frame's copy
     assert worker.submit(job(1000, "more")) == (
         f"busy: uid 1000 has {MAX_PENDING_PER_UID} requests waiting or being applied; send "
         "this one again once one is answered"
     )
     for uid in range(2000, 2000 + (MAX_PENDING - MAX_PENDING_PER_UID)):
         assert worker.submit(job(uid, f"u{uid}")) is None
-    assert worker.submit(job(3000, "late")) == (
-        f"busy: {MAX_PENDING} requests wait already; send this one again soon"
+    assert (
+        worker.full(3000)
+        == worker.submit(job(3000, "late"))
+        == (f"busy: {MAX_PENDING} requests wait already; send this one again soon")
     )
     held.go.release()  # one answered: uid 1000 has room again
     assert answers(worker, 1) == [(b"a0", b"answer to a0")]
