@@ -98,28 +98,14 @@ def bulk(subject: Subject) -> Figures:
 
 
 def rtt(subject: Subject) -> Figures:
-    sizes = subject.settings.sizes
-    args = ("--count", sizes.rtt_echoes, "--seconds", sizes.rtt_seconds)
-    timeout = sizes.rtt_seconds + 10
-
-    def measure(tunnel: Tunnel) -> dict[str, Any]:
-        echo = subject.system.echo
-        return subject.probe.loadtool("rtt", echo, *args, timeout=timeout, watch=tunnel.proc)
-
-    tunnel = subject.tunnel()
-    idle = measure(tunnel)
+    idle = echoes(subject, subject.tunnel())
     figures: Figures = {
         "rtt_idle_median": idle["median_us"],
         "rtt_idle_p99": idle["p99_us"],
         "details": {"idle": idle},
     }
-    upload_seconds = SETTLE + sizes.rtt_seconds + SETTLE  # outlasts the busy measurement
     try:
-        tunnel = subject.tunnel()
-        with subject.probe.upload(subject.system.iperf, upload_seconds, tunnel.proc) as done:
-            time.sleep(SETTLE)
-            busy = measure(tunnel)
-            figures["details"]["upload"] = done()
+        busy, figures["details"]["upload"] = echoes_during_upload(subject, subject.tunnel())
     except CaseFailed as exc:
         figures["rtt_bulk_median"] = figures["rtt_bulk_ratio"] = failed(exc)
         return figures
@@ -127,6 +113,24 @@ def rtt(subject: Subject) -> Figures:
     figures["rtt_bulk_median"] = busy["median_us"]
     figures["rtt_bulk_ratio"] = round(busy["median_us"] / idle["median_us"], 2)
     return figures
+
+
+def echoes(subject: Subject, tunnel: Tunnel) -> dict[str, Any]:
+    """Round trips of small echoes through the tunnel (loadtool rtt's figures)."""
+    sizes = subject.settings.sizes
+    args = ("--count", sizes.rtt_echoes, "--seconds", sizes.rtt_seconds)
+    return subject.probe.loadtool(
+        "rtt", subject.system.echo, *args, timeout=sizes.rtt_seconds + 10, watch=tunnel.proc
+    )
+
+
+def echoes_during_upload(subject: Subject, tunnel: Tunnel) -> tuple[dict[str, Any], dict[str, Any]]:
+    """echoes() while an iperf3 upload runs through the same tunnel, and the upload's figures."""
+    upload_seconds = SETTLE + subject.settings.sizes.rtt_seconds + SETTLE  # outlasts the echoes
+    with subject.probe.upload(subject.system.iperf, upload_seconds, tunnel.proc) as done:
+        time.sleep(SETTLE)
+        busy = echoes(subject, tunnel)
+        return busy, done()
 
 
 def conns(subject: Subject) -> Figures:
@@ -283,6 +287,8 @@ def relay(subject: Subject) -> Figures:
             figures.update({key: failed(exc) for key, _reverse, _count in keys})
             continue
         try:
+            if streams == 1:
+                figures.update(relay_echoes(subject, tunnel))
             for key, reverse, count in keys:
                 try:
                     result = subject.probe.iperf(
@@ -302,6 +308,17 @@ def relay(subject: Subject) -> Figures:
         figures["relay_up_streams"] = figures["relay_up_parallel"]
         figures["relay_down_streams"] = figures["relay_down_parallel"]
     return figures
+
+
+def relay_echoes(subject: Subject, tunnel: Tunnel) -> Figures:
+    """Echo round trips through the relay, idle and during an upload: on a long link, what
+    an interactive connection waits behind while a bulk one fills the buffers on the way."""
+    try:
+        idle = echoes(subject, tunnel)
+        busy, _upload = echoes_during_upload(subject, tunnel)
+    except CaseFailed as exc:
+        return {"relay_rtt_idle": failed(exc), "relay_rtt_bulk": failed(exc)}
+    return {"relay_rtt_idle": idle["median_us"], "relay_rtt_bulk": busy["median_us"]}
 
 
 def relay_suffix(streams: int, connections: int) -> str:

@@ -102,6 +102,8 @@ METRICS = (
     Metric("relay_down_one", "relay", "relay +{delay} ms each way: down, 1 conn", "MB/s", 1, RELAY),
     Metric("relay_down_parallel", "relay", "  {streams} conns", "MB/s", 1, RELAY),
     Metric("relay_down_streams", "relay", "  {streams} conns, --streams {streams}", "MB/s", 1),
+    Metric("relay_rtt_idle", "relay", "relay +{delay} ms each way: echo RTT idle", "µs", 0),
+    Metric("relay_rtt_bulk", "relay", "  during upload, median", "µs", 0),
 )
 
 
