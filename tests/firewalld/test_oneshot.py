@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from shuttle_client.firewall_session import FirewallSession
+from shuttle_client.firewall_session import FirewallError, FirewallSession
 from shuttle_firewalld import oneshot
 from shuttle_firewalld.errors import StartupError
 from shuttle_local.oneshot import LISTENING, ONE_SHOT_DIR
@@ -80,9 +80,14 @@ def one_shot(netns: str, tmp_path: Path) -> Iterator[type[OneShot]]:
             daemon.stop()
 
 
-def open_session(path: str, port: int) -> FirewallSession:
-    session = FirewallSession(path)
-    asyncio.run(session.open("nft", port, ["10.0.0.0/8"], []))
+def open_session(daemon: OneShot, port: int) -> FirewallSession:
+    """A session of ours on daemon; a failure shows what the daemon logged meanwhile (a rare
+    "no answer within 5 s" under a loaded make test has not been explained yet)."""
+    session = FirewallSession(daemon.path)
+    try:
+        asyncio.run(session.open("nft", port, ["10.0.0.0/8"], []))
+    except FirewallError as exc:
+        pytest.fail(f"{exc}\nthe one-shot firewalld's log:\n{daemon.output()}")
     return session
 
 
@@ -112,7 +117,7 @@ def test_it_exits_when_the_session_ends_and_leaves_others_rules(
     listen(12300)
     try:
         daemon = one_shot()  # root, without sudo: it serves root
-        session = open_session(daemon.path, 12300)
+        session = open_session(daemon, 12300)
         tables = nft(netns, "list", "tables")
         assert tables.count("table inet shuttle-") == 2, tables
         asyncio.run(session.close())
@@ -132,7 +137,7 @@ def test_a_killed_client_s_rules_go_with_its_pipe(
     listen(12300)
     daemon = one_shot()
     assert daemon.proc.poll() is None, daemon.output()
-    session = open_session(daemon.path, 12300)  # not closed, as by a client killed with SIGKILL
+    session = open_session(daemon, 12300)  # not closed, as by a client killed with SIGKILL
     assert not nothing_of_shuttle(netns)
     assert daemon.proc.stdin is not None
     daemon.proc.stdin.close()
