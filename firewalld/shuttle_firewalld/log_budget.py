@@ -20,8 +20,7 @@ MAX_UIDS = 1024  # uids kept track of: past it, those whose window has run out a
 @dataclass
 class _Window:
     start: float
-    lines: int = 0
-    unsaid: int = 0
+    refusals: int = 0  # the first LINES of them logged
 
 
 class LogBudget:
@@ -30,35 +29,42 @@ class LogBudget:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._windows: dict[int, _Window] = {}
+        self._next_settle = clock() + WINDOW
 
     def allow(self, uid: int) -> bool:
         """True if this line of uid's may be logged; counted as unsaid if not."""
         now = self._clock()
         window = self._windows.get(uid)
-        if window is None or now - window.start >= WINDOW:
-            if window is not None:
-                self._say_unsaid(uid, window)
-            elif len(self._windows) >= MAX_UIDS:
-                self._forget(now)
+        if window is not None and now - window.start >= WINDOW:
+            self._end(uid, window)
+            window = None
+        if window is None:
+            if len(self._windows) >= MAX_UIDS:
+                self._settle(now)
             window = self._windows[uid] = _Window(now)
-        if window.lines < LINES:
-            window.lines += 1
-            return True
-        window.unsaid += 1
-        return False
+        window.refusals += 1
+        return window.refusals <= LINES
 
-    def _forget(self, now: float) -> None:
+    def settle(self) -> None:
+        """Say what the windows that ran out left unsaid, and forget them: a flood that
+        stops gets its count logged all the same. For each turn of the loop; it does its
+        work once a WINDOW."""
+        now = self._clock()
+        if now >= self._next_settle:
+            self._next_settle = now + WINDOW
+            self._settle(now)
+
+    def _settle(self, now: float) -> None:
         for uid, window in list(self._windows.items()):
             if now - window.start >= WINDOW:
-                self._say_unsaid(uid, window)
-                del self._windows[uid]
+                self._end(uid, window)
 
-    @staticmethod
-    def _say_unsaid(uid: int, window: _Window) -> None:
-        if window.unsaid:
+    def _end(self, uid: int, window: _Window) -> None:
+        del self._windows[uid]
+        if window.refusals > LINES:
             log.info(
                 "refused %d more frames or requests of uid %d in %g s (not logged each)",
-                window.unsaid,
+                window.refusals - LINES,
                 uid,
                 WINDOW,
             )

@@ -355,6 +355,7 @@ class Server:
                 if self._worker.fileno() in ready:
                     for identity, reply in self._worker.answers():
                         self._send(identity, reply)
+                self._log_budget.settle()
                 if self._fds is not None:
                     for fd in ready:
                         # zmq.Poller names other sockets by fd

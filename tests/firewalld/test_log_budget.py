@@ -1,5 +1,6 @@
 """The loop's budget of refusal lines per uid: a flooding member gets LINES lines a window
-and one line of how many more, and takes nothing from another uid's lines."""
+and one line of how many more (also when it stops), and takes nothing from another uid's
+lines."""
 
 from __future__ import annotations
 
@@ -45,4 +46,22 @@ def test_uids_kept_track_of_are_bounded(caplog: pytest.LogCaptureFixture) -> Non
         assert len(budget._windows) == 1
     assert unsaid_lines(caplog) == [
         f"refused 1 more frames or requests of uid 0 in {WINDOW:g} s (not logged each)"
+    ]
+
+
+def test_a_flood_that_stops_gets_its_count_said_by_the_loop(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = FakeClock()
+    budget = LogBudget(clock)
+    with caplog.at_level(logging.INFO, logger="shuttle-firewalld"):
+        for _ in range(LINES + 3):
+            budget.allow(1000)
+        budget.settle()  # the loop's turn while the window runs: nothing yet
+        assert unsaid_lines(caplog) == []
+        clock.now += WINDOW
+        budget.settle()
+        assert budget._windows == {}
+    assert unsaid_lines(caplog) == [
+        f"refused 3 more frames or requests of uid 1000 in {WINDOW:g} s (not logged each)"
     ]
