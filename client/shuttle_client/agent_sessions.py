@@ -33,7 +33,7 @@ import asyncio
 import logging
 import math
 import os
-from typing import Dict, List, Optional, Sequence, Set, Tuple
+from typing import Dict, FrozenSet, List, Mapping, Optional, Sequence, Set, Tuple
 
 from shuttle_ends.relay import Link
 from shuttle_protocol.errors import RemoteProtocolError
@@ -58,6 +58,9 @@ MAX_SESSIONS = 8  # per ssh connection, the first one included: each is an agent
 # clone, a download), far above an interactive session's or a video call's few hundred KB/s.
 BUSY_RATE = 8 * 1000 * 1000
 WATCH_INTERVAL = 0.5  # seconds between two measures
+# A channel that has carried this much, either way, is a bulk one: what a busy session
+# carries in one measure, and more than an interactive session carries in a long while.
+BULK_BYTES = BUSY_RATE * WATCH_INTERVAL
 
 
 def wanted_sessions(
@@ -76,6 +79,22 @@ def wanted_sessions(
     if wanted == len(products) and busy and all(busy):
         wanted = max(wanted, min(MAX_SESSIONS, wanted + 1))
     return wanted
+
+
+def bulk_channels(carried: Mapping[int, int]) -> FrozenSet[int]:
+    """Of a busy session's open channels (bytes each carried, both ways), those whose
+    closing ends its being busy: the bulk ones, or all of them if none is (many small
+    transfers made it busy)."""
+    bulk = frozenset(channel for channel, count in carried.items() if count >= BULK_BYTES)
+    return bulk or frozenset(carried)
+
+
+def carried(link: Link) -> Dict[int, int]:
+    """The bytes each open channel and UDP flow of a link carried, both ways (0 for a flow,
+    which counts no bytes)."""
+    counts = {channel: relay.bytes_in + relay.bytes_out for channel, relay in link.channels.items()}
+    counts.update((channel, 0) for channel in link.flows)
+    return counts
 
 
 class SessionTunnel(Tunnel):
@@ -176,13 +195,23 @@ class AgentSessions:
         self.extra: List[SessionTunnel] = []
         self.refused = ""  # why ssh opens no more sessions ("" while it may)
         self._counts: Dict[Link, Tuple[int, int]] = {}  # Data bytes each way at the last measure
-        self.busy: Set[Link] = set()  # the links that carried BUSY_RATE at the last measure
+        # The links that carried BUSY_RATE at the last measure, with their bulk channels.
+        self._busy: Dict[Link, FrozenSet[int]] = {}
         self._task: Optional[asyncio.Task[None]] = None
 
     @property
     def extra_links(self) -> List[Link]:
         """The links of the extra sessions that are up."""
         return [session.link for session in self.extra if session.up]
+
+    @property
+    def busy(self) -> Set[Link]:
+        """The links busy at the last measure that still have one of its bulk channels open."""
+        return {
+            link
+            for link, channels in self._busy.items()
+            if any(channel in link.channels or channel in link.flows for channel in channels)
+        }
 
     def start(self) -> None:
         """Measure and open sessions while the tunnel is up (nothing without a master)."""
@@ -201,11 +230,20 @@ class AgentSessions:
             await asyncio.sleep(WATCH_INTERVAL)
             self.extra = [session for session in self.extra if session.up]
             links = [self.tunnel.link, *self.extra_links]
-            rates = [self._rate(link) for link in links]
-            self.busy = {link for link, rate in zip(links, rates) if rate >= BUSY_RATE}
-            products = [rate * (link.in_flight.base_rtt or 0.0) for link, rate in zip(links, rates)]
-            if len(links) < wanted_sessions(products, [link in self.busy for link in links]):
+            if len(links) < self.measure(links):
                 await self._open(len(links) + 1)
+
+    def measure(self, links: Sequence[Link]) -> int:
+        """Take the measure of the links since the last one (WATCH_INTERVAL ago): note the
+        busy ones and their bulk channels; how many sessions are wanted."""
+        rates = [self._rate(link) for link in links]
+        self._busy = {
+            link: bulk_channels(carried(link))
+            for link, rate in zip(links, rates)
+            if rate >= BUSY_RATE
+        }
+        products = [rate * (link.in_flight.base_rtt or 0.0) for link, rate in zip(links, rates)]
+        return wanted_sessions(products, [link in self._busy for link in links])
 
     def _rate(self, link: Link) -> float:
         """The Data bytes per second the link carried since the last measure, the busier way."""

@@ -1,14 +1,24 @@
 """How many agent sessions the measured bandwidth-delay products ask for
 (shuttle_client.agent_sessions.wanted_sessions): none more while no session is held back by
 its ssh window; enough windows for all of it, and SPARE with room, once one is; one more, a
-quiet lane, while every session is busy."""
+quiet lane, while every session is busy. And which sessions are busy (AgentSessions.busy,
+which streams.pick steers new channels away from): those that carried BUSY_RATE at the last
+measure, until the channels that carried it close."""
+
+from types import SimpleNamespace
+from typing import Any, Dict
 
 import pytest
 from shuttle_client.agent_sessions import (
+    BULK_BYTES,
+    BUSY_RATE,
     MAX_SESSIONS,
     SATURATED,
     SPARE,
     SSH_WINDOW,
+    WATCH_INTERVAL,
+    AgentSessions,
+    bulk_channels,
     wanted_sessions,
 )
 
@@ -52,3 +62,66 @@ def test_a_quiet_lane_while_every_session_is_busy(products: list, busy: list, wa
 def test_one_busy_flag_per_session() -> None:
     with pytest.raises(ValueError):
         wanted_sessions([0.0, 0.0], [True])
+
+
+@pytest.mark.parametrize(
+    ("carried", "bulk"),
+    [
+        ({1: BULK_BYTES, 2: 10, 3: BULK_BYTES * 9}, {1, 3}),  # the bulk ones
+        ({1: 10, 2: 20}, {1, 2}),  # many small transfers made it busy: all of them
+        ({}, set()),
+    ],
+)
+def test_bulk_channels(carried: Dict[int, int], bulk: set) -> None:
+    assert bulk_channels(carried) == bulk
+
+
+class FakeLink:
+    """What AgentSessions reads of a Link: the Mux's counters, the open channels' byte
+    counts, the UDP flows, the base round trip."""
+
+    def __init__(self, channels: Dict[int, int], flows: tuple = ()) -> None:
+        self.mux = SimpleNamespace(sent_total=0, received_total=0)
+        self.channels = {
+            channel: SimpleNamespace(bytes_in=0, bytes_out=count)
+            for channel, count in channels.items()
+        }
+        self.flows = dict.fromkeys(flows)
+        self.in_flight = SimpleNamespace(base_rtt=0.0001)
+
+
+def carry(link: Any, count: int) -> None:
+    link.mux.sent_total += count
+    for relay in link.channels.values():
+        relay.bytes_out += count
+
+
+def test_a_session_is_busy_until_its_bulk_channels_close() -> None:
+    sessions = AgentSessions(SimpleNamespace())  # type: ignore[arg-type]
+    bulk, quiet = FakeLink({1: 0, 2: 0}), FakeLink({})
+    sessions.measure([bulk, quiet])  # the first measure only takes the counters
+    assert sessions.busy == set()
+    carry(bulk, int(BUSY_RATE * WATCH_INTERVAL))
+    bulk.channels[3] = SimpleNamespace(bytes_in=0, bytes_out=100)  # a small one, opened since
+    assert sessions.measure([bulk, quiet]) == 2  # a quiet lane is there
+    assert sessions.busy == {bulk}
+    del bulk.channels[1]
+    assert sessions.busy == {bulk}  # channel 2 still carries bulk
+    del bulk.channels[2]
+    # Only the small channel is left: a new connection may go there again, before the
+    # next measure, so that a burst after a bulk transfer spreads over every session.
+    assert sessions.busy == set()
+    sessions.measure([bulk, quiet])
+    assert sessions.busy == set()
+
+
+def test_a_session_busy_with_small_channels_and_flows_stays_busy_while_any_is_open() -> None:
+    sessions = AgentSessions(SimpleNamespace())  # type: ignore[arg-type]
+    link = FakeLink({1: 0}, flows=(7,))
+    sessions.measure([link])
+    link.mux.received_total += int(BUSY_RATE * WATCH_INTERVAL)  # a UDP flood, say
+    assert sessions.measure([link]) == 2
+    del link.channels[1]
+    assert sessions.busy == {link}
+    del link.flows[7]
+    assert sessions.busy == set()
