@@ -23,6 +23,7 @@ from shuttle_client.fastpath import (
     Forward,
     Master,
     master_options,
+    open_stat,
     reset,
     running_since,
     tcp_bytes,
@@ -158,19 +159,26 @@ def test_a_killed_clients_control_directory_goes_with_the_next_client(
 def test_a_running_process_is_alive_a_zombie_or_a_gone_one_is_not() -> None:
     """A master whose forwards ended is alive only while it runs and is not exiting: the
     kernel closes a dying process's descriptors after it marks it exiting, and before it is
-    a zombie; a pid taken over by another process has another start time."""
+    a zombie; a process that is gone stays gone through the descriptor that named it."""
     child = subprocess.Popen(
         [sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE
     )
+    child_stat, own = open_stat(child.pid), open_stat(os.getpid())
+    assert child_stat is not None and own is not None
     try:
-        since = running_since(child.pid)
-        assert since is not None and since == running_since(child.pid)
-        assert running_since(os.getpid()) is not None
+        since = running_since(child_stat)
+        assert since is not None and since == running_since(child_stat)
+        assert running_since(own) is not None
     finally:
         assert child.stdin is not None
         child.stdin.close()
-    exited = os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)  # a zombie: not reaped
-    assert exited is not None and exited.si_pid == child.pid
-    assert running_since(child.pid) is None
-    child.wait()
-    assert running_since(child.pid) is None
+        os.close(own)
+    try:
+        exited = os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)  # a zombie: not reaped
+        assert exited is not None and exited.si_pid == child.pid
+        assert running_since(child_stat) is None
+        child.wait()
+        assert running_since(child_stat) is None
+        assert open_stat(child.pid) is None
+    finally:
+        os.close(child_stat)

@@ -1,11 +1,23 @@
 """sshuttle's subnet syntax, as the client parses it; and Scope, what a session captures."""
 
+import ipaddress
 import socket
+from types import SimpleNamespace
+from typing import List
 
 import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
-from shuttle_client.targets import Scope, TargetError, is_local, parse_target, parse_targets
+from shuttle_client import targets
+from shuttle_client.targets import (
+    LOCAL_CACHE,
+    LOCAL_TTL,
+    Scope,
+    TargetError,
+    is_local,
+    parse_target,
+    parse_targets,
+)
 
 ALL = (1, 65535)
 
@@ -115,6 +127,35 @@ def test_scope_captures_as_the_rules_do() -> None:
     assert scope.captures(("127.0.0.53", 53))
     assert scope.captures(("::1", 53))
     assert not scope.captures(("127.0.0.53", 54))
+
+
+def test_a_scope_keeps_is_locals_answer_for_local_ttl(monkeypatch: pytest.MonkeyPatch) -> None:
+    asked: List[str] = []
+    local = {"10.0.0.1"}
+    clock = [100.0]
+    monkeypatch.setattr(targets, "is_local", lambda host: asked.append(host) or host in local)
+    monkeypatch.setattr(targets, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    scope = Scope([("10.0.0.0/8", *ALL)], [], [])
+    assert not scope.captures(("10.0.0.1", 80)) and not scope.captures(("10.0.0.1", 81))
+    assert scope.captures(("10.0.0.2", 80)) and scope.captures(("10.0.0.2", 80))
+    assert asked == ["10.0.0.1", "10.0.0.2"]  # once each
+    local.add("10.0.0.2")  # an address this host takes
+    clock[0] += LOCAL_TTL - 0.01
+    assert scope.captures(("10.0.0.2", 80))  # as it was, within LOCAL_TTL
+    clock[0] += 0.02
+    assert not scope.captures(("10.0.0.2", 80))  # asked again
+    assert asked == ["10.0.0.1", "10.0.0.2", "10.0.0.2"]
+
+
+def test_a_scope_keeps_at_most_local_cache_answers(monkeypatch: pytest.MonkeyPatch) -> None:
+    asked: List[str] = []
+    monkeypatch.setattr(targets, "is_local", lambda host: bool(asked.append(host)))
+    scope = Scope([("10.0.0.0/8", *ALL)], [], [])
+    hosts = [str(ipaddress.ip_address("10.0.0.0") + n) for n in range(LOCAL_CACHE + 1)]
+    for host in hosts:
+        scope.captures((host, 80))
+    scope.captures((hosts[0], 80))  # the cache started over at LOCAL_CACHE + 1
+    assert len(asked) == LOCAL_CACHE + 2
 
 
 def test_is_local_asks_the_routing() -> None:
