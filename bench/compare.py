@@ -1,7 +1,11 @@
-"""The comparison's run: one namespace network with the bench's servers, then each system in
-turn through every chosen case (each run --repeat times, medians kept); the figures and raw
-results for the report. A system that cannot start, or a case that fails, fills its cells with
-the reason; only a network that cannot be built stops the run."""
+"""The comparison's run: one namespace network with the bench's servers, then every chosen case
+on each system (each run --repeat times, medians kept); the figures and raw results for the
+report. A system that cannot start, or a case that fails, fills its cells with the reason;
+only a network that cannot be built stops the run.
+
+The systems take turns within each case, one tunnel up at a time, and the order turns with
+each case and each repeat: whichever went first did worse (an echo round trip 1.11x ssh -L's
+with shuttle first, 1.02x with ssh -L first, the same code), so no system is always first."""
 
 from __future__ import annotations
 
@@ -85,25 +89,42 @@ def combine(case: str, runs: list[Figures]) -> dict[str, Any]:
     return combined
 
 
-def measure(subject: Subject, settings: Settings, outcome: Outcome) -> None:
-    name = subject.system.name
-    figures = outcome.figures.setdefault(name, {})
-    details = outcome.details.setdefault(name, {})
-    try:
-        for case in (case for case in CASES if case in settings.cases):
-            runs = []
-            for number in range(settings.repeat):
-                count = f" ({number + 1}/{settings.repeat})" if settings.repeat > 1 else ""
+def measure(subjects: list[Subject], settings: Settings, outcome: Outcome) -> None:
+    """Every chosen case on every subject, taking turns (see above)."""
+    cases = [case for case in CASES if case in settings.cases]
+    for index, case in enumerate(cases):
+        runs: dict[str, list[Figures]] = {subject.system.name: [] for subject in subjects}
+        for number in range(settings.repeat):
+            count = f" ({number + 1}/{settings.repeat})" if settings.repeat > 1 else ""
+            for subject in turn(subjects, index + number):
+                name = subject.system.name
                 say(f"{name}: {case}{count}")
-                runs.append(run_case(case, subject))
-            figures.update(combine(case, runs))
-            details[case] = runs
-            say("  " + ", ".join(f"{key} {figures[key]}" for key in metrics_of(case)))
-    finally:
-        try:
-            subject.release()
-        except CaseFailed as exc:
-            outcome.problems.append(f"{name}: stopping its tunnel: {exc}")
+                try:
+                    runs[name].append(run_case(case, subject))
+                finally:
+                    release(subject, outcome)
+        for subject in subjects:
+            name = subject.system.name
+            figures = outcome.figures.setdefault(name, {})
+            figures.update(combine(case, runs[name]))
+            outcome.details.setdefault(name, {})[case] = runs[name]
+            say(f"  {name}: " + ", ".join(f"{key} {figures[key]}" for key in metrics_of(case)))
+
+
+def turn(subjects: list[Subject], shift: int) -> list[Subject]:
+    """The subjects in their order, rotated by shift."""
+    if not subjects:
+        return []
+    shift %= len(subjects)
+    return subjects[shift:] + subjects[:shift]
+
+
+def release(subject: Subject, outcome: Outcome) -> None:
+    """Stop the subject's tunnel: the next system captures the same network."""
+    try:
+        subject.release()
+    except CaseFailed as exc:
+        outcome.problems.append(f"{subject.system.name}: stopping its tunnel: {exc}")
 
 
 def unavailable(name: str, reason: str, settings: Settings, outcome: Outcome) -> None:
@@ -154,11 +175,13 @@ def in_network(
     excludes = exclude_file(topo, settings.sizes.excludes)
     shuttle = Shuttle(topo, venv, lease=FIREWALLD_LEASE)
     try:
+        subjects = []
         for name, system in systems(topo, settings, shuttle, sshuttle).items():
             if isinstance(system, str):
                 unavailable(name, system, settings, outcome)
             else:
-                measure(Subject(system, probe, settings, excludes), settings, outcome)
+                subjects.append(Subject(system, probe, settings, excludes))
+        measure(subjects, settings, outcome)
     finally:
         outcome.problems += shuttle.stop()
 
