@@ -116,12 +116,16 @@ def rtt(subject: Subject) -> Figures:
 
 
 def echoes(subject: Subject, tunnel: Tunnel) -> dict[str, Any]:
-    """Round trips of small echoes through the tunnel (loadtool rtt's figures)."""
+    """Round trips of small echoes through the tunnel (loadtool rtt's figures); CaseFailed
+    if they could not be timed (a refused connection, say)."""
     sizes = subject.settings.sizes
     args = ("--count", sizes.rtt_echoes, "--seconds", sizes.rtt_seconds)
-    return subject.probe.loadtool(
+    result = subject.probe.loadtool(
         "rtt", subject.system.echo, *args, timeout=sizes.rtt_seconds + 10, watch=tunnel.proc
     )
+    if not result.get("ok"):
+        raise CaseFailed(f"echoes: {result.get('error', 'no figures')}")
+    return result
 
 
 def echoes_during_upload(subject: Subject, tunnel: Tunnel) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -5,7 +5,9 @@ only a network that cannot be built stops the run.
 
 The systems take turns within each case, one tunnel up at a time, and the order turns with
 each case and each repeat: whichever went first did worse (an echo round trip 1.11x ssh -L's
-with shuttle first, 1.02x with ssh -L first, the same code), so no system is always first."""
+with shuttle first, 1.02x with ssh -L first, the same code), so no system is always first.
+After each turn C's conntrack table is emptied, so that no system inherits the NAT of the
+connections another left closing (bench/conntrack.py)."""
 
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ from testbed.topology import Topology
 from testbed.venv import UserVenv
 
 FIREWALLD_LEASE = 6  # shuttle-firewalld's default (the tests use a shorter one)
+CONNTRACK = Path(__file__).with_name("conntrack.py")
 
 
 @dataclass
@@ -89,7 +92,7 @@ def combine(case: str, runs: list[Figures]) -> dict[str, Any]:
     return combined
 
 
-def measure(subjects: list[Subject], settings: Settings, outcome: Outcome) -> None:
+def measure(topo: Topology, subjects: list[Subject], settings: Settings, outcome: Outcome) -> None:
     """Every chosen case on every subject, taking turns (see above)."""
     cases = [case for case in CASES if case in settings.cases]
     for index, case in enumerate(cases):
@@ -103,6 +106,7 @@ def measure(subjects: list[Subject], settings: Settings, outcome: Outcome) -> No
                     runs[name].append(run_case(case, subject))
                 finally:
                     release(subject, outcome)
+                    forget_connections(topo, outcome)
         for subject in subjects:
             name = subject.system.name
             figures = outcome.figures.setdefault(name, {})
@@ -117,6 +121,13 @@ def turn(subjects: list[Subject], shift: int) -> list[Subject]:
         return []
     shift %= len(subjects)
     return subjects[shift:] + subjects[:shift]
+
+
+def forget_connections(topo: Topology, outcome: Outcome) -> None:
+    """Empty C's conntrack table (bench/conntrack.py says why)."""
+    done = topo.c.run([sys.executable, str(CONNTRACK)], timeout=30)
+    if done.returncode:
+        outcome.problems.append(f"conntrack flush in C: {done.stderr.strip()[:200]}")
 
 
 def release(subject: Subject, outcome: Outcome) -> None:
@@ -181,7 +192,7 @@ def in_network(
                 unavailable(name, system, settings, outcome)
             else:
                 subjects.append(Subject(system, probe, settings, excludes))
-        measure(subjects, settings, outcome)
+        measure(topo, subjects, settings, outcome)
     finally:
         outcome.problems += shuttle.stop()
 
