@@ -124,7 +124,8 @@ class Scope:
     A connection or datagram that reaches the client with any other original destination
     was not captured: a program (or a host on the LAN, with a wildcard listener) sent it to
     the client's port itself, and relaying it would open that destination on the server's
-    side for whoever asked.
+    side for whoever asked. Whether an address is this host's own is asked again after
+    LOCAL_TTL: an address the host has just taken may pass for a remote one that long.
     """
 
     def __init__(
