@@ -73,10 +73,18 @@ def prepare_directory(path: str = ONE_SHOT_DIR) -> None:
 
 def remove_dead_sockets(path: str) -> int:
     """Remove the socket files that killed one-shot firewalld left in path (nobody listens
-    on them); how many. A live one's stay."""
+    on them); how many. A live one's stay.
+
+    A refused connection alone does not make a socket dead: a one-shot firewalld starting
+    beside us has bound its socket and not yet listened on it for a moment (in libzmq,
+    between bind and listen), and removing its file then leaves it listening where nobody
+    can connect (the likely cause of a rare "no answer within 5 s" in a parallel make test).
+    So a file whose name is a running process's pid (other than ours, which has not bound
+    yet) stays; one whose pid another process took since stays until that one ends."""
     removed = 0
     for name in os.listdir(path):
-        if not re.fullmatch(r"\d{1,10}\.sock(\.fds)?", name):
+        named = re.fullmatch(r"(\d{1,10})\.sock(\.fds)?", name)
+        if named is None or _running_other(int(named[1])):
             continue
         socket_file = os.path.join(path, name)
         try:
@@ -91,6 +99,21 @@ def remove_dead_sockets(path: str) -> int:
         except OSError:  # gone meanwhile, or busy: not ours to judge
             continue
     return removed
+
+
+def _running_other(pid: int) -> bool:
+    """Whether pid is a running process other than this one."""
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists (root is not refused, but a test may run as a user)
+        return True
+    except OverflowError:  # a number beyond any pid
+        return False
+    return True
 
 
 class Caller:

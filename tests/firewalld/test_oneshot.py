@@ -5,12 +5,14 @@ sudoers file."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import pwd
 import select
 import socket
 import stat
 import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -189,16 +191,30 @@ def test_a_directory_anyone_may_change_is_refused(tmp_path: Path) -> None:
     assert stat.S_IMODE(made.stat().st_mode) == 0o755
 
 
+def gone_pid() -> int:
+    """The pid of a process that has exited and been reaped."""
+    child = subprocess.Popen([sys.executable, "-c", ""])
+    child.wait()
+    return child.pid
+
+
 def test_a_killed_one_shot_s_socket_files_go_a_live_one_s_stay(tmp_path: Path) -> None:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as dead, socket.socket(
-        socket.AF_UNIX, socket.SOCK_STREAM
-    ) as live:
-        dead.bind(str(tmp_path / "11.sock"))  # bound, nobody listening: a killed one's
-        live.bind(str(tmp_path / "12.sock"))
+    gone = gone_pid()
+    with contextlib.ExitStack() as stack:
+        dead, live, starting, own = (
+            stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)) for _ in range(4)
+        )
+        dead.bind(str(tmp_path / f"{gone}.sock"))  # bound, nobody listening: a killed one's
+        live.bind(str(tmp_path / f"{os.getppid()}.sock"))
         live.listen(1)
+        # Bound and not listening yet, by a process that runs: one starting beside us.
+        starting.bind(str(tmp_path / f"{os.getppid()}.sock.fds"))
+        own.bind(str(tmp_path / f"{os.getpid()}.sock"))  # our pid's, left by an earlier one
         (tmp_path / "13.sock").write_text("")  # not a socket: not ours to remove
-        assert oneshot.remove_dead_sockets(str(tmp_path)) == 1
-        assert sorted(os.listdir(tmp_path)) == ["12.sock", "13.sock"]
+        assert oneshot.remove_dead_sockets(str(tmp_path)) == 2
+        assert sorted(os.listdir(tmp_path)) == sorted(
+            ["13.sock", f"{os.getppid()}.sock", f"{os.getppid()}.sock.fds"]
+        )
 
 
 def test_caller_ends_with_its_session_or_its_pipe() -> None:
