@@ -23,7 +23,10 @@ ssh's channel, sshd's, the agent's pipe); in a session of its own it waits only 
 TCP connection's queue, as with ssh -L. On the bench's plain network that took the echo
 during an upload from 7.0x its idle round trip to 3.9x. New channels go to a session that
 is not busy, the one with the fewest channels among those (streams.pick), so connections
-spread; an open channel stays where it is.
+spread; an open channel stays where it is. A session stops being busy as soon as the bulk
+channels that made it so have closed, not only at the next measure: a burst of connections
+right after a bulk transfer (iperf3 -P after another run, a download manager) would crowd
+into the sessions that happened to be quiet, and stay there.
 
 Where ssh is not a ControlMaster (not OpenSSH, ControlMaster refused) the first NewSession
 fails and the tunnel keeps its one session, as before.
@@ -61,6 +64,8 @@ WATCH_INTERVAL = 0.5  # seconds between two measures
 # A channel that has carried this much, either way, is a bulk one: what a busy session
 # carries in one measure, and more than an interactive session carries in a long while.
 BULK_BYTES = BUSY_RATE * WATCH_INTERVAL
+# Bulk channels watched per busy session at most: every new connection looks at them.
+MAX_WATCHED = 64
 
 
 def wanted_sessions(
@@ -81,20 +86,17 @@ def wanted_sessions(
     return wanted
 
 
-def bulk_channels(carried: Mapping[int, int]) -> FrozenSet[int]:
-    """Of a busy session's open channels (bytes each carried, both ways), those whose
-    closing ends its being busy: the bulk ones, or all of them if none is (many small
-    transfers made it busy)."""
+def bulk_channels(carried: Mapping[int, int]) -> Optional[FrozenSet[int]]:
+    """Of a busy session's open channels (bytes each carried, both ways), the bulk ones,
+    whose closing ends its being busy; None if there is none (many small transfers or UDP
+    made it busy) or more than MAX_WATCHED: then it is busy until the next measure."""
     bulk = frozenset(channel for channel, count in carried.items() if count >= BULK_BYTES)
-    return bulk or frozenset(carried)
+    return bulk if 0 < len(bulk) <= MAX_WATCHED else None
 
 
 def carried(link: Link) -> Dict[int, int]:
-    """The bytes each open channel and UDP flow of a link carried, both ways (0 for a flow,
-    which counts no bytes)."""
-    counts = {channel: relay.bytes_in + relay.bytes_out for channel, relay in link.channels.items()}
-    counts.update((channel, 0) for channel in link.flows)
-    return counts
+    """The bytes each open channel of a link carried, both ways."""
+    return {channel: relay.bytes_in + relay.bytes_out for channel, relay in link.channels.items()}
 
 
 class SessionTunnel(Tunnel):
@@ -196,7 +198,7 @@ class AgentSessions:
         self.refused = ""  # why ssh opens no more sessions ("" while it may)
         self._counts: Dict[Link, Tuple[int, int]] = {}  # Data bytes each way at the last measure
         # The links that carried BUSY_RATE at the last measure, with their bulk channels.
-        self._busy: Dict[Link, FrozenSet[int]] = {}
+        self._busy: Dict[Link, Optional[FrozenSet[int]]] = {}
         self._task: Optional[asyncio.Task[None]] = None
 
     @property
@@ -206,11 +208,12 @@ class AgentSessions:
 
     @property
     def busy(self) -> Set[Link]:
-        """The links busy at the last measure that still have one of its bulk channels open."""
+        """The links busy at the last measure that still have one of its bulk channels open
+        (or had none to watch)."""
         return {
             link
             for link, channels in self._busy.items()
-            if any(channel in link.channels or channel in link.flows for channel in channels)
+            if channels is None or any(channel in link.channels for channel in channels)
         }
 
     def start(self) -> None:

@@ -3,16 +3,18 @@
 its ssh window; enough windows for all of it, and SPARE with room, once one is; one more, a
 quiet lane, while every session is busy. And which sessions are busy (AgentSessions.busy,
 which streams.pick steers new channels away from): those that carried BUSY_RATE at the last
-measure, until the channels that carried it close."""
+measure, until the bulk channels that carried it close (or the next measure, if there are
+none to watch)."""
 
 from types import SimpleNamespace
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import pytest
 from shuttle_client.agent_sessions import (
     BULK_BYTES,
     BUSY_RATE,
     MAX_SESSIONS,
+    MAX_WATCHED,
     SATURATED,
     SPARE,
     SSH_WINDOW,
@@ -68,11 +70,13 @@ def test_one_busy_flag_per_session() -> None:
     ("carried", "bulk"),
     [
         ({1: BULK_BYTES, 2: 10, 3: BULK_BYTES * 9}, {1, 3}),  # the bulk ones
-        ({1: 10, 2: 20}, {1, 2}),  # many small transfers made it busy: all of them
-        ({}, set()),
+        ({1: 10, 2: 20}, None),  # many small transfers made it busy: until the next measure
+        ({}, None),
+        (dict.fromkeys(range(MAX_WATCHED + 1), BULK_BYTES), None),  # too many to watch
+        (dict.fromkeys(range(MAX_WATCHED), BULK_BYTES), set(range(MAX_WATCHED))),
     ],
 )
-def test_bulk_channels(carried: Dict[int, int], bulk: set) -> None:
+def test_bulk_channels(carried: Dict[int, int], bulk: Optional[set]) -> None:
     assert bulk_channels(carried) == bulk
 
 
@@ -115,13 +119,14 @@ def test_a_session_is_busy_until_its_bulk_channels_close() -> None:
     assert sessions.busy == set()
 
 
-def test_a_session_busy_with_small_channels_and_flows_stays_busy_while_any_is_open() -> None:
+def test_a_session_busy_with_no_bulk_channel_stays_busy_until_the_next_measure() -> None:
     sessions = AgentSessions(SimpleNamespace())  # type: ignore[arg-type]
     link = FakeLink({1: 0}, flows=(7,))
     sessions.measure([link])
     link.mux.received_total += int(BUSY_RATE * WATCH_INTERVAL)  # a UDP flood, say
     assert sessions.measure([link]) == 2
     del link.channels[1]
-    assert sessions.busy == {link}
     del link.flows[7]
+    assert sessions.busy == {link}
+    sessions.measure([link])  # carried nothing since
     assert sessions.busy == set()
