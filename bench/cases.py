@@ -155,10 +155,6 @@ def conns(subject: Subject) -> Figures:
             continue
         figures["details"][key] = result
         figures[key] = result["seconds"] if result["ok"] else failed(shortfall(result))
-    # A tunnel that had 10,000 connections at once may still carry what is left of them
-    # (ssh -L holds the thousands it failed): the next case gets a new one. With this one
-    # the next case, the sequential rate, gave ssh -L 873 /s against 2,100-2,500 alone.
-    subject.release()
     return figures
 
 

@@ -13,6 +13,8 @@ import sys
 from types import FrameType
 from typing import Optional
 
+from shuttle_local.processes import running
+
 READY = b"ready\n"
 MAX_PIDFILE = 64  # bytes of a pidfile worth reading: a pid and a newline
 STALE_TRIES = 3  # another start may recreate the file between our unlink and create
@@ -151,13 +153,4 @@ def read_pid(path: str) -> Optional[int]:
         raise PidFileError(f"{path} exists and is not a pidfile: not replacing it")
     return int(text)
 
-
-def running(pid: int) -> bool:
-    """Whether a process with this pid exists (another user's counts)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     return True

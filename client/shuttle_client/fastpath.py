@@ -352,9 +352,9 @@ class Master:
         self._requests = itertools.count(1)
         self._slots = asyncio.Semaphore(PARALLEL)
         self._watch: Optional[MuxConnection] = None
-        # The master's /proc/PID/stat, where it is our ssh: its liveness is read there.
-        self._stat: Optional[int] = None
-        self._since: Optional[int] = None  # its start time then
+        # Where the master is our ssh: a descriptor of its /proc/PID/stat and its start time
+        # then, its liveness (running_since) read without a round trip.
+        self._liveness: Optional[Tuple[int, int]] = None
         self._ended: List[Forward] = []  # mux connection closed; is the master alive?
         self._wake = asyncio.Event()
         self._watcher: Optional[asyncio.Task[None]] = None
@@ -379,9 +379,13 @@ class Master:
             )[0]
         except OSError:
             pid = 0
-        if pid and pid == ssh_pid:
-            self._stat = open_stat(pid)
-            self._since = None if self._stat is None else running_since(self._stat)
+        stat_fd = open_stat(pid) if pid and pid == ssh_pid else None
+        if stat_fd is not None:
+            since = running_since(stat_fd)
+            if since is None:  # exiting already: the AliveCheck will say so
+                os.close(stat_fd)
+            else:
+                self._liveness = stat_fd, since
         self._watch = watch
         self._watcher = asyncio.ensure_future(self._watch_loop())
         self._filler = asyncio.ensure_future(self._fill_loop())
@@ -569,8 +573,8 @@ class Master:
                 await self._wake.wait()
                 self._wake.clear()
                 batch, self._ended = self._ended, []
-                if self._stat is not None and self._since is not None:  # no round trip
-                    if running_since(self._stat) != self._since:
+                if self._liveness is not None:
+                    if running_since(self._liveness[0]) != self._liveness[1]:
                         raise MuxError("ssh exited")
                 else:
                     request = next(self._requests) & ssh_mux.UINT32
@@ -621,9 +625,9 @@ class Master:
             self._finish(forward, graceful=False)
         if self._watch is not None:
             self._watch.close()
-        if self._stat is not None:
-            os.close(self._stat)
-            self._stat = None
+        if self._liveness is not None:
+            os.close(self._liveness[0])
+            self._liveness = None
         for mux in self._ready:
             mux.close()
         self._ready.clear()

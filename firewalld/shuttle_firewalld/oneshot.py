@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from shuttle_local.oneshot import ONE_SHOT_DIR, ONE_SHOT_FLAG, firewalld_program
+from shuttle_local.processes import running
 from shuttle_protocol.zap import Peer
 
 from .errors import StartupError
@@ -84,7 +85,10 @@ def remove_dead_sockets(path: str) -> int:
     removed = 0
     for name in os.listdir(path):
         named = re.fullmatch(r"(\d{1,10})\.sock(\.fds)?", name)
-        if named is None or _running_other(int(named[1])):
+        if named is None:
+            continue
+        pid = int(named[1])
+        if pid != os.getpid() and running(pid):
             continue
         socket_file = os.path.join(path, name)
         try:
@@ -99,21 +103,6 @@ def remove_dead_sockets(path: str) -> int:
         except OSError:  # gone meanwhile, or busy: not ours to judge
             continue
     return removed
-
-
-def _running_other(pid: int) -> bool:
-    """Whether pid is a running process other than this one."""
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists (root is not refused, but a test may run as a user)
-        return True
-    except OverflowError:  # a number beyond any pid
-        return False
-    return True
 
 
 class Caller:

@@ -434,11 +434,11 @@ class Server:
             return answer(self._sessions, uid, frame.bytes, pid)
         # Asked before the frame is copied: a member resending a big request while the
         # worker is busy with its others costs the loop its head alone.
-        refusal = self._worker.full(uid)
+        refusal = self._worker.full(uid) or self._worker.submit(
+            Job(identity, uid, frame.bytes, session, pid)
+        )
         if refusal is None:
-            refusal = self._worker.submit(Job(identity, uid, frame.bytes, session, pid))
-            if refusal is None:
-                return None
+            return None
         if self._log_budget.allow(uid):
             log.info("refused a request of uid %d: %s", uid, refusal)
         return PAIRS.refuse_frame(head(frame.buffer), refusal)
