@@ -74,7 +74,9 @@ def test_a_running_process_in_the_pidfile_is_refused(tmp_path: Path) -> None:
             other.kill()
 
 
-@pytest.mark.parametrize("stale", ["{dead}\n", "{dead}", "", "\n"])
+@pytest.mark.parametrize(
+    "stale", ["{dead}\n", "{dead}", "", "\n", "99999999999\n"]
+)  # beyond any pid
 def test_a_stale_pidfile_is_replaced(tmp_path: Path, stale: str) -> None:
     path = tmp_path / "c.pid"
     path.write_text(stale.format(dead=dead_pid()))
