@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import zmq
+from shuttle_local.netns import enter_named
 from shuttle_protocol.firewall_messages import (
     ALL_PORTS,
     PAIRS,
@@ -282,6 +283,9 @@ def main() -> int:
                 "stdout",
             )
         )
+        # firewalld checks the port and puts the rules in its caller's network namespace:
+        # the requests must come from inside the throwaway one, not from the host's.
+        enter_named(netns, "bench.rules")
         client = Client(socket_path)
         stack.callback(client.close)
         rows = [
