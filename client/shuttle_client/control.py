@@ -9,6 +9,7 @@ context, and the firewalld connection must not be judged by this one's rule.
 
 import asyncio
 import errno
+import fcntl
 import logging
 import os
 import socket
@@ -30,6 +31,7 @@ log = logging.getLogger("shuttle")
 DOMAIN = b"shuttle-control"
 MAX_BUSY = 16  # requests being handled at once; more are refused, not queued without bound
 CLOSE_LINGER_MS = 500  # an answer to StopRequest still goes out while the client closes
+LOCK_ATTEMPTS = 3  # to lock path.lock, each one after its holder removed it as it ended
 
 Handler = Callable[[Message], Awaitable[Message]]
 
@@ -64,6 +66,7 @@ class ControlServer:
         self._router: Optional[zmq.asyncio.Socket] = None
         self._xpub: Optional[zmq.Socket[bytes]] = None  # a plain shadow: publish() never waits
         self._bound: List[Tuple[str, int]] = []  # the socket files we made: (path, inode)
+        self._lock: Optional[int] = None  # the descriptor holding path.lock, from start()
         self._tasks: Set[asyncio.Task[Any]] = set()
         self._busy = 0
         self._topics: Set[bytes] = set()  # what subscribers subscribed to; empty: no one
@@ -78,8 +81,13 @@ class ControlServer:
         """Bind both sockets; ControlInUse if another client has them, ControlSetupError if
         the directory is not ours."""
         _private_directory(os.path.dirname(self.path))
-        for path in (self.path, self.events_path):
-            _claim(path)
+        self._lock = _lock(self.path)
+        try:
+            for path in (self.path, self.events_path):
+                _claim(path)
+        except ControlSetupError:
+            self.close()
+            raise
         context = self._context = zmq.asyncio.Context()
         zap = context.socket(zmq.REP)
         zap.linger = 0
@@ -136,6 +144,16 @@ class ControlServer:
                     os.unlink(path)
             except OSError:
                 pass
+        if self._lock is not None:
+            # Unlinked while still held: a client that opened it meanwhile locks a file that
+            # is no longer at the path, sees so and tries again (_lock).
+            try:
+                if os.lstat(lock_path(self.path)).st_ino == os.fstat(self._lock).st_ino:
+                    os.unlink(lock_path(self.path))
+            except OSError:
+                pass
+            os.close(self._lock)
+            self._lock = None
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -217,10 +235,46 @@ def _private_directory(path: str) -> None:
         )
 
 
+def lock_path(path: str) -> str:
+    """The lock file beside a control socket."""
+    return path + ".lock"
+
+
+def _lock(path: str) -> int:
+    """Lock path.lock for as long as this client runs (the descriptor that holds it), or
+    ControlInUse if another client holds it.
+
+    A client holds the lock from before it looks at the socket files until after it has
+    removed them. Without it, a client that found the socket of another one starting beside
+    it, bound but not yet listening (in libzmq, between bind and listen), took it for a dead
+    client's and removed it: the other then listened where nobody could connect.
+    """
+    name = lock_path(path)
+    for _ in range(LOCK_ATTEMPTS):
+        try:
+            fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise ControlSetupError(f"cannot use {name}: {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.lstat(name).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except BlockingIOError:
+            os.close(fd)
+            raise ControlInUse(
+                f"another shuttle-client listens on {path}: give this one another --control"
+            ) from None
+        except OSError:  # FileNotFoundError: its holder removed it as we locked it
+            pass
+        os.close(fd)  # locked a file that its holder removed as it ended: once more
+    raise ControlSetupError(f"cannot lock {name}: it keeps being replaced")
+
+
 def _claim(path: str) -> None:
     """Remove a socket file left by a client that is gone; refuse one a live client has.
 
-    zmq's ipc bind would silently take the path over from a running client.
+    zmq's ipc bind would silently take the path over from a running client. Called with
+    the path's lock held (_lock), so a socket nobody listens on is a dead client's.
     """
     try:
         info = os.lstat(path)

@@ -5,7 +5,9 @@ answers whatever frames come (hypothesis) through the client's real request tabl
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
+import socket
 from pathlib import Path
 from typing import Awaitable, Callable, Dict, List, Optional
 
@@ -16,7 +18,13 @@ import zmq.asyncio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from shuttle_client.cli import parse_args
-from shuttle_client.control import MAX_BUSY, ControlInUse, ControlServer, ControlSetupError
+from shuttle_client.control import (
+    MAX_BUSY,
+    ControlInUse,
+    ControlServer,
+    ControlSetupError,
+    lock_path,
+)
 from shuttle_client.control_requests import Running, handler
 from shuttle_client.firewall_session import FirewallSession
 from shuttle_client.streams import Streams
@@ -84,6 +92,64 @@ def test_a_second_server_is_refused_and_the_first_keeps_its_sockets(tmp_path: Pa
         assert not path.exists() and not Path(f"{path}.events").exists()
 
     run(scenario())
+
+
+def test_a_socket_of_a_client_starting_beside_us_is_not_taken_for_a_dead_ones(
+    tmp_path: Path,
+) -> None:
+    """The other client holds the lock and has bound its socket, not yet listened on it (a
+    refused connect, as a dead client's socket gives): the file stays, this one is refused."""
+    path = private_dir(tmp_path) / "control.sock"
+    holder = os.open(lock_path(str(path)), os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    bound = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    bound.bind(str(path))
+    inode = os.stat(path).st_ino
+
+    async def scenario() -> None:
+        second = ControlServer(str(path), answer_stop)
+        with pytest.raises(ControlInUse, match="another shuttle-client listens on"):
+            await second.start()
+        second.close()
+
+    try:
+        run(scenario())
+        assert path.is_socket()
+        assert os.stat(path).st_ino == inode
+        assert Path(lock_path(str(path))).exists()
+    finally:
+        bound.close()
+        os.close(holder)
+
+
+def test_the_files_of_a_killed_client_are_taken_over_and_removed_at_close(tmp_path: Path) -> None:
+    """A client killed with SIGKILL leaves its sockets and its lock file, locked by nobody."""
+    path = private_dir(tmp_path) / "control.sock"
+    for name in (str(path), f"{path}.events"):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as dead:
+            dead.bind(name)
+    Path(lock_path(str(path))).write_text("")
+
+    async def scenario() -> None:
+        server = ControlServer(str(path), answer_stop)
+        await server.start()
+        try:
+            context = zmq.asyncio.Context()
+            dealer = context.socket(zmq.DEALER)
+            dealer.linger = 0
+            try:
+                dealer.connect(f"ipc://{path}")
+                await dealer.send(encode_frame(1, StopRequest()))
+                number, answer = decode_frame(await asyncio.wait_for(dealer.recv(), WAIT))
+                assert (number, type(answer)) == (1, StopAnswer)
+            finally:
+                dealer.close()
+                context.term()
+        finally:
+            server.close()
+
+    run(scenario())
+    assert os.listdir(path.parent) == []
 
 
 def test_at_most_max_busy_requests_are_handled_at_once(tmp_path: Path) -> None:
