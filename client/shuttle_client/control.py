@@ -257,14 +257,17 @@ def _lock(path: str) -> int:
             raise ControlSetupError(f"cannot use {name}: {exc.strerror}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if isinstance(exc, BlockingIOError):
+                raise ControlInUse(
+                    f"another shuttle-client listens on {path}: give this one another --control"
+                ) from None
+            raise ControlSetupError(f"cannot lock {name}: {exc.strerror}") from None
+        try:
             if os.lstat(name).st_ino == os.fstat(fd).st_ino:
                 return fd
-        except BlockingIOError:
-            os.close(fd)
-            raise ControlInUse(
-                f"another shuttle-client listens on {path}: give this one another --control"
-            ) from None
-        except OSError:  # FileNotFoundError: its holder removed it as we locked it
+        except FileNotFoundError:  # its holder removed it as we locked it
             pass
         os.close(fd)  # locked a file that its holder removed as it ended: once more
     raise ControlSetupError(f"cannot lock {name}: it keeps being replaced")
