@@ -19,6 +19,7 @@ AliveCheck sent after it closed them instead. Otherwise they are reset.
 """
 
 import asyncio
+import errno
 import fcntl
 import itertools
 import logging
@@ -209,37 +210,41 @@ def reset(sock: socket.socket) -> None:
 
 
 class MuxConnection:
-    """One connection to the master's socket. Our Hello goes out with the first request,
-    not a round trip before it: the master reads packets one at a time, each exactly, and
-    takes the descriptors behind a request only when it handles that request."""
+    """One connection to the master's socket. Our Hello goes out with the first request, or
+    alone on a pool connection, and the master's is read with the first answer, not a round
+    trip before it: the master reads packets one at a time, each exactly, and takes the
+    descriptors behind a request only when it handles that request."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.decoder = ssh_mux.MuxDecoder()
+        self.greeted = False  # the master's Hello read
         self._answers: List[ssh_mux.Answer] = []
 
     @classmethod
-    async def open(cls, path: str, request: Optional[ssh_mux.Request] = None) -> "MuxConnection":
-        """Connect and send Hello, and request if given, in one write; MuxError if that
-        fails. The master's Hello is read by hello()."""
-        loop = asyncio.get_running_loop()
-        packets = ssh_mux.encode(ssh_mux.Hello(ssh_mux.MUX_VERSION))
-        if request is not None:
-            packets += ssh_mux.encode(request)
+    def connect_now(cls, path: str) -> "MuxConnection":
+        """Connect and send Hello without waiting: a unix connect completes at once unless
+        the master's backlog is full; MuxError if it does not, or fails."""
+        sock = _mux_socket()
         try:
-            # Out of descriptors (EMFILE) is a failed open too: the agent takes it.
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(path)
+            packets = _greeting(None)
+            # A new connection's buffer takes the few bytes at once.
+            if sock.send(packets) != len(packets):
+                raise BlockingIOError(errno.EAGAIN, "the mux connection took part of the request")
         except OSError as exc:
-            raise MuxError(f"cannot reach ssh's control socket: {exc.strerror or exc}") from None
-        if sock.fileno() >= connection_cap():
-            # The reserve below the limit is for ssh, zmq and accept() (proxy.py), as for
-            # a captured connection: taking it here would make the next accept fail.
             sock.close()
-            raise MuxError("cannot reach ssh's control socket: near the open-file limit")
-        sock.setblocking(False)
+            raise MuxError(f"cannot reach ssh's control socket: {exc.strerror or exc}") from None
+        return cls(sock)
+
+    @classmethod
+    async def open(cls, path: str, request: Optional[ssh_mux.Request] = None) -> "MuxConnection":
+        """As connect_now(), waiting for room where the master's backlog is full."""
+        loop = asyncio.get_running_loop()
+        sock = _mux_socket()
         try:
             await loop.sock_connect(sock, path)
-            await loop.sock_sendall(sock, packets)
+            await loop.sock_sendall(sock, _greeting(request))
         except OSError as exc:
             sock.close()
             raise MuxError(f"cannot reach ssh's control socket: {exc.strerror or exc}") from None
@@ -259,27 +264,40 @@ class MuxConnection:
             raise
         return mux
 
+    def received(self, data: bytes) -> List[ssh_mux.Answer]:
+        """The answers in what one read gave, the master's Hello taken off first; MuxError
+        if the master closed (no data), broke the protocol, or greets with another version."""
+        if not data:
+            raise MuxError("ssh closed its control connection")
+        try:
+            answers = self.decoder.feed(data)
+        except RemoteProtocolError as exc:
+            raise MuxError(f"ssh's control socket broke the protocol: {exc}") from None
+        if answers and not self.greeted:
+            hello = answers.pop(0)
+            if not isinstance(hello, ssh_mux.Hello) or hello.version != ssh_mux.MUX_VERSION:
+                raise MuxError(f"ssh's control socket said {hello!r:.80}, not mux version 4")
+            self.greeted = True
+        return answers
+
     async def hello(self) -> None:
-        """The master's Hello; MuxError if it is not version 4."""
-        hello = await self.answer()
-        if not isinstance(hello, ssh_mux.Hello) or hello.version != ssh_mux.MUX_VERSION:
-            raise MuxError(f"ssh's control socket said {hello!r:.80}, not mux version 4")
+        """Wait for the master's Hello; MuxError if it is not version 4."""
+        while not self.greeted:
+            await self._read()
 
     async def answer(self) -> ssh_mux.Answer:
-        """The next answer; MuxError if the master closes or breaks the protocol."""
-        loop = asyncio.get_running_loop()
+        """The next answer after the master's Hello; MuxError if the master closes or
+        breaks the protocol."""
         while not self._answers:
-            try:
-                data = await loop.sock_recv(self.sock, RECV_SIZE)
-            except OSError as exc:
-                raise MuxError(f"ssh's control connection: {exc.strerror or exc}") from None
-            if not data:
-                raise MuxError("ssh closed its control connection")
-            try:
-                self._answers += self.decoder.feed(data)
-            except RemoteProtocolError as exc:
-                raise MuxError(f"ssh's control socket broke the protocol: {exc}") from None
+            await self._read()
         return self._answers.pop(0)
+
+    async def _read(self) -> None:
+        try:
+            data = await asyncio.get_running_loop().sock_recv(self.sock, RECV_SIZE)
+        except OSError as exc:
+            raise MuxError(f"ssh's control connection: {exc.strerror or exc}") from None
+        self._answers += self.received(data)
 
     def send_fds(self, fd: int, count: int) -> None:
         """fd, count times, each in a sendmsg of its own with one byte: mux.c takes them
@@ -289,6 +307,28 @@ class MuxConnection:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def _mux_socket() -> socket.socket:
+    """A non-blocking unix socket for the master; MuxError if none can be had."""
+    try:
+        # Out of descriptors (EMFILE) is a failed open too: the agent takes it.
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    except OSError as exc:
+        raise MuxError(f"cannot reach ssh's control socket: {exc.strerror or exc}") from None
+    if sock.fileno() >= connection_cap():
+        # The reserve below the limit is for ssh, zmq and accept() (proxy.py), as for a
+        # captured connection: taking it here would make the next accept fail.
+        sock.close()
+        raise MuxError("cannot reach ssh's control socket: near the open-file limit")
+    sock.setblocking(False)
+    return sock
+
+
+def _greeting(request: Optional[ssh_mux.Request]) -> bytes:
+    """Our Hello, and the request that goes with it, if any."""
+    packets = ssh_mux.encode(ssh_mux.Hello(ssh_mux.MUX_VERSION))
+    return packets + ssh_mux.encode(request) if request is not None else packets
 
 
 @dataclass
@@ -323,12 +363,30 @@ class Forward:
 # Called with a forward that opened, and with one that closed, its byte counts beside.
 Hook = Callable[[Forward], None]
 CloseHook = Callable[[Forward, int, int], None]
-# A request sent through a ready mux connection (Master.send): the connection, the request id.
-Sent = Tuple[MuxConnection, int]
+# Called with why a hand-over failed; the socket is then the caller's again, untouched.
+Refused = Callable[[str], None]
+
+
+@dataclass
+class Handing:
+    """A hand-over whose request went out through a ready mux connection, its answer due."""
+
+    sock: socket.socket
+    mux: MuxConnection
+    request_id: int
+    source: str
+    host: str
+    port: int
+    refused: Refused
 
 
 class Master:
-    """One ssh ControlMaster: hand-overs to it, the forwards it carries, and their end."""
+    """One ssh ControlMaster: hand-overs to it, the forwards it carries, and their end.
+
+    A hand-over through a ready mux connection costs no task: its request goes out in the
+    accept's turn of the loop, and reader callbacks take the answer and, later, the end.
+    Per connection the client's loop had turned eight times and woken four tasks, and was
+    the busiest process of a sequential connect-echo-close (docs/performance.md)."""
 
     def __init__(
         self,
@@ -358,9 +416,8 @@ class Master:
         self._ended: List[Forward] = []  # mux connection closed; is the master alive?
         self._wake = asyncio.Event()
         self._watcher: Optional[asyncio.Task[None]] = None
-        self._ready: List[MuxConnection] = []  # connected, Hellos exchanged, unused
-        self._refill = asyncio.Event()
-        self._filler: Optional[asyncio.Task[None]] = None
+        self._ready: List[MuxConnection] = []  # connected, our Hello sent, unused
+        self._pending: Dict[int, Handing] = {}  # by the mux connection's descriptor
 
     @property
     def room(self) -> bool:
@@ -387,60 +444,86 @@ class Master:
             else:
                 self._liveness = stat_fd, since
         self._watch = watch
-        self._watcher = asyncio.ensure_future(self._watch_loop())
-        self._filler = asyncio.ensure_future(self._fill_loop())
-        self._refill.set()
-
-    def send(self, sock: socket.socket, host: str, port: int) -> Optional[Sent]:
-        """Hand sock over for host:port now, through a ready mux connection: the request
-        and the two descriptors go out in the caller's turn of the loop (the accept's), not
-        after whatever else the loop has to do first. The sent request, for open(); None if
-        no connection is ready, or sending failed (then sock is still the caller's: ssh
-        never got it, and the master drops a connection whose request broke off)."""
-        return self._send(sock, host, port)
+        if self._liveness is None:
+            self._watcher = asyncio.ensure_future(self._watch_loop())
+        self._refill()
 
     def claim(self) -> None:
-        """Count a hand-over from now, before its task runs: a burst accepted in one turn of
-        the loop (thousands) must see the cap fill as it goes. open(claimed=True) counts it
-        down."""
+        """Count a hand-over from now, before it goes out: a burst accepted in one turn of
+        the loop (thousands) must see the cap fill as it goes. hand_over() and
+        open(claimed=True) count it down."""
         self.handing += 1
 
     def release(self) -> None:
-        """A claim() that does not go on to open()."""
+        """A claim() that does not go on to a hand-over."""
         self.handing -= 1
 
-    def _send(self, sock: socket.socket, host: str, port: int) -> Optional[Sent]:
-        mux = self._take_ready()
+    def hand_over(
+        self, sock: socket.socket, host: str, port: int, source: str, refused: Refused
+    ) -> bool:
+        """Hand a claimed sock over for host:port now, through a ready mux connection:
+        the request and the two descriptors go out in the caller's turn of the loop, not
+        after whatever else the loop has to do first. False if no connection is ready or
+        sending failed (sock is still the caller's, claimed: open() it). Once sent, either
+        the forward opens or refused is called with why not (then sock is the caller's
+        again, untouched: ssh never read from it)."""
+        mux = self._ready.pop() if self._ready else None
         if mux is None:
-            return None
+            return False
         request = ssh_mux.NewStdioFwd(next(self._requests) & ssh_mux.UINT32, host, port)
         packet = ssh_mux.encode(request)
         try:
-            # A ready connection has sent nothing: its buffer takes the few bytes at once.
+            # A ready connection has sent only its Hello: its buffer takes these at once.
             if mux.sock.send(packet) != len(packet):
-                raise BlockingIOError("the mux connection took part of the request")
+                raise BlockingIOError(errno.EAGAIN, "the mux connection took part of the request")
             mux.send_fds(sock.fileno(), 2)
         except OSError as exc:
             log.debug("ssh's control connection: %s", exc.strerror or exc)
             mux.close()
-            self._refill.set()
-            return None
-        return mux, request.request_id
+            return False
+        handing = Handing(sock, mux, request.request_id, source, host, port, refused)
+        self._pending[mux.sock.fileno()] = handing
+        asyncio.get_running_loop().add_reader(mux.sock.fileno(), self._answered, handing)
+        return True
+
+    def _answered(self, handing: Handing) -> None:
+        """The master's answer to a hand_over(), or part of it."""
+        mux = handing.mux
+        try:
+            data = mux.sock.recv(RECV_SIZE)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            data, why = b"", f"ssh's control connection: {exc.strerror or exc}"
+        try:
+            answers = mux.received(data)
+        except MuxError as exc:
+            why = str(exc)
+        else:
+            if not answers:
+                return  # the Hello only, or part of a packet
+            why = _refusal(answers[0], handing.request_id)
+            if not why:
+                self._settle(handing)
+                self._carry(handing.sock, mux, handing.source, handing.host, handing.port)
+                return
+        asyncio.get_running_loop().remove_reader(mux.sock.fileno())
+        self._settle(handing)
+        mux.close()
+        handing.refused(why)
+
+    def _settle(self, handing: Handing) -> None:
+        del self._pending[handing.mux.sock.fileno()]
+        self.handing -= 1
+        self._refill()
 
     async def open(
-        self,
-        sock: socket.socket,
-        host: str,
-        port: int,
-        source: str,
-        sent: Optional[Sent] = None,
-        *,
-        claimed: bool = False,
+        self, sock: socket.socket, host: str, port: int, source: str, *, claimed: bool = False
     ) -> Optional[str]:
-        """Hand sock over for host:port (sent: what send() sent for it; claimed: counted by
-        claim()): None once ssh carries it, else why not (then sock is still the caller's,
-        untouched: ssh never read from it)."""
-        mux, why = await self.request(sock, host, port, sent, claimed=claimed)
+        """Hand sock over for host:port (claimed: counted by claim()): None once ssh
+        carries it, else why not (then sock is still the caller's, untouched: ssh never
+        read from it)."""
+        mux, why = await self.request(sock, host, port, claimed=claimed)
         if mux is None:
             return why
         if self.closed:  # lost while we waited: the caller sends it elsewhere
@@ -450,101 +533,71 @@ class Master:
         return None
 
     async def request(
-        self,
-        sock: socket.socket,
-        host: str,
-        port: int,
-        sent: Optional[Sent] = None,
-        *,
-        claimed: bool = False,
+        self, sock: socket.socket, host: str, port: int, *, claimed: bool = False
     ) -> Tuple[Optional[MuxConnection], str]:
-        """A stdio forward of sock to host:port, sent already (sent) or not: its open mux
-        connection, or None and why. Counted as handing until then (claimed: already)."""
+        """A stdio forward of sock to host:port: its open mux connection, or None and why.
+        Counted as handing until then (claimed: already)."""
         if not claimed:
             self.handing += 1
         try:
-            if sent is not None:
-                return await self._answer(*sent, fresh=False)
             async with self._slots:
                 if self.closed:
                     return None, "the master is gone"
                 return await self._request(sock, host, port)
         finally:
             self.handing -= 1
-            self._refill.set()
+            self._refill()
 
     async def _request(
         self, sock: socket.socket, host: str, port: int
     ) -> Tuple[Optional[MuxConnection], str]:
-        """Through a mux connection of its own, or a ready one if one is there by now."""
-        sent = self._send(sock, host, port)
-        if sent is not None:
-            return await self._answer(*sent, fresh=False)
+        """Through a ready mux connection if there is one, else one of its own."""
         request = ssh_mux.NewStdioFwd(next(self._requests) & ssh_mux.UINT32, host, port)
-        try:  # the Hello goes with the request: no round trip before it
-            mux = await MuxConnection.open(self.path, request)
-        except (OSError, MuxError) as exc:
-            return None, str(exc)
+        mux = self._ready.pop() if self._ready else None
         try:
+            if mux is None:  # the Hello goes with the request: no round trip before it
+                mux = await MuxConnection.open(self.path, request)
+            else:
+                await asyncio.get_running_loop().sock_sendall(mux.sock, ssh_mux.encode(request))
             mux.send_fds(sock.fileno(), 2)
-        except OSError as exc:
-            mux.close()
-            return None, str(exc)
-        return await self._answer(mux, request.request_id, fresh=True)
-
-    async def _answer(
-        self, mux: MuxConnection, request_id: int, *, fresh: bool
-    ) -> Tuple[Optional[MuxConnection], str]:
-        """The master's answer to the request on mux (fresh: its Hello first)."""
-        try:
-            if fresh:
-                await mux.hello()
             answer = await mux.answer()
         except (OSError, MuxError) as exc:
-            mux.close()
+            if mux is not None:
+                mux.close()
             return None, str(exc)
         except BaseException:
-            mux.close()
+            if mux is not None:
+                mux.close()
             raise
-        if isinstance(answer, ssh_mux.SessionOpened) and answer.request_id == request_id:
-            return mux, ""
-        mux.close()
-        if isinstance(answer, (ssh_mux.Failure, ssh_mux.PermissionDenied)):
-            return None, answer.reason
-        return None, f"unexpected answer {answer!r:.80}"
+        why = _refusal(answer, request.request_id)
+        if why:
+            mux.close()
+            return None, why
+        return mux, ""
 
-    def _take_ready(self) -> Optional[MuxConnection]:
-        """A ready mux connection, if the pool has one (refilled once the hand-over is done:
-        the master, one process, would take the refill's Hello before our request)."""
-        return self._ready.pop() if self._ready else None
-
-    async def _fill_loop(self) -> None:
-        """Keep POOL mux connections ready while the master has room for their forwards.
-        One that fails leaves the pool short until the next take: the hand-overs connect
-        their own meanwhile, and the watch connection is what finds a dead master."""
-        while not self.closed:
-            await self._refill.wait()
-            self._refill.clear()
-            while not self.closed and len(self._ready) < min(
-                POOL, self.cap - len(self.forwards) - self.handing
-            ):
-                try:
-                    mux = await MuxConnection.ready(self.path)
-                except MuxError as exc:
-                    log.debug("ssh's control socket, keeping connections ready: %s", exc)
-                    break
-                if self.closed:
-                    mux.close()
-                else:
-                    self._ready.append(mux)
+    def _refill(self) -> None:
+        """Keep POOL mux connections ready while the master has room for their forwards,
+        each connected and its Hello sent, here and now (the master's Hello is read with
+        the answer to its request). Done once a hand-over is answered: the master, one
+        process, would take a refill's Hello before the request. One that fails (the
+        master's backlog full) leaves the pool short until the next: the hand-overs
+        connect their own meanwhile, and the watch connection is what finds a dead master."""
+        while not self.closed and len(self._ready) < min(
+            POOL, self.cap - len(self.forwards) - self.handing
+        ):
+            try:
+                self._ready.append(MuxConnection.connect_now(self.path))
+            except MuxError as exc:
+                log.debug("ssh's control socket, keeping connections ready: %s", exc)
+                return
 
     def _carry(
         self, sock: socket.socket, mux: MuxConnection, source: str, host: str, port: int
     ) -> None:
         forward = Forward(sock, mux, self.stream, next(self._channels), source, host, port)
         self.forwards[forward.channel] = forward
-        loop = asyncio.get_running_loop()
-        loop.add_reader(mux.sock.fileno(), self._mux_readable, forward)
+        # Replaces _answered's reader, if it had one: the same descriptor, no system call.
+        asyncio.get_running_loop().add_reader(mux.sock.fileno(), self._mux_readable, forward)
         self._on_open(forward)
 
     def _mux_readable(self, forward: Forward) -> None:
@@ -558,12 +611,18 @@ class Master:
         if data:  # nothing is expected after SessionOpened: treat it as the end
             log.debug("channel %d: ssh sent %d unexpected bytes", forward.channel, len(data))
         asyncio.get_running_loop().remove_reader(forward.mux.sock.fileno())
-        self._ended.append(forward)
-        self._wake.set()
+        if self._liveness is None:
+            self._ended.append(forward)
+            self._wake.set()
+        elif running_since(self._liveness[0]) == self._liveness[1]:
+            self._finish(forward, graceful=True)
+        else:
+            log.debug("ssh's control socket: ssh exited")
+            self.close()
 
     async def _watch_loop(self) -> None:
-        """Prove the master alive after forwards ended (from /proc, or by an AliveCheck),
-        then close them gracefully; reset everything when the master is gone."""
+        """Where the master is not our ssh: prove it alive by an AliveCheck after forwards
+        ended, then close them gracefully; reset everything when it is gone."""
         watch = self._watch
         if watch is None:
             return
@@ -573,16 +632,11 @@ class Master:
                 await self._wake.wait()
                 self._wake.clear()
                 batch, self._ended = self._ended, []
-                if self._liveness is not None:
-                    if running_since(self._liveness[0]) != self._liveness[1]:
-                        raise MuxError("ssh exited")
-                else:
-                    request = next(self._requests) & ssh_mux.UINT32
-                    alive_check = ssh_mux.encode(ssh_mux.AliveCheck(request))
-                    await loop.sock_sendall(watch.sock, alive_check)
-                    answer = await watch.answer()
-                    if not isinstance(answer, ssh_mux.Alive) or answer.request_id != request:
-                        raise MuxError(f"unexpected answer to AliveCheck: {answer!r:.80}")
+                request = next(self._requests) & ssh_mux.UINT32
+                await loop.sock_sendall(watch.sock, ssh_mux.encode(ssh_mux.AliveCheck(request)))
+                answer = await watch.answer()
+                if not isinstance(answer, ssh_mux.Alive) or answer.request_id != request:
+                    raise MuxError(f"unexpected answer to AliveCheck: {answer!r:.80}")
                 for forward in batch:
                     self._finish(forward, graceful=True)
         except (OSError, MuxError) as exc:
@@ -615,7 +669,8 @@ class Master:
         return up, down
 
     def close(self) -> None:
-        """The master is gone (or we stop): every forward it carried is reset."""
+        """The master is gone (or we stop): every forward it carried is reset, and every
+        hand-over still unanswered is refused."""
         if self.closed:
             return
         self.closed = True
@@ -623,6 +678,14 @@ class Master:
             log.info("resetting %d connections that ssh carried", len(self.forwards))
         for forward in list(self.forwards.values()):
             self._finish(forward, graceful=False)
+        for handing in list(self._pending.values()):
+            try:
+                asyncio.get_running_loop().remove_reader(handing.mux.sock.fileno())
+            except (ValueError, RuntimeError):
+                pass
+            self._settle(handing)
+            handing.mux.close()
+            handing.refused("the master is gone")
         if self._watch is not None:
             self._watch.close()
         if self._liveness is not None:
@@ -631,10 +694,18 @@ class Master:
         for mux in self._ready:
             mux.close()
         self._ready.clear()
-        for task in (self._watcher, self._filler):
-            if task is not None and task is not asyncio.current_task():
-                task.cancel()
+        if self._watcher is not None and self._watcher is not asyncio.current_task():
+            self._watcher.cancel()
         self._wake.set()
+
+
+def _refusal(answer: ssh_mux.Answer, request_id: int) -> str:
+    """Why answer does not open the forward of request_id; "" if it does."""
+    if isinstance(answer, ssh_mux.SessionOpened) and answer.request_id == request_id:
+        return ""
+    if isinstance(answer, (ssh_mux.Failure, ssh_mux.PermissionDenied)):
+        return answer.reason
+    return f"unexpected answer {answer!r:.80}"
 
 
 async def probe(master: Master, port: int) -> Optional[str]:

@@ -36,7 +36,7 @@ from shuttle_protocol.schema import Message
 
 from .agent_sessions import AgentSessions
 from .cli import Options
-from .fastpath import ControlDir, Forward, Master, Sent, cap_within_fd_limit, reset
+from .fastpath import ControlDir, Forward, Master, cap_within_fd_limit, reset
 from .listing import Listed
 from .proxy import Destination, Incoming, NotCaptured, Waiting, relay_for
 from .targets import endpoint
@@ -330,31 +330,31 @@ class Streams:
             return False
         wait = self.options.wait_tunnel
         master.claim()
-        # Now, if it can (the task runs later); after the answer, if there is one: ssh may
-        # write the target's first bytes to conn at once.
-        sent = None if answer else master.send(conn, host, port)
-        self._spawn(
-            self._hand_over(
-                master,
-                conn,
-                (host, port, source, sent),
-                lambda: relay_for(self, destination, wait),
-                answer,
-            )
-        )
+
+        def refused(why: str) -> None:
+            if self._stopping:
+                reset(conn)
+                return
+            log.debug("ssh did not open %s (%s): through the agent", endpoint((host, port)), why)
+            self._spawn(self._through_agent(conn, lambda: relay_for(self, destination, wait)))
+
+        # Now, where a mux connection is ready (its answer comes to a callback); after the
+        # answer, if there is one: ssh may write the target's first bytes to conn at once.
+        if answer or not master.hand_over(conn, host, port, source, refused):
+            self._spawn(self._hand_over(master, conn, (host, port, source), refused, answer))
         return True
 
     async def _hand_over(
         self,
         master: Master,
         conn: socket.socket,
-        where: Tuple[str, int, str, Optional[Sent]],
-        agent_path: Callable[[], asyncio.Protocol],
+        where: Tuple[str, int, str],
+        refused: Callable[[str], None],
         answer: bytes = b"",
     ) -> None:
-        """Through master (sent: the request that went out already), or else (a failed
-        open) on the agent's path; answer first (then nothing went out before it)."""
-        host, port, source, sent = where
+        """Through master, claimed, where no mux connection was ready or an answer goes
+        first; refused(why) if it does not open."""
+        host, port, source = where
         loop = asyncio.get_running_loop()
         try:
             try:
@@ -368,12 +368,20 @@ class Streams:
             except BaseException:
                 master.release()
                 raise
-            why = await master.open(conn, host, port, source, sent, claimed=True)
-            if why is None:
-                return
-            # The agent's answer decides: a refused connect is reset there, as always.
-            log.debug("ssh did not open %s (%s): through the agent", endpoint((host, port)), why)
-            await loop.connect_accepted_socket(agent_path, sock=conn)
+            why = await master.open(conn, host, port, source, claimed=True)
+        except BaseException:
+            reset(conn)
+            raise
+        if why is not None:
+            refused(why)
+
+    async def _through_agent(
+        self, conn: socket.socket, agent_path: Callable[[], asyncio.Protocol]
+    ) -> None:
+        """A connection the master did not open: the agent's answer decides (a refused
+        connect is reset there, as always)."""
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(agent_path, sock=conn)
         except BaseException:
             reset(conn)
             raise
