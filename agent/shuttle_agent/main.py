@@ -23,6 +23,7 @@ from shuttle_protocol.stream_messages import (
     Nameservers,
     Open,
     Opened,
+    Pace,
     ProbeListen,
     Refused,
     UdpOpen,
@@ -80,6 +81,8 @@ class Agent:
             self.hosts.request(msg.seeds)
         elif isinstance(msg, ProbeListen):
             self._spawn(listen_once(self.link))
+        elif isinstance(msg, Pace):
+            self.link.in_flight.set_floor(msg.floor_us / 1_000_000)
         # Welcome and Pong: the session has checked them, there is nothing more to do.
 
     def _spawn(self, coro: "Coroutine[Any, Any, None]") -> None:

@@ -40,6 +40,8 @@ from typing import Dict, FrozenSet, List, Mapping, Optional, Sequence, Set, Tupl
 
 from shuttle_ends.relay import Link
 from shuttle_protocol.errors import RemoteProtocolError
+from shuttle_protocol.inflight import BULK_TARGET, MIN_TARGET
+from shuttle_protocol.stream_messages import Pace
 
 from . import ssh_mux
 from .cli import Options
@@ -92,6 +94,18 @@ def bulk_channels(carried: Mapping[int, int]) -> Optional[FrozenSet[int]]:
     made it busy) or more than MAX_WATCHED: then it is busy until the next measure."""
     bulk = frozenset(channel for channel, count in carried.items() if count >= BULK_BYTES)
     return bulk if 0 < len(bulk) <= MAX_WATCHED else None
+
+
+def pace(links: Sequence[Link], alone: bool) -> None:
+    """A bulk transfer alone on the ssh connection (nothing else carried a byte in the last
+    measure, no UDP flow open) may queue up to BULK_TARGET, which it needs for its speed;
+    while anything else shares the connection, every session allows the least, MIN_TARGET,
+    both ways: our controller here, the agent's by Pace."""
+    floor = BULK_TARGET if alone else MIN_TARGET
+    for link in links:
+        if link.in_flight.floor != floor and not link.closed.done():
+            link.in_flight.set_floor(floor)
+            link.send(Pace(round(floor * 1_000_000)))
 
 
 def carried(link: Link) -> Dict[int, int]:
@@ -199,6 +213,9 @@ class AgentSessions:
         self._counts: Dict[Link, Tuple[int, int]] = {}  # Data bytes each way at the last measure
         # The links that carried BUSY_RATE at the last measure, with their bulk channels.
         self._busy: Dict[Link, Optional[FrozenSet[int]]] = {}
+        # The bytes of the busy links' other channels at the last measure: those that moved
+        # since are interactive traffic beside a bulk transfer.
+        self._small: Dict[Tuple[Link, int], int] = {}
         self._task: Optional[asyncio.Task[None]] = None
 
     @property
@@ -238,13 +255,21 @@ class AgentSessions:
 
     def measure(self, links: Sequence[Link]) -> int:
         """Take the measure of the links since the last one (WATCH_INTERVAL ago): note the
-        busy ones and their bulk channels; how many sessions are wanted."""
+        busy ones and their bulk channels, and pace them; how many sessions are wanted."""
         rates = [self._rate(link) for link in links]
-        self._busy = {
-            link: bulk_channels(carried(link))
-            for link, rate in zip(links, rates)
-            if rate >= BUSY_RATE
+        counts = {link: carried(link) for link, rate in zip(links, rates) if rate >= BUSY_RATE}
+        self._busy = {link: bulk_channels(counted) for link, counted in counts.items()}
+        quiet = [rate for link, rate in zip(links, rates) if link not in counts]
+        small = {
+            (link, channel): count
+            for link, counted in counts.items()
+            for channel, count in counted.items()
+            if count < BULK_BYTES
         }
+        moved = any(count != self._small.get(key, 0) for key, count in small.items())
+        self._small = small
+        flows = any(link.flows for link in links)
+        pace(links, alone=bool(counts) and not any(quiet) and not moved and not flows)
         products = [rate * (link.in_flight.base_rtt or 0.0) for link, rate in zip(links, rates)]
         return wanted_sessions(products, [link in self._busy for link in links])
 

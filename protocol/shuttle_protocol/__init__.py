@@ -4,4 +4,4 @@ Nothing here touches a socket: the programs feed bytes in and get messages out (
 The package must import on Python 3.8 with only msgpack, because it is uploaded to servers.
 """
 
-PROTOCOL_VERSION = 3  # 3: Widen
+PROTOCOL_VERSION = 4  # 3: Widen; 4: Pace

@@ -9,8 +9,9 @@ one byte position at a time from its send to its grant (one round-trip sample pe
 trip), keeps the minimum as the base round trip (over a bounded window of recent samples, so
 a route change is learnt), and reads the least of two samples in a row, less the base, as
 the queueing delay (one late wakeup of a loaded host is no queue). While it stays under the
-target (half the base round trip, at least MIN_TARGET), a limit that was in use grows by up
-to half its size; above the target the limit shrinks to what would make the round trip base
+target (half the base round trip, at least the floor: MIN_TARGET, or more where the client
+says only a bulk transfer would wait, set_floor), a limit that was in use grows by up to
+half its size; above the target the limit shrinks to what would make the round trip base
 plus target at the rate just seen. After a change the next sample is skipped: it timed a
 byte sent under the old limit. Every PROBE_EVERY samples the limit drops to its minimum
 for PROBE_ROUNDS round trips, so that the queue drains and the base stays true. Memory is
@@ -31,6 +32,11 @@ MIN_LIMIT = 256 * KIB  # never less: a short link needs a few reads in flight to
 INITIAL_LIMIT = 512 * KIB  # the old fixed limit: a safe start before the first sample
 MAX_LIMIT = 64 * 1024 * KIB  # 64 MiB: 1 GB/s at 64 ms; beyond it memory matters more
 MIN_TARGET = 0.001  # seconds of queueing always allowed: a host's own scheduling jitter
+# The floor of the target while a bulk transfer has the ssh connection to itself (the client
+# says so with Pace; agent_sessions.py): on the bench's plain network the agent's bulk was
+# 0.36x / 0.46x ssh -L's with MIN_TARGET, 0.62x / 0.73x with this (docs/performance.md).
+BULK_TARGET = 0.004
+MAX_FLOOR = 0.1  # seconds: a floor beyond it would be a queue, not a margin
 TARGET_SHARE = 0.5  # of the base round trip: queueing allowed before the limit shrinks
 GAIN = 0.5  # growth per round trip at no queueing: less than doubling limits the overshoot
 # The queueing delay is read from the least of CURRENT_SAMPLES samples in a row (LEDBAT's
@@ -58,6 +64,7 @@ class InFlightController:
             )
         self.limit = initial
         self.minimum = minimum
+        self.floor = MIN_TARGET  # the least target, seconds (set_floor)
         self.maximum = maximum
         self.samples = 0  # round-trip samples taken
         self.last_rtt: Optional[float] = None
@@ -84,7 +91,16 @@ class InFlightController:
     def target(self) -> float:
         """The queueing delay, in seconds, above which the limit shrinks."""
         base = self.base_rtt
-        return MIN_TARGET if base is None else max(MIN_TARGET, base * TARGET_SHARE)
+        return self.floor if base is None else max(self.floor, base * TARGET_SHARE)
+
+    def set_floor(self, seconds: float) -> None:
+        """The least target from now: MIN_TARGET where interactive bytes may wait behind
+        the queue, more (BULK_TARGET) where only a bulk transfer would."""
+        if not MIN_TARGET <= seconds <= MAX_FLOOR:
+            raise LocalProtocolError(
+                f"a queueing floor must be in [{MIN_TARGET}, {MAX_FLOOR}] s, not {seconds!r}"
+            )
+        self.floor = seconds
 
     def observe(self, now: float, sent: int, retired: int, settled: int) -> None:
         """Counters of the Mux at time now (seconds, monotonic): Data bytes sent in all,

@@ -21,11 +21,15 @@ from .checks import (
     check_text_tuple,
 )
 from .errors import LocalProtocolError
+from .inflight import MAX_FLOOR, MIN_TARGET
 from .schema import Message, message
 
 MAX_CHANNEL = 2**63 - 1
 MAX_DATA = 256 * 1024
 MAX_CREDIT = 2**31
+# Pace's bounds, microseconds: those of the in-flight controller's floor.
+MIN_FLOOR_US = round(MIN_TARGET * 1_000_000)
+MAX_FLOOR_US = round(MAX_FLOOR * 1_000_000)
 # The largest UDP payload over IPv4 (65535 - 20 bytes of IP header - 8 of UDP header).
 MAX_DATAGRAM = 65507
 # Lists in one message stay under the decoder's 256 items per array; longer ones are sent
@@ -371,3 +375,18 @@ class Widen(Message):
     def __post_init__(self) -> None:
         _check_channel(self.channel)
         check_int(self.n, "widening", 1, MAX_CREDIT)
+
+
+@message(24)
+@dataclass(frozen=True)
+class Pace(Message):
+    """Client → agent: the queueing delay, in microseconds, that the agent's in-flight
+    controller allows at least (inflight.py): higher while a bulk transfer has the ssh
+    connection to itself, back to the least while something interactive shares it
+    (agent_sessions.py decides)."""
+
+    __slots__ = ("floor_us",)
+    floor_us: int
+
+    def __post_init__(self) -> None:
+        check_int(self.floor_us, "queueing floor", MIN_FLOOR_US, MAX_FLOOR_US)

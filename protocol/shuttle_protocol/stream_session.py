@@ -56,6 +56,7 @@ TABLE: Dict[str, Phases] = {
                 sm.GetNameservers,
                 sm.GetHosts,
                 sm.ProbeListen,
+                sm.Pace,
             }
         ),
         "client",

@@ -22,6 +22,7 @@ from shuttle_protocol.stream_messages import (
     Hello,
     Open,
     Opened,
+    Pace,
     Ping,
     Pong,
     ProbeListen,
@@ -88,6 +89,15 @@ def test_garbage_closes_the_session_with_a_clear_message(agent: AgentProcess) ->
 def test_ping_is_answered(agent: AgentProcess) -> None:
     welcomed(agent).send(Ping(42))
     assert agent.receive() == Pong(42)
+
+
+def test_pace_is_taken_and_the_session_goes_on(agent: AgentProcess) -> None:
+    welcomed(agent)
+    agent.send(Pace(4000))
+    agent.send(Ping(7))
+    assert agent.receive() == Pong(7)
+    status, stderr = agent.finish()
+    assert status == 0 and "Traceback" not in stderr, stderr
 
 
 def test_refused_connect_reports_the_errno(agent: AgentProcess) -> None:

@@ -7,7 +7,7 @@ measure, until the bulk channels that carried it close (or the next measure, if 
 none to watch)."""
 
 from types import SimpleNamespace
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import pytest
 from shuttle_client.agent_sessions import (
@@ -23,6 +23,9 @@ from shuttle_client.agent_sessions import (
     bulk_channels,
     wanted_sessions,
 )
+from shuttle_protocol.inflight import BULK_TARGET, MIN_TARGET, InFlightController
+from shuttle_protocol.schema import Message
+from shuttle_protocol.stream_messages import Pace
 
 FULL = SATURATED * SSH_WINDOW  # a session held back by its window
 
@@ -82,7 +85,8 @@ def test_bulk_channels(carried: Dict[int, int], bulk: Optional[set]) -> None:
 
 class FakeLink:
     """What AgentSessions reads of a Link: the Mux's counters, the open channels' byte
-    counts, the UDP flows, the base round trip."""
+    counts, the UDP flows, the in-flight controller (a real one, its base round trip set);
+    and what it sends."""
 
     def __init__(self, channels: Dict[int, int], flows: tuple = ()) -> None:
         self.mux = SimpleNamespace(sent_total=0, received_total=0)
@@ -91,7 +95,14 @@ class FakeLink:
             for channel, count in channels.items()
         }
         self.flows = dict.fromkeys(flows)
-        self.in_flight = SimpleNamespace(base_rtt=0.0001)
+        self.in_flight = InFlightController()
+        self.in_flight.observe(0.0, 1, 0, 0)
+        self.in_flight.observe(0.0001, 1, 1, 0)  # one sample: a base round trip of 0.1 ms
+        self.closed = SimpleNamespace(done=lambda: False)
+        self.sent: List[Message] = []
+
+    def send(self, msg: Message) -> None:
+        self.sent.append(msg)
 
 
 def carry(link: Any, count: int) -> None:
@@ -130,3 +141,54 @@ def test_a_session_busy_with_no_bulk_channel_stays_busy_until_the_next_measure()
     assert sessions.busy == {link}
     sessions.measure([link])  # carried nothing since
     assert sessions.busy == set()
+
+
+def floors(*links: FakeLink) -> List[float]:
+    return [link.in_flight.floor for link in links]
+
+
+def test_a_bulk_transfer_alone_may_queue_more_until_anything_shares_the_connection() -> None:
+    """Pace: BULK_TARGET, here and at the agent, while a busy session is all that carried
+    bytes in the last measure; MIN_TARGET again as soon as anything else did (another
+    session, a small channel beside the bulk one, a UDP flow)."""
+    sessions = AgentSessions(SimpleNamespace())  # type: ignore[arg-type]
+    bulk, quiet = FakeLink({1: 0}), FakeLink({2: 0})
+    links = [bulk, quiet]
+    sessions.measure(links)
+    assert floors(bulk, quiet) == [MIN_TARGET] * 2 and bulk.sent == quiet.sent == []
+
+    def move(link: FakeLink, channel: int, count: int) -> None:
+        link.mux.sent_total += count
+        link.channels[channel].bytes_out += count
+
+    bulk_bytes = int(BUSY_RATE * WATCH_INTERVAL)
+    move(bulk, 1, bulk_bytes)
+    sessions.measure(links)
+    assert floors(bulk, quiet) == [BULK_TARGET] * 2
+    assert bulk.sent == quiet.sent == [Pace(round(BULK_TARGET * 1_000_000))]
+    move(bulk, 1, bulk_bytes)
+    sessions.measure(links)
+    assert len(bulk.sent) == 1  # no change, nothing sent
+    move(bulk, 1, bulk_bytes)
+    move(quiet, 2, 100)  # an echo in the quiet lane
+    sessions.measure(links)
+    assert floors(bulk, quiet) == [MIN_TARGET] * 2
+    assert bulk.sent[-1] == quiet.sent[-1] == Pace(round(MIN_TARGET * 1_000_000))
+    move(bulk, 1, bulk_bytes)
+    sessions.measure(links)
+    assert floors(bulk, quiet) == [BULK_TARGET] * 2
+    bulk.channels[3] = SimpleNamespace(bytes_in=0, bytes_out=0)
+    move(bulk, 1, bulk_bytes)
+    move(bulk, 3, 10)  # a small connection beside the bulk one, in its session
+    sessions.measure(links)
+    assert floors(bulk, quiet) == [MIN_TARGET] * 2
+    move(bulk, 1, bulk_bytes)  # channel 3 is still open but quiet
+    sessions.measure(links)
+    assert floors(bulk, quiet) == [BULK_TARGET] * 2
+    quiet.flows[9] = None  # a UDP flow (DNS, a call): what it carries is not counted
+    move(bulk, 1, bulk_bytes)
+    sessions.measure(links)
+    assert floors(bulk, quiet) == [MIN_TARGET] * 2
+    del quiet.flows[9]
+    sessions.measure(links)  # the bulk transfer ended: nothing is busy
+    assert floors(bulk, quiet) == [MIN_TARGET] * 2

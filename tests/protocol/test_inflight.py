@@ -10,8 +10,11 @@ import pytest
 from shuttle_protocol.errors import LocalProtocolError
 from shuttle_protocol.inflight import (
     BASE_BUCKETS,
+    BULK_TARGET,
     INITIAL_LIMIT,
+    MAX_FLOOR,
     MIN_LIMIT,
+    MIN_TARGET,
     InFlightController,
 )
 
@@ -159,3 +162,28 @@ def test_memory_is_bounded_and_the_base_is_relearnt() -> None:
 def test_bad_limits_are_refused() -> None:
     with pytest.raises(LocalProtocolError):
         InFlightController(initial=1, minimum=2)
+
+
+@pytest.mark.parametrize(
+    ("bandwidth", "delay"), [(300 * MB, 0.0001), (200 * MB, 0.0005)], ids=["300MB/s", "200MB/s"]
+)
+def test_the_floor_is_the_queue_allowed_on_a_short_link(bandwidth: float, delay: float) -> None:
+    """A bulk transfer alone may queue up to BULK_TARGET (the client's Pace says when); with
+    anything beside it, MIN_TARGET. Both fill the link."""
+    largest = {}
+    for floor in (MIN_TARGET, BULK_TARGET):
+        link = Link(bandwidth, delay)
+        controller = InFlightController()
+        controller.set_floor(floor)
+        throughput, largest[floor], _ = run(link, controller, 10.0)
+        assert throughput >= 0.95 * bandwidth
+        assert largest[floor] <= bandwidth * (floor + 4 * delay), largest[floor] / bandwidth
+    assert largest[BULK_TARGET] > 2 * largest[MIN_TARGET]
+
+
+@pytest.mark.parametrize("floor", [0.0, MIN_TARGET / 2, MAX_FLOOR * 2, float("nan")])
+def test_a_floor_out_of_bounds_is_refused(floor: float) -> None:
+    controller = InFlightController()
+    with pytest.raises(LocalProtocolError):
+        controller.set_floor(floor)
+    assert controller.floor == MIN_TARGET

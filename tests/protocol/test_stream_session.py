@@ -47,6 +47,7 @@ def test_the_table_as_it_stands() -> None:
         sm.GetNameservers,
         sm.GetHosts,
         sm.ProbeListen,
+        sm.Pace,
     }
 
 
