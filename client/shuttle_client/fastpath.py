@@ -55,6 +55,10 @@ PARALLEL = 32
 # the master; a few cover a burst while the refill catches up (past them, a hand-over
 # connects its own, as without the pool).
 POOL = 8
+# The pool is refilled once it is down to this many: the master then takes the connects of
+# a refill in one wakeup, not one after each hand-over (a sequential connect-echo-close
+# 0.69x ssh -L's rate refilled at once, 0.75x by half: medians of ten, docs/performance.md).
+REFILL_AT = POOL // 2
 # struct tcp_info (linux/tcp.h): tcpi_bytes_acked and tcpi_bytes_received, two u64 at 120.
 TCP_INFO_BYTES = struct.Struct("=QQ")
 TCP_INFO_OFFSET = 120
@@ -578,10 +582,13 @@ class Master:
     def _refill(self) -> None:
         """Keep POOL mux connections ready while the master has room for their forwards,
         each connected and its Hello sent, here and now (the master's Hello is read with
-        the answer to its request). Done once a hand-over is answered: the master, one
-        process, would take a refill's Hello before the request. One that fails (the
-        master's backlog full) leaves the pool short until the next: the hand-overs
-        connect their own meanwhile, and the watch connection is what finds a dead master."""
+        the answer to its request), once the pool is down to REFILL_AT. Done once a
+        hand-over is answered: the master, one process, would take a refill's Hello before
+        the request. One that fails (the master's backlog full) leaves the pool short until
+        the next: the hand-overs connect their own meanwhile, and the watch connection is
+        what finds a dead master."""
+        if len(self._ready) > REFILL_AT:
+            return
         while not self.closed and len(self._ready) < min(
             POOL, self.cap - len(self.forwards) - self.handing
         ):

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 import pytest
-from shuttle_client.fastpath import POOL
+from shuttle_client.fastpath import POOL, REFILL_AT
 
 from testbed import (
     BULK_PORT,
@@ -77,15 +77,22 @@ def test_curl_goes_through_ssh_and_status_says_so(shuttle: Shuttle) -> None:
 
 
 def test_the_master_keeps_mux_connections_ready_and_refills_them(shuttle: Shuttle) -> None:
-    """A hand-over takes a connection that is already past its Hellos, and the pool refills:
-    the master holds its listener, the watch connection and POOL ready ones when idle."""
+    """A hand-over takes a connection that is already past its Hellos, and the pool refills
+    once it is down to REFILL_AT: the master holds its listener, the watch connection and
+    the ready ones (POOL after a refill; the start's probe may have taken one since)."""
     shuttle.start_client(extra=FAST)
     (master,) = ssh_processes(shuttle.topo)
-    idle = POOL + 2
-    assert wait_until(lambda: unix_sockets(master) == idle, 10), unix_sockets(master)
-    for _ in range(3):
+
+    def ready() -> int:
+        return unix_sockets(master) - 2
+
+    assert wait_until(lambda: REFILL_AT < ready() <= POOL, 10), ready()
+    before = ready()
+    for _ in range(before - REFILL_AT - 1):
         curl_works(shuttle)
-    assert wait_until(lambda: unix_sockets(master) == idle, 10), unix_sockets(master)
+    assert wait_until(lambda: ready() == REFILL_AT + 1, 10), ready()
+    curl_works(shuttle)  # the pool is down to REFILL_AT: refilled
+    assert wait_until(lambda: ready() == POOL, 10), ready()
 
 
 @pytest.mark.parametrize("direction", ["up", "down"])
