@@ -232,10 +232,7 @@ class MuxConnection:
         sock = _mux_socket()
         try:
             sock.connect(path)
-            packets = _greeting(None)
-            # A new connection's buffer takes the few bytes at once.
-            if sock.send(packets) != len(packets):
-                raise BlockingIOError(errno.EAGAIN, "the mux connection took part of the request")
+            _send_whole(sock, _greeting(None))
         except OSError as exc:
             sock.close()
             raise MuxError(f"cannot reach ssh's control socket: {exc.strerror or exc}") from None
@@ -303,6 +300,11 @@ class MuxConnection:
             raise MuxError(f"ssh's control connection: {exc.strerror or exc}") from None
         self._answers += self.received(data)
 
+    def send_request(self, request: ssh_mux.NewStdioFwd, fd: int) -> None:
+        """request and fd as both of its descriptors, now; OSError if they do not go."""
+        _send_whole(self.sock, ssh_mux.encode(request))
+        self.send_fds(fd, 2)
+
     def send_fds(self, fd: int, count: int) -> None:
         """fd, count times, each in a sendmsg of its own with one byte: mux.c takes them
         one by one with mm_receive_fd, which expects exactly one descriptor per message."""
@@ -327,6 +329,13 @@ def _mux_socket() -> socket.socket:
         raise MuxError("cannot reach ssh's control socket: near the open-file limit")
     sock.setblocking(False)
     return sock
+
+
+def _send_whole(sock: socket.socket, packets: bytes) -> None:
+    """packets in one send: a connection that has sent at most its Hello has room for a
+    few dozen bytes at once, so a short send is a failure (BlockingIOError)."""
+    if sock.send(packets) != len(packets):
+        raise BlockingIOError(errno.EAGAIN, "the mux connection took part of the request")
 
 
 def _greeting(request: Optional[ssh_mux.Request]) -> bytes:
@@ -475,12 +484,8 @@ class Master:
         if mux is None:
             return False
         request = ssh_mux.NewStdioFwd(next(self._requests) & ssh_mux.UINT32, host, port)
-        packet = ssh_mux.encode(request)
         try:
-            # A ready connection has sent only its Hello: its buffer takes these at once.
-            if mux.sock.send(packet) != len(packet):
-                raise BlockingIOError(errno.EAGAIN, "the mux connection took part of the request")
-            mux.send_fds(sock.fileno(), 2)
+            mux.send_request(request, sock.fileno())
         except OSError as exc:
             log.debug("ssh's control connection: %s", exc.strerror or exc)
             mux.close()
@@ -494,13 +499,11 @@ class Master:
         """The master's answer to a hand_over(), or part of it."""
         mux = handing.mux
         try:
-            data = mux.sock.recv(RECV_SIZE)
+            answers = mux.received(mux.sock.recv(RECV_SIZE))
         except BlockingIOError:
             return
         except OSError as exc:
-            data, why = b"", f"ssh's control connection: {exc.strerror or exc}"
-        try:
-            answers = mux.received(data)
+            why = f"ssh's control connection: {exc.strerror or exc}"
         except MuxError as exc:
             why = str(exc)
         else:
@@ -561,9 +564,9 @@ class Master:
         try:
             if mux is None:  # the Hello goes with the request: no round trip before it
                 mux = await MuxConnection.open(self.path, request)
+                mux.send_fds(sock.fileno(), 2)
             else:
-                await asyncio.get_running_loop().sock_sendall(mux.sock, ssh_mux.encode(request))
-            mux.send_fds(sock.fileno(), 2)
+                mux.send_request(request, sock.fileno())
             answer = await mux.answer()
         except (OSError, MuxError) as exc:
             if mux is not None:
