@@ -60,6 +60,7 @@ from shuttle_protocol.firewall_messages import (
 from shuttle_protocol.frames import decode_frame
 from shuttle_protocol.rpc import AnswerError, Caller
 from shuttle_protocol.schema import Message
+from zmq.utils.monitor import parse_monitor_message
 
 log = logging.getLogger("shuttle")
 
@@ -101,6 +102,9 @@ class FirewallSession:
         self._monitor: zmq.asyncio.Socket | None = None
         # Done once firewalld drops the connection of self._socket.
         self._gone: asyncio.Future[None] | None = None
+        # Whether self._socket completed a handshake with firewalld: a request without an
+        # answer then means a slow firewalld, not a missing one.
+        self._greeted = False
         self._lock: asyncio.Lock | None = None  # made in the loop that uses it (Python 3.9)
         self._caller = Caller(PAIRS)
         self._session: str | None = None
@@ -384,7 +388,8 @@ class FirewallSession:
         # Before connect(), so that no drop of the connection goes unseen. A name of our
         # own: pyzmq's default names it by a descriptor number, which a successor may reuse.
         self._monitor = socket.get_monitor_socket(
-            zmq.EVENT_DISCONNECTED, f"inproc://firewalld-monitor-{next(_MONITORS)}"
+            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED,
+            f"inproc://firewalld-monitor-{next(_MONITORS)}",
         )
         try:
             socket.connect("ipc://" + self._path)
@@ -394,8 +399,17 @@ class FirewallSession:
             socket.close()
             raise FirewallUnavailable(f"{self._unreachable()}: {exc}") from None
         self._socket = socket
-        self._gone = asyncio.ensure_future(_until_dropped(self._monitor))
+        self._greeted = False
+        self._gone = asyncio.ensure_future(self._until_dropped(self._monitor))
         return socket
+
+    async def _until_dropped(self, monitor: zmq.asyncio.Socket) -> None:
+        """Returns once the monitored socket's connection drops; notes its handshake."""
+        while True:
+            event = parse_monitor_message(await monitor.recv_multipart())
+            if event["event"] != zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                return
+            self._greeted = True
 
     def _not_allowed(self) -> str:
         try:
@@ -412,6 +426,11 @@ class FirewallSession:
         return f"shuttle-firewalld at {self._path} dropped the connection (it stopped or restarted)"
 
     def _no_answer(self, timeout: float) -> str:
+        if self._greeted:
+            return (
+                f"shuttle-firewalld at {self._path} took the connection but did not answer "
+                f"within {timeout:g} s (it is busy or stalled; try again)"
+            )
         return (
             f"cannot reach shuttle-firewalld at {self._path}: no answer within {timeout:g} s "
             "(is it running? start it as root: shuttle-firewalld)"
@@ -422,11 +441,6 @@ class FirewallSession:
             f"cannot reach shuttle-firewalld at {self._path}: is it running? "
             "(start it as root: shuttle-firewalld)"
         )
-
-
-async def _until_dropped(monitor: zmq.asyncio.Socket) -> None:
-    """Returns once the monitored socket's connection drops (the only event it reports)."""
-    await monitor.recv_multipart()
 
 
 def _user_name() -> str:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import zmq
 from firewalld.daemon import WAIT, Daemon, Listener, ask, shuttle_rules, shuttle_tables
 from shuttle_client.firewall_session import FirewallError, FirewallSession, FirewallUnavailable
 from shuttle_protocol.firewall_messages import CloseSessionAnswer, CloseSessionRequest
@@ -139,4 +140,38 @@ def test_the_client_says_when_firewalld_is_not_there(socket_dir: Path) -> None:
         check=True,
         timeout=10,
     )
-    assert asyncio.run(try_open(stale)).startswith("cannot reach shuttle-firewalld at")
+    assert asyncio.run(try_open(stale)) == (
+        f"cannot reach shuttle-firewalld at {stale}: no answer within 1 s "
+        "(is it running? start it as root: shuttle-firewalld)"
+    )
+
+
+def test_the_client_tells_a_stalled_firewalld_from_a_missing_one(tmp_path: Path) -> None:
+    # A ROUTER that completes the handshake and never answers, as a firewalld whose loop is
+    # stuck: a user is told it took the connection, not to start it.
+    path = tmp_path / "stalled.sock"
+    context = zmq.Context()
+    router = context.socket(zmq.ROUTER)
+    router.linger = 0
+    router.bind(f"ipc://{path}")
+
+    async def try_open() -> str:
+        client = FirewallSession(str(path))
+        try:
+            await client.open("nat", 12300, ["10.0.0.0/8"], [], timeout=1)
+        except FirewallUnavailable as exc:
+            return str(exc)
+        finally:
+            await client.close()
+        return "opened"
+
+    try:
+        said = asyncio.run(try_open())
+        assert router.poll(0), "the request reached the stand-in"
+    finally:
+        router.close()
+        context.term()
+    assert said == (
+        f"shuttle-firewalld at {path} took the connection but did not answer within 1 s "
+        "(it is busy or stalled; try again)"
+    )
