@@ -40,7 +40,7 @@ from pathlib import Path
 
 from bench.compare import compare
 from bench.report import machine, render, rows
-from bench.settings import CASES, CIPHER, FULL, QUICK, SSHUTTLE, SYSTEMS, Settings
+from bench.settings import CASES, CIPHER, EXTRA_SYSTEMS, FULL, QUICK, SSHUTTLE, SYSTEMS, Settings
 from testbed.procs import CommandError
 
 NEEDED_FDS = 10_000 + 1_000  # the biggest count of connections, and some room
@@ -61,7 +61,10 @@ def parse() -> tuple[Settings, Path | None]:
         "--only", type=lambda text: names(text, CASES), default=CASES, help=",".join(CASES)
     )
     parser.add_argument(
-        "--systems", type=lambda text: names(text, SYSTEMS), default=SYSTEMS, help=",".join(SYSTEMS)
+        "--systems",
+        type=lambda text: names(text, SYSTEMS + EXTRA_SYSTEMS),
+        default=SYSTEMS,
+        help=",".join(SYSTEMS + EXTRA_SYSTEMS),
     )
     parser.add_argument("--repeat", type=int, default=1, help="runs per measurement (median)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write it all as JSON")

@@ -25,13 +25,14 @@ from typing import Any
 from bench import servers
 from bench.cases import CASES, Figures, Subject, failed
 from bench.probes import EPHEMERAL_PORTS, CaseFailed, Probe
-from bench.report import SHUTTLE, SHUTTLE_AGENT, SSH_L, SSHUTTLE, metrics_of
+from bench.report import SHUTTLE, SHUTTLE_AGENT, SSH_L, SSH_L_REDIRECT, SSHUTTLE, metrics_of
 from bench.rules import hosts
 from bench.settings import Settings
 from bench.systems import (
     ShuttleAgentPath,
     ShuttleClient,
     SshForward,
+    SshForwardRedirected,
     Sshuttle,
     SshuttleVenv,
     System,
@@ -164,6 +165,8 @@ def systems(
                 found[name] = f"shuttle-firewalld did not start: {str(exc)[:200]}"
         elif name == SSH_L:
             found[name] = SshForward(topo, settings.cipher)
+        elif name == SSH_L_REDIRECT:
+            found[name] = SshForwardRedirected(topo, settings.cipher)
         elif name == SSHUTTLE:
             found[name] = (
                 Sshuttle(topo, settings.cipher, sshuttle.program)

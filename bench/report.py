@@ -18,12 +18,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.settings import Settings
+from bench.settings import EXTRA_SYSTEMS, Settings
 
 SHUTTLE, SHUTTLE_AGENT, SSH_L, SSHUTTLE = "shuttle", "shuttle-agent", "ssh-L", "sshuttle"
-HEADINGS = {SHUTTLE: "auto", SHUTTLE_AGENT: "agent", SSH_L: "ssh -L", SSHUTTLE: "sshuttle"}
+SSH_L_REDIRECT = "ssh-L-redirect"
+HEADINGS = {
+    SHUTTLE: "auto",
+    SHUTTLE_AGENT: "agent",
+    SSH_L: "ssh -L",
+    SSHUTTLE: "sshuttle",
+    SSH_L_REDIRECT: "redirect",
+}
 # Ratio columns, in the same run: shuttle's default, and its agent path forced, to the others.
-RATIOS = ((SHUTTLE, SSH_L), (SHUTTLE, SSHUTTLE), (SHUTTLE_AGENT, SSH_L))
+RATIOS = (
+    (SHUTTLE, SSH_L),
+    (SHUTTLE, SSHUTTLE),
+    (SHUTTLE_AGENT, SSH_L),
+    (SSH_L_REDIRECT, SSH_L),
+)
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -141,6 +153,8 @@ def rows(
             continue
         row = {"metric": label(metric, settings), "unit": metric.unit}
         for system, heading in HEADINGS.items():
+            if system in EXTRA_SYSTEMS and system not in settings.systems:
+                continue  # a column only when asked for
             value = figures.get(system, {}).get(metric.key, "-")
             if isinstance(value, str) and value.startswith("failed: "):
                 note = f"{heading}: {value.removeprefix('failed: ')}"
@@ -149,6 +163,8 @@ def rows(
                 value = f"failed [{notes.index(note) + 1}]"
             row[heading] = value if isinstance(value, str) else f"{value:,.{metric.digits}f}"
         for system, base in RATIOS:
+            if system in EXTRA_SYSTEMS and system not in settings.systems:
+                continue
             share = ratio(
                 figures.get(system, {}).get(metric.key), figures.get(base, {}).get(metric.key)
             )

@@ -7,6 +7,9 @@ from dataclasses import dataclass
 
 # shuttle: --tcp=auto (the default, ssh carries TCP where it can); shuttle-agent: --tcp=agent.
 SYSTEMS = ("shuttle", "shuttle-agent", "ssh-L", "sshuttle")
+# Asked for by name only. ssh-L-redirect: ssh -L reached through an nft redirect of the
+# target's own address, the ceiling of a shortcut (docs/performance.md, session 15).
+EXTRA_SYSTEMS = ("ssh-L-redirect",)
 CASES = ("bulk", "rtt", "conns", "rate", "start", "rss", "relay")
 CIPHER = "chacha20-poly1305@openssh.com"  # OpenSSH's default, pinned for all three
 SSHUTTLE = "sshuttle==2.0.0"  # the current release (PyPI, 2026-09)

@@ -6,6 +6,11 @@
   shuttle-agent
             the same with --tcp=agent: every byte through the agent's session.
   ssh-L     ssh -N -L as the test user, one forward per server, on C's loopback.
+  ssh-L-redirect
+            the same forwards, reached at the target's address: a rule in C's nat output
+            redirects the test user's connections there to them. What a shortcut (a
+            firewalld redirect to a forward of the master's) would give at best; asked for
+            by name only.
   sshuttle  sshuttle as root (its nat method captures every user's traffic, the test user's
             tools included), capturing the target network.
 
@@ -45,6 +50,7 @@ class Tunnel:
 
     proc: Proc
     rules: Callable[[], list[str]]
+    undo: Callable[[], None] = lambda: None  # what the bench set up for it, removed at stop
 
     def alive(self) -> bool:
         return self.proc.alive()
@@ -57,6 +63,7 @@ class Tunnel:
         self.proc.send(signal.SIGTERM)
         exited = wait_until(lambda: not processes.running(family), timeout, STOP_POLL)
         took = time.monotonic() - started
+        self.undo()
         left = self.rules()
         if left:  # checked once at exit: listing the rules takes longer than a poll
             gone = wait_until(lambda: not self.rules(), timeout, 0.05)
@@ -145,6 +152,35 @@ class SshForward(System):
         ]
         proc = self.topo.start(self.log_name(), self.topo.user_argv(argv))
         return Tunnel(proc, lambda: [])  # no firewall rules
+
+
+class SshForwardRedirected(SshForward):
+    name = "ssh-L-redirect"
+    echo = (T_ADDR, ECHO_PORT)
+    iperf = (T_ADDR, IPERF_PORT)
+    TABLE = "bench-redirect"
+
+    def launch(self, *, relay: bool, streams: int, excludes: Path | None) -> Tunnel:
+        argv = [*self.ssh_argv(relay), "-N", "-o", "ExitOnForwardFailure=yes"]
+        for _, port in (self.echo, self.iperf):
+            argv += ["-L", f"127.0.0.1:{port}:{T_ADDR}:{port}"]
+        argv.append(f"{self.topo.user.name}@{S_ADDR_C}")
+        # A redirect keeps the port: T's echo and iperf3 ports become the forwards' own.
+        rules = (
+            f"table ip {self.TABLE} {{ chain out {{ type nat hook output priority -100; "
+            f"meta skuid {self.topo.user.uid} ip daddr {T_ADDR} "
+            f"tcp dport {{ {ECHO_PORT}, {IPERF_PORT} }} redirect\n}}\n}}\n"
+        )
+        self.topo.c.run(["nft", "-f", "-"], stdin=rules.encode(), timeout=15, check=True)
+        proc = self.topo.start(self.log_name(), self.topo.user_argv(argv))
+        return Tunnel(proc, self._rules, self._remove)
+
+    def _rules(self) -> list[str]:
+        listing = self.topo.c.run(["nft", "list", "tables"], timeout=15).stdout
+        return [line for line in listing.splitlines() if self.TABLE in line]
+
+    def _remove(self) -> None:
+        self.topo.c.run(["nft", "delete", "table", "ip", self.TABLE], timeout=15)
 
 
 class Sshuttle(System):
