@@ -8,7 +8,9 @@ Run as root from the repository root (`make bench` does, then runs bench.rules):
 
 It builds the integration tests' namespace network (testbed), starts its own echo server on
 the target, and measures shuttle-client, ssh -L (the same sshd, the same cipher) and sshuttle
-(from PyPI, in a venv of its own; nat method), one after the other:
+(from PyPI, in a venv of its own; nat method), taking turns. `--systems=ssh-L-redirect`,
+asked for by name only, adds ssh -L reached at the target's address through an nft redirect
+(what a firewalld shortcut to a forward of ssh's own would give at best). The cases:
 
   bulk   iperf3 throughput each way (10 s)
   rtt    round trips of small echoes, idle and while an iperf3 upload runs
