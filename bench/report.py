@@ -148,13 +148,14 @@ def rows(
     """The table's rows (column heading -> cell) and its footnotes."""
     notes: list[str] = []
     table = []
+    # An extra system's column only when it was asked for.
+    columns = [s for s in HEADINGS if s not in EXTRA_SYSTEMS or s in settings.systems]
     for metric in METRICS:
         if metric.case not in settings.cases:
             continue
         row = {"metric": label(metric, settings), "unit": metric.unit}
-        for system, heading in HEADINGS.items():
-            if system in EXTRA_SYSTEMS and system not in settings.systems:
-                continue  # a column only when asked for
+        for system in columns:
+            heading = HEADINGS[system]
             value = figures.get(system, {}).get(metric.key, "-")
             if isinstance(value, str) and value.startswith("failed: "):
                 note = f"{heading}: {value.removeprefix('failed: ')}"
@@ -163,7 +164,7 @@ def rows(
                 value = f"failed [{notes.index(note) + 1}]"
             row[heading] = value if isinstance(value, str) else f"{value:,.{metric.digits}f}"
         for system, base in RATIOS:
-            if system in EXTRA_SYSTEMS and system not in settings.systems:
+            if system not in columns:
                 continue
             share = ratio(
                 figures.get(system, {}).get(metric.key), figures.get(base, {}).get(metric.key)

@@ -139,9 +139,13 @@ class SshForward(System):
     takes_excludes = False
 
     def launch(self, *, relay: bool, streams: int, excludes: Path | None) -> Tunnel:
+        return Tunnel(self.start_forwards(relay), lambda: [])  # no firewall rules
+
+    def start_forwards(self, relay: bool) -> Proc:
+        """ssh -N with a forward on C's loopback for each server, on the server's port."""
         forwards = []
-        for host, port in (self.echo, self.iperf):
-            forwards += ["-L", f"{host}:{port}:{T_ADDR}:{port}"]
+        for _, port in (self.echo, self.iperf):
+            forwards += ["-L", f"127.0.0.1:{port}:{T_ADDR}:{port}"]
         argv = [
             *self.ssh_argv(relay),
             "-N",
@@ -150,8 +154,7 @@ class SshForward(System):
             *forwards,
             f"{self.topo.user.name}@{S_ADDR_C}",
         ]
-        proc = self.topo.start(self.log_name(), self.topo.user_argv(argv))
-        return Tunnel(proc, lambda: [])  # no firewall rules
+        return self.topo.start(self.log_name(), self.topo.user_argv(argv))
 
 
 class SshForwardRedirected(SshForward):
@@ -161,10 +164,6 @@ class SshForwardRedirected(SshForward):
     TABLE = "bench-redirect"
 
     def launch(self, *, relay: bool, streams: int, excludes: Path | None) -> Tunnel:
-        argv = [*self.ssh_argv(relay), "-N", "-o", "ExitOnForwardFailure=yes"]
-        for _, port in (self.echo, self.iperf):
-            argv += ["-L", f"127.0.0.1:{port}:{T_ADDR}:{port}"]
-        argv.append(f"{self.topo.user.name}@{S_ADDR_C}")
         # A redirect keeps the port: T's echo and iperf3 ports become the forwards' own.
         rules = (
             f"table ip {self.TABLE} {{ chain out {{ type nat hook output priority -100; "
@@ -172,8 +171,7 @@ class SshForwardRedirected(SshForward):
             f"tcp dport {{ {ECHO_PORT}, {IPERF_PORT} }} redirect\n}}\n}}\n"
         )
         self.topo.c.run(["nft", "-f", "-"], stdin=rules.encode(), timeout=15, check=True)
-        proc = self.topo.start(self.log_name(), self.topo.user_argv(argv))
-        return Tunnel(proc, self._rules, self._remove)
+        return Tunnel(self.start_forwards(relay), self._rules, self._remove)
 
     def _rules(self) -> list[str]:
         listing = self.topo.c.run(["nft", "list", "tables"], timeout=15).stdout
