@@ -84,6 +84,15 @@ def _target(item: Target | str) -> Target:
     return (item[0], item[1], item[2])
 
 
+def stop_monitor(socket: zmq.Socket[Any], monitor: zmq.Socket[Any]) -> None:
+    """End socket's monitoring, then close monitor, its reader. In that order: libzmq's I/O
+    thread sends each event with a blocking send, so one event for a reader already closed
+    (the old connection's reconnect to a restarted firewalld, say) would hold that thread,
+    and with it every connection of the context, for good."""
+    socket.disable_monitor()
+    monitor.close(linger=0)
+
+
 class FirewallError(Exception):
     """firewalld refused or failed; str() is the user-facing text."""
 
@@ -297,9 +306,9 @@ class FirewallSession:
         if self._gone is not None:
             self._gone.cancel()  # before its monitor closes under it
             self._gone = None
-        if self._monitor is not None:
-            self._monitor.close(linger=0)
-            self._monitor = None
+        if self._socket is not None and self._monitor is not None:
+            stop_monitor(self._socket, self._monitor)
+        self._monitor = None
         if self._socket is not None:
             self._socket.close(linger=0)
             self._socket = None
@@ -394,7 +403,7 @@ class FirewallSession:
         try:
             socket.connect("ipc://" + self._path)
         except zmq.ZMQError as exc:
-            self._monitor.close(linger=0)
+            stop_monitor(socket, self._monitor)
             self._monitor = None
             socket.close()
             raise FirewallUnavailable(f"{self._unreachable()}: {exc}") from None

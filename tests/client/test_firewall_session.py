@@ -13,7 +13,12 @@ from pathlib import Path
 import pytest
 import zmq
 from firewalld.daemon import WAIT, Daemon, Listener, ask, shuttle_rules, shuttle_tables
-from shuttle_client.firewall_session import FirewallError, FirewallSession, FirewallUnavailable
+from shuttle_client.firewall_session import (
+    FirewallError,
+    FirewallSession,
+    FirewallUnavailable,
+    stop_monitor,
+)
 from shuttle_protocol.firewall_messages import CloseSessionAnswer, CloseSessionRequest
 from shuttle_protocol.frames import encode_frame
 
@@ -166,3 +171,35 @@ def test_the_client_tells_a_stalled_firewalld_from_a_missing_one(tmp_path: Path)
         f"shuttle-firewalld at {path} took the connection but did not answer within 5 s "
         "(it is busy or stalled; try again)"
     )
+
+
+# Contexts whose I/O thread a failing test left stuck: kept from the garbage collector, whose
+# term() of them would hang the worker.
+_STUCK: list[zmq.Context[zmq.Socket[bytes]]] = []
+
+
+def test_a_connection_outliving_its_monitor_still_reconnects(tmp_path: Path) -> None:
+    # The client drops its connection when firewalld restarts; until libzmq has closed it, it
+    # may reconnect to the new firewalld, and the event of that must not find a closed
+    # reader: it would hold the context's I/O thread, and every later connection with it.
+    path = f"ipc://{tmp_path / 'firewalld.sock'}"
+    context = zmq.Context()
+    old = zmq.Context()  # firewalld's: its term() returns once the listener is closed
+    router = old.socket(zmq.ROUTER)
+    router.bind(path)
+    dealer = context.socket(zmq.DEALER)
+    monitor = dealer.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+    dealer.connect(path)
+    assert monitor.poll(WAIT * 1000), "the first handshake"
+    stop_monitor(dealer, monitor)
+    old.destroy(linger=0)
+    new = zmq.Context()  # firewalld restarted at the same path
+    router = new.socket(zmq.ROUTER)
+    router.bind(path)
+    dealer.send(b"after the restart")
+    arrived = router.poll(WAIT * 1000)
+    new.destroy(linger=0)
+    if not arrived:
+        _STUCK.append(context)
+    assert arrived, "the connection reconnected, and its context still works"
+    context.destroy(linger=0)
