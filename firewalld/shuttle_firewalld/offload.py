@@ -52,7 +52,7 @@ from .prepared import (
     record_size,
     target_match,
 )
-from .targets import Target, disjoint
+from .targets import Box, Target, disjoint
 
 METHODS = ("nft", "nat", "tproxy")
 CHILD = (sys.executable, "-I", "-m", __name__)  # and METHOD UID: no other input on argv
@@ -283,8 +283,8 @@ def wire_of(targets: tuple[Target, ...], method: str, protocol: bool) -> tuple[A
     target_match's, for nat."""
     versions = sorted({target.version for target in targets})
     elements: Mapping[int, str] = {}
-    boxes: Mapping[int, bytes] = {}
     matches: Mapping[int, str] = {}
+    found: Mapping[int, list[Box]]
     if method == "nat":
         matches = {
             version: "\n".join(
@@ -292,11 +292,17 @@ def wire_of(targets: tuple[Target, ...], method: str, protocol: bool) -> tuple[A
             )
             for version in versions
         }
+        # Only shortcuts ask what a nat session covers: targets that overlap too much for
+        # disjoint do not refuse the session, only its shortcuts (sessions.shortcut_problem).
+        try:
+            found = {version: disjoint(targets, version) for version in versions}
+        except RequestError:
+            found = {}
     else:
         found = {version: disjoint(targets, version) for version in versions}
         elements = {version: element_lines(found[version]) for version in versions}
-        if method == "tproxy":  # only its reply sockets ask what a session covers
-            boxes = {version: pack(found[version], version) for version in versions}
+    # What a session covers, for tproxy's reply sockets and nat's and nft's shortcuts.
+    boxes = {version: pack(boxes_of, version) for version, boxes_of in found.items()}
     return (len(targets), versions, elements, matches, boxes)
 
 

@@ -39,7 +39,8 @@ class Prepared:
     elements: Mapping[int, str]
     # nat: per IP version, each target's match (target_match), one per line.
     matches: Mapping[int, str]
-    # tproxy: per IP version, disjoint's boxes packed (pack), for covers().
+    # Per IP version, disjoint's boxes packed (pack), for covers() (nat: none if disjoint
+    # refused its targets).
     boxes: Mapping[int, bytes]
 
     def __len__(self) -> int:

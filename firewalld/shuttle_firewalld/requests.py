@@ -37,6 +37,8 @@ from shuttle_protocol.firewall_messages import (
     ReplySocketRequest,
     SetHostsAnswer,
     SetHostsRequest,
+    SetShortcutsAnswer,
+    SetShortcutsRequest,
     SocketsAnswer,
     SocketsRequest,
     UpdateSessionAnswer,
@@ -117,6 +119,12 @@ def _update(
     return UpdateSessionAnswer(rules)
 
 
+def _set_shortcuts(
+    sessions: Sessions, caller: Caller, request: SetShortcutsRequest, session: Session
+) -> Message:
+    return SetShortcutsAnswer(sessions.set_shortcuts(session, request.shortcuts, request.limit))
+
+
 @dataclass(frozen=True)
 class OnSession(Generic[R]):
     """How firewalld serves a request whose `session` field must name an open session of
@@ -166,6 +174,8 @@ TABLE: Mapping[type[Message], Allowed] = {
     ListSessionsRequest: Alone(_list),
     UpdateSessionRequest: OnSession(_update, slow=True),
     BypassSocketRequest: OnSession(bypass.serve),
+    # Not method="nft": nat serves it too, and Sessions says why tproxy cannot.
+    SetShortcutsRequest: OnSession(_set_shortcuts, slow=True),
 }
 
 

@@ -17,6 +17,22 @@ from .targets import Address
 from .transparent import Flow
 
 
+@dataclass(frozen=True)
+class Shortcut:
+    """New TCP connections to (address, port) of a session's owner go to local_port on
+    loopback instead of the session's port, while at most limit connections to (address,
+    port) of that owner are open, this one included (methods/nft.py says how that counts)."""
+
+    address: Address
+    port: int
+    local_port: int
+    limit: int
+
+    @property
+    def version(self) -> int:
+        return self.address.version
+
+
 @dataclass(eq=False)
 class Session:
     """One caller's capture: in force from apply() until remove(), as long as its lease."""
@@ -45,6 +61,8 @@ class Session:
     sockets: dict[str, socket.socket] = field(default_factory=dict)
     # The flows its reply sockets answer (tproxy), oldest first: each may send only there.
     flows: dict[Flow, None] = field(default_factory=dict)
+    # Its destinations whose connections go to a listener of the caller's instead (nat, nft).
+    shortcuts: tuple[Shortcut, ...] = ()
 
     @property
     def short_id(self) -> str:

@@ -3,8 +3,9 @@
 Every check that depends on the caller rather than on the message's form is made here:
 the method works here, the scope policy allows the request, the redirect port is the
 caller's, the caller has not too many sessions, a reply socket lies inside its session and
-answers a program of a user the session captures, the caller may write host names, the
-caller may see a session.
+answers a program of a user the session captures, a shortcut lies inside its session and
+leads into a port of the caller's, the caller may write host names, the caller may see a
+session.
 
 Two threads use it (server.py): the loop serves quick requests under `lock`; the worker
 thread applies, updates and removes rules, and takes `lock` only to change what the loop
@@ -29,6 +30,7 @@ from shuttle_protocol.firewall_messages import (
     OpenSessionRequest,
     SessionEntry,
 )
+from shuttle_protocol.firewall_messages import Shortcut as WireShortcut
 from shuttle_protocol.firewall_messages import Target as WireTarget
 
 from .bypass import free_mark
@@ -41,11 +43,11 @@ from .methods.choice import choose
 from .netns import Namespaces
 from .policy import DEFAULT_PATH, Policy
 from .ports import Listener, port_problem, program_problem, sockets_on, udp_sockets
-from .prepared import Prepared, Targets, releasable, versions_of
-from .session import Session
+from .prepared import Prepared, Targets, covers, releasable, versions_of
+from .session import Session, Shortcut
 from .sockdiag import SockDiagError
-from .targets import Target
-from .transparent import Flow, reply_problem
+from .targets import DNS_PORT, LOOPBACK, Address, Target
+from .transparent import Flow, reply_problem, show
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -61,6 +63,9 @@ MAX_HOSTS_BYTES_PER_UID = 1024 * 1024
 # "Limits"), and sixteen such sessions would cost sixteen times that.
 MAX_TARGETS_PER_UID = 2 * MAX_SUBNETS
 FREE_CHUNK = 1000  # targets freed at once (free_in_pieces): about a millisecond's work
+# The methods whose redirect can reach a listener of the caller's, such as ssh's forward: a
+# tproxy'd connection reaches only a transparent socket.
+SHORTCUT_METHODS = ("nat", "nft")
 
 
 class Fence(Protocol):
@@ -287,7 +292,9 @@ class Sessions:
         )
         self._check_targets(session.caller, len(new_subnets) + len(new_excludes), session)
         try:
-            rules = session.netns.run(self._apply_update, session, new_subnets, new_excludes)
+            rules, shortcuts = session.netns.run(
+                self._apply_update, session, new_subnets, new_excludes
+            )
         except BaseException:
             refused = releasable(new_subnets, new_excludes)
             new_subnets = new_excludes = ()
@@ -297,6 +304,7 @@ class Sessions:
         old = releasable(session.subnets, session.excludes)
         with self.lock:  # a reply socket's check reads subnets and excludes together
             session.subnets, session.excludes, session.rules = new_subnets, new_excludes, rules
+            session.shortcuts = shortcuts
             # As after open: applying many rules takes a while, and the caller's heartbeat
             # waits.
             self.renew(session)
@@ -322,8 +330,14 @@ class Sessions:
         )
         return rules
 
-    def _apply_update(self, session: Session, subnets: Targets, excludes: Targets) -> int:
-        """update()'s port check and rules; the new rule count."""
+    def _apply_update(
+        self, session: Session, subnets: Targets, excludes: Targets
+    ) -> tuple[int, tuple[Shortcut, ...]]:
+        """update()'s port check and rules: the new rule count, and the shortcuts kept.
+
+        A shortcut stays if the session still captures its destination and its local port
+        is still the caller's; the others go, with a line in the log (the caller sets them
+        again if it wants: a refusal would leave it with subnets it did not ask for)."""
         dns_versions = {address.version for address in session.dns}
         versions = versions_of(subnets) | dns_versions
         method = self._methods[session.method]
@@ -331,7 +345,78 @@ class Sessions:
         # caller may have closed its listener since open, and another uid taken the port.
         if not method.makes_sockets:
             self._check_port(session.caller, session.port, versions, session.forward, dns_versions)
-        return method.update(session, subnets, excludes)
+        kept = []
+        for shortcut in session.shortcuts:
+            problem = shortcut_problem(
+                subnets, excludes, versions, session.dns, shortcut
+            ) or self._shortcut_port_problem(session.caller, shortcut)
+            if problem is None:
+                kept.append(shortcut)
+            else:
+                log.info("session %s drops a shortcut: %s", session.short_id, problem)
+        shortcuts = tuple(kept)
+        return method.update(session, subnets, excludes, shortcuts), shortcuts
+
+    def set_shortcuts(
+        self, session: Session, shortcuts: tuple[WireShortcut, ...], limit: int
+    ) -> int:
+        """Replace the session's shortcuts (the protocol checked their form), each with
+        this limit, all or nothing; the new rule count. Each must lie inside what the
+        session captures and lead into a port where only the caller listens, on the
+        loopback address of its IP version."""
+        if session.method not in SHORTCUT_METHODS:
+            raise RequestError(
+                f"shortcuts need the nft or nat method, this session uses {session.method}"
+            )
+        if shortcuts and session.method == "nat" and session.forward:
+            raise RequestError(
+                "shortcuts need the nft method in a session that captures forwarded traffic: "
+                "iptables cannot keep forwarded connections out of a nat session's shortcuts"
+            )
+        wanted = tuple(
+            Shortcut(ipaddress.ip_address(address), port, local_port, limit)
+            for address, port, local_port in shortcuts
+        )
+        for shortcut in wanted:
+            problem = shortcut_problem(
+                session.subnets, session.excludes, session.versions, session.dns, shortcut
+            )
+            if problem is not None:
+                raise RequestError(problem)
+        rules = session.netns.run(self._apply_shortcuts, session, wanted)
+        with self.lock:  # ListSessions reads the rule count
+            session.shortcuts, session.rules = wanted, rules
+            self.renew(session)  # as after update: the caller's heartbeat waited
+        log.info(
+            "session %s of uid %d: %d shortcuts (at most %d connections each), %d %s rules",
+            session.short_id,
+            session.caller,
+            len(wanted),
+            limit,
+            rules,
+            session.method,
+        )
+        return rules
+
+    def _apply_shortcuts(self, session: Session, shortcuts: tuple[Shortcut, ...]) -> int:
+        """set_shortcuts()'s port checks and rules, in the session's namespace."""
+        for shortcut in shortcuts:
+            problem = self._shortcut_port_problem(session.caller, shortcut)
+            if problem is not None:
+                raise RequestError(problem)
+        method = self._methods[session.method]
+        return method.update(session, session.subnets, session.excludes, shortcuts)
+
+    def _shortcut_port_problem(self, caller: int, shortcut: Shortcut) -> str | None:
+        """Why the shortcut's local port is not a fit redirect target for caller, as for the
+        session's own port (port_problem), or None if it is."""
+        where = show(shortcut.address, shortcut.port)
+        try:
+            listeners = self._listeners_of_port(shortcut.local_port)
+        except SockDiagError as exc:  # without the kernel's word, the port is nobody's
+            return f"shortcut to {where}: cannot tell who listens on its port: {exc}"
+        problem = port_problem(listeners, shortcut.local_port, caller, (shortcut.version,), False)
+        return None if problem is None else f"shortcut to {where}: {problem}"
 
     def _check_targets(self, caller: int, count: int, replaced: Session | None = None) -> None:
         """RequestError if a member's sessions would hold more than MAX_TARGETS_PER_UID
@@ -512,6 +597,42 @@ class Sessions:
     def close_all(self, why: str) -> None:
         for session in list(self._open.values()):
             self.close(session, why)
+
+
+def shortcut_problem(
+    subnets: Targets,
+    excludes: Targets,
+    versions: Collection[int],
+    dns: Collection[Address],
+    shortcut: Shortcut,
+) -> str | None:
+    """Why a session capturing subnets minus excludes (versions: the IP versions it
+    captures; dns: its nameservers) may not have this shortcut, or None if it may: its
+    destination must be one the session's capture rule takes, else the shortcut would send
+    connections the session does not capture, or would never be reached."""
+    address, port = shortcut.address, shortcut.port
+    why: str | None
+    if shortcut.version not in versions:
+        why = f"this session captures no IPv{shortcut.version}"
+    elif address in LOOPBACK[shortcut.version]:
+        why = "a loopback address, which no session captures"
+    elif port == DNS_PORT and address in dns:  # their DNS rule comes first in the chain
+        why = "a nameserver of the session, whose DNS it captures"
+    else:
+        why = _uncaptured(subnets, excludes, address, port)
+    return None if why is None else f"shortcut to {show(address, port)}: {why}"
+
+
+def _uncaptured(subnets: Targets, excludes: Targets, address: Address, port: int) -> str | None:
+    """Why subnets minus excludes do not take (address, port), or None if they do."""
+    try:
+        if not covers(subnets, address, port):
+            return "not inside the session's subnets"
+        if covers(excludes, address, port):
+            return "excluded from the session"
+    except ValueError:  # nat's targets prepared without boxes: offload.wire_of says why
+        return "the session's subnets overlap in too many ways to tell"
+    return None
 
 
 def _targets(

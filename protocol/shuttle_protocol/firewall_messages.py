@@ -47,9 +47,15 @@ MAX_PATH = 107  # sun_path holds 108 bytes, the last one a NUL
 SOCKET_KINDS = ("tcp4", "udp4", "tcp6", "udp6", "reply", "bypass")
 # What a bypass socket may be: its protocol and IP version.
 BYPASS_KINDS = ("udp4", "udp6", "tcp4", "tcp6")
+MAX_SHORTCUTS = 16  # a session's shortcuts: each is a rule per connection's first packet
+# Connections open at once through one shortcut: ssh's own listener takes each of them, and
+# must never hold thousands.
+MAX_SHORTCUT_LIMIT = 4096
 
 # One captured or excluded destination: (network, first port, last port).
 Target = Tuple[str, int, int]
+# One destination whose TCP goes to a loopback port instead: (address, port, local port).
+Shortcut = Tuple[str, int, int]
 
 
 def check_targets(value: Any, name: str) -> None:
@@ -62,6 +68,23 @@ def check_targets(value: Any, name: str) -> None:
         check_network(item[0], name)
         check_int(item[1], f"{name} first port", 1, 65535)
         check_int(item[2], f"{name} last port", item[1], 65535)
+
+
+def check_shortcuts(value: Any) -> None:
+    """A tuple of at most MAX_SHORTCUTS (address, port, local port), no (address, port)
+    twice."""
+    if type(value) is not tuple or len(value) > MAX_SHORTCUTS:
+        raise LocalProtocolError(f"shortcuts must be a list of at most {MAX_SHORTCUTS} items")
+    for item in value:
+        if type(item) is not tuple or len(item) != 3:
+            raise LocalProtocolError("each of shortcuts is [address, port, local port]")
+        check_address(item[0], "shortcut address")
+        check_int(item[1], "shortcut port", 1, 65535)
+        check_int(item[2], "shortcut local port", 1, 65535)
+    # Only now: set() needs hashable items. Two rules for one destination: the second
+    # would never match.
+    if len({item[:2] for item in value}) != len(value):
+        raise LocalProtocolError("shortcuts must go to distinct (address, port) pairs")
 
 
 def check_owner(value: Any, name: str) -> None:
@@ -425,6 +448,41 @@ class BypassSocketAnswer(ReplySocketAnswer):
     __slots__ = ()
 
 
+@message(83)
+@dataclass(frozen=True)
+class SetShortcutsRequest(Message):
+    """Replace the session's shortcuts (an empty tuple removes them all), all or nothing.
+
+    Each shortcut sends new TCP connections of the session's owner to (address, port)
+    into the local port (on 127.0.0.1 for IPv4, ::1 for IPv6) instead of the session's
+    port, while at most limit connections to (address, port) are open (the new one
+    included); past that, new ones take the session's port. nat and nft sessions only.
+    """
+
+    __slots__ = ("session", "shortcuts", "limit")
+    session: str
+    shortcuts: Tuple[Shortcut, ...]
+    limit: int
+
+    def __post_init__(self) -> None:
+        check_session_id(self.session)
+        check_shortcuts(self.shortcuts)
+        check_int(self.limit, "limit", 1, MAX_SHORTCUT_LIMIT)
+
+
+@message(84)
+@dataclass(frozen=True)
+class SetShortcutsAnswer(Message):
+    """The session's shortcuts are in force, with this many rules in all (as
+    UpdateSessionAnswer counts them)."""
+
+    __slots__ = ("rules",)
+    rules: int
+
+    def __post_init__(self) -> None:
+        check_int(self.rules, "rules", 0, MAX_RULES)
+
+
 @message(127)
 @dataclass(frozen=True)
 class ErrorAnswer(Message):
@@ -449,6 +507,7 @@ PAIRS = Pairs(
         ListSessionsRequest: ListSessionsAnswer,
         UpdateSessionRequest: UpdateSessionAnswer,
         BypassSocketRequest: BypassSocketAnswer,
+        SetShortcutsRequest: SetShortcutsAnswer,
     },
     ErrorAnswer,
 )

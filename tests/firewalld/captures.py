@@ -1,16 +1,25 @@
 """Sessions of root's, from this process, and the checks that one captures what it should
-(the same for each method)."""
+(the same for each method), shortcuts included."""
 
 from __future__ import annotations
 
 import asyncio
+import select
+import socket
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 from shuttle_client.firewall_session import FirewallError, FirewallSession
+from shuttle_protocol.firewall_messages import (
+    ErrorAnswer,
+    SetShortcutsAnswer,
+    SetShortcutsRequest,
+    Shortcut,
+)
+from shuttle_protocol.frames import encode_frame
 
-from .daemon import Daemon, Listener, nothing_of_shuttle
+from .daemon import WAIT, Daemon, Listener, ask, nft, nothing_of_shuttle
 from .traffic import connect, query
 
 
@@ -144,3 +153,129 @@ def check_update(netns: str, daemon: Daemon, listen: Callable[..., Listener], me
         close_session(client)
     assert nothing_of_shuttle(netns)
     assert connect(netns, probes) == ["refused"] * len(probes)
+
+
+class Landing:
+    """Listeners of root's on 127.0.0.1 and ::1 of each port, made by the test's own thread
+    (in the test's namespace, as the netns fixture put it), and the connections it makes
+    there: which port each one reached. Everything stays open until close(), so that a
+    shortcut's limit counts each connection for as long as the check runs."""
+
+    def __init__(self, ports: tuple[int, ...]) -> None:
+        self._open: list[socket.socket] = []
+        self._by_socket: dict[socket.socket, int] = {}
+        for port in ports:
+            for family, address in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+                sock = socket.socket(family, socket.SOCK_STREAM)
+                self._open.append(sock)
+                sock.bind((address, port))
+                sock.listen(16)
+                self._by_socket[sock] = port
+
+    def reached(self, host: str, port: int) -> int | str:
+        """Connect to (host, port): the port of ours it reached, or why it reached none."""
+        try:
+            self._open.append(socket.create_connection((host, port), timeout=WAIT))
+        except OSError as exc:
+            return type(exc).__name__
+        readable, _, _ = select.select(list(self._by_socket), [], [], WAIT)
+        if not readable:
+            return "connected elsewhere"
+        accepted, _ = readable[0].accept()
+        self._open.append(accepted)
+        return self._by_socket[readable[0]]
+
+    def close(self) -> None:
+        for sock in self._open:
+            sock.close()
+
+
+def set_shortcuts(
+    daemon: Daemon, client: FirewallSession, shortcuts: tuple[Shortcut, ...], limit: int
+) -> int | str:
+    """SetShortcuts for the client's session, as a raw request of the same uid: the new rule
+    count, or firewalld's refusal."""
+    assert client.session is not None
+    request = SetShortcutsRequest(client.session, shortcuts, limit)
+    _, answer = ask(daemon.socket_path, encode_frame(1, request))
+    if isinstance(answer, ErrorAnswer):
+        return answer.text
+    assert isinstance(answer, SetShortcutsAnswer)
+    return answer.rules
+
+
+SHORTCUT_SUBNETS = [("198.18.0.0/15", 1, 65535), ("fd00:5e::/32", 1, 65535)]
+SHORTCUTS = (("198.18.0.5", 7007, 12310), ("fd00:5e::5", 7007, 12310))
+
+
+def check_shortcuts(netns: str, daemon: Daemon, method: str) -> None:
+    """Real connections in the routed namespace of a session of root's with shortcuts (nat
+    and nft alike): to a shortcut's destination they reach its local port, up to its limit
+    of connections open at once, and past it the session's port; cleared, the session's port
+    again."""
+    landing = Landing((12300, 12310))
+    client, _ = open_session(daemon, method, 12300, SHORTCUT_SUBNETS, [])
+    try:
+        [entry] = asyncio.run(client.list_sessions())
+        assert set_shortcuts(daemon, client, SHORTCUTS, 2) == entry.rules + 2
+        for host in ("198.18.0.5", "fd00:5e::5"):
+            assert [landing.reached(host, 7007) for _ in range(3)] == [12310, 12310, 12300]
+            assert landing.reached(host, 7008) == 12300  # another port: no shortcut
+        assert landing.reached("198.18.0.6", 7007) == 12300  # another address
+        assert set_shortcuts(daemon, client, (), 1) == entry.rules
+        assert landing.reached("198.18.0.5", 7007) == 12300
+        assert landing.reached("fd00:5e::5", 7007) == 12300
+    finally:
+        close_session(client)
+        landing.close()
+    assert nothing_of_shuttle(netns)
+
+
+def check_shortcut_refusals(
+    netns: str, daemon: Daemon, listen: Callable[..., Listener], method: str
+) -> None:
+    """Each shortcut firewalld must refuse, beside a good one, in a real session of root's:
+    refused with its reason, the rules as they were."""
+    landing = Landing((12300, 12310))
+    listen(12311, as_nobody=True)  # uid 65534's, on 127.0.0.1
+    excludes = [("198.18.0.99/32", 1, 65535)]
+    client, _ = open_session(daemon, method, 12300, SHORTCUT_SUBNETS[:1], excludes)
+    try:
+        assert isinstance(set_shortcuts(daemon, client, SHORTCUTS[:1], 1), int)
+        before = nft(netns, "list", "ruleset")
+        for shortcut, refusal in [
+            (("192.0.2.7", 80, 12310), "192.0.2.7:80: not inside the session's subnets"),
+            (("198.18.0.99", 80, 12310), "198.18.0.99:80: excluded from the session"),
+            (("127.0.0.1", 80, 12310), "a loopback address, which no session captures"),
+            (("fd00:5e::5", 80, 12310), "this session captures no IPv6"),
+            (("198.18.0.5", 80, 12399), "no listening socket of uid 0 on port 12399 at"),
+            (("198.18.0.5", 80, 12311), "no listening socket of uid 0 on port 12311 at"),
+        ]:
+            answer = set_shortcuts(daemon, client, (SHORTCUTS[0], shortcut), 1)
+            assert isinstance(answer, str) and refusal in answer, answer
+            assert nft(netns, "list", "ruleset") == before
+        assert landing.reached("198.18.0.5", 7007) == 12310
+    finally:
+        close_session(client)
+        landing.close()
+
+
+def check_shortcuts_update(netns: str, daemon: Daemon, method: str) -> None:
+    """An update keeps the shortcuts whose destination the session still captures, and
+    drops the others (real connections in the routed namespace, a session of root's)."""
+    landing = Landing((12300, 12310))
+    client, _ = open_session(daemon, method, 12300, SHORTCUT_SUBNETS, [])
+    try:
+        rules = set_shortcuts(daemon, client, SHORTCUTS, 1)
+        assert isinstance(rules, int)
+        # 198.18.0.5 excluded from now on: its connections are not captured at all. One
+        # shortcut's rule fewer; nat has a rule for the exclude, nft an element of a set.
+        excluded = update_session(client, SHORTCUT_SUBNETS, [("198.18.0.5/32", 1, 65535)])
+        assert excluded == rules - (method == "nft")
+        assert landing.reached("198.18.0.5", 7007) == "ConnectionRefusedError"
+        assert landing.reached("fd00:5e::5", 7007) == 12310
+        assert "drops a shortcut: shortcut to 198.18.0.5:7007: excluded" in daemon.log
+    finally:
+        close_session(client)
+        landing.close()
+    assert nothing_of_shuttle(netns)

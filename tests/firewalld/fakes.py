@@ -9,7 +9,7 @@ from collections.abc import Collection, Sequence
 
 from hypothesis import strategies as st
 from shuttle_firewalld.ports import Listener as ListeningSocket
-from shuttle_firewalld.session import Session
+from shuttle_firewalld.session import Session, Shortcut
 from shuttle_firewalld.targets import Target as Targeted
 from shuttle_firewalld.transparent import Flow
 from shuttle_protocol.firewall_messages import ALL_PORTS, ANY_OWNER, OpenSessionRequest, Target
@@ -23,6 +23,7 @@ class FakeMethod:
     def __init__(self) -> None:
         self.applied: list[Session] = []
         self.updated: list[tuple[Session, tuple[Targeted, ...], tuple[Targeted, ...]]] = []
+        self.shortcuts: list[tuple[Shortcut, ...] | None] = []  # what each update was given
         self.removed: list[Session] = []
         self.fail_apply: Exception | None = None
         self.fail_update: Exception | None = None
@@ -35,12 +36,17 @@ class FakeMethod:
         return len(session.subnets) + 1
 
     def update(
-        self, session: Session, subnets: tuple[Targeted, ...], excludes: tuple[Targeted, ...]
+        self,
+        session: Session,
+        subnets: tuple[Targeted, ...],
+        excludes: tuple[Targeted, ...],
+        shortcuts: tuple[Shortcut, ...] | None = None,
     ) -> int:
         if self.fail_update is not None:
             raise self.fail_update
         self.updated.append((session, subnets, excludes))
-        return len(subnets) + 1
+        self.shortcuts.append(shortcuts)
+        return len(subnets) + 1 + len(shortcuts or ())
 
     def remove(self, session: Session) -> None:
         self.removed.append(session)
@@ -227,3 +233,7 @@ wire_values = st.recursive(
     lambda inner: st.lists(inner, max_size=5),
     max_leaves=20,
 )
+
+
+def make_shortcut(address: str, port: int, local_port: int, limit: int = 200) -> Shortcut:
+    return Shortcut(ipaddress.ip_address(address), port, local_port, limit)

@@ -15,7 +15,7 @@ from shuttle_firewalld.methods import nat, nft, tproxy
 from shuttle_firewalld.offload import prepared_of, wire_of
 from shuttle_firewalld.prepared import Prepared, covers, nat_matches, releasable, versions_of
 from shuttle_firewalld.session import Session
-from shuttle_firewalld.targets import Target
+from shuttle_firewalld.targets import MAX_WORK, Target
 
 from .fakes import make_session
 
@@ -93,11 +93,28 @@ def test_prepared_targets_hold_only_their_methods_text() -> None:
     prepared = prepare(targets, "nft", True)
     with pytest.raises(ValueError, match="prepared for nft"):
         nat_matches(prepared, 4)
-    with pytest.raises(ValueError, match="prepared for nft"):
-        covers(prepared, ipaddress.ip_address("10.0.0.1"), 80)
     # Another version than the targets': nothing, whatever the method.
     assert nat_matches(prepared, 6) == []
+
+
+@pytest.mark.parametrize("method", ["nat", "nft", "tproxy"])
+def test_every_method_can_tell_what_prepared_targets_cover(method: str) -> None:
+    # Shortcuts ask it of nat and nft sessions, reply sockets of tproxy ones.
+    prepared = prepare((Target(ipaddress.ip_network("10.0.0.0/8"), 80, 90),), method, True)
+    assert covers(prepared, ipaddress.ip_address("10.9.0.1"), 80)
+    assert not covers(prepared, ipaddress.ip_address("10.9.0.1"), 91)
     assert not covers(prepared, ipaddress.ip_address("fd00::1"), 80)
+
+
+def test_nat_targets_that_overlap_too_much_still_prepare_without_boxes() -> None:
+    # As in test_targets: disjoint refuses them, which nat's rules never needed.
+    n = int(MAX_WORK**0.5) + 10
+    many = [Target(ipaddress.ip_network("10.0.0.0/8"), i + 1, i + 1) for i in range(n)]
+    many += [Target(ipaddress.ip_network(f"10.0.{i // 256}.{i % 256}/32")) for i in range(n)]
+    prepared = prepare(tuple(many), "nat", True)
+    assert len(nat_matches(prepared, 4)) == 2 * n
+    with pytest.raises(ValueError, match="prepared for nat hold no boxes"):
+        covers(prepared, ipaddress.ip_address("10.0.0.1"), 80)
 
 
 def test_only_target_objects_are_freed_in_pieces() -> None:

@@ -30,6 +30,8 @@ from shuttle_protocol.firewall_messages import (
     ReplySocketRequest,
     SetHostsAnswer,
     SetHostsRequest,
+    SetShortcutsAnswer,
+    SetShortcutsRequest,
     SocketsAnswer,
     SocketsHandover,
     SocketsRequest,
@@ -59,17 +61,20 @@ NOBODY_ELSES = "f" * 32
 
 def test_the_table_as_it_stands() -> None:
     assert {
-        kind: (allowed.needs_own_session, allowed.method) for kind, allowed in TABLE.items()
+        kind: (allowed.needs_own_session, allowed.method, allowed.slow)
+        for kind, allowed in TABLE.items()
     } == {
-        OpenSessionRequest: (False, None),
-        HeartbeatRequest: (True, None),
-        CloseSessionRequest: (True, None),
-        SocketsRequest: (True, "tproxy"),
-        ReplySocketRequest: (True, "tproxy"),
-        SetHostsRequest: (True, None),
-        ListSessionsRequest: (False, None),
-        UpdateSessionRequest: (True, None),
-        BypassSocketRequest: (True, None),
+        OpenSessionRequest: (False, None, True),
+        HeartbeatRequest: (True, None, False),
+        CloseSessionRequest: (True, None, True),
+        SocketsRequest: (True, "tproxy", False),
+        ReplySocketRequest: (True, "tproxy", False),
+        SetHostsRequest: (True, None, True),
+        ListSessionsRequest: (False, None, False),
+        UpdateSessionRequest: (True, None, True),
+        BypassSocketRequest: (True, None, False),
+        # nat and nft: Sessions refuses tproxy with its reason (test_sessions).
+        SetShortcutsRequest: (True, None, True),
     }
 
 
@@ -178,6 +183,15 @@ def test_update_in_another_uids_session(sessions: Sessions, method: FakeMethod) 
         with pytest.raises(RequestError, match=r"^no such session$"):
             handle(sessions, 1001, request)
     assert method.updated == []
+
+
+def test_set_shortcuts_answers_the_new_rule_count(sessions: Sessions, method: FakeMethod) -> None:
+    session_id = handle(sessions, 1000, OPEN).session  # type: ignore[attr-defined]
+    request = SetShortcutsRequest(session_id, (("10.1.0.2", 7007, 12300),), 200)
+    assert handle(sessions, 1000, request) == SetShortcutsAnswer(3)
+    with pytest.raises(RequestError, match=r"^no such session$"):
+        handle(sessions, 1001, request)
+    assert len(method.updated) == 1
 
 
 # --- tproxy sessions: their sockets and reply sockets ------------------------------------

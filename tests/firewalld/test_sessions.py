@@ -4,6 +4,8 @@ once for real."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import re
 import subprocess
 import sys
 import weakref
@@ -23,6 +25,7 @@ from shuttle_firewalld.sessions import (
     MAX_TARGETS_PER_UID,
     Session,
     Sessions,
+    Shortcut,
     free_in_pieces,
 )
 from shuttle_firewalld.sockdiag import SockDiagError
@@ -733,3 +736,128 @@ def test_the_real_daemon_refuses_ipv4_into_an_ipv6_only_wildcard_listener(
         assert len(shuttle_tables(netns)) == 1
     finally:
         close_session(client)
+
+
+# --- shortcuts ------------------------------------------------------------------------
+
+
+def open_for_shortcuts(sessions: Sessions, **changes: Any) -> Session:
+    """uid 1000's session of 10.0.0.0/8 (and fd00::/8) but 10.1.0.0/16 into port 12300."""
+    request = open_request(subnets=("10.0.0.0/8", "fd00::/8"), excludes=("10.1.0.0/16",), **changes)
+    return sessions.open(1000, request)
+
+
+def test_shortcuts_go_into_the_rules_and_onto_the_session(
+    sessions: Sessions, method: FakeMethod, clock: FakeClock
+) -> None:
+    session = open_for_shortcuts(sessions)
+    clock.now += 5.0  # of a 6 s lease: renewed once the rules are in, as by an update
+    # 12300: uid 1000 on both loopbacks; 12302: on the wildcard addresses (they cover it).
+    asked = (("10.2.0.2", 7007, 12300), ("fd00::7", 443, 12302))
+    assert sessions.set_shortcuts(session, asked, 200) == 5  # the fake counts them
+    wanted = (
+        Shortcut(ipaddress.ip_address("10.2.0.2"), 7007, 12300, 200),
+        Shortcut(ipaddress.ip_address("fd00::7"), 443, 12302, 200),
+    )
+    assert method.shortcuts == [wanted]
+    [(updated, subnets, excludes)] = method.updated
+    assert (updated, subnets, excludes) == (session, session.subnets, session.excludes)
+    assert (session.shortcuts, session.rules) == (wanted, 5)
+    clock.now += 5.0
+    assert sessions.expire() == 0
+    # None is every shortcut gone.
+    assert sessions.set_shortcuts(session, (), 1) == 3
+    assert method.shortcuts[-1] == ()
+    assert (session.shortcuts, session.rules) == ((), 3)
+
+
+@pytest.mark.parametrize(
+    ("shortcut", "refusal"),
+    [
+        (("192.0.2.7", 80, 12300), "shortcut to 192.0.2.7:80: not inside the session's subnets"),
+        (("10.1.0.2", 80, 12300), "shortcut to 10.1.0.2:80: excluded from the session"),
+        (("127.0.0.1", 80, 12300), "a loopback address, which no session captures"),
+        (("::1", 80, 12300), "a loopback address, which no session captures"),
+        (("10.0.0.53", 53, 12300), "a nameserver of the session, whose DNS it captures"),
+        # Nobody listens on 12399; 12301 is uid 0's; 12303 is uid 1000's on 127.0.0.1 only.
+        (("10.2.0.2", 80, 12399), "no listening socket of uid 1000 on port 12399 at 127.0.0.1"),
+        (("10.2.0.2", 80, 12301), "no listening socket of uid 1000 on port 12301 at 127.0.0.1"),
+        (("fd00::7", 80, 12303), "no listening socket of uid 1000 on port 12303 at ::1 or"),
+    ],
+)
+def test_a_refused_shortcut_changes_nothing(
+    sessions: Sessions, method: FakeMethod, shortcut: tuple[str, int, int], refusal: str
+) -> None:
+    session = open_for_shortcuts(sessions, port=12304, dns=("10.0.0.53",))
+    good = ("10.2.0.2", 7007, 12300)
+    sessions.set_shortcuts(session, (good,), 2)
+    before = (session.shortcuts, session.rules)
+    with pytest.raises(RequestError, match=re.escape(refusal)):
+        sessions.set_shortcuts(session, (good, shortcut), 2)
+    assert (session.shortcuts, session.rules) == before
+    assert len(method.updated) == 1
+
+
+def test_a_shortcut_of_another_uids_listener_is_refused_beside_the_callers(
+    sessions: Sessions, method: FakeMethod, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    session = open_for_shortcuts(sessions)
+    # uid 1000 listens on the wildcard address, uid 0 on 127.0.0.1 of the same port
+    # (SO_REUSEADDR): connections redirected there would land on uid 0's.
+    both = listening(12310, 1000, "0.0.0.0") + listening(12310, 0, "127.0.0.1")
+    monkeypatch.setitem(LISTENERS, 12310, both)
+    with pytest.raises(RequestError, match=r"port 12310 has listeners of other users too \(uid 0"):
+        sessions.set_shortcuts(session, (("10.2.0.2", 80, 12310),), 1)
+    assert method.updated == []
+
+
+def test_a_version_the_session_does_not_capture_is_refused(
+    sessions: Sessions, method: FakeMethod
+) -> None:
+    session = sessions.owned(open_one(sessions), 1000)  # IPv4 only
+    with pytest.raises(
+        RequestError, match=r"^shortcut to \[fd00::7\]:80: this session captures no IPv6$"
+    ):
+        sessions.set_shortcuts(session, (("fd00::7", 80, 12300),), 1)
+    assert method.updated == []
+
+
+def test_a_tproxy_session_has_no_shortcuts(tproxy_sessions: Sessions, tproxy: FakeTproxy) -> None:
+    session = tproxy_sessions.open(1000, open_request(method="tproxy"))
+    with pytest.raises(
+        RequestError, match=r"^shortcuts need the nft or nat method, this session uses tproxy$"
+    ):
+        tproxy_sessions.set_shortcuts(session, (("10.2.0.2", 80, 12300),), 1)
+    assert tproxy.updated == []
+
+
+def test_a_forwarding_nat_session_has_no_shortcuts_but_an_nft_one_may(
+    sessions: Sessions, method: FakeMethod, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(LISTENERS, 12320, listening(12320, 0, "0.0.0.0"))
+    nat = sessions.open(0, open_request(port=12320, uid=0, forward=True))
+    with pytest.raises(RequestError, match=r"^shortcuts need the nft method in a session that"):
+        sessions.set_shortcuts(nat, (("10.2.0.2", 80, 12320),), 1)
+    assert method.updated == []
+    sessions.set_shortcuts(nat, (), 1)  # clearing none is fine
+    nft = sessions.open(0, open_request(method="nft", port=12320, uid=0, forward=True))
+    assert sessions.set_shortcuts(nft, (("10.2.0.2", 80, 12320),), 1) == 3
+
+
+def test_an_update_keeps_the_shortcuts_it_still_captures(
+    sessions: Sessions, method: FakeMethod, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    session = open_for_shortcuts(sessions)
+    asked = (("10.2.0.2", 7007, 12300), ("10.3.0.2", 7007, 12300), ("fd00::7", 443, 12302))
+    sessions.set_shortcuts(session, asked, 9)
+    # 10.3.0.2 is excluded from now on, and uid 0 took 12302 from the caller: both go.
+    monkeypatch.setitem(LISTENERS, 12302, listening(12302, 0, "::"))
+    update(sessions, session, ["10.0.0.0/8", "fd00::/8"], ["10.3.0.0/16"])
+    kept = (Shortcut(ipaddress.ip_address("10.2.0.2"), 7007, 12300, 9),)
+    assert method.shortcuts[-1] == kept
+    assert session.shortcuts == kept
+    # A failed update keeps them all as they were.
+    method.fail_update = RequestError("nft failed")
+    with pytest.raises(RequestError):
+        update(sessions, session, ["192.0.2.0/24"])
+    assert session.shortcuts == kept

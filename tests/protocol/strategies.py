@@ -105,6 +105,12 @@ leases = st.one_of(
 v4_addresses = st.ip_addresses(v=4).map(str)
 v6_addresses = st.ip_addresses(v=6).map(str).filter(_not_mapped)
 addresses = st.one_of(v4_addresses, v6_addresses)
+# A session's shortcuts: (address, port, local port), no (address, port) twice.
+shortcuts = st.lists(
+    st.tuples(addresses, ports, ports),
+    max_size=fw.MAX_SHORTCUTS,
+    unique_by=lambda shortcut: shortcut[:2],
+).map(tuple)
 socket_paths = st.text(string.ascii_letters + string.digits + "._-/", max_size=fw.MAX_PATH - 1).map(
     lambda tail: "/" + tail
 )
@@ -230,6 +236,13 @@ STRATEGIES: Dict[Type[Message], st.SearchStrategy[Message]] = {
         fw.BypassSocketRequest, session_ids, st.sampled_from(fw.BYPASS_KINDS)
     ),
     fw.BypassSocketAnswer: st.builds(fw.BypassSocketAnswer, session_ids, socket_paths),
+    fw.SetShortcutsRequest: st.builds(
+        fw.SetShortcutsRequest,
+        session_ids,
+        shortcuts,
+        st.integers(1, fw.MAX_SHORTCUT_LIMIT),
+    ),
+    fw.SetShortcutsAnswer: st.builds(fw.SetShortcutsAnswer, st.integers(0, fw.MAX_RULES)),
     fw.ErrorAnswer: st.builds(fw.ErrorAnswer, st.text(max_size=2000)),
     cm.StatusRequest: st.builds(cm.StatusRequest),
     cm.StatusAnswer: st.integers(1, cm.MAX_STREAMS).flatmap(
@@ -382,6 +395,10 @@ EXAMPLES: Dict[Type[Message], Message] = {
     fw.UpdateSessionAnswer: fw.UpdateSessionAnswer(7),
     fw.BypassSocketRequest: fw.BypassSocketRequest(SESSION, "udp4"),
     fw.BypassSocketAnswer: fw.BypassSocketAnswer(SESSION[::-1], "/run/shuttle/firewalld.sock.fds"),
+    fw.SetShortcutsRequest: fw.SetShortcutsRequest(
+        SESSION, (("10.1.0.2", 7007, 40123), ("2001:db8::7", 443, 40124)), 200
+    ),
+    fw.SetShortcutsAnswer: fw.SetShortcutsAnswer(6),
     fw.ErrorAnswer: fw.ErrorAnswer("no"),
     cm.StatusRequest: cm.StatusRequest(),
     cm.StatusAnswer: cm.StatusAnswer(
@@ -631,6 +648,18 @@ BAD_HOST_ITEMS: List[Any] = [
 ]
 
 
+BAD_SHORTCUTS: List[Any] = [
+    ("10.1.0.2", 7007),
+    ("10.1.0.2", 7007, 40123, 1),
+    ["10.1.0.2", 7007, 40123],
+    "10.1.0.2 7007 40123",
+    *((address, 7007, 40123) for address in BAD_ADDRESS_TEXTS),
+    *(("10.1.0.2", port, 40123) for port in bad_ints(1, 65535)),
+    *(("10.1.0.2", 7007, port) for port in bad_ints(1, 65535)),
+    ("10.1.0.2", 7007, 40124),  # beside the good item: the same (address, port) twice
+]
+
+
 def _entry_with(field: str, value: Any) -> Tuple[Any, ...]:
     """The example entry, as a plain tuple, with one field replaced."""
     return tuple(value if name == field else old for name, old in SESSION_ENTRY._asdict().items())
@@ -800,6 +829,12 @@ BAD_VALUES: Dict[Type[Message], Dict[str, List[Any]]] = {
         "kind": ["reply", "UDP4", "udp", "", b"udp4", None, 4, ("udp4",)],
     },
     fw.BypassSocketAnswer: {"token": BAD_SESSIONS, "path": BAD_PATHS},
+    fw.SetShortcutsRequest: {
+        "session": BAD_SESSIONS,
+        "shortcuts": bad_lists(("10.1.0.2", 7007, 40123), BAD_SHORTCUTS, fw.MAX_SHORTCUTS),
+        "limit": bad_ints(1, fw.MAX_SHORTCUT_LIMIT),
+    },
+    fw.SetShortcutsAnswer: {"rules": bad_ints(0, fw.MAX_RULES)},
     fw.ErrorAnswer: {"text": bad_texts(2000)},
     cm.StatusRequest: {},
     cm.StatusAnswer: {

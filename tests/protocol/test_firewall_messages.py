@@ -17,6 +17,8 @@ from shuttle_protocol.firewall_messages import (
     MAX_ID,
     MAX_PATH,
     MAX_SESSIONS,
+    MAX_SHORTCUT_LIMIT,
+    MAX_SHORTCUTS,
     MAX_SUBNETS,
     METHODS,
     SESSION_ID_LEN,
@@ -30,6 +32,8 @@ from shuttle_protocol.firewall_messages import (
     ReplySocketAnswer,
     ReplySocketRequest,
     SessionEntry,
+    SetShortcutsAnswer,
+    SetShortcutsRequest,
     SocketsAnswer,
     SocketsHandover,
     UpdateSessionRequest,
@@ -543,3 +547,46 @@ def test_any_other_bypass_kind_is_refused_on_both_ends(kind: Any) -> None:
         BypassSocketRequest(SESSION, kind)
     with pytest.raises(RemoteProtocolError):
         receive(BypassSocketRequest, SESSION, kind)
+
+
+# -- SetShortcuts ------------------------------------------------------------------------------
+
+
+def test_shortcuts_are_set_as_the_client_builds_them_and_cleared_with_none() -> None:
+    asked = SetShortcutsRequest(SESSION, (("10.1.0.2", 7007, 40123),), 200)
+    assert round_trip(asked) == asked
+    assert round_trip(SetShortcutsRequest(SESSION, (), 1)).shortcuts == ()
+    assert round_trip(SetShortcutsAnswer(5)) == SetShortcutsAnswer(5)
+
+
+def test_shortcuts_and_their_limit_are_bounded() -> None:
+    many = tuple(("10.1.0.2", port, 40000) for port in range(1, MAX_SHORTCUTS + 1))
+    assert len(SetShortcutsRequest(SESSION, many, MAX_SHORTCUT_LIMIT).shortcuts) == MAX_SHORTCUTS
+    with pytest.raises(LocalProtocolError, match=f"at most {MAX_SHORTCUTS} items"):
+        SetShortcutsRequest(SESSION, (*many, ("10.1.0.3", 1, 40000)), 1)
+    with pytest.raises(RemoteProtocolError, match="invalid SetShortcutsRequest: limit must"):
+        receive(SetShortcutsRequest, SESSION, (), MAX_SHORTCUT_LIMIT + 1)
+
+
+@pytest.mark.parametrize(
+    ("shortcut", "complaint"),
+    [
+        (("10.1.0.0/16", 7007, 40123), "shortcut address: "),  # a network, not an address
+        (("::ffff:10.1.0.2", 7007, 40123), "is IPv4-mapped"),
+        (("10.1.0.2", 0, 40123), "shortcut port must be"),
+        (("10.1.0.2", 7007, 65536), "shortcut local port must be"),
+        (("10.1.0.2", 7007), r"\[address, port, local port\]"),
+    ],
+)
+def test_a_bad_shortcut_is_refused_on_both_ends(shortcut: Any, complaint: str) -> None:
+    with pytest.raises(LocalProtocolError, match=complaint):
+        SetShortcutsRequest(SESSION, (shortcut,), 1)
+    with pytest.raises(RemoteProtocolError, match=complaint):
+        receive(SetShortcutsRequest, SESSION, (shortcut,), 1)
+
+
+def test_one_destination_has_one_shortcut() -> None:
+    # The same local port twice is the caller's own business: its traffic, its forwards.
+    SetShortcutsRequest(SESSION, (("10.1.0.2", 7007, 40123), ("10.1.0.3", 7007, 40123)), 1)
+    with pytest.raises(LocalProtocolError, match="distinct"):
+        SetShortcutsRequest(SESSION, (("10.1.0.2", 7007, 40123), ("10.1.0.2", 7007, 40124)), 1)

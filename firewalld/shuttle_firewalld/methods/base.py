@@ -7,13 +7,20 @@ import dataclasses
 from typing import Protocol
 
 from shuttle_firewalld.prepared import Targets
-from shuttle_firewalld.session import Session
+from shuttle_firewalld.session import Session, Shortcut
 
 
-def with_targets(session: Session, subnets: Targets, excludes: Targets) -> Session:
-    """A copy of the session with other subnets and excludes, for update() to write the new
-    rules from while the session itself keeps the old ones."""
-    return dataclasses.replace(session, subnets=subnets, excludes=excludes)
+def with_targets(
+    session: Session,
+    subnets: Targets,
+    excludes: Targets,
+    shortcuts: tuple[Shortcut, ...] | None = None,
+) -> Session:
+    """A copy of the session with other subnets and excludes (and shortcuts, unless None),
+    for update() to write the new rules from while the session itself keeps the old ones."""
+    if shortcuts is None:
+        shortcuts = session.shortcuts
+    return dataclasses.replace(session, subnets=subnets, excludes=excludes, shortcuts=shortcuts)
 
 
 class Method(Protocol):
@@ -33,10 +40,17 @@ class Method(Protocol):
         """
         ...
 
-    def update(self, session: Session, subnets: Targets, excludes: Targets) -> int:
-        """Replace the session's subnets and excludes in its rules, atomically, and return
-        how many rules there are now; the session itself still holds the old ones (the
-        caller sets the new ones on success).
+    def update(
+        self,
+        session: Session,
+        subnets: Targets,
+        excludes: Targets,
+        shortcuts: tuple[Shortcut, ...] | None = None,
+    ) -> int:
+        """Replace the session's subnets and excludes in its rules (and its shortcuts, unless
+        None; the tproxy method has none), atomically, and return how many rules there are
+        now; the session itself still holds the old ones (the caller sets the new ones on
+        success).
 
         Raises RequestError, with the old rules still in force, when the new ones cannot be.
         """

@@ -17,6 +17,16 @@ A session's nameservers: TCP and UDP to their port 53 are redirected to the same
 rules at the top of the chain (the caller's UDP socket takes the datagrams; conntrack turns
 the source of its answers back into the nameserver's), and UDP to port 53 jumps into the
 chain as well.
+
+A session's shortcuts (SetShortcutsRequest) are rules of its chain, after the returns and
+before the capture rules: `-m connlimit --connlimit-upto N --connlimit-mask 32
+--connlimit-daddr -j REDIRECT --to-ports LOCAL` sends a new connection to one destination
+into the caller's loopback port LOCAL while at most N connections through that rule to
+that address are open, this one included (xt_connlimit counts as nft's `ct count` does:
+see nft.py); the next one falls through to the capture rule. They need no owner match:
+the OUTPUT jump has it. A session with forward has none (sessions.py refuses them): its
+PREROUTING jump enters the same chain, where forwarded connections would take them, and
+iptables refuses an owner match in a chain that PREROUTING reaches.
 """
 
 from __future__ import annotations
@@ -30,7 +40,7 @@ from shuttle_protocol.firewall_messages import ANY_OWNER
 
 from shuttle_firewalld.errors import RequestError
 from shuttle_firewalld.prepared import Targets, nat_matches
-from shuttle_firewalld.session import Session
+from shuttle_firewalld.session import Session, Shortcut
 from shuttle_firewalld.targets import DNS_PORT, LOOPBACK
 
 from .base import with_targets
@@ -120,6 +130,18 @@ def dns_rules(session: Session, version: int) -> list[str]:
     return rules
 
 
+def shortcut_rules(session: Session, version: int) -> list[str]:
+    """The rules of the session's shortcuts of this IP version (see the module's docstring)."""
+    return [
+        f"-d {shortcut.address}/{shortcut.address.max_prefixlen} -p tcp -m tcp "
+        f"--dport {shortcut.port} -m connlimit --connlimit-upto {shortcut.limit} "
+        f"--connlimit-mask {shortcut.address.max_prefixlen} --connlimit-daddr "
+        f"-j REDIRECT --to-ports {shortcut.local_port}"
+        for shortcut in session.shortcuts
+        if shortcut.version == version
+    ]
+
+
 def chain_lines(session: Session, version: int) -> list[str]:
     """The session's chain of one IP version, as iptables-restore lines: its declaration
     and its rules."""
@@ -135,6 +157,7 @@ def chain_lines(session: Session, version: int) -> list[str]:
         f"-A {chain} -d {LOOPBACK[version]} -j RETURN",
         # Excludes first, so they win over any include they overlap.
         *(f"-A {chain} {match} -j RETURN" for match in nat_matches(session.excludes, version)),
+        *(f"-A {chain} {rule}" for rule in shortcut_rules(session, version)),
         *(
             f"-A {chain} {match} -j REDIRECT --to-ports {session.port}"
             for match in nat_matches(session.subnets, version, protocol=True)
@@ -219,8 +242,14 @@ class NatMethod:
             rules += text.count("\n-A ")
         return rules
 
-    def update(self, session: Session, subnets: Targets, excludes: Targets) -> int:
-        new = with_targets(session, subnets, excludes)
+    def update(
+        self,
+        session: Session,
+        subnets: Targets,
+        excludes: Targets,
+        shortcuts: tuple[Shortcut, ...] | None = None,
+    ) -> int:
+        new = with_targets(session, subnets, excludes, shortcuts)
         chain = [chain_name(session)]
         undo: list[tuple[int, str]] = []  # (version, the input that puts it back), in order
         try:

@@ -17,6 +17,18 @@ A session's nameservers get one rule per IP version at the top of each chain: TC
 to port 53 of those addresses are redirected to the same port (the caller's UDP socket takes
 the datagrams; conntrack turns the source of its answers back into the nameserver's). In
 the output chain, one rule before it lets the session's bypass sockets through (bypass.py).
+
+A session's shortcuts (SetShortcutsRequest) are rules of the output chain only, after a
+version's returns and before its capture rule: `ct count N redirect to :LOCAL` sends the
+owner's new connection to one destination into the caller's loopback port LOCAL (an ssh
+forward's) while at most N connections through that rule are open, this one included; the
+next falls through to the capture rule, into the session's port. The count is the rule's
+own (nft_connlimit): it holds every connection that reached the expression, the ones it
+let fall through included, and forgets one once conntrack has it closed (FIN or RST: TIME_WAIT
+counts as closed). Tried here (nft 1.0.6, Linux 6.18): with `ct count 1`, a first
+connection held open went to LOCAL, a second to the session's port, and after both closed
+the next went to LOCAL again. Not in the prerouting chain: a redirect there lands on the
+incoming interface's address, where the forward does not listen.
 """
 
 from __future__ import annotations
@@ -29,7 +41,7 @@ from shuttle_protocol.firewall_messages import ANY_OWNER
 
 from shuttle_firewalld.errors import RequestError
 from shuttle_firewalld.prepared import Targets, nft_elements
-from shuttle_firewalld.session import Session
+from shuttle_firewalld.session import Session, Shortcut
 from shuttle_firewalld.targets import DNS_PORT, LOOPBACK
 
 from .base import with_targets
@@ -136,9 +148,20 @@ def nameservers_match(session: Session, version: int, forwarded: bool = False) -
     return f"{MATCH[version]} {{ {', '.join(addresses)} }} th dport {DNS_PORT}"
 
 
+def shortcut_rules(session: Session, version: int, owner: str) -> list[str]:
+    """The output chain's rules of the session's shortcuts of this IP version (see the
+    module's docstring)."""
+    return [
+        f"{owner}{MATCH[version]} {shortcut.address} tcp dport {shortcut.port} "
+        f"ct count {shortcut.limit} redirect to :{shortcut.local_port}"
+        for shortcut in session.shortcuts
+        if shortcut.version == version
+    ]
+
+
 def chain_rules(session: Session, owner: str, forwarded: bool = False) -> list[str]:
     """The rules of one nat chain; owner is the socket owner match, "" for none; forwarded:
-    the prerouting chain."""
+    the prerouting chain, without shortcuts."""
     redirect = f"redirect to :{session.port}"
     rules = [
         *(
@@ -151,6 +174,7 @@ def chain_rules(session: Session, owner: str, forwarded: bool = False) -> list[s
     for version in session.versions:
         rules += [
             *skip_rules(version, "tcp dport"),
+            *([] if forwarded else shortcut_rules(session, version, owner)),
             f"{owner}{include_match(version, 'tcp dport')} {redirect}",
         ]
     return rules
@@ -292,8 +316,14 @@ class NftMethod:
         self._run(NFT, ruleset(session))
         return sum(len(rules) for _, _, rules in chains(session))
 
-    def update(self, session: Session, subnets: Targets, excludes: Targets) -> int:
-        new = with_targets(session, subnets, excludes)
+    def update(
+        self,
+        session: Session,
+        subnets: Targets,
+        excludes: Targets,
+        shortcuts: tuple[Shortcut, ...] | None = None,
+    ) -> int:
+        new = with_targets(session, subnets, excludes, shortcuts)
         self._run(NFT, replace_text(new, chains(new)))
         return sum(len(rules) for _, _, rules in chains(new))
 

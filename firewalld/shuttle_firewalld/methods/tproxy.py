@@ -55,7 +55,7 @@ from typing import Any
 from shuttle_firewalld import transparent
 from shuttle_firewalld.errors import RequestError
 from shuttle_firewalld.prepared import Targets
-from shuttle_firewalld.session import Session
+from shuttle_firewalld.session import Session, Shortcut
 from shuttle_firewalld.targets import LOOPBACK, Address
 from shuttle_firewalld.transparent import LISTEN_ADDRESS, Flow, is_local, listeners, show
 
@@ -347,7 +347,15 @@ class TproxyMethod:
         self._slots[session.id] = (slot, session.versions)
         return sum(len(rules) for _, _, rules in chains(session, mark)) + len(done)
 
-    def update(self, session: Session, subnets: Targets, excludes: Targets) -> int:
+    def update(
+        self,
+        session: Session,
+        subnets: Targets,
+        excludes: Targets,
+        shortcuts: tuple[Shortcut, ...] | None = None,
+    ) -> int:
+        if shortcuts:  # Sessions refuses them before: a diverted packet reaches our sockets only
+            raise RequestError("the tproxy method has no shortcuts")
         slot, made = self._slots[session.id]
         new = with_targets(session, subnets, excludes)
         for version in new.versions:

@@ -1,7 +1,8 @@
 """What every firewall method promises behind the one interface (methods/base.py), tested
 once and run for each method: the probe works on this kernel and leaves nothing; real
 traffic in a namespace is captured as asked, DNS to the nameservers too, and follows an
-update (nat and nft; tproxy captures for a client of another uid, in test_tproxy.py)."""
+update, and a session's shortcuts take what they should (nat and nft; tproxy captures for a
+client of another uid, in test_tproxy.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,14 @@ from shuttle_firewalld.methods.nft import NftMethod
 from shuttle_firewalld.methods.tools import run_tool
 from shuttle_firewalld.methods.tproxy import TproxyMethod
 
-from firewalld.captures import check_capture, check_dns_capture, check_update
+from firewalld.captures import (
+    check_capture,
+    check_dns_capture,
+    check_shortcut_refusals,
+    check_shortcuts,
+    check_shortcuts_update,
+    check_update,
+)
 from firewalld.daemon import Daemon, Listener, nft
 
 pytestmark = pytest.mark.integration
@@ -62,3 +70,27 @@ def test_traffic_follows_an_update(
     method: str,
 ) -> None:
     check_update(routed, start_firewalld(lease=30), listen, method)
+
+
+@pytest.mark.parametrize("method", REDIRECTING)
+def test_a_shortcut_takes_connections_up_to_its_limit(
+    routed: str, start_firewalld: Callable[..., Daemon], method: str
+) -> None:
+    check_shortcuts(routed, start_firewalld(lease=30), method)
+
+
+@pytest.mark.parametrize("method", REDIRECTING)
+def test_a_refused_shortcut_changes_no_rule(
+    routed: str,
+    start_firewalld: Callable[..., Daemon],
+    listen: Callable[..., Listener],
+    method: str,
+) -> None:
+    check_shortcut_refusals(routed, start_firewalld(lease=30), listen, method)
+
+
+@pytest.mark.parametrize("method", REDIRECTING)
+def test_an_update_keeps_the_shortcuts_it_still_captures(
+    routed: str, start_firewalld: Callable[..., Daemon], method: str
+) -> None:
+    check_shortcuts_update(routed, start_firewalld(lease=30), method)

@@ -35,7 +35,7 @@ from firewalld.daemon import (
     nothing_of_shuttle,
     shuttle_rules,
 )
-from firewalld.fakes import make_session, make_target
+from firewalld.fakes import make_session, make_shortcut, make_target
 from firewalld.traffic import in_netns
 
 CHAIN = "SHUTTLE-0123456789ab"
@@ -168,6 +168,34 @@ def test_forwarded_dns_jumps_only_for_addresses_that_are_not_loopback() -> None:
     assert jump_rules(session, 6) == [
         f"OUTPUT -p tcp -j {CHAIN}",
         f"PREROUTING ! -d ::1/128 -p tcp -j {CHAIN}",
+    ]
+
+
+def test_shortcuts_sit_between_the_returns_and_the_capture() -> None:
+    session = make_session(["10.0.0.0/8", "fd00:5e::/32"], ["10.1.0.0/16"])
+    session.shortcuts = (
+        make_shortcut("10.2.0.2", 7007, 40123),
+        make_shortcut("fd00:5e::5", 443, 40124, limit=1),
+    )
+    limit = "-m connlimit --connlimit-upto"
+    assert apply_text(session, 4).splitlines()[4:-2] == [
+        f"-A {CHAIN} -d 10.1.0.0/16 -j RETURN",
+        f"-A {CHAIN} -d 10.2.0.2/32 -p tcp -m tcp --dport 7007 {limit} 200 --connlimit-mask 32 "
+        "--connlimit-daddr -j REDIRECT --to-ports 40123",
+        f"-A {CHAIN} -d 10.0.0.0/8 -p tcp -j REDIRECT --to-ports 12300",
+    ]
+    assert apply_text(session, 6).splitlines()[4:-2] == [
+        f"-A {CHAIN} -d fd00:5e::5/128 -p tcp -m tcp --dport 443 {limit} 1 --connlimit-mask 128 "
+        "--connlimit-daddr -j REDIRECT --to-ports 40124",
+        f"-A {CHAIN} -d fd00:5e::/32 -p tcp -j REDIRECT --to-ports 12300",
+    ]
+    # Set by an update: the chain refilled, the jumps (which match the owner) as they were.
+    tools = FakeTools()
+    plain = make_session(["10.0.0.0/8", "fd00:5e::/32"], ["10.1.0.0/16"])
+    assert NatMethod(tools).update(plain, plain.subnets, plain.excludes, session.shortcuts) == 11
+    assert tools.runs == [
+        (list(RESTORE4), refill_text(session, 4)),
+        (list(RESTORE6), refill_text(session, 6)),
     ]
 
 

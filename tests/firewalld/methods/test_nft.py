@@ -31,7 +31,7 @@ from firewalld.daemon import (
     nothing_of_shuttle,
     shuttle_tables,
 )
-from firewalld.fakes import make_session, make_target
+from firewalld.fakes import make_session, make_shortcut, make_target
 
 TABLE = "shuttle-0123456789ab"
 
@@ -238,6 +238,41 @@ def test_a_sessions_bypass_sockets_skip_only_its_dns_capture_and_only_locally() 
     ]
     assert text.count("0x53484001") == 2  # IPv4 and IPv6 in output; prerouting has none
     assert "mark" not in "\n".join(chain_rules(text, "prerouting"))
+
+
+def test_shortcuts_sit_between_a_versions_returns_and_its_capture_in_output_only() -> None:
+    session = make_session(["10.0.0.0/8", "fd00:5e::/32"], forward=True)
+    session.shortcuts = (
+        make_shortcut("10.1.0.2", 7007, 40123),
+        make_shortcut("fd00:5e::5", 443, 40124, limit=1),
+        make_shortcut("10.1.0.3", 7007, 40125),
+    )
+    text = ruleset(session)
+    assert chain_rules(text, "output")[2:] == [
+        "ip daddr 127.0.0.0/8 return",
+        "ip daddr . tcp dport @exclude4 return",
+        "meta skuid 1000 ip daddr 10.1.0.2 tcp dport 7007 ct count 200 redirect to :40123",
+        "meta skuid 1000 ip daddr 10.1.0.3 tcp dport 7007 ct count 200 redirect to :40125",
+        "meta skuid 1000 ip daddr . tcp dport @include4 redirect to :12300",
+        "ip6 daddr ::1 return",
+        "ip6 daddr . tcp dport @exclude6 return",
+        "meta skuid 1000 ip6 daddr fd00:5e::5 tcp dport 443 ct count 1 redirect to :40124",
+        "meta skuid 1000 ip6 daddr . tcp dport @include6 redirect to :12300",
+    ]
+    # Forwarded connections would land on the incoming interface's address: not there.
+    assert "ct count" not in "\n".join(chain_rules(text, "prerouting"))
+    assert NftMethod(FakeNft()).apply(session) == 14 + 3
+
+
+def test_an_update_writes_the_shortcuts_it_is_given() -> None:
+    nft_runs = FakeNft()
+    session = make_session()
+    session.shortcuts = (make_shortcut("10.1.0.2", 7007, 40123),)
+    method = NftMethod(nft_runs)
+    assert method.update(session, session.subnets, ()) == 5  # None: the session's own
+    assert "ct count 200 redirect to :40123" in nft_runs.runs[-1][1]
+    assert method.update(session, session.subnets, (), ()) == 4
+    assert "ct count" not in nft_runs.runs[-1][1]
 
 
 class FakeNft:
