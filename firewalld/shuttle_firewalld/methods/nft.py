@@ -24,11 +24,16 @@ owner's new connection to one destination into the caller's loopback port LOCAL 
 forward's) while at most N connections through that rule are open, this one included; the
 next falls through to the capture rule, into the session's port. The count is the rule's
 own (nft_connlimit): it holds every connection that reached the expression, the ones it
-let fall through included, and forgets one once conntrack has it closed (FIN or RST: TIME_WAIT
-counts as closed). Tried here (nft 1.0.6, Linux 6.18): with `ct count 1`, a first
-connection held open went to LOCAL, a second to the session's port, and after both closed
-the next went to LOCAL again. Not in the prerouting chain: a redirect there lands on the
-incoming interface's address, where the forward does not listen.
+let fall through included, and forgets one once conntrack has it closed (TIME_WAIT counts as
+closed), but lazily: nf_conncount looks for closed ones when a connection is added, at most
+once a jiffy. So the count is never below the connections open (ssh's listener never holds
+more than N), and may be above it for a few milliseconds, when the next ones take the
+session's port: they still arrive, the slower way. Tried here (nft 1.0.6, Linux 6.18,
+HZ=250): with `ct count 1`, a first connection held open went to LOCAL, a second to the
+session's port, and after both closed and a pause the next went to LOCAL again; 500
+sequential connections (9,000 a second, each closed before the next) with `ct count 2`:
+28 went to LOCAL; 3,000 with `ct count 200`: all of them. Not in the prerouting chain: a
+redirect there lands on the incoming interface's address, where the forward does not listen.
 """
 
 from __future__ import annotations
