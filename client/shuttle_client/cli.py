@@ -100,6 +100,8 @@ Options:
                            ssh fails to open, go through the agent [default: auto].
   --tcp-cap=N              open connections per stream that ssh carries itself
                            (1-10000) [default: 50].
+  --no-shortcuts           do not give destinations that many connections reach a
+                           forward of ssh's own (README, "Shortcuts").
   --no-reconnect           exit (status 1) when the tunnel is lost, instead of
                            reconnecting with backoff while the rules stay.
   --keepalive=SECONDS      ping the agent this often; a tunnel whose agent does not
@@ -178,6 +180,7 @@ class Options:
     syslog: bool = False
     tcp: str = "auto"
     tcp_cap: int = DEFAULT_CAP
+    shortcuts: bool = True
     disable_ipv6: bool = False
     socks: Optional[Tuple[str, int]] = None
     socks_auth: Optional[Tuple[bytes, bytes]] = None
@@ -535,6 +538,7 @@ def parse_args(argv: Sequence[str]) -> Options:
         syslog=bool(args["--syslog"] or args["--daemon"]),
         tcp=tcp,
         tcp_cap=tcp_cap,
+        shortcuts=not args["--no-shortcuts"],
         disable_ipv6=disable_ipv6,
         socks=socks,
         socks_auth=socks_auth,

@@ -85,6 +85,7 @@ async def _status(client: Running, request: cm.StatusRequest) -> Message:
         up,
         down,
         client.streams.tcp_path,
+        client.streams.shortcuts.entries if client.streams.shortcuts is not None else (),
     )
 
 
@@ -144,6 +145,8 @@ async def _apply(
     except FirewallError as exc:
         raise RequestRefused(str(exc)) from None
     client.subnets, client.excludes = subnets, excludes
+    if client.streams.shortcuts is not None:
+        client.streams.shortcuts.routes_changed()
 
 
 async def _hosts(client: Running, request: cm.HostsRequest) -> Message:

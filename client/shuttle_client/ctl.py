@@ -199,6 +199,10 @@ def format_status(status: StatusAnswer) -> str:
         ("open", f"{plural(status.channels, 'connection')}, {plural(status.flows, 'UDP flow')}"),
         ("bytes", f"{human_bytes(status.bytes_up)} up, {human_bytes(status.bytes_down)} down"),
         ("tcp", TCP_PATH_TEXT[status.tcp]),
+        *(
+            ("shortcut", f"{endpoint((host, port))} straight to ssh's forward on port {local}")
+            for host, port, local in status.shortcuts
+        ),
     ]  # fmt: skip
     return "".join(f"{name:<9}{value}\n" for name, value in rows)
 

@@ -423,14 +423,17 @@ class Master:
         self._requests = itertools.count(1)
         self._slots = asyncio.Semaphore(PARALLEL)
         self._watch: Optional[MuxConnection] = None
-        # Where the master is our ssh: a descriptor of its /proc/PID/stat and its start time
-        # then, its liveness (running_since) read without a round trip.
-        self._liveness: Optional[Tuple[int, int]] = None
+        # Where the master is our ssh: a descriptor of its /proc/PID/stat, its start time
+        # then and its pid; its liveness (running_since) read without a round trip.
+        self._liveness: Optional[Tuple[int, int, int]] = None
         self._ended: List[Forward] = []  # mux connection closed; is the master alive?
         self._wake = asyncio.Event()
         self._watcher: Optional[asyncio.Task[None]] = None
         self._ready: List[MuxConnection] = []  # connected, our Hello sent, unused
         self._pending: Dict[int, Handing] = {}  # by the mux connection's descriptor
+        # Called once, as the master is found gone (or we stop): its own forwards, which
+        # shortcuts.py gives hot destinations, went with it.
+        self.on_gone: Callable[[Master], None] = lambda master: None
 
     @property
     def room(self) -> bool:
@@ -455,7 +458,7 @@ class Master:
             if since is None:  # exiting already: the AliveCheck will say so
                 os.close(stat_fd)
             else:
-                self._liveness = stat_fd, since
+                self._liveness = stat_fd, since, pid
         self._watch = watch
         if self._liveness is None:
             self._watcher = asyncio.ensure_future(self._watch_loop())
@@ -582,6 +585,35 @@ class Master:
             return None, why
         return mux, ""
 
+    async def local_forward(self, request: ssh_mux.OpenLocalFwd) -> Optional[str]:
+        """Open (or close) a forward of the master's own, as ssh -L's: it listens on the
+        request's listen address and carries what connects there to its host and port, for
+        as long as the master lives (not this mux connection's). None once done, else why
+        not."""
+        try:
+            mux = await MuxConnection.open(self.path, request)
+        except MuxError as exc:
+            return str(exc)
+        try:
+            answer = await mux.answer()
+        except MuxError as exc:
+            return str(exc)
+        finally:
+            mux.close()
+        if isinstance(answer, ssh_mux.Ok) and answer.request_id == request.request_id:
+            return None
+        return _refusal(answer, request.request_id) or f"unexpected answer {answer!r:.80}"
+
+    def next_request(self) -> int:
+        """A request id for this master's mux connections."""
+        return next(self._requests) & ssh_mux.UINT32
+
+    @property
+    def child_pid(self) -> Optional[int]:
+        """The master's pid where it is our ssh child (its descriptors are then ours to
+        reach, pidfd_getfd), else None."""
+        return self._liveness[2] if self._liveness is not None else None
+
     def _refill(self) -> None:
         """Keep POOL mux connections ready while the master has room for their forwards,
         each connected and its Hello sent, here and now (the master's Hello is read with
@@ -684,6 +716,7 @@ class Master:
         if self.closed:
             return
         self.closed = True
+        self.on_gone(self)
         if self.forwards:
             log.info("resetting %d connections that ssh carried", len(self.forwards))
         for forward in list(self.forwards.values()):

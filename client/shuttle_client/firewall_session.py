@@ -50,6 +50,8 @@ from shuttle_protocol.firewall_messages import (
     SessionEntry,
     SetHostsAnswer,
     SetHostsRequest,
+    SetShortcutsAnswer,
+    SetShortcutsRequest,
     SocketsAnswer,
     SocketsHandover,
     SocketsRequest,
@@ -241,6 +243,20 @@ class FirewallSession:
         except ProtocolError as exc:
             raise FirewallError(f"cannot update the firewall session: {exc}") from None
         answer = await self._request(request, UpdateSessionAnswer, timeout)
+        return answer.rules
+
+    async def set_shortcuts(
+        self, shortcuts: Sequence[tuple[str, int, int]], limit: int, timeout: float = 10.0
+    ) -> int:
+        """Send this session's new connections to each (address, port) into its local port
+        (a listener of ours on loopback), while at most limit of them are open (the new one
+        included), instead of the session's port; these replace the ones it had. How many
+        rules it has now."""
+        try:
+            request = SetShortcutsRequest(self._open_session(), tuple(shortcuts), limit)
+        except ProtocolError as exc:
+            raise FirewallError(f"cannot set shortcuts: {exc}") from None
+        answer = await self._request(request, SetShortcutsAnswer, timeout)
         return answer.rules
 
     async def list_sessions(self, timeout: float = 5.0) -> tuple[SessionEntry, ...]:

@@ -20,6 +20,7 @@ from shuttle_protocol.control_messages import (
     FirewallBack,
     FirewallLost,
 )
+from shuttle_protocol.firewall_messages import MAX_SHORTCUT_LIMIT
 from shuttle_protocol.schema import Message
 
 from . import logs
@@ -39,6 +40,7 @@ from .private_firewalld import PrivateFirewalld, has_terminal, nobody_answers
 from .proxies.server import Proxies, ProxyError
 from .proxy import make_listeners
 from .readiness import Readiness
+from .shortcuts import SHORTCUT_METHODS, Entry, Shortcuts
 from .ssh_server import Server, find_server
 from .streams import Streams
 from .targets import describe
@@ -256,11 +258,27 @@ async def _capture_while_starting(
     client.fixed_excludes, client.dns = server.excludes, plan.dns
     client.method = await _unless_stopped(stop, _open_firewall(client, capture, options.method))
     logs.stage("firewall session open, rules applied")
+    _start_shortcuts(client)
     if client.method == "tproxy":
         await _unless_stopped(stop, starting)
     agents = client.streams.agent_capabilities
     port = await _unless_stopped(stop, capture.start(client.method, agents))
     return server, plan, port
+
+
+def _start_shortcuts(client: Running) -> None:
+    """Hot destinations straight into ssh's own forwards, where TCP may take ssh's path and
+    the method redirects into a loopback port (tproxy reaches transparent sockets only)."""
+    streams = client.streams
+    if not (streams.fast and client.options.shortcuts and client.method in SHORTCUT_METHODS):
+        return
+    limit = min(client.options.tcp_cap, MAX_SHORTCUT_LIMIT)
+
+    def apply(entries: Tuple[Entry, ...]) -> Awaitable[int]:
+        return client.firewall.set_shortcuts(entries, limit)
+
+    streams.shortcuts = Shortcuts(apply, client.captures)
+    streams.shortcuts.enable()
 
 
 async def _ssh_connected(streams: Streams, starting: "asyncio.Task[None]") -> None:
@@ -319,6 +337,8 @@ async def _keep_firewall(client: Running, capture: Capture, private: bool = Fals
         port = await _reopen_firewall(client, capture)
         client.firewall_lost = False
         log.info("firewall session open again (method %s, port %d)", client.method, port)
+        if client.streams.shortcuts is not None:
+            client.streams.shortcuts.firewall_back()
         client.streams.publish(FirewallBack(client.method, port))
         if client.hosts is not None:
             client.hosts.again()

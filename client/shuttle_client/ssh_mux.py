@@ -2,12 +2,12 @@
 messages to bytes and bytes to messages, bounded; no sockets here (fastpath.py drives it).
 
 Every packet is a uint32 length, then a uint32 type and the body, in SSH wire format
-(uint32 big-endian, string = uint32 length + bytes). Only what the fast path and the extra
-agent sessions (agent_sessions.py) need is here: the client sends Hello, NewStdioFwd,
-NewSession and AliveCheck; the master answers Hello, SessionOpened, Failure,
-PermissionDenied, Alive, Ok and ExitMessage. mux.c reads the connect port of a stdio
-forward as a uint32, whatever PROTOCOL.mux says ("string connect port"); the code is what
-runs.
+(uint32 big-endian, string = uint32 length + bytes). Only what the fast path, the extra
+agent sessions (agent_sessions.py) and the shortcuts (shortcuts.py) need is here: the
+client sends Hello, NewStdioFwd, NewSession, AliveCheck, OpenLocalFwd and CloseLocalFwd;
+the master answers Hello, SessionOpened, Failure, PermissionDenied, Alive, Ok and
+ExitMessage. mux.c reads the connect port of a stdio forward as a uint32, whatever
+PROTOCOL.mux says ("string connect port"); the code is what runs.
 """
 
 import struct
@@ -20,7 +20,10 @@ MUX_VERSION = 4
 MUX_MSG_HELLO = 0x00000001
 MUX_C_NEW_SESSION = 0x10000002
 MUX_C_ALIVE_CHECK = 0x10000004
+MUX_C_OPEN_FWD = 0x10000006
+MUX_C_CLOSE_FWD = 0x10000007
 MUX_C_NEW_STDIO_FWD = 0x10000008
+MUX_FWD_LOCAL = 1
 MUX_S_OK = 0x80000001
 MUX_S_PERMISSION_DENIED = 0x80000002
 MUX_S_FAILURE = 0x80000003
@@ -84,6 +87,18 @@ def _check_u32(value: object, name: str) -> None:
         raise LocalProtocolError(f"{name} must be a uint32, got {value!r:.40}")
 
 
+def _check_host(value: object, name: str) -> None:
+    if type(value) is not str or not 0 < len(value.encode()) <= MAX_HOST:
+        raise LocalProtocolError(f"{name} must be 1 to {MAX_HOST} bytes, got {value!r:.40}")
+    if "\0" in value:
+        raise LocalProtocolError(f"{name} must not contain NUL")
+
+
+def _check_port(value: object, name: str) -> None:
+    if type(value) is not int or not 1 <= value <= 65535:
+        raise LocalProtocolError(f"{name} must be 1-65535, got {value!r:.40}")
+
+
 @dataclass(frozen=True)
 class Hello:
     """Either way, first on each connection: the protocol version (extensions ignored)."""
@@ -110,15 +125,50 @@ class NewStdioFwd:
 
     def __post_init__(self) -> None:
         _check_u32(self.request_id, "request id")
-        if type(self.host) is not str or not 0 < len(self.host.encode()) <= MAX_HOST:
-            raise LocalProtocolError(f"host must be 1 to {MAX_HOST} bytes, got {self.host!r:.40}")
-        if "\0" in self.host:
-            raise LocalProtocolError("host must not contain NUL")
-        if type(self.port) is not int or not 1 <= self.port <= 65535:
-            raise LocalProtocolError(f"port must be 1-65535, got {self.port!r:.40}")
+        _check_host(self.host, "host")
+        _check_port(self.port, "port")
 
     def body(self) -> bytes:
         return _u32(self.request_id) + _string(b"") + _string(self.host.encode()) + _u32(self.port)
+
+
+@dataclass(frozen=True)
+class OpenLocalFwd:
+    """Client → master: listen on listen_host:listen_port and forward what connects there
+    to host:port, as `ssh -L` does (the master's own forward, which outlives this mux
+    connection); answered by Ok, or Failure "Port forwarding failed" (the port is taken)."""
+
+    TYPE: ClassVar[int] = MUX_C_OPEN_FWD
+    request_id: int
+    listen_host: str
+    listen_port: int
+    host: str
+    port: int
+
+    def __post_init__(self) -> None:
+        _check_u32(self.request_id, "request id")
+        _check_host(self.listen_host, "listen host")
+        _check_port(self.listen_port, "listen port")
+        _check_host(self.host, "host")
+        _check_port(self.port, "port")
+
+    def body(self) -> bytes:
+        return (
+            _u32(self.request_id)
+            + _u32(MUX_FWD_LOCAL)
+            + _string(self.listen_host.encode())
+            + _u32(self.listen_port)
+            + _string(self.host.encode())
+            + _u32(self.port)
+        )
+
+
+@dataclass(frozen=True)
+class CloseLocalFwd(OpenLocalFwd):
+    """Client → master: stop the forward that OpenLocalFwd opened with the same fields;
+    answered by Ok, or Failure "port not forwarded"."""
+
+    TYPE: ClassVar[int] = MUX_C_CLOSE_FWD
 
 
 @dataclass(frozen=True)
@@ -218,7 +268,7 @@ class Ok:
     request_id: int
 
 
-Request = Union[Hello, NewStdioFwd, NewSession, AliveCheck]
+Request = Union[Hello, NewStdioFwd, NewSession, AliveCheck, OpenLocalFwd, CloseLocalFwd]
 Answer = Union[Hello, SessionOpened, Failure, PermissionDenied, Alive, Ok, ExitMessage]
 
 

@@ -39,6 +39,7 @@ from .cli import Options
 from .fastpath import ControlDir, Forward, Master, cap_within_fd_limit, reset
 from .listing import Listed
 from .proxy import Destination, Incoming, NotCaptured, Waiting, relay_for
+from .shortcuts import Shortcuts
 from .targets import endpoint
 from .tunnel import Tunnel, TunnelError
 
@@ -85,6 +86,9 @@ class Streams:
         self._turn = itertools.count()
         self._tasks: Set[asyncio.Task[Any]] = set()
         self._stopping = False
+        # Hot destinations straight into ssh's own forwards; main gives it the firewall
+        # session, once that is open with a method that can redirect into them.
+        self.shortcuts: Optional[Shortcuts] = None
 
     async def start(self) -> None:
         """Start every tunnel at once; if one fails, stop them all and raise its error.
@@ -119,6 +123,8 @@ class Streams:
             waiting.give_up("the client is stopping")
         await asyncio.gather(*(sessions.stop() for sessions in self.sessions.values()))
         await asyncio.gather(*(tunnel.stop() for tunnel in self.tunnels))
+        if self.shortcuts is not None:
+            await self.shortcuts.stop()
         if self.control_dir is not None:
             self.control_dir.remove()
 
@@ -136,6 +142,7 @@ class Streams:
                 on_open=self._forward_opened,
                 on_close=self._forward_closed,
             )
+            master.on_gone = self._master_gone
         return Tunnel(self.options, self.names[index], ssh_options, master, control=path)
 
     def _open_sessions(self, index: int) -> None:
@@ -389,6 +396,13 @@ class Streams:
     def _forward_opened(self, forward: Forward) -> None:
         event = (forward.channel, forward.stream, "tcp-ssh", forward.source)
         self.publish(ChannelOpened(*event, forward.host, forward.port))
+        master = self.tunnels[forward.stream].master
+        if self.shortcuts is not None and master is not None:
+            self.shortcuts.opened(master, forward.host, forward.port)
+
+    def _master_gone(self, master: Master) -> None:
+        if self.shortcuts is not None:
+            self.shortcuts.master_gone(master)
 
     def _forward_closed(self, forward: Forward, up: int, down: int) -> None:
         self.closed_bytes[0] += up

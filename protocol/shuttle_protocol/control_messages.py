@@ -21,7 +21,14 @@ from .checks import (
     check_text,
 )
 from .errors import LocalProtocolError
-from .firewall_messages import APPLIED_METHODS, MAX_HOSTS, Target, check_targets
+from .firewall_messages import (
+    APPLIED_METHODS,
+    MAX_HOSTS,
+    Shortcut,
+    Target,
+    check_shortcuts,
+    check_targets,
+)
 from .rpc import Pairs
 from .schema import Message, message
 
@@ -103,6 +110,7 @@ class StatusAnswer(Message):
         "bytes_up",
         "bytes_down",
         "tcp",
+        "shortcuts",
     )
     state: str
     remote: str
@@ -117,10 +125,12 @@ class StatusAnswer(Message):
     bytes_up: int
     bytes_down: int
     tcp: str
+    shortcuts: Tuple[Shortcut, ...]
 
     def __post_init__(self) -> None:
         check_choice(self.state, "state", STATES)
         check_choice(self.tcp, "tcp", TCP_PATHS)
+        check_shortcuts(self.shortcuts)
         check_text(self.remote, "remote", 1000)
         check_text(self.method, "method", 16)
         check_int(self.pid, "pid", 1, 2**31 - 1)

@@ -35,6 +35,7 @@ STATUS = cm.StatusAnswer(
     bytes_up=3 * 1024,
     bytes_down=5 * 1024 * 1024,
     tcp="ssh",
+    shortcuts=(),
 )
 CONNECTIONS = cm.ConnectionsAnswer(
     (

@@ -277,7 +277,7 @@ def conn(channel: int, up: int, down: int, age: float, source: str = "127.0.0.1:
 
 def sample(at: float, connections: list[Connection], up: int = 0, down: int = 0) -> Sample:
     status = StatusAnswer(
-        "up", "gw", "nft", 1, 100.0, 0, 1, 1, len(connections), 0, up, down, "agent"
+        "up", "gw", "nft", 1, 100.0, 0, 1, 1, len(connections), 0, up, down, "agent", ()
     )
     return Sample(at, status, ConnectionsAnswer(tuple(connections), len(connections)), at)
 

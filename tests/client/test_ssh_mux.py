@@ -62,6 +62,12 @@ def test_requests_are_what_mux_c_reads() -> None:
     assert ssh_mux.encode(ssh_mux.NewSession(5, "exec python3 -c x")) == packet(
         0x10000002, u32(5) + string(b"") + flags + string(b"") + string(b"exec python3 -c x")
     )
+    # request id, forward type (local: 1), listen host, listen port, connect host and port,
+    # the ports as uint32s (process_mux_open_fwd)
+    assert ssh_mux.encode(ssh_mux.OpenLocalFwd(7, "127.0.0.1", 40123, "10.1.2.3", 80)) == packet(
+        0x10000006,
+        u32(7) + u32(1) + string(b"127.0.0.1") + u32(40123) + string(b"10.1.2.3") + u32(80),
+    )
 
 
 @pytest.mark.parametrize(
@@ -75,6 +81,10 @@ def test_requests_are_what_mux_c_reads() -> None:
         lambda: ssh_mux.NewStdioFwd(-1, "host", 80),
         lambda: ssh_mux.NewStdioFwd(2**32, "host", 80),
         lambda: ssh_mux.AliveCheck(True),
+        lambda: ssh_mux.OpenLocalFwd(1, "", 40000, "host", 80),
+        lambda: ssh_mux.OpenLocalFwd(1, "127.0.0.1", 0, "host", 80),
+        lambda: ssh_mux.OpenLocalFwd(1, "127.0.0.1", 40000, "a\0b", 80),
+        lambda: ssh_mux.OpenLocalFwd(1, "127.0.0.1", 40000, "host", 65536),
         lambda: ssh_mux.NewSession(1, ""),
         lambda: ssh_mux.NewSession(1, "a\0b"),
         lambda: ssh_mux.NewSession(1, "a" * (ssh_mux.MAX_COMMAND + 1)),

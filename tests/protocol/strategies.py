@@ -261,6 +261,7 @@ STRATEGIES: Dict[Type[Message], st.SearchStrategy[Message]] = {
             counts,
             counts,
             st.sampled_from(cm.TCP_PATHS),
+            shortcuts,
         )
     ),
     cm.ConnectionsRequest: st.builds(cm.ConnectionsRequest),
@@ -402,7 +403,20 @@ EXAMPLES: Dict[Type[Message], Message] = {
     fw.ErrorAnswer: fw.ErrorAnswer("no"),
     cm.StatusRequest: cm.StatusRequest(),
     cm.StatusAnswer: cm.StatusAnswer(
-        "up", "alice@gw", "nft", 4242, 61.5, 1, 2, 2, 3, 1, 10_000, 2_000_000, "ssh"
+        "up",
+        "alice@gw",
+        "nft",
+        4242,
+        61.5,
+        1,
+        2,
+        2,
+        3,
+        1,
+        10_000,
+        2_000_000,
+        "ssh",
+        (("10.1.0.2", 7007, 40123),),
     ),
     cm.ConnectionsRequest: cm.ConnectionsRequest(),
     cm.ConnectionsAnswer: cm.ConnectionsAnswer((CONNECTION,), 1),
@@ -851,6 +865,7 @@ BAD_VALUES: Dict[Type[Message], Dict[str, List[Any]]] = {
         "bytes_up": bad_ints(0, cm.MAX_COUNT),
         "bytes_down": bad_ints(0, cm.MAX_COUNT),
         "tcp": ["SSH", "", None, 1, ("ssh",)],
+        "shortcuts": bad_lists(("10.1.0.2", 7007, 40123), BAD_SHORTCUTS, fw.MAX_SHORTCUTS),
     },
     cm.ConnectionsRequest: {},
     cm.ConnectionsAnswer: {
