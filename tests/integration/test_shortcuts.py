@@ -141,3 +141,14 @@ def test_no_shortcuts_keeps_every_connection_on_the_hand_over(shuttle: Shuttle) 
         assert result["ok"], f"{result}\n{shuttle.outputs()}"
     # make_hot's shortcut shows within moments of the same checks: give it as long as that.
     assert not wait_until(lambda: bool(ctl_json(shuttle, "status")["shortcuts"]), 3)
+
+
+def test_excluding_a_shortcuts_destination_drops_it_and_its_forward(shuttle: Shuttle) -> None:
+    """A route change (ctl add -x) that stops capturing the destination: firewalld drops the
+    rule, and the client drops the shortcut and closes ssh's forward."""
+    shuttle.start_client()
+    _, _, local = make_hot(shuttle)
+    ctl_json(shuttle, "add", "-x", f"{T_ADDR}/32:{BULK_PORT}")
+    assert wait_until(lambda: not ctl_json(shuttle, "status")["shortcuts"], 10), shuttle.outputs()
+    assert wait_until(lambda: not ssh_listens_on(shuttle, local), 10), shuttle.outputs()
+    assert not redirects_to(shuttle, local)
