@@ -221,12 +221,20 @@ def check_shortcuts(netns: str, daemon: Daemon, method: str) -> None:
     """Real connections in the routed namespace of a session of root's with shortcuts (nat
     and nft alike): to a shortcut's destination they reach its local port, up to its limit
     of connections open at once, and past it the session's port; cleared, the session's port
-    again."""
+    again. Meanwhile the guard resets another uid's connections to the local port, not the
+    owner's."""
     landing = Landing((12300, 12310))
     client, _ = open_session(daemon, method, 12300, SHORTCUT_SUBNETS, [])
+    local = [("127.0.0.1", 12310), ("::1", 12310)]
     try:
         [entry] = asyncio.run(client.list_sessions())
-        assert set_shortcuts(daemon, client, SHORTCUTS, 2) == entry.rules + 2
+        # Each shortcut's rule, and its guard's (root's session names a uid, no gid), and
+        # for nat the guard's jump of each IP version.
+        guard = 2 + 2 * (method == "nat")
+        assert set_shortcuts(daemon, client, SHORTCUTS, 2) == entry.rules + 2 + guard
+        # Refused, so never in the listeners' backlog, which reached() reads.
+        assert connect(netns, local, as_nobody=True) == ["refused", "refused"]
+        assert [landing.reached(host, port) for host, port in local] == [12310, 12310]
         for host in ("198.18.0.5", "fd00:5e::5"):
             assert [landing.reached(host, 7007) for _ in range(3)] == [12310, 12310, 12300]
             assert landing.reached(host, 7008) == 12300  # another port: no shortcut
@@ -244,6 +252,8 @@ def check_shortcuts(netns: str, daemon: Daemon, method: str) -> None:
         assert set_shortcuts(daemon, client, (), 1) == entry.rules
         assert landing.reached("198.18.0.5", 7007) == 12300
         assert landing.reached("fd00:5e::5", 7007) == 12300
+        # The guard went with the shortcuts (last: these stay in the backlog).
+        assert connect(netns, local, as_nobody=True) == ["connected", "connected"]
     finally:
         close_session(client)
         landing.close()
@@ -288,12 +298,17 @@ def check_shortcuts_update(netns: str, daemon: Daemon, method: str) -> None:
         rules = set_shortcuts(daemon, client, SHORTCUTS, 1)
         assert isinstance(rules, int)
         # 198.18.0.5 excluded from now on: its connections are not captured at all. One
-        # shortcut's rule fewer; nat has a rule for the exclude, nft an element of a set.
+        # shortcut's rule fewer, and its guard's (nft), or its IPv4 guard, rule and jump
+        # (nat), which has a rule for the exclude where nft has an element of a set.
         excluded = update_session(client, SHORTCUT_SUBNETS, [("198.18.0.5/32", 1, 65535)])
-        assert excluded == rules - (method == "nft")
+        assert excluded == rules - 2
         assert landing.reached("198.18.0.5", 7007) == "ConnectionRefusedError"
         assert landing.reached("fd00:5e::5", 7007) == 12310
         assert "drops a shortcut: shortcut to 198.18.0.5:7007: excluded" in daemon.log
+        # The dropped shortcut's guard went with it, the other's stays (last: a connection
+        # that gets in stays in the backlog, which reached() reads).
+        local = [("127.0.0.1", 12310), ("::1", 12310)]
+        assert connect(netns, local, as_nobody=True) == ["connected", "refused"]
     finally:
         close_session(client)
         landing.close()

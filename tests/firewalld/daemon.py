@@ -37,9 +37,9 @@ def wait_until(predicate: Callable[[], bool], timeout: float = WAIT) -> bool:
     return predicate()
 
 
-def _saved_nat(netns: str, tool: str) -> list[str]:
+def _saved(netns: str, tool: str, table: str = "nat") -> list[str]:
     saved = subprocess.run(
-        ["ip", "netns", "exec", netns, tool, "-t", "nat"],
+        ["ip", "netns", "exec", netns, tool, "-t", table],
         capture_output=True,
         text=True,
         check=True,
@@ -50,17 +50,24 @@ def _saved_nat(netns: str, tool: str) -> list[str]:
 
 def nat_rules(netns: str) -> list[str]:
     """The namespace's nat table as iptables-save prints it, without comments."""
-    return _saved_nat(netns, "iptables-save")
+    return _saved(netns, "iptables-save")
 
 
 def nat6_rules(netns: str) -> list[str]:
     """The namespace's IPv6 nat table as ip6tables-save prints it, without comments."""
-    return _saved_nat(netns, "ip6tables-save")
+    return _saved(netns, "ip6tables-save")
+
+
+def guard_rules(netns: str) -> list[str]:
+    """The filter table's lines of the nat method (its shortcuts' guards), IPv4 then IPv6."""
+    saved = _saved(netns, "iptables-save", "filter") + _saved(netns, "ip6tables-save", "filter")
+    return [line for line in saved if "SHUTTLE-" in line]
 
 
 def shuttle_rules(netns: str) -> list[str]:
-    """The nat method's lines, IPv4 then IPv6."""
-    return [line for line in nat_rules(netns) + nat6_rules(netns) if "SHUTTLE-" in line]
+    """The nat method's lines, IPv4 then IPv6, then those of its guards."""
+    nat = [line for line in nat_rules(netns) + nat6_rules(netns) if "SHUTTLE-" in line]
+    return nat + guard_rules(netns)
 
 
 def nft(netns: str, *args: str) -> str:

@@ -27,6 +27,20 @@ see nft.py); the next one falls through to the capture rule. They need no owner 
 the OUTPUT jump has it. A session with forward has none (sessions.py refuses them): its
 PREROUTING jump enters the same chain, where forwarded connections would take them, and
 iptables refuses an owner match in a chain that PREROUTING reaches.
+
+ssh's forward accepts a connection from any local user, and forwards it as the session's
+owner. So a session with an owner match and shortcuts of an IP version has a guard there:
+a chain of the same name in the filter table, entered from the top of its OUTPUT (`-I`: a
+host's own `-o lo -j ACCEPT` there would pass everything before an appended jump) for TCP
+to loopback. Filter OUTPUT comes after nat OUTPUT, so the owner's redirected SYN is seen
+with its new destination, LOCAL on loopback. For each shortcut, an opening SYN to LOCAL
+from a socket of another uid (`! --uid-owner U`), or of another gid where the session names
+one (`! --gid-owner G`, a rule of its own: either mismatch is enough), gets a TCP reset.
+Only the SYN: xt_owner's inverted match also takes packets without a user's socket (the
+kernel's own RST, a TIME_WAIT's ACK), which must pass. The owner's connections, redirected
+or direct, pass. A session that captures every user's traffic has no guard: it sends them
+all there anyway. The guard is its own commit, before the nat one when it comes and after
+it when it goes, so it is in force whenever the shortcuts are.
 """
 
 from __future__ import annotations
@@ -62,15 +76,17 @@ TOOLS = {
     # -w: wait for the xtables lock; iptables-save takes no lock, so no -w there.
     4: Tools(
         restore=("iptables-restore", "-w", "--noflush"),
-        save=("iptables-save", "-t", "nat"),
-        single=("iptables", "-w", "-t", "nat"),
+        save=("iptables-save",),
+        single=("iptables", "-w"),
     ),
     6: Tools(
         restore=("ip6tables-restore", "-w", "--noflush"),
-        save=("ip6tables-save", "-t", "nat"),
-        single=("ip6tables", "-w", "-t", "nat"),
+        save=("ip6tables-save",),
+        single=("ip6tables", "-w"),
     ),
 }
+# Where a session's chains are: its capture in nat, its shortcuts' guard in filter.
+TABLES = ("nat", "filter")
 CHAIN_PREFIX = "SHUTTLE-"
 # Only chains we could have made (the prefix and a short session id, 12 hex digits), as
 # iptables-save declares them: ":SHUTTLE-0123456789ab - [0:0]".
@@ -142,6 +158,52 @@ def shortcut_rules(session: Session, version: int) -> list[str]:
     ]
 
 
+def guard_rules(session: Session, version: int) -> list[str]:
+    """The rules of the session's guard of this IP version (see the module's docstring):
+    none for a session without an owner match or without shortcuts of that version."""
+    others = []
+    if session.uid != ANY_OWNER:
+        others.append(f"! --uid-owner {session.rule_uid}")
+    if session.gid != ANY_OWNER:
+        others.append(f"! --gid-owner {session.rule_gid}")
+    return [
+        f"-p tcp -m tcp --dport {shortcut.local_port} --tcp-flags FIN,SYN,RST,ACK SYN "
+        f"-m owner {other} -j REJECT --reject-with tcp-reset"
+        for shortcut in session.shortcuts
+        if shortcut.version == version
+        for other in others
+    ]
+
+
+def guard_jump(session: Session, version: int) -> str:
+    """The filter OUTPUT rule that sends TCP to loopback into the session's guard."""
+    return f"OUTPUT -d {LOOPBACK[version]} -p tcp -j {chain_name(session)}"
+
+
+def guard_lines(session: Session, version: int) -> list[str]:
+    """The guard chain of one IP version, as iptables-restore lines: its declaration (which
+    empties it, as refill_text says) and its rules."""
+    chain = chain_name(session)
+    return [f":{chain} - [0:0]", *(f"-A {chain} {rule}" for rule in guard_rules(session, version))]
+
+
+def guard_text(session: Session, version: int) -> str:
+    """The iptables-restore input that installs the guard of one IP version, chain and
+    jump, in one commit."""
+    lines = ["*filter", *guard_lines(session, version), f"-I {guard_jump(session, version)}"]
+    return "\n".join([*lines, "COMMIT"]) + "\n"
+
+
+def guard_refill_text(session: Session, version: int) -> str:
+    """The iptables-restore input that replaces the rules of the guard of one IP version,
+    in one commit; its jump stays (it depends on nothing that changes)."""
+    return "\n".join(["*filter", *guard_lines(session, version), "COMMIT"]) + "\n"
+
+
+def guard_removal_text(session: Session, version: int) -> str:
+    return removal_text([guard_jump(session, version)], [chain_name(session)], "filter")
+
+
 def chain_lines(session: Session, version: int) -> list[str]:
     """The session's chain of one IP version, as iptables-restore lines: its declaration
     and its rules."""
@@ -188,10 +250,11 @@ def refill_text(session: Session, version: int) -> str:
     return "\n".join(["*nat", *chain_lines(session, version), "COMMIT"]) + "\n"
 
 
-def removal_text(jumps: list[str], chains: list[str]) -> str:
-    """The iptables-restore input that deletes the jump rules, then empties and drops chains."""
+def removal_text(jumps: list[str], chains: list[str], table: str = "nat") -> str:
+    """The iptables-restore input that deletes the jump rules, then empties and drops chains,
+    of one table."""
     lines = [
-        "*nat",
+        f"*{table}",
         *(f"-D {rule}" for rule in jumps),
         *(f"-F {chain}" for chain in chains),
         *(f"-X {chain}" for chain in chains),
@@ -201,7 +264,7 @@ def removal_text(jumps: list[str], chains: list[str]) -> str:
 
 
 def stale_rules(saved: str) -> tuple[list[str], list[str]]:
-    """From `iptables-save -t nat` output: (jump rules into our chains, our chains)."""
+    """From `iptables-save -t TABLE` output: (jump rules into our chains, our chains)."""
     chains = [
         match.group(1)
         for match in map(_OUR_CHAIN_LINE.match, saved.splitlines())
@@ -219,8 +282,71 @@ def stale_rules(saved: str) -> tuple[list[str], list[str]]:
     return jumps, chains
 
 
+# One commit and the iptables-restore input that undoes it: (IP version, input, undo).
+Step = tuple[int, str, str]
+
+
+def rules_in(text: str) -> int:
+    """How many rules an iptables-restore input adds."""
+    return sum(line.startswith(("-A ", "-I ")) for line in text.splitlines())
+
+
+def apply_steps(session: Session) -> list[Step]:
+    """The commits that install the session, in order, each with its undo."""
+    chain = [chain_name(session)]
+    steps = []
+    for version in session.versions:
+        if guard_rules(session, version):
+            steps.append(
+                (version, guard_text(session, version), guard_removal_text(session, version))
+            )
+        steps.append(
+            (
+                version,
+                apply_text(session, version),
+                removal_text(jump_rules(session, version), chain),
+            )
+        )
+    return steps
+
+
+def update_steps(session: Session, new: Session) -> list[Step]:
+    """The commits that turn the session's rules into new's, in order, each with its undo."""
+    chain = [chain_name(session)]
+    steps = []
+    for version in sorted({*session.versions, *new.versions}):
+        if version in session.versions and version in new.versions:
+            step = (version, refill_text(new, version), refill_text(session, version))
+        elif version in new.versions:  # a version the session did not capture
+            step = (
+                version,
+                apply_text(new, version),
+                removal_text(jump_rules(new, version), chain),
+            )
+        else:  # one it no longer captures: its chain and jumps go
+            step = (
+                version,
+                removal_text(jump_rules(session, version), chain),
+                apply_text(session, version),
+            )
+        guarded, guarding = bool(guard_rules(session, version)), bool(guard_rules(new, version))
+        if guarding and guarded:
+            steps.append(
+                (version, guard_refill_text(new, version), guard_refill_text(session, version))
+            )
+        elif guarding:
+            steps.append((version, guard_text(new, version), guard_removal_text(new, version)))
+        steps.append(step)
+        if guarded and not guarding:
+            steps.append(
+                (version, guard_removal_text(session, version), guard_text(session, version))
+            )
+    return steps
+
+
 class NatMethod:
-    """iptables-restore --noflush, one call per IP version to apply a session or remove it."""
+    """iptables-restore --noflush, one call per IP version and table to apply a session or
+    remove it."""
 
     makes_sockets = False  # the caller listens on the redirect port itself
 
@@ -228,19 +354,9 @@ class NatMethod:
         self._run = run
 
     def apply(self, session: Session) -> int:
-        rules = 0
-        done: list[int] = []
-        for version in session.versions:
-            text = apply_text(session, version)
-            try:
-                self._run(TOOLS[version].restore, text)
-            except RequestError:
-                for applied in done:  # all of the session or nothing
-                    self._remove(applied, jump_rules(session, applied), [chain_name(session)])
-                raise
-            done.append(version)
-            rules += text.count("\n-A ")
-        return rules
+        steps = apply_steps(session)
+        self._commit(session, steps)
+        return sum(rules_in(text) for _, text, _ in steps)
 
     def update(
         self,
@@ -250,62 +366,62 @@ class NatMethod:
         shortcuts: tuple[Shortcut, ...] | None = None,
     ) -> int:
         new = with_targets(session, subnets, excludes, shortcuts)
-        chain = [chain_name(session)]
-        undo: list[tuple[int, str]] = []  # (version, the input that puts it back), in order
+        self._commit(session, update_steps(session, new))
+        return sum(rules_in(text) for _, text, _ in apply_steps(new))
+
+    def _commit(self, session: Session, steps: list[Step]) -> None:
+        """Run the steps in order; if one fails, undo the ones done, last first, and raise."""
+        done: list[Step] = []
         try:
-            for version in sorted({*session.versions, *new.versions}):
-                if version in session.versions and version in new.versions:
-                    text, back = refill_text(new, version), refill_text(session, version)
-                elif version in new.versions:  # a version the session did not capture
-                    text = apply_text(new, version)
-                    back = removal_text(jump_rules(new, version), chain)
-                else:  # one it no longer captures: its chain and jumps go
-                    text = removal_text(jump_rules(session, version), chain)
-                    back = apply_text(session, version)
-                self._run(TOOLS[version].restore, text)
-                undo.append((version, back))
+            for step in steps:
+                self._run(TOOLS[step[0]].restore, step[1])
+                done.append(step)
         except RequestError:
-            # Two versions are two tools, two commits: the one done goes back as it was.
-            for version, back in reversed(undo):
+            # Each step is its own commit: the ones done go back as they were.
+            for version, _, back in reversed(done):
                 try:
                     self._run(TOOLS[version].restore, back)
                 except RequestError as exc:
                     log.warning(
-                        "undoing the IPv%d update of session %s: %s", version, session.short_id, exc
+                        "undoing an IPv%d step of session %s: %s", version, session.short_id, exc
                     )
             raise
-        return sum(apply_text(new, version).count("\n-A ") for version in new.versions)
 
     def remove(self, session: Session) -> None:
+        chain = [chain_name(session)]
         for version in session.versions:
-            self._remove(version, jump_rules(session, version), [chain_name(session)])
+            self._remove(version, "nat", jump_rules(session, version), chain)
+            if guard_rules(session, version):  # after the shortcuts it guards
+                self._remove(version, "filter", [guard_jump(session, version)], chain)
 
     def remove_stale(self) -> int:
         found = 0
         problems = []
         for version, tools in TOOLS.items():
-            try:
-                jumps, chains = stale_rules(self._run(tools.save, ""))
-            except RequestError as exc:  # say so, and still look at the other version
-                problems.append(str(exc))
-                continue
-            if chains:
-                self._remove(version, jumps, chains)
-                log.info(
-                    "removed %d stale IPv%d chains left by an earlier run: %s",
-                    len(chains),
-                    version,
-                    chains,
-                )
-            found += len(chains)
+            for table in TABLES:
+                try:
+                    jumps, chains = stale_rules(self._run([*tools.save, "-t", table], ""))
+                except RequestError as exc:  # say so, and still look at the others
+                    problems.append(str(exc))
+                    continue
+                if chains:
+                    self._remove(version, table, jumps, chains)
+                    log.info(
+                        "removed %d stale IPv%d %s chains left by an earlier run: %s",
+                        len(chains),
+                        version,
+                        table,
+                        chains,
+                    )
+                found += len(chains)
         if problems:
             raise RequestError("; ".join(problems))
         return found
 
-    def _remove(self, version: int, jumps: list[str], chains: list[str]) -> None:
+    def _remove(self, version: int, table: str, jumps: list[str], chains: list[str]) -> None:
         tools = TOOLS[version]
         try:
-            self._run(tools.restore, removal_text(jumps, chains))
+            self._run(tools.restore, removal_text(jumps, chains, table))
             return
         except RequestError as exc:
             # Usually a part is gone already; then one commit fails as a whole, so go step
@@ -318,6 +434,6 @@ class NatMethod:
         ]
         for action, target in steps:
             try:
-                self._run([*tools.single, action, *shlex.split(target)], "")
+                self._run([*tools.single, "-t", table, action, *shlex.split(target)], "")
             except (RequestError, ValueError) as exc:  # ValueError: quoting shlex cannot split
-                log.warning("%s %s %s: %s", tools.single[0], action, target, exc)
+                log.warning("%s -t %s %s %s: %s", tools.single[0], table, action, target, exc)

@@ -34,6 +34,15 @@ session's port, and after both closed and a pause the next went to LOCAL again; 
 sequential connections (9,000 a second, each closed before the next) with `ct count 2`:
 28 went to LOCAL; 3,000 with `ct count 200`: all of them. Not in the prerouting chain: a
 redirect there lands on the incoming interface's address, where the forward does not listen.
+
+ssh's forward accepts a connection from any local user, and forwards it as the session's
+owner. So a session with an owner match and shortcuts has one more chain, `guard` (filter
+output, priority 0: after the nat output chain at -100, so the owner's redirected SYN is
+seen with its new destination, 127.0.0.1:LOCAL or [::1]:LOCAL): for each shortcut, the
+opening SYN to LOCAL on loopback from a socket of another uid (`meta skuid != U`), or of
+another gid where the session names one (`meta skgid != G`, a rule of its own: either
+mismatch is enough), gets a TCP reset. The owner's connections, redirected or direct, pass.
+A session that captures every user's traffic has no guard: it sends them all there anyway.
 """
 
 from __future__ import annotations
@@ -164,6 +173,26 @@ def shortcut_rules(session: Session, version: int, owner: str) -> list[str]:
     ]
 
 
+# A connection's opening packet: SYN without ACK (nor FIN, RST).
+SYN = "tcp flags & (fin | syn | rst | ack) == syn"
+
+
+def guard_rules(session: Session) -> list[str]:
+    """The guard chain's rules (see the module's docstring): none for a session without an
+    owner match or without shortcuts."""
+    others = []
+    if session.uid != ANY_OWNER:
+        others.append(f"meta skuid != {session.rule_uid}")
+    if session.gid != ANY_OWNER:
+        others.append(f"meta skgid != {session.rule_gid}")
+    return [
+        f"{MATCH[shortcut.version]} {LOOPBACK_TEXT[shortcut.version]} tcp dport "
+        f"{shortcut.local_port} {SYN} {other} reject with tcp reset"
+        for shortcut in session.shortcuts
+        for other in others
+    ]
+
+
 def chain_rules(session: Session, owner: str, forwarded: bool = False) -> list[str]:
     """The rules of one nat chain; owner is the socket owner match, "" for none; forwarded:
     the prerouting chain, without shortcuts."""
@@ -214,6 +243,9 @@ def chains(session: Session) -> list[Chain]:
                 chain_rules(session, "", forwarded=True),
             )
         )
+    guard = guard_rules(session)
+    if guard:  # only then: a session's table has no chain it does not need
+        found.append(("guard", "filter hook output priority filter", guard))
     return found
 
 

@@ -16,6 +16,10 @@ from shuttle_firewalld.methods.nat import (
     NatMethod,
     apply_text,
     chain_name,
+    guard_refill_text,
+    guard_removal_text,
+    guard_rules,
+    guard_text,
     jump_rules,
     refill_text,
     removal_text,
@@ -192,11 +196,107 @@ def test_shortcuts_sit_between_the_returns_and_the_capture() -> None:
     # Set by an update: the chain refilled, the jumps (which match the owner) as they were.
     tools = FakeTools()
     plain = make_session(["10.0.0.0/8", "fd00:5e::/32"], ["10.1.0.0/16"])
-    assert NatMethod(tools).update(plain, plain.subnets, plain.excludes, session.shortcuts) == 11
+    # 11, and of each version the guard's rule and jump; each guard before its shortcuts.
+    assert NatMethod(tools).update(plain, plain.subnets, plain.excludes, session.shortcuts) == 15
     assert tools.runs == [
+        (list(RESTORE4), guard_text(session, 4)),
         (list(RESTORE4), refill_text(session, 4)),
+        (list(RESTORE6), guard_text(session, 6)),
         (list(RESTORE6), refill_text(session, 6)),
     ]
+
+
+RESET = "-j REJECT --reject-with tcp-reset"
+SYN = "-p tcp -m tcp --dport 40123 --tcp-flags FIN,SYN,RST,ACK SYN -m owner"
+
+
+@pytest.mark.parametrize(
+    ("uid", "gid", "others"),
+    [
+        (1000, -1, ["! --uid-owner 1000"]),
+        (-1, 100, ["! --gid-owner 100"]),
+        # Either mismatch resets: two rules, not one rule of both.
+        (1000, 100, ["! --uid-owner 1000", "! --gid-owner 100"]),
+    ],
+)
+def test_the_guard_resets_other_owners_syns_to_each_local_port(
+    uid: int, gid: int, others: list[str]
+) -> None:
+    session = make_session(["10.0.0.0/8", "fd00:5e::/32"], uid=uid, gid=gid)
+    session.shortcuts = (make_shortcut("10.2.0.2", 7007, 40123),)
+    assert guard_text(session, 4).splitlines() == [
+        "*filter",
+        f":{CHAIN} - [0:0]",
+        *(f"-A {CHAIN} {SYN} {other} {RESET}" for other in others),
+        # At the top of filter OUTPUT: a host's ACCEPT there would pass an appended jump.
+        f"-I OUTPUT -d 127.0.0.0/8 -p tcp -j {CHAIN}",
+        "COMMIT",
+    ]
+    assert guard_rules(session, 6) == []  # no IPv6 shortcut
+    assert guard_removal_text(session, 4).splitlines() == [
+        "*filter",
+        f"-D OUTPUT -d 127.0.0.0/8 -p tcp -j {CHAIN}",
+        f"-F {CHAIN}",
+        f"-X {CHAIN}",
+        "COMMIT",
+    ]
+
+
+def test_no_guard_without_an_owner_match() -> None:
+    session = make_session(["10.0.0.0/8"], uid=-1)
+    session.shortcuts = (make_shortcut("10.2.0.2", 7007, 40123),)
+    assert guard_rules(session, 4) == []
+    tools = FakeTools()
+    assert NatMethod(tools).apply(session) == 5
+    assert tools.runs == [(list(RESTORE4), apply_text(session, 4))]
+
+
+def guarded(*shortcuts: tuple[str, int, int]) -> Any:
+    session = make_session(["10.0.0.0/8", "fd00:5e::/32"])
+    session.shortcuts = tuple(make_shortcut(*shortcut) for shortcut in shortcuts)
+    return session
+
+
+def test_a_guard_comes_before_its_shortcuts_and_goes_after_them() -> None:
+    session = guarded(("10.2.0.2", 7007, 40123))
+    tools = FakeTools()
+    assert NatMethod(tools).apply(session) == 5 + 2 + 4
+    assert tools.runs == [
+        (list(RESTORE4), guard_text(session, 4)),
+        (list(RESTORE4), apply_text(session, 4)),
+        (list(RESTORE6), apply_text(session, 6)),
+    ]
+    tools.runs.clear()
+    NatMethod(tools).remove(session)
+    assert tools.runs == [
+        (list(RESTORE4), removal_text(jump_rules(session, 4), [CHAIN])),
+        (list(RESTORE4), guard_removal_text(session, 4)),
+        (list(RESTORE6), removal_text(jump_rules(session, 6), [CHAIN])),
+    ]
+    # An update that moves the shortcut to IPv6: IPv4's guard goes after its shortcut,
+    # IPv6's comes before its own; one that changes the local port refills the guard.
+    tools.runs.clear()
+    moved = guarded(("fd00:5e::5", 7007, 40123))
+    assert NatMethod(tools).update(session, session.subnets, (), moved.shortcuts) == 4 + 7
+    assert tools.runs == [
+        (list(RESTORE4), refill_text(moved, 4)),
+        (list(RESTORE4), guard_removal_text(session, 4)),
+        (list(RESTORE6), guard_text(moved, 6)),
+        (list(RESTORE6), refill_text(moved, 6)),
+    ]
+    tools.runs.clear()
+    other_port = guarded(("10.2.0.2", 7007, 40124))
+    NatMethod(tools).update(session, session.subnets, (), other_port.shortcuts)
+    assert tools.runs[0] == (list(RESTORE4), guard_refill_text(other_port, 4))
+    assert "-I OUTPUT" not in tools.runs[0][1]  # the jump stays as it is
+
+
+def test_a_failed_shortcut_commit_takes_its_guard_back_out() -> None:
+    session = guarded(("10.2.0.2", 7007, 40123))
+    tools = FakeTools(fail_text="connlimit")
+    with pytest.raises(RequestError):
+        NatMethod(tools).apply(session)
+    assert tools.runs[-1] == (list(RESTORE4), guard_removal_text(session, 4))
 
 
 def test_removal_text() -> None:
@@ -247,18 +347,25 @@ def test_stale_rules_of_a_clean_table() -> None:
 class FakeTools:
     """Records each tool run; fails the runs whose argv contains a given word."""
 
-    def __init__(self, saved: dict[int, str] | None = None, fail: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        saved: dict[tuple[int, str], str] | None = None,
+        fail: Sequence[str] = (),
+        fail_text: str = "",
+    ) -> None:
         self.runs: list[tuple[list[str], str]] = []
-        self.saved = saved or {}
+        self.saved = saved or {}  # by (IP version, table)
         self.fail = fail
+        self.fail_text = fail_text  # fail the runs whose stdin contains it, too
 
     def __call__(self, argv: Sequence[str], stdin: str) -> str:
         self.runs.append((list(argv), stdin))
-        if any(word in argv for word in self.fail):
+        if any(word in argv for word in self.fail) or (self.fail_text and self.fail_text in stdin):
             raise RequestError(f"{argv[0]} failed (exit 1): no")
         for version, tools in TOOLS.items():
-            if tuple(argv) == tools.save:
-                return self.saved.get(version, "*nat\nCOMMIT\n")
+            for table in ("nat", "filter"):
+                if list(argv) == [*tools.save, "-t", table]:
+                    return self.saved.get((version, table), f"*{table}\nCOMMIT\n")
         return ""
 
 
@@ -381,32 +488,62 @@ def test_remove_falls_back_to_single_steps_that_each_get_their_turn() -> None:
     ]
 
 
-def test_remove_stale_in_both_versions() -> None:
-    tools = FakeTools(saved={4: SAVED, 6: SAVED.replace("bbbbbbbbbbbb", "cccccccccccc")})
-    assert NatMethod(tools).remove_stale() == 4
-    assert [argv[0] for argv, _ in tools.runs] == [
-        "iptables-save",
-        "iptables-restore",
-        "ip6tables-save",
-        "ip6tables-restore",
+SAVED_FILTER = """\
+*filter
+:OUTPUT ACCEPT [0:0]
+:SHUTTLE-aaaaaaaaaaaa - [0:0]
+-A OUTPUT -d 127.0.0.0/8 -p tcp -j SHUTTLE-aaaaaaaaaaaa
+-A OUTPUT -o lo -j ACCEPT
+-A SHUTTLE-aaaaaaaaaaaa -p tcp -m tcp --dport 40123 -j REJECT --reject-with tcp-reset
+COMMIT
+"""
+
+
+def test_remove_stale_in_both_versions_and_both_tables() -> None:
+    saved = {
+        (4, "nat"): SAVED,
+        (6, "nat"): SAVED.replace("bbbbbbbbbbbb", "cccccccccccc"),
+        (4, "filter"): SAVED_FILTER,  # a guard left behind
+    }
+    tools = FakeTools(saved=saved)
+    assert NatMethod(tools).remove_stale() == 5
+    assert [" ".join(argv[:3]) for argv, _ in tools.runs] == [
+        "iptables-save -t nat",
+        "iptables-restore -w --noflush",
+        "iptables-save -t filter",
+        "iptables-restore -w --noflush",
+        "ip6tables-save -t nat",
+        "ip6tables-restore -w --noflush",
+        "ip6tables-save -t filter",
     ]
     assert tools.runs[1][1] == removal_text(*stale_rules(SAVED))
+    assert tools.runs[3][1].splitlines() == [
+        "*filter",
+        "-D OUTPUT -d 127.0.0.0/8 -p tcp -j SHUTTLE-aaaaaaaaaaaa",
+        "-F SHUTTLE-aaaaaaaaaaaa",
+        "-X SHUTTLE-aaaaaaaaaaaa",
+        "COMMIT",
+    ]
 
 
 def test_remove_stale_with_nothing_stale_changes_nothing() -> None:
     tools = FakeTools()
     assert NatMethod(tools).remove_stale() == 0
-    assert [argv for argv, _ in tools.runs] == [list(TOOLS[4].save), list(TOOLS[6].save)]
+    assert [argv for argv, _ in tools.runs] == [
+        [*TOOLS[version].save, "-t", table] for version in (4, 6) for table in ("nat", "filter")
+    ]
 
 
 def test_remove_stale_does_one_version_when_the_other_fails() -> None:
-    tools = FakeTools(saved={6: SAVED}, fail=["iptables-save"])
+    tools = FakeTools(saved={(6, "nat"): SAVED}, fail=["iptables-save"])
     with pytest.raises(RequestError, match="iptables-save failed"):
         NatMethod(tools).remove_stale()
     assert [argv[0] for argv, _ in tools.runs] == [
         "iptables-save",
+        "iptables-save",
         "ip6tables-save",
         "ip6tables-restore",
+        "ip6tables-save",
     ]
 
 
@@ -491,8 +628,8 @@ def test_stale_chains_of_both_versions_go_at_start_and_only_they(
     assert shuttle_rules(netns) == []
     for rules in (nat_rules(netns), nat6_rules(netns)):
         assert "-A PREROUTING -p tcp -j MINE" in rules
-    assert "removed 1 stale IPv4 chains left by an earlier run" in daemon.log
-    assert "removed 1 stale IPv6 chains left by an earlier run" in daemon.log
+    assert "removed 1 stale IPv4 nat chains left by an earlier run" in daemon.log
+    assert "removed 1 stale IPv6 nat chains left by an earlier run" in daemon.log
 
 
 @pytest.mark.integration

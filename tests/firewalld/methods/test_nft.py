@@ -261,7 +261,44 @@ def test_shortcuts_sit_between_a_versions_returns_and_its_capture_in_output_only
     ]
     # Forwarded connections would land on the incoming interface's address: not there.
     assert "ct count" not in "\n".join(chain_rules(text, "prerouting"))
-    assert NftMethod(FakeNft()).apply(session) == 14 + 3
+    assert NftMethod(FakeNft()).apply(session) == 14 + 3 + 3  # and the guard's three
+
+
+SYN = "tcp flags & (fin | syn | rst | ack) == syn"
+
+
+@pytest.mark.parametrize(
+    ("uid", "gid", "others"),
+    [
+        (1000, -1, ["meta skuid != 1000"]),
+        (-1, 100, ["meta skgid != 100"]),
+        # Either mismatch resets: two rules, not one rule of both.
+        (1000, 100, ["meta skuid != 1000", "meta skgid != 100"]),
+    ],
+)
+def test_the_guard_resets_other_owners_syns_to_each_local_port(
+    uid: int, gid: int, others: list[str]
+) -> None:
+    session = make_session(["10.0.0.0/8", "fd00:5e::/32"], uid=uid, gid=gid)
+    session.shortcuts = (
+        make_shortcut("10.1.0.2", 7007, 40123),
+        make_shortcut("fd00:5e::5", 443, 40124),
+    )
+    text = ruleset(session)
+    # After the nat output chain (-100): it sees the redirected SYN's new destination.
+    assert "\t\ttype filter hook output priority filter; policy accept;" in text
+    assert chain_rules(text, "guard")[1:] == [
+        *(f"ip daddr 127.0.0.0/8 tcp dport 40123 {SYN} {o} reject with tcp reset" for o in others),
+        *(f"ip6 daddr ::1 tcp dport 40124 {SYN} {o} reject with tcp reset" for o in others),
+    ]
+
+
+def test_no_guard_without_an_owner_match_or_without_shortcuts() -> None:
+    everybody = make_session(uid=-1)
+    everybody.shortcuts = (make_shortcut("10.1.0.2", 7007, 40123),)
+    assert "ct count" in ruleset(everybody)  # its shortcut, unguarded: every uid goes there
+    assert "chain guard" not in ruleset(everybody)
+    assert "chain guard" not in ruleset(make_session())
 
 
 def test_an_update_writes_the_shortcuts_it_is_given() -> None:
@@ -269,10 +306,12 @@ def test_an_update_writes_the_shortcuts_it_is_given() -> None:
     session = make_session()
     session.shortcuts = (make_shortcut("10.1.0.2", 7007, 40123),)
     method = NftMethod(nft_runs)
-    assert method.update(session, session.subnets, ()) == 5  # None: the session's own
+    assert method.update(session, session.subnets, ()) == 6  # None: the session's own
     assert "ct count 200 redirect to :40123" in nft_runs.runs[-1][1]
+    assert "tcp dport 40123 " in chain_rules(nft_runs.runs[-1][1], "guard")[1]
     assert method.update(session, session.subnets, (), ()) == 4
     assert "ct count" not in nft_runs.runs[-1][1]
+    assert "chain guard" not in nft_runs.runs[-1][1]
 
 
 class FakeNft:
