@@ -619,7 +619,10 @@ def test_stale_chains_of_both_versions_go_at_start_and_only_they(
         subprocess.run(
             ["ip", "netns", "exec", netns, tool, "-w", "--noflush"],
             input="*nat\n:SHUTTLE-0123456789ab - [0:0]\n:MINE - [0:0]\n"
-            "-A OUTPUT -p tcp -j SHUTTLE-0123456789ab\n-A PREROUTING -p tcp -j MINE\nCOMMIT\n",
+            "-A OUTPUT -p tcp -j SHUTTLE-0123456789ab\n-A PREROUTING -p tcp -j MINE\nCOMMIT\n"
+            # And a guard's (the filter table's), which goes as well.
+            "*filter\n:SHUTTLE-0123456789ab - [0:0]\n-A OUTPUT -p tcp -j SHUTTLE-0123456789ab\n"
+            "COMMIT\n",
             text=True,
             check=True,
             timeout=10,
@@ -630,6 +633,8 @@ def test_stale_chains_of_both_versions_go_at_start_and_only_they(
         assert "-A PREROUTING -p tcp -j MINE" in rules
     assert "removed 1 stale IPv4 nat chains left by an earlier run" in daemon.log
     assert "removed 1 stale IPv6 nat chains left by an earlier run" in daemon.log
+    assert "removed 1 stale IPv4 filter chains left by an earlier run" in daemon.log
+    assert "removed 1 stale IPv6 filter chains left by an earlier run" in daemon.log
 
 
 @pytest.mark.integration
