@@ -19,6 +19,7 @@ What that changes for such a connection, and why it stays narrow:
 
 import asyncio
 import ctypes
+import errno
 import ipaddress
 import logging
 import os
@@ -225,7 +226,7 @@ async def _forward(master: Master, host: str, port: int) -> Optional[int]:
             return local_port
         await _close(Shortcut(host, port, local_port, master))
         break
-    log.debug("no forward of ssh's own to %s: %s", endpoint((host, port)), why)
+    log.info("no shortcut to %s: %s", endpoint((host, port)), why)
     return None
 
 
@@ -256,20 +257,32 @@ def _reset_on_close(pid: int, host: str, port: int) -> Optional[str]:
     except OSError as exc:
         return f"pidfd_open: {exc.strerror or exc}"
     try:
-        for name in os.listdir(f"/proc/{pid}/fd"):
-            if not os.readlink(f"/proc/{pid}/fd/{name}").startswith("socket:"):
-                continue
-            fd = _pidfd_getfd(pidfd, int(name))
-            with socket.socket(fileno=fd) as sock:
-                listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
-                if listening and sock.family in FAMILIES and sock.getsockname()[1] == port:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+        names = os.listdir(f"/proc/{pid}/fd")
+        for name in names:
+            try:
+                if _set_if_listener(pidfd, pid, int(name), port):
                     return None
+            except OSError as exc:
+                # ssh closed it meanwhile (its mux connections come and go): not the listener.
+                if exc.errno not in (errno.ENOENT, errno.EBADF):
+                    raise
     except OSError as exc:
         return f"ssh's descriptors: {exc.strerror or exc}"
     finally:
         os.close(pidfd)
     return f"ssh has no listener on {endpoint((host, port))}"
+
+
+def _set_if_listener(pidfd: int, pid: int, target: int, port: int) -> bool:
+    """Set SO_LINGER 0 on ssh's descriptor target if it is a TCP listener on port."""
+    if not os.readlink(f"/proc/{pid}/fd/{target}").startswith("socket:"):
+        return False
+    with socket.socket(fileno=_pidfd_getfd(pidfd, target)) as sock:
+        listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+        if not (listening and sock.family in FAMILIES and sock.getsockname()[1] == port):
+            return False
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+        return True
 
 
 def _pidfd_getfd(pidfd: int, target: int) -> int:
