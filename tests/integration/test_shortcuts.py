@@ -20,6 +20,7 @@ from testbed.shuttle import TARGET_NET
 from .checks import RECONNECTED, received
 from .ctl import ctl_json
 from .test_fastpath import curl_works, last_json, ssh_processes
+from .test_firewalld_restart import BACK, restart_firewalld
 
 pytestmark = pytest.mark.integration
 
@@ -155,3 +156,15 @@ def test_excluding_a_shortcuts_destination_drops_it_and_its_forward(shuttle: Shu
     assert wait_until(lambda: not ctl_json(shuttle, "status")["shortcuts"], 10), shuttle.outputs()
     assert wait_until(lambda: not ssh_listens_on(shuttle, local), 10), shuttle.outputs()
     assert not redirects_to(shuttle, local)
+
+
+def test_a_restarted_firewalld_gets_the_shortcuts_again(shuttle: Shuttle) -> None:
+    """firewalld stopped (its rules go with it) and started: the client opens its session
+    again, and sets its shortcuts on it."""
+    client = shuttle.start_client()
+    _, _, local = make_hot(shuttle)
+    restart_firewalld(shuttle, signal.SIGTERM)
+    assert wait_until(lambda: BACK in client.output(), 30), shuttle.outputs()
+    assert wait_until(lambda: redirects_to(shuttle, local), 10), shuttle.outputs()
+    result = shuttle.topo.tcptool("down", T_ADDR, str(BULK_PORT), "100000", "s", timeout=60)
+    assert result["ok"], f"{result}\n{shuttle.outputs()}"
