@@ -138,15 +138,16 @@ async def _apply(
         raise RequestRefused("the client is stopping")
     if client.firewall_lost:
         raise RequestRefused("the firewall session is lost and being opened again: try later")
-    try:
-        await client.firewall.update(
-            subnets, tuple(dict.fromkeys(excludes + client.fixed_excludes))
+    all_excludes = tuple(dict.fromkeys(excludes + client.fixed_excludes))
+    if client.streams.shortcuts is not None:
+        await client.streams.shortcuts.drop_uncaptured(
+            Scope(subnets, all_excludes, client.dns).captures
         )
+    try:
+        await client.firewall.update(subnets, all_excludes)
     except FirewallError as exc:
         raise RequestRefused(str(exc)) from None
     client.subnets, client.excludes = subnets, excludes
-    if client.streams.shortcuts is not None:
-        client.streams.shortcuts.routes_changed()
 
 
 async def _hosts(client: Running, request: cm.HostsRequest) -> Message:

@@ -64,6 +64,7 @@ TCP_INFO_BYTES = struct.Struct("=QQ")
 TCP_INFO_OFFSET = 120
 TCP_INFO_SIZE = TCP_INFO_OFFSET + TCP_INFO_BYTES.size
 RECV_SIZE = 4096  # of the master's answers, a few dozen bytes each
+FORWARD_TIMEOUT = 5.0  # seconds for a master to answer an open or close of its own forward
 MIN_FD_LIMIT = 1024  # open files: below it, no fast path (cap_within_fd_limit)
 UCRED = struct.Struct("3i")  # SO_PEERCRED's struct ucred: pid, uid, gid
 # PF_EXITING (linux/sched.h): set on a process as it begins to exit, before the kernel closes
@@ -595,9 +596,11 @@ class Master:
         except MuxError as exc:
             return str(exc)
         try:
-            answer = await mux.answer()
+            answer = await asyncio.wait_for(mux.answer(), FORWARD_TIMEOUT)
         except MuxError as exc:
             return str(exc)
+        except asyncio.TimeoutError:
+            return f"no answer from ssh within {FORWARD_TIMEOUT:g} s"
         finally:
             mux.close()
         if isinstance(answer, ssh_mux.Ok) and answer.request_id == request.request_id:

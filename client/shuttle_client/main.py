@@ -33,6 +33,7 @@ from .control_requests import Running, handler
 from .daemon import PidFile, PidFileError, daemonize
 from .discovery import DiscoveryError
 from .dns import make_udp_sockets
+from .fastpath import cap_within_fd_limit
 from .firewall_session import FirewallError, FirewallSession, FirewallUnavailable
 from .hosts_sync import HostsSync
 from .plan import Plan, PlanError, make_plan
@@ -129,6 +130,8 @@ async def _close(
     proxies.close()
     await streams.stop()
     await firewall.close()
+    if streams.shortcuts is not None:  # their rules went with the session
+        streams.shortcuts.close()
     if private is not None:  # after the session's close: it then exits at once
         await private.stop()
 
@@ -272,13 +275,13 @@ def _start_shortcuts(client: Running) -> None:
     streams = client.streams
     if not (streams.fast and client.options.shortcuts and client.method in SHORTCUT_METHODS):
         return
-    limit = min(client.options.tcp_cap, MAX_SHORTCUT_LIMIT)
+    # As many at once as the hand-overs may hold, within the same open-file limit.
+    limit = min(cap_within_fd_limit(client.options.tcp_cap), MAX_SHORTCUT_LIMIT)
 
     def apply(entries: Tuple[Entry, ...]) -> Awaitable[int]:
         return client.firewall.set_shortcuts(entries, limit)
 
     streams.shortcuts = Shortcuts(apply, client.captures)
-    streams.shortcuts.enable()
 
 
 async def _ssh_connected(streams: Streams, starting: "asyncio.Task[None]") -> None:
@@ -328,6 +331,8 @@ async def _keep_firewall(client: Running, capture: Capture, private: bool = Fals
                 ) from None
             why = str(exc)
         client.firewall_lost = True
+        if client.streams.shortcuts is not None:
+            client.streams.shortcuts.firewall_lost()
         log.warning(
             "lost the firewall session: %s; opening it again (until then new connections may "
             "go direct, not through the tunnel)",
@@ -337,8 +342,6 @@ async def _keep_firewall(client: Running, capture: Capture, private: bool = Fals
         port = await _reopen_firewall(client, capture)
         client.firewall_lost = False
         log.info("firewall session open again (method %s, port %d)", client.method, port)
-        if client.streams.shortcuts is not None:
-            client.streams.shortcuts.firewall_back()
         client.streams.publish(FirewallBack(client.method, port))
         if client.hosts is not None:
             client.hosts.again()

@@ -6,15 +6,19 @@ per connection, which held the sequential connect rate at 0.7x ssh -L's where th
 into ssh's own listener reached 0.945x (docs/performance.md, "the shortcut").
 
 What that changes for such a connection, and why it stays narrow:
-- at most `limit` of them (the --tcp-cap) are open at once per destination, as the kernel
-  counts them (the rule's ct count): past that, new ones come to the client as before;
-- while the master is down its listeners are gone, so a connection to a shortcut is refused
-  at once, not held for --wait-tunnel; the shortcuts are removed as soon as the master is
-  seen to go, and new connections wait for the next one again (nothing leaves by another
-  path either way);
+- at most MAX_ACTIVE destinations, each with at most `limit` connections open at once (the
+  --tcp-cap, as the kernel counts them: the rule's ct count): past that, new ones come to
+  the client as before;
+- the client keeps a copy of ssh's listener: its SO_LINGER 0, which accepted sockets
+  inherit, makes a dying ssh reset them (never a clean EOF), and while the rule points at
+  the port, the port stays ours (no other user can bind it once ssh lets it go);
+- while the master is down a connection to a shortcut waits in that copy's backlog, and is
+  reset once the shortcut is gone (the client removes it as soon as it sees the master go);
+  new connections then wait for the next master as usual;
 - ssh accepts before it asks the server, so a refused connect reaches the program as a
   closed connection: only destinations that HOT_AFTER forwards reached get a shortcut;
-- `ctl connections` lists a shortcut as one line (its open connections are ssh's).
+- `ctl connections` does not list their connections (they are ssh's); `ctl status` lists
+  the shortcuts.
 """
 
 import asyncio
@@ -28,8 +32,6 @@ import struct
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Coroutine, Dict, List, Optional, Set, Tuple
 
-from shuttle_protocol.firewall_messages import MAX_SHORTCUTS
-
 from . import ssh_mux
 from .fastpath import Master
 from .firewall_session import FirewallError, FirewallUnavailable
@@ -38,6 +40,9 @@ from .targets import endpoint
 log = logging.getLogger("shuttle")
 
 HOT_AFTER = 16  # forwards to one destination that opened before it gets a shortcut
+# Shortcuts at once: each holds up to the limit of connections in ssh, one descriptor
+# each, beside the hand-overs' three a forward under the same open-file limit (fastpath.py).
+MAX_ACTIVE = 4
 MAX_REFUSED = 3  # shortcuts firewalld refused before the client stops asking for more
 MAX_COUNTED = 1024  # destinations counted at once; past it, the counts start again
 PORT_TRIES = 3  # free loopback ports tried for one forward (another process may take one)
@@ -45,7 +50,7 @@ LOOPBACK = {4: "127.0.0.1", 6: "::1"}
 SHORTCUT_METHODS = ("nft", "nat")  # tproxy's connections reach transparent sockets only
 FAMILIES = (socket.AF_INET, socket.AF_INET6)
 LINGER_RESET = struct.pack("ii", 1, 0)  # struct linger: on, 0 s: close() sends a reset
-SYS_PIDFD_GETFD = 438  # the same number on every architecture (added in Linux 5.6)
+SYS_PIDFD_GETFD = 438  # Linux 5.6; 438 in the generic table (x86-64, arm64, riscv, ...)
 _LIBC = ctypes.CDLL(None, use_errno=True)
 
 # (address, port, local port), as SetShortcutsRequest takes them.
@@ -53,14 +58,17 @@ Entry = Tuple[str, int, int]
 Apply = Callable[[Tuple[Entry, ...]], Awaitable[object]]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Shortcut:
-    """One destination that goes straight to a master's own forward on local_port."""
+    """One destination that goes straight to a master's own forward on local_port; the
+    client holds a copy of ssh's listener (listener), so that the port stays ours, bound,
+    until the rule that sends connections there is gone, whatever ssh does meanwhile."""
 
     host: str
     port: int
     local_port: int
     master: Master
+    listener: socket.socket
 
     @property
     def entry(self) -> Entry:
@@ -74,10 +82,14 @@ class Shortcut:
 class Shortcuts:
     """The client's shortcuts: which destinations are hot, the forwards made for them, and
     firewalld's rules kept to match (apply: sends the whole list, FirewallError if refused).
-    Off until enable(): only the nft and nat methods redirect into a loopback port."""
+
+    A shortcut is retired in an order that never leaves ssh's forward open without the
+    rules' guard, nor the port free while a rule points at it: ssh's forward closes first
+    (the client's copy of the listener keeps the port, and connections wait in its backlog),
+    then the rules go, then the copy, which resets the connections that waited."""
 
     def __init__(self, apply: Apply, captures: Callable[[Tuple[str, int]], bool]) -> None:
-        self.enabled = False
+        self.enabled = True
         self.active: List[Shortcut] = []
         self._apply = apply
         self._captures = captures
@@ -87,9 +99,6 @@ class Shortcuts:
         self._refused = 0
         self._lock = asyncio.Lock()  # one request to firewalld at a time, in order
         self._tasks: Set[asyncio.Task[object]] = set()
-
-    def enable(self) -> None:
-        self.enabled = True
 
     def opened(self, master: Master, host: str, port: int) -> None:
         """A forward to host:port opened through master: count it, and past HOT_AFTER give
@@ -104,39 +113,50 @@ class Shortcuts:
         if len(self._counts) >= MAX_COUNTED and key not in self._counts:
             self._counts.clear()
         count = self._counts[key] = self._counts.get(key, 0) + 1
-        if count < HOT_AFTER or len(self.active) + len(self._making) >= MAX_SHORTCUTS:
+        if count < HOT_AFTER or len(self.active) + len(self._making) >= MAX_ACTIVE:
             return
         del self._counts[key]
         self._making.add(key)
         self._spawn(self._make(master, host, port))
 
     def master_gone(self, master: Master) -> None:
-        """master's listeners went with it: its shortcuts go from the rules now."""
-        kept = [shortcut for shortcut in self.active if shortcut.master is not master]
-        if len(kept) != len(self.active):
-            self.active = kept
-            self._spawn(self._sync())
+        """master's forwards went with it: its shortcuts go from the rules now."""
+        self._retire_where(lambda shortcut: shortcut.master is master)
 
-    def routes_changed(self) -> None:
-        """The session captures other routes: drop the shortcuts it no longer captures."""
-        dropped = [s for s in self.active if not self._captures((s.host, s.port))]
+    async def drop_uncaptured(self, captures: Callable[[Tuple[str, int]], bool]) -> None:
+        """Before the session's routes change to ones that capture as captures says: retire
+        the shortcuts they would not capture (firewalld would drop their rules, and guards,
+        while ssh's forwards still listened)."""
+        dropped = [s for s in self.active if not captures((s.host, s.port))]
         if dropped:
             self.active = [s for s in self.active if s not in dropped]
-            self._spawn(self._drop(dropped))
+            await self._retire(dropped)
 
-    def firewall_back(self) -> None:
-        """The firewall session was opened again, without shortcuts: set them again."""
-        if self.active:
-            self._spawn(self._sync())
+    def firewall_lost(self) -> None:
+        """firewalld lost the session, and every rule with it, guards included: close every
+        forward now (anyone on this machine could use them). Hot destinations are counted
+        afresh on the new session."""
+        dropped, self.active = self.active, []
+        self._counts.clear()
+        self._spawn(self._retire(dropped, sync=False))
 
     @property
     def entries(self) -> Tuple[Entry, ...]:
         return tuple(shortcut.entry for shortcut in self.active)
 
     async def stop(self) -> None:
+        """No more changes: the client stops, and closing the firewall session removes the
+        rules (close() then lets the listeners' copies go)."""
+        self.enabled = False
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def close(self) -> None:
+        """The copies of ssh's listeners, once the rules are gone."""
+        for shortcut in self.active:
+            shortcut.listener.close()
+        self.active = []
 
     def _has(self, key: Tuple[str, int]) -> bool:
         return any((shortcut.host, shortcut.port) == key for shortcut in self.active)
@@ -146,71 +166,86 @@ class Shortcuts:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _make(self, master: Master, host: str, port: int) -> None:
-        try:
-            local_port = await _forward(master, host, port)
-            if local_port is None:
-                self._given_up.add((host, port))
-                return
-            shortcut = Shortcut(host, port, local_port, master)
-            if not self._captures((host, port)):  # the routes changed meanwhile
-                await _close(shortcut)
-                return
-            if master.closed:
-                return  # its listener went with it
-            self.active.append(shortcut)
-            if await self._sync(shortcut):
-                log.info("connections to %s go straight to ssh", shortcut.describe())
-            else:
-                self._given_up.add((host, port))
-        finally:
-            self._making.discard((host, port))
+    def _retire_where(self, match: Callable[[Shortcut], bool]) -> None:
+        if not self.enabled:
+            return  # stopping: the rules stay until the firewall session closes
+        dropped = [shortcut for shortcut in self.active if match(shortcut)]
+        if dropped:
+            self.active = [s for s in self.active if s not in dropped]
+            self._spawn(self._retire(dropped))
 
-    async def _drop(self, dropped: List[Shortcut]) -> None:
-        """The rules without these first, then their forwards."""
-        await self._sync()
+    async def _make(self, master: Master, host: str, port: int) -> None:
+        key = (host, port)
+        try:
+            shortcut = await _forward(master, host, port)
+            if shortcut is None:
+                self._give_up(key)
+            elif master.closed or not self.enabled or not self._captures(key):
+                await self._retire([shortcut], sync=False)  # it went, or it changed meanwhile
+            else:
+                self.active.append(shortcut)
+                if await self._sync(shortcut):
+                    log.info("connections to %s go straight to ssh", shortcut.describe())
+        finally:
+            self._making.discard(key)
+
+    def _give_up(self, key: Tuple[str, int]) -> None:
+        if len(self._given_up) >= MAX_COUNTED:
+            self._given_up.clear()
+        self._given_up.add(key)
+
+    async def _retire(self, dropped: List[Shortcut], sync: bool = True) -> None:
+        """ssh's forwards first, then (sync) the rules without them, then the copies."""
         for shortcut in dropped:
             await _close(shortcut)
+        if sync:
+            await self._sync()
+        for shortcut in dropped:
+            shortcut.listener.close()
 
     async def _sync(self, new: Optional[Shortcut] = None) -> bool:
         """Send firewalld the shortcuts as they are now. If it refuses, the new one is
-        dropped (or, with none, all of them: the session was opened again without any);
-        after MAX_REFUSED refusals no more are made (an older firewalld, say)."""
+        retired (with none, all of them); after MAX_REFUSED refusals no more are made (an
+        older firewalld, say). A lost session (FirewallUnavailable) is firewall_lost()'s."""
         async with self._lock:
             try:
                 await self._apply(self.entries)
-            except FirewallUnavailable as exc:  # firewall_back() sets them on the new session
-                log.debug("shortcuts wait for the firewall session: %s", exc)
-                return False
             except FirewallError as exc:
-                log.info("firewalld kept the shortcuts out: %s", exc)
-                self._refused += 1
-                if self._refused >= MAX_REFUSED:
-                    self.enabled = False
-                dropped = [new] if new is not None else self.active
-                self.active = [s for s in self.active if s not in dropped]
-                if new is None:
-                    await self._clear()
-                for shortcut in dropped:
-                    await _close(shortcut)
-                return False
+                failed: Optional[FirewallError] = exc
+            else:
+                failed = None
+        if failed is None:
             return True
+        if not isinstance(failed, FirewallUnavailable):
+            log.info("firewalld kept the shortcuts out: %s", failed)
+            self._refused += 1
+            if self._refused >= MAX_REFUSED:
+                self.enabled = False
+        dropped = [new] if new is not None else self.active
+        self.active = [s for s in self.active if s not in dropped]
+        if new is not None:
+            self._give_up((new.host, new.port))
+        await self._retire(dropped, sync=False)
+        if new is None and not isinstance(failed, FirewallUnavailable):
+            await self._clear()
+        return False
 
     async def _clear(self) -> None:
         """No shortcuts at all: firewalld would not take fewer, so none (which needs no
         listener) is asked for; if even that fails, they stay until the session closes."""
         try:
-            await self._apply(())
+            async with self._lock:
+                await self._apply(())
         except FirewallError as exc:
             log.warning("could not remove the shortcuts: %s", exc)
 
 
-async def _forward(master: Master, host: str, port: int) -> Optional[int]:
+async def _forward(master: Master, host: str, port: int) -> Optional[Shortcut]:
     """A forward of master's to host:port on a free loopback port of host's IP version,
-    its listener set to reset what it accepted when closed; that port, or None."""
+    its listener set to reset what it accepted when closed, and copied; None if not."""
     pid = master.child_pid
     if pid is None:
-        return None  # not our ssh: its listener is not ours to set
+        return None  # not our ssh: its listener is not ours to reach
     listen_host = LOOPBACK[_version(host)]
     why = ""
     for _ in range(PORT_TRIES):
@@ -221,51 +256,57 @@ async def _forward(master: Master, host: str, port: int) -> Optional[int]:
         why = await master.local_forward(opening) or ""
         if why:
             continue
-        why = _reset_on_close(pid, listen_host, local_port) or ""
-        if not why:
-            return local_port
-        await _close(Shortcut(host, port, local_port, master))
+        listener = _listener_copy(pid, listen_host, local_port)
+        if isinstance(listener, socket.socket):
+            return Shortcut(host, port, local_port, master, listener)
+        why = listener
+        await _close_forward(master, listen_host, local_port, host, port)
         break
     log.info("no shortcut to %s: %s", endpoint((host, port)), why)
     return None
 
 
 async def _close(shortcut: Shortcut) -> None:
-    """Stop a shortcut's forward while its master lives (the listener would otherwise
-    stay, a way to the destination for anyone on this machine)."""
-    master = shortcut.master
-    if master.closed:
-        return
-    listen_host = LOOPBACK[_version(shortcut.host)]
-    closing = ssh_mux.CloseLocalFwd(
-        master.next_request(), listen_host, shortcut.local_port, shortcut.host, shortcut.port
-    )
+    """Stop a shortcut's forward while its master lives."""
+    if not shortcut.master.closed:
+        listen_host = LOOPBACK[_version(shortcut.host)]
+        await _close_forward(
+            shortcut.master, listen_host, shortcut.local_port, shortcut.host, shortcut.port
+        )
+
+
+async def _close_forward(
+    master: Master, listen_host: str, local_port: int, host: str, port: int
+) -> None:
+    closing = ssh_mux.CloseLocalFwd(master.next_request(), listen_host, local_port, host, port)
     why = await master.local_forward(closing)
     if why is not None:
-        log.warning("ssh kept its forward at port %d: %s", shortcut.local_port, why)
+        log.warning("ssh kept its forward at port %d: %s", local_port, why)
 
 
-def _reset_on_close(pid: int, host: str, port: int) -> Optional[str]:
-    """Set SO_LINGER 0 on ssh's listener on host:port, which the connections it accepts
-    inherit: when ssh dies, the kernel then resets them, and a program does not read a cut
-    transfer as a whole one (ssh shuts down its write side before it closes after a remote
-    EOF, so a normal end still reads every byte and then EOF). None once set, else why not.
-    The listener is found among ssh's descriptors and reached through pidfd_getfd, which
-    needs ptrace rights over ssh: our child, of our uid."""
+def _listener_copy(pid: int, host: str, port: int) -> "socket.socket | str":
+    """A copy of ssh's listener on host:port, with SO_LINGER 0 set on it, which the
+    connections it accepts inherit: when ssh dies, the kernel then resets them, and a
+    program does not read a cut transfer as a whole one (ssh shuts down its write side
+    before it closes after a remote EOF, so a normal end still reads every byte and then
+    EOF). Else why not. The listener is found among ssh's descriptors and reached through
+    pidfd_getfd, which needs ptrace rights over ssh: our child, of our uid."""
     try:
         pidfd = os.pidfd_open(pid)
     except OSError as exc:
         return f"pidfd_open: {exc.strerror or exc}"
     try:
-        names = os.listdir(f"/proc/{pid}/fd")
-        for name in names:
+        for name in os.listdir(f"/proc/{pid}/fd"):
             try:
-                if _set_if_listener(pidfd, pid, int(name), port):
-                    return None
+                found = _if_listener(pidfd, pid, int(name), port)
             except OSError as exc:
                 # ssh closed it meanwhile (its mux connections come and go): not the listener.
                 if exc.errno not in (errno.ENOENT, errno.EBADF):
                     raise
+                continue
+            if found is not None:
+                found.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+                return found
     except OSError as exc:
         return f"ssh's descriptors: {exc.strerror or exc}"
     finally:
@@ -273,16 +314,20 @@ def _reset_on_close(pid: int, host: str, port: int) -> Optional[str]:
     return f"ssh has no listener on {endpoint((host, port))}"
 
 
-def _set_if_listener(pidfd: int, pid: int, target: int, port: int) -> bool:
-    """Set SO_LINGER 0 on ssh's descriptor target if it is a TCP listener on port."""
+def _if_listener(pidfd: int, pid: int, target: int, port: int) -> Optional[socket.socket]:
+    """A copy of ssh's descriptor target if it is a TCP listener on port, else None."""
     if not os.readlink(f"/proc/{pid}/fd/{target}").startswith("socket:"):
-        return False
-    with socket.socket(fileno=_pidfd_getfd(pidfd, target)) as sock:
+        return None
+    sock = socket.socket(fileno=_pidfd_getfd(pidfd, target))
+    try:
         listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
-        if not (listening and sock.family in FAMILIES and sock.getsockname()[1] == port):
-            return False
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
-        return True
+        if listening and sock.family in FAMILIES and sock.getsockname()[1] == port:
+            return sock
+    except OSError:
+        sock.close()
+        raise
+    sock.close()
+    return None
 
 
 def _pidfd_getfd(pidfd: int, target: int) -> int:
@@ -298,7 +343,7 @@ def _pidfd_getfd(pidfd: int, target: int) -> int:
 def _free_port(host: str) -> Optional[int]:
     """A loopback port free right now (ssh binds it next; if another process is quicker,
     the forward fails and another port is tried)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    family = socket.AF_INET6 if _version(host) == 6 else socket.AF_INET
     try:
         with socket.socket(family, socket.SOCK_STREAM) as probe:
             probe.bind((host, 0))

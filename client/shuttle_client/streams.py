@@ -114,6 +114,8 @@ class Streams:
 
     async def stop(self) -> None:
         self._stopping = True
+        if self.shortcuts is not None:  # first: a master that goes now changes no rule
+            await self.shortcuts.stop()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -123,8 +125,6 @@ class Streams:
             waiting.give_up("the client is stopping")
         await asyncio.gather(*(sessions.stop() for sessions in self.sessions.values()))
         await asyncio.gather(*(tunnel.stop() for tunnel in self.tunnels))
-        if self.shortcuts is not None:
-            await self.shortcuts.stop()
         if self.control_dir is not None:
             self.control_dir.remove()
 

@@ -68,6 +68,10 @@ def test_requests_are_what_mux_c_reads() -> None:
         0x10000006,
         u32(7) + u32(1) + string(b"127.0.0.1") + u32(40123) + string(b"10.1.2.3") + u32(80),
     )
+    # the same fields, to close it (process_mux_close_fwd)
+    assert ssh_mux.encode(ssh_mux.CloseLocalFwd(8, "::1", 40124, "fd00::3", 443)) == packet(
+        0x10000007, u32(8) + u32(1) + string(b"::1") + u32(40124) + string(b"fd00::3") + u32(443)
+    )
 
 
 @pytest.mark.parametrize(

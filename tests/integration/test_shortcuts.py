@@ -86,8 +86,9 @@ def test_an_ipv6_destination_gets_its_shortcut_on_ipv6_loopback(shuttle: Shuttle
 
 
 def test_past_the_limit_connections_come_to_the_client_and_all_echo(shuttle: Shuttle) -> None:
-    """--tcp-cap 5: five at once through the shortcut, five through the client's hand-over,
-    the rest through the agent."""
+    """--tcp-cap 5: about five at once through the shortcut (the kernel's count lags by
+    milliseconds), five through the client's hand-over, the rest through the agent; this
+    checks that the overflow loses none of them."""
     shuttle.start_client(extra=["--tcp-cap=5"])
     make_hot(shuttle, ECHO)
     echo = shuttle.topo.tcptool("echo", T_ADDR, str(ECHO_PORT), "200", timeout=120)
@@ -128,7 +129,7 @@ def test_another_user_cannot_connect_to_the_shortcuts_port(shuttle: Shuttle) -> 
         "try:\n"
         f"    s.connect(('127.0.0.1',{local})); s.sendall(b'DOWN 10 x\\n'); d=s.recv(10)\n"
         "    print('got', len(d))\n"
-        "except OSError as e:\n"
+        "except (ConnectionRefusedError, ConnectionResetError) as e:\n"
         "    print('refused', type(e).__name__)\n"
     )
     topo = shuttle.topo
@@ -158,13 +159,16 @@ def test_excluding_a_shortcuts_destination_drops_it_and_its_forward(shuttle: Shu
     assert not redirects_to(shuttle, local)
 
 
-def test_a_restarted_firewalld_gets_the_shortcuts_again(shuttle: Shuttle) -> None:
-    """firewalld stopped (its rules go with it) and started: the client opens its session
-    again, and sets its shortcuts on it."""
+def test_a_lost_firewall_session_closes_the_forwards_and_the_new_one_gets_its_own(
+    shuttle: Shuttle,
+) -> None:
+    """firewalld stopped (its rules, guards too, go with it): the client closes ssh's
+    forwards at once, for nothing guards them now; on the reopened session the destination
+    becomes hot again and gets a new shortcut."""
     client = shuttle.start_client()
     _, _, local = make_hot(shuttle)
     restart_firewalld(shuttle, signal.SIGTERM)
     assert wait_until(lambda: BACK in client.output(), 30), shuttle.outputs()
-    assert wait_until(lambda: redirects_to(shuttle, local), 10), shuttle.outputs()
-    result = shuttle.topo.tcptool("down", T_ADDR, str(BULK_PORT), "100000", "s", timeout=60)
-    assert result["ok"], f"{result}\n{shuttle.outputs()}"
+    assert wait_until(lambda: not ssh_listens_on(shuttle, local), 10), shuttle.outputs()
+    _, _, again = make_hot(shuttle)
+    assert redirects_to(shuttle, again), shuttle.outputs()
