@@ -364,6 +364,9 @@ class Sessions:
         this limit, all or nothing; the new rule count. Each must lie inside what the
         session captures and lead into a port where only the caller listens, on the
         loopback address of its IP version."""
+        refusal = self._policy.check(session.caller, session.uid, session.forward)
+        if refusal is not None:  # group membership counts as it is now, as for update()
+            raise RequestError(refusal)
         if session.method not in SHORTCUT_METHODS:
             raise RequestError(
                 f"shortcuts need the nft or nat method, this session uses {session.method}"

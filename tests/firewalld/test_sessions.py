@@ -771,6 +771,14 @@ def test_shortcuts_go_into_the_rules_and_onto_the_session(
     assert (session.shortcuts, session.rules) == ((), 3)
 
 
+def test_shortcuts_ask_the_policy_again(sessions: Sessions, method: FakeMethod) -> None:
+    session = open_for_shortcuts(sessions)
+    session.uid = 1001  # as if the policy had allowed it at open, and no longer does
+    with pytest.raises(RequestError, match=r"^capturing other users' traffic needs root"):
+        sessions.set_shortcuts(session, (("10.2.0.2", 7007, 12300),), 200)
+    assert method.shortcuts == []
+
+
 @pytest.mark.parametrize(
     ("shortcut", "refusal"),
     [
