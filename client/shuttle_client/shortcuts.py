@@ -184,7 +184,7 @@ class Shortcuts:
                 await self._retire([shortcut], sync=False)  # it went, or it changed meanwhile
             else:
                 self.active.append(shortcut)
-                if await self._sync(shortcut):
+                if await self._sync(shortcut) and shortcut in self.active:
                     log.info("connections to %s go straight to ssh", shortcut.describe())
         finally:
             self._making.discard(key)
