@@ -20,7 +20,6 @@ from shuttle_protocol.control_messages import (
     FirewallBack,
     FirewallLost,
 )
-from shuttle_protocol.firewall_messages import MAX_SHORTCUT_LIMIT
 from shuttle_protocol.schema import Message
 
 from . import logs
@@ -33,7 +32,6 @@ from .control_requests import Running, handler
 from .daemon import PidFile, PidFileError, daemonize
 from .discovery import DiscoveryError
 from .dns import make_udp_sockets
-from .fastpath import cap_within_fd_limit
 from .firewall_session import FirewallError, FirewallSession, FirewallUnavailable
 from .hosts_sync import HostsSync
 from .plan import Plan, PlanError, make_plan
@@ -41,7 +39,7 @@ from .private_firewalld import PrivateFirewalld, has_terminal, nobody_answers
 from .proxies.server import Proxies, ProxyError
 from .proxy import make_listeners
 from .readiness import Readiness
-from .shortcuts import SHORTCUT_METHODS, Entry, Shortcuts
+from .shortcuts import SHORTCUT_METHODS, Entry, Shortcuts, shortcut_limit
 from .ssh_server import Server, find_server
 from .streams import Streams
 from .targets import describe
@@ -273,10 +271,10 @@ def _start_shortcuts(client: Running) -> None:
     """Hot destinations straight into ssh's own forwards, where TCP may take ssh's path and
     the method redirects into a loopback port (tproxy reaches transparent sockets only)."""
     streams = client.streams
-    if not (streams.fast and client.options.shortcuts and client.method in SHORTCUT_METHODS):
+    limit = shortcut_limit(client.options.tcp_cap)
+    wanted = streams.fast and client.options.shortcuts and client.method in SHORTCUT_METHODS
+    if not wanted or limit < 1:
         return
-    # As many at once as the hand-overs may hold, within the same open-file limit.
-    limit = min(cap_within_fd_limit(client.options.tcp_cap), MAX_SHORTCUT_LIMIT)
 
     def apply(entries: Tuple[Entry, ...]) -> Awaitable[int]:
         return client.firewall.set_shortcuts(entries, limit)

@@ -32,9 +32,12 @@ import struct
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Coroutine, Dict, List, Optional, Set, Tuple
 
+from shuttle_protocol.firewall_messages import MAX_SHORTCUT_LIMIT
+
 from . import ssh_mux
-from .fastpath import Master
+from .fastpath import Master, cap_within_fd_limit
 from .firewall_session import FirewallError, FirewallUnavailable
+from .proxy import connection_cap
 from .targets import endpoint
 
 log = logging.getLogger("shuttle")
@@ -338,6 +341,13 @@ def _pidfd_getfd(pidfd: int, target: int) -> int:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
     return int(fd)
+
+
+def shortcut_limit(cap: int) -> int:
+    """Connections at once per shortcut: the --tcp-cap, within a quarter of the open-file
+    room shared by MAX_ACTIVE shortcuts (ssh holds one descriptor for each of them, and the
+    hand-overs' cap takes another quarter), within what firewalld takes; 0: no shortcuts."""
+    return min(cap_within_fd_limit(cap), connection_cap() // 4 // MAX_ACTIVE, MAX_SHORTCUT_LIMIT)
 
 
 def _free_port(host: str) -> Optional[int]:
