@@ -47,7 +47,9 @@ def test_killing_the_ssh_session_mid_transfer_reconnects(shuttle: Shuttle) -> No
     transfer = topo.start("transfer", topo.user_argv([SYSTEM_PYTHON, *argv, "--timeout", "60"]))
     assert wait_until(lambda: received(topo, BULK_PORT) > 2**20, 30), transfer.output()
     kill_sessions(topo)
-    assert transfer.wait(30) not in (0, None), f"the transfer should break\n{transfer.output()}"
+    assert transfer.wait(30) not in (0, None), (
+        f"the transfer should break\n{transfer.output()}\n{shuttle.outputs()}"
+    )
     assert client.wait_for_line(RECONNECTED, 30), shuttle.outputs()
     assert client.alive()
     page = topo.curl(T_ADDR, HTTP_PORT, max_time=20)
