@@ -20,6 +20,7 @@ from shuttle_protocol.control_messages import (
     FirewallBack,
     FirewallLost,
 )
+from shuttle_protocol.firewall_messages import SHORTCUT_METHODS
 from shuttle_protocol.schema import Message
 
 from . import logs
@@ -39,7 +40,7 @@ from .private_firewalld import PrivateFirewalld, has_terminal, nobody_answers
 from .proxies.server import Proxies, ProxyError
 from .proxy import make_listeners
 from .readiness import Readiness
-from .shortcuts import SHORTCUT_METHODS, Entry, Shortcuts, shortcut_limit
+from .shortcuts import Entry, Shortcuts, shortcut_limit
 from .ssh_server import Server, find_server
 from .streams import Streams
 from .targets import describe

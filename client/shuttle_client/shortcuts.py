@@ -50,7 +50,6 @@ MAX_REFUSED = 3  # shortcuts firewalld refused before the client stops asking fo
 MAX_COUNTED = 1024  # destinations counted at once; past it, the counts start again
 PORT_TRIES = 3  # free loopback ports tried for one forward (another process may take one)
 LOOPBACK = {4: "127.0.0.1", 6: "::1"}
-SHORTCUT_METHODS = ("nft", "nat")  # tproxy's connections reach transparent sockets only
 FAMILIES = (socket.AF_INET, socket.AF_INET6)
 LINGER_RESET = struct.pack("ii", 1, 0)  # struct linger: on, 0 s: close() sends a reset
 SYS_PIDFD_GETFD = 438  # Linux 5.6; 438 in the generic table (x86-64, arm64, riscv, ...)

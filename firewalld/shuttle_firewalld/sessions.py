@@ -27,6 +27,7 @@ from typing import Protocol, TypeVar
 from shuttle_protocol.firewall_messages import (
     MAX_SESSIONS,
     MAX_SUBNETS,
+    SHORTCUT_METHODS,
     OpenSessionRequest,
     SessionEntry,
 )
@@ -63,9 +64,6 @@ MAX_HOSTS_BYTES_PER_UID = 1024 * 1024
 # "Limits"), and sixteen such sessions would cost sixteen times that.
 MAX_TARGETS_PER_UID = 2 * MAX_SUBNETS
 FREE_CHUNK = 1000  # targets freed at once (free_in_pieces): about a millisecond's work
-# The methods whose redirect can reach a listener of the caller's, such as ssh's forward: a
-# tproxy'd connection reaches only a transparent socket.
-SHORTCUT_METHODS = ("nat", "nft")
 
 
 class Fence(Protocol):

@@ -27,6 +27,9 @@ from .schema import Message, message
 # client must be built for); the answer names the choice.
 METHODS = ("auto", "nat", "nft", "tproxy")
 APPLIED_METHODS = METHODS[1:]
+# The methods whose redirect can reach a listener of the caller's, such as ssh's forward
+# (SetShortcutsRequest): a tproxy'd connection reaches only a transparent socket.
+SHORTCUT_METHODS = ("nat", "nft")
 MAX_SUBNETS = 50_000
 MAX_HOSTS = 10_000  # a hosts block's entries: (name, address) pairs
 SESSION_ID_LEN = 32

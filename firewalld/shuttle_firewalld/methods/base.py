@@ -6,8 +6,22 @@ from __future__ import annotations
 import dataclasses
 from typing import Protocol
 
+from shuttle_protocol.firewall_messages import ANY_OWNER
+
 from shuttle_firewalld.prepared import Targets
 from shuttle_firewalld.session import Session, Shortcut
+
+
+def guarded_owners(session: Session) -> list[tuple[str, int]]:
+    """What a session's guard resets a connection for not matching (methods/nft.py says
+    why): ("uid", its uid) and ("gid", its gid) where the session names them, a rule each,
+    as each tool spells it."""
+    owners = []
+    if session.uid != ANY_OWNER:
+        owners.append(("uid", session.rule_uid))
+    if session.gid != ANY_OWNER:
+        owners.append(("gid", session.rule_gid))
+    return owners
 
 
 def with_targets(

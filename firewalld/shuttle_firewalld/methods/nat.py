@@ -57,7 +57,7 @@ from shuttle_firewalld.prepared import Targets, nat_matches
 from shuttle_firewalld.session import Session, Shortcut
 from shuttle_firewalld.targets import DNS_PORT, LOOPBACK
 
-from .base import with_targets
+from .base import guarded_owners, with_targets
 from .tools import Runner, run_tool
 
 log = logging.getLogger(__name__)
@@ -161,11 +161,7 @@ def shortcut_rules(session: Session, version: int) -> list[str]:
 def guard_rules(session: Session, version: int) -> list[str]:
     """The rules of the session's guard of this IP version (see the module's docstring):
     none for a session without an owner match or without shortcuts of that version."""
-    others = []
-    if session.uid != ANY_OWNER:
-        others.append(f"! --uid-owner {session.rule_uid}")
-    if session.gid != ANY_OWNER:
-        others.append(f"! --gid-owner {session.rule_gid}")
+    others = [f"! --{kind}-owner {value}" for kind, value in guarded_owners(session)]
     return [
         f"-p tcp -m tcp --dport {shortcut.local_port} --tcp-flags FIN,SYN,RST,ACK SYN "
         f"-m owner {other} -j REJECT --reject-with tcp-reset"

@@ -58,7 +58,7 @@ from shuttle_firewalld.prepared import Targets, nft_elements
 from shuttle_firewalld.session import Session, Shortcut
 from shuttle_firewalld.targets import DNS_PORT, LOOPBACK
 
-from .base import with_targets
+from .base import guarded_owners, with_targets
 from .tools import Runner, run_tool
 
 log = logging.getLogger(__name__)
@@ -180,11 +180,7 @@ SYN = "tcp flags & (fin | syn | rst | ack) == syn"
 def guard_rules(session: Session) -> list[str]:
     """The guard chain's rules (see the module's docstring): none for a session without an
     owner match or without shortcuts."""
-    others = []
-    if session.uid != ANY_OWNER:
-        others.append(f"meta skuid != {session.rule_uid}")
-    if session.gid != ANY_OWNER:
-        others.append(f"meta skgid != {session.rule_gid}")
+    others = [f"meta sk{kind} != {value}" for kind, value in guarded_owners(session)]
     return [
         f"{MATCH[shortcut.version]} {LOOPBACK_TEXT[shortcut.version]} tcp dport "
         f"{shortcut.local_port} {SYN} {other} reject with tcp reset"
