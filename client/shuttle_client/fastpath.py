@@ -13,9 +13,12 @@ the program a clean EOF. A closed mux connection is ambiguous (the forward ended
 master died and the kernel closed its descriptors), so the forwards that ended are closed
 gracefully only once the master is known to have been alive after it closed them: the
 kernel marks a process as exiting (PF_EXITING, in /proc/PID/stat) before it closes its
-descriptors, so a master that is our ssh child and is not exiting closed them itself. Where
-the master is another process (the user's ControlPersist forks one), it answers an
-AliveCheck sent after it closed them instead. Otherwise they are reset.
+descriptors, so a master that is our ssh child and is not exiting closed them itself. But
+a master whose server went away closes every channel while it still runs, before it exits
+(clientloop.c: channel_free_all, in the order of their ids): the watch connection, made
+before any forward, is then closed first, so a forward's end is graceful only while the
+watch is open. Where the master is another process (the user's ControlPersist forks one),
+it answers an AliveCheck sent after it closed them instead. Otherwise they are reset.
 """
 
 import asyncio
@@ -203,6 +206,16 @@ def running_since(stat_fd: int) -> Optional[int]:
     if state in (b"Z", b"X") or flags & PF_EXITING:
         return None
     return start
+
+
+def hung_up(sock: socket.socket) -> bool:
+    """Whether the peer closed sock (or it broke), looking without taking what waits."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
 
 
 def reset(sock: socket.socket) -> None:
@@ -659,11 +672,14 @@ class Master:
         if self._liveness is None:
             self._ended.append(forward)
             self._wake.set()
-        elif running_since(self._liveness[0]) == self._liveness[1]:
-            self._finish(forward, graceful=True)
-        else:
+        elif running_since(self._liveness[0]) != self._liveness[1]:
             log.debug("ssh's control socket: ssh exited")
             self.close()
+        elif self._watch is not None and hung_up(self._watch.sock):
+            log.debug("ssh's control socket: ssh is closing every channel")
+            self.close()
+        else:
+            self._finish(forward, graceful=True)
 
     async def _watch_loop(self) -> None:
         """Where the master is not our ssh: prove it alive by an AliveCheck after forwards

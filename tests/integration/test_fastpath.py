@@ -165,6 +165,51 @@ def test_a_transfer_lists_as_tcp_ssh_and_a_killed_master_resets_it(shuttle: Shut
     assert ctl_json(shuttle, "status")["tcp"] == "ssh"
 
 
+NO_SSH_RESETS = (
+    "add table inet norst; "
+    "add chain inet norst output { type filter hook output priority 0; }; "
+    "add rule inet norst output tcp sport 22 tcp flags & rst == rst drop"
+)
+# Holds one echoed connection open and prints how it ended once the tunnel goes.
+HOLD_ONE = """
+import socket, sys
+sock = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=60)
+sock.sendall(b"x")
+assert sock.recv(1) == b"x"
+print("echoed", flush=True)
+try:
+    print("eof" if sock.recv(1) == b"" else "data", flush=True)
+except ConnectionResetError:
+    print("reset", flush=True)
+"""
+
+
+def test_a_server_that_goes_away_resets_the_connections_ssh_carried(shuttle: Shuttle) -> None:
+    """sshd's end goes with a FIN: ssh reads the end of its connection, says goodbye, and
+    closes every channel's descriptors while it still runs (clientloop.c, channel_free_all),
+    before it exits. The program still sees a reset, not a clean end. S drops its own resets
+    on port 22: the goodbye always goes out (a reset back would fail its write, and ssh
+    would exit at once, which is the other path). Where the client took the master's end
+    for a forward's, the program saw a clean end in most runs: whether ssh was already
+    exiting when the client looked is a race."""
+    topo = shuttle.topo
+    topo.s.run(["nft", NO_SSH_RESETS], timeout=10, check=True)
+    shuttle.start_client(extra=FAST)
+    argv = [SYSTEM_PYTHON, "-c", HOLD_ONE, T_ADDR, str(ECHO_PORT)]
+    holder = Dialogue(topo.user_argv(argv), timeout=30)
+    try:
+        assert holder.line() == "echoed\n"
+        assert ctl_json(shuttle, "status")["tcp"] == "ssh"
+        sessions = topo.processes_of(topo.s, topo.user, "sshd")
+        assert sessions, "no sshd session process in S"
+        for pid in sessions:
+            os.kill(pid, signal.SIGKILL)
+        ended = holder.line()
+    finally:
+        holder.close()
+    assert ended == "reset\n", f"{ended!r}\n{shuttle.outputs()}"
+
+
 @pytest.mark.parametrize("tcp", ["agent", "auto"])
 def test_sigterm_resets_connections_and_leaves_no_ssh_and_no_directory(
     shuttle: Shuttle, tcp: str

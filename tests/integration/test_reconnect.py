@@ -50,6 +50,8 @@ def test_killing_the_ssh_session_mid_transfer_reconnects(shuttle: Shuttle) -> No
     assert transfer.wait(30) not in (0, None), (
         f"the transfer should break\n{transfer.output()}\n{shuttle.outputs()}"
     )
+    # A reset, not a clean end that would look like a (short) complete transfer.
+    assert "ConnectionResetError" in transfer.output(), f"{transfer.output()}\n{shuttle.outputs()}"
     assert client.wait_for_line(RECONNECTED, 30), shuttle.outputs()
     assert client.alive()
     page = topo.curl(T_ADDR, HTTP_PORT, max_time=20)
