@@ -401,3 +401,57 @@ def test_not_listening_for_a_while_keeps_every_connection_made(short_dir: Path) 
         loop.join(10)
         server.close()
     assert os.listdir(tmp_path) == []
+
+
+def test_a_burst_while_the_loop_is_busy_meets_a_closed_door(short_dir: Path) -> None:
+    """While the loop is held up (here: in its ZAP handler, as a slow request or a loaded
+    machine would), a burst of connections still makes the server stop listening before
+    libzmq's accepts reach the limit: the door keeper looks whenever one waits. The loop
+    looked only between the things it served, and libzmq, out of descriptors, aborts."""
+    path = str(short_dir / "firewalld.sock")
+    holding, busy, release = threading.Event(), threading.Event(), threading.Event()
+
+    def admit(peer: Any) -> str | None:
+        if holding.is_set():
+            busy.set()
+            release.wait(20)  # bounded: the test releases it
+        return None
+
+    sessions = Sessions({"nft": FakeMethod()}, 6.0, policy=Policy(POLICY_PATH))
+    limit = (len(os.listdir("/proc/self/fd")) + 40) * 8 // 5
+    server = Server(
+        path, os.getgid(), sessions, max_connections=limit, file_limit=limit, admit=admit
+    )
+    stop = threading.Event()
+    loop = threading.Thread(target=server.run, args=(stop.is_set,))
+    loop.start()
+    context = zmq.Context()
+    staller = context.socket(zmq.DEALER)
+    burst: list[socket.socket] = []
+    try:
+        staller.linger = 0
+        holding.set()
+        staller.connect("ipc://" + path)
+        assert busy.wait(10), "the loop never asked the ZAP handler"
+        for _ in range(limit):
+            sock = socket.socket(socket.AF_UNIX)
+            burst.append(sock)
+            try:
+                sock.connect(path)
+            except (FileNotFoundError, ConnectionRefusedError):
+                break
+        for _ in range(50):  # 5 s at most, the loop held all along
+            if not closed_door(path):
+                time.sleep(0.1)
+        assert closed_door(path)
+        assert not release.is_set() and loop.is_alive()  # the loop did not do it
+    finally:
+        holding.clear()
+        release.set()
+        for sock in burst:
+            sock.close()
+        staller.close()
+        context.term()
+        stop.set()
+        loop.join(10)
+        server.close()
