@@ -34,8 +34,9 @@ MAX_LIMIT = 64 * 1024 * KIB  # 64 MiB: 1 GB/s at 64 ms; beyond it memory matters
 MIN_TARGET = 0.001  # seconds of queueing always allowed: a host's own scheduling jitter
 # The floor of the target while a bulk transfer has the ssh connection to itself (the client
 # says so with Pace; agent_sessions.py): on the bench's plain network the agent's bulk was
-# 0.36x / 0.46x ssh -L's with MIN_TARGET, 0.62x / 0.73x with this (docs/performance.md).
-BULK_TARGET = 0.004
+# 0.36x / 0.46x ssh -L's with MIN_TARGET; 0.54x / 0.70x with 4 ms and 0.66-0.68x /
+# 0.68-0.79x with 8 ms in the same session, and 16 ms gained nothing more (docs/performance.md).
+BULK_TARGET = 0.008
 MAX_FLOOR = 0.1  # seconds: a floor beyond it would be a queue, not a margin
 TARGET_SHARE = 0.5  # of the base round trip: queueing allowed before the limit shrinks
 GAIN = 0.5  # growth per round trip at no queueing: less than doubling limits the overshoot
