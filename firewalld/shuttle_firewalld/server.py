@@ -73,7 +73,10 @@ HEAD = 64
 # ZAP credentials of a connection as a message too, and with 1 no request ever comes in.
 RCVHWM = 2
 HANDSHAKE_MS = 5000  # a connection silent this long after connecting is dropped by libzmq
-LISTEN_BACKLOG = 100  # connections the kernel queues for libzmq's accept (libzmq's default)
+# Connections the kernel queues for libzmq's accept (libzmq's default), or fewer: libzmq still
+# accepts those queued when the door closes, so at most a quarter of the room above the
+# point where it closes.
+LISTEN_BACKLOG = 100
 # After a look at the descriptors, the door keeper lets libzmq take what waits for this long
 # before it looks again: a burst costs it a look a millisecond, and an idle listener none.
 DOOR_LOOK_S = 0.001
@@ -249,6 +252,7 @@ class Server:
         self._sessions = sessions
         self._file_limit = file_limit
         self._pause_at, self._resume_at = file_limit * 3 // 4, file_limit * 5 // 8
+        self._crowded_at = file_limit * 3 // 8  # from here the door keeper looks each turn
         self._paused = False
         self._hidden = ""  # where the socket file is while paused (_hide)
         # _watch_descriptors runs in the loop and in the door keeper's thread (_keep_door).
@@ -301,7 +305,7 @@ class Server:
                 listener.bind(self.path)
             finally:
                 os.umask(old_umask)
-            listener.listen(LISTEN_BACKLOG)
+            listener.listen(max(1, min(LISTEN_BACKLOG, (self._file_limit - self._pause_at) // 4)))
             listener.setblocking(False)  # libzmq's accept must never wait
             self._router.setsockopt(zmq.USE_FD, listener.fileno())
             self._router.bind("ipc://" + self.path)
@@ -360,15 +364,24 @@ class Server:
 
     def _keep_door(self) -> None:
         """The door keeper's thread: a look at the descriptors whenever a connection waits
-        for libzmq's accept. The loop looks only between the things it serves, and a burst
-        that came while it was busy (a slow request, a loaded machine) took libzmq to the
-        limit before it looked (the abort that test_limits' grab met once in many runs)."""
+        for libzmq's accept, and every few milliseconds while half the descriptors where the
+        door closes are in use (libzmq may take a connection before the keeper wakes). The
+        loop looks only between the things it serves, and a burst that came while it was
+        busy (a slow request, a loaded machine) took libzmq to the limit before it looked
+        (the abort that test_limits' grab met once in many runs). This narrows that window
+        to the keeper's own wakeups (which need the GIL); it does not close it: libzmq's
+        accepts are its own."""
         waiting = select.poll()
         waiting.register(self._listener, select.POLLIN)
         while not self._keeper_stop.is_set():
-            if waiting.poll(POLL_MS) or self._paused:
-                with self._door:
-                    self._watch_descriptors()
+            crowded = self._paused or _lowest_free(self._worker.fileno()) >= self._crowded_at
+            timeout = DOOR_LOOK_S * 1000 if crowded else POLL_MS
+            if waiting.poll(timeout) or crowded:
+                try:
+                    with self._door:
+                        self._watch_descriptors()
+                except OSError as exc:  # out of descriptors for a look: the next may have one
+                    log.warning("cannot look at the open files: %s", exc)
                 self._keeper_stop.wait(DOOR_LOOK_S)
 
     def _stop_keeper(self) -> None:
