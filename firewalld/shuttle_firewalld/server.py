@@ -258,7 +258,7 @@ class Server:
         # _watch_descriptors runs in the loop and in the door keeper's thread (_keep_door).
         self._door = threading.Lock()
         self._keeper: threading.Thread | None = None
-        self._keeper_stop = threading.Event()
+        self._keeper_wake = (-1, -1)  # a pipe: a byte in it stops the keeper at once
         self._listener = -1  # the listening socket's descriptor: libzmq's from bind on
         self._worker = Worker(sessions, functools.partial(answer, sessions))
         self._log_budget = LogBudget()
@@ -371,25 +371,34 @@ class Server:
         (the abort that test_limits' grab met once in many runs). This narrows that window
         to the keeper's own wakeups (which need the GIL); it does not close it: libzmq's
         accepts are its own."""
-        waiting = select.poll()
+        stop = self._keeper_wake[0]
+        waiting, stopping = select.poll(), select.poll()
         waiting.register(self._listener, select.POLLIN)
-        while not self._keeper_stop.is_set():
+        for poll in (waiting, stopping):
+            poll.register(stop, select.POLLIN)
+        while True:
             crowded = self._paused or _lowest_free(self._worker.fileno()) >= self._crowded_at
-            timeout = DOOR_LOOK_S * 1000 if crowded else POLL_MS
-            if waiting.poll(timeout) or crowded:
+            ready = dict(waiting.poll(DOOR_LOOK_S * 1000 if crowded else POLL_MS))
+            if stop in ready:
+                return
+            if ready or crowded:
                 try:
                     with self._door:
                         self._watch_descriptors()
                 except OSError as exc:  # out of descriptors for a look: the next may have one
                     log.warning("cannot look at the open files: %s", exc)
-                self._keeper_stop.wait(DOOR_LOOK_S)
+                if stopping.poll(DOOR_LOOK_S * 1000):
+                    return
 
     def _stop_keeper(self) -> None:
         """Before libzmq closes the listener, whose descriptor the keeper polls."""
-        self._keeper_stop.set()
         if self._keeper is not None:
+            os.write(self._keeper_wake[1], b"\0")
             self._keeper.join()
             self._keeper = None
+            for fd in self._keeper_wake:
+                os.close(fd)
+            self._keeper_wake = (-1, -1)
 
     def run(self, stopping: Callable[[], bool]) -> None:
         """Serve until stopping() is true; the worker closes expired sessions meanwhile."""
@@ -401,7 +410,7 @@ class Server:
         if self._fds is not None:
             self._fds.register(poller)
         self._worker.start()
-        self._keeper_stop.clear()
+        self._keeper_wake = os.pipe()
         self._keeper = threading.Thread(target=self._keep_door, name="door", daemon=True)
         self._keeper.start()
         try:
