@@ -59,8 +59,12 @@ def unix_sockets(pid: int) -> int:
     with open(f"/proc/{pid}/net/unix") as table:
         for line in list(table)[1:]:
             unix.add(line.split()[6])
-    fds = os.listdir(f"/proc/{pid}/fd")
-    links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in fds]
+    links = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            links.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except FileNotFoundError:  # closed since the listing: a forward that ended
+            pass
     return sum(1 for link in links if link.startswith("socket:[") and link[8:-1] in unix)
 
 
