@@ -324,7 +324,12 @@ class Server:
         five eighths. libzmq accepts every connection as it comes, faster than the monitor's
         news of them, and aborts when accept() meets the limit: so a burst of connections
         must meet a closed door first. Meanwhile the connections made go on being served.
-        Called with the door's lock held."""
+        The loop and the door keeper both call it: one at a time."""
+        with self._door:
+            self._look_at_descriptors()
+
+    def _look_at_descriptors(self) -> None:
+        """_watch_descriptors' look, under its lock."""
         if not self._paused and _lowest_free(self._worker.fileno()) < self._pause_at:
             return  # the quick answer: fewer in use, and no more
         used = len(os.listdir("/proc/self/fd"))
@@ -356,11 +361,9 @@ class Server:
         few events, so that a burst cannot outrun it; and one more while not listening."""
         if ready:
             while self._connections.serve():
-                with self._door:
-                    self._watch_descriptors()
-        if ready or self._paused:
-            with self._door:
                 self._watch_descriptors()
+        if ready or self._paused:
+            self._watch_descriptors()
 
     def _keep_door(self) -> None:
         """The door keeper's thread: a look at the descriptors whenever a connection waits
@@ -383,8 +386,7 @@ class Server:
                 return
             if ready or crowded:
                 try:
-                    with self._door:
-                        self._watch_descriptors()
+                    self._watch_descriptors()
                 except OSError as exc:  # out of descriptors for a look: the next may have one
                     log.warning("cannot look at the open files: %s", exc)
                 if stopping.poll(DOOR_LOOK_S * 1000):
