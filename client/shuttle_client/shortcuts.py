@@ -91,7 +91,8 @@ class Shortcuts:
     then the rules go, then the copy, which resets the connections that waited."""
 
     def __init__(self, apply: Apply, captures: Callable[[Tuple[str, int]], bool]) -> None:
-        self.enabled = True
+        self.enabled = True  # new shortcuts may be made
+        self._stopping = False  # stop(): the rules stay until the firewall session closes
         self.active: List[Shortcut] = []
         self._apply = apply
         self._captures = captures
@@ -129,10 +130,9 @@ class Shortcuts:
         """Before the session's routes change to ones that capture as captures says: retire
         the shortcuts they would not capture (firewalld would drop their rules, and guards,
         while ssh's forwards still listened)."""
-        dropped = [s for s in self.active if not captures((s.host, s.port))]
+        dropped = self._take(lambda shortcut: not captures((shortcut.host, shortcut.port)))
         if dropped:
-            self.active = [s for s in self.active if s not in dropped]
-            await self._retire(dropped)
+            await self._retire(dropped, self._sync)
 
     def firewall_lost(self) -> None:
         """firewalld lost the session, and every rule with it, guards included: close every
@@ -140,7 +140,7 @@ class Shortcuts:
         afresh on the new session."""
         dropped, self.active = self.active, []
         self._counts.clear()
-        self._spawn(self._retire(dropped, sync=False))
+        self._spawn(self._retire(dropped))
 
     @property
     def entries(self) -> Tuple[Entry, ...]:
@@ -150,6 +150,7 @@ class Shortcuts:
         """No more changes: the client stops, and closing the firewall session removes the
         rules (close() then lets the listeners' copies go)."""
         self.enabled = False
+        self._stopping = True
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -169,12 +170,17 @@ class Shortcuts:
         task.add_done_callback(self._tasks.discard)
 
     def _retire_where(self, match: Callable[[Shortcut], bool]) -> None:
-        if not self.enabled:
-            return  # stopping: the rules stay until the firewall session closes
-        dropped = [shortcut for shortcut in self.active if match(shortcut)]
+        if self._stopping:
+            return
+        dropped = self._take(match)
         if dropped:
-            self.active = [s for s in self.active if s not in dropped]
-            self._spawn(self._retire(dropped))
+            self._spawn(self._retire(dropped, self._sync))
+
+    def _take(self, match: Callable[[Shortcut], bool]) -> List[Shortcut]:
+        """The active shortcuts that match, no longer active."""
+        taken = [shortcut for shortcut in self.active if match(shortcut)]
+        self.active = [shortcut for shortcut in self.active if shortcut not in taken]
+        return taken
 
     async def _make(self, master: Master, host: str, port: int) -> None:
         key = (host, port)
@@ -183,7 +189,7 @@ class Shortcuts:
             if shortcut is None:
                 self._give_up(key)
             elif master.closed or not self.enabled or not self._captures(key):
-                await self._retire([shortcut], sync=False)  # it went, or it changed meanwhile
+                await self._retire([shortcut])  # it went, or it changed meanwhile
             else:
                 self.active.append(shortcut)
                 if await self._sync(shortcut) and shortcut in self.active:
@@ -196,12 +202,15 @@ class Shortcuts:
             self._given_up.clear()
         self._given_up.add(key)
 
-    async def _retire(self, dropped: List[Shortcut], sync: bool = True) -> None:
-        """ssh's forwards first, then (sync) the rules without them, then the copies."""
+    async def _retire(
+        self, dropped: List[Shortcut], rules: Optional[Callable[[], Awaitable[object]]] = None
+    ) -> None:
+        """ssh's forwards first, then the rules without them (rules: how, where any of
+        theirs are in force), then the copies."""
         for shortcut in dropped:
             await _close(shortcut)
-        if sync:
-            await self._sync()
+        if rules is not None:
+            await rules()
         for shortcut in dropped:
             shortcut.listener.close()
 
@@ -223,13 +232,13 @@ class Shortcuts:
             self._refused += 1
             if self._refused >= MAX_REFUSED:
                 self.enabled = False
-        dropped = [new] if new is not None else self.active
-        self.active = [s for s in self.active if s not in dropped]
         if new is not None:
+            self._take(lambda shortcut: shortcut is new)
             self._give_up((new.host, new.port))
-        await self._retire(dropped, sync=False)
-        if new is None and not isinstance(failed, FirewallUnavailable):
-            await self._clear()
+            await self._retire([new])
+        else:  # the rules stay as they were: none of them may point at a free port
+            lost = isinstance(failed, FirewallUnavailable)
+            await self._retire(self._take(lambda shortcut: True), None if lost else self._clear)
         return False
 
     async def _clear(self) -> None:
