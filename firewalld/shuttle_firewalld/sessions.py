@@ -146,9 +146,7 @@ class Sessions:
         offload.py made them (a big request; then the request's own are a stand-in).
         """
         method = self.choose(request.method)
-        refusal = self._policy.check(caller, request.uid, request.forward)
-        if refusal is not None:
-            raise RequestError(refusal)
+        self._require_policy(caller, request.uid, request.forward)
         subnets, excludes = (
             _targets(request.subnets, request.excludes)
             if prepared is None
@@ -282,9 +280,8 @@ class Sessions:
     ) -> int:
         """Replace the session's subnets and excludes, with the checks open() makes for
         them; all or nothing. The new rule count. prepared: as for open()."""
-        refusal = self._policy.check(session.caller, session.uid, session.forward)
-        if refusal is not None:  # group membership counts as it is now, as for open()
-            raise RequestError(refusal)
+        # Group membership counts as it is now, as for open().
+        self._require_policy(session.caller, session.uid, session.forward)
         new_subnets, new_excludes = (
             _targets(subnets, excludes) if prepared is None else _prepared(prepared, session.method)
         )
@@ -355,6 +352,13 @@ class Sessions:
         shortcuts = tuple(kept)
         return method.update(session, subnets, excludes, shortcuts), shortcuts
 
+    def _require_policy(self, caller: int, uid: int, forward: bool) -> None:
+        """RequestError, with the policy's reason, if it does not let caller capture uid's
+        traffic (and forwarded traffic, with forward)."""
+        refusal = self._policy.check(caller, uid, forward)
+        if refusal is not None:
+            raise RequestError(refusal)
+
     def set_shortcuts(
         self, session: Session, shortcuts: tuple[WireShortcut, ...], limit: int
     ) -> int:
@@ -362,9 +366,7 @@ class Sessions:
         this limit, all or nothing; the new rule count. Each must lie inside what the
         session captures and lead into a port where only the caller listens, on the
         loopback address of its IP version."""
-        refusal = self._policy.check(session.caller, session.uid, session.forward)
-        if refusal is not None:  # group membership counts as it is now, as for update()
-            raise RequestError(refusal)
+        self._require_policy(session.caller, session.uid, session.forward)  # as for update()
         if session.method not in SHORTCUT_METHODS:
             raise RequestError(
                 f"shortcuts need the nft or nat method, this session uses {session.method}"
